@@ -1,0 +1,198 @@
+"""Configuration dataclasses for the MoS layer, the CTR model, the data and training.
+
+Defaults live here; a YAML file overrides them and `--set key=value` overrides the file
+(`load_run_config`). Every choice the spec marks [ours] is an option here, documented in the
+README's option table. Values are checked in `__post_init__` so a bad option fails at once with
+the field's name, what was expected and what came.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mos_kernels._checks import check_choice, check_positive
+
+
+@dataclass
+class MoSConfig:
+    """Options of `mos.MoSLayer` (spec steps 1-6)."""
+
+    dim: int = 32                    # embedding width d of the tokens and of the target
+    num_heads: int = 2               # attention heads of every expert
+    # Step 1, sessions.
+    session_mode: str = "fixed"      # "fixed": chunks of session_len aligned to the newest item; "gap": time gaps
+    session_len: int = 8             # items per session in "fixed" mode
+    gap_seconds: float = 1800.0      # "gap" mode: a gap longer than this starts a new session
+    max_session_len: int = 64        # "gap" mode: longer sessions are split
+    # Step 3, routing.
+    num_themes: int = 8              # K, number of learned themes (theme experts)
+    temperature: float = 0.1         # tau in z = cos(h, c) / tau
+    top_k: int = 1                   # themes each session joins
+    # Step 4, dispatch.
+    capacity: Optional[int] = None   # keep at most this many most recent tokens per theme subsequence
+    # Step 5, experts.
+    encoder: str = "target_attention"  # "target_attention" | "transformer"
+    num_layers: int = 1              # transformer layers per expert
+    readout: str = "target"          # transformer readout: "target" attention | "last" token | "mean"
+    global_scope: str = "tokens"     # global expert over "tokens" or over the "sessions" vectors
+    short_sessions: int = 1          # short-term expert sees the last this-many sessions
+    # Step 6, fusion.
+    fusion: str = "concat"           # "concat" [e_g; e_s; e_theta] -> W_o, or "gate" (softmax over the three)
+    # Auxiliary losses (weights applied inside the layer's `aux_loss`).
+    commitment_weight: float = 0.25
+    codebook_weight: float = 1.0
+    load_balance_weight: float = 0.01
+    dropout: float = 0.0
+    backend: str = "auto"            # kernel backend: "auto" | "reference" | "triton"
+
+    def __post_init__(self):
+        check_positive("MoSConfig.dim", self.dim)
+        check_positive("MoSConfig.num_heads", self.num_heads)
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"MoSConfig.dim: expected a multiple of num_heads={self.num_heads}, got {self.dim}")
+        check_choice("MoSConfig.session_mode", self.session_mode, ("fixed", "gap"))
+        check_positive("MoSConfig.session_len", self.session_len)
+        check_positive("MoSConfig.gap_seconds", self.gap_seconds)
+        check_positive("MoSConfig.max_session_len", self.max_session_len)
+        check_positive("MoSConfig.num_themes", self.num_themes)
+        check_positive("MoSConfig.temperature", self.temperature)
+        check_positive("MoSConfig.top_k", self.top_k)
+        if self.top_k > self.num_themes:
+            raise ValueError(
+                f"MoSConfig.top_k: expected at most num_themes={self.num_themes}, got {self.top_k}")
+        if self.capacity is not None:
+            check_positive("MoSConfig.capacity", self.capacity)
+        check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer"))
+        check_positive("MoSConfig.num_layers", self.num_layers)
+        check_choice("MoSConfig.readout", self.readout, ("target", "last", "mean"))
+        check_choice("MoSConfig.global_scope", self.global_scope, ("tokens", "sessions"))
+        check_positive("MoSConfig.short_sessions", self.short_sessions)
+        check_choice("MoSConfig.fusion", self.fusion, ("concat", "gate"))
+        for name in ("commitment_weight", "codebook_weight", "load_balance_weight", "dropout"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"MoSConfig.{name}: expected a number >= 0, got {value!r}")
+        check_choice("MoSConfig.backend", self.backend, ("auto", "reference", "triton"))
+
+
+@dataclass
+class ModelConfig:
+    """The CTR model around the sequence encoder (spec step 7)."""
+
+    kind: str = "mos"                # "mos" | "backbone" (one encoder over the whole sequence)
+    mos: MoSConfig = field(default_factory=MoSConfig)
+    use_category: bool = True        # add a category embedding to every item embedding
+    mlp_hidden: tuple = (64, 32)     # hidden widths of the MLP head on [t ; u ; t*u]
+
+    def __post_init__(self):
+        check_choice("model.kind", self.kind, ("mos", "backbone"))
+        self.mlp_hidden = tuple(self.mlp_hidden)
+        for width in self.mlp_hidden:
+            check_positive("model.mlp_hidden[]", width)
+
+
+@dataclass
+class DataConfig:
+    """Which data to train on. Only the embedded synthetic generator for now."""
+
+    source: str = "synthetic"
+    num_users: int = 3000
+    num_items: int = 1000
+    num_interests: int = 12
+    interests_per_user: tuple = (2, 4)   # inclusive range
+    sessions_per_user: tuple = (6, 16)   # inclusive range
+    session_length: tuple = (3, 10)      # inclusive range of items per session
+    targets_per_user: int = 6
+    noise: float = 0.1                   # probability that a history event is a random item
+    seed: int = 0                        # generator seed (data is fixed across training seeds)
+    valid_fraction: float = 0.1          # of users
+    test_fraction: float = 0.1           # of users
+    # Synthetic generator details (mos/data/synthetic.py documents the process and the label rule).
+    taste_dim: int = 4                   # width of the latent item taste vectors
+    taste_concentration: float = 3.0     # how strongly a user's picks follow their own taste inside an interest
+    popularity_exponent: float = 1.0     # Zipf exponent of item popularity inside an interest pool
+    event_gap_mean: float = 60.0         # seconds between events of one session (exponential, capped < 1800)
+    session_gap_mean: float = 86400.0    # seconds between sessions beyond a fixed 1 h (exponential)
+    target_own_interest: float = 0.5     # probability that a target comes from one of the user's interests
+    # Label logit = taste*sim + share*share + recent*recent - bias. Set once from the positive
+    # rate (about 0.35 at these defaults), never from model results.
+    label_taste: float = 4.0
+    label_share: float = 3.0
+    label_recent: float = 1.0
+    label_bias: float = 2.0
+
+    def __post_init__(self):
+        check_choice("data.source", self.source, ("synthetic",))
+        self.interests_per_user = tuple(self.interests_per_user)
+        self.sessions_per_user = tuple(self.sessions_per_user)
+        self.session_length = tuple(self.session_length)
+        for name in ("num_users", "num_items", "num_interests", "targets_per_user", "taste_dim",
+                     "event_gap_mean", "session_gap_mean"):
+            check_positive(f"data.{name}", getattr(self, name))
+        for name in ("interests_per_user", "sessions_per_user", "session_length"):
+            bounds = getattr(self, name)
+            if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
+                raise ValueError(f"data.{name}: expected an inclusive range (lo, hi) with 1 <= lo <= hi, got {bounds!r}")
+        # Session hopping needs a second interest to hop to.
+        lo, hi = self.interests_per_user
+        if lo < 2 or hi > self.num_interests:
+            raise ValueError(f"data.interests_per_user: expected 2 <= lo <= hi <= num_interests="
+                             f"{self.num_interests}, got {self.interests_per_user!r}")
+        if self.num_items < self.num_interests:
+            raise ValueError(f"data.num_items: expected at least num_interests={self.num_interests} "
+                             f"(one item per interest pool), got {self.num_items}")
+        for name in ("noise", "target_own_interest", "valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"data.{name}: expected a number in [0, 1], got {value!r}")
+        for name in ("taste_concentration", "popularity_exponent"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"data.{name}: expected a number >= 0, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 10
+    patience: int = 2                # epochs without a better validation AUC before stopping
+    seeds: tuple = (0,)              # one run per model per seed
+    device: str = "cpu"
+    threads: int = 0                 # torch.set_num_threads; 0 keeps torch's default
+    progress: str = "auto"           # "auto" (a bar on a terminal, quiet otherwise) | "bar" | "none"
+    quiet: bool = False              # no per-epoch log lines on stderr (statistics and tables still print)
+    out_dir: str = "runs"            # one JSON line per run is appended to out_dir/results.jsonl
+
+    def __post_init__(self):
+        check_positive("train.batch_size", self.batch_size)
+        check_positive("train.lr", self.lr)
+        check_positive("train.max_epochs", self.max_epochs)
+        check_positive("train.patience", self.patience)
+        for name in ("weight_decay", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"train.{name}: expected a number >= 0, got {value!r}")
+        self.seeds = tuple(self.seeds)
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ValueError(f"train.seeds: expected a non-empty list of ints, got {list(self.seeds)}")
+        check_choice("train.progress", self.progress, ("auto", "bar", "none"))
+
+
+@dataclass
+class RunConfig:
+    """Top level of a YAML config: `models` lists the model kinds trained side by side."""
+
+    models: tuple = ("backbone", "mos")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        self.models = tuple(self.models)
+        if not self.models:
+            raise ValueError("models: expected at least one model kind, got an empty list")
+        for kind in self.models:
+            check_choice("models[]", kind, ("mos", "backbone"))

@@ -1,0 +1,191 @@
+"""`MoSLayer`: the Mixture-of-Sequence layer (spec steps 1-6) on top of `mos_kernels`.
+
+sessions -> pooled sessions -> theme routing -> theme-major dispatch -> experts (theme,
+global, short-term) -> target-conditioned fusion. The kernels own the data movement; this
+module owns the parameters and the wiring.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mos_kernels as mk
+from mos_kernels._checks import check_tensor, check_values
+from mos_kernels.jagged import max_segment_length, offsets_from_lengths, positions_in_segment
+from mos_kernels.theme_route import normalized
+
+from .config import MoSConfig
+from .encoders import make_encoder
+
+
+@dataclass
+class RoutingInfo:
+    """What the router did, for inspection and diagnostics (nothing here needs gradients)."""
+
+    session_offsets: torch.Tensor   # [S+1] token rows of each session
+    session_example: torch.Tensor   # [S]
+    session_theme: torch.Tensor     # [S] top-1 theme
+    themes: torch.Tensor            # [S, top_k]
+    probs: torch.Tensor             # [S, K]
+    segment_lengths: torch.Tensor   # [K, B] tokens of example b in theme k's subsequence
+
+    @property
+    def tokens_per_theme(self) -> torch.Tensor:
+        return self.segment_lengths.sum(1)
+
+
+@dataclass
+class MoSOutput:
+    output: torch.Tensor             # [B, d] fused user-interest vector
+    aux_loss: torch.Tensor           # scalar, the weighted sum of `aux`
+    aux: Dict[str, torch.Tensor]     # unweighted auxiliary losses: commitment, codebook, load_balance
+    routing: RoutingInfo
+
+
+class MoSLayer(nn.Module):
+    """Drop-in sequence encoder: (history, target) -> one vector per example.
+
+    Input is jagged (`values [T, d]` + `offsets [B+1]`) or padded (`values [B, L, d]` +
+    `lengths [B]`); timestamps ([T] or [B, L]) are needed for `session_mode="gap"`.
+    """
+
+    def __init__(self, config: Optional[MoSConfig] = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = MoSConfig(**overrides)
+        elif overrides:
+            raise ValueError(f"overrides: expected none when a config is given, got {sorted(overrides)}")
+        self.config = cfg = config
+        d = cfg.dim
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, d), dim=-1))
+        encoder = dict(num_layers=cfg.num_layers, readout=cfg.readout, dropout=cfg.dropout, backend=cfg.backend)
+        self.theme_experts = make_encoder(cfg.encoder, d, cfg.num_heads, cfg.num_themes, **encoder)
+        self.global_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
+        self.short_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
+        self.theme_query = nn.Linear(d, d)
+        if cfg.fusion == "gate":
+            self.fusion_gate = nn.Linear(d, 3)
+            self.out = nn.Linear(d, d)
+        else:
+            self.out = nn.Linear(3 * d, d)
+
+    def forward(self, values: torch.Tensor, target: torch.Tensor, offsets: Optional[torch.Tensor] = None, *,
+                lengths: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
+                max_len: Optional[int] = None) -> MoSOutput:
+        cfg = self.config
+        values, offsets, timestamps = _as_jagged(values, offsets, lengths, timestamps)
+        check_values("values", values, dim=cfg.dim)
+        check_values("target", target, dim=cfg.dim)
+        num_examples = offsets.numel() - 1
+        if target.shape[0] != num_examples:
+            raise ValueError(f"target: expected {num_examples} rows (one per example), got {target.shape[0]}")
+        if max_len is None:
+            max_len = max_segment_length(offsets)
+        backend = cfg.backend
+
+        # Steps 1-3: sessions, pooled sessions, routing.
+        sessions = mk.sessionize(offsets, mode=cfg.session_mode, session_len=cfg.session_len,
+                                 timestamps=timestamps, gap_seconds=cfg.gap_seconds,
+                                 max_session_len=cfg.max_session_len)
+        pooled = mk.session_pool(values, sessions.session_offsets, backend=backend)
+        routing = mk.theme_route(pooled, self.prototypes, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 backend=backend)
+        # Step 4: theme-major subsequences.
+        dispatch = mk.theme_dispatch(routing.themes, routing.gate, sessions.session_offsets,
+                                     sessions.session_example, num_examples=num_examples,
+                                     num_themes=cfg.num_themes, capacity=cfg.capacity, backend=backend)
+        # Step 5: experts. A theme subsequence is never longer than its example.
+        theme_len = max_len if cfg.capacity is None else min(max_len, cfg.capacity)
+        e_theme = self.theme_experts(values, target, dispatch.theme_offsets, dispatch.gather_index,
+                                     dispatch.row_gate, max_len=theme_len)
+        if cfg.global_scope == "tokens":
+            e_global = self.global_expert(values, target, offsets, max_len=max_len)[0]
+        else:
+            e_global = self.global_expert(pooled, target, sessions.example_session_offsets)[0]
+        short_index, short_offsets = _recent_sessions(offsets, sessions, cfg.short_sessions)
+        e_short = self.short_expert(values, target, short_offsets, short_index, max_len=max_len)[0]
+        # Step 6: fusion.
+        segment_lengths = dispatch.segment_lengths
+        e_themes = self._theme_summary(e_theme, target, segment_lengths > 0)
+        output = self._fuse(target, e_global, e_short, e_themes)
+
+        aux = _aux_losses(pooled, self.prototypes, routing)
+        aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
+                    + cfg.load_balance_weight * aux["load_balance"])
+        info = RoutingInfo(sessions.session_offsets, sessions.session_example, routing.themes[:, 0],
+                           routing.themes, routing.probs.detach(), segment_lengths)
+        return MoSOutput(output, aux_loss, {k: v.detach() for k, v in aux.items()}, info)
+
+    def _theme_summary(self, e_theme: torch.Tensor, target: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
+        """Target-conditioned softmax over each example's non-empty themes; zeros if it has none."""
+        logits = self.theme_query(target) @ self.prototypes.t().to(target.dtype) / math.sqrt(self.config.dim)
+        nonempty = nonempty.t()                                   # [B, K]
+        has_any = nonempty.any(dim=1, keepdim=True)
+        # Rows with no theme get finite logits (then zero weights), so no NaN reaches the gradient.
+        logits = torch.where(nonempty | ~has_any, logits, torch.full_like(logits, -math.inf))
+        weights = torch.softmax(logits.float(), dim=1).to(target.dtype) * nonempty
+        return torch.einsum("bk,kbd->bd", weights, e_theme)
+
+    def _fuse(self, target, e_global, e_short, e_themes):
+        if self.config.fusion == "concat":
+            fused = self.out(torch.cat([e_global, e_short, e_themes], dim=1))
+        else:
+            gate = torch.softmax(self.fusion_gate(target), dim=1)
+            mixed = gate[:, 0:1] * e_global + gate[:, 1:2] * e_short + gate[:, 2:3] * e_themes
+            fused = self.out(mixed)
+        return F.dropout(fused, self.config.dropout, self.training)
+
+
+def _as_jagged(values, offsets, lengths, timestamps):
+    """Accept jagged [T, d] + offsets or padded [B, L, d] + lengths; return the jagged form."""
+    check_tensor("values", values)
+    if values.dim() == 3:
+        if offsets is not None:
+            raise ValueError("offsets: expected None for padded values [B, L, d] (pass lengths), got a tensor")
+        if lengths is None:
+            raise ValueError("lengths: expected a [B] tensor with padded values [B, L, d], got None")
+        if timestamps is not None:
+            check_tensor("timestamps", timestamps, ndim=2)
+            if timestamps.shape != values.shape[:2]:
+                raise ValueError(f"timestamps: expected shape {tuple(values.shape[:2])} like padded values, "
+                                 f"got {tuple(timestamps.shape)}")
+            timestamps = mk.padded_to_jagged(timestamps[..., None], lengths)[0][:, 0]
+        values, offsets = mk.padded_to_jagged(values, lengths)
+        return values, offsets, timestamps
+    if values.dim() != 2:
+        raise ValueError(f"values: expected jagged [T, d] or padded [B, L, d], got shape {tuple(values.shape)}")
+    if offsets is None:
+        raise ValueError("offsets: expected a [B+1] int64 tensor with jagged values [T, d], got None")
+    if lengths is not None:
+        raise ValueError("lengths: expected None with jagged values (offsets say the lengths), got a tensor")
+    return values, offsets, timestamps
+
+
+def _recent_sessions(offsets: torch.Tensor, sessions: mk.Sessions, count: int):
+    """Gather index and offsets of the tokens in each example's last `count` sessions."""
+    eso = sessions.example_session_offsets
+    first = torch.maximum(eso[1:] - count, eso[:-1])
+    start = sessions.session_offsets[first]
+    short_offsets = offsets_from_lengths(offsets[1:] - start)
+    pos = positions_in_segment(short_offsets)
+    index = torch.repeat_interleave(start, short_offsets[1:] - short_offsets[:-1], output_size=pos.numel()) + pos
+    return index, short_offsets
+
+
+def _aux_losses(pooled, prototypes, routing) -> Dict[str, torch.Tensor]:
+    """VQ commitment and codebook losses on the unit sphere (routing is cosine), Switch load balance."""
+    num_sessions, num_themes = routing.probs.shape
+    h = normalized(pooled)
+    c = normalized(prototypes)[routing.themes[:, 0]]
+    denom = max(num_sessions, 1)
+    commitment = ((h - c.detach()) ** 2).sum() / denom
+    codebook = ((h.detach() - c) ** 2).sum() / denom
+    chosen = torch.bincount(routing.themes.reshape(-1), minlength=num_themes).float()
+    fraction = chosen / max(routing.themes.numel(), 1)
+    load_balance = num_themes * (fraction * routing.probs.sum(0) / denom).sum()
+    return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance}

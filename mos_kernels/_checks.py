@@ -1,0 +1,68 @@
+"""Argument checks shared by every op and config.
+
+Each raises with the argument's name, what was expected and what came, so that a user
+reading the message alone knows which call to fix.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable] = None,
+                 device: Optional[torch.device] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_values(name: str, t: torch.Tensor, *, dim: Optional[int] = None) -> None:
+    """A float tensor of token rows [N, dim]; NaN/inf are refused (they would poison every mean)."""
+    check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES)
+    if dim is not None and t.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} columns, got shape {tuple(t.shape)}")
+    if not torch.compiler.is_compiling() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+
+
+def check_offsets(name: str, offsets, total: Optional[int] = None, device=None) -> None:
+    """Offsets [N+1] int64, starting at 0, non-decreasing, ending at `total`."""
+    check_tensor(name, offsets, ndim=1, dtypes=(torch.int64,), device=device)
+    if offsets.numel() < 1:
+        raise ValueError(f"{name}: expected at least one entry (offsets[0] == 0), got an empty tensor")
+    if torch.compiler.is_compiling():
+        return
+    first = int(offsets[0])
+    if first != 0:
+        raise ValueError(f"{name}: expected offsets[0] == 0, got {first}")
+    if offsets.numel() > 1:
+        steps = offsets[1:] - offsets[:-1]
+        if bool((steps < 0).any()):
+            i = int(torch.nonzero(steps < 0)[0])
+            raise ValueError(
+                f"{name}: expected non-decreasing offsets, got offsets[{i}]={int(offsets[i])} > "
+                f"offsets[{i + 1}]={int(offsets[i + 1])}")
+    if total is not None and int(offsets[-1]) != total:
+        raise ValueError(f"{name}: expected offsets[-1] == {total} (the number of rows), got {int(offsets[-1])}")

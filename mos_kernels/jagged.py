@@ -1,0 +1,76 @@
+"""Jagged-layout helpers: values [N, ...] + offsets [G+1] (int64).
+
+Segment g owns rows offsets[g]:offsets[g+1]. Everything here is vectorised (no Python loop
+over segments) and works on CPU and CUDA tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import check_offsets, check_tensor
+
+
+def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    return offsets[1:] - offsets[:-1]
+
+
+def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths.to(torch.int64), 0, out=out[1:])
+    return out
+
+
+def segment_ids(offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+    """The segment of every row: [N] int64. `total` (= offsets[-1]) avoids a device sync."""
+    lengths = lengths_from_offsets(offsets)
+    ids = torch.arange(lengths.numel(), device=offsets.device)
+    return torch.repeat_interleave(ids, lengths, output_size=total)
+
+
+def positions_in_segment(offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+    """Index of every row inside its segment (0 for the first row of each)."""
+    seg = segment_ids(offsets, total)
+    return torch.arange(seg.numel(), device=offsets.device) - offsets[seg]
+
+
+def max_segment_length(offsets: torch.Tensor) -> int:
+    """The longest segment. Reads a number back from the device: pass a known bound where you can."""
+    if offsets.numel() < 2:
+        return 0
+    return int(lengths_from_offsets(offsets).max())
+
+
+def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
+                     padding_value: float = 0.0) -> torch.Tensor:
+    """[N, *rest] + offsets [G+1] -> [G, max_len, *rest]; rows past max_len are an error."""
+    check_tensor("values", values)
+    check_offsets("offsets", offsets, total=values.shape[0], device=values.device)
+    num = offsets.numel() - 1
+    out = values.new_full((num, max_len) + tuple(values.shape[1:]), padding_value)
+    if values.shape[0] == 0:
+        return out
+    pos = positions_in_segment(offsets, values.shape[0])
+    if not torch.compiler.is_compiling() and int(pos.max()) >= max_len:
+        raise ValueError(f"max_len: expected at least the longest segment ({int(pos.max()) + 1}), got {max_len}")
+    out[segment_ids(offsets, values.shape[0]), pos] = values
+    return out
+
+
+def padded_to_jagged(padded: torch.Tensor, lengths: torch.Tensor):
+    """[G, L, *rest] + lengths [G] -> (values [sum(lengths), *rest], offsets [G+1])."""
+    check_tensor("padded", padded)
+    if padded.dim() < 2:
+        raise ValueError(f"padded: expected at least 2 dimensions [G, L, ...], got shape {tuple(padded.shape)}")
+    check_tensor("lengths", lengths, ndim=1, device=padded.device)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths: expected an integer tensor, got {lengths.dtype}")
+    if lengths.numel() != padded.shape[0]:
+        raise ValueError(f"lengths: expected {padded.shape[0]} entries (one per row of padded), got {lengths.numel()}")
+    if lengths.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > padded.shape[1]:
+            raise ValueError(f"lengths: expected values in [0, {padded.shape[1]}], got min {lo}, max {hi}")
+    mask = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
+    return padded[mask], offsets_from_lengths(lengths)

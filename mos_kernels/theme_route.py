@@ -1,0 +1,57 @@
+"""`theme_route`: route every session to its top-k themes (spec step 3).
+
+Scores are cosine similarities to K learnable prototypes over a temperature. The forward gate
+is hard (1 for each chosen theme) and the backward pass sees the softmax probabilities
+(straight-through: gate = hard + p - stopgrad(p)), so the router learns from the task loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, check_positive, check_tensor, check_values
+from .backend import resolve_backend
+
+_NORM_EPS = 1e-6
+
+
+@dataclass
+class Routing:
+    themes: torch.Tensor   # [S, top_k] int64, chosen themes, best first
+    gate: torch.Tensor     # [S, top_k] straight-through gate: 1 in the forward pass
+    probs: torch.Tensor    # [S, K] softmax of the scores (fp32)
+    scores: torch.Tensor   # [S, K] cos(h, c) / temperature (fp32)
+
+
+def theme_route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: float = 0.1,
+                top_k: int = 1, backend: str = "auto") -> Routing:
+    """pooled [S, d], prototypes [K, d] -> Routing. A zero session vector scores 0 everywhere."""
+    check_values("pooled", pooled)
+    check_tensor("prototypes", prototypes, ndim=2, dtypes=FLOAT_DTYPES, device=pooled.device)
+    if prototypes.shape[1] != pooled.shape[1]:
+        raise ValueError(
+            f"prototypes: expected {pooled.shape[1]} columns (the width of pooled), got shape {tuple(prototypes.shape)}")
+    num_themes = prototypes.shape[0]
+    if num_themes < 1:
+        raise ValueError(f"prototypes: expected K >= 1 rows, got {num_themes}")
+    check_positive("temperature", temperature)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_themes:
+        raise ValueError(f"top_k: expected an int in [1, K={num_themes}], got {top_k!r}")
+    resolve_backend(backend, pooled, "theme_route")
+    return _theme_route_reference(pooled, prototypes, temperature, top_k)
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows in fp32; shared with the layer's VQ losses so both see the same geometry."""
+    return F.normalize(x.float(), dim=-1, eps=_NORM_EPS)
+
+
+def _theme_route_reference(pooled, prototypes, temperature, top_k) -> Routing:
+    scores = normalized(pooled) @ normalized(prototypes).t() / temperature
+    probs = torch.softmax(scores, dim=-1)
+    themes = torch.topk(scores, top_k, dim=-1).indices
+    chosen_probs = probs.gather(1, themes)
+    gate = (torch.ones_like(chosen_probs) + chosen_probs - chosen_probs.detach()).to(pooled.dtype)
+    return Routing(themes=themes, gate=gate, probs=probs, scores=scores)
