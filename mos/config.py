@@ -116,7 +116,7 @@ class DataConfig:
     session_gap_mean: float = 86400.0    # seconds between sessions beyond a fixed 1 h (exponential)
     target_own_interest: float = 0.5     # probability that a target comes from one of the user's interests
     # Label logit = taste*sim + share*share + recent*recent - bias. Set once from the positive
-    # rate (about 0.35 at these defaults), never from model results.
+    # rate (0.32 at these defaults), never from model results.
     label_taste: float = 4.0
     label_share: float = 3.0
     label_recent: float = 1.0

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
+from mos_kernels.backend import op_backend
 from mos_kernels.jagged import segment_ids
 
 
@@ -52,15 +53,17 @@ class TargetAttentionEncoder(nn.Module):
             setattr(self, f"w_{name}", _expert_weight(num_experts, dim, dim))
             setattr(self, f"b_{name}", _expert_bias(num_experts, dim, dim))
 
-    def forward(self, tokens: torch.Tensor, target: torch.Tensor, segment_offsets: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, target: torch.Tensor, segment_offsets: torch.Tensor, *,
                 gather_index: Optional[torch.Tensor] = None, row_gate: Optional[torch.Tensor] = None,
-                max_len: Optional[int] = None) -> torch.Tensor:
+                inverse_index: Optional[torch.Tensor] = None, max_len: Optional[int] = None) -> torch.Tensor:
+        """Segments are rows tokens[gather_index] * row_gate (see `mos_kernels.theme_gather`), or
+        tokens themselves without gather_index. Returns [E, B, d]."""
         num_experts = self.num_experts
         query = torch.einsum("bd,edf->ebf", target, self.w_query) + self.b_query[:, None]
         attended = mk.expert_target_attention(
             tokens, query.reshape(-1, self.dim), self.w_key, self.b_key, self.w_value, self.b_value,
             segment_offsets, num_heads=self.num_heads, gather_index=gather_index, row_gate=row_gate,
-            backend=self.backend)
+            inverse_index=inverse_index, backend=op_backend(self.backend, "expert_target_attention"))
         out = torch.einsum("ebd,edf->ebf", attended.view(num_experts, -1, self.dim), self.w_out)
         out = out + self.b_out[:, None]
         return out * _nonempty(segment_offsets, num_experts)
@@ -79,10 +82,13 @@ class TransformerEncoder(nn.Module):
         self.target_readout = (TargetAttentionEncoder(dim, num_heads, num_experts, backend)
                                if readout == "target" else None)
 
-    def forward(self, tokens, target, segment_offsets, gather_index=None, row_gate=None, max_len=None):
+    def forward(self, tokens, target, segment_offsets, *, gather_index=None, row_gate=None, inverse_index=None,
+                max_len=None):
         if row_gate is not None and gather_index is None:
             raise ValueError("row_gate: expected None when gather_index is None (a gate scales gathered rows)")
-        rows = tokens if gather_index is None else mk.theme_gather(tokens, gather_index, row_gate, backend=self.backend)
+        rows = tokens if gather_index is None else mk.theme_gather(
+            tokens, gather_index, row_gate, inverse_index=inverse_index,
+            backend=op_backend(self.backend, "theme_gather"))
         expert_offsets = _expert_offsets(segment_offsets, self.num_experts)
         expert = segment_ids(expert_offsets, rows.shape[0])
         for block in self.layers:
@@ -92,7 +98,7 @@ class TransformerEncoder(nn.Module):
             return self.target_readout(rows, target, segment_offsets, max_len=max_len)
         num_segments = segment_offsets.numel() - 1
         if self.readout == "mean":
-            pooled = mk.session_pool(rows, segment_offsets, backend=self.backend)
+            pooled = mk.session_pool(rows, segment_offsets, backend=op_backend(self.backend, "session_pool"))
         else:  # "last": the newest row of each segment; empty segments read row 0 and are masked
             last = (segment_offsets[1:] - 1).clamp_min(0)
             pooled = rows[last] if rows.shape[0] else rows.new_zeros((num_segments, self.dim))
@@ -117,15 +123,16 @@ class _ExpertBlock(nn.Module):
 
     def forward(self, rows, expert, expert_offsets, segment_offsets, num_heads, max_len, dropout, backend):
         dim = rows.shape[1]
+        linear = op_backend(backend, "grouped_linear")
         h = F.layer_norm(rows, (dim,)) * self.ln1_weight[expert] + self.ln1_bias[expert]
-        q, k, v = mk.grouped_linear(h, self.w_qkv, self.b_qkv, expert_offsets, backend=backend).split(dim, dim=1)
+        q, k, v = mk.grouped_linear(h, self.w_qkv, self.b_qkv, expert_offsets, backend=linear).split(dim, dim=1)
         attn = mk.jagged_self_attention(q, k, v, segment_offsets, num_heads=num_heads, max_len=max_len,
-                                        backend=backend)
-        rows = rows + F.dropout(mk.grouped_linear(attn, self.w_out, self.b_out, expert_offsets, backend=backend),
+                                        backend=op_backend(backend, "jagged_self_attention"))
+        rows = rows + F.dropout(mk.grouped_linear(attn, self.w_out, self.b_out, expert_offsets, backend=linear),
                                 dropout)
         h = F.layer_norm(rows, (dim,)) * self.ln2_weight[expert] + self.ln2_bias[expert]
-        h = F.gelu(mk.grouped_linear(h, self.w_ff1, self.b_ff1, expert_offsets, backend=backend))
-        return rows + F.dropout(mk.grouped_linear(h, self.w_ff2, self.b_ff2, expert_offsets, backend=backend), dropout)
+        h = F.gelu(mk.grouped_linear(h, self.w_ff1, self.b_ff1, expert_offsets, backend=linear))
+        return rows + F.dropout(mk.grouped_linear(h, self.w_ff2, self.b_ff2, expert_offsets, backend=linear), dropout)
 
 
 def make_encoder(kind: str, dim: int, num_heads: int, num_experts: int = 1, *, num_layers: int = 1,

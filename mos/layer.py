@@ -16,7 +16,9 @@ from torch import nn
 
 import mos_kernels as mk
 from mos_kernels._checks import check_tensor, check_values
+from mos_kernels.backend import op_backend
 from mos_kernels.jagged import max_segment_length, offsets_from_lengths, positions_in_segment
+from mos_kernels.theme_gather import inverse_of_unique
 from mos_kernels.theme_route import normalized
 
 from .config import MoSConfig
@@ -92,23 +94,27 @@ class MoSLayer(nn.Module):
         sessions = mk.sessionize(offsets, mode=cfg.session_mode, session_len=cfg.session_len,
                                  timestamps=timestamps, gap_seconds=cfg.gap_seconds,
                                  max_session_len=cfg.max_session_len)
-        pooled = mk.session_pool(values, sessions.session_offsets, backend=backend)
-        routing = mk.theme_route(pooled, self.prototypes, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 backend=backend)
+        pooled, routing = mk.session_pool_route(values, sessions.session_offsets, self.prototypes,
+                                                temperature=cfg.temperature, top_k=cfg.top_k,
+                                                backend=op_backend(backend, "session_pool_route"))
         # Step 4: theme-major subsequences.
         dispatch = mk.theme_dispatch(routing.themes, routing.gate, sessions.session_offsets,
                                      sessions.session_example, num_examples=num_examples,
-                                     num_themes=cfg.num_themes, capacity=cfg.capacity, backend=backend)
+                                     num_themes=cfg.num_themes, capacity=cfg.capacity,
+                                     backend=op_backend(backend, "theme_dispatch"))
         # Step 5: experts. A theme subsequence is never longer than its example.
         theme_len = max_len if cfg.capacity is None else min(max_len, cfg.capacity)
-        e_theme = self.theme_experts(values, target, dispatch.theme_offsets, dispatch.gather_index,
-                                     dispatch.row_gate, max_len=theme_len)
+        e_theme = self.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,
+                                     row_gate=dispatch.row_gate, inverse_index=dispatch.inverse_index,
+                                     max_len=theme_len)
         if cfg.global_scope == "tokens":
             e_global = self.global_expert(values, target, offsets, max_len=max_len)[0]
         else:
             e_global = self.global_expert(pooled, target, sessions.example_session_offsets)[0]
         short_index, short_offsets = _recent_sessions(offsets, sessions, cfg.short_sessions)
-        e_short = self.short_expert(values, target, short_offsets, short_index, max_len=max_len)[0]
+        e_short = self.short_expert(values, target, short_offsets, gather_index=short_index,
+                                    inverse_index=inverse_of_unique(short_index, values.shape[0]),
+                                    max_len=max_len)[0]
         # Step 6: fusion.
         segment_lengths = dispatch.segment_lengths
         e_themes = self._theme_summary(e_theme, target, segment_lengths > 0)

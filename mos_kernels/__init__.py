@@ -8,7 +8,7 @@ from .expert_attention import expert_target_attention, jagged_self_attention
 from .grouped_linear import grouped_linear
 from .jagged import (jagged_to_padded, lengths_from_offsets, offsets_from_lengths, padded_to_jagged,
                      positions_in_segment, segment_ids)
-from .session_pool import session_pool
+from .session_pool import session_pool, session_pool_route
 from .sessionize import Sessions, sessionize
 from .theme_dispatch import Dispatch, theme_dispatch
 from .theme_gather import theme_gather, theme_scatter
@@ -17,6 +17,6 @@ from .theme_route import Routing, theme_route
 __all__ = [
     "Dispatch", "Routing", "Sessions", "expert_target_attention", "grouped_linear", "jagged_self_attention",
     "jagged_to_padded", "lengths_from_offsets", "offsets_from_lengths", "padded_to_jagged",
-    "positions_in_segment", "segment_ids", "session_pool", "sessionize", "theme_dispatch", "theme_gather",
+    "positions_in_segment", "segment_ids", "session_pool", "session_pool_route", "sessionize", "theme_dispatch", "theme_gather",
     "theme_route", "theme_scatter",
 ]

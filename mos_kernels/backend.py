@@ -14,6 +14,20 @@ from ._checks import check_choice
 
 BACKENDS = ("auto", "reference", "triton")
 
+# The concrete backends each op has. A layer asked for "triton" runs every op that has a
+# Triton kernel on it and the rest on the reference (`op_backend`).
+IMPLEMENTED = {
+    "session_pool": ("reference", "triton"),
+    "session_pool_route": ("reference", "triton"),
+    "theme_route": ("reference",),
+    "theme_dispatch": ("reference", "triton"),
+    "theme_gather": ("reference", "triton"),
+    "theme_scatter": ("reference", "triton"),
+    "grouped_linear": ("reference",),
+    "expert_target_attention": ("reference",),
+    "jagged_self_attention": ("reference",),
+}
+
 
 def triton_available() -> bool:
     """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
@@ -28,13 +42,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor, op: str, implemented=("reference",)) -> str:
+def op_backend(layer_backend: str, op: str) -> str:
+    """The backend a layer built with `layer_backend` asks of `op`."""
+    if layer_backend == "triton" and "triton" not in IMPLEMENTED[op]:
+        return "reference"
+    return layer_backend
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:
     """Map `backend` to a concrete one for `op` on `tensor`'s device.
 
-    `implemented` lists the concrete backends that `op` has. Asking for one it lacks is an
-    error, not a silent fallback: a benchmark must never time the wrong thing.
+    Asking an op for a backend it lacks is an error, not a silent fallback: a benchmark must
+    never time the wrong thing.
     """
     check_choice(f"{op}: backend", backend, BACKENDS)
+    implemented = IMPLEMENTED[op]
     if backend == "auto":
         if tensor.is_cuda and "triton" in implemented and triton_available():
             return "triton"

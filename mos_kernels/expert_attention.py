@@ -27,10 +27,12 @@ def expert_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: to
                             b_key: Optional[torch.Tensor], w_value: torch.Tensor,
                             b_value: Optional[torch.Tensor], segment_offsets: torch.Tensor, *,
                             num_heads: int, gather_index: Optional[torch.Tensor] = None,
-                            row_gate: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+                            row_gate: Optional[torch.Tensor] = None, inverse_index: Optional[torch.Tensor] = None,
+                            backend: str = "auto") -> torch.Tensor:
     """tokens [T, d]; query [E*B, d]; w_key/w_value [E, d, d]; b_key/b_value [E, d] or None;
     segment_offsets [E*B+1] over the rows tokens[gather_index] * row_gate (tokens themselves when
-    gather_index is None). Returns [E*B, d]: per head, softmax(q·k/√dh) weighted values."""
+    gather_index is None; inverse_index as in `theme_gather`).
+    Returns [E*B, d]: per head, softmax(q·k/√dh) weighted values."""
     check_values("tokens", tokens)
     dim = tokens.shape[1]
     check_tensor("query", query, ndim=2, dtypes=FLOAT_DTYPES, device=tokens.device)
@@ -50,7 +52,8 @@ def expert_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: to
     if row_gate is not None and gather_index is None:
         raise ValueError("row_gate: expected None when gather_index is None (a gate scales gathered rows)")
     resolve_backend(backend, tokens, "expert_target_attention")
-    rows = tokens if gather_index is None else theme_gather(tokens, gather_index, row_gate)
+    rows = tokens if gather_index is None else theme_gather(tokens, gather_index, row_gate,
+                                                            inverse_index=inverse_index, backend=backend)
     num_examples = query.shape[0] // num_experts
     expert_offsets = segment_offsets[::num_examples] if num_examples else segment_offsets.new_zeros(num_experts + 1)
     keys = grouped_linear(rows, w_key, b_key, expert_offsets, backend="reference")

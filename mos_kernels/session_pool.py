@@ -1,22 +1,65 @@
-"""`session_pool`: the mean item embedding of every session (spec step 2).
+"""Session pooling (spec step 2), alone or fused with theme routing (step 3).
 
-Reference here; the fused Triton kernel (pooling + routing) comes behind the same function.
+`session_pool(values, session_offsets)`: the mean of every session's rows.
+`session_pool_route(values, session_offsets, prototypes, temperature, top_k)`: the means plus
+the routing of every session, in one pass over the token rows: the fused Triton kernel reads
+each row once and never writes the pooled rows twice.
+
+Reference: pure PyTorch (`_session_pool_reference` + `theme_route`'s reference).
+Triton: `_pool_route_fwd` (one program per session) and `_pool_route_bwd`, registered as the
+custom ops mos::session_pool_route and mos::session_pool_route_backward, with FLOP formulas.
 """
 from __future__ import annotations
 
-import torch
+from typing import Tuple
 
-from ._checks import check_offsets, check_values
+import torch
+import triton
+import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
+
+from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
 from .backend import resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
+from .theme_route import NORM_EPS, Routing, _theme_route_reference, normalized, straight_through_gate
+
+# Rows read per loop step of a session program: sessions are short (8-64 rows), so one or two steps.
+_BLOCK_T = 16
 
 
 def session_pool(values: torch.Tensor, session_offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """values [T, d] + session_offsets [S+1] -> [S, d] means; an empty session pools to zeros."""
     check_values("values", values)
     check_offsets("session_offsets", session_offsets, total=values.shape[0], device=values.device)
-    resolve_backend(backend, values, "session_pool")
+    if resolve_backend(backend, values, "session_pool") == "triton":
+        empty = values.new_empty((0, values.shape[1]), dtype=torch.float32)
+        return torch.ops.mos.session_pool_route(values, session_offsets, empty, 1.0, 0)[0]
     return _session_pool_reference(values, session_offsets)
+
+
+def session_pool_route(values: torch.Tensor, session_offsets: torch.Tensor, prototypes: torch.Tensor, *,
+                       temperature: float = 0.1, top_k: int = 1,
+                       backend: str = "auto") -> Tuple[torch.Tensor, Routing]:
+    """Pool every session and route it to its top-k themes: (pooled [S, d], Routing)."""
+    check_values("values", values)
+    check_offsets("session_offsets", session_offsets, total=values.shape[0], device=values.device)
+    check_tensor("prototypes", prototypes, ndim=2, dtypes=FLOAT_DTYPES, device=values.device)
+    if prototypes.shape[1] != values.shape[1]:
+        raise ValueError(f"prototypes: expected {values.shape[1]} columns (the width of values), "
+                         f"got shape {tuple(prototypes.shape)}")
+    num_themes = prototypes.shape[0]
+    if num_themes < 1:
+        raise ValueError(f"prototypes: expected K >= 1 rows, got {num_themes}")
+    check_positive("temperature", temperature)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_themes:
+        raise ValueError(f"top_k: expected an int in [1, K={num_themes}], got {top_k!r}")
+    if resolve_backend(backend, values, "session_pool_route") == "reference":
+        pooled = _session_pool_reference(values, session_offsets)
+        return pooled, _theme_route_reference(pooled, prototypes, temperature, top_k)
+    pooled, scores, probs, themes = torch.ops.mos.session_pool_route(
+        values, session_offsets, normalized(prototypes), 1.0 / temperature, top_k)
+    gate = straight_through_gate(probs, themes).to(values.dtype)
+    return pooled, Routing(themes=themes, gate=gate, probs=probs, scores=scores)
 
 
 def _session_pool_reference(values: torch.Tensor, session_offsets: torch.Tensor) -> torch.Tensor:
@@ -27,3 +70,167 @@ def _session_pool_reference(values: torch.Tensor, session_offsets: torch.Tensor)
     sums.index_add_(0, segment_ids(session_offsets, values.shape[0]), values.to(acc_dtype))
     counts = lengths_from_offsets(session_offsets).clamp_min(1).to(acc_dtype)
     return (sums / counts[:, None]).to(values.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _pool_route_fwd(values_ptr, offsets_ptr, protos_ptr, pooled_ptr, scores_ptr, probs_ptr, themes_ptr,
+                    dim, num_themes, inv_temperature, eps,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                    TOP_K: tl.constexpr, ROUTE: tl.constexpr):
+    s = tl.program_id(0)
+    start = tl.load(offsets_ptr + s)
+    end = tl.load(offsets_ptr + s + 1)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for row0 in range(start, end, BLOCK_T):
+        rows = row0 + tl.arange(0, BLOCK_T)
+        x = tl.load(values_ptr + rows[:, None] * dim + cols[None, :],
+                    mask=(rows < end)[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    mean = acc / tl.maximum((end - start).to(tl.float32), 1.0)
+    pooled = mean.to(pooled_ptr.dtype.element_ty)
+    tl.store(pooled_ptr + s * dim + cols, pooled, mask=col_ok)
+    if ROUTE:
+        # Route on the stored (rounded) mean, exactly what the reference routes on.
+        h = pooled.to(tl.float32)
+        unit = h / tl.maximum(tl.sqrt(tl.sum(h * h, axis=0)), eps)
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < num_themes
+        c = tl.load(protos_ptr + ks[:, None] * dim + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        scores = tl.sum(c * unit[None, :], axis=1) * inv_temperature
+        scores = tl.where(k_ok, scores, float("-inf"))
+        e = tl.where(k_ok, tl.exp(scores - tl.max(scores, axis=0)), 0.0)
+        probs = e / tl.sum(e, axis=0)
+        tl.store(scores_ptr + s * num_themes + ks, scores, mask=k_ok)
+        tl.store(probs_ptr + s * num_themes + ks, probs, mask=k_ok)
+        # Top-k by repeated argmax; ties go to the lower theme index, as in the reference.
+        remaining = scores
+        for j in tl.static_range(TOP_K):
+            best = tl.argmax(remaining, axis=0)
+            tl.store(themes_ptr + s * TOP_K + j, best.to(tl.int64))
+            remaining = tl.where(ks == best, float("-inf"), remaining)
+
+
+@triton.jit
+def _pool_route_bwd(g_pooled_ptr, pooled_ptr, g_scores_ptr, g_probs_ptr, probs_ptr, protos_ptr, offsets_ptr,
+                    g_values_ptr, g_scores_total_ptr, dim, num_themes, inv_temperature, eps,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ROUTE: tl.constexpr):
+    s = tl.program_id(0)
+    start = tl.load(offsets_ptr + s)
+    end = tl.load(offsets_ptr + s + 1)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    g_h = tl.load(g_pooled_ptr + s * dim + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if ROUTE:
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < num_themes
+        p = tl.load(probs_ptr + s * num_themes + ks, mask=k_ok, other=0.0)
+        g_p = tl.load(g_probs_ptr + s * num_themes + ks, mask=k_ok, other=0.0)
+        g_s = tl.load(g_scores_ptr + s * num_themes + ks, mask=k_ok, other=0.0)
+        g_s += p * (g_p - tl.sum(p * g_p, axis=0))          # softmax backward
+        tl.store(g_scores_total_ptr + s * num_themes + ks, g_s, mask=k_ok)
+        c = tl.load(protos_ptr + ks[:, None] * dim + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        g_unit = tl.sum(g_s[:, None] * c, axis=0) * inv_temperature
+        h = tl.load(pooled_ptr + s * dim + cols, mask=col_ok, other=0.0).to(tl.float32)
+        norm = tl.sqrt(tl.sum(h * h, axis=0))
+        # Backward of h / max(|h|, eps): project out the radial part, unless clamped by eps.
+        unit = h / tl.maximum(norm, eps)
+        g_h += tl.where(norm > eps, (g_unit - unit * tl.sum(unit * g_unit, axis=0)) / tl.maximum(norm, eps),
+                        g_unit / eps)
+    g_row = (g_h / tl.maximum((end - start).to(tl.float32), 1.0)).to(g_values_ptr.dtype.element_ty)
+    for row0 in range(start, end, BLOCK_T):
+        rows = row0 + tl.arange(0, BLOCK_T)
+        tl.store(g_values_ptr + rows[:, None] * dim + cols[None, :],
+                 tl.broadcast_to(g_row[None, :], (BLOCK_T, BLOCK_D)),
+                 mask=(rows < end)[:, None] & col_ok[None, :])
+
+
+def _block_k(num_themes: int) -> int:
+    return max(triton.next_power_of_2(max(num_themes, 1)), 2)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("mos::session_pool_route", mutates_args=())
+def _session_pool_route_op(values: torch.Tensor, session_offsets: torch.Tensor, prototypes: torch.Tensor,
+                           inv_temperature: float, top_k: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prototypes: unit rows [K, d] fp32 (K = 0: pool only). Returns pooled, scores, probs, themes."""
+    values = values.contiguous()
+    num_sessions, dim = session_offsets.numel() - 1, values.shape[1]
+    num_themes = prototypes.shape[0]
+    pooled = values.new_empty((num_sessions, dim))
+    scores = values.new_empty((num_sessions, num_themes), dtype=torch.float32)
+    probs = torch.empty_like(scores)
+    themes = values.new_empty((num_sessions, top_k), dtype=torch.int64)
+    if num_sessions:
+        _pool_route_fwd[(num_sessions,)](
+            values, session_offsets, prototypes.contiguous(), pooled, scores, probs, themes,
+            dim, num_themes, inv_temperature, NORM_EPS,
+            BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(dim), BLOCK_K=_block_k(num_themes),
+            TOP_K=max(top_k, 1), ROUTE=num_themes > 0)
+    return pooled, scores, probs, themes
+
+
+@_session_pool_route_op.register_fake
+def _(values, session_offsets, prototypes, inv_temperature, top_k):
+    num_sessions = session_offsets.shape[0] - 1
+    pooled = values.new_empty((num_sessions, values.shape[1]))
+    scores = values.new_empty((num_sessions, prototypes.shape[0]), dtype=torch.float32)
+    return pooled, scores, torch.empty_like(scores), values.new_empty((num_sessions, top_k), dtype=torch.int64)
+
+
+@torch.library.custom_op("mos::session_pool_route_backward", mutates_args=())
+def _session_pool_route_backward_op(g_pooled: torch.Tensor, g_scores: torch.Tensor, g_probs: torch.Tensor,
+                                    values: torch.Tensor, pooled: torch.Tensor, probs: torch.Tensor,
+                                    prototypes: torch.Tensor, session_offsets: torch.Tensor,
+                                    inv_temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (grad of values [T, d], grad of scores through the softmax [S, K] fp32)."""
+    num_sessions, dim = pooled.shape
+    num_themes = prototypes.shape[0]
+    g_values = values.new_empty(values.shape)
+    g_scores_total = probs.new_empty((num_sessions, num_themes))
+    if num_sessions:
+        _pool_route_bwd[(num_sessions,)](
+            g_pooled.contiguous(), pooled, g_scores.contiguous(), g_probs.contiguous(), probs,
+            prototypes.contiguous(), session_offsets, g_values, g_scores_total,
+            dim, num_themes, inv_temperature, NORM_EPS,
+            BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(dim), BLOCK_K=_block_k(num_themes),
+            ROUTE=num_themes > 0)
+    return g_values, g_scores_total
+
+
+@_session_pool_route_backward_op.register_fake
+def _(g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets, inv_temperature):
+    return values.new_empty(values.shape), probs.new_empty((pooled.shape[0], prototypes.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    values, session_offsets, prototypes, inv_temperature, _ = inputs
+    pooled, _, probs, _ = output
+    ctx.save_for_backward(values, session_offsets, prototypes, pooled, probs)
+    ctx.inv_temperature = inv_temperature
+
+
+def _backward(ctx, g_pooled, g_scores, g_probs, _g_themes):
+    values, session_offsets, prototypes, pooled, probs = ctx.saved_tensors
+    g_values, g_scores_total = torch.ops.mos.session_pool_route_backward(
+        g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets, ctx.inv_temperature)
+    # One small GEMM over sessions for the prototypes: deterministic, no atomics.
+    g_prototypes = (g_scores_total.t() @ normalized(pooled)) * ctx.inv_temperature
+    return g_values, None, g_prototypes, None, None
+
+
+_session_pool_route_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.mos.session_pool_route)
+def _session_pool_route_flops(values_shape, session_offsets_shape, prototypes_shape, *args, out_shape=None, **kwargs):
+    num_tokens, dim = values_shape
+    num_sessions = session_offsets_shape[0] - 1
+    num_themes = prototypes_shape[0]
+    # Sum every row, divide per session; route: normalise (3d) and K dot products (2d each).
+    return num_tokens * dim + num_sessions * dim + num_sessions * (3 * dim + 2 * num_themes * dim)

@@ -1,16 +1,27 @@
 """`theme_dispatch`: build the theme-major layout of the theme subsequences (spec step 4).
 
-Rows are sorted by (theme k, example b, time) with a STABLE sort, so each (k, b) segment is
+Rows are sorted by (theme k, example b, time) with a STABLE order, so each (k, b) segment is
 example b's tokens of theme k in their original order (a contract, tested). Segment k*B + b
 owns rows theme_offsets[k*B+b] : theme_offsets[k*B+b+1]; expert k owns the contiguous block
 expert_offsets[k] : expert_offsets[k+1] (one GEMM per expert). Empty segments are normal.
+
+Reference: a stable argsort of the (theme, example) key of every (token, choice).
+Triton: a stable counting sort in two integer passes, no atomics, deterministic:
+  1. `_dispatch_count`, one program per example: scans its sessions in time order and gives
+     every (session, choice) its rank inside its (theme, example) segment, and the counts;
+  2. an exclusive prefix sum of the counts (torch.cumsum) gives the segment starts;
+  3. `_dispatch_fill`, one program per session: writes its rows at start + rank.
+Sizes: without `capacity` T' = T * top_k is known up front (no sync); with it the kept row
+count is read back from the device once (documented sync).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 from ._checks import check_offsets, check_positive, check_tensor
 from .backend import resolve_backend
@@ -21,10 +32,17 @@ from .jagged import offsets_from_lengths, segment_ids
 class Dispatch:
     gather_index: torch.Tensor    # [T'] int64, source token row of every theme row
     row_gate: torch.Tensor        # [T'] straight-through gate of every row (1 in the forward pass)
+    inverse_index: torch.Tensor   # [T, top_k] int64, the theme row of each (token, choice); -1 if dropped
     theme_offsets: torch.Tensor   # [K*B+1] int64, segment k*B+b
-    expert_offsets: torch.Tensor  # [K+1] int64, expert k's block of rows
     num_examples: int
     num_themes: int
+
+    @property
+    def expert_offsets(self) -> torch.Tensor:
+        """[K+1] int64, expert k's contiguous block of rows."""
+        if self.num_examples == 0:
+            return self.theme_offsets.new_zeros(self.num_themes + 1)
+        return self.theme_offsets[::self.num_examples]
 
     @property
     def segment_lengths(self) -> torch.Tensor:
@@ -37,9 +55,8 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
                    capacity: Optional[int] = None, backend: str = "auto") -> Dispatch:
     """Route every token of session s to themes[s, :] with gate[s, :].
 
-    capacity: keep at most this many most recent tokens per (theme, example) subsequence.
-    Without capacity T' = T * top_k is known in advance; with it the kept count is read back
-    from the device (a sync).
+    Sessions must be ordered by example (as `sessionize` makes them). capacity: keep at most
+    this many most recent tokens per (theme, example) subsequence.
     """
     check_tensor("themes", themes, ndim=2, dtypes=(torch.int64,))
     num_sessions, top_k = themes.shape
@@ -66,13 +83,23 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
         lo, hi = int(session_example.min()), int(session_example.max())
         if lo < 0 or hi >= num_examples:
             raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
-    resolve_backend(backend, themes, "theme_dispatch")
-    return _theme_dispatch_reference(themes, gate, session_offsets, session_example,
-                                     num_examples, num_themes, capacity)
+        if num_sessions > 1 and bool((session_example[1:] < session_example[:-1]).any()):
+            raise ValueError("session_example: expected sessions ordered by example (non-decreasing), got a step back")
+    num_tokens = int(session_offsets[-1]) if not torch.compiler.is_compiling() else None
+    if resolve_backend(backend, themes, "theme_dispatch") == "triton":
+        example_session_offsets = offsets_from_lengths(torch.bincount(session_example, minlength=num_examples))
+        gather_index, row_source, inverse_index, theme_offsets = torch.ops.mos.theme_dispatch(
+            themes, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
+            capacity or 0)
+    else:
+        gather_index, row_source, inverse_index, theme_offsets = _theme_dispatch_reference(
+            themes, session_offsets, session_example, num_examples, num_themes, capacity)
+    row_gate = gate.reshape(-1)[row_source]
+    return Dispatch(gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index,
+                    theme_offsets=theme_offsets, num_examples=num_examples, num_themes=num_themes)
 
 
-def _theme_dispatch_reference(themes, gate, session_offsets, session_example,
-                              num_examples, num_themes, capacity) -> Dispatch:
+def _theme_dispatch_reference(themes, session_offsets, session_example, num_examples, num_themes, capacity):
     num_tokens = int(session_offsets[-1])
     top_k = themes.shape[1]
     token_session = segment_ids(session_offsets, num_tokens)
@@ -80,15 +107,112 @@ def _theme_dispatch_reference(themes, gate, session_offsets, session_example,
     key = (themes[token_session] * num_examples + session_example[token_session, None]).reshape(-1)
     order = torch.sort(key, stable=True).indices
     counts = torch.bincount(key, minlength=num_themes * num_examples)
-    theme_offsets = offsets_from_lengths(counts)
     if capacity is not None:
-        sorted_key = key[order]
-        rank_from_end = theme_offsets[sorted_key + 1] - 1 - torch.arange(order.numel(), device=order.device)
+        ends = offsets_from_lengths(counts)[1:]
+        rank_from_end = ends[key[order]] - 1 - torch.arange(order.numel(), device=order.device)
         order = order[rank_from_end < capacity]
-        theme_offsets = offsets_from_lengths(counts.clamp_max(capacity))
-    gather_index = torch.div(order, top_k, rounding_mode="floor")
-    row_gate = gate[token_session].reshape(-1)[order]
-    return Dispatch(gather_index=gather_index, row_gate=row_gate, theme_offsets=theme_offsets,
-                    expert_offsets=theme_offsets[::num_examples] if num_examples else
-                    theme_offsets.new_zeros(num_themes + 1),
-                    num_examples=num_examples, num_themes=num_themes)
+        counts = counts.clamp_max(capacity)
+    inverse_index = torch.full((num_tokens * top_k,), -1, dtype=torch.int64, device=themes.device)
+    inverse_index[order] = torch.arange(order.numel(), device=order.device)
+    token = torch.div(order, top_k, rounding_mode="floor")
+    row_source = token_session[token] * top_k + order % top_k
+    return token, row_source, inverse_index.view(num_tokens, top_k), offsets_from_lengths(counts)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _dispatch_count(themes_ptr, session_offsets_ptr, example_session_offsets_ptr, rank_ptr, counts_ptr,
+                    num_examples, num_themes,
+                    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TOP_K: tl.constexpr):
+    b = tl.program_id(0)
+    first = tl.load(example_session_offsets_ptr + b)
+    last = tl.load(example_session_offsets_ptr + b + 1)
+    ks = tl.arange(0, BLOCK_K)
+    carry = tl.zeros([BLOCK_K], dtype=tl.int64)
+    for s0 in range(first, last, BLOCK_S):
+        sessions = s0 + tl.arange(0, BLOCK_S)
+        ok = sessions < last
+        length = (tl.load(session_offsets_ptr + sessions + 1, mask=ok, other=0)
+                  - tl.load(session_offsets_ptr + sessions, mask=ok, other=0))
+        tokens = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.int64)   # tokens each session adds to each theme
+        for j in tl.static_range(TOP_K):
+            theme = tl.load(themes_ptr + sessions * TOP_K + j, mask=ok, other=-1)
+            tokens += tl.where(theme[:, None] == ks[None, :], length[:, None], 0)
+        before = tl.cumsum(tokens, axis=0) - tokens + carry[None, :]
+        for j in tl.static_range(TOP_K):
+            theme = tl.load(themes_ptr + sessions * TOP_K + j, mask=ok, other=-1)
+            rank = tl.sum(tl.where(theme[:, None] == ks[None, :], before, 0), axis=1)
+            tl.store(rank_ptr + sessions * TOP_K + j, rank, mask=ok)
+        carry += tl.sum(tokens, axis=0)
+    tl.store(counts_ptr + ks * num_examples + b, carry, mask=ks < num_themes)
+
+
+@triton.jit
+def _dispatch_fill(themes_ptr, session_offsets_ptr, session_example_ptr, rank_ptr, counts_ptr, theme_offsets_ptr,
+                   gather_index_ptr, row_source_ptr, inverse_ptr, num_examples, capacity,
+                   BLOCK_T: tl.constexpr, TOP_K: tl.constexpr, HAS_CAPACITY: tl.constexpr):
+    s = tl.program_id(0)
+    start = tl.load(session_offsets_ptr + s)
+    end = tl.load(session_offsets_ptr + s + 1)
+    b = tl.load(session_example_ptr + s)
+    for j in tl.static_range(TOP_K):
+        key = tl.load(themes_ptr + s * TOP_K + j) * num_examples + b
+        segment_start = tl.load(theme_offsets_ptr + key)
+        first_rank = tl.load(rank_ptr + s * TOP_K + j)
+        dropped = 0
+        if HAS_CAPACITY:
+            # Capacity keeps the newest rows: the oldest count - capacity ranks are dropped.
+            dropped = tl.maximum(tl.load(counts_ptr + key) - capacity, 0)
+        for row0 in range(start, end, BLOCK_T):
+            rows = row0 + tl.arange(0, BLOCK_T)
+            in_session = rows < end
+            rank = first_rank + rows - start
+            keep = in_session & (rank >= dropped)
+            dest = segment_start + rank - dropped
+            tl.store(gather_index_ptr + dest, rows, mask=keep)
+            tl.store(row_source_ptr + dest, tl.zeros_like(rows) + s * TOP_K + j, mask=keep)
+            tl.store(inverse_ptr + rows * TOP_K + j, tl.where(keep, dest, -1), mask=in_session)
+
+
+_BLOCK_S = 64
+_BLOCK_T = 32
+
+
+@torch.library.custom_op("mos::theme_dispatch", mutates_args=())
+def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, session_example: torch.Tensor,
+                       example_session_offsets: torch.Tensor, num_tokens: int, num_themes: int,
+                       capacity: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """capacity 0 = unlimited. Returns gather_index, row_source (flat session*top_k + choice),
+    inverse_index [T, top_k], theme_offsets [K*B+1]."""
+    themes = themes.contiguous()
+    num_sessions, top_k = themes.shape
+    num_examples = example_session_offsets.numel() - 1
+    device = themes.device
+    rank = torch.empty((num_sessions, top_k), dtype=torch.int64, device=device)
+    counts = torch.zeros(num_themes * num_examples, dtype=torch.int64, device=device)
+    if num_examples:
+        _dispatch_count[(num_examples,)](
+            themes, session_offsets, example_session_offsets, rank, counts, num_examples, num_themes,
+            BLOCK_S=_BLOCK_S, BLOCK_K=max(triton.next_power_of_2(num_themes), 2), TOP_K=top_k)
+    kept = counts.clamp_max(capacity) if capacity else counts
+    theme_offsets = offsets_from_lengths(kept)
+    num_rows = int(theme_offsets[-1]) if capacity else num_tokens * top_k   # the documented sync
+    gather_index = torch.empty(num_rows, dtype=torch.int64, device=device)
+    row_source = torch.empty(num_rows, dtype=torch.int64, device=device)
+    inverse_index = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)
+    if num_sessions:
+        _dispatch_fill[(num_sessions,)](
+            themes, session_offsets, session_example, rank, counts, theme_offsets,
+            gather_index, row_source, inverse_index, num_examples, capacity,
+            BLOCK_T=_BLOCK_T, TOP_K=top_k, HAS_CAPACITY=capacity > 0)
+    return gather_index, row_source, inverse_index, theme_offsets
+
+
+@_theme_dispatch_op.register_fake
+def _(themes, session_offsets, session_example, example_session_offsets, num_tokens, num_themes, capacity):
+    top_k = themes.shape[1]
+    num_examples = example_session_offsets.shape[0] - 1
+    num_rows = torch.library.get_ctx().new_dynamic_size() if capacity else num_tokens * top_k
+    new = themes.new_empty
+    return (new(num_rows), new(num_rows), new((num_tokens, top_k)), new(num_themes * num_examples + 1))

@@ -1,49 +1,230 @@
 """`theme_gather` / `theme_scatter`: move token rows into the theme-major layout and back.
 
-gather: rows[r] = values[gather_index[r]] * row_gate[r]
-scatter: out[t] = sum over r with gather_index[r] == t of rows[r] * row_gate[r]
-Each is the other's backward (for the row data); the gate gets the row-wise dot product.
+gather:  rows[r] = values[gather_index[r]] * row_gate[r]
+scatter: out[t]  = sum over r with gather_index[r] == t of rows[r] * row_gate[r]
+Each is the other's backward for the row data; a gate's gradient is a row-wise dot product.
+
+`inverse_index [T, m]` lists the rows that read each token (-1 for none; `Dispatch` carries
+it). With it the Triton scatter is a gather-sum in a fixed order: deterministic, no
+floating-point atomics. Reference: index_select / index_add.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import FLOAT_DTYPES, check_tensor, check_values
 from .backend import resolve_backend
 
+_BLOCK_R = 32   # rows per program: with d <= 256 a tile stays in registers
 
-def _check_index(gather_index, row_gate, device, num_source: Optional[int]):
+
+def _check_index(gather_index, row_gate, inverse_index, device, num_tokens: int, num_rows: int):
     check_tensor("gather_index", gather_index, ndim=1, dtypes=(torch.int64,), device=device)
+    if gather_index.numel() != num_rows:
+        raise ValueError(f"gather_index: expected {num_rows} entries (one per row), got {gather_index.numel()}")
     if row_gate is not None:
         check_tensor("row_gate", row_gate, ndim=1, dtypes=FLOAT_DTYPES, device=device)
-        if row_gate.numel() != gather_index.numel():
-            raise ValueError(f"row_gate: expected {gather_index.numel()} entries like gather_index, got {row_gate.numel()}")
-    if num_source is not None and gather_index.numel() and not torch.compiler.is_compiling():
+        if row_gate.numel() != num_rows:
+            raise ValueError(f"row_gate: expected {num_rows} entries like gather_index, got {row_gate.numel()}")
+    if inverse_index is not None:
+        check_tensor("inverse_index", inverse_index, ndim=2, dtypes=(torch.int64,), device=device)
+        if inverse_index.shape[0] != num_tokens:
+            raise ValueError(f"inverse_index: expected {num_tokens} rows (one per token), got {inverse_index.shape[0]}")
+    if num_rows and not torch.compiler.is_compiling():
         lo, hi = int(gather_index.min()), int(gather_index.max())
-        if lo < 0 or hi >= num_source:
-            raise ValueError(f"gather_index: expected values in [0, {num_source - 1}], got min {lo}, max {hi}")
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"gather_index: expected values in [0, {num_tokens - 1}], got min {lo}, max {hi}")
 
 
-def theme_gather(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor] = None,
-                 *, backend: str = "auto") -> torch.Tensor:
-    """values [T, d] -> rows [T', d] in the order of gather_index, scaled by row_gate."""
+def inverse_of_unique(gather_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """inverse_index [T, 1] of a gather that reads every token at most once (no sync)."""
+    inverse = torch.full((num_tokens, 1), -1, dtype=torch.int64, device=gather_index.device)
+    inverse[gather_index, 0] = torch.arange(gather_index.numel(), device=gather_index.device)
+    return inverse
+
+
+def inverse_of(gather_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """inverse_index [T, m] of any gather, m = the most rows reading one token.
+
+    Reads m back from the device (a sync); `Dispatch.inverse_index` avoids it on the hot path.
+    """
+    device = gather_index.device
+    counts = torch.bincount(gather_index, minlength=num_tokens)
+    slots = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.sort(gather_index, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(order.numel(), device=device) - starts[gather_index[order]]
+    inverse = torch.full((num_tokens, slots), -1, dtype=torch.int64, device=device)
+    inverse[gather_index[order], slot] = order
+    return inverse
+
+
+def theme_gather(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor] = None, *,
+                 inverse_index: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """values [T, d] -> rows [T', d] in the order of gather_index, scaled by row_gate.
+
+    inverse_index: see the module docstring; built here (one sync) when the Triton path needs it.
+    """
     check_values("values", values)
-    _check_index(gather_index, row_gate, values.device, values.shape[0])
-    resolve_backend(backend, values, "theme_gather")
+    _check_index(gather_index, row_gate, inverse_index, values.device, values.shape[0], gather_index.numel())
+    if resolve_backend(backend, values, "theme_gather") == "triton":
+        if inverse_index is None:
+            inverse_index = inverse_of(gather_index, values.shape[0])
+        return torch.ops.mos.theme_gather(values, gather_index, row_gate, inverse_index)
     rows = values.index_select(0, gather_index)
     return rows if row_gate is None else rows * row_gate[:, None].to(rows.dtype)
 
 
-def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor] = None,
-                  *, num_tokens: int, backend: str = "auto") -> torch.Tensor:
-    """rows [T', d] -> [num_tokens, d]: every row (scaled by its gate) added to its source token."""
+def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor] = None, *,
+                  num_tokens: int, inverse_index: Optional[torch.Tensor] = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """rows [T', d] -> [num_tokens, d]: every row, scaled by its gate, added to its source token."""
     check_values("rows", rows)
-    if rows.shape[0] != gather_index.numel():
-        raise ValueError(f"rows: expected {gather_index.numel()} rows like gather_index, got {rows.shape[0]}")
-    _check_index(gather_index, row_gate, rows.device, num_tokens)
-    resolve_backend(backend, rows, "theme_scatter")
+    _check_index(gather_index, row_gate, inverse_index, rows.device, num_tokens, rows.shape[0])
+    if resolve_backend(backend, rows, "theme_scatter") == "triton":
+        if inverse_index is None:
+            inverse_index = inverse_of(gather_index, num_tokens)
+        return torch.ops.mos.theme_scatter(rows, gather_index, row_gate, inverse_index)
     scaled = rows if row_gate is None else rows * row_gate[:, None].to(rows.dtype)
-    out = rows.new_zeros((num_tokens, rows.shape[1]))
-    return out.index_add(0, gather_index, scaled)
+    return rows.new_zeros((num_tokens, rows.shape[1])).index_add(0, gather_index, scaled)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _gather_rows(src_ptr, index_ptr, gate_ptr, out_ptr, num_rows, dim,
+                 HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    mask = row_ok[:, None] & (cols < dim)[None, :]
+    source = tl.load(index_ptr + rows, mask=row_ok, other=0)
+    x = tl.load(src_ptr + source[:, None] * dim + cols[None, :], mask=mask, other=0.0)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        x = x.to(tl.float32) * gate[:, None]
+    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scatter_rows(rows_ptr, inverse_ptr, gate_ptr, out_ptr, num_tokens, dim,
+                  SLOTS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    token_ok = tokens < num_tokens
+    col_ok = (cols < dim)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    # Slots are summed in a fixed order: the result does not depend on scheduling.
+    for j in tl.static_range(SLOTS):
+        row = tl.load(inverse_ptr + tokens * SLOTS + j, mask=token_ok, other=-1)
+        has_row = row >= 0
+        x = tl.load(rows_ptr + row[:, None] * dim + cols[None, :], mask=has_row[:, None] & col_ok, other=0.0)
+        x = x.to(tl.float32)
+        if HAS_GATE:
+            x = x * tl.load(gate_ptr + row, mask=has_row, other=0.0).to(tl.float32)[:, None]
+        acc += x
+    tl.store(out_ptr + tokens[:, None] * dim + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok)
+
+
+@triton.jit
+def _row_dot(a_ptr, b_ptr, b_index_ptr, out_ptr, num_rows, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = <a[r], b[b_index[r]]>: the gradient of a row gate."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    mask = row_ok[:, None] & (cols < dim)[None, :]
+    source = tl.load(b_index_ptr + rows, mask=row_ok, other=0)
+    a = tl.load(a_ptr + rows[:, None] * dim + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + source[:, None] * dim + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, tl.sum(a * b, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _grid(n: int):
+    return (max(triton.cdiv(n, _BLOCK_R), 1),)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("mos::theme_gather", mutates_args=())
+def _theme_gather_op(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor],
+                     inverse_index: torch.Tensor) -> torch.Tensor:
+    values = values.contiguous()
+    out = values.new_empty((gather_index.numel(), values.shape[1]))
+    if out.numel():
+        _gather_rows[_grid(out.shape[0])](values, gather_index, row_gate, out, out.shape[0], values.shape[1],
+                                          HAS_GATE=row_gate is not None, BLOCK_R=_BLOCK_R,
+                                          BLOCK_D=triton.next_power_of_2(values.shape[1]))
+    return out
+
+
+@_theme_gather_op.register_fake
+def _(values, gather_index, row_gate, inverse_index):
+    return values.new_empty((gather_index.shape[0], values.shape[1]))
+
+
+@torch.library.custom_op("mos::theme_scatter", mutates_args=())
+def _theme_scatter_op(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor],
+                      inverse_index: torch.Tensor) -> torch.Tensor:
+    rows = rows.contiguous()
+    num_tokens, slots = inverse_index.shape
+    out = rows.new_empty((num_tokens, rows.shape[1]))
+    if out.numel():
+        _scatter_rows[_grid(num_tokens)](rows, inverse_index.contiguous(), row_gate, out, num_tokens, rows.shape[1],
+                                         SLOTS=slots, HAS_GATE=row_gate is not None, BLOCK_R=_BLOCK_R,
+                                         BLOCK_D=triton.next_power_of_2(rows.shape[1]))
+    return out
+
+
+@_theme_scatter_op.register_fake
+def _(rows, gather_index, row_gate, inverse_index):
+    return rows.new_empty((inverse_index.shape[0], rows.shape[1]))
+
+
+@torch.library.custom_op("mos::row_dot", mutates_args=())
+def _row_dot_op(a: torch.Tensor, b: torch.Tensor, b_index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    out = a.new_empty(a.shape[0], dtype=out_dtype)
+    if out.numel():
+        _row_dot[_grid(a.shape[0])](a.contiguous(), b.contiguous(), b_index, out, a.shape[0], a.shape[1],
+                                    BLOCK_R=_BLOCK_R, BLOCK_D=triton.next_power_of_2(a.shape[1]))
+    return out
+
+
+@_row_dot_op.register_fake
+def _(a, b, b_index, out_dtype):
+    return a.new_empty(a.shape[0], dtype=out_dtype)
+
+
+def _save(ctx, inputs, output):
+    data, gather_index, row_gate, inverse_index = inputs
+    ctx.save_for_backward(data, gather_index, row_gate, inverse_index)
+    ctx.has_gate = row_gate is not None
+
+
+def _gather_backward(ctx, grad):
+    values, gather_index, row_gate, inverse_index = ctx.saved_tensors
+    g_values = torch.ops.mos.theme_scatter(grad, gather_index, row_gate, inverse_index)
+    g_gate = torch.ops.mos.row_dot(grad, values, gather_index, row_gate.dtype) if ctx.has_gate else None
+    return g_values, None, g_gate, None
+
+
+def _scatter_backward(ctx, grad):
+    rows, gather_index, row_gate, inverse_index = ctx.saved_tensors
+    g_rows = torch.ops.mos.theme_gather(grad, gather_index, row_gate, inverse_index)
+    g_gate = torch.ops.mos.row_dot(rows, grad, gather_index, row_gate.dtype) if ctx.has_gate else None
+    return g_rows, None, g_gate, None
+
+
+_theme_gather_op.register_autograd(_gather_backward, setup_context=_save)
+_theme_scatter_op.register_autograd(_scatter_backward, setup_context=_save)
+
+
+@register_flop_formula([torch.ops.mos.theme_gather, torch.ops.mos.theme_scatter])
+def _gate_flops(data_shape, gather_index_shape, row_gate_shape, *args, out_shape=None, **kwargs):
+    # Data movement; the only arithmetic is one multiply per element by the gate (plus the scatter's adds).
+    return 0 if row_gate_shape is None else gather_index_shape[0] * data_shape[1]

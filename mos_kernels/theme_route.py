@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ._checks import FLOAT_DTYPES, check_positive, check_tensor, check_values
 from .backend import resolve_backend
 
-_NORM_EPS = 1e-6
+NORM_EPS = 1e-6
 
 
 @dataclass
@@ -45,13 +45,19 @@ def theme_route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
     """Unit rows in fp32; shared with the layer's VQ losses so both see the same geometry."""
-    return F.normalize(x.float(), dim=-1, eps=_NORM_EPS)
+    return F.normalize(x.float(), dim=-1, eps=NORM_EPS)
 
 
 def _theme_route_reference(pooled, prototypes, temperature, top_k) -> Routing:
     scores = normalized(pooled) @ normalized(prototypes).t() / temperature
     probs = torch.softmax(scores, dim=-1)
-    themes = torch.topk(scores, top_k, dim=-1).indices
-    chosen_probs = probs.gather(1, themes)
-    gate = (torch.ones_like(chosen_probs) + chosen_probs - chosen_probs.detach()).to(pooled.dtype)
+    # A stable descending sort breaks ties towards the lower theme index, like the kernel.
+    themes = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    gate = straight_through_gate(probs, themes).to(pooled.dtype)
     return Routing(themes=themes, gate=gate, probs=probs, scores=scores)
+
+
+def straight_through_gate(probs: torch.Tensor, themes: torch.Tensor) -> torch.Tensor:
+    """1 in the forward pass, d/dp = 1 in the backward pass, for each chosen theme."""
+    chosen = probs.gather(1, themes)
+    return torch.ones_like(chosen) + chosen - chosen.detach()
