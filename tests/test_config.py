@@ -1,0 +1,141 @@
+"""Config loading: defaults < YAML file < --set, types, and errors that name the dotted key."""
+import re
+from pathlib import Path
+
+import pytest
+
+from mos.cli import main
+from mos.config import RunConfig
+from mos.config_io import config_to_dict, dump_yaml, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.01\n  batch_size: 64\nmodel:\n  mos:\n    num_themes: 4\n")
+    cfg = load_run_config(path, ["train.batch_size=32", "model.mos.top_k=2"])
+    assert cfg.train.lr == 0.01                # file beats default
+    assert cfg.train.batch_size == 32          # override beats file
+    assert cfg.model.mos.num_themes == 4       # file, nested
+    assert cfg.model.mos.top_k == 2            # override, nested
+    assert cfg.train.max_epochs == RunConfig().train.max_epochs   # untouched default
+    assert load_run_config(None, []) == RunConfig()
+
+
+def test_override_values_are_typed():
+    cfg = load_run_config(None, ["train.seeds=[0,1,2]", "model.mos.capacity=null", "train.lr=1",
+                                 "model.mos.temperature=3e-1", "models=[mos]", "model.use_category=false"])
+    assert cfg.train.seeds == (0, 1, 2)
+    assert cfg.model.mos.capacity is None
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.mos.temperature == 0.3    # PyYAML reads 3e-1 as a string; float fields take it
+    assert cfg.models == ("mos",)
+    assert cfg.model.use_category is False
+    assert load_run_config(None, ["model.mos.capacity=16"]).model.mos.capacity == 16
+
+
+def test_later_overrides_win_and_sections_merge(tmp_path):
+    path = write(tmp_path, "model:\n  mos:\n    num_themes: 4\n")
+    cfg = load_run_config(path, ["train.lr=0.1", "train.lr=0.2", "model.mos={top_k: 2}"])
+    assert cfg.train.lr == 0.2
+    assert (cfg.model.mos.num_themes, cfg.model.mos.top_k) == (4, 2)
+
+
+def test_empty_sections_keep_defaults(tmp_path):
+    assert load_run_config(write(tmp_path, ""), []) == RunConfig()
+    assert load_run_config(write(tmp_path, "model:\ntrain:\n"), []) == RunConfig()
+
+
+def test_yaml_round_trip_through_file(tmp_path):
+    cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=gate", "model.mos.capacity=5"])
+    dumped = dump_yaml(cfg)
+    assert "seeds: [3, 4]" in dumped            # lists inline, as a person writes them
+    assert config_to_dict(cfg)["train"]["seeds"] == [3, 4]   # JSON-ready: tuples become lists
+    assert load_run_config(write(tmp_path, dumped), []) == cfg
+
+
+def test_default_config_file_loads():
+    cfg = load_run_config(str(ROOT / "configs" / "default.yaml"), [])
+    assert cfg.models == ("backbone", "mos")
+    assert cfg.train.seeds == (0, 1, 2)
+
+
+def test_unknown_key_in_file_names_dotted_key_and_valid_keys(tmp_path):
+    path = write(tmp_path, "model:\n  mos:\n    num_theme: 4\n")
+    with pytest.raises(ValueError, match=r"model\.mos\.num_theme'") as err:
+        load_run_config(path, [])
+    assert "num_themes" in str(err.value) and path in str(err.value)
+    with pytest.raises(ValueError, match=r"'trian'.*top level.*models, data, model, train"):
+        load_run_config(write(tmp_path, "trian:\n  lr: 0.1\n"), [])
+
+
+def test_unknown_key_in_override_names_dotted_key():
+    with pytest.raises(ValueError, match=r"--set train\.bach_size=3: unknown key 'train\.bach_size'.*batch_size"):
+        load_run_config(None, ["train.bach_size=3"])
+    with pytest.raises(ValueError, match=r"'model\.mos\.bogus'"):
+        load_run_config(None, ["model.mos={bogus: 1}"])
+    with pytest.raises(ValueError, match=r"'train\.lr' is a value"):
+        load_run_config(None, ["train.lr.x=1"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.batch_size=abc", r"train\.batch_size: expected an int, got 'abc'"),
+    ("train.batch_size=true", r"train\.batch_size: expected an int, got True"),
+    ("train.lr=fast", r"train\.lr: expected a number, got 'fast'"),
+    ("train.seeds=0", r"train\.seeds: expected a list, got 0"),
+    ("model.mos.capacity=[1]", r"model\.mos\.capacity: expected an int or null"),
+    ("model.mos=3", r"model\.mos: expected a mapping"),
+])
+def test_wrong_type_names_key_expected_and_given(override, expected):
+    with pytest.raises(TypeError, match=expected):
+        load_run_config(None, [override])
+
+
+def test_post_init_checks_see_final_values_and_name_dotted_key(tmp_path):
+    with pytest.raises(ValueError, match=r"model\.mos\.fusion: expected one of \['concat', 'gate'\], got 'sum'"):
+        load_run_config(None, ["model.mos.fusion=sum"])
+    # Valid alone in the file, invalid once the override lands: the check runs on the merged values.
+    path = write(tmp_path, "model:\n  mos:\n    num_themes: 4\n")
+    with pytest.raises(ValueError, match=r"model\.mos\.top_k"):
+        load_run_config(path, ["model.mos.top_k=5"])
+    with pytest.raises(ValueError, match=r"train\.progress"):
+        load_run_config(None, ["train.progress=loud"])
+
+
+@pytest.mark.parametrize("override", ["train.lr", "=3", "train..lr=3"])
+def test_malformed_override_is_named(override):
+    with pytest.raises(ValueError, match=re.escape(f"--set {override!r}")):
+        load_run_config(None, [override])
+
+
+def test_cli_bad_override_exits_with_one_line(capsys):
+    assert main(["train", "--set", "train.batch_size=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "train.batch_size" in err and "'abc'" in err
+
+
+def test_cli_missing_config_file_exits_with_one_line(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml" in capsys.readouterr().err
+
+
+def test_cli_print_config_applies_overrides(capsys):
+    assert main(["train", "--print-config", "--quiet", "--set", "model.mos.num_themes=16", "train.seeds=[1]"]) == 0
+    out = capsys.readouterr().out
+    assert "num_themes: 16" in out and "seeds: [1]" in out and "quiet: true" in out
+
+
+def test_cli_unknown_command_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fit'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--set KEY=VALUE" in capsys.readouterr().out

@@ -1,0 +1,177 @@
+"""The training loop on a tiny fake model and data: it learns, stops early, restores the best
+weights, measures the router, writes one JSON line per run and prints the summary table."""
+import json
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+import torch
+from torch import nn
+
+from mos import train
+from mos.config import ModelConfig, MoSConfig, RunConfig, TrainConfig
+from mos.data.batch import Batch
+
+HISTORY = 4          # events per example, two sessions of two
+INTERESTS = 3
+
+
+class FakeData:
+    """n examples whose label is the parity of the target item, so the target alone predicts it."""
+
+    num_items, num_categories = 20, 3
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.target = torch.randint(1, self.num_items, (n,), generator=g)
+        self.label = (self.target % 2).float()
+        self.user = torch.randint(0, 8, (n,), generator=g)
+        self.history = torch.randint(1, self.num_items, (n, HISTORY), generator=g)
+
+    def __len__(self):
+        return self.target.numel()
+
+    def num_batches(self, batch_size, drop_last=False):
+        return -(-len(self) // batch_size)
+
+    def batches(self, batch_size, *, shuffle=False, generator=None, max_history=None, drop_last=False):
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for index in order.split(batch_size):
+            rows = index.numel() * HISTORY
+            items = self.history[index].flatten()
+            yield Batch(
+                item_ids=items, category_ids=items % 3, timestamps=torch.arange(rows),
+                offsets=torch.arange(index.numel() + 1) * HISTORY, max_len=HISTORY,
+                target_item=self.target[index], target_category=self.target[index] % 3,
+                label=self.label[index], user=self.user[index],
+                # One interest per session of two events, cycling over the sessions.
+                true_interest=torch.arange(rows) // 2 % INTERESTS)
+
+
+@dataclass
+class FakeOutput:
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    aux: dict = field(default_factory=dict)
+    routing: Optional[SimpleNamespace] = None
+
+
+class FakeModel(nn.Module):
+    """A logit per target item; as "mos" it also routes each session to its true interest."""
+
+    def __init__(self, config, num_items, num_categories):
+        super().__init__()
+        self.kind = config.kind
+        self.logit = nn.Embedding(num_items, 1)
+        nn.init.zeros_(self.logit.weight)
+
+    def forward(self, batch):
+        logits = self.logit(batch.target_item).squeeze(1)
+        if self.kind == "backbone":
+            return FakeOutput(logits, logits.new_zeros(()))
+        sessions = batch.item_ids.numel() // 2
+        routing = SimpleNamespace(session_offsets=torch.arange(sessions + 1) * 2,
+                                  session_theme=torch.arange(sessions) % INTERESTS)
+        shrink = logits.pow(2).mean()
+        return FakeOutput(logits, 1e-3 * shrink, {"shrink": shrink.detach()}, routing)
+
+
+def make_config(**train_fields) -> RunConfig:
+    fields = dict(batch_size=32, lr=0.2, max_epochs=6, patience=6, progress="none", threads=0)
+    fields.update(train_fields)
+    return RunConfig(model=ModelConfig(mos=MoSConfig(num_themes=4)), train=TrainConfig(**fields))
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    monkeypatch.setattr(train, "CTRModel", FakeModel)
+    return FakeData(256, 0), FakeData(96, 1), FakeData(96, 2)
+
+
+def test_training_lowers_the_loss_and_records_the_run(splits, capsys):
+    record = train.train_one(make_config(max_epochs=4), "backbone", 0, splits, progress="none")
+    assert record["train_loss"][-1] < 0.5 * record["train_loss"][0]
+    assert record["train_bce"] == record["train_loss"]   # the backbone has no aux loss
+    assert record["test"]["auc"] == 1.0 and record["valid"]["auc"] == 1.0
+    assert record["test"]["purity"] is None and record["test"]["theme_tokens"] is None
+    assert record["model"] == "backbone" and record["seed"] == 0
+    assert record["config"]["model"]["kind"] == "backbone"
+    assert record["epochs"] == len(record["train_loss"]) == len(record["epoch_seconds"]) == 4
+    assert record["params"] == FakeData.num_items
+    assert record["test"]["examples"] == 96 and record["test"]["gauc_users"] > 0
+    json.dumps(record)   # the record is what results.jsonl holds
+    err = capsys.readouterr().err
+    assert err.count("backbone seed 0 epoch") == 4 and "valid AUC" in err and "test AUC" in err
+
+
+def test_quiet_prints_nothing_and_same_seed_repeats(splits, capsys):
+    first = train.train_one(make_config(quiet=True, max_epochs=2), "backbone", 3, splits, progress="none")
+    again = train.train_one(make_config(quiet=True, max_epochs=2), "backbone", 3, splits, progress="none")
+    assert capsys.readouterr().err == ""
+    assert first["train_loss"] == again["train_loss"]
+
+
+def test_router_purity_nmi_and_tokens_per_theme(splits):
+    record = train.train_one(make_config(max_epochs=1, quiet=True), "mos", 0, splits, progress="none")
+    test = record["test"]
+    assert test["purity"] == pytest.approx(1.0) and test["nmi"] == pytest.approx(1.0)
+    # Three batches of 32 examples; each has 64 sessions of 2 tokens cycling over themes 0, 1, 2
+    # of 4, so 22, 21, 21 sessions per batch.
+    assert test["theme_tokens"] == [3 * 44, 3 * 42, 3 * 42, 0]
+    assert list(record["train_aux"]) == ["shrink"] and len(record["train_aux"]["shrink"]) == 1
+    assert record["train_loss"][0] == pytest.approx(record["train_bce"][0] + 1e-3 * record["train_aux"]["shrink"][0])
+
+
+def test_early_stopping_restores_the_best_weights(splits, monkeypatch):
+    valid_aucs = iter([0.6, 0.8, 0.7, 0.75, 0.9, 0.95])
+    seen = []   # (split, weights) at every evaluation
+
+    def scripted_evaluate(model, dataset, **kwargs):
+        split = "valid" if dataset is splits[1] else "test"
+        seen.append((split, model.logit.weight.detach().clone()))
+        auc = next(valid_aucs) if split == "valid" else 0.5
+        return {"auc": auc, "gauc": auc, "logloss": 0.5}
+
+    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    record = train.train_one(make_config(patience=2, quiet=True), "backbone", 0, splits, progress="none")
+    # Best at epoch 2; epochs 3 and 4 do not beat it, so training stops after epoch 4.
+    assert record["epochs"] == 4 and record["best_epoch"] == 2
+    assert record["valid_auc_curve"] == [0.6, 0.8, 0.7, 0.75]
+    assert record["valid"]["auc"] == 0.8
+    assert [split for split, _ in seen] == ["valid"] * 4 + ["test"]
+    tested = seen[-1][1]
+    assert torch.equal(tested, seen[1][1])            # epoch 2's weights are back
+    assert not torch.equal(tested, seen[3][1])        # not the last epoch's
+
+
+def test_progress_bar_choice(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(train.sys.stderr, "isatty", lambda: True, raising=False)
+    assert train._show_bar("auto") and train._show_bar("bar") and not train._show_bar("none")
+    monkeypatch.setenv("CI", "1")
+    assert not train._show_bar("auto") and train._show_bar("bar")
+    with pytest.raises(ValueError, match="progress"):
+        train._show_bar("always")
+
+
+def test_run_appends_json_lines_and_prints_the_table(splits, monkeypatch, tmp_path, capsys):
+    data = FakeData(8, 9)
+    monkeypatch.setattr(train.synthetic, "generate", lambda cfg: data)
+    monkeypatch.setattr(train, "split_by_user", lambda ds, valid, test, seed: splits)
+    monkeypatch.setattr(train.stats, "session_statistics", lambda ds, gap_seconds: {"sessions": 2})
+    monkeypatch.setattr(train.stats, "format_statistics", lambda stats: f"statistics {stats}")
+    out_dir = tmp_path / "runs" / "fake"
+    cfg = make_config(max_epochs=2, seeds=(0, 1), quiet=True, out_dir=str(out_dir))
+
+    records = train.run(cfg)
+    lines = (out_dir / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["model"] for line in lines] == ["backbone", "mos", "backbone", "mos"]
+    assert [json.loads(line)["seed"] for line in lines] == [0, 0, 1, 1]
+    assert json.loads(lines[-1]) == json.loads(json.dumps(records[-1]))
+    out = capsys.readouterr().out
+    assert out.count("statistics {'sessions': 2}") == 1          # printed once, not per run
+    assert "| backbone | 2 | 1.0000 ± 0.0000" in out and "| mos | 2 |" in out
+
+    train.run(cfg)
+    assert len((out_dir / "results.jsonl").read_text().splitlines()) == 8   # appended, not replaced
