@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
+from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
 from .backend import resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
@@ -162,10 +163,11 @@ def _session_pool_route_op(values: torch.Tensor, session_offsets: torch.Tensor, 
     values = values.contiguous()
     num_sessions, dim = session_offsets.numel() - 1, values.shape[1]
     num_themes = prototypes.shape[0]
-    pooled = values.new_empty((num_sessions, dim))
-    scores = values.new_empty((num_sessions, num_themes), dtype=torch.float32)
-    probs = torch.empty_like(scores)
-    themes = values.new_empty((num_sessions, top_k), dtype=torch.int64)
+    device = values.device
+    pooled = new_output((num_sessions, dim), dtype=values.dtype, device=device)
+    scores = new_output((num_sessions, num_themes), dtype=torch.float32, device=device)
+    probs = new_output((num_sessions, num_themes), dtype=torch.float32, device=device)
+    themes = new_output((num_sessions, top_k), dtype=torch.int64, device=device)
     if num_sessions:
         _pool_route_fwd[(num_sessions,)](
             values, session_offsets, prototypes.contiguous(), pooled, scores, probs, themes,
@@ -191,8 +193,8 @@ def _session_pool_route_backward_op(g_pooled: torch.Tensor, g_scores: torch.Tens
     """Returns (grad of values [T, d], grad of scores through the softmax [S, K] fp32)."""
     num_sessions, dim = pooled.shape
     num_themes = prototypes.shape[0]
-    g_values = values.new_empty(values.shape)
-    g_scores_total = probs.new_empty((num_sessions, num_themes))
+    g_values = new_output(values.shape, dtype=values.dtype, device=values.device)
+    g_scores_total = new_output((num_sessions, num_themes), dtype=torch.float32, device=values.device)
     if num_sessions:
         _pool_route_bwd[(num_sessions,)](
             g_pooled.contiguous(), pooled, g_scores.contiguous(), g_probs.contiguous(), probs,

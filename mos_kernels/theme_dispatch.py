@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._alloc import new_output
 from ._checks import check_offsets, check_positive, check_tensor
 from .backend import resolve_backend
 from .jagged import offsets_from_lengths, segment_ids
@@ -189,7 +190,7 @@ def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, sess
     num_sessions, top_k = themes.shape
     num_examples = example_session_offsets.numel() - 1
     device = themes.device
-    rank = torch.empty((num_sessions, top_k), dtype=torch.int64, device=device)
+    rank = new_output((num_sessions, top_k), dtype=torch.int64, device=device)
     counts = torch.zeros(num_themes * num_examples, dtype=torch.int64, device=device)
     if num_examples:
         _dispatch_count[(num_examples,)](
@@ -198,9 +199,9 @@ def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, sess
     kept = counts.clamp_max(capacity) if capacity else counts
     theme_offsets = offsets_from_lengths(kept)
     num_rows = int(theme_offsets[-1]) if capacity else num_tokens * top_k   # the documented sync
-    gather_index = torch.empty(num_rows, dtype=torch.int64, device=device)
-    row_source = torch.empty(num_rows, dtype=torch.int64, device=device)
-    inverse_index = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)
+    gather_index = new_output(num_rows, dtype=torch.int64, device=device)
+    row_source = new_output(num_rows, dtype=torch.int64, device=device)
+    inverse_index = new_output((num_tokens, top_k), dtype=torch.int64, device=device)
     if num_sessions:
         _dispatch_fill[(num_sessions,)](
             themes, session_offsets, session_example, rank, counts, theme_offsets,

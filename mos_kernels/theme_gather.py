@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
+from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_tensor, check_values
 from .backend import resolve_backend
 
@@ -155,7 +156,7 @@ def _grid(n: int):
 def _theme_gather_op(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor],
                      inverse_index: torch.Tensor) -> torch.Tensor:
     values = values.contiguous()
-    out = values.new_empty((gather_index.numel(), values.shape[1]))
+    out = new_output((gather_index.numel(), values.shape[1]), dtype=values.dtype, device=values.device)
     if out.numel():
         _gather_rows[_grid(out.shape[0])](values, gather_index, row_gate, out, out.shape[0], values.shape[1],
                                           HAS_GATE=row_gate is not None, BLOCK_R=_BLOCK_R,
@@ -173,7 +174,7 @@ def _theme_scatter_op(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: 
                       inverse_index: torch.Tensor) -> torch.Tensor:
     rows = rows.contiguous()
     num_tokens, slots = inverse_index.shape
-    out = rows.new_empty((num_tokens, rows.shape[1]))
+    out = new_output((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
     if out.numel():
         _scatter_rows[_grid(num_tokens)](rows, inverse_index.contiguous(), row_gate, out, num_tokens, rows.shape[1],
                                          SLOTS=slots, HAS_GATE=row_gate is not None, BLOCK_R=_BLOCK_R,
@@ -188,7 +189,7 @@ def _(rows, gather_index, row_gate, inverse_index):
 
 @torch.library.custom_op("mos::row_dot", mutates_args=())
 def _row_dot_op(a: torch.Tensor, b: torch.Tensor, b_index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    out = a.new_empty(a.shape[0], dtype=out_dtype)
+    out = new_output(a.shape[0], dtype=out_dtype, device=a.device)
     if out.numel():
         _row_dot[_grid(a.shape[0])](a.contiguous(), b.contiguous(), b_index, out, a.shape[0], a.shape[1],
                                     BLOCK_R=_BLOCK_R, BLOCK_D=triton.next_power_of_2(a.shape[1]))

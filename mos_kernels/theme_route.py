@@ -60,4 +60,5 @@ def _theme_route_reference(pooled, prototypes, temperature, top_k) -> Routing:
 def straight_through_gate(probs: torch.Tensor, themes: torch.Tensor) -> torch.Tensor:
     """1 in the forward pass, d/dp = 1 in the backward pass, for each chosen theme."""
     chosen = probs.gather(1, themes)
-    return torch.ones_like(chosen) + chosen - chosen.detach()
+    # (p - p) is exactly 0, so the forward value is exactly 1; 1 + p - p would round.
+    return (chosen - chosen.detach()) + 1.0

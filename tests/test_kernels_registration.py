@@ -1,0 +1,71 @@
+"""Custom-op registration of the Triton kernels: opcheck (schema, fake, autograd) and FLOP formulas."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mos_kernels as mk
+from mos_kernels.theme_route import normalized
+from tests.kernel_cases import make_sessions, random_themes, random_values
+
+
+def _inputs(device, dim=12, num_themes=3, top_k=2):
+    _, sessions = make_sessions([5, 0, 11, 3], 3, device)
+    values = random_values(19, dim, torch.float32, device).requires_grad_()
+    prototypes = normalized(random_values(num_themes, dim, torch.float32, device, seed=2)).requires_grad_()
+    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
+    return sessions, values, prototypes, themes
+
+
+def test_opcheck_session_pool_route(device):
+    sessions, values, prototypes, _ = _inputs(device)
+    torch.library.opcheck(torch.ops.mos.session_pool_route.default,
+                          (values, sessions.session_offsets, prototypes, 5.0, 2))
+    torch.library.opcheck(torch.ops.mos.session_pool_route.default,
+                          (values, sessions.session_offsets, prototypes[:0].detach(), 1.0, 0))
+
+
+@pytest.mark.parametrize("capacity", [0, 2])
+def test_opcheck_theme_dispatch(capacity, device):
+    sessions, _, _, themes = _inputs(device)
+    eso = sessions.example_session_offsets
+    torch.library.opcheck(torch.ops.mos.theme_dispatch.default,
+                          (themes, sessions.session_offsets, sessions.session_example, eso, 19, 3, capacity))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_opcheck_gather_scatter(gated, device):
+    sessions, values, _, themes = _inputs(device)
+    gate = torch.rand(themes.shape, device=device)
+    dispatch = mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
+                                 num_examples=4, num_themes=3, backend="reference")
+    row_gate = dispatch.row_gate.detach().requires_grad_() if gated else None
+    index, inverse = dispatch.gather_index, dispatch.inverse_index
+    torch.library.opcheck(torch.ops.mos.theme_gather.default, (values, index, row_gate, inverse))
+    rows = random_values(index.numel(), values.shape[1], torch.float32, device).requires_grad_()
+    torch.library.opcheck(torch.ops.mos.theme_scatter.default, (rows, index, row_gate, inverse))
+
+
+def test_flop_formulas_match_hand_counts(device):
+    dim, num_themes, top_k = 12, 3, 2
+    sessions, values, prototypes, themes = _inputs(device, dim, num_themes, top_k)
+    num_tokens, num_sessions = values.shape[0], sessions.num_sessions
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.mos.session_pool_route(values, sessions.session_offsets, prototypes.detach(), 5.0, top_k)
+    # sum T*d, divide S*d, normalise 3*S*d, K dot products 2*K*d per session
+    expected = num_tokens * dim + num_sessions * dim + num_sessions * (3 * dim + 2 * num_themes * dim)
+    assert counter.get_total_flops() == expected
+
+    dispatch = mk.theme_dispatch(themes, torch.rand(themes.shape, device=device), sessions.session_offsets,
+                                 sessions.session_example, num_examples=4, num_themes=num_themes,
+                                 backend="reference")
+    rows = dispatch.gather_index.numel()
+    for op, data in ((torch.ops.mos.theme_gather, values), (torch.ops.mos.theme_scatter,
+                                                           random_values(rows, dim, torch.float32, device))):
+        with FlopCounterMode(display=False) as counter:
+            op(data.detach(), dispatch.gather_index, dispatch.row_gate.detach(), dispatch.inverse_index)
+        assert counter.get_total_flops() == rows * dim          # one multiply by the gate per element
+        with FlopCounterMode(display=False) as counter:
+            op(data.detach(), dispatch.gather_index, None, dispatch.inverse_index)
+        assert counter.get_total_flops() == 0                   # pure data movement

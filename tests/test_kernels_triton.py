@@ -1,0 +1,209 @@
+"""Triton backend against the reference, forward and backward, on awkward shapes.
+
+On the CPU these run under TRITON_INTERPRET=1 (fp32, fp16); the GPU check script runs the
+same file with MOS_TEST_DEVICE=cuda (fp32, fp16, bf16). Outputs are poisoned with NaN /
+a sentinel before every kernel, so an element a kernel fails to write cannot pass.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mos_kernels as mk
+from mos_kernels._alloc import poisoned_outputs
+from tests.kernel_cases import DTYPES, SHAPES, make_sessions, random_themes, random_values
+from tests.tolerances import assert_close
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poisoned_outputs():
+        yield
+
+
+def _upcast(t):
+    return t.detach().float().requires_grad_(t.requires_grad)
+
+
+def _pool_route(values, session_offsets, prototypes, backend, top_k=1):
+    pooled, routing = mk.session_pool_route(values, session_offsets, prototypes, temperature=0.2, top_k=top_k,
+                                            backend=backend)
+    return pooled, routing
+
+
+def _loss(pooled, routing, seed=1):
+    """A random linear functional of every differentiable output, so each gradient path is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    w_pooled = torch.randn(pooled.shape, generator=gen).to(pooled.device)
+    w_probs = torch.randn(routing.probs.shape, generator=gen).to(pooled.device)
+    w_scores = torch.randn(routing.scores.shape, generator=gen).to(pooled.device)
+    w_gate = torch.randn(routing.gate.shape, generator=gen).to(pooled.device)
+    return ((pooled.float() * w_pooled).sum() + (routing.probs * w_probs).sum()
+            + (routing.scores * w_scores).sum() * 0.1 + (routing.gate.float() * w_gate).sum())
+
+
+def _assert_same_themes(actual, reference_scores, reference_themes):
+    """Themes agree except on a near-tie of the reference scores (rounding may break it either way)."""
+    differ = (actual != reference_themes).any(dim=1)
+    if differ.any():
+        top = reference_scores[differ].sort(dim=1, descending=True).values
+        k = actual.shape[1]
+        gaps = top[:, k - 1] - top[:, k] if top.shape[1] > k else torch.zeros(0, device=top.device)
+        assert (gaps.abs() < 1e-3).all(), f"themes differ on {int(differ.sum())} sessions that are no ties"
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim,num_themes,top_k", [(13, 1, 1), (32, 3, 2), (16, 16, 1)])
+def test_session_pool_route(shape, dtype, dim, num_themes, top_k, device):
+    lengths, session_len = SHAPES[shape]
+    _, sessions = make_sessions(lengths, session_len, device)
+    so = sessions.session_offsets
+    values = random_values(int(so[-1]), dim, dtype, device).requires_grad_()
+    prototypes = random_values(num_themes, dim, torch.float32, device, seed=3).requires_grad_()
+
+    ref_values, ref_protos = _upcast(values), _upcast(prototypes)
+    ref_pooled, ref_routing = _pool_route(ref_values, so, ref_protos, "reference", top_k)
+    _loss(ref_pooled, ref_routing).backward()
+    pooled, routing = _pool_route(values, so, prototypes, "triton", top_k)
+    _loss(pooled, routing).backward()
+
+    # Routing reads the pooled mean rounded to `dtype`; the fp32 oracle does not round it.
+    assert_close(pooled.float(), ref_pooled, "reduction", dtype=dtype)
+    assert_close(routing.scores, ref_routing.scores, "attention", dtype=dtype)
+    assert_close(routing.probs, ref_routing.probs, "attention", dtype=dtype)
+    _assert_same_themes(routing.themes, ref_routing.scores, ref_routing.themes)
+    assert torch.equal(routing.gate.float(), torch.ones_like(routing.gate.float()))
+    assert_close(values.grad.float(), ref_values.grad, "attention_grad" if dtype == torch.float32 else "attention",
+                 dtype=dtype)
+    assert_close(prototypes.grad, ref_protos.grad, "attention_grad" if dtype == torch.float32 else "attention",
+                 dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_session_pool_alone(shape, device):
+    lengths, session_len = SHAPES[shape]
+    _, sessions = make_sessions(lengths, session_len, device)
+    values = random_values(int(sessions.session_offsets[-1]), 24, torch.float32, device).requires_grad_()
+    ref = mk.session_pool(values, sessions.session_offsets, backend="reference")
+    out = mk.session_pool(values, sessions.session_offsets, backend="triton")
+    assert_close(out, ref, "reduction")
+    weight = torch.randn(ref.shape, device=device)
+    (ref_grad,) = torch.autograd.grad((ref * weight).sum(), values)
+    (grad,) = torch.autograd.grad((out * weight).sum(), values)
+    assert_close(grad, ref_grad, "reduction")
+
+
+def test_empty_sessions_pool_to_zero(device):
+    """Offsets with empty sessions (not produced by sessionize, but valid input) give zeros, no NaN."""
+    session_offsets = torch.tensor([0, 0, 3, 3, 5, 5], device=device)
+    values = random_values(5, 8, torch.float32, device).requires_grad_()
+    prototypes = random_values(4, 8, torch.float32, device, seed=2).requires_grad_()
+    pooled, routing = mk.session_pool_route(values, session_offsets, prototypes, top_k=2, backend="triton")
+    assert torch.equal(pooled[[0, 2, 4]], torch.zeros(3, 8, device=device))
+    assert torch.isfinite(routing.probs).all() and torch.isfinite(routing.scores).all()
+    _loss(pooled, routing).backward()
+    assert torch.isfinite(values.grad).all() and torch.isfinite(prototypes.grad).all()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 2), (16, 1), (5, 5)])
+@pytest.mark.parametrize("capacity", [None, 1, 5])
+def test_theme_dispatch_is_identical(shape, num_themes, top_k, capacity, device):
+    lengths, session_len = SHAPES[shape]
+    _, sessions = make_sessions(lengths, session_len, device)
+    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
+    gate = torch.rand(themes.shape, device=device)
+    args = (themes, gate, sessions.session_offsets, sessions.session_example)
+    kwargs = dict(num_examples=len(lengths), num_themes=num_themes, capacity=capacity)
+    ref = mk.theme_dispatch(*args, backend="reference", **kwargs)
+    out = mk.theme_dispatch(*args, backend="triton", **kwargs)
+    for name in ("gather_index", "row_gate", "inverse_index", "theme_offsets"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+
+
+def test_dispatch_all_sessions_on_one_theme(device):
+    _, sessions = make_sessions([9, 0, 20], 4, device)
+    themes = torch.full((sessions.num_sessions, 1), 2, dtype=torch.int64, device=device)
+    gate = torch.ones(themes.shape, device=device)
+    out = mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
+                            num_examples=3, num_themes=4, backend="triton")
+    assert torch.equal(out.gather_index, torch.arange(29, device=device))
+    assert out.segment_lengths.tolist() == [[0, 0, 0], [0, 0, 0], [9, 0, 20], [0, 0, 0]]
+
+
+def _dispatch_for(lengths, session_len, num_themes, top_k, device, capacity=None):
+    _, sessions = make_sessions(lengths, session_len, device)
+    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
+    gate = torch.rand(themes.shape, device=device) + 0.5
+    return mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
+                             num_examples=len(lengths), num_themes=num_themes, capacity=capacity,
+                             backend="reference")
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["gather", "scatter"])
+@pytest.mark.parametrize("top_k,capacity,gated", [(1, None, True), (2, None, True), (2, 3, True), (1, None, False)])
+def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device):
+    lengths, session_len = SHAPES[shape]
+    dispatch = _dispatch_for(lengths, session_len, 3, top_k, device, capacity)
+    num_tokens, dim = dispatch.inverse_index.shape[0], 19
+    num_in = num_tokens if op == "gather" else dispatch.gather_index.numel()
+    num_out = dispatch.gather_index.numel() if op == "gather" else num_tokens
+    data = random_values(num_in, dim, dtype, device).requires_grad_()
+    gate = dispatch.row_gate.to(dtype).detach().requires_grad_() if gated else None
+    # Weights representable in `dtype`: the kernel's incoming gradient is then exactly the oracle's,
+    # and every result differs from the fp32 oracle by one final rounding at most.
+    weight = random_values(num_out, dim, dtype, device, seed=7).float()
+
+    def run(backend, data, gate):
+        index, inverse = dispatch.gather_index, dispatch.inverse_index
+        if op == "gather":
+            out = mk.theme_gather(data, index, gate, inverse_index=inverse, backend=backend)
+        else:
+            out = mk.theme_scatter(data, index, gate, num_tokens=num_tokens, inverse_index=inverse, backend=backend)
+        (out.float() * weight).sum().backward()
+        return out
+
+    ref_data, ref_gate = _upcast(data), (_upcast(gate) if gated else None)
+    expected = run("reference", ref_data, ref_gate)
+    out = run("triton", data, gate)
+    # A plain gather moves data; everything else rounds once to `dtype`.
+    assert_close(out.float(), expected, "exact" if (op == "gather" and not gated) else "reduction", dtype=dtype)
+    assert_close(data.grad.float(), ref_data.grad, "reduction", dtype=dtype)
+    if gated:
+        assert_close(gate.grad.float(), ref_gate.grad, "reduction", dtype=dtype)
+
+
+def test_gather_without_inverse_builds_it(device):
+    """Without inverse_index the Triton path builds one (a documented sync) and gives the same result."""
+    values = random_values(11, 8, torch.float32, device).requires_grad_()
+    index = torch.tensor([3, 3, 0, 10, 3, 5], device=device)
+    out = mk.theme_gather(values, index, backend="triton")
+    assert torch.equal(out, values.detach()[index])
+    out.sum().backward()
+    assert values.grad[:, 0].tolist() == [1, 0, 0, 3, 0, 1, 0, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
+@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, 3)])
+def test_layer_triton_equals_reference(encoder, top_k, capacity, device):
+    from mos import MoSConfig, MoSLayer
+
+    config = dict(dim=16, num_heads=2, num_themes=4, session_len=3, encoder=encoder, top_k=top_k, capacity=capacity)
+    torch.manual_seed(0)
+    reference = MoSLayer(MoSConfig(backend="reference", **config)).to(device)
+    triton_layer = MoSLayer(MoSConfig(backend="triton", **config)).to(device)
+    triton_layer.load_state_dict(reference.state_dict())
+    offsets = mk.offsets_from_lengths(torch.tensor([0, 9, 1, 14, 0], device=device))
+    values = random_values(24, 16, torch.float32, device)
+    target = random_values(5, 16, torch.float32, device, seed=1)
+    outs = []
+    for layer in (reference, triton_layer):
+        x = values.clone().requires_grad_()
+        out = layer(x, target, offsets)
+        (out.output.square().sum() + out.aux_loss).backward()
+        outs.append((out.output, x.grad, layer.prototypes.grad))
+    for got, want in zip(outs[1], outs[0]):
+        assert_close(got, want, "layer")
