@@ -44,6 +44,9 @@ class MoSConfig:
     load_balance_weight: float = 0.01
     dropout: float = 0.0
     backend: str = "auto"            # kernel backend: "auto" | "reference" | "triton"
+    # Check the inputs' data (finite values, monotone offsets, time order) on every forward:
+    # one pass over the inputs and a device sync. Turn off in production once the pipeline is trusted.
+    validate_inputs: bool = True
 
     def __post_init__(self):
         check_positive("MoSConfig.dim", self.dim)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels._checks import check_tensor, check_values
+from mos_kernels._checks import check_offsets, check_tensor, check_values
 from mos_kernels.backend import op_backend
 from mos_kernels.jagged import max_segment_length, offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
@@ -80,20 +80,29 @@ class MoSLayer(nn.Module):
                 lengths: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
                 max_len: Optional[int] = None) -> MoSOutput:
         cfg = self.config
-        values, offsets, timestamps = _as_jagged(values, offsets, lengths, timestamps)
-        check_values("values", values, dim=cfg.dim)
-        check_values("target", target, dim=cfg.dim)
-        num_examples = offsets.numel() - 1
-        if target.shape[0] != num_examples:
-            raise ValueError(f"target: expected {num_examples} rows (one per example), got {target.shape[0]}")
+        with mk.data_checks(cfg.validate_inputs):
+            values, offsets, timestamps = _as_jagged(values, offsets, lengths, timestamps)
+            check_values("values", values, dim=cfg.dim)
+            check_values("target", target, dim=cfg.dim)
+            check_offsets("offsets", offsets, total=values.shape[0], device=values.device)
+            num_examples = offsets.numel() - 1
+            if target.shape[0] != num_examples:
+                raise ValueError(f"target: expected {num_examples} rows (one per example), got {target.shape[0]}")
+            sessions = mk.sessionize(offsets, mode=cfg.session_mode, session_len=cfg.session_len,
+                                     timestamps=timestamps, gap_seconds=cfg.gap_seconds,
+                                     max_session_len=cfg.max_session_len)
         if max_len is None:
             max_len = max_segment_length(offsets)
-        backend = cfg.backend
+        # Everything below is built by this layer from checked inputs: no second data check.
+        with mk.data_checks(False):
+            return self._experts_and_fusion(values, target, offsets, sessions, max_len)
 
-        # Steps 1-3: sessions, pooled sessions, routing.
-        sessions = mk.sessionize(offsets, mode=cfg.session_mode, session_len=cfg.session_len,
-                                 timestamps=timestamps, gap_seconds=cfg.gap_seconds,
-                                 max_session_len=cfg.max_session_len)
+    def _experts_and_fusion(self, values, target, offsets, sessions, max_len) -> MoSOutput:
+        cfg = self.config
+        backend = cfg.backend
+        num_examples = offsets.numel() - 1
+
+        # Steps 2-3: pooled sessions, routing.
         pooled, routing = mk.session_pool_route(values, sessions.session_offsets, self.prototypes,
                                                 temperature=cfg.temperature, top_k=cfg.top_k,
                                                 backend=op_backend(backend, "session_pool_route"))
@@ -101,7 +110,7 @@ class MoSLayer(nn.Module):
         dispatch = mk.theme_dispatch(routing.themes, routing.gate, sessions.session_offsets,
                                      sessions.session_example, num_examples=num_examples,
                                      num_themes=cfg.num_themes, capacity=cfg.capacity,
-                                     backend=op_backend(backend, "theme_dispatch"))
+                                     num_tokens=values.shape[0], backend=op_backend(backend, "theme_dispatch"))
         # Step 5: experts. A theme subsequence is never longer than its example.
         theme_len = max_len if cfg.capacity is None else min(max_len, cfg.capacity)
         e_theme = self.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,

@@ -4,6 +4,7 @@ Every op takes `backend=`: "reference" (pure PyTorch, the correctness oracle), "
 or "auto" (fastest available for the tensors' device). Data layout: jagged values [N, ...]
 with int64 offsets [G+1]; see ../shared/design/kernels.md.
 """
+from ._checks import data_checks
 from .expert_attention import expert_target_attention, jagged_self_attention
 from .grouped_linear import grouped_linear
 from .jagged import (jagged_to_padded, lengths_from_offsets, offsets_from_lengths, padded_to_jagged,
@@ -15,7 +16,7 @@ from .theme_gather import theme_gather, theme_scatter
 from .theme_route import Routing, theme_route
 
 __all__ = [
-    "Dispatch", "Routing", "Sessions", "expert_target_attention", "grouped_linear", "jagged_self_attention",
+    "data_checks", "Dispatch", "Routing", "Sessions", "expert_target_attention", "grouped_linear", "jagged_self_attention",
     "jagged_to_padded", "lengths_from_offsets", "offsets_from_lengths", "padded_to_jagged",
     "positions_in_segment", "segment_ids", "session_pool", "session_pool_route", "sessionize", "theme_dispatch", "theme_gather",
     "theme_route", "theme_scatter",

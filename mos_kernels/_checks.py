@@ -2,12 +2,37 @@
 
 Each raises with the argument's name, what was expected and what came, so that a user
 reading the message alone knows which call to fix.
+
+Two kinds: checks of types, ranks, shapes and devices cost nothing and always run; checks
+that read the data (NaN/inf scans, offsets monotone, index ranges) cost a pass over the
+tensor and a device sync, so they can be switched off with `data_checks(False)` where the
+data are already known good (the layer checks its inputs once, then runs its ops without;
+the benchmarks time kernels without). They are also skipped while torch.compile traces.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+_data_checks = True
+
+
+@contextlib.contextmanager
+def data_checks(enabled: bool):
+    """Turn the data-reading checks on or off inside a block (not thread-safe: process-wide)."""
+    global _data_checks
+    previous, _data_checks = _data_checks, enabled
+    try:
+        yield
+    finally:
+        _data_checks = previous
+
+
+def reads_data() -> bool:
+    """True where data-reading checks should run."""
+    return _data_checks and not torch.compiler.is_compiling()
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:
@@ -43,7 +68,7 @@ def check_values(name: str, t: torch.Tensor, *, dim: Optional[int] = None) -> No
     check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES)
     if dim is not None and t.shape[1] != dim:
         raise ValueError(f"{name}: expected {dim} columns, got shape {tuple(t.shape)}")
-    if not torch.compiler.is_compiling() and t.numel() and not bool(torch.isfinite(t).all()):
+    if reads_data() and t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
 
@@ -52,7 +77,7 @@ def check_offsets(name: str, offsets, total: Optional[int] = None, device=None) 
     check_tensor(name, offsets, ndim=1, dtypes=(torch.int64,), device=device)
     if offsets.numel() < 1:
         raise ValueError(f"{name}: expected at least one entry (offsets[0] == 0), got an empty tensor")
-    if torch.compiler.is_compiling():
+    if not reads_data():
         return
     first = int(offsets[0])
     if first != 0:

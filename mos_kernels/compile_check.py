@@ -23,6 +23,8 @@ from typing import Dict, List, Tuple
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 BLOCK_D = (16, 32, 64, 128, 256)       # next_power_of_2(d) for d in 9..256
 THEME_BLOCKS = ((2, 1), (8, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # (BLOCK_K, TOP_K)
+POOL_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16): tl.dot needs 16
+POOL_THEME_BLOCKS = ((16, 1), (16, 2), (16, 4), (32, 2), (64, 8))   # max(next_power_of_2(K), 16)
 
 KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather")
 Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
@@ -30,23 +32,22 @@ Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signatur
 
 def _pool_route_configs() -> List[Config]:
     out = []
-    for (dtype, ptr), block_d in itertools.product(DTYPES.items(), BLOCK_D):
-        for route, (block_k, top_k) in [(False, (2, 1))] + [(True, tk) for tk in THEME_BLOCKS]:
-            if route and dtype != "bf16" and (block_k, top_k) != (8, 1):
+    for (dtype, ptr), block_d in itertools.product(DTYPES.items(), POOL_BLOCK_D):
+        for route, (block_k, top_k) in [(False, (16, 1))] + [(True, tk) for tk in POOL_THEME_BLOCKS]:
+            if route and dtype != "bf16" and (block_k, top_k) != (16, 1):
                 continue   # the theme blocks do not interact with the value dtype
+            blocks = {"BLOCK_S": 16, "BLOCK_T": 64, "BLOCK_D": block_d, "BLOCK_K": block_k}
             fwd_sig = {"values_ptr": ptr, "offsets_ptr": "*i64", "protos_ptr": "*fp32", "pooled_ptr": ptr,
-                       "scores_ptr": "*fp32", "probs_ptr": "*fp32", "themes_ptr": "*i64", "dim": "i32",
-                       "num_themes": "i32", "inv_temperature": "fp32", "eps": "fp32"}
-            fwd_const = {"BLOCK_T": 16, "BLOCK_D": block_d, "BLOCK_K": block_k, "TOP_K": top_k, "ROUTE": route}
-            out.append(("_pool_route_fwd", fwd_sig, fwd_const))
+                       "scores_ptr": "*fp32", "probs_ptr": "*fp32", "themes_ptr": "*i64", "num_sessions": "i32",
+                       "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32", "eps": "fp32"}
+            out.append(("_pool_route_fwd", fwd_sig, {**blocks, "TOP_K": top_k, "ROUTE": route}))
+            if top_k > 1 and (block_k, 1) in POOL_THEME_BLOCKS:
+                continue   # the backward has no TOP_K: the (BLOCK_K, 1) entry covers it
             bwd_sig = {"g_pooled_ptr": ptr, "pooled_ptr": ptr, "g_scores_ptr": "*fp32", "g_probs_ptr": "*fp32",
                        "probs_ptr": "*fp32", "protos_ptr": "*fp32", "offsets_ptr": "*i64", "g_values_ptr": ptr,
-                       "g_scores_total_ptr": "*fp32", "dim": "i32", "num_themes": "i32",
+                       "g_scores_total_ptr": "*fp32", "num_sessions": "i32", "dim": "i32", "num_themes": "i32",
                        "inv_temperature": "fp32", "eps": "fp32"}
-            bwd_const = {"BLOCK_T": 16, "BLOCK_D": block_d, "BLOCK_K": block_k, "ROUTE": route}
-            if (block_k, top_k) == (8, 2):
-                continue   # the backward has no TOP_K: (8, 1) already covers BLOCK_K = 8
-            out.append(("_pool_route_bwd", bwd_sig, bwd_const))
+            out.append(("_pool_route_bwd", bwd_sig, {**blocks, "ROUTE": route}))
     return out
 
 
@@ -59,8 +60,9 @@ def _dispatch_configs() -> List[Config]:
     for top_k, capacity in itertools.product((1, 2, 4, 8), (False, True)):
         sig = {"themes_ptr": "*i64", "session_offsets_ptr": "*i64", "session_example_ptr": "*i64",
                "rank_ptr": "*i64", "counts_ptr": "*i64", "theme_offsets_ptr": "*i64", "gather_index_ptr": "*i64",
-               "row_source_ptr": "*i64", "inverse_ptr": "*i64", "num_examples": "i32", "capacity": "i32"}
-        out.append(("_dispatch_fill", sig, {"BLOCK_T": 32, "TOP_K": top_k, "HAS_CAPACITY": capacity}))
+               "row_source_ptr": "*i64", "inverse_ptr": "*i64", "num_sessions": "i32", "num_examples": "i32",
+               "capacity": "i32"}
+        out.append(("_dispatch_fill", sig, {"BLOCK_S": 32, "BLOCK_T": 128, "TOP_K": top_k, "HAS_CAPACITY": capacity}))
     return out
 
 
@@ -89,8 +91,9 @@ def all_configs() -> List[Config]:
 def _kernels():
     # Modules by path: the package re-exports functions under the same names.
     modules = [importlib.import_module(f"mos_kernels.{name}") for name in KERNEL_MODULES]
-    return {name: getattr(m, name) for m in modules for name in dir(m)
-            if name.startswith("_") and type(getattr(m, name)).__name__ == "JITFunction"}
+    # A launched kernel reads its program id; @triton.jit helpers it calls are compiled inside it.
+    return {name: fn for m in modules for name, fn in vars(m).items()
+            if type(fn).__name__ == "JITFunction" and "program_id" in fn.src}
 
 
 def compile_one(config: Config) -> Tuple[str, float, str]:

@@ -66,9 +66,11 @@ def _segment_attention(query, keys, values, segment_offsets, num_heads):
     head_dim = dim // num_heads
     seg = segment_ids(segment_offsets, keys.shape[0])
     q = query.view(num_segments, num_heads, head_dim)[seg]
-    scores = (q * keys.view(-1, num_heads, head_dim)).sum(-1).float() / math.sqrt(head_dim)
+    # Softmax in fp32 at least (float64 stays float64: the reference is the float64 oracle too).
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scores = (q * keys.view(-1, num_heads, head_dim)).sum(-1).to(acc) / math.sqrt(head_dim)
     # The max is only a stabiliser (it cancels), so no gradient flows through it.
-    seg_max = torch.full((num_segments, num_heads), -math.inf, device=scores.device)
+    seg_max = torch.full((num_segments, num_heads), -math.inf, dtype=acc, device=scores.device)
     seg_max = seg_max.scatter_reduce(0, seg[:, None].expand_as(scores), scores.detach(), "amax")
     weights = torch.exp(scores - seg_max[seg])
     denom = weights.new_zeros((num_segments, num_heads)).index_add(0, seg, weights)
@@ -105,7 +107,8 @@ def _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_le
         padded = jagged_to_padded(x, segment_offsets, max_len)
         return padded.view(num_segments, max_len, num_heads, head_dim).transpose(1, 2)
 
-    scores = heads(q).float() @ heads(k).float().transpose(-1, -2) / math.sqrt(head_dim)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = heads(q).to(acc) @ heads(k).to(acc).transpose(-1, -2) / math.sqrt(head_dim)
     lengths = segment_offsets[1:] - segment_offsets[:-1]
     pos = torch.arange(max_len, device=q.device)
     allowed = pos[None, None, :] < lengths[:, None, None]            # key is a real row

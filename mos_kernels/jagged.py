@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_offsets, check_tensor
+from ._checks import check_offsets, check_tensor, reads_data
 
 
 def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
     if values.shape[0] == 0:
         return out
     pos = positions_in_segment(offsets, values.shape[0])
-    if not torch.compiler.is_compiling() and int(pos.max()) >= max_len:
+    if reads_data() and int(pos.max()) >= max_len:
         raise ValueError(f"max_len: expected at least the longest segment ({int(pos.max()) + 1}), got {max_len}")
     out[segment_ids(offsets, values.shape[0]), pos] = values
     return out
@@ -68,7 +68,7 @@ def padded_to_jagged(padded: torch.Tensor, lengths: torch.Tensor):
         raise TypeError(f"lengths: expected an integer tensor, got {lengths.dtype}")
     if lengths.numel() != padded.shape[0]:
         raise ValueError(f"lengths: expected {padded.shape[0]} entries (one per row of padded), got {lengths.numel()}")
-    if lengths.numel() and not torch.compiler.is_compiling():
+    if lengths.numel() and reads_data():
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > padded.shape[1]:
             raise ValueError(f"lengths: expected values in [0, {padded.shape[1]}], got min {lo}, max {hi}")

@@ -6,7 +6,7 @@ the routing of every session, in one pass over the token rows: the fused Triton 
 each row once and never writes the pooled rows twice.
 
 Reference: pure PyTorch (`_session_pool_reference` + `theme_route`'s reference).
-Triton: `_pool_route_fwd` (one program per session) and `_pool_route_bwd`, registered as the
+Triton: `_pool_route_fwd` (one program per block of sessions) and `_pool_route_bwd`, registered as the
 custom ops mos::session_pool_route and mos::session_pool_route_backward, with FLOP formulas.
 """
 from __future__ import annotations
@@ -23,10 +23,6 @@ from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, 
 from .backend import resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
 from .theme_route import NORM_EPS, Routing, _theme_route_reference, normalized, straight_through_gate
-
-# Rows read per loop step of a session program: sessions are short (8-64 rows), so one or two steps.
-_BLOCK_T = 16
-
 
 def session_pool(values: torch.Tensor, session_offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """values [T, d] + session_offsets [S+1] -> [S, d] means; an empty session pools to zeros."""
@@ -74,83 +70,122 @@ def _session_pool_reference(values: torch.Tensor, session_offsets: torch.Tensor)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+#
+# One program per block of BLOCK_S consecutive sessions. Their rows are contiguous, so the
+# program streams them in BLOCK_T-row tiles and adds each tile into its sessions with a
+# one-hot matrix product (membership [BLOCK_S, BLOCK_T] @ rows [BLOCK_T, d]). That keeps
+# every load a full tile however short the sessions are (a program per session would leave
+# most of each tile masked and launch a program per 8 rows). The one-hot product is exact:
+# products with 1 and 0, accumulated in fp32 (fp32 inputs use the IEEE path, not TF32).
+
+@triton.jit
+def _session_membership(rows, starts, ends):
+    return (rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None])
+
 
 @triton.jit
 def _pool_route_fwd(values_ptr, offsets_ptr, protos_ptr, pooled_ptr, scores_ptr, probs_ptr, themes_ptr,
-                    dim, num_themes, inv_temperature, eps,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                    num_sessions, dim, num_themes, inv_temperature, eps,
+                    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                     TOP_K: tl.constexpr, ROUTE: tl.constexpr):
-    s = tl.program_id(0)
-    start = tl.load(offsets_ptr + s)
-    end = tl.load(offsets_ptr + s + 1)
+    block = tl.program_id(0) * BLOCK_S
+    sessions = block + tl.arange(0, BLOCK_S)
+    s_ok = sessions < num_sessions
+    starts = tl.load(offsets_ptr + sessions, mask=s_ok, other=0)
+    ends = tl.load(offsets_ptr + sessions + 1, mask=s_ok, other=0)
+    first = tl.load(offsets_ptr + block)
+    last = tl.load(offsets_ptr + tl.minimum(block + BLOCK_S, num_sessions))
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for row0 in range(start, end, BLOCK_T):
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for row0 in range(first, last, BLOCK_T):
         rows = row0 + tl.arange(0, BLOCK_T)
         x = tl.load(values_ptr + rows[:, None] * dim + cols[None, :],
-                    mask=(rows < end)[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32), axis=0)
-    mean = acc / tl.maximum((end - start).to(tl.float32), 1.0)
+                    mask=(rows < last)[:, None] & col_ok[None, :], other=0.0)
+        member = _session_membership(rows, starts, ends).to(x.dtype)
+        acc += tl.dot(member, x, input_precision="ieee")
+    mean = acc / tl.maximum((ends - starts).to(tl.float32), 1.0)[:, None]
     pooled = mean.to(pooled_ptr.dtype.element_ty)
-    tl.store(pooled_ptr + s * dim + cols, pooled, mask=col_ok)
+    tl.store(pooled_ptr + sessions[:, None] * dim + cols[None, :], pooled, mask=s_ok[:, None] & col_ok[None, :])
     if ROUTE:
         # Route on the stored (rounded) mean, exactly what the reference routes on.
         h = pooled.to(tl.float32)
-        unit = h / tl.maximum(tl.sqrt(tl.sum(h * h, axis=0)), eps)
+        unit = h / tl.maximum(tl.sqrt(tl.sum(h * h, axis=1)), eps)[:, None]
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < num_themes
         c = tl.load(protos_ptr + ks[:, None] * dim + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        scores = tl.sum(c * unit[None, :], axis=1) * inv_temperature
-        scores = tl.where(k_ok, scores, float("-inf"))
-        e = tl.where(k_ok, tl.exp(scores - tl.max(scores, axis=0)), 0.0)
-        probs = e / tl.sum(e, axis=0)
-        tl.store(scores_ptr + s * num_themes + ks, scores, mask=k_ok)
-        tl.store(probs_ptr + s * num_themes + ks, probs, mask=k_ok)
+        scores = tl.dot(unit, tl.trans(c), input_precision="ieee") * inv_temperature
+        scores = tl.where(k_ok[None, :], scores, float("-inf"))
+        e = tl.where(k_ok[None, :], tl.exp(scores - tl.max(scores, axis=1)[:, None]), 0.0)
+        probs = e / tl.sum(e, axis=1)[:, None]
+        out_mask = s_ok[:, None] & k_ok[None, :]
+        tl.store(scores_ptr + sessions[:, None] * num_themes + ks[None, :], scores, mask=out_mask)
+        tl.store(probs_ptr + sessions[:, None] * num_themes + ks[None, :], probs, mask=out_mask)
         # Top-k by repeated argmax; ties go to the lower theme index, as in the reference.
         remaining = scores
         for j in tl.static_range(TOP_K):
-            best = tl.argmax(remaining, axis=0)
-            tl.store(themes_ptr + s * TOP_K + j, best.to(tl.int64))
-            remaining = tl.where(ks == best, float("-inf"), remaining)
+            best = tl.argmax(remaining, axis=1)
+            tl.store(themes_ptr + sessions * TOP_K + j, best.to(tl.int64), mask=s_ok)
+            remaining = tl.where(ks[None, :] == best[:, None], float("-inf"), remaining)
 
 
 @triton.jit
 def _pool_route_bwd(g_pooled_ptr, pooled_ptr, g_scores_ptr, g_probs_ptr, probs_ptr, protos_ptr, offsets_ptr,
-                    g_values_ptr, g_scores_total_ptr, dim, num_themes, inv_temperature, eps,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ROUTE: tl.constexpr):
-    s = tl.program_id(0)
-    start = tl.load(offsets_ptr + s)
-    end = tl.load(offsets_ptr + s + 1)
+                    g_values_ptr, g_scores_total_ptr, num_sessions, dim, num_themes, inv_temperature, eps,
+                    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                    ROUTE: tl.constexpr):
+    block = tl.program_id(0) * BLOCK_S
+    sessions = block + tl.arange(0, BLOCK_S)
+    s_ok = sessions < num_sessions
+    starts = tl.load(offsets_ptr + sessions, mask=s_ok, other=0)
+    ends = tl.load(offsets_ptr + sessions + 1, mask=s_ok, other=0)
+    first = tl.load(offsets_ptr + block)
+    last = tl.load(offsets_ptr + tl.minimum(block + BLOCK_S, num_sessions))
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim
-    g_h = tl.load(g_pooled_ptr + s * dim + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tile_mask = s_ok[:, None] & col_ok[None, :]
+    g_h = tl.load(g_pooled_ptr + sessions[:, None] * dim + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     if ROUTE:
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < num_themes
-        p = tl.load(probs_ptr + s * num_themes + ks, mask=k_ok, other=0.0)
-        g_p = tl.load(g_probs_ptr + s * num_themes + ks, mask=k_ok, other=0.0)
-        g_s = tl.load(g_scores_ptr + s * num_themes + ks, mask=k_ok, other=0.0)
-        g_s += p * (g_p - tl.sum(p * g_p, axis=0))          # softmax backward
-        tl.store(g_scores_total_ptr + s * num_themes + ks, g_s, mask=k_ok)
+        k_mask = s_ok[:, None] & k_ok[None, :]
+        k_offs = sessions[:, None] * num_themes + ks[None, :]
+        p = tl.load(probs_ptr + k_offs, mask=k_mask, other=0.0)
+        g_p = tl.load(g_probs_ptr + k_offs, mask=k_mask, other=0.0)
+        g_s = tl.load(g_scores_ptr + k_offs, mask=k_mask, other=0.0)
+        g_s += p * (g_p - tl.sum(p * g_p, axis=1)[:, None])          # softmax backward
+        tl.store(g_scores_total_ptr + k_offs, g_s, mask=k_mask)
         c = tl.load(protos_ptr + ks[:, None] * dim + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        g_unit = tl.sum(g_s[:, None] * c, axis=0) * inv_temperature
-        h = tl.load(pooled_ptr + s * dim + cols, mask=col_ok, other=0.0).to(tl.float32)
-        norm = tl.sqrt(tl.sum(h * h, axis=0))
+        g_unit = tl.dot(g_s, c, input_precision="ieee") * inv_temperature
+        h = tl.load(pooled_ptr + sessions[:, None] * dim + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        norm = tl.sqrt(tl.sum(h * h, axis=1))[:, None]
         # Backward of h / max(|h|, eps): project out the radial part, unless clamped by eps.
         unit = h / tl.maximum(norm, eps)
-        g_h += tl.where(norm > eps, (g_unit - unit * tl.sum(unit * g_unit, axis=0)) / tl.maximum(norm, eps),
-                        g_unit / eps)
-    g_row = (g_h / tl.maximum((end - start).to(tl.float32), 1.0)).to(g_values_ptr.dtype.element_ty)
-    for row0 in range(start, end, BLOCK_T):
+        radial = tl.sum(unit * g_unit, axis=1)[:, None]
+        g_h += tl.where(norm > eps, (g_unit - unit * radial) / tl.maximum(norm, eps), g_unit / eps)
+    count = (ends - starts).to(tl.float32)[:, None]
+    # An empty session has no rows to receive its gradient; zero it so that a huge value
+    # (a zero mean hits the eps branch) cannot turn into inf * 0 = NaN in the one-hot product.
+    g_row = tl.where(count > 0, g_h / tl.maximum(count, 1.0), 0.0).to(g_values_ptr.dtype.element_ty)
+    for row0 in range(first, last, BLOCK_T):
         rows = row0 + tl.arange(0, BLOCK_T)
-        tl.store(g_values_ptr + rows[:, None] * dim + cols[None, :],
-                 tl.broadcast_to(g_row[None, :], (BLOCK_T, BLOCK_D)),
-                 mask=(rows < end)[:, None] & col_ok[None, :])
+        member = _session_membership(rows, starts, ends).to(g_row.dtype)
+        g_x = tl.dot(tl.trans(member), g_row, input_precision="ieee")   # each row takes its session's value
+        tl.store(g_values_ptr + rows[:, None] * dim + cols[None, :], g_x.to(g_values_ptr.dtype.element_ty),
+                 mask=(rows < last)[:, None] & col_ok[None, :])
+
+
+# tl.dot needs every block dimension >= 16.
+_BLOCK_S = 16
+_BLOCK_T = 64
+
+
+def _block_d(dim: int) -> int:
+    return max(triton.next_power_of_2(dim), 16)
 
 
 def _block_k(num_themes: int) -> int:
-    return max(triton.next_power_of_2(max(num_themes, 1)), 2)
+    return max(triton.next_power_of_2(max(num_themes, 1)), 16)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -169,10 +204,10 @@ def _session_pool_route_op(values: torch.Tensor, session_offsets: torch.Tensor, 
     probs = new_output((num_sessions, num_themes), dtype=torch.float32, device=device)
     themes = new_output((num_sessions, top_k), dtype=torch.int64, device=device)
     if num_sessions:
-        _pool_route_fwd[(num_sessions,)](
+        _pool_route_fwd[(triton.cdiv(num_sessions, _BLOCK_S),)](
             values, session_offsets, prototypes.contiguous(), pooled, scores, probs, themes,
-            dim, num_themes, inv_temperature, NORM_EPS,
-            BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(dim), BLOCK_K=_block_k(num_themes),
+            num_sessions, dim, num_themes, inv_temperature, NORM_EPS,
+            BLOCK_S=_BLOCK_S, BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(num_themes),
             TOP_K=max(top_k, 1), ROUTE=num_themes > 0)
     return pooled, scores, probs, themes
 
@@ -196,11 +231,11 @@ def _session_pool_route_backward_op(g_pooled: torch.Tensor, g_scores: torch.Tens
     g_values = new_output(values.shape, dtype=values.dtype, device=values.device)
     g_scores_total = new_output((num_sessions, num_themes), dtype=torch.float32, device=values.device)
     if num_sessions:
-        _pool_route_bwd[(num_sessions,)](
+        _pool_route_bwd[(triton.cdiv(num_sessions, _BLOCK_S),)](
             g_pooled.contiguous(), pooled, g_scores.contiguous(), g_probs.contiguous(), probs,
             prototypes.contiguous(), session_offsets, g_values, g_scores_total,
-            dim, num_themes, inv_temperature, NORM_EPS,
-            BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(dim), BLOCK_K=_block_k(num_themes),
+            num_sessions, dim, num_themes, inv_temperature, NORM_EPS,
+            BLOCK_S=_BLOCK_S, BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(num_themes),
             ROUTE=num_themes > 0)
     return g_values, g_scores_total
 

@@ -10,7 +10,7 @@ Triton: a stable counting sort in two integer passes, no atomics, deterministic:
   1. `_dispatch_count`, one program per example: scans its sessions in time order and gives
      every (session, choice) its rank inside its (theme, example) segment, and the counts;
   2. an exclusive prefix sum of the counts (torch.cumsum) gives the segment starts;
-  3. `_dispatch_fill`, one program per session: writes its rows at start + rank.
+  3. `_dispatch_fill`, one program per block of sessions: writes each row at start + rank.
 Sizes: without `capacity` T' = T * top_k is known up front (no sync); with it the kept row
 count is read back from the device once (documented sync).
 """
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import new_output
-from ._checks import check_offsets, check_positive, check_tensor
+from ._checks import check_offsets, check_positive, check_tensor, reads_data
 from .backend import resolve_backend
 from .jagged import offsets_from_lengths, segment_ids
 
@@ -53,11 +53,13 @@ class Dispatch:
 
 def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: torch.Tensor,
                    session_example: torch.Tensor, *, num_examples: int, num_themes: int,
-                   capacity: Optional[int] = None, backend: str = "auto") -> Dispatch:
+                   capacity: Optional[int] = None, num_tokens: Optional[int] = None,
+                   backend: str = "auto") -> Dispatch:
     """Route every token of session s to themes[s, :] with gate[s, :].
 
     Sessions must be ordered by example (as `sessionize` makes them). capacity: keep at most
-    this many most recent tokens per (theme, example) subsequence.
+    this many most recent tokens per (theme, example) subsequence. num_tokens: T
+    (= session_offsets[-1]); pass it to avoid reading it back from the device.
     """
     check_tensor("themes", themes, ndim=2, dtypes=(torch.int64,))
     num_sessions, top_k = themes.shape
@@ -77,7 +79,7 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
         raise ValueError(f"num_examples: expected a count >= 0, got {num_examples}")
     if capacity is not None:
         check_positive("capacity", capacity)
-    if num_sessions and not torch.compiler.is_compiling():
+    if num_sessions and reads_data():
         lo, hi = int(themes.min()), int(themes.max())
         if lo < 0 or hi >= num_themes:
             raise ValueError(f"themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
@@ -86,7 +88,10 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
             raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
         if num_sessions > 1 and bool((session_example[1:] < session_example[:-1]).any()):
             raise ValueError("session_example: expected sessions ordered by example (non-decreasing), got a step back")
-    num_tokens = int(session_offsets[-1]) if not torch.compiler.is_compiling() else None
+    if num_tokens is None:
+        num_tokens = int(session_offsets[-1])
+    elif reads_data() and int(session_offsets[-1]) != num_tokens:
+        raise ValueError(f"num_tokens: expected session_offsets[-1] = {int(session_offsets[-1])}, got {num_tokens}")
     if resolve_backend(backend, themes, "theme_dispatch") == "triton":
         example_session_offsets = offsets_from_lengths(torch.bincount(session_example, minlength=num_examples))
         gather_index, row_source, inverse_index, theme_offsets = torch.ops.mos.theme_dispatch(
@@ -94,14 +99,14 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
             capacity or 0)
     else:
         gather_index, row_source, inverse_index, theme_offsets = _theme_dispatch_reference(
-            themes, session_offsets, session_example, num_examples, num_themes, capacity)
+            themes, session_offsets, session_example, num_examples, num_themes, capacity, num_tokens)
     row_gate = gate.reshape(-1)[row_source]
     return Dispatch(gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index,
                     theme_offsets=theme_offsets, num_examples=num_examples, num_themes=num_themes)
 
 
-def _theme_dispatch_reference(themes, session_offsets, session_example, num_examples, num_themes, capacity):
-    num_tokens = int(session_offsets[-1])
+def _theme_dispatch_reference(themes, session_offsets, session_example, num_examples, num_themes, capacity,
+                              num_tokens):
     top_k = themes.shape[1]
     token_session = segment_ids(session_offsets, num_tokens)
     # Candidate rows in (token, choice) order: stable sorting by segment key keeps time order.
@@ -151,33 +156,43 @@ def _dispatch_count(themes_ptr, session_offsets_ptr, example_session_offsets_ptr
 
 @triton.jit
 def _dispatch_fill(themes_ptr, session_offsets_ptr, session_example_ptr, rank_ptr, counts_ptr, theme_offsets_ptr,
-                   gather_index_ptr, row_source_ptr, inverse_ptr, num_examples, capacity,
-                   BLOCK_T: tl.constexpr, TOP_K: tl.constexpr, HAS_CAPACITY: tl.constexpr):
-    s = tl.program_id(0)
-    start = tl.load(session_offsets_ptr + s)
-    end = tl.load(session_offsets_ptr + s + 1)
-    b = tl.load(session_example_ptr + s)
+                   gather_index_ptr, row_source_ptr, inverse_ptr, num_sessions, num_examples, capacity,
+                   BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, TOP_K: tl.constexpr,
+                   HAS_CAPACITY: tl.constexpr):
+    # One program per block of BLOCK_S sessions, whose rows are contiguous: it streams them in
+    # full BLOCK_T tiles and finds each row's session by comparing it with the block's bounds.
+    block = tl.program_id(0) * BLOCK_S
+    sessions = block + tl.arange(0, BLOCK_S)
+    s_ok = sessions < num_sessions
+    starts = tl.load(session_offsets_ptr + sessions, mask=s_ok, other=0)
+    ends = tl.load(session_offsets_ptr + sessions + 1, mask=s_ok, other=0)
+    first = tl.load(session_offsets_ptr + block)
+    last = tl.load(session_offsets_ptr + tl.minimum(block + BLOCK_S, num_sessions))
+    example = tl.load(session_example_ptr + sessions, mask=s_ok, other=0)
     for j in tl.static_range(TOP_K):
-        key = tl.load(themes_ptr + s * TOP_K + j) * num_examples + b
-        segment_start = tl.load(theme_offsets_ptr + key)
-        first_rank = tl.load(rank_ptr + s * TOP_K + j)
-        dropped = 0
+        key = tl.load(themes_ptr + sessions * TOP_K + j, mask=s_ok, other=0) * num_examples + example
+        # Row r of session s has rank first_rank[s] + (r - start[s]) inside segment `key`.
+        rank_shift = tl.load(rank_ptr + sessions * TOP_K + j, mask=s_ok, other=0) - starts
         if HAS_CAPACITY:
             # Capacity keeps the newest rows: the oldest count - capacity ranks are dropped.
-            dropped = tl.maximum(tl.load(counts_ptr + key) - capacity, 0)
-        for row0 in range(start, end, BLOCK_T):
+            rank_shift -= tl.maximum(tl.load(counts_ptr + key, mask=s_ok, other=0) - capacity, 0)
+        dest_shift = tl.load(theme_offsets_ptr + key, mask=s_ok, other=0) + rank_shift
+        for row0 in range(first, last, BLOCK_T):
             rows = row0 + tl.arange(0, BLOCK_T)
-            in_session = rows < end
-            rank = first_rank + rows - start
-            keep = in_session & (rank >= dropped)
-            dest = segment_start + rank - dropped
+            in_block = rows < last
+            member = (rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None])
+            row_rank = tl.sum(tl.where(member, rank_shift[:, None], 0), axis=0) + rows
+            dest = tl.sum(tl.where(member, dest_shift[:, None], 0), axis=0) + rows
+            source = tl.sum(tl.where(member, sessions[:, None], 0), axis=0) * TOP_K + j
+            keep = in_block & (row_rank >= 0)
             tl.store(gather_index_ptr + dest, rows, mask=keep)
-            tl.store(row_source_ptr + dest, tl.zeros_like(rows) + s * TOP_K + j, mask=keep)
-            tl.store(inverse_ptr + rows * TOP_K + j, tl.where(keep, dest, -1), mask=in_session)
+            tl.store(row_source_ptr + dest, source, mask=keep)
+            tl.store(inverse_ptr + rows * TOP_K + j, tl.where(keep, dest, -1), mask=in_block)
 
 
-_BLOCK_S = 64
-_BLOCK_T = 32
+_COUNT_BLOCK_S = 64   # sessions per step of an example's scan
+_FILL_BLOCK_S = 32    # sessions per fill program
+_FILL_BLOCK_T = 128   # rows per fill tile
 
 
 @torch.library.custom_op("mos::theme_dispatch", mutates_args=())
@@ -195,7 +210,7 @@ def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, sess
     if num_examples:
         _dispatch_count[(num_examples,)](
             themes, session_offsets, example_session_offsets, rank, counts, num_examples, num_themes,
-            BLOCK_S=_BLOCK_S, BLOCK_K=max(triton.next_power_of_2(num_themes), 2), TOP_K=top_k)
+            BLOCK_S=_COUNT_BLOCK_S, BLOCK_K=max(triton.next_power_of_2(num_themes), 2), TOP_K=top_k)
     kept = counts.clamp_max(capacity) if capacity else counts
     theme_offsets = offsets_from_lengths(kept)
     num_rows = int(theme_offsets[-1]) if capacity else num_tokens * top_k   # the documented sync
@@ -203,10 +218,10 @@ def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, sess
     row_source = new_output(num_rows, dtype=torch.int64, device=device)
     inverse_index = new_output((num_tokens, top_k), dtype=torch.int64, device=device)
     if num_sessions:
-        _dispatch_fill[(num_sessions,)](
+        _dispatch_fill[(triton.cdiv(num_sessions, _FILL_BLOCK_S),)](
             themes, session_offsets, session_example, rank, counts, theme_offsets,
-            gather_index, row_source, inverse_index, num_examples, capacity,
-            BLOCK_T=_BLOCK_T, TOP_K=top_k, HAS_CAPACITY=capacity > 0)
+            gather_index, row_source, inverse_index, num_sessions, num_examples, capacity,
+            BLOCK_S=_FILL_BLOCK_S, BLOCK_T=_FILL_BLOCK_T, TOP_K=top_k, HAS_CAPACITY=capacity > 0)
     return gather_index, row_source, inverse_index, theme_offsets
 
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from ._checks import FLOAT_DTYPES, check_tensor, check_values
+from ._checks import FLOAT_DTYPES, check_tensor, check_values, reads_data
 from .backend import resolve_backend
 
 _BLOCK_R = 32   # rows per program: with d <= 256 a tile stays in registers
@@ -36,7 +36,7 @@ def _check_index(gather_index, row_gate, inverse_index, device, num_tokens: int,
         check_tensor("inverse_index", inverse_index, ndim=2, dtypes=(torch.int64,), device=device)
         if inverse_index.shape[0] != num_tokens:
             raise ValueError(f"inverse_index: expected {num_tokens} rows (one per token), got {inverse_index.shape[0]}")
-    if num_rows and not torch.compiler.is_compiling():
+    if num_rows and reads_data():
         lo, hi = int(gather_index.min()), int(gather_index.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f"gather_index: expected values in [0, {num_tokens - 1}], got min {lo}, max {hi}")
@@ -204,20 +204,21 @@ def _(a, b, b_index, out_dtype):
 def _save(ctx, inputs, output):
     data, gather_index, row_gate, inverse_index = inputs
     ctx.save_for_backward(data, gather_index, row_gate, inverse_index)
-    ctx.has_gate = row_gate is not None
 
 
 def _gather_backward(ctx, grad):
     values, gather_index, row_gate, inverse_index = ctx.saved_tensors
-    g_values = torch.ops.mos.theme_scatter(grad, gather_index, row_gate, inverse_index)
-    g_gate = torch.ops.mos.row_dot(grad, values, gather_index, row_gate.dtype) if ctx.has_gate else None
+    need_data, _, need_gate, _ = ctx.needs_input_grad
+    g_values = torch.ops.mos.theme_scatter(grad, gather_index, row_gate, inverse_index) if need_data else None
+    g_gate = torch.ops.mos.row_dot(grad, values, gather_index, row_gate.dtype) if need_gate else None
     return g_values, None, g_gate, None
 
 
 def _scatter_backward(ctx, grad):
     rows, gather_index, row_gate, inverse_index = ctx.saved_tensors
-    g_rows = torch.ops.mos.theme_gather(grad, gather_index, row_gate, inverse_index)
-    g_gate = torch.ops.mos.row_dot(rows, grad, gather_index, row_gate.dtype) if ctx.has_gate else None
+    need_data, _, need_gate, _ = ctx.needs_input_grad
+    g_rows = torch.ops.mos.theme_gather(grad, gather_index, row_gate, inverse_index) if need_data else None
+    g_gate = torch.ops.mos.row_dot(rows, grad, gather_index, row_gate.dtype) if need_gate else None
     return g_rows, None, g_gate, None
 
 

@@ -13,6 +13,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# xdist already runs one worker per core; torch's intra-op threads on top of that
+# oversubscribe the cores (the layer tests ran 5x slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def device():
     return torch.device(os.environ.get("MOS_TEST_DEVICE", "cpu"))

@@ -1,0 +1,364 @@
+"""Benchmarks of the Triton kernels I: fused session pooling + routing, theme dispatch, theme
+gather and theme scatter, each against the reference eager and the reference under torch.compile.
+
+    python -m benchmarks.bench_kernels --out DIR [--quick] [--ops pool_route,dispatch,gather,scatter]
+                                       [--dtype bf16,fp16,fp32] [--device cuda]
+
+Inputs are jagged histories of about L tokens per example (±50 %, every 64th one empty),
+B = 2^21 // L examples, cut into sessions of 8 by `sessionize(mode="fixed")`, routed by the
+reference `session_pool_route` against random prototypes; the routing and the dispatch are
+built once per case, so every provider sees the same ones. The minimum bytes of every op (its
+floor) are written beside its case builder. Rows are appended to DIR/bench_kernels.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import mos_kernels as mk
+from benchmarks.harness import (DTYPES, MODES, PROVIDERS, Case, Environment, Target, Timer, append_csv, dtype_name,
+                                free_memory, make_row, describe_error, print_table, print_targets, run_case,
+                                shape_label)
+
+TOKENS = 2 ** 21          # B·L of every full-size case (~2M tokens)
+SESSION_LEN = 8
+TEMPERATURE = 0.1
+
+
+@dataclass(frozen=True)
+class Shape:
+    L: int            # mean history length
+    d: int
+    K: int            # themes
+    top_k: int = 1
+    B: int = 0        # examples; 0: TOKENS // L
+
+    @property
+    def examples(self) -> int:
+        return self.B or max(TOKENS // self.L, 1)
+
+
+# The issue's target point, and the tiny shape of --quick (interpreter smoke runs).
+TARGET = Shape(L=1024, d=128, K=8, top_k=1)
+QUICK = Shape(L=64, d=32, K=4, top_k=2, B=4)
+
+# Full sweep: one axis at a time away from TARGET (never the cartesian product), only the axes
+# that change an op's work: K does not change what gather/scatter move, d hardly changes dispatch.
+AXES = {"d": (64, 128, 256), "K": (4, 8, 16, 32), "L": (256, 1024, 4096), "top_k": (1, 2)}
+SWEEPS = {
+    "pool_route": ("d", "K", "L"),
+    "dispatch": ("K", "L", "top_k"),
+    "gather": ("d", "L", "top_k"),
+    "scatter": ("d", "L", "top_k"),
+}
+OPS = tuple(SWEEPS)
+
+TARGETS = (
+    Target("pool_route fwd: % of bandwidth floor", "pool_route", "fwd", "triton", "pct_floor", 70.0, " %"),
+    Target("gather fwd: % of bandwidth floor", "gather", "fwd", "triton", "pct_floor", 70.0, " %"),
+    Target("scatter fwd: % of bandwidth floor", "scatter", "fwd", "triton", "pct_floor", 70.0, " %"),
+    Target("dispatch + gather: speedup over reference", "dispatch", "fwd", "triton", "speedup_vs_eager", 5.0, "x"),
+    Target("pool_route fwd+bwd: speedup over eager", "pool_route", "fwd+bwd", "triton", "speedup_vs_eager", 5.0, "x"),
+    Target("pool_route fwd+bwd: speedup over compiled", "pool_route", "fwd+bwd", "triton", "speedup_vs_compiled",
+           2.0, "x"),
+)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass
+class Batch:
+    """One jagged batch with its sessions, routing and dispatch (all built once)."""
+    shape: Shape
+    dtype: torch.dtype
+    values: torch.Tensor          # [T, d]
+    offsets: torch.Tensor         # [B+1]
+    sessions: mk.Sessions
+    prototypes: torch.Tensor      # [K, d] fp32
+    themes: torch.Tensor          # [S, top_k]
+    gate: torch.Tensor            # [S, top_k]
+    dispatch: mk.Dispatch
+
+    @property
+    def columns(self) -> Dict[str, int]:
+        s, tokens = self.shape, self.values.shape[0]
+        return dict(B=s.examples, L=s.L, T=tokens, S=self.sessions.num_sessions, rows=tokens * s.top_k, d=s.d,
+                    K=s.K, top_k=s.top_k)
+
+
+def build_batch(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shape.L - shape.L // 2, shape.L + shape.L // 2 + 1, (shape.examples,), generator=gen)
+    lengths[1::64] = 0                      # a few empty histories (cold users)
+    offsets = mk.offsets_from_lengths(lengths)
+    tokens = int(offsets[-1])
+    device_gen = torch.Generator(device=device).manual_seed(seed)
+    values = torch.randn(tokens, shape.d, generator=device_gen, device=device).to(dtype)
+    prototypes = torch.randn(shape.K, shape.d, generator=device_gen, device=device)
+    offsets = offsets.to(device)
+    sessions = mk.sessionize(offsets, mode="fixed", session_len=SESSION_LEN)
+    _, routing = mk.session_pool_route(values, sessions.session_offsets, prototypes, temperature=TEMPERATURE,
+                                       top_k=shape.top_k, backend="reference")
+    themes, gate = routing.themes, routing.gate.detach()
+    dispatch = mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
+                                 num_examples=shape.examples, num_themes=shape.K, backend="reference")
+    return Batch(shape, dtype, values, offsets, sessions, prototypes, themes, gate, dispatch)
+
+
+# ----------------------------------------------------------------------------- cases
+# Byte floors: T tokens, S sessions, T' = T·top_k theme rows, e = bytes per value element,
+# int64 indices and offsets (8 bytes), fp32 scores/probs/prototypes (4 bytes).
+
+def pool_route_case(batch: Batch) -> Case:
+    c = batch.columns
+    tokens, sessions, d, num_themes, top_k = c["T"], c["S"], c["d"], c["K"], c["top_k"]
+    e = batch.values.element_size()
+
+    def run(backend, values, session_offsets, prototypes):
+        pooled, routing = mk.session_pool_route(values, session_offsets, prototypes, temperature=TEMPERATURE,
+                                                top_k=top_k, backend=backend)
+        return pooled, routing.gate, routing.probs, routing.scores, routing.themes
+
+    return Case(
+        op="pool_route", kernels=("session_pool_route",), run=run,
+        inputs=(batch.values, batch.sessions.session_offsets, batch.prototypes), dtype=batch.dtype, shape=c,
+        bytes={
+            # read values T·d·e, prototypes K·d·4, offsets (S+1)·8; write pooled S·d·e,
+            # scores + probs S·K·(4+4), themes S·top_k·8.
+            "fwd": tokens * d * e + num_themes * d * 4 + (sessions + 1) * 8 + sessions * d * e
+                   + sessions * num_themes * 8 + sessions * top_k * 8,
+            # read g_pooled + pooled 2·S·d·e; write g_values T·d·e; small terms: read probs and
+            # g_probs and write g_scores S·K·4·3, offsets (S+1)·8, prototypes read + grad 2·K·d·4.
+            "bwd": 2 * sessions * d * e + tokens * d * e + 3 * sessions * num_themes * 4 + (sessions + 1) * 8
+                   + 2 * num_themes * d * 4,
+        },
+        flops={
+            # sum every row, divide, normalise (3·S·d), K dot products (2·S·K·d)
+            "fwd": tokens * d + sessions * d + sessions * (3 * d + 2 * num_themes * d),
+            # back through the dot products and the prototype GEMM (4·S·K·d), the normalisation
+            # and the mean (9·S·d)
+            "bwd": sessions * d * (4 * num_themes + 9),
+        },
+        grad_inputs=(0, 2), grad_outputs=(0, 1, 2), checked_outputs=(0, 2))
+
+
+def dispatch_case(batch: Batch) -> Case:
+    """Index build + the gather it feeds (reference dispatch + gather vs Triton dispatch + gather)."""
+    c = batch.columns
+    tokens, rows, sessions, d, top_k = c["T"], c["rows"], c["S"], c["d"], c["top_k"]
+    examples, num_themes = c["B"], c["K"]
+    e = batch.values.element_size()
+
+    def run(backend, themes, gate, session_offsets, session_example, values):
+        dispatch = mk.theme_dispatch(themes, gate, session_offsets, session_example, num_examples=examples,
+                                     num_themes=num_themes, num_tokens=tokens, backend=backend)
+        gathered = mk.theme_gather(values, dispatch.gather_index, dispatch.row_gate,
+                                   inverse_index=dispatch.inverse_index, backend=backend)
+        return gathered, dispatch.gather_index, dispatch.inverse_index, dispatch.theme_offsets
+
+    s = batch.sessions
+    return Case(
+        op="dispatch", kernels=("theme_dispatch", "theme_gather"), run=run,
+        inputs=(batch.themes, batch.gate, s.session_offsets, s.session_example, batch.values),
+        dtype=batch.dtype, shape=c,
+        bytes={
+            # read themes S·top_k·8, gate S·top_k·e, session offsets (S+1)·8 and examples S·8,
+            # values T·d·e; write gather_index + inverse_index T'·(8+8), rows T'·d·e,
+            # theme_offsets (K·B+1)·8.
+            "fwd": sessions * top_k * (8 + e) + (sessions + 1) * 8 + sessions * 8 + tokens * d * e
+                   + rows * 16 + rows * d * e + (num_themes * examples + 1) * 8,
+        },
+        checked_outputs=(0, 1, 2, 3))
+
+
+def _gather_bytes(tokens: int, rows: int, d: int, e: int) -> int:
+    # read T'·d·e source rows (a token read by top_k rows counts top_k times), write T'·d·e,
+    # read gather_index + gate T'·(8+e)
+    return 2 * rows * d * e + rows * (8 + e)
+
+
+def _scatter_bytes(tokens: int, rows: int, d: int, e: int) -> int:
+    # read T'·d·e rows, write T·d·e, read inverse_index + gate T'·(8+e)
+    return rows * d * e + tokens * d * e + rows * (8 + e)
+
+
+def gather_case(batch: Batch) -> Case:
+    c, dispatch = batch.columns, batch.dispatch
+    e = batch.values.element_size()
+    sizes = (c["T"], c["rows"], c["d"], e)
+
+    def run(backend, values, gather_index, row_gate, inverse_index):
+        return (mk.theme_gather(values, gather_index, row_gate, inverse_index=inverse_index, backend=backend),)
+
+    return Case(
+        op="gather", kernels=("theme_gather",), run=run,
+        inputs=(batch.values, dispatch.gather_index, dispatch.row_gate, dispatch.inverse_index),
+        dtype=batch.dtype, shape=c,
+        bytes={"fwd": _gather_bytes(*sizes), "bwd": _scatter_bytes(*sizes)},   # backward = scatter
+        grad_inputs=(0,), grad_outputs=(0,))
+
+
+def scatter_case(batch: Batch) -> Case:
+    c, dispatch = batch.columns, batch.dispatch
+    e = batch.values.element_size()
+    sizes = (c["T"], c["rows"], c["d"], e)
+    tokens = c["T"]
+    device_gen = torch.Generator(device=batch.values.device).manual_seed(1)
+    theme_rows = torch.randn(c["rows"], c["d"], generator=device_gen, device=batch.values.device).to(batch.dtype)
+
+    def run(backend, rows, gather_index, row_gate, inverse_index):
+        return (mk.theme_scatter(rows, gather_index, row_gate, num_tokens=tokens, inverse_index=inverse_index,
+                                 backend=backend),)
+
+    return Case(
+        op="scatter", kernels=("theme_scatter",), run=run,
+        inputs=(theme_rows, dispatch.gather_index, dispatch.row_gate, dispatch.inverse_index),
+        dtype=batch.dtype, shape=c,
+        bytes={"fwd": _scatter_bytes(*sizes), "bwd": _gather_bytes(*sizes)},   # backward = gather
+        grad_inputs=(0,), grad_outputs=(0,))
+
+
+CASE_BUILDERS = {"pool_route": pool_route_case, "dispatch": dispatch_case, "gather": gather_case,
+                 "scatter": scatter_case}
+
+
+def build_case(op: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Case:
+    return CASE_BUILDERS[op](build_batch(shape, dtype, device))
+
+
+# ----------------------------------------------------------------------------- plan
+
+def sweep_shapes(op: str) -> List[Shape]:
+    """TARGET, then every other value of each axis the op sweeps."""
+    return [TARGET] + [replace(TARGET, **{axis: v}) for axis in SWEEPS[op] for v in AXES[axis]
+                       if v != getattr(TARGET, axis)]
+
+
+def plan(ops: Sequence[str], dtypes: Sequence[str], quick: bool) -> List[Tuple[str, Shape, torch.dtype]]:
+    """Quick: QUICK for every op and dtype. Full: the target point of every op first (so a run cut
+    short still has the targets), then the bf16 sweeps, then fp16/fp32 at the target point."""
+    if quick:
+        return [(op, QUICK, DTYPES[dt]) for dt in dtypes for op in ops]
+    cases = []
+    if "bf16" in dtypes:
+        cases += [(op, TARGET, torch.bfloat16) for op in ops]
+        cases += [(op, shape, torch.bfloat16) for op in ops for shape in sweep_shapes(op)[1:]]
+    cases += [(op, TARGET, DTYPES[dt]) for dt in dtypes if dt != "bf16" for op in ops]
+    return cases
+
+
+def target_point(quick: bool, dtypes: Sequence[str]) -> Dict[str, object]:
+    shape = QUICK if quick else TARGET
+    dtype = dtypes[0] if quick else "bf16"
+    return dict(dtype=dtype, L=shape.L, d=shape.d, K=shape.K, top_k=shape.top_k)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _subset(allowed: Sequence[str]):
+    def parse(text: str) -> List[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(allowed)}, got {text!r}")
+        return items
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder of bench_kernels.csv (rows are appended)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run (CPU interpreter included)")
+    parser.add_argument("--ops", type=_subset(OPS), default=list(OPS), help=f"default: {','.join(OPS)}")
+    parser.add_argument("--dtype", type=_subset(tuple(DTYPES)), default=None,
+                        help="default: bf16,fp16,fp32 (fp16/fp32 at the target point only); "
+                             "--quick: fp32 on CPU (the interpreter cannot do bf16), bf16 on CUDA")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when visible)")
+    parser.add_argument("--providers", type=_subset(tuple(PROVIDERS)), default=list(PROVIDERS),
+                        help=f"default: {','.join(PROVIDERS)}")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the 'compiled' provider (default inductor)")
+    parser.add_argument("--rep-ms", type=float, default=50.0, help="CUDA: do_bench timed repetition budget")
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench warm-up budget")
+    parser.add_argument("--cpu-reps", type=int, default=3, help="CPU: timed calls per row")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"--device: expected cuda or cpu, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: expected cpu (no CUDA device is visible), got cuda")
+    if args.cpu_reps < 1:
+        parser.error(f"--cpu-reps: expected at least 1, got {args.cpu_reps}")
+    if args.dtype is None:
+        args.dtype = (["fp32"] if device.type == "cpu" else ["bf16"]) if args.quick else list(DTYPES)
+    return args
+
+
+def _run_one(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, providers, env: Environment,
+             timer: Timer, compile_backend: str) -> List[Dict[str, object]]:
+    try:
+        case = build_case(op, shape, dtype, device)
+        return run_case(case, providers, env, timer, compile_backend=compile_backend)
+    except Exception as exc:   # building the inputs failed (OOM, ...): one row says so
+        columns = dict(B=shape.examples, L=shape.L, d=shape.d, K=shape.K, top_k=shape.top_k)
+        return [make_row(env, op=op, provider="-", mode="-", dtype=dtype, shape=columns, error=describe_error(exc))]
+    finally:
+        case = None
+        free_memory(device)
+
+
+def _progress(i: int, n: int, op: str, shape: Shape, dtype: torch.dtype, rows, seconds: float) -> str:
+    parts = []
+    for mode in MODES:
+        timed = [f"{r['provider']} {r['median_ms']:.3f}" for r in rows if r["mode"] == mode and r["median_ms"] != ""]
+        if timed:
+            parts.append(f"{mode} " + " / ".join(timed) + " ms")
+    errors = [f"{r['provider']} {r['mode']}: {r['error']}" for r in rows if r["error"]]
+    label = shape_label(rows[0]) if rows else str(shape)
+    line = f"[{i}/{n}] {op} {dtype_name(dtype)} {label} ({seconds:.1f} s): " + "; ".join(parts)
+    return line + (f"; {len(errors)} errors, first: {errors[0]}" if errors else "")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    # The compiled reference dispatch breaks its graph at a .item() (the reference reads T back);
+    # dynamo's multi-line warning about it would drown the progress lines.
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    timer = Timer(rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps)
+    env = Environment.detect(device, timer)
+    providers = [PROVIDERS[name] for name in args.providers]
+    cases = plan(args.ops, args.dtype, args.quick)
+    csv_path = Path(args.out) / "bench_kernels.csv"
+    peak = "none" if env.peak_bw is None else f"{env.peak_bw / 1e12:.2f} TB/s"
+    print(f"bench_kernels: {len(cases)} cases on {env.card} ({env.device}), peak bandwidth {peak} "
+          f"[{env.peak_source}], {env.timing}", file=sys.stderr)
+    rows: List[Dict[str, object]] = []
+    for i, (op, shape, dtype) in enumerate(cases, 1):
+        start = time.perf_counter()
+        case_rows = _run_one(op, shape, dtype, device, providers, env, timer, args.compile_backend)
+        csv_path = append_csv(csv_path, case_rows)
+        rows.extend(case_rows)
+        print(_progress(i, len(cases), op, shape, dtype, case_rows, time.perf_counter() - start), file=sys.stderr)
+    print_table(rows)
+    print()
+    where = target_point(args.quick, args.dtype)
+    title = ("Targets at " + ", ".join(f"{k}={v}" for k, v in where.items())
+             + (" (--quick shape, not the target point)" if args.quick else " (T ~ 2M)")
+             + (" [CPU: not meaningful]" if device.type == "cpu" else ""))
+    print_targets(rows, TARGETS, where, title)
+    errors = sum(1 for r in rows if r["error"])
+    print(f"\n{len(rows)} rows ({errors} with errors) appended to {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

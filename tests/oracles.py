@@ -1,0 +1,294 @@
+"""Loop oracles: a second, obviously correct implementation of every mos_kernels op.
+
+Each one is written as plain Python loops over examples, sessions, segments, experts and heads,
+straight from the wording of mos-spec.md and kernels.md, with no vectorised index tricks, so a
+bug in the vectorised reference (or in a kernel) cannot be copied here. They are slow on
+purpose and meant for the small awkward shapes of the tests. Float ops use ordinary autograd,
+so gradients of the oracle are the oracle of the gradients. Offsets and indices come and go as
+CPU int64 tensors; float outputs keep the inputs' dtype and device.
+
+The last section builds the random inputs that the op and layer tests share, and holds their
+common set-up fixture.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import pytest
+import torch
+
+
+def lengths_of(offsets: torch.Tensor) -> List[int]:
+    o = [int(x) for x in offsets]
+    return [o[i + 1] - o[i] for i in range(len(o) - 1)]
+
+
+def offsets_of(lengths: Sequence[int]) -> torch.Tensor:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + int(n))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+# ---- Step 1: sessions -------------------------------------------------------------------------
+
+def sessionize(offsets: torch.Tensor, *, mode: str = "fixed", session_len: int = 8,
+               timestamps: Optional[torch.Tensor] = None, gap_seconds: float = 1800.0,
+               max_session_len: int = 64):
+    """-> (session_offsets [S+1], session_example [S], example_session_offsets [B+1])."""
+    o = [int(x) for x in offsets]
+    times = None if timestamps is None else [float(t) for t in timestamps]
+    bounds, example, per_example = [], [], []
+    for b in range(len(o) - 1):
+        start, end = o[b], o[b + 1]
+        sessions = []
+        if mode == "fixed":
+            # Cut from the newest item backwards, so the newest session is full.
+            hi = end
+            while hi > start:
+                lo = max(start, hi - session_len)
+                sessions.insert(0, (lo, hi))
+                hi = lo
+        else:
+            gap_sessions = []
+            for t in range(start, end):
+                if t == start or times[t] - times[t - 1] > gap_seconds:
+                    gap_sessions.append([t, t + 1])
+                else:
+                    gap_sessions[-1][1] = t + 1
+            for lo, hi in gap_sessions:
+                for chunk in range(lo, hi, max_session_len):
+                    sessions.append((chunk, min(chunk + max_session_len, hi)))
+        for lo, hi in sessions:
+            bounds.append(lo)
+            example.append(b)
+        per_example.append(len(sessions))
+    session_offsets = torch.tensor(bounds + [o[-1]], dtype=torch.int64)
+    return session_offsets, torch.tensor(example, dtype=torch.int64), offsets_of(per_example)
+
+
+# ---- Step 2: session pooling ------------------------------------------------------------------
+
+def session_pool(values: torch.Tensor, session_offsets: torch.Tensor) -> torch.Tensor:
+    """Mean of every session's rows; an empty session pools to zeros."""
+    o = [int(x) for x in session_offsets]
+    out = []
+    for s in range(len(o) - 1):
+        acc = values.new_zeros(values.shape[1])
+        for t in range(o[s], o[s + 1]):
+            acc = acc + values[t]
+        out.append(acc / max(o[s + 1] - o[s], 1))
+    return torch.stack(out) if out else values.new_zeros((0, values.shape[1]))
+
+
+# ---- Step 3: routing --------------------------------------------------------------------------
+
+def _unit(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(x)  # subgradient 0 at x = 0, like F.normalize
+    return x / torch.clamp(norm, min=eps)
+
+
+def theme_route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: float, top_k: int):
+    """-> (themes [S, top_k] best first, gate [S, top_k], probs [S, K], scores [S, K]).
+
+    z_{s,k} = cos(h_s, c_k) / temperature; p_s = softmax(z_s); the gate is 1 in the forward
+    pass and carries dp/dz backwards (1 + p - stopgrad(p), written so the forward is exactly 1).
+    """
+    num_themes = prototypes.shape[0]
+    units = [_unit(prototypes[k]) for k in range(num_themes)]
+    themes, gates, probs, scores = [], [], [], []
+    for s in range(pooled.shape[0]):
+        h = _unit(pooled[s])
+        z = torch.stack([(h * units[k]).sum() / temperature for k in range(num_themes)])
+        p = torch.exp(z - z.max().detach())
+        p = p / p.sum()
+        ranked = sorted(range(num_themes), key=lambda k: (-float(z[k].detach()), k))[:top_k]
+        themes.append(ranked)
+        gates.append(torch.stack([1.0 + (p[k] - p[k].detach()) for k in ranked]))
+        probs.append(p)
+        scores.append(z)
+    if not themes:
+        empty = pooled.new_zeros((0, num_themes))
+        return torch.zeros((0, top_k), dtype=torch.int64), pooled.new_zeros((0, top_k)), empty, empty
+    return torch.tensor(themes, dtype=torch.int64), torch.stack(gates), torch.stack(probs), torch.stack(scores)
+
+
+# ---- Step 4: dispatch -------------------------------------------------------------------------
+
+def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: torch.Tensor,
+                   session_example: torch.Tensor, *, num_examples: int, num_themes: int,
+                   capacity: Optional[int] = None):
+    """-> (gather_index [T'], row_gate [T'], theme_offsets [K*B+1], inverse_index [T, top_k]).
+
+    Segment k*B + b: example b's tokens whose session chose theme k, in time order; with a
+    capacity only the newest `capacity` of them. inverse_index[t, j] is the row holding token t
+    for its session's j-th choice, -1 if capacity dropped it.
+    """
+    o = [int(x) for x in session_offsets]
+    chosen = [[int(k) for k in row] for row in themes]
+    owner = [int(b) for b in session_example]
+    top_k = themes.shape[1]
+    inverse = [[-1] * top_k for _ in range(o[-1])]
+    index, row_gate, lengths = [], [], []
+    for k in range(num_themes):
+        for b in range(num_examples):
+            rows = []
+            for s in range(len(owner)):
+                if owner[s] != b or k not in chosen[s]:
+                    continue
+                j = chosen[s].index(k)
+                for t in range(o[s], o[s + 1]):
+                    rows.append((t, j, gate[s, j]))
+            if capacity is not None:
+                rows = rows[max(len(rows) - capacity, 0):]
+            for t, j, g in rows:
+                inverse[t][j] = len(index)
+                index.append(t)
+                row_gate.append(g)
+            lengths.append(len(rows))
+    gates = torch.stack(row_gate) if row_gate else gate.new_zeros(0)
+    inverse_index = torch.tensor(inverse, dtype=torch.int64).view(o[-1], top_k)
+    return torch.tensor(index, dtype=torch.int64), gates, offsets_of(lengths), inverse_index
+
+
+def theme_gather(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor] = None):
+    rows = []
+    for r, t in enumerate(int(i) for i in gather_index):
+        rows.append(values[t] if row_gate is None else values[t] * row_gate[r])
+    return torch.stack(rows) if rows else values.new_zeros((0, values.shape[1]))
+
+
+def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor],
+                  num_tokens: int):
+    out = [rows.new_zeros(rows.shape[1]) for _ in range(num_tokens)]
+    for r, t in enumerate(int(i) for i in gather_index):
+        out[t] = out[t] + (rows[r] if row_gate is None else rows[r] * row_gate[r])
+    return torch.stack(out) if out else rows.new_zeros((0, rows.shape[1]))
+
+
+# ---- Step 5: experts --------------------------------------------------------------------------
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of expert e's block times weight[e] (+ bias[e]), one expert at a time."""
+    o = [int(v) for v in expert_offsets]
+    out = []
+    for e in range(weight.shape[0]):
+        for r in range(o[e], o[e + 1]):
+            y = x[r] @ weight[e]
+            out.append(y if bias is None else y + bias[e])
+    return torch.stack(out) if out else x.new_zeros((0, weight.shape[2]))
+
+
+def _softmax(z: torch.Tensor) -> torch.Tensor:
+    p = torch.exp(z - z.max().detach())
+    return p / p.sum()
+
+
+def expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, segment_offsets, *,
+                            num_heads: int, gather_index=None, row_gate=None) -> torch.Tensor:
+    """Segment g = e*B + b: heads of query[g] attend over expert e's projections of its rows."""
+    num_experts = w_key.shape[0]
+    num_segments, dim = query.shape
+    num_examples = num_segments // num_experts
+    head_dim = dim // num_heads
+    rows = tokens if gather_index is None else theme_gather(tokens, gather_index, row_gate)
+    o = [int(v) for v in segment_offsets]
+    out = []
+    for g in range(num_segments):
+        e = g // num_examples
+        seg = rows[o[g]:o[g + 1]]
+        if seg.shape[0] == 0:
+            out.append(query.new_zeros(dim))
+            continue
+        keys = seg @ w_key[e] + (0 if b_key is None else b_key[e])
+        vals = seg @ w_value[e] + (0 if b_value is None else b_value[e])
+        heads = []
+        for h in range(num_heads):
+            cols = slice(h * head_dim, (h + 1) * head_dim)
+            p = _softmax(keys[:, cols] @ query[g, cols] / math.sqrt(head_dim))
+            heads.append(p @ vals[:, cols])
+        out.append(torch.cat(heads))
+    return torch.stack(out) if out else query.new_zeros((0, dim))
+
+
+def jagged_self_attention(q, k, v, segment_offsets, *, num_heads: int, causal: bool = True) -> torch.Tensor:
+    """Row i of a segment attends (per head) to the rows j of the same segment, j <= i if causal."""
+    dim = q.shape[1]
+    head_dim = dim // num_heads
+    o = [int(x) for x in segment_offsets]
+    out = []
+    for g in range(len(o) - 1):
+        for i in range(o[g], o[g + 1]):
+            last = i + 1 if causal else o[g + 1]
+            heads = []
+            for h in range(num_heads):
+                cols = slice(h * head_dim, (h + 1) * head_dim)
+                p = _softmax(k[o[g]:last, cols] @ q[i, cols] / math.sqrt(head_dim))
+                heads.append(p @ v[o[g]:last, cols])
+            out.append(torch.cat(heads))
+    return torch.stack(out) if out else q.new_zeros((0, dim))
+
+
+# ---- Jagged helpers ---------------------------------------------------------------------------
+
+def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0):
+    o = [int(x) for x in offsets]
+    out = values.new_full((len(o) - 1, max_len) + tuple(values.shape[1:]), padding_value)
+    for g in range(len(o) - 1):
+        for j, t in enumerate(range(o[g], o[g + 1])):
+            out[g, j] = values[t]
+    return out
+
+
+def padded_to_jagged(padded: torch.Tensor, lengths: torch.Tensor):
+    rows = [padded[g, j] for g in range(padded.shape[0]) for j in range(int(lengths[g]))]
+    values = torch.stack(rows) if rows else padded.new_zeros((0,) + tuple(padded.shape[2:]))
+    return values, offsets_of([int(n) for n in lengths])
+
+
+# ---- Layer auxiliary losses -------------------------------------------------------------------
+
+def aux_losses(pooled: torch.Tensor, prototypes: torch.Tensor, themes: torch.Tensor, probs: torch.Tensor):
+    """Mean over sessions of |unit(h_s) - unit(c_{r_s})|^2 (commitment and codebook have the
+    same value), and Switch load balance K * sum_k f_k * P_k, with f_k the share of routing
+    choices that picked k and P_k the mean probability of k."""
+    num_sessions, num_themes = probs.shape
+    dist = 0.0
+    for s in range(num_sessions):
+        diff = _unit(pooled[s]) - _unit(prototypes[int(themes[s, 0])])
+        dist += float((diff * diff).sum())
+    vq = dist / max(num_sessions, 1)
+    choices = [int(k) for k in themes.reshape(-1)]
+    balance = 0.0
+    for k in range(num_themes):
+        share = choices.count(k) / max(len(choices), 1)
+        mean_prob = sum(float(probs[s, k]) for s in range(num_sessions)) / max(num_sessions, 1)
+        balance += share * mean_prob
+    return vq, num_themes * balance
+
+
+# ---- Random inputs shared by the tests --------------------------------------------------------
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(gen: torch.Generator, *shape, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """Fresh normal numbers drawn on the CPU (the same on every device), then moved."""
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def increasing_times(gen: torch.Generator, lengths: Sequence[int], gap_seconds: float) -> torch.Tensor:
+    """[T] float64 times, non-decreasing inside each example, mixing repeats and steps below, at
+    and above the gap; each example starts at its own random time (possibly before the previous
+    example's last event)."""
+    steps = [0.0, 1.0, gap_seconds, gap_seconds + 1.0, 5 * gap_seconds, 60.0]
+    times = []
+    for n in lengths:
+        t = float(torch.randint(0, 10_000, (1,), generator=gen))
+        for _ in range(n):
+            t += steps[int(torch.randint(0, len(steps), (1,), generator=gen))]
+            times.append(t)
+    return torch.tensor(times, dtype=torch.float64)

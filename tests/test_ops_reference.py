@@ -1,0 +1,807 @@
+"""Every mos_kernels op against its loop oracle (tests/oracles.py), forward and backward.
+
+Inputs are fresh random numbers on deliberately awkward shapes: empty sequences first, in the
+middle and last, one-token sessions, a single example, prime sizes, every session on one theme,
+empty themes, K = 1, top_k = 2, capacity. Ops that keep float64 are compared in float64; ops
+that compute in fp32 by design (routing scores) run in fp32 against a float64 oracle. Dispatch
+is also checked against its invariants (permutation, counts, time order), which need no oracle.
+Every backend an op has is compared (Triton under TRITON_INTERPRET=1), with kernel outputs
+poisoned (NaN / sentinel) before they run, so an element a kernel forgets to write fails.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mos_kernels as mk
+import oracles
+from mos_kernels._alloc import poisoned_outputs
+from mos_kernels.backend import IMPLEMENTED
+from oracles import generator, increasing_times, randn
+from tolerances import assert_close
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    with poisoned_outputs():
+        yield
+
+
+def backends(op: str):
+    """Every concrete backend `op` has (Triton runs under TRITON_INTERPRET=1 on the CPU)."""
+    return IMPLEMENTED[op]
+
+
+LENGTHS = {
+    "empty_first_middle_last": [0, 5, 0, 7, 1, 0],
+    "single_token": [1],
+    "single_prime": [13],
+    "primes": [3, 11, 2, 7, 5],
+    "all_empty": [0, 0, 0],
+    "long_and_ones": [17, 1, 1, 0, 23],
+}
+LENGTH_IDS = list(LENGTHS)
+# The session length each case is cut with where a test does not sweep it: "primes" gets
+# one-token sessions, the others sessions that split their sequences unevenly.
+SESSION_LEN = {"empty_first_middle_last": 3, "single_token": 1, "single_prime": 4, "primes": 1, "all_empty": 3,
+               "long_and_ones": 3}
+
+
+def assert_matches(actual, expected, kind, msg=""):
+    """assert_close against an oracle result computed on the CPU, possibly in another dtype."""
+    assert_close(actual, expected.detach().to(actual.device, actual.dtype), kind, msg=msg)
+
+
+def _grads(outputs, cotangents, leaves):
+    pairs = [(o, w.to(o.device, o.dtype)) for o, w in zip(outputs, cotangents) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(x) for x in leaves]
+    loss = sum((o * w).sum() for o, w in pairs)
+    return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+
+def check_forward_backward(fn, oracle_fn, inputs, *, kind, grad_kind, gen):
+    """Run `fn` on `inputs` and `oracle_fn` on float64 CPU copies; compare every float output,
+    then the gradients of every input for one random cotangent per output."""
+    lib = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    ref = {name: t.detach().cpu().double().requires_grad_() for name, t in inputs.items()}
+    out, expected = fn(**lib), oracle_fn(**ref)
+    out = out if isinstance(out, tuple) else (out,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for i, (a, e) in enumerate(zip(out, expected)):
+        assert a.shape == e.shape, f"output {i}: shape {tuple(a.shape)}, oracle {tuple(e.shape)}"
+        assert_matches(a, e, kind, msg=f"output {i}")
+    cotangents = [randn(gen, *e.shape) for e in expected]
+    for name, a, e in zip(lib, _grads(out, cotangents, list(lib.values())),
+                          _grads(expected, cotangents, list(ref.values()))):
+        assert torch.isfinite(a).all(), f"gradient of {name} is not finite"
+        assert_matches(a, e, grad_kind, msg=f"gradient of {name}")
+    return out
+
+
+def precision(backend):
+    """(dtype, tolerance kind) a data-movement or pooling backend is compared in: the reference
+    keeps float64; the Triton kernels accumulate in fp32 (fp32/fp16/bf16 inputs on the GPU)."""
+    return (torch.float64, "float64") if backend == "reference" else (torch.float32, "reduction")
+
+
+def jagged(lengths, dim, gen, *, dtype=torch.float64, device="cpu"):
+    offsets = oracles.offsets_of(lengths).to(device)
+    return randn(gen, sum(lengths), dim, dtype=dtype, device=device), offsets
+
+
+def random_themes(gen, num_sessions, num_themes, top_k, pattern):
+    """[S, top_k] distinct themes per session. pattern: "random" over all K, "one" (every session
+    on themes 0..top_k-1, so the others are empty), "sparse" (only even themes: empty odd ones)."""
+    rows = []
+    for _ in range(num_sessions):
+        if pattern == "one":
+            rows.append(list(range(top_k)))
+            continue
+        pool = list(range(num_themes)) if pattern == "random" else list(range(0, num_themes, 2))
+        if len(pool) < top_k:
+            pool = list(range(num_themes))
+        perm = torch.randperm(len(pool), generator=gen)[:top_k]
+        rows.append([pool[int(i)] for i in perm])
+    return torch.tensor(rows, dtype=torch.int64).view(num_sessions, top_k)
+
+
+# ---- sessionize -------------------------------------------------------------------------------
+
+def assert_same_sessions(got: mk.Sessions, expected):
+    so, se, eso = expected
+    assert torch.equal(got.session_offsets.cpu(), so), (got.session_offsets, so)
+    assert torch.equal(got.session_example.cpu(), se), (got.session_example, se)
+    assert torch.equal(got.example_session_offsets.cpu(), eso), (got.example_session_offsets, eso)
+    assert got.num_sessions == se.numel()
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+@pytest.mark.parametrize("session_len", [1, 3, 4, 64])
+def test_sessionize_fixed_matches_oracle(lengths, session_len, device):
+    """Fixed sessions are chunks aligned to the newest item (newest full, oldest shorter)."""
+    offsets = oracles.offsets_of(lengths)
+    got = mk.sessionize(offsets.to(device), mode="fixed", session_len=session_len)
+    assert_same_sessions(got, oracles.sessionize(offsets, mode="fixed", session_len=session_len))
+
+
+def test_sessionize_fixed_newest_session_is_full(device):
+    """Length 10, session_len 4: sessions [0,2) [2,6) [6,10)."""
+    got = mk.sessionize(torch.tensor([0, 10], device=device), mode="fixed", session_len=4)
+    assert got.session_offsets.cpu().tolist() == [0, 2, 6, 10]
+
+
+def test_sessionize_no_examples(device):
+    """B = 0 (offsets [0]) gives no sessions and an [1] per-example offsets tensor."""
+    got = mk.sessionize(torch.zeros(1, dtype=torch.int64, device=device), mode="fixed", session_len=3)
+    assert got.session_offsets.cpu().tolist() == [0] and got.num_sessions == 0
+    assert got.example_session_offsets.cpu().tolist() == [0]
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+@pytest.mark.parametrize("max_session_len", [1, 2, 3, 64])
+@pytest.mark.parametrize("time_dtype", [torch.float64, torch.int64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sessionize_gap_matches_oracle(lengths, max_session_len, time_dtype, seed, device):
+    """Gap sessions: a new session where the step exceeds gap_seconds (equal does not), then
+    chunks of max_session_len from every session's start."""
+    gen = generator(seed)
+    offsets = oracles.offsets_of(lengths)
+    times = increasing_times(gen, lengths, 100.0).to(time_dtype)
+    got = mk.sessionize(offsets.to(device), mode="gap", timestamps=times.to(device), gap_seconds=100.0,
+                        max_session_len=max_session_len)
+    expected = oracles.sessionize(offsets, mode="gap", timestamps=times, gap_seconds=100.0,
+                                  max_session_len=max_session_len)
+    assert_same_sessions(got, expected)
+
+
+def test_sessionize_gap_hand_case(device):
+    """Gaps [_, 5, 100(=gap), 101, 0] with max_session_len 2: sessions [0,2) [2,3) [3,5)."""
+    times = torch.tensor([0.0, 5.0, 105.0, 206.0, 206.0], device=device)
+    got = mk.sessionize(torch.tensor([0, 5], device=device), mode="gap", timestamps=times,
+                        gap_seconds=100.0, max_session_len=2)
+    # 0,5,105 are one gap-session (5 and 100 do not exceed 100), split [0,2) [2,3); 206,206 another.
+    assert got.session_offsets.cpu().tolist() == [0, 2, 3, 5]
+
+
+# ---- session_pool -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backends("session_pool"))
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+@pytest.mark.parametrize("session_len", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_session_pool_matches_oracle(lengths, session_len, seed, backend, device):
+    """Mean of every session, forward and backward."""
+    gen = generator(seed)
+    dtype, kind = precision(backend)
+    values, offsets = jagged(lengths, 5, gen, dtype=dtype, device=device)
+    session_offsets = oracles.sessionize(offsets.cpu(), mode="fixed", session_len=session_len)[0].to(device)
+    check_forward_backward(lambda values: mk.session_pool(values, session_offsets, backend=backend),
+                           lambda values: oracles.session_pool(values, session_offsets.cpu()),
+                           {"values": values}, kind=kind, grad_kind=kind, gen=gen)
+
+
+@pytest.mark.parametrize("backend", backends("session_pool"))
+def test_session_pool_empty_sessions_are_zero(backend, device):
+    """Empty sessions (first, middle, last) pool to exact zeros; gradients stay finite."""
+    gen = generator(3)
+    values = randn(gen, 6, 4, device=device).float().requires_grad_()   # fp32: every backend's dtype
+    session_offsets = torch.tensor([0, 0, 2, 2, 6, 6], device=device)
+    out = mk.session_pool(values, session_offsets, backend=backend)
+    assert torch.equal(out[[0, 2, 4]], torch.zeros(3, 4, dtype=out.dtype, device=device))
+    out.sum().backward()
+    assert torch.isfinite(values.grad).all()
+
+
+@pytest.mark.parametrize("backend", backends("session_pool"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_session_pool_low_precision(dtype, backend, device):
+    """fp32/fp16/bf16 means are within one rounding of the float64 oracle (fp32 accumulation)."""
+    if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("the Triton interpreter's bf16 arithmetic is wrong (kernels.md); the GPU check covers it")
+    gen = generator(4)
+    values, offsets = jagged([0, 37, 5, 1], 7, gen, device=device)
+    session_offsets = oracles.sessionize(offsets.cpu(), mode="fixed", session_len=16)[0].to(device)
+    low = values.to(dtype)
+    got = mk.session_pool(low, session_offsets, backend=backend)
+    assert got.dtype == dtype
+    assert_matches(got, oracles.session_pool(low.double().cpu(), session_offsets), "reduction")
+
+
+# ---- theme_route ------------------------------------------------------------------------------
+
+ROUTE_CASES = [  # (sessions, K, top_k)
+    (0, 3, 1), (1, 1, 1), (13, 1, 1), (13, 3, 1), (7, 5, 2), (29, 2, 2), (11, 7, 3),
+]
+
+
+@pytest.mark.parametrize("backend", backends("theme_route"))
+@pytest.mark.parametrize("num_sessions,num_themes,top_k", ROUTE_CASES)
+@pytest.mark.parametrize("temperature", [0.1, 0.7])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_theme_route_matches_oracle(num_sessions, num_themes, top_k, temperature, seed, backend, device):
+    """Chosen themes (best first), cosine scores / temperature, softmax probabilities and the
+    straight-through gate, forward and backward (fp32 by design: Routing says scores are fp32)."""
+    gen = generator(seed)
+    inputs = {"pooled": randn(gen, num_sessions, 6, dtype=torch.float32, device=device),
+              "prototypes": randn(gen, num_themes, 6, dtype=torch.float32, device=device)}
+    got = mk.theme_route(inputs["pooled"], inputs["prototypes"], temperature=temperature, top_k=top_k,
+                         backend=backend)
+    expected = oracles.theme_route(inputs["pooled"].double().cpu(), inputs["prototypes"].double().cpu(),
+                                   temperature=temperature, top_k=top_k)
+    assert torch.equal(got.themes.cpu(), expected[0])
+
+    def route(pooled, prototypes):
+        r = mk.theme_route(pooled, prototypes, temperature=temperature, top_k=top_k, backend=backend)
+        return r.gate, r.probs, r.scores
+
+    def oracle(pooled, prototypes):
+        return oracles.theme_route(pooled, prototypes, temperature=temperature, top_k=top_k)[1:]
+
+    check_forward_backward(route, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)
+
+
+@pytest.mark.parametrize("backend", backends("theme_route"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_theme_route_gate_is_exactly_one_forward(dtype, backend, device):
+    """The forward gate is hard: exactly 1 for every chosen theme (spec step 3), so gating a row
+    moves it without changing a bit."""
+    gen = generator(5)
+    pooled = randn(gen, 200, 8, dtype=dtype, device=device).requires_grad_()
+    prototypes = randn(gen, 6, 8, dtype=dtype, device=device).requires_grad_()
+    gate = mk.theme_route(pooled, prototypes, top_k=2, backend=backend).gate
+    off = gate != 1
+    assert not off.any(), (f"{int(off.sum())} of {gate.numel()} gates differ from 1, e.g. "
+                           f"1 - {(1 - gate[off][0].double()).item():.3g}")
+
+
+@pytest.mark.parametrize("backend", backends("theme_route"))
+def test_theme_route_zero_session_scores_zero(backend, device):
+    """A zero session vector scores 0 for every theme (uniform probabilities) and keeps finite
+    gradients."""
+    gen = generator(6)
+    pooled = torch.cat([torch.zeros(1, 4), randn(gen, 2, 4, dtype=torch.float32)]).to(device).requires_grad_()
+    prototypes = randn(gen, 3, 4, dtype=torch.float32, device=device).requires_grad_()
+    r = mk.theme_route(pooled, prototypes, backend=backend)
+    assert torch.equal(r.scores[0], torch.zeros(3, device=device))
+    assert_close(r.probs[0], torch.full((3,), 1 / 3, device=device), "reduction")
+    (r.gate.sum() + r.probs[:, 0].sum()).backward()
+    assert torch.isfinite(pooled.grad).all() and torch.isfinite(prototypes.grad).all()
+
+
+@pytest.mark.parametrize("backend", backends("session_pool_route"))
+@pytest.mark.parametrize("case", LENGTH_IDS)
+@pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 1), (5, 2), (2, 2)])
+def test_session_pool_route_matches_oracle(case, num_themes, top_k, backend, device):
+    """Fused pooling + routing: the session means and their routing (themes, gate, probs,
+    scores), forward and backward (values and prototypes), fp32 against the float64 oracle."""
+    lengths, session_len = LENGTHS[case], SESSION_LEN[case]
+    gen = generator(sum(lengths) + num_themes)
+    values, offsets = jagged(lengths, 6, gen, dtype=torch.float32, device=device)
+    so = oracles.sessionize(offsets.cpu(), mode="fixed", session_len=session_len)[0]
+    inputs = {"values": values, "prototypes": randn(gen, num_themes, 6, dtype=torch.float32, device=device)}
+
+    def fused(values, prototypes):
+        pooled, r = mk.session_pool_route(values, so.to(device), prototypes, temperature=0.3, top_k=top_k,
+                                          backend=backend)
+        return pooled, r.gate, r.probs, r.scores
+
+    def oracle(values, prototypes):
+        pooled = oracles.session_pool(values, so)
+        return (pooled,) + oracles.theme_route(pooled, prototypes, temperature=0.3, top_k=top_k)[1:]
+
+    check_forward_backward(fused, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)
+    _, routing = mk.session_pool_route(values, so.to(device), inputs["prototypes"], temperature=0.3, top_k=top_k,
+                                       backend=backend)
+    expected = oracles.theme_route(oracles.session_pool(values.double().cpu(), so),
+                                   inputs["prototypes"].double().cpu(), temperature=0.3, top_k=top_k)[0]
+    assert torch.equal(routing.themes.cpu(), expected)
+
+
+# ---- theme_dispatch ---------------------------------------------------------------------------
+
+DISPATCH_CASES = [  # (K, top_k, pattern)
+    (1, 1, "random"), (3, 1, "random"), (4, 1, "one"), (5, 1, "sparse"),
+    (3, 2, "random"), (4, 2, "one"), (5, 2, "sparse"), (2, 2, "random"),
+]
+
+
+def dispatch_inputs(lengths, session_len, num_themes, top_k, pattern, gen, device):
+    offsets = oracles.offsets_of(lengths)
+    so, se, _ = oracles.sessionize(offsets, mode="fixed", session_len=session_len)
+    themes = random_themes(gen, se.numel(), num_themes, top_k, pattern)
+    gate = 1.0 + randn(gen, se.numel(), top_k)  # not 1, so a wrong row's gate shows
+    return themes.to(device), gate.to(device), so.to(device), se.to(device)
+
+
+def run_dispatch(themes, gate, so, se, num_examples, num_themes, capacity, backend="reference"):
+    return mk.theme_dispatch(themes, gate, so, se, num_examples=num_examples, num_themes=num_themes,
+                             capacity=capacity, backend=backend)
+
+
+@pytest.mark.parametrize("backend", backends("theme_dispatch"))
+@pytest.mark.parametrize("case", LENGTH_IDS)
+@pytest.mark.parametrize("num_themes,top_k,pattern", DISPATCH_CASES)
+@pytest.mark.parametrize("capacity", [None, 1, 3])
+def test_theme_dispatch_matches_oracle(case, num_themes, top_k, pattern, capacity, backend, device):
+    """gather_index, theme_offsets, inverse_index, expert_offsets and row_gate equal the loop
+    oracle's, and the gate's gradient is the sum of its rows' cotangents."""
+    lengths, session_len = LENGTHS[case], SESSION_LEN[case]
+    gen = generator(len(lengths) * 31 + num_themes)
+    themes, gate, so, se = dispatch_inputs(lengths, session_len, num_themes, top_k, pattern, gen, device)
+    gate = gate.requires_grad_()
+    b = len(lengths)
+    got = run_dispatch(themes, gate, so, se, b, num_themes, capacity, backend)
+    ref_gate = gate.detach().cpu().requires_grad_()
+    index, row_gate, theme_offsets, inverse = oracles.theme_dispatch(themes.cpu(), ref_gate, so.cpu(), se.cpu(),
+                                                                     num_examples=b, num_themes=num_themes,
+                                                                     capacity=capacity)
+    assert torch.equal(got.gather_index.cpu(), index)
+    assert torch.equal(got.theme_offsets.cpu(), theme_offsets)
+    assert torch.equal(got.inverse_index.cpu(), inverse)
+    assert torch.equal(got.expert_offsets.cpu(), theme_offsets[::b])
+    assert torch.equal(got.segment_lengths.cpu(), (theme_offsets[1:] - theme_offsets[:-1]).view(num_themes, b))
+    assert_matches(got.row_gate, row_gate, "float64")
+    w = randn(gen, index.numel())
+    (g_lib,) = _grads([got.row_gate], [w], [gate])
+    (g_ref,) = _grads([row_gate], [w], [ref_gate])
+    assert_matches(g_lib, g_ref, "float64")
+
+
+@pytest.mark.parametrize("backend", backends("theme_dispatch"))
+@settings(max_examples=20, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=5), session_len=st.integers(1, 4),
+       num_themes=st.integers(1, 4), top_k=st.integers(1, 2), capacity=st.one_of(st.none(), st.integers(1, 4)),
+       seed=st.integers(0, 2**16))
+def test_theme_dispatch_sweep(backend, lengths, session_len, num_themes, top_k, capacity, seed):
+    """Random shapes: dispatch equals the oracle."""
+    top_k = min(top_k, num_themes)
+    gen = generator(seed)
+    themes, gate, so, se = dispatch_inputs(lengths, session_len, num_themes, top_k, "random", gen, "cpu")
+    got = run_dispatch(themes, gate, so, se, len(lengths), num_themes, capacity, backend)
+    index, row_gate, theme_offsets, inverse = oracles.theme_dispatch(
+        themes, gate, so, se, num_examples=len(lengths), num_themes=num_themes, capacity=capacity)
+    assert torch.equal(got.gather_index, index)
+    assert torch.equal(got.theme_offsets, theme_offsets)
+    assert torch.equal(got.inverse_index, inverse)
+    assert torch.equal(got.row_gate, row_gate)
+
+
+def _segments(dispatch):
+    o = dispatch.theme_offsets.cpu().tolist()
+    index = dispatch.gather_index.cpu().tolist()
+    return [index[o[g]:o[g + 1]] for g in range(len(o) - 1)]
+
+
+@pytest.mark.parametrize("backend", backends("theme_dispatch"))
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+@pytest.mark.parametrize("num_themes,top_k,pattern", DISPATCH_CASES)
+def test_theme_dispatch_invariants(lengths, num_themes, top_k, pattern, backend, device):
+    """Without capacity: every token appears top_k times, once per chosen theme (top_k = 1: a
+    permutation, inverse checked, and inverse_index is that inverse); theme_offsets' steps count
+    the tokens of (theme, example); every segment keeps time order; expert_offsets =
+    theme_offsets[::B]."""
+    gen = generator(7)
+    themes, gate, so, se = dispatch_inputs(lengths, 3, num_themes, top_k, pattern, gen, device)
+    b, total = len(lengths), sum(lengths)
+    got = run_dispatch(themes, gate, so, se, b, num_themes, None, backend)
+    index = got.gather_index.cpu()
+    assert index.numel() == total * top_k
+    if top_k == 1:
+        assert torch.equal(index.sort().values, torch.arange(total))
+        inverse = torch.empty_like(index)
+        inverse[index] = torch.arange(total)
+        assert torch.equal(index[inverse], torch.arange(total))
+        assert torch.equal(inverse[index], torch.arange(total))
+        assert torch.equal(got.inverse_index.cpu(), inverse[:, None])
+    else:
+        assert torch.equal(torch.bincount(index, minlength=total), torch.full((total,), top_k))
+    rows = got.inverse_index.cpu()
+    assert torch.equal(index[rows], torch.arange(total)[:, None].expand(total, top_k))
+    # Counts by (theme, example), from the tokens' own sessions.
+    token_example = torch.repeat_interleave(torch.arange(b), torch.tensor(lengths))
+    token_session = torch.repeat_interleave(torch.arange(se.numel()), (so[1:] - so[:-1]).cpu())
+    counts = torch.zeros(num_themes, b, dtype=torch.int64)
+    for t in range(total):
+        for k in themes[token_session[t]].tolist():
+            counts[k, token_example[t]] += 1
+    assert torch.equal(got.segment_lengths.cpu(), counts)
+    for g, rows in enumerate(_segments(got)):
+        k, ex = divmod(g, b)
+        assert all(r0 < r1 for r0, r1 in zip(rows, rows[1:])), f"segment {g} out of time order: {rows}"
+        assert all(int(token_example[r]) == ex for r in rows), f"segment {g} holds another example's token"
+        assert all(k in themes[token_session[r]].tolist() for r in rows), f"segment {g} holds another theme"
+    assert torch.equal(got.expert_offsets, got.theme_offsets[::b])
+    if pattern == "one":
+        assert int(got.segment_lengths[top_k:].sum()) == 0
+
+
+@pytest.mark.parametrize("backend", backends("theme_dispatch"))
+@pytest.mark.parametrize("capacity", [1, 2, 5])
+def test_theme_dispatch_capacity_keeps_newest(capacity, backend, device):
+    """Capacity keeps the newest tokens of each subsequence: one example, sessions of 2 tokens
+    alternating themes 0,1,0,1 -> theme 0 holds tokens 0,1,4,5, theme 1 holds 2,3,6,7."""
+    so = torch.tensor([0, 2, 4, 6, 8], device=device)
+    se = torch.zeros(4, dtype=torch.int64, device=device)
+    themes = torch.tensor([[0], [1], [0], [1]], device=device)
+    got = run_dispatch(themes, torch.ones(4, 1, device=device), so, se, 1, 2, capacity, backend)
+    expected = [[0, 1, 4, 5][-capacity:], [2, 3, 6, 7][-capacity:]]
+    assert _segments(got) == expected
+
+
+@pytest.mark.parametrize("backend", backends("theme_dispatch"))
+def test_theme_dispatch_no_examples(backend, device):
+    """B = 0: no rows, K*B+1 = 1 theme offset, K+1 zero expert offsets."""
+    got = run_dispatch(torch.zeros(0, 1, dtype=torch.int64, device=device), torch.zeros(0, 1, device=device),
+                       torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64,
+                                                                                      device=device), 0, 3, None)
+    assert got.gather_index.numel() == 0 and got.theme_offsets.cpu().tolist() == [0]
+    assert got.expert_offsets.cpu().tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("backend", backends("session_pool_route"))
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_routed_row_gate_is_one_forward(top_k, backend, device):
+    """row_gate is 1 in the forward pass when it comes from the router (spec step 4)."""
+    gen = generator(8)
+    values, offsets = jagged([0, 40, 13, 1, 29], 8, gen, dtype=torch.float32, device=device)
+    sessions = mk.sessionize(offsets, mode="fixed", session_len=3)
+    prototypes = randn(gen, 4, 8, dtype=torch.float32, device=device).requires_grad_()
+    _, r = mk.session_pool_route(values, sessions.session_offsets, prototypes, top_k=top_k, backend=backend)
+    d = run_dispatch(r.themes, r.gate, sessions.session_offsets, sessions.session_example, 5, 4, None)
+    assert torch.equal(d.row_gate, torch.ones_like(d.row_gate))
+
+
+@pytest.mark.parametrize("backend", backends("session_pool_route"))
+@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 2)])
+def test_router_gradient_through_gather(top_k, capacity, backend, device):
+    """Straight-through: a loss on the gathered theme rows alone gives the prototypes (and the
+    pooled tokens) a nonzero gradient, equal to the loop pipeline's
+    (pool -> route -> dispatch -> gather)."""
+    gen = generator(9)
+    lengths, num_themes = [0, 11, 1, 7], 3
+    values, offsets = jagged(lengths, 6, gen, dtype=torch.float32, device=device)
+    so, se, _ = oracles.sessionize(offsets.cpu(), mode="fixed", session_len=2)
+    prototypes = randn(gen, num_themes, 6, dtype=torch.float32, device=device)
+
+    def pipeline(values, prototypes):
+        _, r = mk.session_pool_route(values, so.to(device), prototypes, temperature=0.5, top_k=top_k,
+                                     backend=backend)
+        d = run_dispatch(r.themes, r.gate, so.to(device), se.to(device), len(lengths), num_themes, capacity)
+        return mk.theme_gather(values, d.gather_index, d.row_gate)
+
+    def oracle(values, prototypes):
+        pooled = oracles.session_pool(values, so)
+        themes, gate, _, _ = oracles.theme_route(pooled, prototypes, temperature=0.5, top_k=top_k)
+        index, row_gate, _, _ = oracles.theme_dispatch(themes, gate, so, se, num_examples=len(lengths),
+                                                       num_themes=num_themes, capacity=capacity)
+        return oracles.theme_gather(values, index, row_gate)
+
+    check_forward_backward(pipeline, oracle, {"values": values, "prototypes": prototypes},
+                           kind="attention", grad_kind="attention_grad", gen=gen)
+    leaf = prototypes.clone().requires_grad_()
+    rows = pipeline(values, leaf)
+    rows.mul(randn(gen, *rows.shape, dtype=torch.float32, device=device)).sum().backward()
+    assert leaf.grad.abs().sum() > 0, "no gradient reached the prototypes through the gate"
+
+
+# ---- theme_gather / theme_scatter -------------------------------------------------------------
+
+def routed(lengths, gen, top_k, capacity, device, num_themes=3):
+    """A real dispatch over `lengths` (sessions of 2, random themes, gates not 1)."""
+    themes, gate, so, se = dispatch_inputs(lengths, 2, num_themes, top_k, "random", gen, device)
+    return run_dispatch(themes, gate, so, se, len(lengths), num_themes, capacity)
+
+
+def routed_index(lengths, gen, top_k, capacity, device):
+    """gather_index, row_gate and T of a real dispatch (K = 3) over `lengths`."""
+    d = routed(lengths, gen, top_k, capacity, device)
+    return d.gather_index, d.row_gate.detach(), sum(lengths)
+
+
+@pytest.mark.parametrize("backend", backends("theme_gather"))
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_theme_gather_scatter_match_oracle(lengths, top_k, capacity, gated, backend, device):
+    """gather and scatter, forward and backward (values/rows and the gate)."""
+    gen = generator(10 + top_k)
+    dtype, kind = precision(backend)
+    index, gate, total = routed_index(lengths, gen, top_k, capacity, device)
+    gate = gate.to(dtype)
+    values = randn(gen, total, 5, dtype=dtype, device=device)
+    rows = randn(gen, index.numel(), 5, dtype=dtype, device=device)
+    if gated:
+        check_forward_backward(lambda values, gate: mk.theme_gather(values, index, gate, backend=backend),
+                               lambda values, gate: oracles.theme_gather(values, index, gate),
+                               {"values": values, "gate": gate}, kind=kind, grad_kind=kind, gen=gen)
+        check_forward_backward(
+            lambda rows, gate: mk.theme_scatter(rows, index, gate, num_tokens=total, backend=backend),
+            lambda rows, gate: oracles.theme_scatter(rows, index, gate, total),
+            {"rows": rows, "gate": gate}, kind=kind, grad_kind=kind, gen=gen)
+    else:
+        check_forward_backward(lambda values: mk.theme_gather(values, index, backend=backend),
+                               lambda values: oracles.theme_gather(values, index),
+                               {"values": values}, kind=kind, grad_kind=kind, gen=gen)
+        check_forward_backward(lambda rows: mk.theme_scatter(rows, index, num_tokens=total, backend=backend),
+                               lambda rows: oracles.theme_scatter(rows, index, None, total),
+                               {"rows": rows}, kind=kind, grad_kind=kind, gen=gen)
+
+
+@pytest.mark.parametrize("backend", backends("theme_scatter"))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_theme_scatter_repeated_index_matches_oracle(seed, backend, device):
+    """Scatter with arbitrary repeats (many rows to one token, tokens with none) sums them."""
+    gen = generator(seed)
+    dtype, kind = precision(backend)
+    index = torch.randint(0, 7, (23,), generator=gen).to(device)
+    check_forward_backward(
+        lambda rows, gate: mk.theme_scatter(rows, index, gate, num_tokens=11, backend=backend),
+        lambda rows, gate: oracles.theme_scatter(rows, index, gate, 11),
+        {"rows": randn(gen, 23, 3, dtype=dtype, device=device), "gate": randn(gen, 23, dtype=dtype, device=device)},
+        kind=kind, grad_kind=kind, gen=gen)
+
+
+@pytest.mark.parametrize("backend", backends("theme_scatter"))
+@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 1)])
+def test_theme_scatter_is_adjoint_of_gather(top_k, capacity, backend, device):
+    """<gather(x), y> == <x, scatter(y)> with the same index and gate."""
+    gen = generator(11)
+    dtype, kind = precision(backend)
+    index, gate, total = routed_index([4, 0, 9, 1], gen, top_k, capacity, device)
+    x, y = randn(gen, total, 6, dtype=dtype, device=device), randn(gen, index.numel(), 6, dtype=dtype, device=device)
+    lhs = (mk.theme_gather(x, index, gate.to(dtype), backend=backend).double() * y.double()).sum()
+    rhs = (x.double() * mk.theme_scatter(y, index, gate.to(dtype), num_tokens=total, backend=backend).double()).sum()
+    assert_close(lhs, rhs, kind, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", backends("theme_gather"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_theme_gather_is_exact(dtype, backend, device):
+    """Gathering without a gate (and with a gate of ones) moves bits, in every float dtype."""
+    gen = generator(12)
+    index, _, total = routed_index([5, 0, 8], gen, 2, None, device)
+    values = randn(gen, total, 4, dtype=dtype, device=device)
+    expected = oracles.theme_gather(values.cpu(), index.cpu())
+    assert_matches(mk.theme_gather(values, index, backend=backend), expected, "exact")
+    ones = torch.ones(index.numel(), dtype=dtype, device=device)
+    assert_matches(mk.theme_gather(values, index, ones, backend=backend), expected, "exact")
+
+
+# ---- grouped_linear ---------------------------------------------------------------------------
+
+GROUP_BLOCKS = [[0], [5], [13], [0, 4, 0], [3, 0, 7, 1, 0], [2, 2, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("backend", backends("grouped_linear"))
+@pytest.mark.parametrize("blocks", GROUP_BLOCKS, ids=str)
+@pytest.mark.parametrize("d_in,d_out", [(3, 5), (7, 2), (1, 1)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_grouped_linear_matches_oracle(blocks, d_in, d_out, with_bias, backend, device):
+    """Each expert's block times its own weight (+ bias), forward and backward, float64."""
+    gen = generator(sum(blocks) + d_in)
+    num_experts = len(blocks)
+    inputs = {"x": randn(gen, sum(blocks), d_in, device=device),
+              "weight": randn(gen, num_experts, d_in, d_out, device=device)}
+    if with_bias:
+        inputs["bias"] = randn(gen, num_experts, d_out, device=device)
+    offsets = oracles.offsets_of(blocks).to(device)
+    check_forward_backward(
+        lambda x, weight, bias=None: mk.grouped_linear(x, weight, bias, offsets, backend=backend),
+        lambda x, weight, bias=None: oracles.grouped_linear(x, weight, bias, offsets),
+        inputs, kind="float64", grad_kind="float64", gen=gen)
+
+
+@pytest.mark.parametrize("backend", backends("grouped_linear"))
+def test_grouped_linear_max_rows_bound(backend, device):
+    """A max_rows larger than the longest block (a bound known in advance) changes nothing."""
+    gen = generator(13)
+    x, w, b = randn(gen, 9, 3, device=device), randn(gen, 2, 3, 4, device=device), randn(gen, 2, 4, device=device)
+    offsets = torch.tensor([0, 4, 9], device=device)
+    assert_close(mk.grouped_linear(x, w, b, offsets, max_rows=16, backend=backend),
+                 mk.grouped_linear(x, w, b, offsets, backend=backend), "float64")
+
+
+# ---- expert_target_attention ------------------------------------------------------------------
+
+ATTENTION_SEGMENTS = [  # (E, segment lengths of the E*B segments)
+    (1, [5]), (1, [0]), (1, [1, 0, 13]), (2, [0, 3, 7, 0]), (3, [2, 0, 1, 0, 11, 0]), (2, [0, 0, 0, 0]),
+]
+
+
+@pytest.mark.parametrize("backend", backends("expert_target_attention"))
+@pytest.mark.parametrize("num_experts,lengths", ATTENTION_SEGMENTS)
+@pytest.mark.parametrize("num_heads", [1, 3])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_expert_target_attention_matches_oracle(num_experts, lengths, num_heads, with_bias, backend, device):
+    """Per segment and head: softmax(q k / sqrt(dh)) v with K/V of expert g // B; fp32 against the
+    float64 oracle, forward and backward (tokens, query, all weights and biases)."""
+    gen = generator(len(lengths) + num_heads)
+    dim = 6
+    inputs = {"tokens": randn(gen, sum(lengths), dim, dtype=torch.float32, device=device),
+              "query": randn(gen, len(lengths), dim, dtype=torch.float32, device=device),
+              "w_key": randn(gen, num_experts, dim, dim, dtype=torch.float32, device=device) / math.sqrt(dim),
+              "w_value": randn(gen, num_experts, dim, dim, dtype=torch.float32, device=device)}
+    if with_bias:
+        inputs["b_key"] = randn(gen, num_experts, dim, dtype=torch.float32, device=device)
+        inputs["b_value"] = randn(gen, num_experts, dim, dtype=torch.float32, device=device)
+    offsets = oracles.offsets_of(lengths).to(device)
+
+    def lib(tokens, query, w_key, w_value, b_key=None, b_value=None):
+        return mk.expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, offsets,
+                                          num_heads=num_heads, backend=backend)
+
+    def oracle(tokens, query, w_key, w_value, b_key=None, b_value=None):
+        return oracles.expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, offsets,
+                                               num_heads=num_heads)
+
+    out = check_forward_backward(lib, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)[0]
+    empty = torch.tensor(lengths, device=device) == 0
+    assert torch.equal(out[empty], torch.zeros_like(out[empty])), "empty segments must give exact zeros"
+
+
+@pytest.mark.parametrize("backend", backends("expert_target_attention"))
+@pytest.mark.parametrize("lengths", [[0, 5, 0, 7, 1, 0], [13], [3, 11, 2, 7, 5]], ids=str)
+@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 2)])
+def test_expert_target_attention_over_dispatch(lengths, top_k, capacity, backend, device):
+    """Theme experts read the dispatched rows through gather_index and row_gate: same as the
+    oracle, including the gradient of the gate."""
+    gen = generator(14)
+    num_themes, dim = 3, 4
+    d = routed(lengths, gen, top_k, capacity, device, num_themes)
+    index, theme_offsets, total = d.gather_index, d.theme_offsets, sum(lengths)
+    inputs = {"tokens": randn(gen, total, dim, dtype=torch.float32, device=device),
+              "query": randn(gen, num_themes * len(lengths), dim, dtype=torch.float32, device=device),
+              "w_key": randn(gen, num_themes, dim, dim, dtype=torch.float32, device=device) / 2,
+              "w_value": randn(gen, num_themes, dim, dim, dtype=torch.float32, device=device),
+              "gate": d.row_gate.detach().float()}
+
+    def lib(tokens, query, w_key, w_value, gate):
+        return mk.expert_target_attention(tokens, query, w_key, None, w_value, None, theme_offsets, num_heads=2,
+                                          gather_index=index, row_gate=gate, inverse_index=d.inverse_index,
+                                          backend=backend)
+
+    def oracle(tokens, query, w_key, w_value, gate):
+        return oracles.expert_target_attention(tokens, query, w_key, None, w_value, None, theme_offsets.cpu(),
+                                               num_heads=2, gather_index=index.cpu(), row_gate=gate)
+
+    check_forward_backward(lib, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)
+
+
+@pytest.mark.parametrize("backend", backends("expert_target_attention"))
+def test_expert_target_attention_empty_segments_never_nan(backend, device):
+    """All segments empty, or all but one: outputs of empty segments are exactly zero and every
+    gradient is finite (no 0/0 from an empty softmax)."""
+    gen = generator(15)
+    for lengths in ([0, 0, 0, 0], [0, 0, 4, 0]):
+        tokens = randn(gen, sum(lengths), 4, dtype=torch.float32, device=device).requires_grad_()
+        query = randn(gen, 4, 4, dtype=torch.float32, device=device).requires_grad_()
+        w = randn(gen, 2, 4, 4, dtype=torch.float32, device=device).requires_grad_()
+        out = mk.expert_target_attention(tokens, query, w, None, w, None, oracles.offsets_of(lengths).to(device),
+                                         num_heads=2, backend=backend)
+        empty = torch.tensor(lengths, device=device) == 0
+        assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+        out.sum().backward()
+        for t in (tokens, query, w):
+            assert torch.isfinite(t.grad).all()
+
+
+# ---- jagged_self_attention --------------------------------------------------------------------
+
+SELF_ATTENTION_LENGTHS = [[1], [0], [7], [0, 5, 0, 7, 1, 0], [3, 11, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("backend", backends("jagged_self_attention"))
+@pytest.mark.parametrize("lengths", SELF_ATTENTION_LENGTHS, ids=str)
+@pytest.mark.parametrize("num_heads", [1, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_jagged_self_attention_matches_oracle(lengths, num_heads, causal, backend, device):
+    """Per segment and head, row i attends to rows j <= i (causal) or all rows of its segment;
+    fp32 against the float64 oracle, forward and backward (q, k, v)."""
+    gen = generator(len(lengths) * 3 + num_heads)
+    total, dim = sum(lengths), 6
+    inputs = {name: randn(gen, total, dim, dtype=torch.float32, device=device) for name in ("q", "k", "v")}
+    offsets = oracles.offsets_of(lengths).to(device)
+    check_forward_backward(
+        lambda q, k, v: mk.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, causal=causal,
+                                                 backend=backend),
+        lambda q, k, v: oracles.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, causal=causal),
+        inputs, kind="attention", grad_kind="attention_grad", gen=gen)
+
+
+@pytest.mark.parametrize("backend", backends("jagged_self_attention"))
+def test_jagged_self_attention_max_len_bound(backend, device):
+    """A max_len bound above the longest segment changes nothing (padding is masked)."""
+    gen = generator(16)
+    q, k, v = (randn(gen, 12, 4, dtype=torch.float32, device=device) for _ in range(3))
+    offsets = torch.tensor([0, 0, 5, 12], device=device)
+    assert_close(mk.jagged_self_attention(q, k, v, offsets, num_heads=2, max_len=20, backend=backend),
+                 mk.jagged_self_attention(q, k, v, offsets, num_heads=2, backend=backend), "attention")
+
+
+# ---- float64 precision of the attention references --------------------------------------------
+
+def float64_attention_inputs(device):
+    gen = generator(17)
+    lengths, dim = [0, 9, 4, 1], 6
+    return (randn(gen, sum(lengths), dim, device=device), randn(gen, len(lengths), dim, device=device),
+            randn(gen, 2, dim, dim, device=device), randn(gen, 2, dim, dim, device=device),
+            oracles.offsets_of(lengths).to(device))
+
+
+@pytest.mark.parametrize("backend", backends("expert_target_attention"))
+def test_expert_target_attention_keeps_float64_precision(backend, device):
+    """Run in float64, the reference agrees with the float64 oracle to float64 precision, so it can
+    serve as the float64 reference kernels.md asks to measure against (as session_pool and
+    grouped_linear do: they compute in at least the input's dtype)."""
+    tokens, query, w_key, w_value, offsets = float64_attention_inputs(device)
+    got = mk.expert_target_attention(tokens, query, w_key, None, w_value, None, offsets, num_heads=2,
+                                     backend=backend)
+    expected = oracles.expert_target_attention(tokens.cpu(), query.cpu(), w_key.cpu(), None, w_value.cpu(), None,
+                                               offsets.cpu(), num_heads=2)
+    assert_matches(got, expected, "float64")
+
+
+@pytest.mark.parametrize("backend", backends("jagged_self_attention"))
+def test_jagged_self_attention_keeps_float64_precision(backend, device):
+    """Run in float64, the reference agrees with the float64 oracle to float64 precision."""
+    tokens, _, w_key, w_value, offsets = float64_attention_inputs(device)
+    q, k, v = tokens, tokens @ w_key[0], tokens @ w_value[0]
+    got = mk.jagged_self_attention(q, k, v, offsets, num_heads=2, backend=backend)
+    expected = oracles.jagged_self_attention(q.cpu(), k.cpu(), v.cpu(), offsets.cpu(), num_heads=2)
+    assert_matches(got, expected, "float64")
+
+
+# ---- jagged helpers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+@pytest.mark.parametrize("trailing", [(), (2, 3)], ids=["2d", "4d"])
+@pytest.mark.parametrize("padding_value", [0.0, -7.5])
+def test_jagged_padded_round_trip(lengths, trailing, padding_value, device):
+    """jagged_to_padded and padded_to_jagged equal their oracles, and their round trip gives the
+    input back bit for bit; padding cells hold padding_value."""
+    gen = generator(18)
+    offsets = oracles.offsets_of(lengths).to(device)
+    values = randn(gen, sum(lengths), 4, *trailing, device=device)
+    max_len = max(lengths) + 2
+    padded = mk.jagged_to_padded(values, offsets, max_len, padding_value)
+    assert torch.equal(padded.cpu(), oracles.jagged_to_padded(values.cpu(), offsets.cpu(), max_len, padding_value))
+    lengths_t = torch.tensor(lengths, device=device)
+    back, back_offsets = mk.padded_to_jagged(padded, lengths_t)
+    ref_values, ref_offsets = oracles.padded_to_jagged(padded.cpu(), lengths_t.cpu())
+    assert torch.equal(back.cpu(), ref_values) and torch.equal(back_offsets.cpu(), ref_offsets)
+    assert torch.equal(back, values) and torch.equal(back_offsets, offsets)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+def test_jagged_padded_gradients(lengths, device):
+    """Gradients of both conversions equal the oracles' (float64)."""
+    gen = generator(19)
+    offsets = oracles.offsets_of(lengths).to(device)
+    max_len = max(lengths) + 1
+    check_forward_backward(lambda values: mk.jagged_to_padded(values, offsets, max_len),
+                           lambda values: oracles.jagged_to_padded(values, offsets, max_len),
+                           {"values": randn(gen, sum(lengths), 3, device=device)},
+                           kind="float64", grad_kind="float64", gen=gen)
+    lengths_t = torch.tensor(lengths, device=device)
+    check_forward_backward(lambda padded: mk.padded_to_jagged(padded, lengths_t)[0],
+                           lambda padded: oracles.padded_to_jagged(padded, lengths_t)[0],
+                           {"padded": randn(gen, len(lengths), max_len, 3, device=device)},
+                           kind="float64", grad_kind="float64", gen=gen)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+def test_segment_ids_and_positions(lengths, device):
+    """segment_ids, positions_in_segment, lengths_from_offsets, offsets_from_lengths by loops."""
+    offsets = oracles.offsets_of(lengths).to(device)
+    seg = [g for g, n in enumerate(lengths) for _ in range(n)]
+    pos = [j for n in lengths for j in range(n)]
+    assert mk.segment_ids(offsets).cpu().tolist() == seg
+    assert mk.segment_ids(offsets, sum(lengths)).cpu().tolist() == seg
+    assert mk.positions_in_segment(offsets).cpu().tolist() == pos
+    assert mk.lengths_from_offsets(offsets).cpu().tolist() == lengths
+    assert torch.equal(mk.offsets_from_lengths(torch.tensor(lengths, device=device, dtype=torch.int32)), offsets)
