@@ -109,7 +109,9 @@ def test_padded_input_equals_jagged(encoder, readout, session_mode, top_k, capac
     jag = run(layer, values, target, offsets, times)
     pad = layer(padded, target, lengths=lengths,
                 timestamps=padded_times if session_mode == "gap" else None)
-    assert_close(pad.output, jag.output, "exact")
+    # Bitwise on the CPU. On CUDA the reference attention's index_add uses atomics, whose
+    # summation order varies from run to run: the same computation then agrees to fp32 rounding.
+    assert_close(pad.output, jag.output, "exact" if pad.output.device.type == "cpu" else "layer")
     assert torch.equal(pad.routing.segment_lengths, jag.routing.segment_lengths)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -358,17 +360,19 @@ def test_theme_dispatch_matches_oracle(case, num_themes, top_k, pattern, capacit
        num_themes=st.integers(1, 4), top_k=st.integers(1, 2), capacity=st.one_of(st.none(), st.integers(1, 4)),
        seed=st.integers(0, 2**16))
 def test_theme_dispatch_sweep(backend, lengths, session_len, num_themes, top_k, capacity, seed):
-    """Random shapes: dispatch equals the oracle."""
+    """Random shapes: dispatch equals the oracle (on the test device; hypothesis takes no fixtures)."""
     top_k = min(top_k, num_themes)
     gen = generator(seed)
     themes, gate, so, se = dispatch_inputs(lengths, session_len, num_themes, top_k, "random", gen, "cpu")
-    got = run_dispatch(themes, gate, so, se, len(lengths), num_themes, capacity, backend)
+    device = os.environ.get("MOS_TEST_DEVICE", "cpu")
+    got = run_dispatch(themes.to(device), gate.to(device), so.to(device), se.to(device), len(lengths), num_themes,
+                       capacity, backend)
     index, row_gate, theme_offsets, inverse = oracles.theme_dispatch(
         themes, gate, so, se, num_examples=len(lengths), num_themes=num_themes, capacity=capacity)
-    assert torch.equal(got.gather_index, index)
-    assert torch.equal(got.theme_offsets, theme_offsets)
-    assert torch.equal(got.inverse_index, inverse)
-    assert torch.equal(got.row_gate, row_gate)
+    assert torch.equal(got.gather_index.cpu(), index)
+    assert torch.equal(got.theme_offsets.cpu(), theme_offsets)
+    assert torch.equal(got.inverse_index.cpu(), inverse)
+    assert torch.equal(got.row_gate.cpu(), row_gate)
 
 
 def _segments(dispatch):
