@@ -13,6 +13,9 @@ from typing import Optional
 from mos_kernels._checks import check_choice, check_positive
 
 
+EXPERT_KINDS = ("global", "short", "themes")
+
+
 @dataclass
 class MoSConfig:
     """Options of `mos.MoSLayer` (spec steps 1-6)."""
@@ -25,12 +28,15 @@ class MoSConfig:
     gap_seconds: float = 1800.0      # "gap" mode: a gap longer than this starts a new session
     max_session_len: int = 64        # "gap" mode: longer sessions are split
     # Step 3, routing.
+    router: str = "learned"          # "learned" prototypes, or "random" themes (an ablation)
+    routing_unit: str = "session"    # route whole "session"s, or every "token" alone (an ablation)
     num_themes: int = 8              # K, number of learned themes (theme experts)
     temperature: float = 0.1         # tau in z = cos(h, c) / tau
     top_k: int = 1                   # themes each session joins
     # Step 4, dispatch.
     capacity: Optional[int] = None   # keep at most this many most recent tokens per theme subsequence
     # Step 5, experts.
+    experts: tuple = ("global", "short", "themes")   # which kinds run; drop one for an ablation
     encoder: str = "target_attention"  # "target_attention" | "transformer"
     num_layers: int = 1              # transformer layers per expert
     readout: str = "target"          # transformer readout: "target" attention | "last" token | "mean"
@@ -55,6 +61,14 @@ class MoSConfig:
             raise ValueError(
                 f"MoSConfig.dim: expected a multiple of num_heads={self.num_heads}, got {self.dim}")
         check_choice("MoSConfig.session_mode", self.session_mode, ("fixed", "gap"))
+        check_choice("MoSConfig.router", self.router, ("learned", "random"))
+        check_choice("MoSConfig.routing_unit", self.routing_unit, ("session", "token"))
+        self.experts = tuple(self.experts)
+        for kind in self.experts:
+            check_choice("MoSConfig.experts[]", kind, EXPERT_KINDS)
+        if not self.experts or len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"MoSConfig.experts: expected a non-empty list of distinct kinds from "
+                             f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
         check_positive("MoSConfig.session_len", self.session_len)
         check_positive("MoSConfig.gap_seconds", self.gap_seconds)
         check_positive("MoSConfig.max_session_len", self.max_session_len)
@@ -80,16 +94,46 @@ class MoSConfig:
 
 
 @dataclass
+class MoEConfig:
+    """The sample-level MoE baselines (gshard, dselect_k, expert_choice) around the same encoder.
+
+    Their experts are instances of `MoSConfig.encoder` with `MoSConfig.dim` and `num_heads`, each
+    over the whole sequence, so they differ from the backbone only in gating."""
+
+    num_experts: int = 4             # E; dselect_k needs a power of two
+    top_k: int = 2                   # gshard: experts per example; dselect_k: selectors; expert_choice: k in C
+    capacity_factor: float = 1.0     # expert_choice: each expert takes C = capacity_factor * B * top_k / E examples
+    load_balance_weight: float = 0.01  # gshard's auxiliary balance loss
+    smooth_step_gamma: float = 1.0   # dselect_k: width of the smooth step
+    entropy_weight: float = 1e-3     # dselect_k: pushes each selector towards one expert
+
+    def __post_init__(self):
+        check_positive("model.moe.num_experts", self.num_experts)
+        check_positive("model.moe.top_k", self.top_k)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"model.moe.top_k: expected at most num_experts={self.num_experts}, got {self.top_k}")
+        check_positive("model.moe.capacity_factor", self.capacity_factor)
+        check_positive("model.moe.smooth_step_gamma", self.smooth_step_gamma)
+        for name in ("load_balance_weight", "entropy_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"model.moe.{name}: expected a number >= 0, got {getattr(self, name)!r}")
+
+
+MODEL_KINDS = ("mos", "backbone", "gshard", "dselect_k", "expert_choice")
+
+
+@dataclass
 class ModelConfig:
     """The CTR model around the sequence encoder (spec step 7)."""
 
-    kind: str = "mos"                # "mos" | "backbone" (one encoder over the whole sequence)
+    kind: str = "mos"                # one of MODEL_KINDS; "backbone" = one encoder over the whole sequence
     mos: MoSConfig = field(default_factory=MoSConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     use_category: bool = True        # add a category embedding to every item embedding
     mlp_hidden: tuple = (64, 32)     # hidden widths of the MLP head on [t ; u ; t*u]
 
     def __post_init__(self):
-        check_choice("model.kind", self.kind, ("mos", "backbone"))
+        check_choice("model.kind", self.kind, MODEL_KINDS)
         self.mlp_hidden = tuple(self.mlp_hidden)
         for width in self.mlp_hidden:
             check_positive("model.mlp_hidden[]", width)
@@ -197,5 +241,6 @@ class RunConfig:
         self.models = tuple(self.models)
         if not self.models:
             raise ValueError("models: expected at least one model kind, got an empty list")
-        for kind in self.models:
-            check_choice("models[]", kind, ("mos", "backbone"))
+        from mos.variants import VARIANTS   # variants build on these dataclasses
+        for name in self.models:
+            check_choice("models[]", name, tuple(VARIANTS))

@@ -46,7 +46,7 @@ class MoSOutput:
     output: torch.Tensor             # [B, d] fused user-interest vector
     aux_loss: torch.Tensor           # scalar, the weighted sum of `aux`
     aux: Dict[str, torch.Tensor]     # unweighted auxiliary losses: commitment, codebook, load_balance
-    routing: RoutingInfo
+    routing: Optional[RoutingInfo]   # None when the layer runs no theme experts
 
 
 class MoSLayer(nn.Module):
@@ -64,17 +64,21 @@ class MoSLayer(nn.Module):
             raise ValueError(f"overrides: expected none when a config is given, got {sorted(overrides)}")
         self.config = cfg = config
         d = cfg.dim
-        self.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, d), dim=-1))
         encoder = dict(num_layers=cfg.num_layers, readout=cfg.readout, dropout=cfg.dropout, backend=cfg.backend)
-        self.theme_experts = make_encoder(cfg.encoder, d, cfg.num_heads, cfg.num_themes, **encoder)
-        self.global_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
-        self.short_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
-        self.theme_query = nn.Linear(d, d)
+        # Only the experts that run own parameters (DDP refuses parameters that get no gradient).
+        if "themes" in cfg.experts:
+            self.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, d), dim=-1))
+            self.theme_experts = make_encoder(cfg.encoder, d, cfg.num_heads, cfg.num_themes, **encoder)
+            self.theme_query = nn.Linear(d, d)
+        if "global" in cfg.experts:
+            self.global_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
+        if "short" in cfg.experts:
+            self.short_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
         if cfg.fusion == "gate":
-            self.fusion_gate = nn.Linear(d, 3)
+            self.fusion_gate = nn.Linear(d, len(cfg.experts))
             self.out = nn.Linear(d, d)
         else:
-            self.out = nn.Linear(3 * d, d)
+            self.out = nn.Linear(len(cfg.experts) * d, d)
 
     def forward(self, values: torch.Tensor, target: torch.Tensor, offsets: Optional[torch.Tensor] = None, *,
                 lengths: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
@@ -99,42 +103,57 @@ class MoSLayer(nn.Module):
 
     def _experts_and_fusion(self, values, target, offsets, sessions, max_len) -> MoSOutput:
         cfg = self.config
+        outputs = {}
+        aux = {name: values.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
+        info = None
+        pooled = None
+        if "themes" in cfg.experts:
+            pooled, outputs["themes"], aux, info = self._theme_experts(values, target, offsets, sessions, max_len)
+        if "global" in cfg.experts:
+            if cfg.global_scope == "tokens":
+                outputs["global"] = self.global_expert(values, target, offsets, max_len=max_len)[0]
+            else:
+                if pooled is None or cfg.routing_unit != "session":
+                    pooled = mk.session_pool(values, sessions.session_offsets,
+                                             backend=op_backend(cfg.backend, "session_pool"))
+                outputs["global"] = self.global_expert(pooled, target, sessions.example_session_offsets)[0]
+        if "short" in cfg.experts:
+            short_index, short_offsets = _recent_sessions(offsets, sessions, cfg.short_sessions)
+            outputs["short"] = self.short_expert(values, target, short_offsets, gather_index=short_index,
+                                                 inverse_index=inverse_of_unique(short_index, values.shape[0]),
+                                                 max_len=max_len)[0]
+        output = self._fuse(target, [outputs[kind] for kind in cfg.experts])
+        aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
+                    + cfg.load_balance_weight * aux["load_balance"])
+        return MoSOutput(output, aux_loss, {k: v.detach() for k, v in aux.items()}, info)
+
+    def _theme_experts(self, values, target, offsets, sessions, max_len):
+        """Steps 2-4 and the theme half of 5-6: route, dispatch, run the K experts, summarise."""
+        cfg = self.config
         backend = cfg.backend
         num_examples = offsets.numel() - 1
-
-        # Steps 2-3: pooled sessions, routing.
-        pooled, routing = mk.session_pool_route(values, sessions.session_offsets, self.prototypes,
-                                                temperature=cfg.temperature, top_k=cfg.top_k,
-                                                backend=op_backend(backend, "session_pool_route"))
-        # Step 4: theme-major subsequences.
-        dispatch = mk.theme_dispatch(routing.themes, routing.gate, sessions.session_offsets,
-                                     sessions.session_example, num_examples=num_examples,
-                                     num_themes=cfg.num_themes, capacity=cfg.capacity,
+        units = sessions if cfg.routing_unit == "session" else _token_sessions(offsets, values.shape[0])
+        if cfg.router == "learned":
+            pooled, routing = mk.session_pool_route(values, units.session_offsets, self.prototypes,
+                                                    temperature=cfg.temperature, top_k=cfg.top_k,
+                                                    backend=op_backend(backend, "session_pool_route"))
+            aux = _aux_losses(pooled, self.prototypes, routing)
+        else:
+            pooled, routing = None, _random_routing(units.num_sessions, cfg.num_themes, cfg.top_k, values)
+            aux = {name: values.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
+        dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
+                                     num_examples=num_examples, num_themes=cfg.num_themes, capacity=cfg.capacity,
                                      num_tokens=values.shape[0], backend=op_backend(backend, "theme_dispatch"))
-        # Step 5: experts. A theme subsequence is never longer than its example.
+        # A theme subsequence is never longer than its example.
         theme_len = max_len if cfg.capacity is None else min(max_len, cfg.capacity)
         e_theme = self.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,
                                      row_gate=dispatch.row_gate, inverse_index=dispatch.inverse_index,
                                      max_len=theme_len)
-        if cfg.global_scope == "tokens":
-            e_global = self.global_expert(values, target, offsets, max_len=max_len)[0]
-        else:
-            e_global = self.global_expert(pooled, target, sessions.example_session_offsets)[0]
-        short_index, short_offsets = _recent_sessions(offsets, sessions, cfg.short_sessions)
-        e_short = self.short_expert(values, target, short_offsets, gather_index=short_index,
-                                    inverse_index=inverse_of_unique(short_index, values.shape[0]),
-                                    max_len=max_len)[0]
-        # Step 6: fusion.
         segment_lengths = dispatch.segment_lengths
-        e_themes = self._theme_summary(e_theme, target, segment_lengths > 0)
-        output = self._fuse(target, e_global, e_short, e_themes)
-
-        aux = _aux_losses(pooled, self.prototypes, routing)
-        aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
-                    + cfg.load_balance_weight * aux["load_balance"])
-        info = RoutingInfo(sessions.session_offsets, sessions.session_example, routing.themes[:, 0],
-                           routing.themes, routing.probs.detach(), segment_lengths)
-        return MoSOutput(output, aux_loss, {k: v.detach() for k, v in aux.items()}, info)
+        summary = self._theme_summary(e_theme, target, segment_lengths > 0)
+        info = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
+                           routing.probs.detach(), segment_lengths)
+        return pooled, summary, aux, info
 
     def _theme_summary(self, e_theme: torch.Tensor, target: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
         """Target-conditioned softmax over each example's non-empty themes; zeros if it has none."""
@@ -146,13 +165,12 @@ class MoSLayer(nn.Module):
         weights = torch.softmax(logits.float(), dim=1).to(target.dtype) * nonempty
         return torch.einsum("bk,kbd->bd", weights, e_theme)
 
-    def _fuse(self, target, e_global, e_short, e_themes):
+    def _fuse(self, target, expert_outputs):
         if self.config.fusion == "concat":
-            fused = self.out(torch.cat([e_global, e_short, e_themes], dim=1))
+            fused = self.out(torch.cat(expert_outputs, dim=1))
         else:
             gate = torch.softmax(self.fusion_gate(target), dim=1)
-            mixed = gate[:, 0:1] * e_global + gate[:, 1:2] * e_short + gate[:, 2:3] * e_themes
-            fused = self.out(mixed)
+            fused = self.out(sum(gate[:, i:i + 1] * e for i, e in enumerate(expert_outputs)))
         return F.dropout(fused, self.config.dropout, self.training)
 
 
@@ -190,6 +208,24 @@ def _recent_sessions(offsets: torch.Tensor, sessions: mk.Sessions, count: int):
     pos = positions_in_segment(short_offsets)
     index = torch.repeat_interleave(start, short_offsets[1:] - short_offsets[:-1], output_size=pos.numel()) + pos
     return index, short_offsets
+
+
+def _token_sessions(offsets: torch.Tensor, num_tokens: int) -> mk.Sessions:
+    """Every token its own session: the token-level routing ablation."""
+    example = mk.segment_ids(offsets, num_tokens)
+    return mk.Sessions(torch.arange(num_tokens + 1, device=offsets.device), example, offsets)
+
+
+def _random_routing(num_sessions: int, num_themes: int, top_k: int, like: torch.Tensor) -> mk.Routing:
+    """Uniformly random distinct themes per session, drawn anew every call (the random-routing
+    ablation): no learned router, so a constant gate of 1 and uniform probabilities."""
+    themes = torch.rand(num_sessions, num_themes, device=like.device).argsort(dim=1)[:, :top_k]
+    probs = torch.full((num_sessions, num_themes), 1.0 / num_themes, device=like.device)
+    gate = torch.ones((num_sessions, top_k), dtype=like.dtype, device=like.device)
+    return mk.Routing(themes=themes, gate=gate, probs=probs, scores=torch.zeros_like(probs))
+
+
+AUX_LOSSES = ("commitment", "codebook", "load_balance")
 
 
 def _aux_losses(pooled, prototypes, routing) -> Dict[str, torch.Tensor]:

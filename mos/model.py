@@ -7,10 +7,14 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .baselines import DSelectK, ExpertChoice, GShard, SampleMoE
 from .config import ModelConfig
 from .data.batch import Batch
 from .encoders import make_encoder
 from .layer import MoSLayer, RoutingInfo
+
+
+SAMPLE_MOE = {"gshard": GShard, "dselect_k": DSelectK, "expert_choice": ExpertChoice}
 
 
 @dataclass
@@ -35,9 +39,11 @@ class CTRModel(nn.Module):
             nn.init.normal_(table.weight, std=0.1)
         if config.kind == "mos":
             self.encoder = MoSLayer(mos_cfg)
-        else:
+        elif config.kind == "backbone":
             self.encoder = make_encoder(mos_cfg.encoder, dim, mos_cfg.num_heads, 1, num_layers=mos_cfg.num_layers,
                                         readout=mos_cfg.readout, dropout=mos_cfg.dropout, backend=mos_cfg.backend)
+        else:
+            self.encoder = SAMPLE_MOE[config.kind](config)
         layers, width = [], 3 * dim
         for hidden in config.mlp_hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
@@ -53,11 +59,15 @@ class CTRModel(nn.Module):
     def forward(self, batch: Batch) -> CTROutput:
         tokens = self.embed(batch.item_ids, batch.category_ids)
         target = self.embed(batch.target_item, batch.target_category)
+        routing = None
         if isinstance(self.encoder, MoSLayer):
             out = self.encoder(tokens, target, batch.offsets, timestamps=batch.timestamps, max_len=batch.max_len)
             user, aux_loss, aux, routing = out.output, out.aux_loss, out.aux, out.routing
+        elif isinstance(self.encoder, SampleMoE):
+            out = self.encoder(tokens, target, batch.offsets, max_len=batch.max_len)
+            user, aux_loss, aux = out.output, out.aux_loss, out.aux
         else:
             user = self.encoder(tokens, target, batch.offsets, max_len=batch.max_len)[0]
-            aux_loss, aux, routing = tokens.new_zeros(()), {}, None
+            aux_loss, aux = tokens.new_zeros(()), {}
         logits = self.head(torch.cat([target, user, target * user], dim=1)).squeeze(1)
         return CTROutput(logits, aux_loss, aux, routing)

@@ -27,6 +27,7 @@ from mos.config_io import config_to_dict
 from mos.data import stats, synthetic
 from mos.data.dataset import split_by_user
 from mos.model import CTRModel
+from mos.variants import variant_config
 from mos.report import summary_table
 from mos_kernels._checks import check_choice
 
@@ -66,7 +67,7 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
     device = torch.device(cfg.device)
     _seed_everything(seed)
     shuffle = torch.Generator().manual_seed(seed)
-    model_cfg = replace(run_cfg.model, kind=kind)
+    model_cfg = variant_config(run_cfg.model, kind)
     model = CTRModel(model_cfg, train_set.num_items, train_set.num_categories).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     eval_args = dict(batch_size=cfg.batch_size, device=device, num_themes=model_cfg.mos.num_themes)

@@ -1,0 +1,24 @@
+"""GShard-style gating: softmax over E experts, the top-2 kept and renormalised, plus the
+load-balance loss E · Σ_e f_e · P_e (f_e: share of examples routed to e, P_e: mean probability)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .sample_moe import SampleMoE
+
+
+class GShard(SampleMoE):
+    def __init__(self, config):
+        super().__init__(config)
+        self.router = nn.Linear(config.mos.dim, self.moe.num_experts)
+
+    def gate(self, features):
+        probs = torch.softmax(self.router(features).float(), dim=1)           # [B, E]
+        top = torch.topk(probs, self.moe.top_k, dim=1)
+        weights = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        num_experts = probs.shape[1]
+        chosen = torch.zeros_like(probs).scatter(1, top.indices, 1.0)
+        balance = num_experts * (chosen.mean(0) / self.moe.top_k * probs.mean(0)).sum()
+        return weights, self.moe.load_balance_weight * balance, {"load_balance": balance.detach()}

@@ -1,0 +1,87 @@
+"""FLOP counting of the CTR models: forward and training FLOPs per example, per module.
+
+`torch.utils.flop_counter.FlopCounterMode` counts every matrix product (a multiply-add = 2
+FLOPs) and every custom op with a registered formula (the Triton ops register theirs);
+elementwise work is not counted, by design of the counter. fvcore's `FlopCountAnalysis`
+(which counts a multiply-add as 1) is the independent cross-check (`fvcore_forward_flops`).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mos.data.batch import Batch
+
+
+@dataclass
+class FlopCount:
+    forward_per_example: float
+    training_per_example: float          # forward + backward of the loss, aux losses included
+    forward_by_module: Dict[str, float]  # per example, by the model's top-level children
+
+
+def _by_module(counter: FlopCounterMode, model: nn.Module, examples: int) -> Dict[str, float]:
+    totals: Dict[str, float] = defaultdict(float)
+    prefix = type(model).__name__ + "."
+    for name, per_op in counter.get_flop_counts().items():
+        # Keys are module paths ("CTRModel.encoder.global_expert"); keep depth 2 below the root.
+        if not name.startswith(prefix):
+            continue
+        parts = name[len(prefix):].split(".")
+        if len(parts) == 2 or (len(parts) == 1 and parts[0] != "encoder"):
+            totals[".".join(parts)] += sum(per_op.values()) / examples
+    return dict(totals)
+
+
+def count_flops(model: nn.Module, batch: Batch) -> FlopCount:
+    examples = batch.size
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as forward:
+            model(batch)
+        model.train()
+        with FlopCounterMode(display=False) as training:
+            out = model(batch)
+            loss = F.binary_cross_entropy_with_logits(out.logits, batch.label) + out.aux_loss
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+    return FlopCount(forward.get_total_flops() / examples, training.get_total_flops() / examples,
+                     _by_module(forward, model, examples))
+
+
+class _TensorInputs(nn.Module):
+    """The model with plain tensor arguments, as fvcore's tracer needs."""
+
+    def __init__(self, model: nn.Module, batch: Batch):
+        super().__init__()
+        self.model, self.batch = model, batch
+
+    def forward(self, item_ids, category_ids, timestamps, offsets, target_item, target_category):
+        batch = Batch(item_ids, category_ids, timestamps, offsets, self.batch.max_len, target_item, target_category,
+                      self.batch.label, self.batch.user)
+        return self.model(batch).logits
+
+
+def fvcore_forward_flops(model: nn.Module, batch: Batch) -> float:
+    """fvcore's forward count per example, in FLOPs (its multiply-adds times 2)."""
+    import warnings
+
+    from fvcore.nn import FlopCountAnalysis
+
+    wrapped = _TensorInputs(model, batch).eval()
+    inputs = (batch.item_ids, batch.category_ids, batch.timestamps, batch.offsets, batch.target_item,
+              batch.target_category)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")       # the tracer warns about every data-dependent size
+        analysis = FlopCountAnalysis(wrapped, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return 2.0 * analysis.total() / batch.size

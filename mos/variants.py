@@ -1,0 +1,35 @@
+"""Named model variants: the baselines, MoS and its ablations, as overrides of one ModelConfig.
+
+`models: [backbone, mos, gshard, ...]` in a config names these; every variant shares the
+embeddings, the head, the encoder (`model.mos.encoder`, width, heads) and the training loop,
+so runs differ only in what the name says.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Dict
+
+from mos.config import ModelConfig
+
+VARIANTS: Dict[str, dict] = {
+    "backbone": {"kind": "backbone"},
+    "gshard": {"kind": "gshard"},
+    "dselect_k": {"kind": "dselect_k"},
+    "expert_choice": {"kind": "expert_choice"},
+    "mos": {"kind": "mos"},
+    "mos_no_global": {"kind": "mos", "mos": {"experts": ("short", "themes")}},
+    "mos_no_short": {"kind": "mos", "mos": {"experts": ("global", "themes")}},
+    "mos_no_themes": {"kind": "mos", "mos": {"experts": ("global", "short")}},
+    "mos_random_routing": {"kind": "mos", "mos": {"router": "random"}},
+    "mos_token_routing": {"kind": "mos", "mos": {"routing_unit": "token"}},
+    "mos_global_sessions": {"kind": "mos", "mos": {"global_scope": "sessions"}},
+}
+
+
+def variant_config(base: ModelConfig, name: str) -> ModelConfig:
+    """`base` with variant `name`'s overrides (the dataclass checks run again)."""
+    if name not in VARIANTS:
+        raise ValueError(f"models[]: expected one of {list(VARIANTS)}, got {name!r}")
+    overrides = dict(VARIANTS[name])
+    mos_overrides = overrides.pop("mos", {})
+    return replace(base, mos=replace(base.mos, **mos_overrides), **overrides)
