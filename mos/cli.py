@@ -1,4 +1,4 @@
-"""The `mos` command line: `mos train [--config FILE] [--set key=value ...]`.
+"""The `mos` command line: `mos train|profile [--config FILE] [--set key=value ...]`.
 
 `main(argv)` returns the exit code instead of exiting, so tests call it directly. Config
 mistakes end with one line on stderr and exit code 2, never a traceback.
@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 from mos.config_io import dump_yaml, load_run_config
+from mos.profile import profile, quick_overrides
 from mos.train import run
 
 _TRAIN_EPILOG = """\
@@ -32,18 +33,36 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate the data, train each model kind for each seed with early stopping\n"
                     "on validation AUC, and report test metrics.",
         epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--config", metavar="FILE", help="YAML config (e.g. configs/default.yaml)")
-    train.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend",
-                       default=[], help="override one dotted config key, e.g. train.lr=0.001")
-    train.add_argument("--quiet", action="store_true", help="no per-epoch log lines (same as train.quiet=true)")
-    train.add_argument("--print-config", action="store_true",
-                       help="print the merged config as YAML and exit without training")
+    _add_config_options(train)
+    profile = commands.add_parser(
+        "profile", help="FLOPs versus accuracy: MoS, its ablations and the MoE baselines",
+        description="Train every variant in `models` for every seed (finished runs are reused), count\n"
+                    "FLOPs per example, and write the table, CSV/JSON and plots to train.out_dir.",
+        epilog=_PROFILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_options(profile)
+    profile.add_argument("--quick", action="store_true", help="tiny sizes, one seed, one epoch (a smoke run)")
     return parser
+
+
+def _add_config_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", metavar="FILE", help="YAML config (e.g. configs/default.yaml)")
+    command.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend",
+                         default=[], help="override one dotted config key, e.g. train.lr=0.001")
+    command.add_argument("--quiet", action="store_true", help="no per-epoch log lines (same as train.quiet=true)")
+    command.add_argument("--print-config", action="store_true",
+                         help="print the merged config as YAML and exit without training")
+
+
+_PROFILE_EPILOG = """\
+models: any of the variants in mos/variants.py, e.g.
+  --set "models=[backbone,gshard,dselect_k,expert_choice,mos,mos_no_global]"
+resumable: a run whose configuration has not changed is read from <out_dir>/runs/ again."""
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = args.overrides + (["train.quiet=true"] if args.quiet else [])
+    quick = quick_overrides() if getattr(args, "quick", False) else []
+    overrides = quick + args.overrides + (["train.quiet=true"] if args.quiet else [])
     try:
         run_cfg = load_run_config(args.config, overrides)
     except (ValueError, TypeError, OSError) as err:
@@ -52,5 +71,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.print_config:
         print(dump_yaml(run_cfg), end="")
         return 0
-    run(run_cfg)
+    (profile if args.command == "profile" else run)(run_cfg)
     return 0

@@ -139,11 +139,19 @@ class ModelConfig:
             check_positive("model.mlp_hidden[]", width)
 
 
+LOG_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}   # log file suffix -> reader
+LABEL_SOURCES = ("auto", "label", "rating", "sampled")
+
+
 @dataclass
 class DataConfig:
-    """Which data to train on. Only the embedded synthetic generator for now."""
+    """Which data to train on: the embedded synthetic generator, MovieLens-100k or your own log.
 
-    source: str = "synthetic"
+    The synthetic fields below apply to "synthetic" only; the log fields to "movielens" (whose
+    columns are fixed) and to a log file (mos/data/logs.py documents the rules).
+    """
+
+    source: str = "synthetic"            # "synthetic" | "movielens" | a path to a .csv, .tsv or .parquet log
     num_users: int = 3000
     num_items: int = 1000
     num_interests: int = 12
@@ -153,8 +161,9 @@ class DataConfig:
     targets_per_user: int = 6
     noise: float = 0.1                   # probability that a history event is a random item
     seed: int = 0                        # generator seed (data is fixed across training seeds)
-    valid_fraction: float = 0.1          # of users
-    test_fraction: float = 0.1           # of users
+    valid_fraction: float = 0.1          # of users (synthetic), of each user's newest samples (logs)
+    test_fraction: float = 0.1           # of users (synthetic), of each user's newest samples (logs)
+    max_history: Optional[int] = None    # newest history events a sample shows the model; null: all
     # Synthetic generator details (mos/data/synthetic.py documents the process and the label rule).
     taste_dim: int = 4                   # width of the latent item taste vectors
     taste_concentration: float = 3.0     # how strongly a user's picks follow their own taste inside an interest
@@ -168,9 +177,36 @@ class DataConfig:
     label_share: float = 3.0
     label_recent: float = 1.0
     label_bias: float = 2.0
+    # Interaction logs: column names, labels, samples.
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    time_column: str = "timestamp"       # seconds or ISO-8601; without it the row order is the time order
+    label_column: str = "label"          # 0/1
+    rating_column: str = "rating"
+    category_column: str = "category"    # optional
+    # Labels: the "label" column, "rating" >= rating_threshold, "sampled" negatives, or "auto":
+    # the first of those the file's columns allow.
+    label_source: str = "auto"
+    rating_threshold: float = 4.0
+    negatives: int = 1                   # "sampled": negatives drawn per event
+    history: str = "all"                 # history events: "all" or only "positive" ones
+    min_history: int = 1                 # history events an event needs before it to become a sample
 
     def __post_init__(self):
-        check_choice("data.source", self.source, ("synthetic",))
+        if self.source not in ("synthetic", "movielens") and not any(
+                self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
+            raise ValueError(f"data.source: expected 'synthetic', 'movielens' or a path to a log ending in "
+                             f"{', '.join(LOG_FORMATS)}, got {self.source!r}")
+        check_choice("data.label_source", self.label_source, LABEL_SOURCES)
+        check_choice("data.history", self.history, ("all", "positive"))
+        check_positive("data.negatives", self.negatives)
+        if self.max_history is not None:
+            check_positive("data.max_history", self.max_history)
+        if isinstance(self.min_history, bool) or not isinstance(self.min_history, int) or self.min_history < 0:
+            raise ValueError(f"data.min_history: expected an int >= 0, got {self.min_history!r}")
+        for name in ("user_column", "item_column", "time_column", "label_column", "rating_column", "category_column"):
+            if not getattr(self, name):
+                raise ValueError(f"data.{name}: expected a column name, got an empty string")
         self.interests_per_user = tuple(self.interests_per_user)
         self.sessions_per_user = tuple(self.sessions_per_user)
         self.session_length = tuple(self.session_length)
@@ -212,13 +248,17 @@ class TrainConfig:
     progress: str = "auto"           # "auto" (a bar on a terminal, quiet otherwise) | "bar" | "none"
     quiet: bool = False              # no per-epoch log lines on stderr (statistics and tables still print)
     out_dir: str = "runs"            # one JSON line per run is appended to out_dir/results.jsonl
+    # Checkpoints: out_dir/checkpoints/<model>-seed<seed>.pt after every epoch (and every
+    # checkpoint_every steps when > 0); `resume` continues each run from its checkpoint.
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def __post_init__(self):
         check_positive("train.batch_size", self.batch_size)
         check_positive("train.lr", self.lr)
         check_positive("train.max_epochs", self.max_epochs)
         check_positive("train.patience", self.patience)
-        for name in ("weight_decay", "threads"):
+        for name in ("weight_decay", "threads", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"train.{name}: expected a number >= 0, got {value!r}")
@@ -229,6 +269,24 @@ class TrainConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """`python -m mos profile`: what is measured besides the training runs."""
+
+    flop_batch_size: int = 256               # test examples the FLOPs per example are counted on
+    lengths: tuple = (100, 250, 500, 1000, 2000)   # L of the FLOPs-versus-length plot
+    length_examples: int = 8                 # examples per length in that plot
+    heatmap_users: int = 4                   # users in the session-similarity heatmap
+
+    def __post_init__(self):
+        check_positive("profile.flop_batch_size", self.flop_batch_size)
+        self.lengths = tuple(self.lengths)
+        for length in self.lengths:
+            check_positive("profile.lengths[]", length)
+        check_positive("profile.length_examples", self.length_examples)
+        check_positive("profile.heatmap_users", self.heatmap_users)
+
+
+@dataclass
 class RunConfig:
     """Top level of a YAML config: `models` lists the model kinds trained side by side."""
 
@@ -236,6 +294,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):
         self.models = tuple(self.models)

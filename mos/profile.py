@@ -1,0 +1,238 @@
+"""`python -m mos profile`: FLOPs versus accuracy of MoS, its ablations and the MoE baselines.
+
+For every model variant (`models` in the config, names from `mos.variants`) and every seed it
+trains a run (resumable: a finished (variant, seed) with the same configuration is read back,
+not recomputed), counts the trained model's forward and training FLOPs per example on test
+batches, and writes to `train.out_dir`: profile.md (the table), profile.csv, profile.json,
+auc_vs_flops.png, flops_vs_length.png and session_similarity.png.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import statistics
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from mos import metrics, plots
+from mos.config import RunConfig
+from mos.config_io import config_to_dict
+from mos.data import synthetic
+from mos.data.batch import Batch
+from mos.data.dataset import split_by_user
+from mos.data.stats import format_statistics, session_statistics
+from mos.flops import count_flops
+from mos.train import train_one
+
+BASELINES = ("backbone", "gshard", "dselect_k", "expert_choice")
+MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
+
+
+def quick_overrides() -> List[str]:
+    """`--quick`: a tiny run of every part, for tests and a first look (seconds, not minutes)."""
+    return ["data.num_users=160", "data.num_items=120", "train.seeds=[0]", "train.max_epochs=1",
+            "train.batch_size=64", "profile.flop_batch_size=32", "profile.lengths=[40,80]",
+            "profile.length_examples=2", "profile.heatmap_users=2"]
+
+
+def profile(run_cfg: RunConfig) -> List[dict]:
+    out_dir = Path(run_cfg.train.out_dir)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    data = synthetic.generate(run_cfg.data)
+    splits = split_by_user(data, run_cfg.data.valid_fraction, run_cfg.data.test_fraction, run_cfg.data.seed)
+    print(format_statistics(session_statistics(data, gap_seconds=run_cfg.model.mos.gap_seconds)), flush=True)
+    flop_batch = next(splits[2].batches(run_cfg.profile.flop_batch_size))
+
+    def inspect(model):
+        return {"flops": asdict(count_flops(model, flop_batch.to(next(model.parameters()).device)))}
+
+    jobs = [(name, seed) for seed in run_cfg.train.seeds for name in run_cfg.models]
+    records = []
+    for done, (name, seed) in enumerate(jobs, start=1):
+        path = out_dir / "runs" / f"{name}_seed{seed}.json"
+        fingerprint = _fingerprint(run_cfg, name, seed)
+        cached = _read_cached(path, fingerprint)
+        status = "cached" if cached else "training"
+        print(f"[{done}/{len(jobs)}] {name} seed {seed}: {status}", file=sys.stderr, flush=True)
+        record = cached or train_one(run_cfg, name, seed, splits, progress=run_cfg.train.progress, inspect=inspect)
+        if not cached:
+            _write_atomic(path, json.dumps({"fingerprint": fingerprint, "record": record}))
+        records.append(record)
+
+    rows = summarize(records)
+    table = markdown_table(rows)
+    print(table)
+    print(target_verdict(rows))
+    (out_dir / "profile.md").write_text(table + "\n\n" + target_verdict(rows) + "\n")
+    _write_csv(out_dir / "profile.csv", rows)
+    (out_dir / "profile.json").write_text(json.dumps({"rows": rows, "records": records}, indent=1))
+    plots.auc_versus_flops(rows, out_dir / "auc_vs_flops.png")
+    lengths = run_cfg.profile.lengths
+    plots.flops_versus_length(lengths, flops_by_length(run_cfg, splits[0]), out_dir / "flops_vs_length.png")
+    matrices, labels = session_heatmaps(data, run_cfg.profile.heatmap_users, run_cfg.model.mos.gap_seconds)
+    plots.session_similarity(matrices, labels, out_dir / "session_similarity.png")
+    print(f"profile written to {out_dir}", flush=True)
+    return rows
+
+
+def _fingerprint(run_cfg: RunConfig, name: str, seed: int) -> str:
+    """What decides a run's result: the data, the model variant, training, the seed (not where or how loudly)."""
+    train = replace(run_cfg.train, seeds=(seed,), out_dir="", progress="none", quiet=True)
+    key = {"data": config_to_dict(run_cfg.data), "model": config_to_dict(run_cfg.model),
+           "train": config_to_dict(train), "variant": name, "seed": seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _read_cached(path: Path, fingerprint: str):
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:       # a run cut short while writing: recompute it
+        return None
+    return stored["record"] if stored.get("fingerprint") == fingerprint else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: List[dict]) -> List[dict]:
+    """One row per model: means (and spreads) over seeds."""
+    by_model: Dict[str, List[dict]] = {}
+    for record in records:
+        by_model.setdefault(record["model"], []).append(record)
+    rows = []
+    for model, runs in by_model.items():
+        row = {"model": model, "seeds": len(runs), "params": runs[0]["params"]}
+        row["gflops"] = statistics.fmean(r["flops"]["forward_per_example"] for r in runs) / 1e9
+        row["train_gflops"] = statistics.fmean(r["flops"]["training_per_example"] for r in runs) / 1e9
+        for metric in ("auc", "gauc", "logloss", "purity", "nmi"):
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r["test"][metric] for r in runs])
+        row["seconds_per_epoch"] = statistics.fmean(r["seconds_per_epoch"] for r in runs)
+        row["theme_tokens"] = runs[0]["test"].get("theme_tokens")
+        row["flops_by_module"] = runs[0]["flops"]["forward_by_module"]
+        rows.append(row)
+    return rows
+
+
+def _pm(mean, std, digits=4):
+    return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(rows: List[dict]) -> str:
+    lines = ["| model | params | GFLOPs/ex (fwd) | GFLOPs/ex (train) | test AUC | test GAUC | test LogLoss "
+             "| router purity | router NMI | s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['gflops']:.5f} | {r['train_gflops']:.5f} "
+                     f"| {_pm(r['auc_mean'], r['auc_std'])} | {_pm(r['gauc_mean'], r['gauc_std'])} "
+                     f"| {_pm(r['logloss_mean'], r['logloss_std'])} | {_pm(r['purity_mean'], r['purity_std'], 3)} "
+                     f"| {_pm(r['nmi_mean'], r['nmi_std'], 3)} | {r['seconds_per_epoch']:.2f} |")
+    return "\n".join(lines)
+
+
+def target_verdict(rows: List[dict]) -> str:
+    """The issue's claim: MoS has the higher test AUC than the backbone and every MoE baseline
+    (difference of means larger than the larger spread), at fewer FLOPs than every MoE baseline."""
+    by_name = {r["model"]: r for r in rows}
+    mos = by_name.get("mos")
+    if mos is None:
+        return "target: not evaluated (no 'mos' in models)"
+    lines, verdicts = [], []
+    for name in BASELINES:
+        other = by_name.get(name)
+        if other is None:
+            continue
+        gap = mos["auc_mean"] - other["auc_mean"]
+        spread = max(mos["auc_std"], other["auc_std"])
+        auc_ok = gap > spread
+        line = f"mos vs {name}: AUC {gap:+.4f} (spread {spread:.4f}) {'higher' if auc_ok else 'NOT higher'}"
+        flops_ok = True
+        if name in MOE_BASELINES:
+            flops_ok = mos["gflops"] < other["gflops"]
+            line += f"; FLOPs {mos['gflops'] / other['gflops']:.2f}x theirs, {'fewer' if flops_ok else 'NOT fewer'}"
+        lines.append(line)
+        verdicts.append(auc_ok and flops_ok)
+    return "\n".join([f"target {'HOLDS' if verdicts and all(verdicts) else 'DOES NOT HOLD'}:"] + lines)
+
+
+def _write_csv(path: Path, rows: List[dict]) -> None:
+    columns = [k for k in rows[0] if k not in ("theme_tokens", "flops_by_module")]
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def synthetic_batch(num_items: int, num_categories: int, examples: int, length: int, seed: int = 0) -> Batch:
+    """`examples` histories of exactly `length` events, sessions of 8 (1-h gaps): for FLOPs only."""
+    gen = torch.Generator().manual_seed(seed)
+    total = examples * length
+    position = torch.arange(total) % length
+    gaps = torch.where(position % 8 == 0, 3600, 60)
+    timestamps = torch.cumsum(gaps, 0)
+    return Batch(item_ids=torch.randint(1, num_items, (total,), generator=gen),
+                 category_ids=torch.randint(1, num_categories, (total,), generator=gen),
+                 timestamps=timestamps, offsets=torch.arange(examples + 1) * length, max_len=length,
+                 target_item=torch.randint(1, num_items, (examples,), generator=gen),
+                 target_category=torch.randint(1, num_categories, (examples,), generator=gen),
+                 label=torch.zeros(examples), user=torch.arange(examples))
+
+
+def flops_by_length(run_cfg: RunConfig, train_set) -> Dict[str, List[float]]:
+    """Forward GFLOPs per example of each variant (initial weights, seed 0) at each length."""
+    from mos.model import CTRModel
+    from mos.variants import variant_config
+
+    result = {}
+    for name in run_cfg.models:
+        torch.manual_seed(0)
+        model = CTRModel(variant_config(run_cfg.model, name), train_set.num_items, train_set.num_categories)
+        result[name] = [count_flops(model, synthetic_batch(train_set.num_items, train_set.num_categories,
+                                                           run_cfg.profile.length_examples, length)
+                                    ).forward_per_example / 1e9 for length in run_cfg.profile.lengths]
+    return result
+
+
+def session_heatmaps(data, users: int, gap_seconds: float, max_sessions: int = 12):
+    """Category-histogram cosine between the sessions of the first users with >= 6 sessions."""
+    matrices, labels = [], []
+    offsets = data.user_offsets.tolist()
+    for user in range(len(offsets) - 1):
+        start, end = offsets[user], offsets[user + 1]
+        times = data.timestamps[start:end]
+        cuts = torch.nonzero(times[1:] - times[:-1] > gap_seconds).squeeze(1) + 1
+        bounds = [0] + cuts.tolist() + [end - start]
+        if len(bounds) - 1 < 6:
+            continue
+        bounds = bounds[:max_sessions + 1]
+        hist = np.zeros((len(bounds) - 1, data.num_categories))
+        for i in range(len(bounds) - 1):
+            np.add.at(hist[i], data.category_ids[start + bounds[i]:start + bounds[i + 1]].numpy(), 1)
+        unit = hist / np.linalg.norm(hist, axis=1, keepdims=True)
+        matrices.append(unit @ unit.T)
+        if data.true_interest is not None:
+            truth = data.true_interest[start:start + bounds[-1]]
+            labels.append(metrics.session_majority(truth, torch.tensor(bounds)).tolist())
+        else:
+            labels.append(list(range(len(bounds) - 1)))
+        if len(matrices) == users:
+            break
+    return matrices, labels

@@ -1,0 +1,89 @@
+"""The MoE baselines: each trains a step, and each gate behaves as its method specifies."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mos.baselines import DSelectK, ExpertChoice, GShard
+from mos.baselines.dselect_k import smooth_step
+from mos.config import ModelConfig, MoEConfig, MoSConfig
+from mos.data import synthetic
+from mos.config import DataConfig
+from mos.model import CTRModel
+
+
+def _config(kind="gshard", **moe):
+    return ModelConfig(kind=kind, mos=MoSConfig(dim=16, num_heads=2), moe=MoEConfig(**moe))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    data = synthetic.generate(DataConfig(num_users=40, num_items=60))
+    return next(data.batches(24)), data
+
+
+@pytest.mark.parametrize("kind", ["gshard", "dselect_k", "expert_choice"])
+def test_baseline_trains_a_step(kind, batch):
+    batch, data = batch
+    torch.manual_seed(0)
+    model = CTRModel(_config(kind), data.num_items, data.num_categories)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        out = model(batch)
+        loss = F.binary_cross_entropy_with_logits(out.logits, batch.label) + out.aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_gshard_routes_each_example_to_top2_with_weights_summing_to_one():
+    gate = GShard(_config(num_experts=6, top_k=2))
+    weights, aux_loss, aux = gate.gate(torch.randn(50, 16))
+    assert ((weights > 0).sum(dim=1) == 2).all()
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(50))
+    assert aux_loss.item() > 0 and aux["load_balance"].item() >= 1.0 - 1e-6   # >= 1, = 1 when balanced
+
+
+def test_expert_choice_respects_capacity():
+    gate = ExpertChoice(_config(kind="expert_choice", num_experts=4, top_k=2, capacity_factor=1.0))
+    weights, _, _ = gate.gate(torch.randn(30, 16))
+    capacity = math.ceil(1.0 * 30 * 2 / 4)
+    assert gate.capacity(30) == capacity
+    assert ((weights > 0).sum(dim=0) == capacity).all()      # every expert takes exactly C examples
+
+
+def test_smooth_step_is_exact_outside_its_band_and_continuous():
+    gamma = 1.0
+    x = torch.tensor([-2.0, -0.5, -0.25, 0.0, 0.25, 0.5, 2.0])
+    s = smooth_step(x, gamma)
+    assert s[0] == 0 and s[1] == 0 and s[-1] == 1 and s[-2] == 1
+    assert s[3] == 0.5 and 0 < s[2] < 0.5 < s[4] < 1
+
+
+def test_dselect_k_selectors_converge_to_k_experts():
+    """Trained on its entropy penalty alone, every selector ends on one expert: at most k run."""
+    torch.manual_seed(0)
+    gate = DSelectK(_config(kind="dselect_k", num_experts=8, top_k=2, entropy_weight=1.0))
+    features = torch.randn(64, 16)
+    r = gate.selector_probs(features)
+    assert (r > 0).sum(-1).float().mean() > 1.5          # starts spread over several experts
+    optimizer = torch.optim.Adam(gate.parameters(), lr=0.05)
+    for _ in range(300):
+        _, aux_loss, _ = gate.gate(features)
+        optimizer.zero_grad()
+        aux_loss.backward()
+        optimizer.step()
+    weights, _, _ = gate.gate(features)
+    r = gate.selector_probs(features)
+    assert torch.equal(r.max(dim=-1).values, torch.ones(64, 2))   # each selector exactly one-hot
+    assert ((weights > 0).sum(dim=1) <= 2).all()
+
+
+def test_dselect_k_needs_a_power_of_two():
+    with pytest.raises(ValueError, match="model.moe.num_experts"):
+        DSelectK(_config(kind="dselect_k", num_experts=6))
