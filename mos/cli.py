@@ -6,6 +6,7 @@ mistakes end with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional
 
@@ -19,7 +20,10 @@ precedence: built-in defaults < --config file < --set overrides (left to right).
   --set train.seeds=[0,1,2] model.mos.num_themes=16 model.mos.capacity=null
   --set models=[mos] train.progress=bar
 results: one JSON line per (model, seed) appended to <train.out_dir>/results.jsonl,
-and a table of test AUC / GAUC / LogLoss (mean ± std over seeds) on stdout."""
+and a table of test AUC / GAUC / LogLoss (mean ± std over seeds) on stdout.
+data: --data synthetic | movielens | path/to/log.csv|.tsv|.parquet (columns: README, "Real data").
+more than one process: torchrun --standalone --nproc_per_node=2 -m mos train ...
+checkpoints: <train.out_dir>/checkpoints/<model>-seed<seed>.pt; --resume continues from them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,10 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train = commands.add_parser(
         "train", help="train every model in `models` for every seed and print the comparison",
-        description="Generate the data, train each model kind for each seed with early stopping\n"
+        description="Load the data (--data), train each model kind for each seed with early stopping\n"
                     "on validation AUC, and report test metrics.",
         epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_options(train)
+    _add_data_option(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue every run from its checkpoint (same as train.resume=true); finished runs are kept")
     profile = commands.add_parser(
         "profile", help="FLOPs versus accuracy: MoS, its ablations and the MoE baselines",
         description="Train every variant in `models` for every seed (finished runs are reused), count\n"
@@ -53,6 +60,22 @@ def _add_config_options(command: argparse.ArgumentParser) -> None:
                          help="print the merged config as YAML and exit without training")
 
 
+def _add_data_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--data", metavar="SOURCE",
+                         help="synthetic, movielens or a log file path (same as data.source=SOURCE)")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The `--set` form of the flags that stand for a config key."""
+    overrides = ["train.quiet=true"] if args.quiet else []
+    if getattr(args, "data", None) is not None:
+        # JSON is YAML: the path stays a string whatever it looks like ("2024.csv", "null").
+        overrides.append(f"data.source={json.dumps(args.data)}")
+    if getattr(args, "resume", False):
+        overrides.append("train.resume=true")
+    return overrides
+
+
 _PROFILE_EPILOG = """\
 models: any of the variants in mos/variants.py, e.g.
   --set "models=[backbone,gshard,dselect_k,expert_choice,mos,mos_no_global]"
@@ -62,7 +85,7 @@ resumable: a run whose configuration has not changed is read from <out_dir>/runs
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quick = quick_overrides() if getattr(args, "quick", False) else []
-    overrides = quick + args.overrides + (["train.quiet=true"] if args.quiet else [])
+    overrides = quick + args.overrides + _flag_overrides(args)
     try:
         run_cfg = load_run_config(args.config, overrides)
     except (ValueError, TypeError, OSError) as err:
