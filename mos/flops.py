@@ -7,7 +7,6 @@ elementwise work is not counted, by design of the counter. fvcore's `FlopCountAn
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Dict
 
@@ -27,16 +26,24 @@ class FlopCount:
 
 
 def _by_module(counter: FlopCounterMode, model: nn.Module, examples: int) -> Dict[str, float]:
-    totals: Dict[str, float] = defaultdict(float)
-    prefix = type(model).__name__ + "."
-    for name, per_op in counter.get_flop_counts().items():
-        # Keys are module paths ("CTRModel.encoder.global_expert"); keep depth 2 below the root.
-        if not name.startswith(prefix):
+    """Per example, by the root's children and the encoder's children; what a child computes
+    outside its own children is reported as "<child>.(own)", so the parts add up to the total."""
+    totals = {name: sum(per_op.values()) / examples for name, per_op in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    parts: Dict[str, float] = {}
+    for child, _ in model.named_children():
+        total = totals.get(f"{root}.{child}", 0.0)
+        inner = {name[len(root) + 1:]: value for name, value in totals.items()
+                 if name.startswith(f"{root}.{child}.") and name.count(".") == 2}
+        if not inner:
+            if total:
+                parts[child] = total
             continue
-        parts = name[len(prefix):].split(".")
-        if len(parts) == 2 or (len(parts) == 1 and parts[0] != "encoder"):
-            totals[".".join(parts)] += sum(per_op.values()) / examples
-    return dict(totals)
+        parts.update(inner)
+        own = total - sum(inner.values())
+        if own:
+            parts[f"{child}.(own)"] = own
+    return parts
 
 
 def count_flops(model: nn.Module, batch: Batch) -> FlopCount:
