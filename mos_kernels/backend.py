@@ -25,9 +25,9 @@ IMPLEMENTED = {
     "theme_dispatch": ("reference", "triton"),
     "theme_gather": ("reference", "triton"),
     "theme_scatter": ("reference", "triton"),
-    "grouped_linear": ("reference",),
-    "expert_target_attention": ("reference",),
-    "jagged_self_attention": ("reference",),
+    "grouped_linear": ("reference", "triton"),
+    "expert_target_attention": ("reference", "triton"),
+    "jagged_self_attention": ("reference", "triton"),
 }
 
 

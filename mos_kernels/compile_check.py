@@ -26,7 +26,8 @@ THEME_BLOCKS = ((2, 1), (8, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # (BLOCK_K,
 POOL_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16): tl.dot needs 16
 POOL_THEME_BLOCKS = ((16, 1), (16, 2), (16, 4), (32, 2), (64, 8))   # max(next_power_of_2(K), 16)
 
-KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather")
+KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear", "expert_attention",
+                  "self_attention")
 Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
 
 
@@ -84,8 +85,114 @@ def _gather_configs() -> List[Config]:
     return out
 
 
+# Kernels II. The dtype decides the tl.dot path (fp32: three TF32 products, the costly one to
+# compile; bf16/fp16: one), the blocks decide the tiles, the switches only add index
+# loads and epilogue terms. So: every block shape in bf16 and fp32 with every switch on, every
+# launchable combination of switches in bf16 at the blocks of the target width (d = 64), and
+# fp16 (lowered like bf16) at those blocks with every switch on.
+PRECISION = {"fp32": "tf32x3", "fp16": "tf32", "bf16": "tf32"}   # grouped_linear.dot_precision
+MM_BLOCKS = (16, 32, 64)                     # min(max(next_power_of_2(width), 16), 64)
+ATTENTION_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16); 32-row tiles above 128
+HEAD_BLOCKS = (16, 32, 64, 128, 256)         # max(next_power_of_2(head_dim), 16)
+
+
+def _optional(name: str, present: bool, ptr: str, sig: Dict[str, str], const: Dict[str, object]) -> None:
+    """An optional pointer argument: typed when passed, a None constexpr when not."""
+    if present:
+        sig[name] = ptr
+    else:
+        sig[name] = "constexpr"
+        const[name] = None
+
+
+def _grouped_mm_configs() -> List[Config]:
+    out = []
+    # (A_INDEX, HAS_GATE): a gate comes with a gather; the input gradient reads through the scatter.
+    forward = [(a, g, b, o) for a, g in ((False, False), (True, False), (True, True))
+               for b in (False, True) for o in (False, True)]
+    plans = [("bf16", (64, 64), switches) for switches in forward if switches != forward[-1]]
+    plans += [(dtype, blocks, forward[-1]) for dtype in ("bf16", "fp32")
+              for blocks in itertools.product(MM_BLOCKS, MM_BLOCKS)] + [("fp16", (64, 64), forward[-1])]
+    for dtype, (block_n, block_k), (a_index, gate, bias, out_index) in plans:
+        ptr = DTYPES[dtype]
+        sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "tile_expert_ptr": "*i64", "tile_start_ptr": "*i64",
+               "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32", "stride_a": "i32",
+               "stride_out": "i32", "stride_we": "i32", "stride_wk": "i32", "stride_wn": "i32"}
+        const = {"A_INDEX": a_index, "HAS_GATE": gate, "HAS_BIAS": bias, "OUT_INDEX": out_index,
+                 "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
+                                 ("bias_ptr", bias, ptr), ("out_index_ptr", out_index, "*i64")):
+            _optional(name, present, p, sig, const)
+        out.append(("_grouped_mm", sig, const))
+    grad = [(a, g, o) for a, g in ((False, False), (True, False), (True, True)) for o in (False, True)]
+    plans = [("bf16", (64, 64), switches) for switches in grad if switches != grad[-1]]
+    plans += [(dtype, blocks, grad[-1]) for dtype in ("bf16", "fp32")
+              for blocks in itertools.product(MM_BLOCKS, MM_BLOCKS)] + [("fp16", (64, 64), grad[-1])]
+    for dtype, (block_n, block_k), (a_index, gate, g_index) in plans:
+        ptr = DTYPES[dtype]
+        sig = {"a_ptr": ptr, "g_ptr": ptr, "offsets_ptr": "*i64", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+               "k_dim": "i32", "n_dim": "i32", "stride_a": "i32", "stride_g": "i32", "splits": "i32"}
+        const = {"A_INDEX": a_index, "HAS_GATE": gate, "G_INDEX": g_index, "PRECISION": PRECISION[dtype],
+                 "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
+                                 ("g_index_ptr", g_index, "*i64")):
+            _optional(name, present, p, sig, const)
+        out.append(("_grouped_mm_weight_grad", sig, const))
+    return out
+
+
+def _target_attention_configs() -> List[Config]:
+    out = []
+    switches = ((False, False), (True, False), (True, True))    # (HAS_INDEX, HAS_GATE)
+    for kernel in ("_target_attention_fwd", "_target_attention_bwd"):
+        biases = (False, True) if kernel == "_target_attention_fwd" else (False,)
+        every = [(i, g, b) for i, g in switches for b in biases]
+        plans = [("bf16", 64, on) for on in every[:-1]]
+        plans += [(dtype, block_d, every[-1]) for dtype in ("bf16", "fp32") for block_d in ATTENTION_BLOCK_D]
+        plans += [("fp16", 64, every[-1])]
+        for dtype, block_d, (has_index, has_gate, has_bias) in plans:
+            ptr = DTYPES[dtype]
+            sig = {"tokens_ptr": ptr, "query_ptr": ptr, "w_key_ptr": ptr, "w_value_ptr": ptr, "offsets_ptr": "*i64",
+                   "num_examples": "i32", "dim": "i32", "num_heads": "i32", "head_dim": "i32", "scale": "fp32"}
+            const = {"HAS_INDEX": has_index, "HAS_GATE": has_gate, "PRECISION": PRECISION[dtype],
+                     "BLOCK_T": 64 if block_d <= 128 else 32, "BLOCK_D": block_d, "BLOCK_H": 16}
+            _optional("index_ptr", has_index, "*i64", sig, const)
+            _optional("gate_ptr", has_gate, ptr, sig, const)
+            if kernel == "_target_attention_fwd":
+                _optional("b_value_ptr", has_bias, ptr, sig, const)
+                const["HAS_BIAS"] = has_bias
+                sig.update({"out_ptr": ptr, "pooled_ptr": "*fp32", "lse_ptr": "*fp32"})
+            else:
+                sig.update({"g_out_ptr": ptr, "pooled_ptr": "*fp32", "lse_ptr": "*fp32", "g_rows_ptr": ptr,
+                            "g_gate_ptr": ptr, "g_query_ptr": ptr, "g_qf_ptr": "*fp32"})
+            out.append((kernel, sig, const))
+    return out
+
+
+def _self_attention_configs() -> List[Config]:
+    out = []
+    plans = [(dtype, block_dh, True) for dtype in ("bf16", "fp32") for block_dh in HEAD_BLOCKS]
+    plans += [("bf16", 64, False), ("fp16", 64, True)]
+    for dtype, block_dh, causal in plans:
+        ptr = DTYPES[dtype]
+        block = 64 if block_dh <= 64 else 32
+        const = {"CAUSAL": causal, "PRECISION": PRECISION[dtype], "BLOCK_M": block, "BLOCK_N": block,
+                 "BLOCK_DH": block_dh}
+        tiles = {"tile_segment_ptr": "*i64", "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_segments": "i32",
+                 "num_heads": "i32", "head_dim": "i32", "stride_q": "i32", "stride_k": "i32", "stride_v": "i32"}
+        qkv = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr}
+        out.append(("_self_attention_fwd", {**qkv, "out_ptr": ptr, "lse_ptr": "*fp32", **tiles, "stride_out": "i32",
+                                            "scale": "fp32"}, const))
+        grads = {"g_out_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+        out.append(("_self_attention_bwd_kv", {**qkv, **grads, "g_k_ptr": ptr, "g_v_ptr": ptr, **tiles,
+                                               "scale": "fp32"}, const))
+        out.append(("_self_attention_bwd_q", {**qkv, **grads, "g_q_ptr": ptr, **tiles, "scale": "fp32"}, const))
+    return out
+
+
 def all_configs() -> List[Config]:
-    return _pool_route_configs() + _dispatch_configs() + _gather_configs()
+    return (_pool_route_configs() + _dispatch_configs() + _gather_configs() + _grouped_mm_configs()
+            + _target_attention_configs() + _self_attention_configs())
 
 
 def _kernels():
@@ -106,6 +213,10 @@ def compile_one(config: Config) -> Tuple[str, float, str]:
     signature = dict(signature)
     for key in constexprs:
         signature[key] = "constexpr"
+    missing = [arg for arg in fn.arg_names if arg not in signature]
+    if missing or len(signature) != len(fn.arg_names):
+        return name, 0.0, f"signature does not match the kernel's arguments: missing {missing}, given {sorted(signature)}"
+    signature = {arg: signature[arg] for arg in fn.arg_names}   # in the kernel's argument order
     start = time.perf_counter()
     try:
         compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))

@@ -1,26 +1,46 @@
-"""Expert encoders' attention over jagged segments.
+"""`expert_target_attention`: per-expert target attention over jagged segments.
 
-`expert_target_attention`: for every segment g of a layout with E experts and B examples
-(g = e*B + b, expert e = g // B), multi-head attention of query[g] over expert e's key and
-value projections of the segment's rows. Empty segments give zeros.
+For every segment g of a layout with E experts and B examples (g = e*B + b, expert e = g // B):
+multi-head attention of query[g] over expert e's key and value projections of the segment's
+rows, rows = tokens[gather_index] * row_gate (tokens themselves without gather_index). Empty
+segments give zeros.
 
-`jagged_self_attention`: causal multi-head attention inside each segment.
+Reference: vectorised PyTorch (theme_gather, grouped_linear, a segment softmax with index_add):
+the oracle of the kernels.
 
-Both references are vectorised PyTorch (segment softmax with index_add; padded attention) and
-are the oracle for the fused kernels that come behind the same functions.
+Triton: the key projection is folded into the query. Per head h, with q_h the head's slice of
+the query, W_k,h / W_v,h the head's columns of the projections and s = 1/sqrt(dh):
+    score_i = s q_h . (x_i W_k,h + b_k,h) = x_i . (s W_k,h q_h) + s b_k,h . q_h
+The last term is the same for every row of the segment and cancels in the softmax, so with
+Q_h = s W_k,h q_h (d numbers) p = softmax_i(x_i . Q_h) exactly, and
+    out_h = sum_i p_i (x_i W_v,h + b_v,h) = (sum_i p_i x_i) W_v,h + b_v,h sum_i p_i
+where sum_i p_i = 1 on a non-empty segment and the sum is empty (out = 0) on an empty one. A
+row then costs O(d*H) (a score and an accumulation per head) instead of the O(d^2) of projecting
+it; b_k has no effect on the output (its gradient is exactly zero).
+`_target_attention_fwd`, one program per segment: folds the query, streams the segment's rows
+(the gather and the gate fused into the loads) with an online softmax into A_h = sum_i p_i x_i,
+projects A through W_v and stores the output, A and the log-sum-exp. `_target_attention_bwd`,
+one program per segment, recomputes p from the log-sum-exp and writes the gradients of the rows,
+gates, query and Q_h; the per-expert weight gradients are GEMMs over the B segments of each
+expert (deterministic), the tokens' gradient the gather's backward (`theme_scatter`).
+Custom ops mos::expert_target_attention and mos::expert_target_attention_backward, with FLOP formulas.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
+from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
 from .backend import resolve_backend
-from .grouped_linear import grouped_linear
-from .jagged import jagged_to_padded, max_segment_length, positions_in_segment, segment_ids
-from .theme_gather import theme_gather
+from .grouped_linear import dot_precision, grouped_linear
+from .jagged import segment_ids
+from .theme_gather import inverse_of, theme_gather
 
 
 def expert_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: torch.Tensor,
@@ -51,9 +71,19 @@ def expert_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: to
                          f"got {segment_offsets.numel()}")
     if row_gate is not None and gather_index is None:
         raise ValueError("row_gate: expected None when gather_index is None (a gate scales gathered rows)")
-    resolve_backend(backend, tokens, "expert_target_attention")
+    if resolve_backend(backend, tokens, "expert_target_attention") == "triton":
+        for name, t, shape in (("w_value", w_value, (num_experts, dim, dim)), ("w_key", w_key, (num_experts, dim, dim)),
+                               ("b_key", b_key, (num_experts, dim)), ("b_value", b_value, (num_experts, dim))):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if num_heads > MAX_HEADS:
+            raise ValueError(f"num_heads: expected at most {MAX_HEADS} for backend 'triton', got {num_heads}")
+        if gather_index is not None and inverse_index is None and tokens.requires_grad:
+            inverse_index = inverse_of(gather_index, tokens.shape[0])
+        return torch.ops.mos.expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, segment_offsets,
+                                                     gather_index, row_gate, inverse_index, num_heads)[0]
     rows = tokens if gather_index is None else theme_gather(tokens, gather_index, row_gate,
-                                                            inverse_index=inverse_index, backend=backend)
+                                                            inverse_index=inverse_index, backend="reference")
     num_examples = query.shape[0] // num_experts
     expert_offsets = segment_offsets[::num_examples] if num_examples else segment_offsets.new_zeros(num_experts + 1)
     keys = grouped_linear(rows, w_key, b_key, expert_offsets, backend="reference")
@@ -79,43 +109,302 @@ def _segment_attention(query, keys, values, segment_offsets, num_heads):
     return values.new_zeros((num_segments, dim)).index_add(0, seg, weighted)
 
 
-def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor, *,
-                          num_heads: int, max_len: Optional[int] = None, causal: bool = True,
-                          backend: str = "auto") -> torch.Tensor:
-    """q, k, v [N, d] in one jagged layout -> [N, d]; row i attends to rows j <= i of its segment."""
-    check_tensor("q", q, ndim=2, dtypes=FLOAT_DTYPES)
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
-        if t.shape != q.shape:
-            raise ValueError(f"{name}: expected shape {tuple(q.shape)} like q, got {tuple(t.shape)}")
-    check_positive("num_heads", num_heads)
-    if q.shape[1] % num_heads:
-        raise ValueError(f"num_heads: expected a divisor of d={q.shape[1]}, got {num_heads}")
-    check_offsets("segment_offsets", segment_offsets, total=q.shape[0], device=q.device)
-    resolve_backend(backend, q, "jagged_self_attention")
-    if max_len is None:
-        max_len = max_segment_length(segment_offsets)
-    return _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal)
+# ----------------------------------------------------------------------------- Triton kernels
+#
+# Per segment the heads are the rows of [BLOCK_H, BLOCK_D] tiles (BLOCK_H >= 16 for tl.dot;
+# rows past num_heads stay zero and are never stored). Everything is computed in fp32.
+
+@triton.jit
+def _head_fold(vec_ptr, w_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
+               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_H, BLOCK_D]: row h = scale * W[expert][:, head h's columns] @ vec[g, head h's columns],
+    16 columns at a time (a [BLOCK_D, 16] slice of W in registers whatever the head width)."""
+    sub = tl.arange(0, 16)
+    out = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for h in range(num_heads):
+        folded = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, head_dim, 16):
+            sub_ok = c0 + sub < head_dim
+            hcols = h * head_dim + c0 + sub
+            v = tl.load(vec_ptr + g * dim + hcols, mask=sub_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + expert * dim * dim + cols[:, None] * dim + hcols[None, :],
+                        mask=col_ok[:, None] & sub_ok[None, :], other=0.0).to(tl.float32)
+            folded += tl.sum(w * v[None, :], axis=1)
+        out = tl.where(heads[:, None] == h, folded[None, :] * scale, out)
+    return out
 
 
-def _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal):
-    num_rows, dim = q.shape
+@triton.jit
+def _head_unfold(rows, w_ptr, out_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
+                 bias_ptr, nonempty, HAS_BIAS: tl.constexpr):
+    """out[g, head h's columns] = scale * rows[h] @ W[expert][:, head h's columns] (+ the bias on
+    a non-empty segment), 16 columns at a time: the transpose of `_head_fold`."""
+    sub = tl.arange(0, 16)
+    for h in range(num_heads):
+        row = tl.sum(tl.where(heads[:, None] == h, rows, 0.0), axis=0)
+        for c0 in range(0, head_dim, 16):
+            sub_ok = c0 + sub < head_dim
+            hcols = h * head_dim + c0 + sub
+            w = tl.load(w_ptr + expert * dim * dim + cols[:, None] * dim + hcols[None, :],
+                        mask=col_ok[:, None] & sub_ok[None, :], other=0.0).to(tl.float32)
+            o = tl.sum(row[:, None] * w, axis=0) * scale
+            if HAS_BIAS:
+                o += tl.where(nonempty, tl.load(bias_ptr + expert * dim + hcols, mask=sub_ok, other=0.0).to(tl.float32),
+                              0.0)
+            tl.store(out_ptr + g * dim + hcols, o.to(out_ptr.dtype.element_ty), mask=sub_ok)
+
+
+@triton.jit
+def _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim,
+               HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr):
+    """(token rows, gate) of rows `rows`: tokens[index[r]] (fp32) and gate[r] (1 without a gate)."""
+    src = rows
+    if HAS_INDEX:
+        src = tl.load(index_ptr + rows, mask=row_ok, other=0)
+    t = tl.load(tokens_ptr + src[:, None] * dim + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)
+    gate = tl.full(rows.shape, 1.0, dtype=tl.float32)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return t, gate
+
+
+@triton.jit
+def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr, w_value_ptr, b_value_ptr,
+                          offsets_ptr, out_ptr, pooled_ptr, lse_ptr, num_examples, dim, num_heads, head_dim, scale,
+                          HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
+    g = tl.program_id(0)
+    expert = g // num_examples
+    start = tl.load(offsets_ptr + g)
+    end = tl.load(offsets_ptr + g + 1)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    heads = tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    qf = _head_fold(query_ptr, w_key_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
+                    BLOCK_H, BLOCK_D)
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < end
+        t, gate = _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim, HAS_INDEX, HAS_GATE)
+        x = t * gate[:, None]
+        s = tl.dot(x, tl.trans(qf), input_precision=PRECISION)                    # [BLOCK_T, BLOCK_H]
+        s = tl.where(row_ok[:, None], s, float("-inf"))
+        # The first tile holds a real row, so m is finite from then on (no inf - inf).
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[None, :])
+        denom = denom * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), x, input_precision=PRECISION)
+        m = m_new
+    nonempty = end > start
+    pooled = acc / tl.where(nonempty, denom, 1.0)[:, None]                         # zeros when empty
+    tl.store(pooled_ptr + (g * num_heads + heads[:, None]) * dim + cols[None, :], pooled,
+             mask=head_ok[:, None] & col_ok[None, :])
+    tl.store(lse_ptr + g * num_heads + heads, tl.where(nonempty, m + tl.log(tl.where(nonempty, denom, 1.0)), 0.0),
+             mask=head_ok)
+    # out_h = A_h W_v,h + b_v,h on a non-empty segment, zeros on an empty one.
+    _head_unfold(pooled, w_value_ptr, out_ptr, g, expert, dim, num_heads, head_dim, 1.0, heads, cols, col_ok,
+                 b_value_ptr, nonempty, HAS_BIAS)
+
+
+@triton.jit
+def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr, w_value_ptr, offsets_ptr,
+                          g_out_ptr, pooled_ptr, lse_ptr, g_rows_ptr, g_gate_ptr, g_query_ptr, g_qf_ptr,
+                          num_examples, dim, num_heads, head_dim, scale,
+                          HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    g = tl.program_id(0)
+    expert = g // num_examples
+    start = tl.load(offsets_ptr + g)
+    end = tl.load(offsets_ptr + g + 1)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    heads = tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    hd_mask = head_ok[:, None] & col_ok[None, :]
+    qf = _head_fold(query_ptr, w_key_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
+                    BLOCK_H, BLOCK_D)
+    # dA_h = W_v,h dout_h; softmax backward: ds_i = p_i (x_i . dA_h - A_h . dA_h).
+    g_pooled = _head_fold(g_out_ptr, w_value_ptr, g, expert, dim, num_heads, head_dim, 1.0, heads, cols, col_ok,
+                          BLOCK_H, BLOCK_D)
+    pooled = tl.load(pooled_ptr + (g * num_heads + heads[:, None]) * dim + cols[None, :], mask=hd_mask, other=0.0)
+    delta = tl.sum(pooled * g_pooled, axis=1)
+    lse = tl.load(lse_ptr + g * num_heads + heads, mask=head_ok, other=0.0)
+    g_qf = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < end
+        t, gate = _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim, HAS_INDEX, HAS_GATE)
+        x = t * gate[:, None]
+        s = tl.dot(x, tl.trans(qf), input_precision=PRECISION)
+        p = tl.exp(tl.where(row_ok[:, None] & head_ok[None, :], s - lse[None, :], float("-inf")))
+        dp = tl.dot(x, tl.trans(g_pooled), input_precision=PRECISION)
+        ds = p * (dp - delta[None, :])
+        g_x = (tl.dot(p, g_pooled, input_precision=PRECISION) + tl.dot(ds, qf, input_precision=PRECISION))
+        g_qf += tl.dot(tl.trans(ds), x, input_precision=PRECISION)
+        row_mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(g_rows_ptr + rows[:, None] * dim + cols[None, :], (g_x * gate[:, None]).to(g_rows_ptr.dtype.element_ty),
+                 mask=row_mask)
+        if HAS_GATE:
+            tl.store(g_gate_ptr + rows, tl.sum(g_x * t, axis=1).to(g_gate_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(g_qf_ptr + (g * num_heads + heads[:, None]) * dim + cols[None, :], g_qf, mask=hd_mask)
+    # dq_h = scale W_k,h^T dQ_h.
+    _head_unfold(g_qf, w_key_ptr, g_query_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
+                 None, False, False)
+
+
+MAX_HEADS = 16     # BLOCK_H: the heads are the rows of a tl.dot operand, which needs >= 16 of them
+
+
+def _blocks(dim: int):
+    """(BLOCK_T, BLOCK_D): tl.dot needs every block dimension >= 16; 32-row tiles for the widest
+    rows keep a tile in registers."""
+    block_d = max(triton.next_power_of_2(dim), 16)
+    return 64 if block_d <= 128 else 32, block_d
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("mos::expert_target_attention", mutates_args=())
+def _expert_target_attention_op(tokens: torch.Tensor, query: torch.Tensor, w_key: torch.Tensor,
+                                b_key: Optional[torch.Tensor], w_value: torch.Tensor, b_value: Optional[torch.Tensor],
+                                segment_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
+                                row_gate: Optional[torch.Tensor], inverse_index: Optional[torch.Tensor],
+                                num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [G, d] in the tokens' dtype, A [G, H, d] fp32, log-sum-exp [G, H] fp32). b_key is
+    taken only to give it its (zero) gradient; inverse_index only for the backward."""
+    tokens, query, segment_offsets = tokens.contiguous(), query.contiguous(), segment_offsets.contiguous()
+    w_key, w_value = w_key.contiguous(), w_value.contiguous()
+    num_segments, dim = query.shape
+    num_experts = w_key.shape[0]
+    out = new_output((num_segments, dim), dtype=tokens.dtype, device=tokens.device)
+    pooled = new_output((num_segments, num_heads, dim), dtype=torch.float32, device=tokens.device)
+    lse = new_output((num_segments, num_heads), dtype=torch.float32, device=tokens.device)
+    if num_segments:
+        block_t, block_d = _blocks(dim)
+        _target_attention_fwd[(num_segments,)](
+            tokens, gather_index, row_gate, query, w_key, w_value,
+            None if b_value is None else b_value.contiguous(), segment_offsets, out, pooled, lse,
+            num_segments // num_experts, dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
+            HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, HAS_BIAS=b_value is not None,
+            PRECISION=dot_precision(tokens.dtype), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)
+    return out, pooled, lse
+
+
+@_expert_target_attention_op.register_fake
+def _(tokens, query, w_key, b_key, w_value, b_value, segment_offsets, gather_index, row_gate, inverse_index,
+      num_heads):
+    num_segments, dim = query.shape
+    return (tokens.new_empty((num_segments, dim)), tokens.new_empty((num_segments, num_heads, dim), dtype=torch.float32),
+            tokens.new_empty((num_segments, num_heads), dtype=torch.float32))
+
+
+@torch.library.custom_op("mos::expert_target_attention_backward", mutates_args=())
+def _expert_target_attention_backward_op(g_out: torch.Tensor, tokens: torch.Tensor, query: torch.Tensor,
+                                         w_key: torch.Tensor, w_value: torch.Tensor, segment_offsets: torch.Tensor,
+                                         gather_index: Optional[torch.Tensor], row_gate: Optional[torch.Tensor],
+                                         pooled: torch.Tensor, lse: torch.Tensor, num_heads: int
+                                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gradient of every gathered row times its gate [N, d], of every gate [N], of the query
+    [G, d], of the folded query Q [G, H, d] fp32)."""
+    tokens, query, segment_offsets = tokens.contiguous(), query.contiguous(), segment_offsets.contiguous()
+    num_segments, dim = query.shape
+    num_rows = tokens.shape[0] if gather_index is None else gather_index.numel()
+    g_rows = new_output((num_rows, dim), dtype=tokens.dtype, device=tokens.device)
+    gate_dtype = tokens.dtype if row_gate is None else row_gate.dtype
+    g_gate = new_output((num_rows if row_gate is not None else 0,), dtype=gate_dtype, device=tokens.device)
+    g_query = new_output((num_segments, dim), dtype=query.dtype, device=tokens.device)
+    g_qf = new_output((num_segments, num_heads, dim), dtype=torch.float32, device=tokens.device)
+    if num_segments:
+        block_t, block_d = _blocks(dim)
+        _target_attention_bwd[(num_segments,)](
+            tokens, gather_index, row_gate, query, w_key.contiguous(), w_value.contiguous(), segment_offsets,
+            g_out.contiguous(), pooled, lse, g_rows, g_gate, g_query, g_qf,
+            num_segments // w_key.shape[0], dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
+            HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, PRECISION=dot_precision(tokens.dtype),
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)
+    return g_rows, g_gate, g_query, g_qf
+
+
+@_expert_target_attention_backward_op.register_fake
+def _(g_out, tokens, query, w_key, w_value, segment_offsets, gather_index, row_gate, pooled, lse, num_heads):
+    num_segments, dim = query.shape
+    num_rows = tokens.shape[0] if gather_index is None else gather_index.shape[0]
+    gate_dtype = tokens.dtype if row_gate is None else row_gate.dtype
+    return (tokens.new_empty((num_rows, dim)),
+            tokens.new_empty((num_rows if row_gate is not None else 0,), dtype=gate_dtype),
+            query.new_empty((num_segments, dim)), query.new_empty((num_segments, num_heads, dim), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    (tokens, query, w_key, b_key, w_value, b_value, segment_offsets, gather_index, row_gate, inverse_index,
+     num_heads) = inputs
+    _, pooled, lse = output
+    ctx.save_for_backward(tokens, query, w_key, b_key, w_value, b_value, segment_offsets, gather_index, row_gate,
+                          inverse_index, pooled, lse)
+    ctx.num_heads = num_heads
+
+
+def _backward(ctx, g_out, _g_pooled, _g_lse):
+    (tokens, query, w_key, b_key, w_value, b_value, segment_offsets, gather_index, row_gate, inverse_index,
+     pooled, lse) = ctx.saved_tensors
+    num_heads = ctx.num_heads
+    num_experts, dim = w_key.shape[0], w_key.shape[1]
     head_dim = dim // num_heads
-    num_segments = segment_offsets.numel() - 1
+    g_rows, g_gate, g_query, g_qf = torch.ops.mos.expert_target_attention_backward(
+        g_out, tokens, query, w_key, w_value, segment_offsets, gather_index, row_gate, pooled, lse, num_heads)
+    if gather_index is None:
+        g_tokens = g_rows
+    elif ctx.needs_input_grad[0]:
+        if inverse_index is None:
+            raise ValueError("inverse_index: expected a tensor to differentiate tokens through gather_index, got None")
+        # g_rows already carry the gate: the gather's backward without a gate sums them per token.
+        g_tokens = torch.ops.mos.theme_scatter(g_rows, gather_index, None, inverse_index)
+    else:
+        g_tokens = None
+    # Per-expert sums over its B segments, as batched GEMMs (deterministic):
+    # W_k,h gets scale * dQ_h q_h^T, W_v,h gets A_h dout_h^T, b_v the dout of non-empty segments.
+    split = (num_experts, -1, num_heads, head_dim)
+    g_out32 = g_out.float()
+    scale = 1.0 / math.sqrt(head_dim)
+    g_w_key = torch.einsum("ebhj,ebhc->ejhc", g_qf.view(num_experts, -1, num_heads, dim),
+                           query.float().view(split)).reshape(num_experts, dim, dim) * scale
+    g_w_value = torch.einsum("ebhj,ebhc->ejhc", pooled.view(num_experts, -1, num_heads, dim),
+                             g_out32.view(split)).reshape(num_experts, dim, dim)
+    g_b_value = None
+    if b_value is not None:
+        nonempty = (segment_offsets[1:] > segment_offsets[:-1]).to(torch.float32)
+        g_b_value = (g_out32 * nonempty[:, None]).view(num_experts, -1, dim).sum(1).to(b_value.dtype)
+    g_b_key = None if b_key is None else torch.zeros_like(b_key)
+    return (g_tokens, g_query, g_w_key.to(w_key.dtype), g_b_key, g_w_value.to(w_value.dtype), g_b_value, None, None,
+            g_gate if row_gate is not None else None, None, None)
 
-    def heads(x):  # [N, d] -> [G, H, L, dh]
-        padded = jagged_to_padded(x, segment_offsets, max_len)
-        return padded.view(num_segments, max_len, num_heads, head_dim).transpose(1, 2)
 
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scores = heads(q).to(acc) @ heads(k).to(acc).transpose(-1, -2) / math.sqrt(head_dim)
-    lengths = segment_offsets[1:] - segment_offsets[:-1]
-    pos = torch.arange(max_len, device=q.device)
-    allowed = pos[None, None, :] < lengths[:, None, None]            # key is a real row
-    if causal:
-        allowed = allowed & (pos[None, None, :] <= pos[None, :, None])
-    scores = scores.masked_fill(~allowed[:, None], -math.inf)
-    # Padded query rows have no allowed key; their NaN rows are never read back.
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
-    out = (probs @ heads(v)).transpose(1, 2).reshape(num_segments, max_len, dim)
-    return out[segment_ids(segment_offsets, num_rows), positions_in_segment(segment_offsets, num_rows)]
+_expert_target_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.mos.expert_target_attention)
+def _expert_target_attention_flops(tokens_shape, query_shape, w_key_shape, b_key_shape, w_value_shape, b_value_shape,
+                                   offsets_shape, gather_index_shape, row_gate_shape, inverse_shape, num_heads,
+                                   *args, out_shape=None, **kwargs):
+    num_rows = tokens_shape[0] if gather_index_shape is None else gather_index_shape[0]
+    num_segments, dim = query_shape
+    # Per row and head a score and an accumulation (2d each); per segment the fold of the query
+    # and the value projection (2d^2 each).
+    return 4 * num_rows * num_heads * dim + 4 * num_segments * dim * dim
+
+
+@register_flop_formula(torch.ops.mos.expert_target_attention_backward)
+def _expert_target_attention_backward_flops(g_out_shape, tokens_shape, query_shape, w_key_shape, w_value_shape,
+                                            offsets_shape, gather_index_shape, *args, out_shape=None, **kwargs):
+    num_rows = tokens_shape[0] if gather_index_shape is None else gather_index_shape[0]
+    num_segments, dim = query_shape
+    num_heads = out_shape[3][1]
+    # Per row and head: score, dp, two terms of dx and dQ (2d each); per segment the three folds.
+    return 10 * num_rows * num_heads * dim + 6 * num_segments * dim * dim

@@ -74,3 +74,23 @@ def padded_to_jagged(padded: torch.Tensor, lengths: torch.Tensor):
             raise ValueError(f"lengths: expected values in [0, {padded.shape[1]}], got min {lo}, max {hi}")
     mask = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
     return padded[mask], offsets_from_lengths(lengths)
+
+
+def segment_blocks(offsets: torch.Tensor, block: int, num_rows: int):
+    """The `block`-row tiles that cover every segment, for kernels with one program per tile.
+
+    Returns (segment [n], start row [n]) int64 with n = ceil(num_rows / block) + G, a bound on
+    the tile count known without reading the offsets back (sum of ceil(len_g / block) <=
+    num_rows / block + G). Tile i of the real ones belongs to `segment[i]` and starts at
+    `start[i]`; the spare tiles at the end have segment == G and must do nothing.
+    """
+    num_segments = offsets.numel() - 1
+    bound = (num_rows + block - 1) // block + num_segments
+    tiles = torch.arange(bound, device=offsets.device)
+    if num_segments == 0:
+        return tiles, tiles
+    tile_offsets = offsets_from_lengths((lengths_from_offsets(offsets) + block - 1) // block)
+    segment = torch.searchsorted(tile_offsets[1:], tiles, right=True)
+    owner = segment.clamp_max(num_segments - 1)
+    start = offsets[owner] + (tiles - tile_offsets[owner]) * block
+    return segment, start

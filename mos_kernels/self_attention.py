@@ -1,0 +1,332 @@
+"""`jagged_self_attention`: multi-head attention inside each segment of a jagged layout.
+
+q, k, v [N, d] share segment_offsets [G+1]; row i of segment g attends to the rows j of g with
+j <= i (causal) or to all of them, per head, softmax(q k^T / sqrt(dh)) v. No padding.
+
+Reference: the segments padded to [G, H, max_len, dh] and masked dense attention.
+Triton: flash attention over jagged segments. Work is listed as tiles of BLOCK rows of one
+segment (`jagged.segment_blocks`: ceil(N / BLOCK) + G tiles, known without a sync, the spare ones
+idle), one program per (tile, head). `_self_attention_fwd` streams the key blocks of its
+segment (up to its last row when causal) with an online softmax and stores the output and the
+log-sum-exp; the backward recomputes the probabilities from it: `_self_attention_bwd_kv`, one
+program per key tile, sums dK and dV over the query blocks that see it, `_self_attention_bwd_q`,
+one program per query tile, sums dQ over its key blocks. Every sum is in a fixed order: no
+atomics, deterministic. q, k, v may be column slices of one [N, 3d] projection (row strides).
+Custom ops mos::jagged_self_attention and mos::jagged_self_attention_backward; their FLOP formulas
+count the jagged work, sum over segments of L_g^2 (causal: L_g (L_g + 1) / 2) pairs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
+
+from ._alloc import new_output
+from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor
+from .backend import resolve_backend
+from .grouped_linear import dot_precision
+from .jagged import jagged_to_padded, max_segment_length, positions_in_segment, segment_blocks, segment_ids
+
+
+def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor, *,
+                          num_heads: int, max_len: Optional[int] = None, causal: bool = True,
+                          backend: str = "auto") -> torch.Tensor:
+    """q, k, v [N, d] in one jagged layout -> [N, d]; row i attends to rows j <= i of its segment.
+    max_len: a bound on the longest segment for the reference's padding (read back when None; the
+    Triton path needs none)."""
+    check_tensor("q", q, ndim=2, dtypes=FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: expected shape {tuple(q.shape)} like q, got {tuple(t.shape)}")
+    check_positive("num_heads", num_heads)
+    if q.shape[1] % num_heads:
+        raise ValueError(f"num_heads: expected a divisor of d={q.shape[1]}, got {num_heads}")
+    check_offsets("segment_offsets", segment_offsets, total=q.shape[0], device=q.device)
+    if resolve_backend(backend, q, "jagged_self_attention") == "triton":
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"k, v: expected the dtype of q ({q.dtype}) for backend 'triton', got {k.dtype}, {v.dtype}")
+        return torch.ops.mos.jagged_self_attention(q, k, v, segment_offsets, num_heads, causal)[0]
+    if max_len is None:
+        max_len = max_segment_length(segment_offsets)
+    return _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal)
+
+
+def _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal):
+    num_rows, dim = q.shape
+    head_dim = dim // num_heads
+    num_segments = segment_offsets.numel() - 1
+
+    def heads(x):  # [N, d] -> [G, H, L, dh]
+        padded = jagged_to_padded(x, segment_offsets, max_len)
+        return padded.view(num_segments, max_len, num_heads, head_dim).transpose(1, 2)
+
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = heads(q).to(acc) @ heads(k).to(acc).transpose(-1, -2) / math.sqrt(head_dim)
+    lengths = segment_offsets[1:] - segment_offsets[:-1]
+    pos = torch.arange(max_len, device=q.device)
+    allowed = pos[None, None, :] < lengths[:, None, None]            # key is a real row
+    if causal:
+        allowed = allowed & (pos[None, None, :] <= pos[None, :, None])
+    scores = scores.masked_fill(~allowed[:, None], -math.inf)
+    # Padded query rows have no allowed key; their NaN rows are never read back.
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
+    out = (probs @ heads(v)).transpose(1, 2).reshape(num_segments, max_len, dim)
+    return out[segment_ids(segment_offsets, num_rows), positions_in_segment(segment_offsets, num_rows)]
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+#
+# Scores are scale * q.k in fp32; p is rounded to the values' dtype for the p @ v product (the
+# flash-attention recipe). A query row always sees the first key of its segment, so the running
+# max is finite after the first key block and no inf - inf arises; rows past the segment's end
+# are masked out of every store and every backward sum.
+
+@triton.jit
+def _self_attention_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_segment_ptr, tile_start_ptr, offsets_ptr,
+                        num_segments, num_heads, head_dim, stride_q, stride_k, stride_v, stride_out, scale,
+                        CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    segment = tl.load(tile_segment_ptr + tile)
+    if segment < num_segments:
+        seg_start = tl.load(offsets_ptr + segment)
+        seg_end = tl.load(offsets_ptr + segment + 1)
+        rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
+        row_ok = rows < seg_end
+        dcols = head * head_dim + tl.arange(0, BLOCK_DH)
+        d_ok = tl.arange(0, BLOCK_DH) < head_dim
+        q = tl.load(q_ptr + rows[:, None] * stride_q + dcols[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DH], dtype=tl.float32)
+        hi = seg_end
+        if CAUSAL:
+            hi = tl.minimum(tl.load(tile_start_ptr + tile) + BLOCK_M, seg_end)
+        for k0 in range(seg_start, hi, BLOCK_N):
+            keys = k0 + tl.arange(0, BLOCK_N)
+            key_ok = keys < seg_end
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + keys[:, None] * stride_k + dcols[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            allowed = key_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (keys[None, :] <= rows[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + keys[:, None] * stride_v + dcols[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        out = acc / denom[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_out + dcols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + rows * num_heads + head, m + tl.log(denom), mask=row_ok)
+
+
+@triton.jit
+def _self_attention_bwd_kv(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g_k_ptr, g_v_ptr, tile_segment_ptr,
+                           tile_start_ptr, offsets_ptr, num_segments, num_heads, head_dim, stride_q, stride_k,
+                           stride_v, scale,
+                           CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    segment = tl.load(tile_segment_ptr + tile)
+    if segment < num_segments:
+        seg_end = tl.load(offsets_ptr + segment + 1)
+        k_start = tl.load(tile_start_ptr + tile)
+        keys = k_start + tl.arange(0, BLOCK_N)
+        key_ok = keys < seg_end
+        dcols = head * head_dim + tl.arange(0, BLOCK_DH)
+        d_ok = tl.arange(0, BLOCK_DH) < head_dim
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + keys[:, None] * stride_k + dcols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + keys[:, None] * stride_v + dcols[None, :], mask=kv_mask, other=0.0)
+        g_k = tl.zeros([BLOCK_N, BLOCK_DH], dtype=tl.float32)
+        g_v = tl.zeros([BLOCK_N, BLOCK_DH], dtype=tl.float32)
+        lo = tl.load(offsets_ptr + segment)
+        if CAUSAL:
+            lo = k_start            # earlier rows do not see these keys
+        for q0 in range(lo, seg_end, BLOCK_M):
+            rows = q0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < seg_end
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptr + rows[:, None] * stride_q + dcols[None, :], mask=q_mask, other=0.0)
+            g_o = tl.load(g_out_ptr + rows[:, None] * num_heads * head_dim + dcols[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(lse_ptr + rows * num_heads + head, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + rows * num_heads + head, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale          # [BLOCK_M, BLOCK_N]
+            allowed = row_ok[:, None] & key_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (keys[None, :] <= rows[:, None])
+            p = tl.exp(tl.where(allowed, s - lse[:, None], float("-inf")))
+            g_v += tl.dot(tl.trans(p.to(g_o.dtype)), g_o, input_precision=PRECISION)
+            dp = tl.dot(g_o, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None]) * scale
+            g_k += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        tl.store(g_k_ptr + keys[:, None] * num_heads * head_dim + dcols[None, :], g_k.to(g_k_ptr.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(g_v_ptr + keys[:, None] * num_heads * head_dim + dcols[None, :], g_v.to(g_v_ptr.dtype.element_ty),
+                 mask=kv_mask)
+
+
+@triton.jit
+def _self_attention_bwd_q(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g_q_ptr, tile_segment_ptr,
+                          tile_start_ptr, offsets_ptr, num_segments, num_heads, head_dim, stride_q, stride_k,
+                          stride_v, scale,
+                          CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    segment = tl.load(tile_segment_ptr + tile)
+    if segment < num_segments:
+        seg_start = tl.load(offsets_ptr + segment)
+        seg_end = tl.load(offsets_ptr + segment + 1)
+        q_start = tl.load(tile_start_ptr + tile)
+        rows = q_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < seg_end
+        dcols = head * head_dim + tl.arange(0, BLOCK_DH)
+        d_ok = tl.arange(0, BLOCK_DH) < head_dim
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_q + dcols[None, :], mask=q_mask, other=0.0)
+        g_o = tl.load(g_out_ptr + rows[:, None] * num_heads * head_dim + dcols[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + rows * num_heads + head, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows * num_heads + head, mask=row_ok, other=0.0)
+        g_q = tl.zeros([BLOCK_M, BLOCK_DH], dtype=tl.float32)
+        hi = seg_end
+        if CAUSAL:
+            hi = tl.minimum(q_start + BLOCK_M, seg_end)
+        for k0 in range(seg_start, hi, BLOCK_N):
+            keys = k0 + tl.arange(0, BLOCK_N)
+            key_ok = keys < seg_end
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + keys[:, None] * stride_k + dcols[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + keys[:, None] * stride_v + dcols[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            allowed = row_ok[:, None] & key_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (keys[None, :] <= rows[:, None])
+            p = tl.exp(tl.where(allowed, s - lse[:, None], float("-inf")))
+            dp = tl.dot(g_o, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None]) * scale
+            g_q += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(g_q_ptr + rows[:, None] * num_heads * head_dim + dcols[None, :], g_q.to(g_q_ptr.dtype.element_ty),
+                 mask=q_mask)
+
+
+def _blocks(head_dim: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_DH): 64-row tiles, 32 for wide heads so a tile stays in registers."""
+    block_dh = max(triton.next_power_of_2(head_dim), 16)
+    block = 64 if block_dh <= 64 else 32
+    return block, block, block_dh
+
+
+def _row_strided(t: torch.Tensor) -> torch.Tensor:
+    """Column slices of a wider matrix are read in place; anything else is made contiguous."""
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("mos::jagged_self_attention", mutates_args=())
+def _jagged_self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor,
+                              num_heads: int, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [N, d], log-sum-exp [N, H] fp32)."""
+    q, k, v = _row_strided(q), _row_strided(k), _row_strided(v)
+    segment_offsets = segment_offsets.contiguous()
+    num_rows, dim = q.shape
+    head_dim = dim // num_heads
+    out = new_output((num_rows, dim), dtype=q.dtype, device=q.device)
+    lse = new_output((num_rows, num_heads), dtype=torch.float32, device=q.device)
+    if num_rows:
+        block_m, block_n, block_dh = _blocks(head_dim)
+        tile_segment, tile_start = segment_blocks(segment_offsets, block_m, num_rows)
+        _self_attention_fwd[(tile_segment.numel(), num_heads)](
+            q, k, v, out, lse, tile_segment, tile_start, segment_offsets, segment_offsets.numel() - 1, num_heads,
+            head_dim, q.stride(0), k.stride(0), v.stride(0), out.stride(0), 1.0 / math.sqrt(head_dim),
+            CAUSAL=causal, PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh)
+    return out, lse
+
+
+@_jagged_self_attention_op.register_fake
+def _(q, k, v, segment_offsets, num_heads, causal):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], num_heads), dtype=torch.float32)
+
+
+@torch.library.custom_op("mos::jagged_self_attention_backward", mutates_args=())
+def _jagged_self_attention_backward_op(g_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                       out: torch.Tensor, lse: torch.Tensor, segment_offsets: torch.Tensor,
+                                       num_heads: int, causal: bool
+                                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _row_strided(q), _row_strided(k), _row_strided(v)
+    segment_offsets = segment_offsets.contiguous()
+    g_out = g_out.contiguous()
+    num_rows, dim = q.shape
+    head_dim = dim // num_heads
+    g_q = new_output((num_rows, dim), dtype=q.dtype, device=q.device)
+    g_k = new_output((num_rows, dim), dtype=k.dtype, device=q.device)
+    g_v = new_output((num_rows, dim), dtype=v.dtype, device=q.device)
+    if num_rows:
+        # delta_i = dout_i . out_i per head: the softmax backward's row term.
+        delta = (g_out.float() * out.float()).view(num_rows, num_heads, head_dim).sum(-1)
+        block_m, block_n, block_dh = _blocks(head_dim)
+        tile_segment, tile_start = segment_blocks(segment_offsets, block_m, num_rows)
+        common = dict(CAUSAL=causal, PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                      BLOCK_DH=block_dh)
+        args = (tile_segment, tile_start, segment_offsets, segment_offsets.numel() - 1, num_heads, head_dim,
+                q.stride(0), k.stride(0), v.stride(0), 1.0 / math.sqrt(head_dim))
+        grid = (tile_segment.numel(), num_heads)
+        _self_attention_bwd_kv[grid](q, k, v, g_out, lse, delta, g_k, g_v, *args, **common)
+        _self_attention_bwd_q[grid](q, k, v, g_out, lse, delta, g_q, *args, **common)
+    return g_q, g_k, g_v
+
+
+@_jagged_self_attention_backward_op.register_fake
+def _(g_out, q, k, v, out, lse, segment_offsets, num_heads, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_offsets, num_heads, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, segment_offsets)
+    ctx.num_heads, ctx.causal = num_heads, causal
+
+
+def _backward(ctx, g_out, _g_lse):
+    q, k, v, out, lse, segment_offsets = ctx.saved_tensors
+    g_q, g_k, g_v = torch.ops.mos.jagged_self_attention_backward(g_out, q, k, v, out, lse, segment_offsets,
+                                                                 ctx.num_heads, ctx.causal)
+    return g_q, g_k, g_v, None, None, None
+
+
+_jagged_self_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_pairs(segment_offsets: torch.Tensor, causal: bool) -> int:
+    """(query, key) pairs the jagged attention computes: sum of L_g^2, or L_g (L_g + 1) / 2 causal.
+    Reads the offsets back (FLOP counting only, never on the hot path)."""
+    lengths = (segment_offsets[1:] - segment_offsets[:-1]).to(torch.int64)
+    pairs = lengths * (lengths + 1) // 2 if causal else lengths * lengths
+    return int(pairs.sum())
+
+
+@register_flop_formula(torch.ops.mos.jagged_self_attention, get_raw=True)
+def _jagged_self_attention_flops(q, k, v, segment_offsets, num_heads, causal, *args, out_val=None, **kwargs):
+    # q.k and p.v: 2 * dh each per pair and head, 4 * d per pair over all heads.
+    return 4 * q.shape[1] * attention_pairs(segment_offsets, causal)
+
+
+@register_flop_formula(torch.ops.mos.jagged_self_attention_backward, get_raw=True)
+def _jagged_self_attention_backward_flops(g_out, q, k, v, out, lse, segment_offsets, num_heads, causal, *args,
+                                          out_val=None, **kwargs):
+    # Recomputed q.k, dV, dP, dK, dQ: five products of 2 * dh per pair and head.
+    return 10 * q.shape[1] * attention_pairs(segment_offsets, causal)
