@@ -196,14 +196,16 @@ def _splits(num_rows: int, num_experts: int) -> int:
 
 # ----------------------------------------------------------------------------- custom ops
 
-def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index, num_rows: int, transpose: bool):
-    """[num_rows, n]: row r = gate[r] * a[a_index[r]] @ W[e] (W[e]^T if transpose) + b[e], stored at
-    out_index[r]; a_index / gate / out_index None mean the identity / 1 / the identity."""
+def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index, num_rows: int, transpose: bool,
+                       out_dtype=None):
+    """[num_rows, n] in out_dtype (default a's): row r = gate[r] * a[a_index[r]] @ W[e] (W[e]^T if
+    transpose) + b[e], stored at out_index[r]; a_index / gate / out_index None mean the identity / 1 /
+    the identity."""
     a, weight, expert_offsets = a.contiguous(), weight.contiguous(), expert_offsets.contiguous()
     num_experts, d_in, d_out = weight.shape
     k_dim, n_dim = (d_out, d_in) if transpose else (d_in, d_out)
     stride_wk, stride_wn = (1, d_out) if transpose else (d_out, 1)
-    out = new_output((num_rows, n_dim), dtype=a.dtype, device=a.device)
+    out = new_output((num_rows, n_dim), dtype=out_dtype or a.dtype, device=a.device)
     if num_rows and n_dim:
         tile_expert, tile_start = segment_blocks(expert_offsets, BLOCK_M, num_rows)
         block_n = _block(n_dim)
@@ -258,9 +260,11 @@ def _grouped_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: tor
                                 expert_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
                                 row_gate: Optional[torch.Tensor], scatter_index: Optional[torch.Tensor]
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gradient of every gathered, gated row in row order [N, d_in], dW fp32, db fp32)."""
+    """(gradient of every gathered, gated row in row order [N, d_in], dW fp32, db fp32). The rows'
+    gradient stays fp32 behind a gather: it is summed per token and dotted with the tokens for the
+    gate's gradient, each rounded once to the output dtype afterwards."""
     g_rows = _launch_grouped_mm(grad, weight, None, expert_offsets, scatter_index, None, None, grad.shape[0],
-                                transpose=True)
+                                transpose=True, out_dtype=torch.float32 if gather_index is not None else None)
     g_weight, g_bias = _launch_weight_grad(x, gather_index, row_gate, grad, scatter_index, expert_offsets,
                                            weight.shape[0])
     return g_rows, g_weight, g_bias
@@ -269,7 +273,9 @@ def _grouped_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: tor
 @_grouped_linear_backward_op.register_fake
 def _(grad, x, weight, expert_offsets, gather_index, row_gate, scatter_index):
     num_experts, d_in, d_out = weight.shape
-    return (grad.new_empty((grad.shape[0], d_in)), grad.new_empty((num_experts, d_in, d_out), dtype=torch.float32),
+    rows_dtype = torch.float32 if gather_index is not None else grad.dtype
+    return (grad.new_empty((grad.shape[0], d_in), dtype=rows_dtype),
+            grad.new_empty((num_experts, d_in, d_out), dtype=torch.float32),
             grad.new_empty((num_experts, d_out), dtype=torch.float32))
 
 
@@ -292,7 +298,7 @@ def _backward(ctx, grad):
         if need_x:
             if inverse_index is None:
                 raise ValueError("inverse_index: expected a tensor to differentiate x through gather_index, got None")
-            g_x = torch.ops.mos.theme_scatter(g_rows, gather_index, row_gate, inverse_index)
+            g_x = torch.ops.mos.theme_scatter(g_rows, gather_index, row_gate, inverse_index).to(x.dtype)
         if need_gate:
             g_gate = torch.ops.mos.row_dot(g_rows, x, gather_index, row_gate.dtype)
     g_bias = None if ctx.bias_dtype is None else g_bias.to(ctx.bias_dtype)
