@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "FLOPs per example, and write the table, CSV/JSON and plots to train.out_dir.",
         epilog=_PROFILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_options(profile)
+    _add_data_option(profile)
     profile.add_argument("--quick", action="store_true", help="tiny sizes, one seed, one epoch (a smoke run)")
     return parser
 

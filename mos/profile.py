@@ -24,12 +24,9 @@ import torch
 from mos import metrics, plots
 from mos.config import RunConfig
 from mos.config_io import config_to_dict
-from mos.data import synthetic
 from mos.data.batch import Batch
-from mos.data.dataset import split_by_user
-from mos.data.stats import format_statistics, session_statistics
 from mos.flops import count_flops
-from mos.train import train_one
+from mos.train import load_data, train_one
 
 BASELINES = ("backbone", "gshard", "dselect_k", "expert_choice")
 MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
@@ -45,9 +42,8 @@ def quick_overrides() -> List[str]:
 def profile(run_cfg: RunConfig) -> List[dict]:
     out_dir = Path(run_cfg.train.out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    data = synthetic.generate(run_cfg.data)
-    splits = split_by_user(data, run_cfg.data.valid_fraction, run_cfg.data.test_fraction, run_cfg.data.seed)
-    print(format_statistics(session_statistics(data, gap_seconds=run_cfg.model.mos.gap_seconds)), flush=True)
+    data = load_data(run_cfg)          # prints the data's session statistics
+    splits = data.splits
     flop_batch = next(splits[2].batches(run_cfg.profile.flop_batch_size))
 
     def inspect(model):
@@ -76,15 +72,20 @@ def profile(run_cfg: RunConfig) -> List[dict]:
     plots.auc_versus_flops(rows, out_dir / "auc_vs_flops.png")
     lengths = run_cfg.profile.lengths
     plots.flops_versus_length(lengths, flops_by_length(run_cfg, splits[0]), out_dir / "flops_vs_length.png")
-    matrices, labels = session_heatmaps(data, run_cfg.profile.heatmap_users, run_cfg.model.mos.gap_seconds)
-    plots.session_similarity(matrices, labels, out_dir / "session_similarity.png")
+    if data.has_timestamps:
+        matrices, labels = session_heatmaps(data.dataset, run_cfg.profile.heatmap_users,
+                                            run_cfg.model.mos.gap_seconds)
+        plots.session_similarity(matrices, labels, out_dir / "session_similarity.png")
+    else:
+        print("no session_similarity.png: sessions are cut at time gaps, and the log has no timestamps")
     print(f"profile written to {out_dir}", flush=True)
     return rows
 
 
 def _fingerprint(run_cfg: RunConfig, name: str, seed: int) -> str:
     """What decides a run's result: the data, the model variant, training, the seed (not where or how loudly)."""
-    train = replace(run_cfg.train, seeds=(seed,), out_dir="", progress="none", quiet=True)
+    train = replace(run_cfg.train, seeds=(seed,), out_dir="", progress="none", quiet=True, threads=0,
+                    checkpoint_every=0, resume=False)
     key = {"data": config_to_dict(run_cfg.data), "model": config_to_dict(run_cfg.model),
            "train": config_to_dict(train), "variant": name, "seed": seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
