@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make run   - train the backbone and MoS on the embedded synthetic data, print metrics side by side
+#   make run   - the FLOPs-versus-accuracy profile on the embedded synthetic data (MoS, ablations, baselines)
 #   make test  - the whole test suite (Triton kernels under the CPU interpreter)
 # Each creates .venv with the pinned versions (requirements/ci.txt) when it is missing.
 
@@ -19,7 +19,7 @@ $(STAMP): requirements/ci.txt pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m mos train --config configs/default.yaml
+	$(PY) -m mos profile --config configs/profile.yaml
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q --benchmark-disable
