@@ -17,7 +17,7 @@ from torch import nn
 import mos_kernels as mk
 from mos_kernels._checks import check_offsets, check_tensor, check_values
 from mos_kernels.backend import op_backend
-from mos_kernels.jagged import max_segment_length, offsets_from_lengths, positions_in_segment
+from mos_kernels.jagged import counts_of, max_segment_length, offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
 from mos_kernels.theme_route import normalized
 
@@ -94,7 +94,7 @@ class MoSLayer(nn.Module):
                 raise ValueError(f"target: expected {num_examples} rows (one per example), got {target.shape[0]}")
             sessions = mk.sessionize(offsets, mode=cfg.session_mode, session_len=cfg.session_len,
                                      timestamps=timestamps, gap_seconds=cfg.gap_seconds,
-                                     max_session_len=cfg.max_session_len)
+                                     max_session_len=cfg.max_session_len, num_tokens=values.shape[0])
         if max_len is None:
             max_len = max_segment_length(offsets)
         # Everything below is built by this layer from checked inputs: no second data check.
@@ -236,7 +236,7 @@ def _aux_losses(pooled, prototypes, routing) -> Dict[str, torch.Tensor]:
     denom = max(num_sessions, 1)
     commitment = ((h - c.detach()) ** 2).sum() / denom
     codebook = ((h.detach() - c) ** 2).sum() / denom
-    chosen = torch.bincount(routing.themes.reshape(-1), minlength=num_themes).float()
+    chosen = counts_of(routing.themes.reshape(-1), num_themes).float()
     fraction = chosen / max(routing.themes.numel(), 1)
     load_balance = num_themes * (fraction * routing.probs.sum(0) / denom).sum()
     return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance}

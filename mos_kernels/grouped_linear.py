@@ -79,7 +79,7 @@ def _check_permutation(name, index, num_rows, device):
     check_tensor(name, index, ndim=1, dtypes=(torch.int64,), device=device)
     if index.numel() != num_rows:
         raise ValueError(f"{name}: expected {num_rows} entries (one per row), got {index.numel()}")
-    if num_rows and reads_data():
+    if reads_data() and num_rows:
         if not torch.equal(torch.sort(index).values, torch.arange(num_rows, device=device)):
             raise ValueError(f"{name}: expected a permutation of 0..{num_rows - 1} (every output row written once)")
 

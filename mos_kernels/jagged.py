@@ -22,6 +22,13 @@ def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def counts_of(index: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] int64 occurrences of each value 0..size-1 in `index` (values must lie in that range):
+    torch.bincount(index, minlength=size) with an output size known up front, which torch.compile
+    can trace (bincount's size depends on the data)."""
+    return torch.zeros(size, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
 def segment_ids(offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
     """The segment of every row: [N] int64. `total` (= offsets[-1]) avoids a device sync."""
     lengths = lengths_from_offsets(offsets)
@@ -49,10 +56,8 @@ def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
     check_offsets("offsets", offsets, total=values.shape[0], device=values.device)
     num = offsets.numel() - 1
     out = values.new_full((num, max_len) + tuple(values.shape[1:]), padding_value)
-    if values.shape[0] == 0:
-        return out
     pos = positions_in_segment(offsets, values.shape[0])
-    if reads_data() and int(pos.max()) >= max_len:
+    if reads_data() and values.shape[0] and int(pos.max()) >= max_len:
         raise ValueError(f"max_len: expected at least the longest segment ({int(pos.max()) + 1}), got {max_len}")
     out[segment_ids(offsets, values.shape[0]), pos] = values
     return out
@@ -68,7 +73,7 @@ def padded_to_jagged(padded: torch.Tensor, lengths: torch.Tensor):
         raise TypeError(f"lengths: expected an integer tensor, got {lengths.dtype}")
     if lengths.numel() != padded.shape[0]:
         raise ValueError(f"lengths: expected {padded.shape[0]} entries (one per row of padded), got {lengths.numel()}")
-    if lengths.numel() and reads_data():
+    if reads_data() and lengths.numel():
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > padded.shape[1]:
             raise ValueError(f"lengths: expected values in [0, {padded.shape[1]}], got min {lo}, max {hi}")

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_choice, check_offsets, check_positive, check_tensor, reads_data
-from .jagged import lengths_from_offsets, offsets_from_lengths, segment_ids
+from .jagged import counts_of, lengths_from_offsets, offsets_from_lengths, segment_ids
 
 
 @dataclass
@@ -27,18 +27,19 @@ class Sessions:
 
 def sessionize(offsets: torch.Tensor, *, mode: str = "fixed", session_len: int = 8,
                timestamps: Optional[torch.Tensor] = None, gap_seconds: float = 1800.0,
-               max_session_len: int = 64) -> Sessions:
+               max_session_len: int = 64, num_tokens: Optional[int] = None) -> Sessions:
     """Session boundaries of every example.
 
     mode="fixed": chunks of `session_len` items aligned to the newest item (the newest session
     is full, the oldest may be shorter), so the short-term expert always sees whole sessions.
     mode="gap": a session starts where the time since the previous event exceeds `gap_seconds`;
     sessions longer than `max_session_len` are split into chunks from their start.
-    Empty sequences have no sessions.
+    Empty sequences have no sessions. num_tokens: T (= offsets[-1]); pass it to avoid reading it
+    back from the device (and so that torch.compile sees a size, not a data-dependent value).
     """
     check_choice("mode", mode, ("fixed", "gap"))
-    check_offsets("offsets", offsets)
-    total = int(offsets[-1])
+    check_offsets("offsets", offsets, total=num_tokens)
+    total = int(offsets[-1]) if num_tokens is None else num_tokens
     num_examples = offsets.numel() - 1
     example = segment_ids(offsets, total)
     pos = torch.arange(total, device=offsets.device) - offsets[example]
@@ -71,5 +72,5 @@ def sessionize(offsets: torch.Tensor, *, mode: str = "fixed", session_len: int =
     start_rows = torch.nonzero(starts).squeeze(1)
     session_offsets = torch.cat([start_rows, offsets.new_tensor([total])])
     session_example = example[start_rows]
-    per_example = torch.bincount(session_example, minlength=num_examples)
+    per_example = counts_of(session_example, num_examples)
     return Sessions(session_offsets, session_example, offsets_from_lengths(per_example))

@@ -26,7 +26,7 @@ import triton.language as tl
 from ._alloc import new_output
 from ._checks import check_offsets, check_positive, check_tensor, reads_data
 from .backend import resolve_backend
-from .jagged import offsets_from_lengths, segment_ids
+from .jagged import counts_of, offsets_from_lengths, segment_ids
 
 
 @dataclass
@@ -79,7 +79,7 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
         raise ValueError(f"num_examples: expected a count >= 0, got {num_examples}")
     if capacity is not None:
         check_positive("capacity", capacity)
-    if num_sessions and reads_data():
+    if reads_data() and num_sessions:
         lo, hi = int(themes.min()), int(themes.max())
         if lo < 0 or hi >= num_themes:
             raise ValueError(f"themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
@@ -93,7 +93,7 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
     elif reads_data() and int(session_offsets[-1]) != num_tokens:
         raise ValueError(f"num_tokens: expected session_offsets[-1] = {int(session_offsets[-1])}, got {num_tokens}")
     if resolve_backend(backend, themes, "theme_dispatch") == "triton":
-        example_session_offsets = offsets_from_lengths(torch.bincount(session_example, minlength=num_examples))
+        example_session_offsets = offsets_from_lengths(counts_of(session_example, num_examples))
         gather_index, row_source, inverse_index, theme_offsets = torch.ops.mos.theme_dispatch(
             themes, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
             capacity or 0)
@@ -112,7 +112,7 @@ def _theme_dispatch_reference(themes, session_offsets, session_example, num_exam
     # Candidate rows in (token, choice) order: stable sorting by segment key keeps time order.
     key = (themes[token_session] * num_examples + session_example[token_session, None]).reshape(-1)
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_themes * num_examples)
+    counts = counts_of(key, num_themes * num_examples)
     if capacity is not None:
         ends = offsets_from_lengths(counts)[1:]
         rank_from_end = ends[key[order]] - 1 - torch.arange(order.numel(), device=order.device)

@@ -36,7 +36,7 @@ def _check_index(gather_index, row_gate, inverse_index, device, num_tokens: int,
         check_tensor("inverse_index", inverse_index, ndim=2, dtypes=(torch.int64,), device=device)
         if inverse_index.shape[0] != num_tokens:
             raise ValueError(f"inverse_index: expected {num_tokens} rows (one per token), got {inverse_index.shape[0]}")
-    if num_rows and reads_data():
+    if reads_data() and num_rows:
         lo, hi = int(gather_index.min()), int(gather_index.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f"gather_index: expected values in [0, {num_tokens - 1}], got min {lo}, max {hi}")
