@@ -2,10 +2,11 @@
 error), no recompilation when the sequence lengths or the batch size change (dynamic=True),
 and the same output and gradients as the eager layer, on both backends.
 
-On the CPU the Triton ops run under the interpreter and the graph goes to the "aot_eager"
-backend: it traces forward and backward through dynamo and AOTAutograd exactly as inductor
-would (a graph break or a data-dependent guard fails the same way) without generating C++ for
-the CPU, which would take minutes per case. The GPU check runs the same tests with inductor.
+The graph goes to the "aot_eager" backend: it traces forward and backward through dynamo and
+AOTAutograd exactly as inductor would (a graph break or a data-dependent guard fails the same
+way) without generating code, which takes minutes per case on a CPU (where the Triton ops run
+under the interpreter) and most of the GPU check's budget on a GPU. Inductor itself compiles the
+reference layer in the benchmarks (benchmarks/bench_attention.py, provider "compiled").
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_layer_compiles_once_for_every_length(backend, options, device):
         out = layer(values, target, offsets, timestamps=timestamps)
         return out.output, out.aux_loss
 
-    counter = CompileCounterWithBackend("inductor" if device.type == "cuda" else "aot_eager")
+    counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
     for seed, lengths in enumerate(BATCHES):
         values, target, offsets, timestamps = _batch(lengths, device, 10 * seed)
