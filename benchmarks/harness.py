@@ -42,6 +42,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Matched against torch.cuda.get_device_name; any other card (H100 PCIe included, whose HBM is
 # slower) gets a measured 1 GiB copy instead.
 PEAK_BANDWIDTH = (("H200", 4.3e12), ("H100", 3.0e12))
+# Dense bf16/fp16 tensor-core rate measured on the same machines (design/kernels.md), FLOP/s: the
+# FLOP floor of a half-precision case that counts its FLOPs. fp32 cases have only the byte floor.
+PEAK_HALF_FLOPS = (("H200", 8.0e14), ("H100", 8.0e14))
 
 COLUMNS = (
     "op", "provider", "mode", "dtype", "B", "L", "T", "S", "rows", "d", "K", "top_k",
@@ -319,14 +322,28 @@ def _timing_values(case: Case, mode: str, env: Environment, median: float, p20: 
     moved, flops = case.per_mode(case.bytes, mode), case.per_mode(case.flops, mode)
     values: Dict[str, object] = dict(median_ms=median, p20_ms=p20, p80_ms=p80)
     seconds = median * 1e-3
+    floors = []
     if moved is not None:
         values.update(bytes=moved, gbps=moved / seconds / 1e9 if seconds > 0 else "")
         if env.peak_bw:
-            floor_ms = moved / env.peak_bw * 1e3
-            values.update(floor_ms=floor_ms, pct_floor=100.0 * floor_ms / median if median > 0 else "")
+            floors.append(moved / env.peak_bw * 1e3)
     if flops:
         values.update(flops=flops, tflops=flops / seconds / 1e12 if seconds > 0 else "")
+        peak_flops = peak_half_flops(env.card) if case.dtype in (torch.bfloat16, torch.float16) else None
+        if peak_flops:
+            floors.append(flops / peak_flops * 1e3)
+    if floors:
+        # The binding floor: whichever of moving the bytes and doing the FLOPs takes longer.
+        floor_ms = max(floors)
+        values.update(floor_ms=floor_ms, pct_floor=100.0 * floor_ms / median if median > 0 else "")
     return values
+
+
+def peak_half_flops(card: str) -> Optional[float]:
+    for key, rate in PEAK_HALF_FLOPS:
+        if key in card and "PCIe" not in card:
+            return rate
+    return None
 
 
 def _add_speedups(rows: List[Dict[str, object]]) -> None:
@@ -442,16 +459,22 @@ def print_table(rows: Sequence[Dict[str, object]], file=None) -> None:
     notes = sorted({str(r["note"]) for r in rows if r["note"]})
     if notes:
         print("NOTE: " + " | ".join(notes), file=file)
-    header = ("op", "mode", "dtype", "shape", "provider", "ms", "GB/s", "% floor", "x eager", "x compiled", "error")
+    header = ("op", "mode", "dtype", "shape", "provider", "ms", "GB/s", "TFLOP/s", "% floor", "x eager", "x compiled",
+              "error")
     lines = [(r["op"], r["mode"], r["dtype"], shape_label(r), r["provider"], _fmt(r["median_ms"], ".4f"),
-              _fmt(r["gbps"], ".1f"), _fmt(r["pct_floor"], ".1f"), _fmt(r["speedup_vs_eager"], ".2f"),
-              _fmt(r["speedup_vs_compiled"], ".2f"), str(r["error"])[:70]) for r in rows]
-    _print_aligned(header, lines, (False,) * 5 + (True,) * 5 + (False,), file)
+              _fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".2f"), _fmt(r["pct_floor"], ".1f"),
+              _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compiled"], ".2f"), str(r["error"])[:70])
+             for r in rows]
+    _print_aligned(header, lines, (False,) * 5 + (True,) * 6 + (False,), file)
 
 
 @dataclass(frozen=True)
 class Target:
-    """A goal on one row: `metric` (a row column) of op/mode/provider must reach `minimum`."""
+    """A goal on one row: `metric` (a row column) of op/mode/provider must reach `minimum`.
+
+    With `versus` = (op, provider) the measured value is instead that row's median over this
+    row's (same mode and point): a speedup over a provider or an op the harness does not compare
+    with. `at` overrides entries of the target point for this target (e.g. another L)."""
     label: str
     op: str
     mode: str
@@ -459,17 +482,30 @@ class Target:
     metric: str
     minimum: float
     unit: str = ""
+    versus: Optional[Tuple[str, str]] = None
+    at: Tuple[Tuple[str, object], ...] = ()
 
 
 def evaluate_targets(rows: Sequence[Dict[str, object]], targets: Sequence[Target],
                      where: Dict[str, object]) -> List[Tuple[Target, Optional[float], str]]:
     """(target, measured value or None, "PASS"/"MISS") for the rows matching `where` (e.g. the
     dtype and shape of the target point)."""
+    def find_row(op, provider, mode, point):
+        match = [r for r in rows if r["op"] == op and r["mode"] == mode and r["provider"] == provider
+                 and all(r[k] == v for k, v in point.items())]
+        return match[0] if match else None
+
     results = []
     for t in targets:
-        match = [r for r in rows if r["op"] == t.op and r["mode"] == t.mode and r["provider"] == t.provider
-                 and all(r[k] == v for k, v in where.items())]
-        value = match[0][t.metric] if match and match[0][t.metric] != "" else None
+        point = {**where, **dict(t.at)}
+        row = find_row(t.op, t.provider, t.mode, point)
+        if t.versus is None:
+            value = row[t.metric] if row is not None and row[t.metric] != "" else None
+        else:
+            other = find_row(*t.versus, t.mode, point)
+            timed = row is not None and other is not None and row["median_ms"] not in ("", 0) \
+                and other["median_ms"] != ""
+            value = other["median_ms"] / row["median_ms"] if timed else None
         results.append((t, value, "PASS" if value is not None and value >= t.minimum else "MISS"))
     return results
 

@@ -102,8 +102,10 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
                 stride_we, stride_wk, stride_wn,
                 A_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INDEX: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[dst(r)] = gate[r] * a[src(r)] @ W[e] (+ b[e]) for the BLOCK_M rows of one tile of expert e."""
-    tile = tl.program_id(0)
+    """out[dst(r)] = gate[r] * a[src(r)] @ W[e] (+ b[e]) for the BLOCK_M rows of one tile of expert e.
+    Consecutive programs take the column blocks of one row tile, which then comes from L2."""
+    num_col_blocks = tl.cdiv(n_dim, BLOCK_N)
+    tile = tl.program_id(0) // num_col_blocks
     expert = tl.load(tile_expert_ptr + tile)
     if expert < num_experts:
         rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
@@ -111,7 +113,7 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
         src = rows
         if A_INDEX:
             src = tl.load(a_index_ptr + rows, mask=row_ok, other=0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (tl.program_id(0) % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_dim
         w_base = w_ptr + expert * stride_we
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -209,7 +211,7 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index
     if num_rows and n_dim:
         tile_expert, tile_start = segment_blocks(expert_offsets, BLOCK_M, num_rows)
         block_n = _block(n_dim)
-        grid = (tile_expert.numel(), triton.cdiv(n_dim, block_n))
+        grid = (tile_expert.numel() * triton.cdiv(n_dim, block_n),)
         _grouped_mm[grid](a, a_index, gate, weight, None if bias is None else bias.contiguous(), out, out_index,
                           tile_expert, tile_start, expert_offsets, num_experts, k_dim, n_dim, a.stride(0),
                           out.stride(0), weight.stride(0), stride_wk, stride_wn,
