@@ -71,7 +71,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         x = theme_gather(x, gather_index, row_gate, backend="reference")
     if max_rows is None:
         max_rows = max_segment_length(expert_offsets)
-    y = _grouped_linear_reference(x, weight, bias, expert_offsets, max_rows)
+    y = torch.ops.mos.grouped_linear_reference(x, weight, bias, expert_offsets, max_rows)
     return y if scatter_index is None else torch.empty_like(y).index_copy(0, scatter_index, y)
 
 
@@ -92,6 +92,59 @@ def _grouped_linear_reference(x, weight, bias, expert_offsets, max_rows):
     padded = padded.index_put((expert, pos), x)
     y = torch.bmm(padded, weight.to(x.dtype))[expert, pos]
     return y if bias is None else y + bias.to(x.dtype)[expert]
+
+
+# The reference is a custom op too, only so that FLOP counters see the algorithm's
+# 2 * rows * d_in * d_out (what the kernels compute) and not the padding of its batched GEMM:
+# otherwise an unbalanced routing would look K times as expensive as it is.
+
+@torch.library.custom_op("mos::grouped_linear_reference", mutates_args=())
+def _grouped_linear_reference_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 expert_offsets: torch.Tensor, max_rows: int) -> torch.Tensor:
+    return _grouped_linear_reference(x, weight, bias, expert_offsets, max_rows)
+
+
+@_grouped_linear_reference_op.register_fake
+def _(x, weight, bias, expert_offsets, max_rows):
+    return x.new_empty((x.shape[0], weight.shape[2]))
+
+
+@torch.library.custom_op("mos::grouped_linear_reference_backward", mutates_args=())
+def _grouped_linear_reference_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                          expert_offsets: torch.Tensor, max_rows: int
+                                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad of x, of weight, of bias), by the same padded products."""
+    num_rows = x.shape[0]
+    expert = segment_ids(expert_offsets, num_rows)
+    pos = positions_in_segment(expert_offsets, num_rows)
+    g_x = _grouped_linear_reference(grad, weight.transpose(1, 2).to(grad.dtype), None, expert_offsets, max_rows)
+    padded_x = x.new_zeros((weight.shape[0], max_rows, x.shape[1])).index_put((expert, pos), x)
+    padded_g = grad.new_zeros((weight.shape[0], max_rows, grad.shape[1])).index_put((expert, pos), grad)
+    g_weight = torch.bmm(padded_x.transpose(1, 2), padded_g.to(x.dtype))
+    g_bias = padded_g.sum(dim=1)
+    return g_x.to(x.dtype), g_weight.to(weight.dtype), g_bias
+
+
+@_grouped_linear_reference_backward_op.register_fake
+def _(grad, x, weight, expert_offsets, max_rows):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), grad.new_empty((weight.shape[0], grad.shape[1]))
+
+
+def _reference_setup_context(ctx, inputs, output):
+    x, weight, bias, expert_offsets, max_rows = inputs
+    ctx.save_for_backward(x, weight, expert_offsets)
+    ctx.max_rows = max_rows
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _reference_backward(ctx, grad):
+    x, weight, expert_offsets = ctx.saved_tensors
+    g_x, g_weight, g_bias = torch.ops.mos.grouped_linear_reference_backward(
+        grad.contiguous(), x, weight, expert_offsets, ctx.max_rows)
+    return g_x, g_weight, None if ctx.bias_dtype is None else g_bias.to(ctx.bias_dtype), None, None
+
+
+_grouped_linear_reference_op.register_autograd(_reference_backward, setup_context=_reference_setup_context)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -310,12 +363,12 @@ def _backward(ctx, grad):
 _grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.mos.grouped_linear)
+@register_flop_formula([torch.ops.mos.grouped_linear, torch.ops.mos.grouped_linear_reference])
 def _grouped_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs):
     return 2 * out_shape[0] * weight_shape[1] * weight_shape[2]
 
 
-@register_flop_formula(torch.ops.mos.grouped_linear_backward)
+@register_flop_formula([torch.ops.mos.grouped_linear_backward, torch.ops.mos.grouped_linear_reference_backward])
 def _grouped_linear_backward_flops(grad_shape, x_shape, weight_shape, *args, out_shape=None, **kwargs):
     # Two products of the forward's size: the rows' gradient and the weight's.
     return 4 * grad_shape[0] * weight_shape[1] * weight_shape[2]
