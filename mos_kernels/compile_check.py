@@ -198,9 +198,11 @@ def all_configs() -> List[Config]:
 def _kernels():
     # Modules by path: the package re-exports functions under the same names.
     modules = [importlib.import_module(f"mos_kernels.{name}") for name in KERNEL_MODULES]
-    # A launched kernel reads its program id; @triton.jit helpers it calls are compiled inside it.
+    # A launched kernel is defined in its module (not imported) and reads its program id (directly
+    # or through a helper); @triton.jit helpers are compiled inside the kernels that call them.
     return {name: fn for m in modules for name, fn in vars(m).items()
-            if type(fn).__name__ == "JITFunction" and "program_id" in fn.src}
+            if type(fn).__name__ == "JITFunction" and fn.fn.__module__ == m.__name__
+            and ("program_id" in fn.src or "session_block(" in fn.src)}
 
 
 def compile_one(config: Config) -> Tuple[str, float, str]:

@@ -19,10 +19,12 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
+from ._checks import check_offsets, check_values
 from .backend import resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
-from .theme_route import NORM_EPS, Routing, _theme_route_reference, normalized, straight_through_gate
+from .session_blocks import membership, session_block
+from .theme_route import (NORM_EPS, Routing, _theme_route_reference, check_routing_args, normalized,
+                          straight_through_gate)
 
 def session_pool(values: torch.Tensor, session_offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """values [T, d] + session_offsets [S+1] -> [S, d] means; an empty session pools to zeros."""
@@ -40,16 +42,7 @@ def session_pool_route(values: torch.Tensor, session_offsets: torch.Tensor, prot
     """Pool every session and route it to its top-k themes: (pooled [S, d], Routing)."""
     check_values("values", values)
     check_offsets("session_offsets", session_offsets, total=values.shape[0], device=values.device)
-    check_tensor("prototypes", prototypes, ndim=2, dtypes=FLOAT_DTYPES, device=values.device)
-    if prototypes.shape[1] != values.shape[1]:
-        raise ValueError(f"prototypes: expected {values.shape[1]} columns (the width of values), "
-                         f"got shape {tuple(prototypes.shape)}")
-    num_themes = prototypes.shape[0]
-    if num_themes < 1:
-        raise ValueError(f"prototypes: expected K >= 1 rows, got {num_themes}")
-    check_positive("temperature", temperature)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_themes:
-        raise ValueError(f"top_k: expected an int in [1, K={num_themes}], got {top_k!r}")
+    check_routing_args("values", values, prototypes, temperature, top_k)
     if resolve_backend(backend, values, "session_pool_route") == "reference":
         pooled = _session_pool_reference(values, session_offsets)
         return pooled, _theme_route_reference(pooled, prototypes, temperature, top_k)
@@ -71,30 +64,18 @@ def _session_pool_reference(values: torch.Tensor, session_offsets: torch.Tensor)
 
 # ----------------------------------------------------------------------------- Triton kernels
 #
-# One program per block of BLOCK_S consecutive sessions. Their rows are contiguous, so the
-# program streams them in BLOCK_T-row tiles and adds each tile into its sessions with a
-# one-hot matrix product (membership [BLOCK_S, BLOCK_T] @ rows [BLOCK_T, d]). That keeps
-# every load a full tile however short the sessions are (a program per session would leave
-# most of each tile masked and launch a program per 8 rows). The one-hot product is exact:
-# products with 1 and 0, accumulated in fp32 (fp32 inputs use the IEEE path, not TF32).
-
-@triton.jit
-def _session_membership(rows, starts, ends):
-    return (rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None])
-
+# One program per block of BLOCK_S consecutive sessions (`session_blocks`): each row tile is
+# added into its sessions with a one-hot matrix product (membership [BLOCK_S, BLOCK_T] @ rows
+# [BLOCK_T, d]); a program per session would leave most of each tile masked and launch a
+# program per 8 rows. The one-hot product is exact: products with 1 and 0, accumulated in fp32
+# (fp32 inputs use the IEEE path, not TF32).
 
 @triton.jit
 def _pool_route_fwd(values_ptr, offsets_ptr, protos_ptr, pooled_ptr, scores_ptr, probs_ptr, themes_ptr,
                     num_sessions, dim, num_themes, inv_temperature, eps,
                     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                     TOP_K: tl.constexpr, ROUTE: tl.constexpr):
-    block = tl.program_id(0) * BLOCK_S
-    sessions = block + tl.arange(0, BLOCK_S)
-    s_ok = sessions < num_sessions
-    starts = tl.load(offsets_ptr + sessions, mask=s_ok, other=0)
-    ends = tl.load(offsets_ptr + sessions + 1, mask=s_ok, other=0)
-    first = tl.load(offsets_ptr + block)
-    last = tl.load(offsets_ptr + tl.minimum(block + BLOCK_S, num_sessions))
+    sessions, s_ok, starts, ends, first, last = session_block(offsets_ptr, num_sessions, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim
     acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
@@ -102,7 +83,7 @@ def _pool_route_fwd(values_ptr, offsets_ptr, protos_ptr, pooled_ptr, scores_ptr,
         rows = row0 + tl.arange(0, BLOCK_T)
         x = tl.load(values_ptr + rows[:, None] * dim + cols[None, :],
                     mask=(rows < last)[:, None] & col_ok[None, :], other=0.0)
-        member = _session_membership(rows, starts, ends).to(x.dtype)
+        member = membership(rows, starts, ends).to(x.dtype)
         acc += tl.dot(member, x, input_precision="ieee")
     mean = acc / tl.maximum((ends - starts).to(tl.float32), 1.0)[:, None]
     pooled = mean.to(pooled_ptr.dtype.element_ty)
@@ -134,13 +115,7 @@ def _pool_route_bwd(g_pooled_ptr, pooled_ptr, g_scores_ptr, g_probs_ptr, probs_p
                     g_values_ptr, g_scores_total_ptr, num_sessions, dim, num_themes, inv_temperature, eps,
                     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                     ROUTE: tl.constexpr):
-    block = tl.program_id(0) * BLOCK_S
-    sessions = block + tl.arange(0, BLOCK_S)
-    s_ok = sessions < num_sessions
-    starts = tl.load(offsets_ptr + sessions, mask=s_ok, other=0)
-    ends = tl.load(offsets_ptr + sessions + 1, mask=s_ok, other=0)
-    first = tl.load(offsets_ptr + block)
-    last = tl.load(offsets_ptr + tl.minimum(block + BLOCK_S, num_sessions))
+    sessions, s_ok, starts, ends, first, last = session_block(offsets_ptr, num_sessions, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim
     tile_mask = s_ok[:, None] & col_ok[None, :]
@@ -169,7 +144,7 @@ def _pool_route_bwd(g_pooled_ptr, pooled_ptr, g_scores_ptr, g_probs_ptr, probs_p
     g_row = tl.where(count > 0, g_h / tl.maximum(count, 1.0), 0.0).to(g_values_ptr.dtype.element_ty)
     for row0 in range(first, last, BLOCK_T):
         rows = row0 + tl.arange(0, BLOCK_T)
-        member = _session_membership(rows, starts, ends).to(g_row.dtype)
+        member = membership(rows, starts, ends).to(g_row.dtype)
         g_x = tl.dot(tl.trans(member), g_row, input_precision="ieee")   # each row takes its session's value
         tl.store(g_values_ptr + rows[:, None] * dim + cols[None, :], g_x.to(g_values_ptr.dtype.element_ty),
                  mask=(rows < last)[:, None] & col_ok[None, :])

@@ -27,6 +27,7 @@ from ._alloc import new_output
 from ._checks import check_offsets, check_positive, check_tensor, reads_data
 from .backend import resolve_backend
 from .jagged import counts_of, offsets_from_lengths, segment_ids
+from .session_blocks import membership, session_block
 
 
 @dataclass
@@ -159,15 +160,8 @@ def _dispatch_fill(themes_ptr, session_offsets_ptr, session_example_ptr, rank_pt
                    gather_index_ptr, row_source_ptr, inverse_ptr, num_sessions, num_examples, capacity,
                    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, TOP_K: tl.constexpr,
                    HAS_CAPACITY: tl.constexpr):
-    # One program per block of BLOCK_S sessions, whose rows are contiguous: it streams them in
-    # full BLOCK_T tiles and finds each row's session by comparing it with the block's bounds.
-    block = tl.program_id(0) * BLOCK_S
-    sessions = block + tl.arange(0, BLOCK_S)
-    s_ok = sessions < num_sessions
-    starts = tl.load(session_offsets_ptr + sessions, mask=s_ok, other=0)
-    ends = tl.load(session_offsets_ptr + sessions + 1, mask=s_ok, other=0)
-    first = tl.load(session_offsets_ptr + block)
-    last = tl.load(session_offsets_ptr + tl.minimum(block + BLOCK_S, num_sessions))
+    # One program per block of BLOCK_S sessions (`session_blocks`), rows in full BLOCK_T tiles.
+    sessions, s_ok, starts, ends, first, last = session_block(session_offsets_ptr, num_sessions, BLOCK_S)
     example = tl.load(session_example_ptr + sessions, mask=s_ok, other=0)
     for j in tl.static_range(TOP_K):
         key = tl.load(themes_ptr + sessions * TOP_K + j, mask=s_ok, other=0) * num_examples + example
@@ -180,7 +174,7 @@ def _dispatch_fill(themes_ptr, session_offsets_ptr, session_example_ptr, rank_pt
         for row0 in range(first, last, BLOCK_T):
             rows = row0 + tl.arange(0, BLOCK_T)
             in_block = rows < last
-            member = (rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None])
+            member = membership(rows, starts, ends)
             row_rank = tl.sum(tl.where(member, rank_shift[:, None], 0), axis=0) + rows
             dest = tl.sum(tl.where(member, dest_shift[:, None], 0), axis=0) + rows
             source = tl.sum(tl.where(member, sessions[:, None], 0), axis=0) * TOP_K + j

@@ -29,18 +29,24 @@ def theme_route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: 
                 top_k: int = 1, backend: str = "auto") -> Routing:
     """pooled [S, d], prototypes [K, d] -> Routing. A zero session vector scores 0 everywhere."""
     check_values("pooled", pooled)
-    check_tensor("prototypes", prototypes, ndim=2, dtypes=FLOAT_DTYPES, device=pooled.device)
-    if prototypes.shape[1] != pooled.shape[1]:
-        raise ValueError(
-            f"prototypes: expected {pooled.shape[1]} columns (the width of pooled), got shape {tuple(prototypes.shape)}")
+    check_routing_args("pooled", pooled, prototypes, temperature, top_k)
+    resolve_backend(backend, pooled, "theme_route")
+    return _theme_route_reference(pooled, prototypes, temperature, top_k)
+
+
+def check_routing_args(rows_name: str, rows: torch.Tensor, prototypes: torch.Tensor, temperature: float,
+                       top_k: int) -> None:
+    """The routing arguments of `theme_route` and `session_pool_route` (rows: what is routed)."""
+    check_tensor("prototypes", prototypes, ndim=2, dtypes=FLOAT_DTYPES, device=rows.device)
+    if prototypes.shape[1] != rows.shape[1]:
+        raise ValueError(f"prototypes: expected {rows.shape[1]} columns (the width of {rows_name}), "
+                         f"got shape {tuple(prototypes.shape)}")
     num_themes = prototypes.shape[0]
     if num_themes < 1:
         raise ValueError(f"prototypes: expected K >= 1 rows, got {num_themes}")
     check_positive("temperature", temperature)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_themes:
         raise ValueError(f"top_k: expected an int in [1, K={num_themes}], got {top_k!r}")
-    resolve_backend(backend, pooled, "theme_route")
-    return _theme_route_reference(pooled, prototypes, temperature, top_k)
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
