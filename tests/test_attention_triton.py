@@ -282,6 +282,30 @@ def test_opcheck_jagged_self_attention(causal, device):
     torch.library.opcheck(torch.ops.mos.jagged_self_attention.default, (q, k, v, offsets, 2, causal))
 
 
+def test_opcheck_backward_ops(device):
+    """The backward kernels are custom ops too (no autograd of their own): schema, fake, tracing."""
+    dispatch, t = _registration_inputs(device)
+    tokens, query, w_key, w_value = (t[k].detach() for k in ("tokens", "query", "w_key", "w_value"))
+    gate = dispatch.row_gate.detach().float()
+    out, pooled, lse = torch.ops.mos.expert_target_attention(tokens, query, w_key, None, w_value, None,
+                                                            dispatch.theme_offsets, dispatch.gather_index, gate,
+                                                            dispatch.inverse_index, 2)
+    torch.library.opcheck(torch.ops.mos.expert_target_attention_backward.default,
+                          (torch.randn_like(out), tokens, query, w_key, w_value, dispatch.theme_offsets,
+                           dispatch.gather_index, gate, pooled, lse, 2))
+    q, k, v = random_values(19, 24, torch.float32, device).split(8, dim=1)
+    offsets = torch.tensor([0, 5, 5, 16, 19], device=device)
+    out, lse = torch.ops.mos.jagged_self_attention(q, k, v, offsets, 2, True)
+    torch.library.opcheck(torch.ops.mos.jagged_self_attention_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, offsets, 2, True))
+    top1 = _dispatch([5, 0, 11, 3], 3, 1, None, device)       # 19 rows, one per token
+    weight = random_values(24, 5, torch.float32, device, seed=1).view(3, 8, 5)
+    scatter = torch.randperm(19, generator=torch.Generator().manual_seed(0)).to(device)
+    torch.library.opcheck(torch.ops.mos.grouped_linear_backward.default,
+                          (random_values(19, 5, torch.float32, device, seed=2), tokens, weight, top1.expert_offsets,
+                           top1.gather_index, top1.row_gate.detach().float(), scatter))
+
+
 def test_flop_formulas(device):
     """FlopCounterMode counts the kernels: 2·N·d_in·d_out per grouped GEMM; self-attention 4·d per
     (query, key) pair, the jagged count sum L(L+1)/2 causal; target attention 4·N·H·d + 4·G·d²."""
@@ -312,6 +336,23 @@ LAYER_OPTIONS = [
     dict(encoder="transformer", readout="last", top_k=2, capacity=3),
     dict(encoder="transformer", readout="mean", num_layers=2, global_scope="sessions"),
 ]
+
+
+@pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
+def test_layer_all_empty_batch_is_finite(encoder, device):
+    """No history at all: every segment of every expert is empty; zeros flow, no NaN, and every
+    parameter the batch reaches gets a finite gradient."""
+    from mos import MoSConfig, MoSLayer
+
+    torch.manual_seed(0)
+    layer = MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=4, encoder=encoder, backend="triton")).to(device)
+    target = random_values(3, 16, torch.float32, device).requires_grad_()
+    out = layer(torch.zeros(0, 16, device=device, requires_grad=True), target, torch.zeros(4, dtype=torch.int64,
+                                                                                            device=device))
+    (out.output.square().sum() + out.aux_loss).backward()
+    assert torch.isfinite(out.output).all() and torch.isfinite(target.grad).all()
+    for name, p in layer.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
 @pytest.mark.parametrize("options", LAYER_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
