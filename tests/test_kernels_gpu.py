@@ -138,10 +138,11 @@ def _relative_error(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
 
-# fp32 kernels multiply with three TF32 products (fp32 accuracy); half precision rounds its
-# inputs, outputs and the attention probabilities to the dtype (relative step 2^-11 / 2^-8),
-# across sums of thousands of rows, measured against the fp32 reference as a norm.
-RELATIVE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+# ‖kernel − fp32 reference‖ / ‖reference‖ on the same (dtype-rounded) inputs. fp32: products as
+# three TF32 products (~fp32) summed in another order, the attention rows of tolerances.py;
+# half precision also rounds outputs, probabilities and the softmax gradient to the dtype
+# (relative step 2^-11 / 2^-8), a few roundings deep.
+RELATIVE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 def _cotangent(shape, dtype, seed):
