@@ -209,7 +209,8 @@ def _document_mask(offsets, num_rows, device):
     def causal_document(b, h, q_idx, kv_idx):
         return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
 
-    return create_block_mask(causal_document, 1, 1, num_rows, num_rows, device=device)
+    # Compiled, the mask is evaluated block by block; eager would materialise all T x T entries.
+    return create_block_mask(causal_document, 1, 1, num_rows, num_rows, device=device, _compile=True)
 
 
 def self_attention_case(batch: Batch) -> Case:
