@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
+from benchmarks.harness import comma_subset
 from benchmarks.harness import (DTYPES, MODES, PROVIDERS, Case, Environment, Provider, Target, Timer, append_csv,
                                 describe_error, dtype_name, free_memory, make_row, print_table, print_targets,
                                 run_case, shape_label)
@@ -370,25 +371,15 @@ def providers_for(op: str, shape: Shape, names: Sequence[str], device: torch.dev
 
 # ----------------------------------------------------------------------------- CLI
 
-def _subset(allowed: Sequence[str]):
-    def parse(text: str) -> List[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(allowed)}, got {text!r}")
-        return items
-    return parse
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder of bench_attention.csv (rows are appended)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run (CPU interpreter included)")
-    parser.add_argument("--ops", type=_subset(OPS), default=list(OPS), help=f"default: {','.join(OPS)}")
-    parser.add_argument("--dtype", type=_subset(tuple(DTYPES)), default=None,
+    parser.add_argument("--ops", type=comma_subset(OPS), default=list(OPS), help=f"default: {','.join(OPS)}")
+    parser.add_argument("--dtype", type=comma_subset(tuple(DTYPES)), default=None,
                         help="default: bf16 (the sweeps), fp16,fp32 at the target point; --quick: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", type=_subset(tuple(ALL_PROVIDERS)), default=list(ALL_PROVIDERS),
+    parser.add_argument("--providers", type=comma_subset(tuple(ALL_PROVIDERS)), default=list(ALL_PROVIDERS),
                         help=f"default: {','.join(ALL_PROVIDERS)}")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
     parser.add_argument("--rep-ms", type=float, default=50.0)

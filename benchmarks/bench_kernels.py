@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import mos_kernels as mk
+from benchmarks.harness import comma_subset
 from benchmarks.harness import (DTYPES, MODES, PROVIDERS, Case, Environment, Target, Timer, append_csv, dtype_name,
                                 free_memory, make_row, describe_error, print_table, print_targets, run_case,
                                 shape_label)
@@ -262,27 +263,17 @@ def target_point(quick: bool, dtypes: Sequence[str]) -> Dict[str, object]:
 
 # ----------------------------------------------------------------------------- CLI
 
-def _subset(allowed: Sequence[str]):
-    def parse(text: str) -> List[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(allowed)}, got {text!r}")
-        return items
-    return parse
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder of bench_kernels.csv (rows are appended)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run (CPU interpreter included)")
-    parser.add_argument("--ops", type=_subset(OPS), default=list(OPS), help=f"default: {','.join(OPS)}")
-    parser.add_argument("--dtype", type=_subset(tuple(DTYPES)), default=None,
+    parser.add_argument("--ops", type=comma_subset(OPS), default=list(OPS), help=f"default: {','.join(OPS)}")
+    parser.add_argument("--dtype", type=comma_subset(tuple(DTYPES)), default=None,
                         help="default: bf16,fp16,fp32 (fp16/fp32 at the target point only); "
                              "--quick: fp32 on CPU (the interpreter cannot do bf16), bf16 on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when visible)")
-    parser.add_argument("--providers", type=_subset(tuple(PROVIDERS)), default=list(PROVIDERS),
+    parser.add_argument("--providers", type=comma_subset(tuple(PROVIDERS)), default=list(PROVIDERS),
                         help=f"default: {','.join(PROVIDERS)}")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the 'compiled' provider (default inductor)")

@@ -13,6 +13,7 @@ are not rotated.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import gc
@@ -54,6 +55,17 @@ COLUMNS = (
     "git_commit", "note",
 )
 SHAPE_COLUMNS = ("B", "L", "T", "S", "rows", "d", "K", "top_k")
+
+
+def comma_subset(allowed: Sequence[str]):
+    """An argparse type: a comma-separated, non-empty subset of `allowed`."""
+    def parse(text: str) -> List[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(allowed)}, got {text!r}")
+        return items
+    return parse
 
 
 def dtype_name(dtype: torch.dtype) -> str:
