@@ -7,6 +7,7 @@ the field's name, what was expected and what came.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -197,6 +198,8 @@ class DataConfig:
                 self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
             raise ValueError(f"data.source: expected 'synthetic', 'movielens' or a path to a log ending in "
                              f"{', '.join(LOG_FORMATS)}, got {self.source!r}")
+        if self.source not in ("synthetic", "movielens") and not os.path.isfile(self.source):
+            raise ValueError(f"data.source: expected an existing log file, got {self.source!r} (no such file)")
         check_choice("data.label_source", self.label_source, LABEL_SOURCES)
         check_choice("data.history", self.history, ("all", "positive"))
         check_positive("data.negatives", self.negatives)

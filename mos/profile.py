@@ -27,6 +27,7 @@ from mos.config_io import config_to_dict
 from mos.data.batch import Batch
 from mos.flops import count_flops
 from mos.train import load_data, train_one
+from mos.variants import variant_config
 
 BASELINES = ("backbone", "gshard", "dselect_k", "expert_choice")
 MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
@@ -44,7 +45,7 @@ def profile(run_cfg: RunConfig) -> List[dict]:
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     data = load_data(run_cfg)          # prints the data's session statistics
     splits = data.splits
-    flop_batch = next(splits[2].batches(run_cfg.profile.flop_batch_size))
+    flop_batch = next(splits[2].batches(run_cfg.profile.flop_batch_size, max_history=run_cfg.data.max_history))
 
     def inspect(model):
         return {"flops": asdict(count_flops(model, flop_batch.to(next(model.parameters()).device)))}
@@ -75,7 +76,10 @@ def profile(run_cfg: RunConfig) -> List[dict]:
     if data.has_timestamps:
         matrices, labels = session_heatmaps(data.dataset, run_cfg.profile.heatmap_users,
                                             run_cfg.model.mos.gap_seconds)
-        plots.session_similarity(matrices, labels, out_dir / "session_similarity.png")
+        if matrices:
+            plots.session_similarity(matrices, labels, out_dir / "session_similarity.png")
+        else:
+            print("no session_similarity.png: no user has 6 or more sessions")
     else:
         print("no session_similarity.png: sessions are cut at time gaps, and the log has no timestamps")
     print(f"profile written to {out_dir}", flush=True)
@@ -83,11 +87,16 @@ def profile(run_cfg: RunConfig) -> List[dict]:
 
 
 def _fingerprint(run_cfg: RunConfig, name: str, seed: int) -> str:
-    """What decides a run's result: the data, the model variant, training, the seed (not where or how loudly)."""
+    """What decides a run's record: the data (a log file's size and time too), the variant's model,
+    training, the seed and the FLOP batch (not where or how loudly). The code is not in it: clear
+    `<out_dir>/runs/` after changing the code."""
     train = replace(run_cfg.train, seeds=(seed,), out_dir="", progress="none", quiet=True, threads=0,
                     checkpoint_every=0, resume=False)
-    key = {"data": config_to_dict(run_cfg.data), "model": config_to_dict(run_cfg.model),
-           "train": config_to_dict(train), "variant": name, "seed": seed}
+    source = run_cfg.data.source
+    log_file = None if source in ("synthetic", "movielens") else [os.path.getsize(source), os.path.getmtime(source)]
+    key = {"data": config_to_dict(run_cfg.data), "log_file": log_file,
+           "model": config_to_dict(variant_config(run_cfg.model, name)), "train": config_to_dict(train),
+           "flop_batch_size": run_cfg.profile.flop_batch_size, "variant": name, "seed": seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -153,9 +162,12 @@ def target_verdict(rows: List[dict]) -> str:
     """The issue's claim: MoS has the higher test AUC than the backbone and every MoE baseline
     (difference of means larger than the larger spread), at fewer FLOPs than every MoE baseline."""
     by_name = {r["model"]: r for r in rows}
-    mos = by_name.get("mos")
-    if mos is None:
-        return "target: not evaluated (no 'mos' in models)"
+    missing = [name for name in ("mos",) + BASELINES if name not in by_name]
+    if missing:
+        return f"target: not evaluated (missing from models: {', '.join(missing)})"
+    mos = by_name["mos"]
+    if mos["seeds"] < 2:
+        return "target: not evaluated (one seed: no spread to compare a gap with)"
     lines, verdicts = [], []
     for name in BASELINES:
         other = by_name.get(name)
@@ -200,7 +212,6 @@ def synthetic_batch(num_items: int, num_categories: int, examples: int, length: 
 def flops_by_length(run_cfg: RunConfig, train_set) -> Dict[str, List[float]]:
     """Forward GFLOPs per example of each variant (initial weights, seed 0) at each length."""
     from mos.model import CTRModel
-    from mos.variants import variant_config
 
     result = {}
     for name in run_cfg.models:

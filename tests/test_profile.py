@@ -38,3 +38,21 @@ def test_changed_config_is_recomputed(tmp_path, capsys):
     assert _fingerprint(a, "mos", 0) == _fingerprint(b, "mos", 0)     # where and how loudly: same run
     assert _fingerprint(a, "mos", 0) != _fingerprint(c, "mos", 0)     # what it computes: another run
     assert _fingerprint(a, "mos", 0) != _fingerprint(a, "mos", 1)
+
+
+def _row(model, auc, std, gflops, seeds=3):
+    return {"model": model, "auc_mean": auc, "auc_std": std, "gflops": gflops, "seeds": seeds}
+
+
+def test_target_verdict():
+    from mos.profile import target_verdict
+
+    baselines = [_row("backbone", 0.70, 0.01, 1.0), _row("gshard", 0.70, 0.01, 2.0),
+                 _row("dselect_k", 0.69, 0.01, 2.0), _row("expert_choice", 0.71, 0.01, 2.0)]
+    assert target_verdict(baselines + [_row("mos", 0.75, 0.01, 1.5)]).startswith("target HOLDS")
+    # A gap inside the spread, or more FLOPs than one MoE baseline, and the claim fails.
+    assert "DOES NOT HOLD" in target_verdict(baselines + [_row("mos", 0.715, 0.01, 1.5)])
+    assert "DOES NOT HOLD" in target_verdict(baselines + [_row("mos", 0.75, 0.01, 2.5)])
+    # Without every baseline, or with one seed, nothing is claimed either way.
+    assert "not evaluated" in target_verdict(baselines[:2] + [_row("mos", 0.75, 0.01, 1.5)])
+    assert "not evaluated" in target_verdict(baselines + [_row("mos", 0.75, 0.0, 1.5, seeds=1)])

@@ -1,5 +1,7 @@
 """GShard-style gating: softmax over E experts, the top-2 kept and renormalised, plus the
-load-balance loss E · Σ_e f_e · P_e (f_e: share of examples routed to e, P_e: mean probability)."""
+load-balance loss E · Σ_e f_e · P_e (f_e: share of the top-k assignments that go to e, P_e: its
+mean probability). With top_k = 1 the renormalised weight is always 1, so the router learns
+from the balance loss alone: use top_k >= 2, as GShard does."""
 from __future__ import annotations
 
 import torch
