@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from benchmarks.harness import comma_subset
-from benchmarks.harness import (DTYPES, MODES, PROVIDERS, Case, Environment, Provider, Target, Timer, append_csv,
-                                describe_error, dtype_name, free_memory, make_row, print_table, print_targets,
-                                run_case, shape_label)
+from benchmarks.harness import comma_subset, progress_line
+from benchmarks.harness import (DTYPES, PROVIDERS, Case, Environment, Provider, Target, Timer, append_csv,
+                                describe_error, free_memory, make_row, print_table, print_targets,
+                                run_case)
 from mos import MoSConfig, MoSLayer
 from mos_kernels.self_attention import attention_pairs
 
@@ -411,18 +411,6 @@ def _run_one(op, shape, dtype, device, providers, env, timer, compile_backend):
         free_memory(device)
 
 
-def _progress(i, n, op, dtype, rows, seconds) -> str:
-    parts = []
-    for mode in MODES:
-        timed = [f"{r['provider']} {r['median_ms']:.3f}" for r in rows if r["mode"] == mode and r["median_ms"] != ""]
-        if timed:
-            parts.append(f"{mode} " + " / ".join(timed) + " ms")
-    errors = [f"{r['provider']} {r['mode']}: {r['error']}" for r in rows if r["error"]]
-    label = shape_label(rows[0]) if rows else ""
-    line = f"[{i}/{n}] {op} {dtype_name(dtype)} {label} ({seconds:.1f} s): " + "; ".join(parts)
-    return line + (f"; {len(errors)} errors, first: {errors[0]}" if errors else "")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
@@ -444,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              timer, args.compile_backend)
         csv_path = append_csv(csv_path, case_rows)
         rows.extend(case_rows)
-        print(_progress(i, len(cases), op, dtype, case_rows, time.perf_counter() - start), file=sys.stderr)
+        print(progress_line(i, len(cases), op, dtype, case_rows, time.perf_counter() - start), file=sys.stderr)
     print_table(rows)
     print()
     shape, dtype = (QUICK, args.dtype[0]) if args.quick else (TARGET, "bf16")

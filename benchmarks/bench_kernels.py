@@ -23,10 +23,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import mos_kernels as mk
-from benchmarks.harness import comma_subset
-from benchmarks.harness import (DTYPES, MODES, PROVIDERS, Case, Environment, Target, Timer, append_csv, dtype_name,
-                                free_memory, make_row, describe_error, print_table, print_targets, run_case,
-                                shape_label)
+from benchmarks.harness import comma_subset, progress_line
+from benchmarks.harness import (DTYPES, PROVIDERS, Case, Environment, Target, Timer, append_csv, describe_error,
+                                free_memory, make_row, print_table, print_targets, run_case)
 
 TOKENS = 2 ** 21          # B·L of every full-size case (~2M tokens)
 SESSION_LEN = 8
@@ -306,18 +305,6 @@ def _run_one(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, pr
         free_memory(device)
 
 
-def _progress(i: int, n: int, op: str, shape: Shape, dtype: torch.dtype, rows, seconds: float) -> str:
-    parts = []
-    for mode in MODES:
-        timed = [f"{r['provider']} {r['median_ms']:.3f}" for r in rows if r["mode"] == mode and r["median_ms"] != ""]
-        if timed:
-            parts.append(f"{mode} " + " / ".join(timed) + " ms")
-    errors = [f"{r['provider']} {r['mode']}: {r['error']}" for r in rows if r["error"]]
-    label = shape_label(rows[0]) if rows else str(shape)
-    line = f"[{i}/{n}] {op} {dtype_name(dtype)} {label} ({seconds:.1f} s): " + "; ".join(parts)
-    return line + (f"; {len(errors)} errors, first: {errors[0]}" if errors else "")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     # The compiled reference dispatch breaks its graph at a .item() (the reference reads T back);
@@ -338,7 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         case_rows = _run_one(op, shape, dtype, device, providers, env, timer, args.compile_backend)
         csv_path = append_csv(csv_path, case_rows)
         rows.extend(case_rows)
-        print(_progress(i, len(cases), op, shape, dtype, case_rows, time.perf_counter() - start), file=sys.stderr)
+        print(progress_line(i, len(cases), op, dtype, case_rows, time.perf_counter() - start, str(shape)),
+              file=sys.stderr)
     print_table(rows)
     print()
     where = target_point(args.quick, args.dtype)

@@ -68,6 +68,19 @@ def comma_subset(allowed: Sequence[str]):
     return parse
 
 
+def progress_line(i: int, n: int, op: str, dtype: torch.dtype, rows, seconds: float, label: str = "") -> str:
+    """One stderr line per case: the median of each provider per mode, and the first error."""
+    parts = []
+    for mode in MODES:
+        timed = [f"{r['provider']} {r['median_ms']:.3f}" for r in rows if r["mode"] == mode and r["median_ms"] != ""]
+        if timed:
+            parts.append(f"{mode} " + " / ".join(timed) + " ms")
+    errors = [f"{r['provider']} {r['mode']}: {r['error']}" for r in rows if r["error"]]
+    label = shape_label(rows[0]) if rows else label
+    line = f"[{i}/{n}] {op} {dtype_name(dtype)} {label} ({seconds:.1f} s): " + "; ".join(parts)
+    return line + (f"; {len(errors)} errors, first: {errors[0]}" if errors else "")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
