@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from mos_kernels._checks import check_choice, check_positive
+from mos_kernels.backend import BACKENDS
 
 
 EXPERT_KINDS = ("global", "short", "themes")
@@ -50,7 +51,7 @@ class MoSConfig:
     codebook_weight: float = 1.0
     load_balance_weight: float = 0.01
     dropout: float = 0.0
-    backend: str = "auto"            # kernel backend: "auto" | "reference" | "triton"
+    backend: str = "auto"            # kernel backend: "auto" | "reference" | "triton" | "cuda"
     # Check the inputs' data (finite values, monotone offsets, time order) on every forward:
     # one pass over the inputs and a device sync. Turn off in production once the pipeline is trusted.
     validate_inputs: bool = True
@@ -91,7 +92,7 @@ class MoSConfig:
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"MoSConfig.{name}: expected a number >= 0, got {value!r}")
-        check_choice("MoSConfig.backend", self.backend, ("auto", "reference", "triton"))
+        check_choice("MoSConfig.backend", self.backend, BACKENDS)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Backend selection shared by every op.
 
 Each op is one public function with a `backend=` argument. "reference" is pure PyTorch (the
-correctness oracle, runs anywhere), "triton" the fused kernels, "auto" the fastest available for
-the tensor's device (CPU tensors always take the reference).
+correctness oracle, runs anywhere), "triton" the fused kernels, "cuda" the C++ extension
+(`cuda_ops`, csrc/), "auto" the fastest available for the tensor's device (CPU tensors always
+take the reference; CUDA tensors the backend `FASTEST_ON_GPU` names, as measured).
 """
 from __future__ import annotations
 
@@ -12,23 +13,55 @@ import torch
 
 from ._checks import check_choice
 
-BACKENDS = ("auto", "reference", "triton")
-# The kernels compute in fp32 at most; float64 stays on the reference, which keeps it.
+BACKENDS = ("auto", "reference", "triton", "cuda")
+# The kernels compute in fp32 at most; float64 stays on the reference, which keeps it. The
+# CUDA extension takes the same dtypes.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The concrete backends each op has. A layer asked for "triton" runs every op that has a
-# Triton kernel on it and the rest on the reference (`op_backend`).
+# Triton kernel on it and the rest on the reference; one asked for "cuda" runs the ops of the
+# extension on it and the rest as "triton" would (`op_backend`).
 IMPLEMENTED = {
-    "session_pool": ("reference", "triton"),
-    "session_pool_route": ("reference", "triton"),
+    "session_pool": ("reference", "triton", "cuda"),
+    "session_pool_route": ("reference", "triton", "cuda"),
     "theme_route": ("reference",),
-    "theme_dispatch": ("reference", "triton"),
-    "theme_gather": ("reference", "triton"),
-    "theme_scatter": ("reference", "triton"),
+    "theme_dispatch": ("reference", "triton", "cuda"),
+    "theme_gather": ("reference", "triton", "cuda"),
+    "theme_scatter": ("reference", "triton", "cuda"),
     "grouped_linear": ("reference", "triton"),
     "expert_target_attention": ("reference", "triton"),
     "jagged_self_attention": ("reference", "triton"),
 }
+
+
+# What "auto" runs on CUDA tensors, per op: the faster of "triton" and "cuda" in the harness
+# (benchmarks/bench_kernels.py). No run has measured the CUDA extension on a GPU yet
+# (benchmarks/results/README.md), so Triton stays the choice everywhere; tests/test_cuda_backend.py
+# checks this table against the newest recorded results.
+FASTEST_ON_GPU = {op: "triton" for op, backends in IMPLEMENTED.items() if "triton" in backends}
+
+
+def kernel_ops(backend: str):
+    """The operator namespace of a kernel backend: torch.ops.mos (Triton) or torch.ops.mos_cuda."""
+    if backend == "cuda":
+        reason = cuda_ext_reason()
+        if reason is not None:
+            raise RuntimeError(f"backend 'cuda': {reason}")
+        return torch.ops.mos_cuda
+    return torch.ops.mos
+
+
+# Evaluated once, eagerly, when torch.compile traces a call: loading (or building) a library is
+# nothing to trace, and its answer does not change within a process.
+@torch.compiler.assume_constant_result
+def cuda_ext_reason() -> str | None:
+    """None when backend "cuda" can run here, else why not (builds the extension on first use)."""
+    from . import cuda_ops
+    return cuda_ops.unavailable_reason()
+
+
+def cuda_emulating() -> bool:
+    return os.environ.get("MOS_CUDA_EMULATE", "0") == "1"
 
 
 def triton_available() -> bool:
@@ -51,6 +84,8 @@ def _triton_dtype(tensor: torch.Tensor) -> bool:
 
 def op_backend(layer_backend: str, op: str) -> str:
     """The backend a layer built with `layer_backend` asks of `op`."""
+    if layer_backend == "cuda" and "cuda" not in IMPLEMENTED[op]:
+        layer_backend = "triton"
     if layer_backend == "triton" and "triton" not in IMPLEMENTED[op]:
         return "reference"
     return layer_backend
@@ -66,18 +101,31 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:
     implemented = IMPLEMENTED[op]
     if backend == "auto":
         if tensor.is_cuda and "triton" in implemented and _triton_dtype(tensor) and triton_available():
+            if FASTEST_ON_GPU.get(op) == "cuda" and cuda_ext_reason() is None:
+                return "cuda"
             return "triton"
         return "reference"
     if backend not in implemented:
         raise NotImplementedError(f"{op}: backend {backend!r} is not implemented; available: {list(implemented)}")
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         if not _triton_dtype(tensor):
             names = ", ".join(str(d).replace("torch.", "") for d in TRITON_DTYPES)
-            raise TypeError(f"{op}: backend 'triton' expected dtype in ({names}), got "
+            raise TypeError(f"{op}: backend {backend!r} expected dtype in ({names}), got "
                             f"{str(tensor.dtype).replace('torch.', '')} (backend='reference' computes in float64)")
+    if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' needs the triton package, which is not importable")
         if not tensor.is_cuda and not interpreting():
             raise ValueError(
                 f"{op}: backend 'triton' expected CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {tensor.device}")
+    if backend == "cuda":
+        if not tensor.is_cuda and not cuda_emulating():
+            raise ValueError(
+                f"{op}: backend 'cuda' expected CUDA tensors (or MOS_CUDA_EMULATE=1), got a tensor on {tensor.device}")
+        if tensor.is_cuda and cuda_emulating():
+            raise ValueError(f"{op}: backend 'cuda' expected CPU tensors under MOS_CUDA_EMULATE=1 (the emulation "
+                             f"runs on the CPU), got a tensor on {tensor.device}")
+        reason = cuda_ext_reason()
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend 'cuda' is unavailable: {reason}")
     return backend

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import check_offsets, check_values
-from .backend import resolve_backend
+from .backend import kernel_ops, resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
 from .session_blocks import membership, session_block
 from .theme_route import (NORM_EPS, Routing, _theme_route_reference, check_routing_args, normalized,
@@ -30,9 +30,10 @@ def session_pool(values: torch.Tensor, session_offsets: torch.Tensor, *, backend
     """values [T, d] + session_offsets [S+1] -> [S, d] means; an empty session pools to zeros."""
     check_values("values", values)
     check_offsets("session_offsets", session_offsets, total=values.shape[0], device=values.device)
-    if resolve_backend(backend, values, "session_pool") == "triton":
+    chosen = resolve_backend(backend, values, "session_pool")
+    if chosen != "reference":
         empty = values.new_empty((0, values.shape[1]), dtype=torch.float32)
-        return torch.ops.mos.session_pool_route(values, session_offsets, empty, 1.0, 0)[0]
+        return kernel_ops(chosen).session_pool_route(values, session_offsets, empty, 1.0, 0)[0]
     return _session_pool_reference(values, session_offsets)
 
 
@@ -43,10 +44,11 @@ def session_pool_route(values: torch.Tensor, session_offsets: torch.Tensor, prot
     check_values("values", values)
     check_offsets("session_offsets", session_offsets, total=values.shape[0], device=values.device)
     check_routing_args("values", values, prototypes, temperature, top_k)
-    if resolve_backend(backend, values, "session_pool_route") == "reference":
+    chosen = resolve_backend(backend, values, "session_pool_route")
+    if chosen == "reference":
         pooled = _session_pool_reference(values, session_offsets)
         return pooled, _theme_route_reference(pooled, prototypes, temperature, top_k)
-    pooled, scores, probs, themes = torch.ops.mos.session_pool_route(
+    pooled, scores, probs, themes = kernel_ops(chosen).session_pool_route(
         values, session_offsets, normalized(prototypes), 1.0 / temperature, top_k)
     gate = straight_through_gate(probs, themes).to(values.dtype)
     return pooled, Routing(themes=themes, gate=gate, probs=probs, scores=scores)
@@ -188,7 +190,7 @@ def _session_pool_route_op(values: torch.Tensor, session_offsets: torch.Tensor, 
 
 
 @_session_pool_route_op.register_fake
-def _(values, session_offsets, prototypes, inv_temperature, top_k):
+def pool_route_fake(values, session_offsets, prototypes, inv_temperature, top_k):
     num_sessions = session_offsets.shape[0] - 1
     pooled = values.new_empty((num_sessions, values.shape[1]))
     scores = values.new_empty((num_sessions, prototypes.shape[0]), dtype=torch.float32)
@@ -216,31 +218,34 @@ def _session_pool_route_backward_op(g_pooled: torch.Tensor, g_scores: torch.Tens
 
 
 @_session_pool_route_backward_op.register_fake
-def _(g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets, inv_temperature):
+def pool_route_backward_fake(g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets, inv_temperature):
     return values.new_empty(values.shape), probs.new_empty((pooled.shape[0], prototypes.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     values, session_offsets, prototypes, inv_temperature, _ = inputs
     pooled, _, probs, _ = output
     ctx.save_for_backward(values, session_offsets, prototypes, pooled, probs)
     ctx.inv_temperature = inv_temperature
 
 
-def _backward(ctx, g_pooled, g_scores, g_probs, _g_themes):
-    values, session_offsets, prototypes, pooled, probs = ctx.saved_tensors
-    g_values, g_scores_total = torch.ops.mos.session_pool_route_backward(
-        g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets, ctx.inv_temperature)
-    # One small GEMM over sessions for the prototypes: deterministic, no atomics.
-    g_prototypes = (g_scores_total.t() @ normalized(pooled)) * ctx.inv_temperature
-    return g_values, None, g_prototypes, None, None
+def backward_for(lib: str):
+    """The autograd formula of `lib`::session_pool_route (mos: Triton, mos_cuda: the C++ backend)."""
+    def backward(ctx, g_pooled, g_scores, g_probs, _g_themes):
+        values, session_offsets, prototypes, pooled, probs = ctx.saved_tensors
+        g_values, g_scores_total = getattr(torch.ops, lib).session_pool_route_backward(
+            g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets, ctx.inv_temperature)
+        # One small GEMM over sessions for the prototypes: deterministic, no atomics.
+        g_prototypes = (g_scores_total.t() @ normalized(pooled)) * ctx.inv_temperature
+        return g_values, None, g_prototypes, None, None
+    return backward
 
 
-_session_pool_route_op.register_autograd(_backward, setup_context=_setup_context)
+_session_pool_route_op.register_autograd(backward_for("mos"), setup_context=setup_context)
 
 
 @register_flop_formula(torch.ops.mos.session_pool_route)
-def _session_pool_route_flops(values_shape, session_offsets_shape, prototypes_shape, *args, out_shape=None, **kwargs):
+def pool_route_flops(values_shape, session_offsets_shape, prototypes_shape, *args, out_shape=None, **kwargs):
     num_tokens, dim = values_shape
     num_sessions = session_offsets_shape[0] - 1
     num_themes = prototypes_shape[0]

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._alloc import new_output
 from ._checks import check_offsets, check_positive, check_tensor, reads_data
-from .backend import resolve_backend
+from .backend import kernel_ops, resolve_backend
 from .jagged import counts_of, offsets_from_lengths, segment_ids
 from .session_blocks import membership, session_block
 
@@ -87,15 +87,22 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
         lo, hi = int(session_example.min()), int(session_example.max())
         if lo < 0 or hi >= num_examples:
             raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
+        if top_k > 1:
+            # Two choices of one session on one theme would share ranks in the counting sort.
+            sorted_themes = themes.sort(dim=1).values
+            if bool((sorted_themes[:, 1:] == sorted_themes[:, :-1]).any()):
+                raise ValueError("themes: expected distinct themes in each row (a session's top-k choices), "
+                                 "got a repeated theme")
         if num_sessions > 1 and bool((session_example[1:] < session_example[:-1]).any()):
             raise ValueError("session_example: expected sessions ordered by example (non-decreasing), got a step back")
     if num_tokens is None:
         num_tokens = int(session_offsets[-1])
     elif reads_data() and int(session_offsets[-1]) != num_tokens:
         raise ValueError(f"num_tokens: expected session_offsets[-1] = {int(session_offsets[-1])}, got {num_tokens}")
-    if resolve_backend(backend, themes, "theme_dispatch") == "triton":
+    chosen = resolve_backend(backend, themes, "theme_dispatch")
+    if chosen != "reference":
         example_session_offsets = offsets_from_lengths(counts_of(session_example, num_examples))
-        gather_index, row_source, inverse_index, theme_offsets = torch.ops.mos.theme_dispatch(
+        gather_index, row_source, inverse_index, theme_offsets = kernel_ops(chosen).theme_dispatch(
             themes, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
             capacity or 0)
     else:
@@ -220,7 +227,7 @@ def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, sess
 
 
 @_theme_dispatch_op.register_fake
-def _(themes, session_offsets, session_example, example_session_offsets, num_tokens, num_themes, capacity):
+def dispatch_fake(themes, session_offsets, session_example, example_session_offsets, num_tokens, num_themes, capacity):
     top_k = themes.shape[1]
     num_examples = example_session_offsets.shape[0] - 1
     num_rows = torch.library.get_ctx().new_dynamic_size() if capacity else num_tokens * top_k

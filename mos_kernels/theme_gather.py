@@ -19,7 +19,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_tensor, check_values, reads_data
-from .backend import resolve_backend
+from .backend import kernel_ops, resolve_backend
 
 _BLOCK_R = 32   # rows per program: with d <= 256 a tile stays in registers
 
@@ -73,10 +73,11 @@ def theme_gather(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Opt
     """
     check_values("values", values)
     _check_index(gather_index, row_gate, inverse_index, values.device, values.shape[0], gather_index.numel())
-    if resolve_backend(backend, values, "theme_gather") == "triton":
+    chosen = resolve_backend(backend, values, "theme_gather")
+    if chosen != "reference":
         if inverse_index is None:
             inverse_index = inverse_of(gather_index, values.shape[0])
-        return torch.ops.mos.theme_gather(values, gather_index, row_gate, inverse_index)
+        return kernel_ops(chosen).theme_gather(values, gather_index, row_gate, inverse_index)
     rows = values.index_select(0, gather_index)
     return rows if row_gate is None else rows * row_gate[:, None].to(rows.dtype)
 
@@ -87,10 +88,11 @@ def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Opti
     """rows [T', d] -> [num_tokens, d]: every row, scaled by its gate, added to its source token."""
     check_values("rows", rows)
     _check_index(gather_index, row_gate, inverse_index, rows.device, num_tokens, rows.shape[0])
-    if resolve_backend(backend, rows, "theme_scatter") == "triton":
+    chosen = resolve_backend(backend, rows, "theme_scatter")
+    if chosen != "reference":
         if inverse_index is None:
             inverse_index = inverse_of(gather_index, num_tokens)
-        return torch.ops.mos.theme_scatter(rows, gather_index, row_gate, inverse_index)
+        return kernel_ops(chosen).theme_scatter(rows, gather_index, row_gate, inverse_index)
     scaled = rows if row_gate is None else rows * row_gate[:, None].to(rows.dtype)
     return rows.new_zeros((num_tokens, rows.shape[1])).index_add(0, gather_index, scaled)
 
@@ -165,7 +167,7 @@ def _theme_gather_op(values: torch.Tensor, gather_index: torch.Tensor, row_gate:
 
 
 @_theme_gather_op.register_fake
-def _(values, gather_index, row_gate, inverse_index):
+def gather_fake(values, gather_index, row_gate, inverse_index):
     return values.new_empty((gather_index.shape[0], values.shape[1]))
 
 
@@ -183,7 +185,7 @@ def _theme_scatter_op(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: 
 
 
 @_theme_scatter_op.register_fake
-def _(rows, gather_index, row_gate, inverse_index):
+def scatter_fake(rows, gather_index, row_gate, inverse_index):
     return rows.new_empty((inverse_index.shape[0], rows.shape[1]))
 
 
@@ -197,36 +199,44 @@ def _row_dot_op(a: torch.Tensor, b: torch.Tensor, b_index: torch.Tensor, out_dty
 
 
 @_row_dot_op.register_fake
-def _(a, b, b_index, out_dtype):
+def row_dot_fake(a, b, b_index, out_dtype):
     return a.new_empty(a.shape[0], dtype=out_dtype)
 
 
-def _save(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     data, gather_index, row_gate, inverse_index = inputs
     ctx.save_for_backward(data, gather_index, row_gate, inverse_index)
 
 
-def _gather_backward(ctx, grad):
-    values, gather_index, row_gate, inverse_index = ctx.saved_tensors
-    need_data, _, need_gate, _ = ctx.needs_input_grad
-    g_values = torch.ops.mos.theme_scatter(grad, gather_index, row_gate, inverse_index) if need_data else None
-    g_gate = torch.ops.mos.row_dot(grad, values, gather_index, row_gate.dtype) if need_gate else None
-    return g_values, None, g_gate, None
+def gather_backward_for(lib: str):
+    """The autograd formula of `lib`::theme_gather (mos: Triton, mos_cuda: the C++ backend)."""
+    def backward(ctx, grad):
+        values, gather_index, row_gate, inverse_index = ctx.saved_tensors
+        need_data, _, need_gate, _ = ctx.needs_input_grad
+        ops = getattr(torch.ops, lib)
+        g_values = ops.theme_scatter(grad, gather_index, row_gate, inverse_index) if need_data else None
+        g_gate = ops.row_dot(grad, values, gather_index, row_gate.dtype) if need_gate else None
+        return g_values, None, g_gate, None
+    return backward
 
 
-def _scatter_backward(ctx, grad):
-    rows, gather_index, row_gate, inverse_index = ctx.saved_tensors
-    need_data, _, need_gate, _ = ctx.needs_input_grad
-    g_rows = torch.ops.mos.theme_gather(grad, gather_index, row_gate, inverse_index) if need_data else None
-    g_gate = torch.ops.mos.row_dot(rows, grad, gather_index, row_gate.dtype) if need_gate else None
-    return g_rows, None, g_gate, None
+def scatter_backward_for(lib: str):
+    """The autograd formula of `lib`::theme_scatter."""
+    def backward(ctx, grad):
+        rows, gather_index, row_gate, inverse_index = ctx.saved_tensors
+        need_data, _, need_gate, _ = ctx.needs_input_grad
+        ops = getattr(torch.ops, lib)
+        g_rows = ops.theme_gather(grad, gather_index, row_gate, inverse_index) if need_data else None
+        g_gate = ops.row_dot(rows, grad, gather_index, row_gate.dtype) if need_gate else None
+        return g_rows, None, g_gate, None
+    return backward
 
 
-_theme_gather_op.register_autograd(_gather_backward, setup_context=_save)
-_theme_scatter_op.register_autograd(_scatter_backward, setup_context=_save)
+_theme_gather_op.register_autograd(gather_backward_for("mos"), setup_context=setup_context)
+_theme_scatter_op.register_autograd(scatter_backward_for("mos"), setup_context=setup_context)
 
 
 @register_flop_formula([torch.ops.mos.theme_gather, torch.ops.mos.theme_scatter])
-def _gate_flops(data_shape, gather_index_shape, row_gate_shape, *args, out_shape=None, **kwargs):
+def gate_flops(data_shape, gather_index_shape, row_gate_shape, *args, out_shape=None, **kwargs):
     # Data movement; the only arithmetic is one multiply per element by the gate (plus the scatter's adds).
     return 0 if row_gate_shape is None else gather_index_shape[0] * data_shape[1]

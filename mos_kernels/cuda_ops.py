@@ -1,0 +1,149 @@
+"""The CUDA C++ backend (`backend="cuda"`): loading the extension and its Python side.
+
+The kernels live in `mos_kernels/csrc/` and register the operators `torch.ops.mos_cuda.*`, one
+for one the same schemas as the Triton custom ops `torch.ops.mos.*`. This module gives them
+the Python side those have: fake tensors (torch.compile), autograd (the backward ops of the
+same namespace) and FLOP formulas, reusing the Triton modules' functions.
+
+Where the operators come from, first found wins:
+  1. `mos_kernels._C`, built by `pip install --no-build-isolation -e .` where torch has CUDA;
+  2. a JIT build with ninja (`torch.utils.cpp_extension.load`), cached on disk under
+     TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), rebuilt when a source changes;
+  3. with MOS_CUDA_EMULATE=1: the CPU emulation (csrc/emulated.cpp): the same work items run
+     by a host loop on CPU tensors. It is how CI tests the kernel code without a GPU, as
+     TRITON_INTERPRET=1 does for Triton; it says nothing about speed.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .backend import cuda_emulating as emulating
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+CUDA_SOURCES = ("schema.cpp", "session_pool.cu", "theme_dispatch.cu", "theme_gather.cu")
+EMULATION_SOURCES = ("schema.cpp", "emulated.cpp")
+
+
+# Our device flags; setup.py repeats them (it cannot import the package), a test keeps them equal.
+BUILD_NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+
+def nvcc_flags() -> list:
+    """Every device flag of a build: torch's own (half/bf16 operator macros, relaxed constexpr)
+    and ours. The CI compile check uses exactly these."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    return list(COMMON_NVCC_FLAGS) + BUILD_NVCC_FLAGS
+
+
+def _build(emulate: bool, verbose: bool) -> None:
+    from torch.utils.cpp_extension import load
+
+    sources = EMULATION_SOURCES if emulate else CUDA_SOURCES
+    load(name="mos_cuda_emulated" if emulate else "mos_cuda", sources=[str(CSRC / s) for s in sources],
+         extra_include_paths=[str(CSRC)], extra_cflags=["-O3"], extra_cuda_cflags=BUILD_NVCC_FLAGS,
+         with_cuda=not emulate, is_python_module=False, verbose=verbose)
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Optional[str]:
+    """Loads the operators once; returns None, or why they cannot be had here."""
+    reason = _load_library()
+    if reason is None:
+        _register_python_side()
+    return reason
+
+
+def _load_library() -> Optional[str]:
+    if not emulating():
+        try:
+            from . import _C  # noqa: F401  (built by setup.py; importing it registers the ops)
+            return None
+        except ImportError:
+            pass
+        if torch.version.cuda is None:
+            return (f"this torch ({torch.__version__}) has no CUDA, so the extension is not built here; "
+                    "use backend='triton' or 'reference' (MOS_CUDA_EMULATE=1 runs the kernel code on the CPU)")
+    try:
+        _build(emulating(), verbose=os.environ.get("MOS_CUDA_VERBOSE", "0") == "1")
+    except Exception as error:  # a compiler's message is long: keep its end, which names the problem
+        return f"building the extension failed ({type(error).__name__}: {str(error)[-2000:]})"
+    return None
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when backend "cuda" can run here, else why not (building the extension if needed)."""
+    return _load()
+
+
+def ops():
+    """torch.ops.mos_cuda, loaded (built on first use) and registered; raises if unavailable."""
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"backend 'cuda': {reason}")
+    return torch.ops.mos_cuda
+
+
+def _register_python_side() -> None:
+    # The package re-exports functions under these module names: take the modules themselves.
+    session_pool, theme_dispatch, theme_gather = (
+        importlib.import_module(f"{__package__}.{name}") for name in ("session_pool", "theme_dispatch", "theme_gather"))
+    lib = "mos_cuda"
+    fakes = {
+        "session_pool_route": session_pool.pool_route_fake,
+        "session_pool_route_backward": session_pool.pool_route_backward_fake,
+        "theme_dispatch": theme_dispatch.dispatch_fake,
+        "theme_gather": theme_gather.gather_fake,
+        "theme_scatter": theme_gather.scatter_fake,
+        "row_dot": theme_gather.row_dot_fake,
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{lib}::{name}", fake)
+    torch.library.register_autograd(f"{lib}::session_pool_route", session_pool.backward_for(lib),
+                                    setup_context=session_pool.setup_context)
+    torch.library.register_autograd(f"{lib}::theme_gather", theme_gather.gather_backward_for(lib),
+                                    setup_context=theme_gather.setup_context)
+    torch.library.register_autograd(f"{lib}::theme_scatter", theme_gather.scatter_backward_for(lib),
+                                    setup_context=theme_gather.setup_context)
+    # The Triton modules' formulas are already wrapped for shapes by their own registration: raw here.
+    register_flop_formula(torch.ops.mos_cuda.session_pool_route, get_raw=True)(session_pool.pool_route_flops)
+    register_flop_formula([torch.ops.mos_cuda.theme_gather, torch.ops.mos_cuda.theme_scatter], get_raw=True)(
+        theme_gather.gate_flops)
+
+
+def main(argv=None) -> int:
+    """`python -m mos_kernels.cuda_ops [--build]`: says whether backend "cuda" is available here."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mos_kernels.cuda_ops", description=main.__doc__)
+    parser.add_argument("--build", action="store_true",
+                        help="build the extension with ninja now if it is not prebuilt (minutes, once)")
+    args = parser.parse_args(argv)
+    try:
+        from . import _C  # noqa: F401
+        print(f"CUDA extension: prebuilt ({_C.__file__})")
+        return 0
+    except ImportError:
+        pass
+    if not args.build:
+        if torch.version.cuda is None and not emulating():
+            print(f"CUDA extension: not built (torch {torch.__version__} has no CUDA); backend 'cuda' is unavailable, "
+                  "'triton' and 'reference' work")
+        else:
+            print("CUDA extension: not prebuilt; backend 'cuda' builds it with ninja on first use "
+                  "(or now: python -m mos_kernels.cuda_ops --build)")
+        return 0
+    reason = unavailable_reason()
+    print("CUDA extension: " + ("built and loaded" + (" (CPU emulation)" if emulating() else "")
+                                if reason is None else f"unavailable: {reason}"))
+    return 0 if reason is None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
