@@ -2,12 +2,17 @@
 
 TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here, before
 the test modules import mos_kernels (the Makefile sets it too). Tests run on CUDA when
-MOS_TEST_DEVICE=cuda (the GPU check script), on CPU otherwise.
+MOS_TEST_DEVICE=cuda (the GPU check script), on CPU otherwise; there the CUDA extension's
+kernel code runs under its CPU emulation (MOS_CUDA_EMULATE=1, built on first use).
+
+Backend "cuda" is skipped where the extension cannot be had (no compiler, no CUDA torch),
+unless MOS_REQUIRE_CUDA_EXT=1 (CI and the GPU check set it): then its absence fails.
 """
 import os
 
 if os.environ.get("MOS_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("MOS_CUDA_EMULATE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -27,3 +32,23 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def require_cuda_ext():
+    """Skip (or, under MOS_REQUIRE_CUDA_EXT=1, fail) when backend "cuda" is unavailable."""
+    from mos_kernels.backend import cuda_ext_reason
+
+    reason = cuda_ext_reason()
+    if reason is None:
+        return
+    if os.environ.get("MOS_REQUIRE_CUDA_EXT", "0") == "1":
+        pytest.fail(f"MOS_REQUIRE_CUDA_EXT=1 but backend 'cuda' is unavailable: {reason}")
+    pytest.skip(f"backend 'cuda' unavailable: {reason}")
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def kernel_backend(request):
+    """Each fused-kernel backend in turn."""
+    if request.param == "cuda":
+        require_cuda_ext()
+    return request.param

@@ -164,7 +164,7 @@ CONFIG_CASES = {
     "readout_max": (dict(readout="max"), "MoSConfig.readout"),
     "global_scope_items": (dict(global_scope="items"), "MoSConfig.global_scope"),
     "session_mode_daily": (dict(session_mode="daily"), "MoSConfig.session_mode"),
-    "backend_cuda": (dict(backend="cuda"), "MoSConfig.backend"),
+    "backend_rocm": (dict(backend="rocm"), "MoSConfig.backend"),
     "capacity_0": (dict(capacity=0), "MoSConfig.capacity"),
     "session_len_0": (dict(session_len=0), "MoSConfig.session_len"),
     "temperature_0": (dict(temperature=0.0), "MoSConfig.temperature"),
@@ -257,6 +257,8 @@ OP_CASES = {
                                  "session_len"),
     "sessionize_float_offsets": (lambda: mk.sessionize(torch.tensor([0.0, 3.0])), TypeError, "offsets"),
     "dispatch_theme_out_of_range": (lambda: _dispatch(themes=torch.tensor([[0], [3], [1]])), ValueError, "themes"),
+    "dispatch_repeated_theme": (lambda: _dispatch(themes=torch.tensor([[0, 1], [2, 2], [1, 0]]),
+                                                  gate=torch.ones(3, 2)), ValueError, "themes"),
     "dispatch_float_themes": (lambda: _dispatch(themes=torch.tensor([[0.0], [2.0], [1.0]])), TypeError, "themes"),
     "dispatch_gate_shape": (lambda: _dispatch(gate=torch.ones(3, 2)), ValueError, "gate"),
     "dispatch_session_offsets_count": (lambda: _dispatch(session_offsets=torch.tensor([0, 2, 6])), ValueError,
@@ -308,7 +310,7 @@ OP_CASES = {
     "to_jagged_lengths_past_width": (lambda: mk.padded_to_jagged(torch.randn(2, 3, DIM), torch.tensor([4, 0])),
                                      ValueError, "lengths"),
     "to_jagged_1d": (lambda: mk.padded_to_jagged(torch.randn(3), torch.tensor([1, 1, 1])), ValueError, "padded"),
-    "unknown_backend": (lambda: mk.session_pool(torch.randn(3, DIM), torch.tensor([0, 3]), backend="cuda"),
+    "unknown_backend": (lambda: mk.session_pool(torch.randn(3, DIM), torch.tensor([0, 3]), backend="rocm"),
                         ValueError, "session_pool: backend"),
 }
 

@@ -1,8 +1,10 @@
-"""Triton backend against the reference, forward and backward, on awkward shapes.
+"""The kernel backends (Triton, CUDA C++) against the reference, forward and backward, on awkward shapes.
 
-On the CPU these run under TRITON_INTERPRET=1 (fp32, fp16); the GPU check script runs the
-same file with MOS_TEST_DEVICE=cuda (fp32, fp16, bf16). Outputs are poisoned with NaN /
-a sentinel before every kernel, so an element a kernel fails to write cannot pass.
+Every test takes `kernel_backend` ("triton", "cuda"; conftest.py). On the CPU Triton runs under
+TRITON_INTERPRET=1 and the CUDA extension's kernel code under its emulation (MOS_CUDA_EMULATE=1),
+fp32 and fp16; the GPU check script runs the same file with MOS_TEST_DEVICE=cuda (fp32, fp16,
+bf16). Outputs are poisoned with NaN / a sentinel before every kernel, so an element a kernel
+fails to write cannot pass.
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ def _assert_same_themes(actual, reference_scores, reference_themes):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dim,num_themes,top_k", [(13, 1, 1), (32, 3, 2), (16, 16, 1)])
-def test_session_pool_route(shape, dtype, dim, num_themes, top_k, device):
+@pytest.mark.parametrize("dim,num_themes,top_k", [(13, 1, 1), (32, 3, 2), (16, 16, 1), (24, 40, 2)])
+def test_session_pool_route(shape, dtype, dim, num_themes, top_k, device, kernel_backend):
     lengths, session_len = SHAPES[shape]
     _, sessions = make_sessions(lengths, session_len, device)
     so = sessions.session_offsets
@@ -65,7 +67,7 @@ def test_session_pool_route(shape, dtype, dim, num_themes, top_k, device):
     ref_values, ref_protos = _upcast(values), _upcast(prototypes)
     ref_pooled, ref_routing = _pool_route(ref_values, so, ref_protos, "reference", top_k)
     _loss(ref_pooled, ref_routing).backward()
-    pooled, routing = _pool_route(values, so, prototypes, "triton", top_k)
+    pooled, routing = _pool_route(values, so, prototypes, kernel_backend, top_k)
     _loss(pooled, routing).backward()
 
     # Routing reads the pooled mean rounded to `dtype`; the fp32 oracle does not round it.
@@ -81,12 +83,12 @@ def test_session_pool_route(shape, dtype, dim, num_themes, top_k, device):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_session_pool_alone(shape, device):
+def test_session_pool_alone(shape, device, kernel_backend):
     lengths, session_len = SHAPES[shape]
     _, sessions = make_sessions(lengths, session_len, device)
     values = random_values(int(sessions.session_offsets[-1]), 24, torch.float32, device).requires_grad_()
     ref = mk.session_pool(values, sessions.session_offsets, backend="reference")
-    out = mk.session_pool(values, sessions.session_offsets, backend="triton")
+    out = mk.session_pool(values, sessions.session_offsets, backend=kernel_backend)
     assert_close(out, ref, "reduction")
     weight = torch.randn(ref.shape, device=device)
     (ref_grad,) = torch.autograd.grad((ref * weight).sum(), values)
@@ -94,12 +96,12 @@ def test_session_pool_alone(shape, device):
     assert_close(grad, ref_grad, "reduction")
 
 
-def test_empty_sessions_pool_to_zero(device):
+def test_empty_sessions_pool_to_zero(device, kernel_backend):
     """Offsets with empty sessions (not produced by sessionize, but valid input) give zeros, no NaN."""
     session_offsets = torch.tensor([0, 0, 3, 3, 5, 5], device=device)
     values = random_values(5, 8, torch.float32, device).requires_grad_()
     prototypes = random_values(4, 8, torch.float32, device, seed=2).requires_grad_()
-    pooled, routing = mk.session_pool_route(values, session_offsets, prototypes, top_k=2, backend="triton")
+    pooled, routing = mk.session_pool_route(values, session_offsets, prototypes, top_k=2, backend=kernel_backend)
     assert torch.equal(pooled[[0, 2, 4]], torch.zeros(3, 8, device=device))
     assert torch.isfinite(routing.probs).all() and torch.isfinite(routing.scores).all()
     _loss(pooled, routing).backward()
@@ -109,7 +111,7 @@ def test_empty_sessions_pool_to_zero(device):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 2), (16, 1), (5, 5)])
 @pytest.mark.parametrize("capacity", [None, 1, 5])
-def test_theme_dispatch_is_identical(shape, num_themes, top_k, capacity, device):
+def test_theme_dispatch_is_identical(shape, num_themes, top_k, capacity, device, kernel_backend):
     lengths, session_len = SHAPES[shape]
     _, sessions = make_sessions(lengths, session_len, device)
     themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
@@ -117,17 +119,17 @@ def test_theme_dispatch_is_identical(shape, num_themes, top_k, capacity, device)
     args = (themes, gate, sessions.session_offsets, sessions.session_example)
     kwargs = dict(num_examples=len(lengths), num_themes=num_themes, capacity=capacity)
     ref = mk.theme_dispatch(*args, backend="reference", **kwargs)
-    out = mk.theme_dispatch(*args, backend="triton", **kwargs)
+    out = mk.theme_dispatch(*args, backend=kernel_backend, **kwargs)
     for name in ("gather_index", "row_gate", "inverse_index", "theme_offsets"):
         assert torch.equal(getattr(out, name), getattr(ref, name)), name
 
 
-def test_dispatch_all_sessions_on_one_theme(device):
+def test_dispatch_all_sessions_on_one_theme(device, kernel_backend):
     _, sessions = make_sessions([9, 0, 20], 4, device)
     themes = torch.full((sessions.num_sessions, 1), 2, dtype=torch.int64, device=device)
     gate = torch.ones(themes.shape, device=device)
     out = mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
-                            num_examples=3, num_themes=4, backend="triton")
+                            num_examples=3, num_themes=4, backend=kernel_backend)
     assert torch.equal(out.gather_index, torch.arange(29, device=device))
     assert out.segment_lengths.tolist() == [[0, 0, 0], [0, 0, 0], [9, 0, 20], [0, 0, 0]]
 
@@ -145,7 +147,7 @@ def _dispatch_for(lengths, session_len, num_themes, top_k, device, capacity=None
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["gather", "scatter"])
 @pytest.mark.parametrize("top_k,capacity,gated", [(1, None, True), (2, None, True), (2, 3, True), (1, None, False)])
-def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device):
+def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device, kernel_backend):
     lengths, session_len = SHAPES[shape]
     dispatch = _dispatch_for(lengths, session_len, 3, top_k, device, capacity)
     num_tokens, dim = dispatch.inverse_index.shape[0], 19
@@ -168,7 +170,7 @@ def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device):
 
     ref_data, ref_gate = _upcast(data), (_upcast(gate) if gated else None)
     expected = run("reference", ref_data, ref_gate)
-    out = run("triton", data, gate)
+    out = run(kernel_backend, data, gate)
     # A plain gather moves data; everything else rounds once to `dtype`.
     assert_close(out.float(), expected, "exact" if (op == "gather" and not gated) else "reduction", dtype=dtype)
     assert_close(data.grad.float(), ref_data.grad, "reduction", dtype=dtype)
@@ -176,11 +178,11 @@ def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device):
         assert_close(gate.grad.float(), ref_gate.grad, "reduction", dtype=dtype)
 
 
-def test_gather_without_inverse_builds_it(device):
-    """Without inverse_index the Triton path builds one (a documented sync) and gives the same result."""
+def test_gather_without_inverse_builds_it(device, kernel_backend):
+    """Without inverse_index a kernel backend builds one (a documented sync) and gives the same result."""
     values = random_values(11, 8, torch.float32, device).requires_grad_()
     index = torch.tensor([3, 3, 0, 10, 3, 5], device=device)
-    out = mk.theme_gather(values, index, backend="triton")
+    out = mk.theme_gather(values, index, backend=kernel_backend)
     assert torch.equal(out, values.detach()[index])
     out.sum().backward()
     assert values.grad[:, 0].tolist() == [1, 0, 0, 3, 0, 1, 0, 0, 0, 0, 1]
@@ -188,19 +190,19 @@ def test_gather_without_inverse_builds_it(device):
 
 @pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
 @pytest.mark.parametrize("top_k,capacity", [(1, None), (2, 3)])
-def test_layer_triton_equals_reference(encoder, top_k, capacity, device):
+def test_layer_equals_reference(encoder, top_k, capacity, device, kernel_backend):
     from mos import MoSConfig, MoSLayer
 
     config = dict(dim=16, num_heads=2, num_themes=4, session_len=3, encoder=encoder, top_k=top_k, capacity=capacity)
     torch.manual_seed(0)
     reference = MoSLayer(MoSConfig(backend="reference", **config)).to(device)
-    triton_layer = MoSLayer(MoSConfig(backend="triton", **config)).to(device)
-    triton_layer.load_state_dict(reference.state_dict())
+    kernel_layer = MoSLayer(MoSConfig(backend=kernel_backend, **config)).to(device)
+    kernel_layer.load_state_dict(reference.state_dict())
     offsets = mk.offsets_from_lengths(torch.tensor([0, 9, 1, 14, 0], device=device))
     values = random_values(24, 16, torch.float32, device)
     target = random_values(5, 16, torch.float32, device, seed=1)
     outs = []
-    for layer in (reference, triton_layer):
+    for layer in (reference, kernel_layer):
         x = values.clone().requires_grad_()
         out = layer(x, target, offsets)
         (out.output.square().sum() + out.aux_loss).backward()

@@ -1,7 +1,8 @@
 """GPU-only checks: large token counts and bitwise determinism (the GPU check script runs these).
 
-Skipped on machines without CUDA. The same comparisons as test_kernels_triton.py, at sizes the
-interpreter cannot reach (up to 4M tokens), in fp32, fp16 and bf16.
+Skipped on machines without CUDA. The same comparisons as test_kernel_backends.py, at sizes the
+interpreter cannot reach (up to 4M tokens), in fp32, fp16 and bf16. The kernels I ops run on
+both kernel backends (`kernel_backend`: Triton and the CUDA extension).
 """
 from __future__ import annotations
 
@@ -42,11 +43,11 @@ def _pool_route_run(values, sessions, prototypes, top_k, backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_tokens", [2_000_000, 4_000_000])
-def test_pool_route_large(dtype, num_tokens):
+def test_pool_route_large(dtype, num_tokens, kernel_backend):
     """Against the reference on the same `dtype` values: both route on the mean rounded to `dtype`
     (an fp32 oracle would route on the unrounded mean and flip ~0.3 % of near-ties in bf16)."""
     _, sessions, values, prototypes = _workload(num_tokens, 128, 8, 2, dtype)
-    pooled, routing, g_values, g_protos = _pool_route_run(values, sessions, prototypes, 2, "triton")
+    pooled, routing, g_values, g_protos = _pool_route_run(values, sessions, prototypes, 2, kernel_backend)
     ref_pooled, ref_routing, ref_g_values, ref_g_protos = _pool_route_run(values, sessions, prototypes, 2,
                                                                           "reference")
     assert_close(pooled.float(), ref_pooled.float(), "reduction", dtype=dtype)
@@ -63,48 +64,49 @@ def test_pool_route_large(dtype, num_tokens):
 
 
 @pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 64)])
-def test_dispatch_large_is_identical(top_k, capacity):
+def test_dispatch_large_is_identical(top_k, capacity, kernel_backend):
     offsets, sessions, _, _ = _workload(4_000_000, 8, 8, top_k, torch.float32)
     themes = random_themes(sessions.num_sessions, 8, top_k, "cuda")
     gate = torch.rand(themes.shape, device="cuda")
     args = (themes, gate, sessions.session_offsets, sessions.session_example)
     kwargs = dict(num_examples=offsets.numel() - 1, num_themes=8, capacity=capacity)
     ref = mk.theme_dispatch(*args, backend="reference", **kwargs)
-    out = mk.theme_dispatch(*args, backend="triton", **kwargs)
+    out = mk.theme_dispatch(*args, backend=kernel_backend, **kwargs)
     for name in ("gather_index", "row_gate", "inverse_index", "theme_offsets"):
         assert torch.equal(getattr(out, name), getattr(ref, name)), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gather_scatter_large(dtype):
+def test_gather_scatter_large(dtype, kernel_backend):
     offsets, sessions, values, _ = _workload(4_000_000, 128, 8, 2, dtype)
     themes = random_themes(sessions.num_sessions, 8, 2, "cuda")
     dispatch = mk.theme_dispatch(themes, torch.rand(themes.shape, device="cuda") + 0.5, sessions.session_offsets,
                                  sessions.session_example, num_examples=offsets.numel() - 1, num_themes=8)
     gate = dispatch.row_gate.to(dtype)
-    rows = mk.theme_gather(values, dispatch.gather_index, gate, inverse_index=dispatch.inverse_index, backend="triton")
+    rows = mk.theme_gather(values, dispatch.gather_index, gate, inverse_index=dispatch.inverse_index,
+                           backend=kernel_backend)
     ref_rows = mk.theme_gather(values.float(), dispatch.gather_index, gate.float(), backend="reference")
     assert_close(rows.float(), ref_rows, "reduction", dtype=dtype)
     back = mk.theme_scatter(rows, dispatch.gather_index, gate, num_tokens=values.shape[0],
-                            inverse_index=dispatch.inverse_index, backend="triton")
+                            inverse_index=dispatch.inverse_index, backend=kernel_backend)
     ref_back = mk.theme_scatter(rows.float(), dispatch.gather_index, gate.float(), num_tokens=values.shape[0],
                                 backend="reference")
     assert_close(back.float(), ref_back, "reduction", dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bitwise_deterministic(dtype):
+def test_bitwise_deterministic(dtype, kernel_backend):
     """Same inputs, same bits: forward and backward of every kernel, run twice."""
     offsets, sessions, values, prototypes = _workload(1_000_000, 128, 8, 2, dtype, seed=1)
 
     def run():
-        pooled, routing, g_values, g_protos = _pool_route_run(values, sessions, prototypes, 2, "triton")
+        pooled, routing, g_values, g_protos = _pool_route_run(values, sessions, prototypes, 2, kernel_backend)
         dispatch = mk.theme_dispatch(routing.themes, routing.gate, sessions.session_offsets,
                                      sessions.session_example, num_examples=offsets.numel() - 1, num_themes=8,
-                                     backend="triton")
+                                     backend=kernel_backend)
         x = values.detach().requires_grad_()
         rows = mk.theme_gather(x, dispatch.gather_index, dispatch.row_gate.detach(),
-                               inverse_index=dispatch.inverse_index, backend="triton")
+                               inverse_index=dispatch.inverse_index, backend=kernel_backend)
         rows.float().square().sum().backward()
         return [pooled, routing.probs, routing.themes, g_values, g_protos, dispatch.gather_index,
                 dispatch.inverse_index, rows, x.grad]
@@ -243,10 +245,10 @@ def test_kernels_ii_bitwise_deterministic(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
-def test_layer_triton_matches_reference_on_gpu(dtype, encoder):
+def test_layer_kernels_match_reference_on_gpu(dtype, encoder, kernel_backend):
     """The whole layer at B = 64, L = 256: fp32 within the layer tolerance of the reference; in
-    fp16/bf16 both backends are measured against the fp32 reference and Triton (fp32 sums
-    inside every kernel) is at least as accurate as the reference run in the same dtype, up to
+    fp16/bf16 both backends are measured against the fp32 reference and the kernels (fp32 sums
+    inside every kernel) are at least as accurate as the reference run in the same dtype, up to
     a factor 2 for the different rounding points."""
     from mos import MoSConfig, MoSLayer
 
@@ -273,7 +275,7 @@ def test_layer_triton_matches_reference_on_gpu(dtype, encoder):
         return out.output, x.grad
 
     want = run("reference", torch.float32)
-    got = run("triton", dtype)
+    got = run(kernel_backend, dtype)
     if not half:
         assert_close(got[0], want[0], "layer")
         assert_close(got[1], want[1], "layer")
@@ -281,4 +283,5 @@ def test_layer_triton_matches_reference_on_gpu(dtype, encoder):
     same_dtype = run("reference", dtype)
     for name, g, s, w in zip(("output", "input gradient"), got, same_dtype, want):
         err, ref_err = _relative_error(g, w), _relative_error(s, w)
-        assert err <= 2 * ref_err + 1e-4, f"{name}: triton {err:.2e}, reference in the same dtype {ref_err:.2e}"
+        assert err <= 2 * ref_err + 1e-4, \
+            f"{name}: {kernel_backend} {err:.2e}, reference in the same dtype {ref_err:.2e}"

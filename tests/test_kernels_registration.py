@@ -1,4 +1,5 @@
-"""Custom-op registration of the Triton kernels: opcheck (schema, fake, autograd) and FLOP formulas."""
+"""Operator registration of both kernel backends (torch.ops.mos: Triton, torch.ops.mos_cuda: the
+CUDA extension, on the CPU its emulation): opcheck (schema, fake, autograd) and FLOP formulas."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
+from mos_kernels.backend import kernel_ops
 from mos_kernels.theme_route import normalized
 from tests.kernel_cases import make_sessions, random_themes, random_values
 
@@ -18,41 +20,44 @@ def _inputs(device, dim=12, num_themes=3, top_k=2):
     return sessions, values, prototypes, themes
 
 
-def test_opcheck_session_pool_route(device):
+def test_opcheck_session_pool_route(device, kernel_backend):
+    ops = kernel_ops(kernel_backend)
     sessions, values, prototypes, _ = _inputs(device)
-    torch.library.opcheck(torch.ops.mos.session_pool_route.default,
+    torch.library.opcheck(ops.session_pool_route.default,
                           (values, sessions.session_offsets, prototypes, 5.0, 2))
-    torch.library.opcheck(torch.ops.mos.session_pool_route.default,
+    torch.library.opcheck(ops.session_pool_route.default,
                           (values, sessions.session_offsets, prototypes[:0].detach(), 1.0, 0))
 
 
 @pytest.mark.parametrize("capacity", [0, 2])
-def test_opcheck_theme_dispatch(capacity, device):
+def test_opcheck_theme_dispatch(capacity, device, kernel_backend):
     sessions, _, _, themes = _inputs(device)
     eso = sessions.example_session_offsets
-    torch.library.opcheck(torch.ops.mos.theme_dispatch.default,
+    torch.library.opcheck(kernel_ops(kernel_backend).theme_dispatch.default,
                           (themes, sessions.session_offsets, sessions.session_example, eso, 19, 3, capacity))
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_opcheck_gather_scatter(gated, device):
+def test_opcheck_gather_scatter(gated, device, kernel_backend):
+    ops = kernel_ops(kernel_backend)
     sessions, values, _, themes = _inputs(device)
     gate = torch.rand(themes.shape, device=device)
     dispatch = mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
                                  num_examples=4, num_themes=3, backend="reference")
     row_gate = dispatch.row_gate.detach().requires_grad_() if gated else None
     index, inverse = dispatch.gather_index, dispatch.inverse_index
-    torch.library.opcheck(torch.ops.mos.theme_gather.default, (values, index, row_gate, inverse))
+    torch.library.opcheck(ops.theme_gather.default, (values, index, row_gate, inverse))
     rows = random_values(index.numel(), values.shape[1], torch.float32, device).requires_grad_()
-    torch.library.opcheck(torch.ops.mos.theme_scatter.default, (rows, index, row_gate, inverse))
+    torch.library.opcheck(ops.theme_scatter.default, (rows, index, row_gate, inverse))
 
 
-def test_flop_formulas_match_hand_counts(device):
+def test_flop_formulas_match_hand_counts(device, kernel_backend):
+    ops = kernel_ops(kernel_backend)
     dim, num_themes, top_k = 12, 3, 2
     sessions, values, prototypes, themes = _inputs(device, dim, num_themes, top_k)
     num_tokens, num_sessions = values.shape[0], sessions.num_sessions
     with FlopCounterMode(display=False) as counter:
-        torch.ops.mos.session_pool_route(values, sessions.session_offsets, prototypes.detach(), 5.0, top_k)
+        ops.session_pool_route(values, sessions.session_offsets, prototypes.detach(), 5.0, top_k)
     # sum T*d, divide S*d, normalise 3*S*d, K dot products 2*K*d per session
     expected = num_tokens * dim + num_sessions * dim + num_sessions * (3 * dim + 2 * num_themes * dim)
     assert counter.get_total_flops() == expected
@@ -61,8 +66,7 @@ def test_flop_formulas_match_hand_counts(device):
                                  sessions.session_example, num_examples=4, num_themes=num_themes,
                                  backend="reference")
     rows = dispatch.gather_index.numel()
-    for op, data in ((torch.ops.mos.theme_gather, values), (torch.ops.mos.theme_scatter,
-                                                           random_values(rows, dim, torch.float32, device))):
+    for op, data in ((ops.theme_gather, values), (ops.theme_scatter, random_values(rows, dim, torch.float32, device))):
         with FlopCounterMode(display=False) as counter:
             op(data.detach(), dispatch.gather_index, dispatch.row_gate.detach(), dispatch.inverse_index)
         assert counter.get_total_flops() == rows * dim          # one multiply by the gate per element

@@ -1,6 +1,6 @@
 """torch.compile over the whole MoSLayer: one graph (fullgraph=True, so a graph break is an
 error), no recompilation when the sequence lengths or the batch size change (dynamic=True),
-and the same output and gradients as the eager layer, on both backends.
+and the same output and gradients as the eager layer, on every backend.
 
 The graph goes to the "aot_eager" backend: it traces forward and backward through dynamo and
 AOTAutograd exactly as inductor would (a graph break or a data-dependent guard fails the same
@@ -16,6 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import mos_kernels as mk
 from mos import MoSConfig, MoSLayer
+from tests.conftest import require_cuda_ext
 from tests.kernel_cases import random_values
 from tests.tolerances import assert_close
 
@@ -41,9 +42,11 @@ def _batch(lengths, device, seed):
     return values, target, offsets, torch.cumsum(gaps, 0).to(device)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_layer_compiles_once_for_every_length(backend, options, device):
+    if backend == "cuda":
+        require_cuda_ext()
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=4, session_len=3, backend=backend,

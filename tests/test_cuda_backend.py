@@ -1,0 +1,142 @@
+"""The CUDA C++ extension (mos_kernels/csrc) beyond the kernel comparisons of test_kernel_backends.py:
+every .cu compiles for sm_90 with nvcc (against the CPU torch headers, as kernels.md says), the
+sources are all built, the constants agree with the Python side, errors name their argument,
+and "auto" picks what the recorded benchmarks measured faster.
+
+The nvcc check needs nvcc on PATH; it is skipped without one unless MOS_REQUIRE_CUDA_EXT=1
+(CI sets it), which turns the skip into a failure.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import mos_kernels as mk
+from mos_kernels import backend, cuda_ops
+from mos_kernels.theme_route import NORM_EPS
+from tests.conftest import require_cuda_ext
+from tests.kernel_cases import make_sessions, random_values
+
+CSRC = cuda_ops.CSRC
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def _nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("MOS_REQUIRE_CUDA_EXT", "0") == "1":
+            pytest.fail("MOS_REQUIRE_CUDA_EXT=1 but nvcc is not on PATH")
+        pytest.skip("nvcc not on PATH")
+    return nvcc
+
+
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+def test_cu_file_compiles_for_sm90(source, tmp_path):
+    """nvcc -c with the flags of the real build; no warning may come from our own files."""
+    from torch.utils.cpp_extension import include_paths
+
+    command = [_nvcc(), "-c", "-std=c++20", "-arch=sm_90", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+               *cuda_ops.nvcc_flags(), f"-I{CSRC}", *(arg for p in include_paths() for arg in ("-isystem", p)),
+               str(CSRC / source), "-o", str(tmp_path / "out.o")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"nvcc failed on {source}:\n{done.stderr[-4000:]}"
+    ours = [line for line in done.stderr.splitlines() if "warning" in line and str(CSRC) in line]
+    assert not ours, "warnings in csrc:\n" + "\n".join(ours)
+    assert (tmp_path / "out.o").stat().st_size > 0
+
+
+def test_every_source_is_built():
+    """A .cu or .cpp left out of the build lists would silently drop its operators."""
+    on_disk = {p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp")}
+    assert on_disk == set(cuda_ops.CUDA_SOURCES) | set(cuda_ops.EMULATION_SOURCES)
+    assert set(cuda_ops.CUDA_SOURCES) >= {p for p in on_disk if p.endswith(".cu")}
+
+
+def test_norm_eps_matches_python():
+    header = (CSRC / "mos" / "session_pool.h").read_text()
+    value = float(re.search(r"kNormEps = ([0-9.e+-]+)f;", header).group(1))
+    assert value == NORM_EPS
+
+
+def test_operator_errors_name_the_argument():
+    require_cuda_ext()
+    ops = backend.kernel_ops("cuda")
+    _, sessions = make_sessions([4, 3], 2, "cpu")
+    values = random_values(7, 8, torch.float32, "cpu")
+    bad_prototypes = torch.zeros(3, 8, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"prototypes: expected dtype Float, got Long"):
+        ops.session_pool_route(values, sessions.session_offsets, bad_prototypes, 1.0, 1)
+    with pytest.raises(RuntimeError, match=r"values: expected dtype float32, float16 or bfloat16, got Double"):
+        ops.session_pool_route(values.double(), sessions.session_offsets, torch.zeros(3, 8), 1.0, 1)
+    with pytest.raises(RuntimeError, match=r"top_k: expected 0\.\.3"):
+        ops.session_pool_route(values, sessions.session_offsets, torch.zeros(3, 8), 1.0, 4)
+    with pytest.raises(RuntimeError, match=r"gather_index: expected dtype Long, got Int"):
+        ops.theme_gather(values, torch.zeros(2, dtype=torch.int32), None, torch.zeros(7, 1, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"session_example: expected 4 elements, got 3"):
+        themes = torch.zeros(4, 1, dtype=torch.int64)
+        ops.theme_dispatch(themes, sessions.session_offsets, torch.zeros(3, dtype=torch.int64),
+                           torch.tensor([0, 2, 4]), 7, 2, 0)
+
+
+def test_backend_cuda_refuses_cpu_tensors_without_emulation(monkeypatch):
+    monkeypatch.setenv("MOS_CUDA_EMULATE", "0")
+    values = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"theme_gather: backend 'cuda' expected CUDA tensors \(or MOS_CUDA_EMULATE=1\), "
+                                         r"got a tensor on cpu"):
+        mk.theme_gather(values, torch.tensor([0, 1]), backend="cuda")
+
+
+def test_backend_cuda_refuses_float64():
+    with pytest.raises(TypeError, match=r"backend 'cuda' expected dtype in \(float32, float16, bfloat16\), got float64"):
+        mk.session_pool(torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 5]), backend="cuda")
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA: the extension can be built")
+def test_without_cuda_torch_the_reason_says_so(monkeypatch):
+    monkeypatch.setenv("MOS_CUDA_EMULATE", "0")
+    reason = cuda_ops._load_library()
+    assert reason is not None and "has no CUDA" in reason and "MOS_CUDA_EMULATE=1" in reason
+
+
+def _recorded_medians():
+    """{(op, mode, provider): median ms} at the bf16 target point of the newest bench_kernels CSV
+    that has cuda rows ({} when none has)."""
+    from benchmarks.bench_kernels import TARGET
+
+    point = {"L": TARGET.L, "d": TARGET.d, "K": TARGET.K, "top_k": TARGET.top_k}
+    for path in sorted(RESULTS.glob("*bench_kernels*.csv"), reverse=True):   # names start with the date
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["dtype"] == "bf16" and r["median_ms"]
+                    and all(r[k] == str(v) for k, v in point.items())]
+        if any(r["provider"] == "cuda" for r in rows):
+            return {(r["op"], r["mode"], r["provider"]): float(r["median_ms"]) for r in rows}
+    return {}
+
+
+# Benchmark op -> the mos_kernels ops whose "auto" choice it decides.
+BENCH_OPS = {"pool_route": ("session_pool", "session_pool_route"), "dispatch": ("theme_dispatch",),
+             "gather": ("theme_gather",), "scatter": ("theme_scatter",)}
+
+
+def test_auto_choice_follows_the_recorded_benchmarks():
+    medians = _recorded_medians()
+    for bench_op, ops in BENCH_OPS.items():
+        mode = "fwd" if bench_op == "dispatch" else "fwd+bwd"
+        cuda, triton = medians.get((bench_op, mode, "cuda")), medians.get((bench_op, mode, "triton"))
+        expected = "cuda" if cuda is not None and triton is not None and cuda < triton else "triton"
+        for op in ops:
+            assert backend.FASTEST_ON_GPU[op] == expected, (op, cuda, triton)
+
+
+def test_setup_py_builds_what_the_jit_builds():
+    """setup.py cannot import the package: its source list and flags are repeated there."""
+    text = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert f"SOURCES = {list(cuda_ops.CUDA_SOURCES)!r}".replace("'", '"') in text
+    assert f"NVCC_FLAGS = {cuda_ops.BUILD_NVCC_FLAGS!r}".replace("'", '"') in text
