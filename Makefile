@@ -16,6 +16,7 @@ $(STAMP): requirements/ci.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements/ci.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	$(PY) -m mos_kernels.cuda_ops
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,9 +1,50 @@
-"""Build entry point.
+"""Build entry point; all metadata lives in pyproject.toml.
 
-All metadata lives in pyproject.toml. This file exists so that the optional CUDA C++
-extension (csrc/, a later milestone) can be added conditionally: it is built only
-where torch has CUDA, and skipped with a message elsewhere.
+The optional CUDA C++ extension (mos_kernels/csrc -> mos_kernels._C, backend="cuda") is built
+only where torch has CUDA and nvcc is found; anywhere else it is skipped with a message and the
+package installs as before (backend "cuda" then builds itself with ninja on first use where it
+can, see mos_kernels/cuda_ops.py). On a GPU machine without network:
+    pip install --no-build-isolation -e .
+(--no-build-isolation: the build needs the installed torch, not a fresh download).
+MOS_BUILD_CUDA=0 skips the extension; MOS_BUILD_CUDA=1 makes a failure to build it an error.
 """
+import os
+import sys
+from pathlib import Path
+
 from setuptools import setup
 
-setup()
+CSRC = Path("mos_kernels") / "csrc"
+SOURCES = ["schema.cpp", "session_pool.cu", "theme_dispatch.cu", "theme_gather.cu"]   # = cuda_ops.CUDA_SOURCES
+NVCC_FLAGS = ["-O3", "-lineinfo"]                                                      # = cuda_ops.BUILD_NVCC_FLAGS
+
+
+def _skip(reason: str) -> dict:
+    if os.environ.get("MOS_BUILD_CUDA") == "1":
+        sys.exit(f"mos: MOS_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+    print(f"mos: CUDA extension skipped: {reason}", file=sys.stderr)
+    return {}
+
+
+def cuda_extension() -> dict:
+    if os.environ.get("MOS_BUILD_CUDA") == "0":
+        return _skip("MOS_BUILD_CUDA=0")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return _skip("torch is not importable at build time (install with --no-build-isolation)")
+    if torch.version.cuda is None:
+        return _skip(f"torch {torch.__version__} has no CUDA (backend 'cuda' is unavailable; "
+                     "'triton' and 'reference' are not affected)")
+    if CUDA_HOME is None:
+        return _skip("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    extension = CUDAExtension(
+        "mos_kernels._C", [str(CSRC / s) for s in SOURCES], include_dirs=[str(CSRC.resolve())],
+        define_macros=[("MOS_PYTHON_MODULE", None)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS})
+    print("mos: building the CUDA extension mos_kernels._C", file=sys.stderr)
+    return dict(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})
+
+
+setup(**cuda_extension())

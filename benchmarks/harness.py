@@ -100,7 +100,23 @@ PROVIDERS = {p.name: p for p in (
     Provider("reference", "reference"),
     Provider("compiled", "reference", compiled=True),
     Provider("triton", "triton"),
+    Provider("cuda", "cuda"),          # the C++ extension (mos_kernels/csrc); see available_providers
 )}
+
+
+def available_providers(requested: Optional[Sequence[str]], device: torch.device) -> List[str]:
+    """The providers to run: `requested` as given (an unavailable one fails loudly later, in its
+    rows), or by default all, less "cuda" where the extension cannot be had (said on stderr)."""
+    if requested is not None:
+        return list(requested)
+    names = list(PROVIDERS)
+    from mos_kernels.backend import cuda_ext_reason
+    reason = cuda_ext_reason() if device.type == "cuda" or os.environ.get("MOS_CUDA_EMULATE") == "1" else \
+        "a CPU run without MOS_CUDA_EMULATE=1"
+    if reason is not None:
+        print(f"provider 'cuda' skipped: {reason}", file=sys.stderr)
+        names.remove("cuda")
+    return names
 
 
 # ----------------------------------------------------------------------------- cases
