@@ -109,7 +109,7 @@ def test_empty_sessions_pool_to_zero(device, kernel_backend):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 2), (16, 1), (5, 5)])
+@pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 2), (16, 1), (5, 5), (40, 2)])
 @pytest.mark.parametrize("capacity", [None, 1, 5])
 def test_theme_dispatch_is_identical(shape, num_themes, top_k, capacity, device, kernel_backend):
     lengths, session_len = SHAPES[shape]

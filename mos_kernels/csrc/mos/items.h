@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define MOS_HD __host__ __device__
@@ -109,5 +110,19 @@ struct RowChunks {
     return left < Chunk<T>::kElems ? static_cast<int>(left) : Chunk<T>::kElems;
   }
 };
+
+// Per-theme values of a work item (scores, counters) live in registers when the number of
+// themes has a compile-time bound. Runs f(std::integral_constant<int, MAX_K>) with the smallest
+// bound that holds num_themes (8 or 32), or 0 (any K, values in memory) above that.
+template <class F>
+void by_theme_bound(int64_t num_themes, F&& f) {
+  if (num_themes <= 8) {
+    f(std::integral_constant<int, 8>{});
+  } else if (num_themes <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    f(std::integral_constant<int, 0>{});
+  }
+}
 
 }  // namespace mos

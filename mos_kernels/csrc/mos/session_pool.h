@@ -11,7 +11,6 @@
 #pragma once
 
 #include <cmath>
-#include <type_traits>
 
 #include "items.h"
 
@@ -193,19 +192,6 @@ struct RouteGradItems {
     }
   }
 };
-
-// Runs f(std::integral_constant<int, MAX_K>) with the smallest register bound that holds
-// num_themes (8 or 32), or 0 (any K, values in memory) above that.
-template <class F>
-void by_theme_bound(int64_t num_themes, F&& f) {
-  if (num_themes <= 8) {
-    f(std::integral_constant<int, 8>{});
-  } else if (num_themes <= 32) {
-    f(std::integral_constant<int, 32>{});
-  } else {
-    f(std::integral_constant<int, 0>{});
-  }
-}
 
 // G: the type of the per-session grad (fp32 g_hidden after routing, T when pooling alone).
 template <class T, class G>

@@ -39,10 +39,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> theme_dispatch(
 
   at::Tensor rank = at::empty({num_sessions, top_k}, index);
   at::Tensor counts = at::zeros({num_themes * num_examples}, index);
-  Exec::run(num_examples, CountItems{themes.const_data_ptr<int64_t>(), session_offsets.const_data_ptr<int64_t>(),
-                                     example_session_offsets.const_data_ptr<int64_t>(),
-                                     rank.mutable_data_ptr<int64_t>(), counts.mutable_data_ptr<int64_t>(),
-                                     num_examples, top_k});
+  by_theme_bound(num_themes, [&](auto bound) {
+    Exec::run(num_examples, CountItems<decltype(bound)::value>{
+                                themes.const_data_ptr<int64_t>(), session_offsets.const_data_ptr<int64_t>(),
+                                example_session_offsets.const_data_ptr<int64_t>(), rank.mutable_data_ptr<int64_t>(),
+                                counts.mutable_data_ptr<int64_t>(), num_examples, num_themes, top_k});
+  });
   const at::Tensor kept = capacity > 0 ? counts.clamp_max(capacity) : counts;
   at::Tensor theme_offsets = at::zeros({num_themes * num_examples + 1}, index);
   theme_offsets.narrow(0, 1, num_themes * num_examples).copy_(at::cumsum(kept, 0));
