@@ -17,12 +17,20 @@ _poison = os.environ.get("MOS_POISON_OUTPUTS", "0") == "1"
 
 @contextlib.contextmanager
 def poisoned_outputs(enabled: bool = True):
+    """Poison the outputs of every kernel backend: the Triton ops read `_poison`, the C++
+    operators (mos_kernels/csrc, checks.h: new_output) the environment variable."""
     global _poison
     previous, _poison = _poison, enabled
+    previous_env = os.environ.get("MOS_POISON_OUTPUTS")
+    os.environ["MOS_POISON_OUTPUTS"] = "1" if enabled else "0"
     try:
         yield
     finally:
         _poison = previous
+        if previous_env is None:
+            del os.environ["MOS_POISON_OUTPUTS"]
+        else:
+            os.environ["MOS_POISON_OUTPUTS"] = previous_env
 
 
 def new_output(shape, *, dtype: torch.dtype, device) -> torch.Tensor:

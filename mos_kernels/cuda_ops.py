@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +47,9 @@ def _build(emulate: bool, verbose: bool) -> None:
     from torch.utils.cpp_extension import load
 
     sources = EMULATION_SOURCES if emulate else CUDA_SOURCES
+    # Building takes seconds (emulation) to minutes (CUDA) the first time; say so, once.
+    print(f"mos: loading the {'emulated ' if emulate else ''}CUDA extension (a first use or a changed source "
+          f"builds it with ninja{'' if emulate else ': minutes'})", file=sys.stderr)
     load(name="mos_cuda_emulated" if emulate else "mos_cuda", sources=[str(CSRC / s) for s in sources],
          extra_include_paths=[str(CSRC)], extra_cflags=["-O3"], extra_cuda_cflags=BUILD_NVCC_FLAGS,
          with_cuda=not emulate, is_python_module=False, verbose=verbose)
@@ -90,7 +94,15 @@ def ops():
     return torch.ops.mos_cuda
 
 
+_registered = False
+
+
 def _register_python_side() -> None:
+    """Once per process: fakes, autograd and FLOP formulas of the loaded torch.ops.mos_cuda."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     # The package re-exports functions under these module names: take the modules themselves.
     session_pool, theme_dispatch, theme_gather = (
         importlib.import_module(f"{__package__}.{name}") for name in ("session_pool", "theme_dispatch", "theme_gather"))
@@ -117,6 +129,20 @@ def _register_python_side() -> None:
         theme_gather.gate_flops)
 
 
+def _operators_loaded() -> bool:
+    try:
+        torch.ops.mos_cuda.session_pool_route   # noqa: B018  (raises if the library is not loaded)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+# Someone loaded the operators without us (`import mos_kernels._C`, or torch importing this
+# module for a fake kernel, as schema.cpp's set_python_module asks): give them their Python side.
+if _operators_loaded():
+    _register_python_side()
+
+
 def main(argv=None) -> int:
     """`python -m mos_kernels.cuda_ops [--build]`: says whether backend "cuda" is available here."""
     import argparse
@@ -125,12 +151,13 @@ def main(argv=None) -> int:
     parser.add_argument("--build", action="store_true",
                         help="build the extension with ninja now if it is not prebuilt (minutes, once)")
     args = parser.parse_args(argv)
-    try:
-        from . import _C  # noqa: F401
-        print(f"CUDA extension: prebuilt ({_C.__file__})")
-        return 0
-    except ImportError:
-        pass
+    if not emulating():   # the emulation and _C both define mos_cuda: never load both
+        try:
+            from . import _C  # noqa: F401
+            print(f"CUDA extension: prebuilt ({_C.__file__})")
+            return 0
+        except ImportError:
+            pass
     if not args.build:
         if torch.version.cuda is None and not emulating():
             print(f"CUDA extension: not built (torch {torch.__version__} has no CUDA); backend 'cuda' is unavailable, "

@@ -88,7 +88,9 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
         if lo < 0 or hi >= num_examples:
             raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
         if top_k > 1:
-            # Two choices of one session on one theme would share ranks in the counting sort.
+            # A session's choices are distinct themes (top-k): the kernels' counting sort places
+            # choice j's rows before choice j+1's, which equals the reference's (token, choice)
+            # order only when no two choices share a segment.
             sorted_themes = themes.sort(dim=1).values
             if bool((sorted_themes[:, 1:] == sorted_themes[:, :-1]).any()):
                 raise ValueError("themes: expected distinct themes in each row (a session's top-k choices), "

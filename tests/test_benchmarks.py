@@ -20,6 +20,7 @@ pytest.importorskip("pytest_benchmark")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
 from benchmarks import bench_kernels, harness  # noqa: E402
+from conftest import require_cuda_ext  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 # Tolerance kinds (tests/tolerances.py) of every output, then of every input gradient.
@@ -54,9 +55,11 @@ def _split(result, mode: str):
     return result if mode == "fwd+bwd" else (result, ())
 
 
-@pytest.mark.parametrize("provider", ["reference", "triton"])
+@pytest.mark.parametrize("provider", ["reference", "triton", "cuda"])
 @pytest.mark.parametrize("op", bench_kernels.OPS)
 def test_kernel_case_matches_reference(benchmark, op, provider, device, one_thread):
+    if provider == "cuda":
+        require_cuda_ext()
     case = bench_kernels.build_case(op, bench_kernels.QUICK, torch.float32, device)
     mode = case.modes[-1]   # forward and backward, or the forward of an integer op
     timed = harness.mode_callable(case, harness.provider_callable(case, harness.PROVIDERS[provider]), mode)

@@ -52,6 +52,24 @@ def test_cu_file_compiles_for_sm90(source, tmp_path):
     assert (tmp_path / "out.o").stat().st_size > 0
 
 
+def test_python_module_entry_compiles(tmp_path):
+    """setup.py builds schema.cpp with MOS_PYTHON_MODULE (the PyInit__C of mos_kernels._C)."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        if os.environ.get("MOS_REQUIRE_CUDA_EXT", "0") == "1":
+            pytest.fail("MOS_REQUIRE_CUDA_EXT=1 but no host C++ compiler is on PATH")
+        pytest.skip("no host C++ compiler")
+    command = [compiler, "-std=c++20", "-fsyntax-only", "-Wall", "-DMOS_PYTHON_MODULE",
+               "-isystem", sysconfig.get_paths()["include"], *(a for p in include_paths() for a in ("-isystem", p)),
+               str(CSRC / "schema.cpp")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr[-4000:]
+
+
 def test_every_source_is_built():
     """A .cu or .cpp left out of the build lists would silently drop its operators."""
     on_disk = {p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp")}
@@ -65,24 +83,32 @@ def test_norm_eps_matches_python():
     assert value == NORM_EPS
 
 
-def test_operator_errors_name_the_argument():
+def test_operator_errors_name_the_argument(device):
     require_cuda_ext()
     ops = backend.kernel_ops("cuda")
-    _, sessions = make_sessions([4, 3], 2, "cpu")
-    values = random_values(7, 8, torch.float32, "cpu")
-    bad_prototypes = torch.zeros(3, 8, dtype=torch.int64)
+    _, sessions = make_sessions([4, 3], 2, device)
+    so = sessions.session_offsets
+    values = random_values(7, 8, torch.float32, device)
+    protos = torch.zeros(3, 8, device=device)
+    index = torch.zeros(2, dtype=torch.int64, device=device)
+    inverse = torch.zeros(7, 1, dtype=torch.int64, device=device)
     with pytest.raises(RuntimeError, match=r"prototypes: expected dtype Float, got Long"):
-        ops.session_pool_route(values, sessions.session_offsets, bad_prototypes, 1.0, 1)
+        ops.session_pool_route(values, so, protos.long(), 1.0, 1)
     with pytest.raises(RuntimeError, match=r"values: expected dtype float32, float16 or bfloat16, got Double"):
-        ops.session_pool_route(values.double(), sessions.session_offsets, torch.zeros(3, 8), 1.0, 1)
+        ops.session_pool_route(values.double(), so, protos, 1.0, 1)
     with pytest.raises(RuntimeError, match=r"top_k: expected 0\.\.3"):
-        ops.session_pool_route(values, sessions.session_offsets, torch.zeros(3, 8), 1.0, 4)
+        ops.session_pool_route(values, so, protos, 1.0, 4)
+    with pytest.raises(RuntimeError, match=r"session_offsets: expected S\+1 >= 1 entries, got 0"):
+        ops.session_pool_route(values, so[:0], protos, 1.0, 1)
     with pytest.raises(RuntimeError, match=r"gather_index: expected dtype Long, got Int"):
-        ops.theme_gather(values, torch.zeros(2, dtype=torch.int32), None, torch.zeros(7, 1, dtype=torch.int64))
+        ops.theme_gather(values, index.int(), None, inverse)
+    with pytest.raises(RuntimeError, match=r"row_gate: expected dtype float32, float16 or bfloat16, got Long"):
+        ops.theme_gather(values, index, index, inverse)
+    with pytest.raises(RuntimeError, match=r"row_gate: expected 2 elements, got 3"):
+        ops.theme_gather(values, index, torch.ones(3, device=device), inverse)
     with pytest.raises(RuntimeError, match=r"session_example: expected 4 elements, got 3"):
-        themes = torch.zeros(4, 1, dtype=torch.int64)
-        ops.theme_dispatch(themes, sessions.session_offsets, torch.zeros(3, dtype=torch.int64),
-                           torch.tensor([0, 2, 4]), 7, 2, 0)
+        themes = torch.zeros(4, 1, dtype=torch.int64, device=device)
+        ops.theme_dispatch(themes, so, index[:1].repeat(3), torch.tensor([0, 2, 4], device=device), 7, 2, 0)
 
 
 def test_backend_cuda_refuses_cpu_tensors_without_emulation(monkeypatch):

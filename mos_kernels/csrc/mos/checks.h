@@ -1,12 +1,19 @@
-// Argument checks of the C++ operators: each error names the argument, what was expected and
-// what came. The Python wrappers validate user input first; these guard the operator contract
-// for direct callers of torch.ops.mos_cuda.*.
+// Argument checks and output allocation of the C++ operators.
+//
+// The checks cover what costs no sync: devices, dtypes, ranks, sizes; each error names the
+// argument, what was expected and what came. The data itself is a precondition, validated by
+// the Python wrappers (mos_kernels._checks, switchable with data_checks): offsets
+// non-decreasing from 0 to T, indices and themes in range, a session's themes distinct. A
+// kernel given data that breaks them may read or write out of bounds.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
 
 namespace mos {
 
@@ -47,5 +54,21 @@ void by_dtype(const char* op, const char* name, const at::Tensor& t, F&& f) {
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// An output a kernel must write completely. Under MOS_POISON_OUTPUTS=1 (the tests'
+// mos_kernels._alloc.poisoned_outputs sets it) it starts as NaN / INT_POISON, so an element the
+// kernel forgets fails the comparison instead of passing with whatever the allocator held.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  const char* poison = std::getenv("MOS_POISON_OUTPUTS");
+  if (poison != nullptr && poison[0] == '1' && out.numel() > 0) {
+    if (at::isFloatingType(out.scalar_type())) {
+      out.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      out.fill_(-7777777);   // = mos_kernels._alloc.INT_POISON
+    }
+  }
+  return out;
+}
 
 }  // namespace mos

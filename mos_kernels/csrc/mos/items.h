@@ -63,7 +63,8 @@ MOS_UNROLL
     for (int i = 0; i < V; ++i) pack.v[i] = static_cast<T>(in[i]);
     *reinterpret_cast<Pack<T>*>(p) = pack;
   } else {
-    for (int i = 0; i < n; ++i) p[i] = static_cast<T>(in[i]);
+    MOS_UNROLL   // to the compile-time V with a guard: `in` stays in registers
+    for (int i = 0; i < V; ++i) if (i < n) p[i] = static_cast<T>(in[i]);
   }
 }
 
@@ -73,7 +74,8 @@ MOS_HD MOS_INLINE void copy_chunk(T* dst, const T* src, int n, bool packed) {
   if (packed) {
     *reinterpret_cast<Pack<T>*>(dst) = *reinterpret_cast<const Pack<T>*>(src);
   } else {
-    for (int i = 0; i < n; ++i) dst[i] = src[i];
+    MOS_UNROLL
+    for (int i = 0; i < Chunk<T>::kElems; ++i) if (i < n) dst[i] = src[i];
   }
 }
 

@@ -76,32 +76,49 @@ struct RouteItems {
   int64_t num_themes, top_k;
   float inv_temperature, eps;
 
+  // |h| of the session's pooled row, in fp32.
+  MOS_HD MOS_INLINE float norm_of(const T* h) const {
+    constexpr int V = Chunk<T>::kElems;
+    float sq = 0.0f;
+    for (int64_t chunk = 0; chunk < row.chunks; ++chunk) {
+      float x[V];
+      load_chunk(h + chunk * V, row.width(chunk), row.packed, x);   // zero past the row's end
+      MOS_UNROLL
+      for (int i = 0; i < V; ++i) sq += x[i] * x[i];
+    }
+    return sqrtf(sq);
+  }
+
   MOS_HD void operator()(int64_t s) const {
     constexpr int V = Chunk<T>::kElems;
     const int64_t dim = row.dim, bound = MAX_K > 0 ? MAX_K : num_themes;
+    const T* h = pooled + s * dim;
+    const float norm = norm_of(h);
+    const float denom = norm > eps ? norm : eps;
     float* score = scores + s * num_themes;
     ThemeValues<MAX_K> dot(score);
     MOS_UNROLL
     for (int64_t k = 0; k < bound; ++k) if (k < num_themes) dot[k] = 0.0f;
-    float sq = 0.0f;
+    // Scores as the reference rounds them: <h / max(|h|, eps), prototype> * (1 / temperature).
     for (int64_t chunk = 0; chunk < row.chunks; ++chunk) {
       const int n = row.width(chunk);
       float x[V];
-      load_chunk(pooled + s * dim + chunk * V, n, row.packed, x);
-      for (int i = 0; i < n; ++i) {
-        const float* proto = prototypes + chunk * V + i;
-        sq += x[i] * x[i];
-        MOS_UNROLL
-        for (int64_t k = 0; k < bound; ++k) if (k < num_themes) dot[k] += x[i] * proto[k * dim];
+      load_chunk(h + chunk * V, n, row.packed, x);
+      MOS_UNROLL
+      for (int i = 0; i < V; ++i) {
+        if (i < n) {
+          const float unit = x[i] / denom;
+          const float* proto = prototypes + chunk * V + i;
+          MOS_UNROLL
+          for (int64_t k = 0; k < bound; ++k) if (k < num_themes) dot[k] += unit * proto[k * dim];
+        }
       }
     }
-    const float norm = sqrtf(sq);
-    const float denom = norm > eps ? norm : eps;
     float best = -INFINITY;
     MOS_UNROLL
     for (int64_t k = 0; k < bound; ++k) {
       if (k < num_themes) {
-        score[k] = dot[k] / denom * inv_temperature;
+        score[k] = dot[k] * inv_temperature;
         best = score[k] > best ? score[k] : best;
       }
     }
@@ -170,9 +187,12 @@ struct RouteGradItems {
       const int n = row.width(chunk);
       float x[V];
       load_chunk(pooled + s * dim + chunk * V, n, row.packed, x);
-      for (int i = 0; i < n; ++i) {
-        sq += x[i] * x[i];
-        h_dot_g += x[i] * g_unit(chunk * V + i);
+      MOS_UNROLL
+      for (int i = 0; i < V; ++i) {
+        if (i < n) {
+          sq += x[i] * x[i];
+          h_dot_g += x[i] * g_unit(chunk * V + i);
+        }
       }
     }
     const float norm = sqrtf(sq);
@@ -183,11 +203,14 @@ struct RouteGradItems {
       float x[V], g[V];
       load_chunk(pooled + s * dim + chunk * V, n, row.packed, x);
       load_chunk(g_pooled + s * dim + chunk * V, n, row.packed, g);
-      for (int i = 0; i < n; ++i) {
-        const float gu = g_unit(chunk * V + i);
-        const float unit = x[i] / denom;
-        const float through = norm > eps ? (gu - unit * radial) / denom : gu / eps;
-        g_hidden[s * dim + chunk * V + i] = g[i] + through;
+      MOS_UNROLL
+      for (int i = 0; i < V; ++i) {
+        if (i < n) {
+          const float gu = g_unit(chunk * V + i);
+          const float unit = x[i] / denom;
+          const float through = norm > eps ? (gu - unit * radial) / denom : gu / eps;
+          g_hidden[s * dim + chunk * V + i] = g[i] + through;
+        }
       }
     }
   }

@@ -29,13 +29,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> session_pool_route(
   typename Exec::Guard guard(values_in.device());
   const at::Tensor values = values_in.contiguous(), prototypes = prototypes_in.contiguous();
   const at::Tensor offsets = session_offsets.contiguous();
+  TORCH_CHECK(offsets.numel() >= 1, op, ": session_offsets: expected S+1 >= 1 entries, got 0");
   const int64_t num_sessions = offsets.numel() - 1, dim = values.size(1), num_themes = prototypes.size(0);
-  TORCH_CHECK(num_sessions >= 0, op, ": session_offsets: expected S+1 >= 1 entries, got 0");
   const auto f32 = values.options().dtype(at::kFloat);
-  at::Tensor pooled = at::empty({num_sessions, dim}, values.options());
-  at::Tensor scores = at::empty({num_sessions, num_themes}, f32);
-  at::Tensor probs = at::empty({num_sessions, num_themes}, f32);
-  at::Tensor themes = at::empty({num_sessions, top_k}, values.options().dtype(at::kLong));
+  at::Tensor pooled = new_output({num_sessions, dim}, values.options());
+  at::Tensor scores = new_output({num_sessions, num_themes}, f32);
+  at::Tensor probs = new_output({num_sessions, num_themes}, f32);
+  at::Tensor themes = new_output({num_sessions, top_k}, values.options().dtype(at::kLong));
   by_dtype(op, "values", values, [&](auto tag) {
     using T = decltype(tag);
     const RowChunks<T> row(dim, aligned16(values.data_ptr()) && aligned16(pooled.data_ptr()));
@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> session_pool_route_backward(
   constexpr const char* op = "mos_cuda::session_pool_route_backward";
   check_dim(op, "values", values, 2);
   check_index(op, "session_offsets", session_offsets, values, 1);
+  TORCH_CHECK(session_offsets.numel() >= 1, op, ": session_offsets: expected S+1 >= 1 entries, got 0");
   const int64_t num_sessions = session_offsets.numel() - 1, dim = values.size(1);
   for (auto [name, t] : {std::pair{"g_pooled", &g_pooled_in}, std::pair{"pooled", &pooled_in}}) {
     check_device(op, name, *t, values);
@@ -83,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> session_pool_route_backward(
   typename Exec::Guard guard(values.device());
   const at::Tensor g_pooled = g_pooled_in.contiguous(), pooled = pooled_in.contiguous();
   const at::Tensor offsets = session_offsets.contiguous(), prototypes = prototypes_in.contiguous();
-  at::Tensor g_values = at::empty(values.sizes(), values.options());
-  at::Tensor g_scores_total = at::empty({num_sessions, num_themes}, values.options().dtype(at::kFloat));
+  at::Tensor g_values = new_output(values.sizes(), values.options());
+  at::Tensor g_scores_total = new_output({num_sessions, num_themes}, values.options().dtype(at::kFloat));
   by_dtype(op, "values", values, [&](auto tag) {
     using T = decltype(tag);
     const RowChunks<T> row(dim, aligned16(g_values.data_ptr()));
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> session_pool_route_backward(
     }
     const at::Tensor g_scores = g_scores_in.contiguous(), g_probs = g_probs_in.contiguous();
     const at::Tensor probs = probs_in.contiguous();
-    at::Tensor g_hidden = at::empty({num_sessions, dim}, values.options().dtype(at::kFloat));
+    at::Tensor g_hidden = new_output({num_sessions, dim}, values.options().dtype(at::kFloat));
     const RowChunks<T> pooled_row(dim, aligned16(pooled.data_ptr()) && aligned16(g_pooled.data_ptr()));
     by_theme_bound(num_themes, [&](auto bound) {
       Exec::run(num_sessions,

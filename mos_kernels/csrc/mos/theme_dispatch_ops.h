@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> theme_dispatch(
   const int64_t num_examples = example_session_offsets.numel() - 1;
   const auto index = themes.options();
 
-  at::Tensor rank = at::empty({num_sessions, top_k}, index);
+  at::Tensor rank = new_output({num_sessions, top_k}, index);
   at::Tensor counts = at::zeros({num_themes * num_examples}, index);
   by_theme_bound(num_themes, [&](auto bound) {
     Exec::run(num_examples, CountItems<decltype(bound)::value>{
@@ -52,17 +52,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> theme_dispatch(
   // With one, the kept row count is read back once (the documented sync).
   const int64_t num_rows = capacity > 0 ? theme_offsets[-1].item<int64_t>() : num_tokens * top_k;
 
-  at::Tensor gather_index = at::empty({num_rows}, index);
-  at::Tensor row_source = at::empty({num_rows}, index);
-  at::Tensor inverse_index = at::empty({num_tokens, top_k}, index);
-  if (num_sessions > 0) {
-    Exec::run(num_tokens, FillItems{themes.const_data_ptr<int64_t>(), session_offsets.const_data_ptr<int64_t>(),
-                                    session_example.const_data_ptr<int64_t>(), rank.const_data_ptr<int64_t>(),
-                                    counts.const_data_ptr<int64_t>(), theme_offsets.const_data_ptr<int64_t>(),
-                                    gather_index.mutable_data_ptr<int64_t>(), row_source.mutable_data_ptr<int64_t>(),
-                                    inverse_index.mutable_data_ptr<int64_t>(), num_sessions, num_examples, top_k,
-                                    capacity});
-  }
+  at::Tensor gather_index = new_output({num_rows}, index);
+  at::Tensor row_source = new_output({num_rows}, index);
+  at::Tensor inverse_index = new_output({num_tokens, top_k}, index);
+  // Every token row, even past the last session (FillItems writes -1 there: no stray write).
+  Exec::run(num_tokens, FillItems{themes.const_data_ptr<int64_t>(), session_offsets.const_data_ptr<int64_t>(),
+                                  session_example.const_data_ptr<int64_t>(), rank.const_data_ptr<int64_t>(),
+                                  counts.const_data_ptr<int64_t>(), theme_offsets.const_data_ptr<int64_t>(),
+                                  gather_index.mutable_data_ptr<int64_t>(), row_source.mutable_data_ptr<int64_t>(),
+                                  inverse_index.mutable_data_ptr<int64_t>(), num_sessions, num_examples, top_k,
+                                  capacity});
   return {gather_index, row_source, inverse_index, theme_offsets};
 }
 

@@ -19,6 +19,9 @@ inline at::Tensor fp32_gate(const char* op, const std::optional<at::Tensor>& gat
   if (!gate.has_value()) return at::Tensor();
   check_device(op, "row_gate", *gate, like);
   check_dim(op, "row_gate", *gate, 1);
+  const auto dtype = gate->scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": row_gate: expected dtype float32, float16 or bfloat16, got ", dtype);
   check_numel(op, "row_gate", *gate, num_rows);
   return gate->to(at::kFloat).contiguous();
 }
@@ -38,7 +41,7 @@ at::Tensor theme_gather(const at::Tensor& values_in, const at::Tensor& gather_in
   const at::Tensor values = values_in.contiguous(), gather_index = gather_index_in.contiguous();
   const int64_t num_rows = gather_index.numel(), dim = values.size(1);
   const at::Tensor gate = detail::fp32_gate(op, row_gate, values, num_rows);
-  at::Tensor rows = at::empty({num_rows, dim}, values.options());
+  at::Tensor rows = new_output({num_rows, dim}, values.options());
   by_dtype(op, "values", values, [&](auto tag) {
     using T = decltype(tag);
     const RowChunks<T> row(dim, aligned16(values.data_ptr()) && aligned16(rows.data_ptr()));
@@ -61,7 +64,7 @@ at::Tensor theme_scatter(const at::Tensor& rows_in, const at::Tensor& gather_ind
   const at::Tensor rows = rows_in.contiguous(), inverse_index = inverse_index_in.contiguous();
   const int64_t num_tokens = inverse_index.size(0), slots = inverse_index.size(1), dim = rows.size(1);
   const at::Tensor gate = detail::fp32_gate(op, row_gate, rows, rows.size(0));
-  at::Tensor out = at::empty({num_tokens, dim}, rows.options());
+  at::Tensor out = new_output({num_tokens, dim}, rows.options());
   by_dtype(op, "rows", rows, [&](auto tag) {
     using T = decltype(tag);
     const RowChunks<T> row(dim, aligned16(rows.data_ptr()) && aligned16(out.data_ptr()));
@@ -86,7 +89,7 @@ at::Tensor row_dot(const at::Tensor& a_in, const at::Tensor& b_in, const at::Ten
   check_numel(op, "b_index", b_index_in, a_in.size(0));
   typename Exec::Guard guard(a_in.device());
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), b_index = b_index_in.contiguous();
-  at::Tensor out = at::empty({a.size(0)}, a.options().dtype(at::kFloat));
+  at::Tensor out = new_output({a.size(0)}, a.options().dtype(at::kFloat));
   by_dtype(op, "a", a, [&](auto tag) {
     using T = decltype(tag);
     const RowChunks<T> row(a.size(1), aligned16(a.data_ptr()) && aligned16(b.data_ptr()));
