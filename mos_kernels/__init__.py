@@ -1,7 +1,8 @@
 """mos_kernels: the ops of the Mixture-of-Sequence layer, one public function each.
 
 Every op takes `backend=`: "reference" (pure PyTorch, the correctness oracle), "triton",
-or "auto" (fastest available for the tensors' device). Data layout: jagged values [N, ...]
+"cuda" (the C++ extension, for pooling, dispatch, gather and scatter; cuda_ops.py) or "auto"
+(fastest available for the tensors' device). Data layout: jagged values [N, ...]
 with int64 offsets [G+1]; see ../shared/design/kernels.md.
 """
 from ._checks import data_checks

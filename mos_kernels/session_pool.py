@@ -8,6 +8,8 @@ each row once and never writes the pooled rows twice.
 Reference: pure PyTorch (`_session_pool_reference` + `theme_route`'s reference).
 Triton: `_pool_route_fwd` (one program per block of sessions) and `_pool_route_bwd`, registered as the
 custom ops mos::session_pool_route and mos::session_pool_route_backward, with FLOP formulas.
+CUDA C++: the same two operators in torch.ops.mos_cuda (csrc/mos/session_pool.h), sharing this
+module's fakes, autograd formula (`backward_for`) and FLOP formula (cuda_ops.py).
 """
 from __future__ import annotations
 

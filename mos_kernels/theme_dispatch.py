@@ -13,6 +13,7 @@ Triton: a stable counting sort in two integer passes, no atomics, deterministic:
   3. `_dispatch_fill`, one program per block of sessions: writes each row at start + rank.
 Sizes: without `capacity` T' = T * top_k is known up front (no sync); with it the kept row
 count is read back from the device once (documented sync).
+CUDA C++: the same counting sort as torch.ops.mos_cuda.theme_dispatch (csrc/mos/theme_dispatch.h).
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ Each is the other's backward for the row data; a gate's gradient is a row-wise d
 
 `inverse_index [T, m]` lists the rows that read each token (-1 for none; `Dispatch` carries
 it). With it the Triton scatter is a gather-sum in a fixed order: deterministic, no
-floating-point atomics. Reference: index_select / index_add.
+floating-point atomics. Reference: index_select / index_add. CUDA C++: the same three
+operators in torch.ops.mos_cuda (csrc/mos/theme_gather.h), sharing this module's fakes and
+autograd formulas (`gather_backward_for`, `scatter_backward_for`).
 """
 from __future__ import annotations
 

@@ -50,10 +50,10 @@ build_seconds=$(( $(date +%s) - build_start ))
 extension=$($PY -m mos_kernels.cuda_ops --build 2>&1 | tail -n 1)
 echo "$extension (build ${build_seconds}s)" | tee -a "$OUT_DIR/environment.txt"
 
-# Four workers share the GPU: the small cases are launch- and JIT-bound, not GPU-bound.
+# Six workers share the GPU: the small cases are launch- and JIT-bound, not GPU-bound.
 test_start=$(date +%s)
 # test_cuda_backend.py's nvcc check is CI's (the build above compiled the same files for this card).
-MOS_TEST_DEVICE=cuda MOS_REQUIRE_CUDA_EXT=1 timeout ${MOS_TEST_TIMEOUT:-170} $PY -m pytest -q -n 4 \
+MOS_TEST_DEVICE=cuda MOS_REQUIRE_CUDA_EXT=1 timeout ${MOS_TEST_TIMEOUT:-170} $PY -m pytest -q -n 6 \
   -p no:cacheprovider --benchmark-disable tests/test_kernel_backends.py tests/test_kernels_registration.py \
   tests/test_kernels_gpu.py tests/test_ops_reference.py tests/test_layer.py tests/test_attention_triton.py \
   tests/test_layer_compile.py tests/test_cuda_backend.py -k "not compiles_for_sm90" 2>&1 | tee "$OUT_DIR/tests.log"
@@ -78,7 +78,11 @@ echo
 echo "== GPU check summary =="
 head -n 2 "$OUT_DIR/environment.txt" | tail -n 1
 tail -n 1 "$OUT_DIR/environment.txt"
-echo "tests: $(grep -E '(passed|failed|error)' "$OUT_DIR/tests.log" | tail -n 1) (exit $test_rc, ${test_seconds}s)"
+if [ "$test_rc" -eq 124 ]; then
+  echo "tests: cut by their ${MOS_TEST_TIMEOUT:-170}s limit before the summary: $(grep -o 'F' "$OUT_DIR/tests.log" | wc -l) F marks so far (tests.log)"
+else
+  echo "tests: $(grep -E '(passed|failed|error)' "$OUT_DIR/tests.log" | tail -n 1) (exit $test_rc, ${test_seconds}s)"
+fi
 echo "benchmarks: kernels exit $bench_rc, attention exit $attention_rc (124: cut by its timeout), CSVs in $OUT_DIR"
 grep -h "time budget" "$OUT_DIR/bench_attention.log"
 sed -n '/^Targets at/,$p' "$OUT_DIR/bench.log"
