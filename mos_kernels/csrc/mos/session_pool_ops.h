@@ -9,6 +9,7 @@
 
 #include "checks.h"
 #include "session_pool.h"
+#include "session_pool_grad.h"
 
 namespace mos {
 
@@ -88,28 +89,32 @@ std::tuple<at::Tensor, at::Tensor> session_pool_route_backward(
   at::Tensor g_scores_total = new_output({num_sessions, num_themes}, values.options().dtype(at::kFloat));
   by_dtype(op, "values", values, [&](auto tag) {
     using T = decltype(tag);
-    const RowChunks<T> row(dim, aligned16(g_values.data_ptr()));
+    // One packing for the three [*, d] operands the spread reads or writes chunk by chunk.
+    const RowChunks<T> row(dim, aligned16(g_values.data_ptr()) && aligned16(g_pooled.data_ptr()) &&
+                                    aligned16(pooled.data_ptr()));
     if (num_themes == 0) {
       Exec::run(num_sessions * row.chunks,
-                SpreadItems<T, T>{g_pooled.const_data_ptr<T>(), offsets.const_data_ptr<int64_t>(),
-                                  g_values.mutable_data_ptr<T>(), row});
+                SpreadItems<T>{g_pooled.const_data_ptr<T>(), offsets.const_data_ptr<int64_t>(),
+                               g_values.mutable_data_ptr<T>(), row});
       return;
     }
     const at::Tensor g_scores = g_scores_in.contiguous(), g_probs = g_probs_in.contiguous();
     const at::Tensor probs = probs_in.contiguous();
-    at::Tensor g_hidden = new_output({num_sessions, dim}, values.options().dtype(at::kFloat));
-    const RowChunks<T> pooled_row(dim, aligned16(pooled.data_ptr()) && aligned16(g_pooled.data_ptr()));
+    at::Tensor norm_terms = new_output({num_sessions, 2}, values.options().dtype(at::kFloat));
+    const float inv_t = static_cast<float>(inv_temperature);
     by_theme_bound(num_themes, [&](auto bound) {
+      constexpr int MAX_K = decltype(bound)::value;
       Exec::run(num_sessions,
-                RouteGradItems<T, decltype(bound)::value>{
-                    g_pooled.const_data_ptr<T>(), g_scores.const_data_ptr<float>(), g_probs.const_data_ptr<float>(),
-                    probs.const_data_ptr<float>(), prototypes.const_data_ptr<float>(), pooled.const_data_ptr<T>(),
-                    g_scores_total.mutable_data_ptr<float>(), g_hidden.mutable_data_ptr<float>(), pooled_row,
-                    num_themes, static_cast<float>(inv_temperature), kNormEps});
+                RouteGradItems<T, MAX_K>{g_scores.const_data_ptr<float>(), g_probs.const_data_ptr<float>(),
+                                         probs.const_data_ptr<float>(), prototypes.const_data_ptr<float>(),
+                                         pooled.const_data_ptr<T>(), g_scores_total.mutable_data_ptr<float>(),
+                                         norm_terms.mutable_data_ptr<float>(), row, num_themes, inv_t, kNormEps});
+      Exec::run(num_sessions * row.chunks,
+                RouteSpreadItems<T, MAX_K>{g_pooled.const_data_ptr<T>(), pooled.const_data_ptr<T>(),
+                                           g_scores_total.const_data_ptr<float>(), norm_terms.const_data_ptr<float>(),
+                                           prototypes.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
+                                           g_values.mutable_data_ptr<T>(), row, num_themes, inv_t, kNormEps});
     });
-    Exec::run(num_sessions * row.chunks,
-              SpreadItems<T, float>{g_hidden.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
-                                    g_values.mutable_data_ptr<T>(), row});
   });
   return {g_values, g_scores_total};
 }
