@@ -13,7 +13,7 @@ import torch
 
 import mos_kernels as mk
 from mos_kernels._alloc import poisoned_outputs
-from tests.kernel_cases import DTYPES, SHAPES, make_sessions, random_themes, random_values
+from tests.kernel_cases import ALL_DTYPES, SHAPES, make_sessions, random_themes, random_values, skip_interpreted_bf16
 from tests.tolerances import assert_close
 
 
@@ -55,9 +55,10 @@ def _assert_same_themes(actual, reference_scores, reference_themes):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("dim,num_themes,top_k", [(13, 1, 1), (32, 3, 2), (16, 16, 1), (24, 40, 2)])
 def test_session_pool_route(shape, dtype, dim, num_themes, top_k, device, kernel_backend):
+    skip_interpreted_bf16(kernel_backend, dtype)
     lengths, session_len = SHAPES[shape]
     _, sessions = make_sessions(lengths, session_len, device)
     so = sessions.session_offsets
@@ -144,10 +145,11 @@ def _dispatch_for(lengths, session_len, num_themes, top_k, device, capacity=None
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["gather", "scatter"])
 @pytest.mark.parametrize("top_k,capacity,gated", [(1, None, True), (2, None, True), (2, 3, True), (1, None, False)])
 def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device, kernel_backend):
+    skip_interpreted_bf16(kernel_backend, dtype)
     lengths, session_len = SHAPES[shape]
     dispatch = _dispatch_for(lengths, session_len, 3, top_k, device, capacity)
     num_tokens, dim = dispatch.inverse_index.shape[0], 19
