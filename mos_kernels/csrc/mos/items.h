@@ -45,10 +45,10 @@ MOS_HD MOS_INLINE void load_chunk(const T* p, int n, bool packed, float* out) {
   constexpr int V = Chunk<T>::kElems;
   if (packed) {
     Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p);
-MOS_UNROLL
+    MOS_UNROLL
     for (int i = 0; i < V; ++i) out[i] = static_cast<float>(pack.v[i]);
   } else {
-MOS_UNROLL
+    MOS_UNROLL
     for (int i = 0; i < V; ++i) out[i] = i < n ? static_cast<float>(p[i]) : 0.0f;
   }
 }
@@ -59,7 +59,7 @@ MOS_HD MOS_INLINE void store_chunk(T* p, int n, bool packed, const float* in) {
   constexpr int V = Chunk<T>::kElems;
   if (packed) {
     Pack<T> pack;
-MOS_UNROLL
+    MOS_UNROLL
     for (int i = 0; i < V; ++i) pack.v[i] = static_cast<T>(in[i]);
     *reinterpret_cast<Pack<T>*>(p) = pack;
   } else {

@@ -33,12 +33,12 @@ struct PoolItems {
     for (int64_t r = start; r < end; ++r) {
       float x[V];
       load_chunk(values + r * row.dim + col, n, row.packed, x);
-MOS_UNROLL
+      MOS_UNROLL
       for (int i = 0; i < V; ++i) acc[i] += x[i];
     }
     // Divide (not multiply by a reciprocal): the reference's rounding. Empty sessions pool to 0.
     const float count = end - start > 0 ? static_cast<float>(end - start) : 1.0f;
-MOS_UNROLL
+    MOS_UNROLL
     for (int i = 0; i < V; ++i) acc[i] = acc[i] / count;
     store_chunk(pooled + s * row.dim + col, n, row.packed, acc);
   }

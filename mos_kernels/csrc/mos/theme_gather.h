@@ -33,7 +33,7 @@ struct GatherItems {
     float x[V];
     load_chunk(src, n, row.packed, x);
     const float g = gate[r];
-MOS_UNROLL
+    MOS_UNROLL
     for (int i = 0; i < V; ++i) x[i] *= g;
     store_chunk(dst, n, row.packed, x);
   }
@@ -61,7 +61,7 @@ struct ScatterItems {
       float x[V];
       load_chunk(rows + r * row.dim + col, n, row.packed, x);
       const float g = gate == nullptr ? 1.0f : gate[r];
-MOS_UNROLL
+      MOS_UNROLL
       for (int i = 0; i < V; ++i) acc[i] += x[i] * g;
     }
     store_chunk(out + t * row.dim + col, n, row.packed, acc);
@@ -86,7 +86,7 @@ struct RowDotItems {
       float x[V], y[V];
       load_chunk(a_row + chunk * V, n, row.packed, x);
       load_chunk(b_row + chunk * V, n, row.packed, y);
-MOS_UNROLL
+      MOS_UNROLL
       for (int i = 0; i < V; ++i) acc += x[i] * y[i];
     }
     out[r] = acc;
