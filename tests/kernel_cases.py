@@ -21,8 +21,9 @@ SHAPES = {
 
 # Interpreter tests run fp32 and fp16 (bf16 arithmetic is garbage there); the GPU adds bf16.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-# The CUDA extension's CPU emulation computes bf16 exactly as the GPU does (c10::BFloat16 on the
-# host): tests taking `kernel_backend` run all three and skip bf16 for the Triton interpreter.
+# The CUDA extension's CPU emulation converts bf16 as the GPU does (c10::BFloat16, round to
+# nearest even; not bit-identical: the host build does not contract multiply-adds into FMAs):
+# tests taking `kernel_backend` run all three dtypes and skip bf16 for the Triton interpreter.
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -109,6 +109,27 @@ def test_empty_sessions_pool_to_zero(device, kernel_backend):
     assert torch.isfinite(values.grad).all() and torch.isfinite(prototypes.grad).all()
 
 
+@pytest.mark.parametrize("dim", [8, 13])
+def test_pool_route_through_the_norm_floor(dim, device, kernel_backend):
+    """Sessions whose mean is exactly 0 ([x, -x]) or tiny (~1e-8): normalisation clamped by eps,
+    whose backward is g_unit / eps, not the radial projection. fp32 against the reference."""
+    x = random_values(1, dim, torch.float32, device)
+    tiny = random_values(2, dim, torch.float32, device, seed=1) * 1e-8
+    rows = torch.cat([x, -x, tiny, random_values(3, dim, torch.float32, device, seed=2)])
+    session_offsets = torch.tensor([0, 2, 4, 7], device=device)
+    prototypes = random_values(5, dim, torch.float32, device, seed=3)
+    grads = {}
+    for backend in ("reference", kernel_backend):
+        values, protos = rows.clone().requires_grad_(), prototypes.clone().requires_grad_()
+        pooled, routing = _pool_route(values, session_offsets, protos, backend, top_k=2)
+        _loss(pooled, routing).backward()
+        grads[backend] = (values.grad, protos.grad)
+    # The clamped sessions' gradients are ~1/eps = 1e6 times the others': relative to the largest.
+    for got, want in zip(grads[kernel_backend], grads["reference"]):
+        scale = want.abs().max()
+        assert_close(got / scale, want / scale, "attention_grad")
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 2), (16, 1), (5, 5), (40, 2)])
 @pytest.mark.parametrize("capacity", [None, 1, 5])
@@ -178,6 +199,26 @@ def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device, ke
     assert_close(data.grad.float(), ref_data.grad, "reduction", dtype=dtype)
     if gated:
         assert_close(gate.grad.float(), ref_gate.grad, "reduction", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["gather", "scatter"])
+def test_gather_and_scatter_whole_chunks(dtype, op, device, kernel_backend):
+    """d = 32: every row splits into whole 16-byte chunks (the CUDA kernels' vector path; the
+    awkward-shape test above uses d = 19, the element path)."""
+    skip_interpreted_bf16(kernel_backend, dtype)
+    dispatch = _dispatch_for([13, 7, 29, 2], 3, 3, 2, device)
+    num_tokens = dispatch.inverse_index.shape[0]
+    index, inverse, gate = dispatch.gather_index, dispatch.inverse_index, dispatch.row_gate.to(dtype)
+    data = random_values(num_tokens if op == "gather" else index.numel(), 32, dtype, device)
+    kwargs = dict(inverse_index=inverse)
+    if op == "gather":
+        out = mk.theme_gather(data, index, gate, backend=kernel_backend, **kwargs)
+        want = mk.theme_gather(data.float(), index, gate.float(), backend="reference")
+    else:
+        out = mk.theme_scatter(data, index, gate, num_tokens=num_tokens, backend=kernel_backend, **kwargs)
+        want = mk.theme_scatter(data.float(), index, gate.float(), num_tokens=num_tokens, backend="reference")
+    assert_close(out.float(), want, "reduction", dtype=dtype)
 
 
 def test_gather_without_inverse_builds_it(device, kernel_backend):
