@@ -110,9 +110,8 @@ def available_providers(requested: Optional[Sequence[str]], device: torch.device
     if requested is not None:
         return list(requested)
     names = list(PROVIDERS)
-    from mos_kernels.backend import cuda_ext_reason
-    reason = cuda_ext_reason() if device.type == "cuda" or os.environ.get("MOS_CUDA_EMULATE") == "1" else \
-        "a CPU run without MOS_CUDA_EMULATE=1"
+    from mos_kernels.backend import cuda_emulating, cuda_ext_reason
+    reason = cuda_ext_reason() if device.type == "cuda" or cuda_emulating() else "a CPU run without MOS_CUDA_EMULATE=1"
     if reason is not None:
         print(f"provider 'cuda' skipped: {reason}", file=sys.stderr)
         names.remove("cuda")

@@ -210,28 +210,27 @@ def setup_context(ctx, inputs, output):
     ctx.save_for_backward(data, gather_index, row_gate, inverse_index)
 
 
-def gather_backward_for(lib: str):
-    """The autograd formula of `lib`::theme_gather (mos: Triton, mos_cuda: the C++ backend)."""
+def _backward_for(lib: str, adjoint: str, data_is_rows: bool):
+    """The autograd formula of `lib`::theme_gather / theme_scatter (mos: Triton, mos_cuda: the C++
+    backend): the data's grad is the adjoint op on the incoming grad; the gate's grad is a
+    row-wise dot of the theme-row side with the token side at gather_index."""
     def backward(ctx, grad):
-        values, gather_index, row_gate, inverse_index = ctx.saved_tensors
+        data, gather_index, row_gate, inverse_index = ctx.saved_tensors
         need_data, _, need_gate, _ = ctx.needs_input_grad
         ops = getattr(torch.ops, lib)
-        g_values = ops.theme_scatter(grad, gather_index, row_gate, inverse_index) if need_data else None
-        g_gate = ops.row_dot(grad, values, gather_index, row_gate.dtype) if need_gate else None
-        return g_values, None, g_gate, None
+        g_data = getattr(ops, adjoint)(grad, gather_index, row_gate, inverse_index) if need_data else None
+        rows, tokens = (data, grad) if data_is_rows else (grad, data)
+        g_gate = ops.row_dot(rows, tokens, gather_index, row_gate.dtype) if need_gate else None
+        return g_data, None, g_gate, None
     return backward
+
+
+def gather_backward_for(lib: str):
+    return _backward_for(lib, "theme_scatter", data_is_rows=False)
 
 
 def scatter_backward_for(lib: str):
-    """The autograd formula of `lib`::theme_scatter."""
-    def backward(ctx, grad):
-        rows, gather_index, row_gate, inverse_index = ctx.saved_tensors
-        need_data, _, need_gate, _ = ctx.needs_input_grad
-        ops = getattr(torch.ops, lib)
-        g_rows = ops.theme_gather(grad, gather_index, row_gate, inverse_index) if need_data else None
-        g_gate = ops.row_dot(rows, grad, gather_index, row_gate.dtype) if need_gate else None
-        return g_rows, None, g_gate, None
-    return backward
+    return _backward_for(lib, "theme_gather", data_is_rows=True)
 
 
 _theme_gather_op.register_autograd(gather_backward_for("mos"), setup_context=setup_context)

@@ -34,16 +34,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+def skip_unless_required(what: str) -> None:
+    """Skip for the missing `what`, or fail under MOS_REQUIRE_CUDA_EXT=1 (CI, the GPU check)."""
+    if os.environ.get("MOS_REQUIRE_CUDA_EXT", "0") == "1":
+        pytest.fail(f"MOS_REQUIRE_CUDA_EXT=1 but {what}")
+    pytest.skip(what)
+
+
 def require_cuda_ext():
     """Skip (or, under MOS_REQUIRE_CUDA_EXT=1, fail) when backend "cuda" is unavailable."""
     from mos_kernels.backend import cuda_ext_reason
 
     reason = cuda_ext_reason()
-    if reason is None:
-        return
-    if os.environ.get("MOS_REQUIRE_CUDA_EXT", "0") == "1":
-        pytest.fail(f"MOS_REQUIRE_CUDA_EXT=1 but backend 'cuda' is unavailable: {reason}")
-    pytest.skip(f"backend 'cuda' unavailable: {reason}")
+    if reason is not None:
+        skip_unless_required(f"backend 'cuda' is unavailable: {reason}")
 
 
 @pytest.fixture(params=["triton", "cuda"])

@@ -9,7 +9,6 @@ The nvcc check needs nvcc on PATH; it is skipped without one unless MOS_REQUIRE_
 from __future__ import annotations
 
 import csv
-import os
 import re
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import torch
 import mos_kernels as mk
 from mos_kernels import backend, cuda_ops
 from mos_kernels.theme_route import NORM_EPS
-from tests.conftest import require_cuda_ext
+from tests.conftest import require_cuda_ext, skip_unless_required
 from tests.kernel_cases import make_sessions, random_values
 
 CSRC = cuda_ops.CSRC
@@ -31,9 +30,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 def _nvcc():
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        if os.environ.get("MOS_REQUIRE_CUDA_EXT", "0") == "1":
-            pytest.fail("MOS_REQUIRE_CUDA_EXT=1 but nvcc is not on PATH")
-        pytest.skip("nvcc not on PATH")
+        skip_unless_required("nvcc is not on PATH")
     return nvcc
 
 
@@ -60,9 +57,7 @@ def test_python_module_entry_compiles(tmp_path):
 
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
-        if os.environ.get("MOS_REQUIRE_CUDA_EXT", "0") == "1":
-            pytest.fail("MOS_REQUIRE_CUDA_EXT=1 but no host C++ compiler is on PATH")
-        pytest.skip("no host C++ compiler")
+        skip_unless_required("no host C++ compiler is on PATH")
     command = [compiler, "-std=c++20", "-fsyntax-only", "-Wall", "-DMOS_PYTHON_MODULE",
                "-isystem", sysconfig.get_paths()["include"], *(a for p in include_paths() for a in ("-isystem", p)),
                str(CSRC / "schema.cpp")]
