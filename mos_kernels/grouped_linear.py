@@ -6,8 +6,9 @@ Optionally the rows are gathered on the way in and scattered on the way out:
   gather_index [N] (+ row_gate [N]): row r is x[gather_index[r]] * row_gate[r] (x is then [T, d_in]);
   scatter_index [N], a permutation of 0..N-1: y row r is stored at out[scatter_index[r]].
 
-Reference: theme_gather, then the blocks padded to [E, max_rows, d_in] and one batched GEMM, then
-index_copy: vectorised, obviously correct; its copies and padding are what the kernels remove.
+Reference: theme_gather, then one product per expert's block on the CPU, or on other devices the
+blocks padded to [E, max_rows, d_in] and one batched GEMM (no read-back of the offsets), then
+index_copy: obviously correct; its copies and padding are what the kernels remove.
 Triton: `_grouped_mm`, one program per (tile of BLOCK_M rows of one expert, BLOCK_N output
 columns), the gather fused into the operand loads and the scatter into the stores; the input
 gradient is the same kernel on the transposed weight; `_grouped_mm_weight_grad` reduces each
@@ -84,7 +85,20 @@ def _check_permutation(name, index, num_rows, device):
             raise ValueError(f"{name}: expected a permutation of 0..{num_rows - 1} (every output row written once)")
 
 
+def _expert_blocks(expert_offsets):
+    """(expert, first row, end row) of every non-empty block; reads the offsets back (CPU only)."""
+    bounds = expert_offsets.tolist()
+    return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+
+
 def _grouped_linear_reference(x, weight, bias, expert_offsets, max_rows):
+    if x.device.type == "cpu":
+        # On the CPU reading the offsets back costs nothing, and one product per block skips the
+        # padding and its index copies (which cost more than the products at these widths).
+        y = x.new_zeros((x.shape[0], weight.shape[2]))
+        for e, a, b in _expert_blocks(expert_offsets):
+            torch.mm(x[a:b], weight[e].to(x.dtype), out=y[a:b])
+        return y if bias is None else y + bias.to(x.dtype)[segment_ids(expert_offsets, x.shape[0])]
     num_rows = x.shape[0]
     expert = segment_ids(expert_offsets, num_rows)
     pos = positions_in_segment(expert_offsets, num_rows)
@@ -113,7 +127,16 @@ def _(x, weight, bias, expert_offsets, max_rows):
 def _grouped_linear_reference_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                           expert_offsets: torch.Tensor, max_rows: int
                                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of x, of weight, of bias), by the same padded products."""
+    """(grad of x, of weight, of bias), by the same products as the forward."""
+    if x.device.type == "cpu":
+        g_x = x.new_zeros(x.shape)
+        g_weight = weight.new_zeros(weight.shape)
+        g_bias = grad.new_zeros((weight.shape[0], grad.shape[1]))
+        for e, a, b in _expert_blocks(expert_offsets):
+            g_x[a:b] = grad[a:b].to(x.dtype) @ weight[e].t().to(x.dtype)
+            g_weight[e] = (x[a:b].t() @ grad[a:b].to(x.dtype)).to(weight.dtype)
+            g_bias[e] = grad[a:b].sum(0)
+        return g_x, g_weight, g_bias
     num_rows = x.shape[0]
     expert = segment_ids(expert_offsets, num_rows)
     pos = positions_in_segment(expert_offsets, num_rows)
