@@ -16,6 +16,7 @@ from mos_kernels.backend import BACKENDS
 
 
 EXPERT_KINDS = ("global", "short", "themes")
+FUSIONS = ("residual", "concat", "gate")
 
 
 @dataclass
@@ -45,12 +46,22 @@ class MoSConfig:
     global_scope: str = "tokens"     # global expert over "tokens" or over the "sessions" vectors
     short_sessions: int = 1          # short-term expert sees the last this-many sessions
     # Step 6, fusion.
-    fusion: str = "concat"           # "concat" [e_g; e_s; e_theta] -> W_o, or "gate" (softmax over the three)
+    # "residual": u = e_global + W_x [e_short; e_theta] with W_x zero at initialisation, so the layer
+    # starts as its backbone (the global expert) and the other experts add what they learn;
+    # "concat": u = W_o [e_global; e_short; e_theta]; "gate": a softmax gate over the three.
+    fusion: str = "residual"
     # Auxiliary losses (weights applied inside the layer's `aux_loss`).
     commitment_weight: float = 0.25
     codebook_weight: float = 1.0
     load_balance_weight: float = 0.01
-    dropout: float = 0.0
+    # The VQ and load-balance losses see the pooled sessions detached: they move the prototypes,
+    # never the item embeddings that the target, the global expert and the head share. The task
+    # loss still reaches the embeddings through the routing gate.
+    vq_detach_tokens: bool = True
+    # The short-term and theme experts and the router read the tokens and the target detached:
+    # only the global expert's path (as in the backbone) trains the embeddings.
+    extras_detach_inputs: bool = False
+    dropout: float = 0.0             # on the fused output ("residual": on the other experts' term) and transformer blocks
     backend: str = "auto"            # kernel backend: "auto" | "reference" | "triton" | "cuda"
     # Check the inputs' data (finite values, monotone offsets, time order) on every forward:
     # one pass over the inputs and a device sync. Turn off in production once the pipeline is trusted.
@@ -87,7 +98,7 @@ class MoSConfig:
         check_choice("MoSConfig.readout", self.readout, ("target", "last", "mean"))
         check_choice("MoSConfig.global_scope", self.global_scope, ("tokens", "sessions"))
         check_positive("MoSConfig.short_sessions", self.short_sessions)
-        check_choice("MoSConfig.fusion", self.fusion, ("concat", "gate"))
+        check_choice("MoSConfig.fusion", self.fusion, FUSIONS)
         for name in ("commitment_weight", "codebook_weight", "load_balance_weight", "dropout"):
             value = getattr(self, name)
             if not value >= 0:
@@ -276,6 +287,7 @@ class TrainConfig:
 class ProfileConfig:
     """`python -m mos profile`: what is measured besides the training runs."""
 
+    setting: str = "synthetic data"          # the data setting's name, the title of profile.md
     flop_batch_size: int = 256               # test examples the FLOPs per example are counted on
     lengths: tuple = (100, 250, 500, 1000, 2000)   # L of the FLOPs-versus-length plot
     length_examples: int = 8                 # examples per length in that plot

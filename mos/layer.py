@@ -66,15 +66,24 @@ class MoSLayer(nn.Module):
         d = cfg.dim
         encoder = dict(num_layers=cfg.num_layers, readout=cfg.readout, dropout=cfg.dropout, backend=cfg.backend)
         # Only the experts that run own parameters (DDP refuses parameters that get no gradient).
+        # The global expert is built first: it then draws the same initial weights as a backbone
+        # encoder built at the same point of the random stream (`CTRModel` relies on it).
+        if "global" in cfg.experts:
+            self.global_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
         if "themes" in cfg.experts:
             self.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, d), dim=-1))
             self.theme_experts = make_encoder(cfg.encoder, d, cfg.num_heads, cfg.num_themes, **encoder)
             self.theme_query = nn.Linear(d, d)
-        if "global" in cfg.experts:
-            self.global_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
         if "short" in cfg.experts:
             self.short_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
-        if cfg.fusion == "gate":
+        if cfg.fusion == "residual":
+            extras = len([kind for kind in cfg.experts if kind != "global"])
+            if extras:
+                # Zero at initialisation: the layer's output is then exactly the global expert's.
+                self.extras_out = nn.Linear(extras * d, d)
+                nn.init.zeros_(self.extras_out.weight)
+                nn.init.zeros_(self.extras_out.bias)
+        elif cfg.fusion == "gate":
             self.fusion_gate = nn.Linear(d, len(cfg.experts))
             self.out = nn.Linear(d, d)
         else:
@@ -107,22 +116,25 @@ class MoSLayer(nn.Module):
         aux = {name: values.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
         info = None
         pooled = None
+        # The other experts (and the router) may read the inputs detached: then the embeddings
+        # are shaped by the global expert's path alone, as in the backbone.
+        x_values, x_target = (values.detach(), target.detach()) if cfg.extras_detach_inputs else (values, target)
         if "themes" in cfg.experts:
-            pooled, outputs["themes"], aux, info = self._theme_experts(values, target, offsets, sessions, max_len)
+            pooled, outputs["themes"], aux, info = self._theme_experts(x_values, x_target, offsets, sessions, max_len)
         if "global" in cfg.experts:
             if cfg.global_scope == "tokens":
                 outputs["global"] = self.global_expert(values, target, offsets, max_len=max_len)[0]
             else:
-                if pooled is None or cfg.routing_unit != "session":
+                if pooled is None or cfg.routing_unit != "session" or cfg.extras_detach_inputs:
                     pooled = mk.session_pool(values, sessions.session_offsets,
                                              backend=op_backend(cfg.backend, "session_pool"))
                 outputs["global"] = self.global_expert(pooled, target, sessions.example_session_offsets)[0]
         if "short" in cfg.experts:
             short_index, short_offsets = _recent_sessions(offsets, sessions, cfg.short_sessions)
-            outputs["short"] = self.short_expert(values, target, short_offsets, gather_index=short_index,
+            outputs["short"] = self.short_expert(x_values, x_target, short_offsets, gather_index=short_index,
                                                  inverse_index=inverse_of_unique(short_index, values.shape[0]),
                                                  max_len=max_len)[0]
-        output = self._fuse(target, [outputs[kind] for kind in cfg.experts])
+        output = self._fuse(target, outputs)
         aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
                     + cfg.load_balance_weight * aux["load_balance"])
         return MoSOutput(output, aux_loss, {k: v.detach() for k, v in aux.items()}, info)
@@ -137,7 +149,7 @@ class MoSLayer(nn.Module):
             pooled, routing = mk.session_pool_route(values, units.session_offsets, self.prototypes,
                                                     temperature=cfg.temperature, top_k=cfg.top_k,
                                                     backend=op_backend(backend, "session_pool_route"))
-            aux = _aux_losses(pooled, self.prototypes, routing)
+            aux = _aux_losses(pooled, self.prototypes, routing, cfg.temperature, cfg.vq_detach_tokens)
         else:
             pooled, routing = None, _random_routing(units.num_sessions, cfg.num_themes, cfg.top_k, values)
             aux = {name: values.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
@@ -165,13 +177,20 @@ class MoSLayer(nn.Module):
         weights = torch.softmax(logits.float(), dim=1).to(target.dtype) * nonempty
         return torch.einsum("bk,kbd->bd", weights, e_theme)
 
-    def _fuse(self, target, expert_outputs):
-        if self.config.fusion == "concat":
+    def _fuse(self, target, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.config
+        dropout = lambda x: F.dropout(x, cfg.dropout, self.training)   # noqa: E731
+        if cfg.fusion == "residual":
+            fused = outputs["global"] if "global" in outputs else target.new_zeros(target.shape)
+            extras = [outputs[kind] for kind in cfg.experts if kind != "global"]
+            return fused + dropout(self.extras_out(torch.cat(extras, dim=1))) if extras else fused
+        expert_outputs = [outputs[kind] for kind in cfg.experts]
+        if cfg.fusion == "concat":
             fused = self.out(torch.cat(expert_outputs, dim=1))
         else:
             gate = torch.softmax(self.fusion_gate(target), dim=1)
             fused = self.out(sum(gate[:, i:i + 1] * e for i, e in enumerate(expert_outputs)))
-        return F.dropout(fused, self.config.dropout, self.training)
+        return dropout(fused)
 
 
 def _as_jagged(values, offsets, lengths, timestamps):
@@ -228,15 +247,20 @@ def _random_routing(num_sessions: int, num_themes: int, top_k: int, like: torch.
 AUX_LOSSES = ("commitment", "codebook", "load_balance")
 
 
-def _aux_losses(pooled, prototypes, routing) -> Dict[str, torch.Tensor]:
-    """VQ commitment and codebook losses on the unit sphere (routing is cosine), Switch load balance."""
+def _aux_losses(pooled, prototypes, routing, temperature: float, detach_tokens: bool) -> Dict[str, torch.Tensor]:
+    """VQ commitment and codebook losses on the unit sphere (routing is cosine), Switch load balance.
+
+    `detach_tokens`: the pooled sessions enter detached, so the losses move the prototypes only
+    (the load balance then reads probabilities recomputed from the detached sessions)."""
     num_sessions, num_themes = routing.probs.shape
-    h = normalized(pooled)
-    c = normalized(prototypes)[routing.themes[:, 0]]
+    h = normalized(pooled.detach() if detach_tokens else pooled)
+    units = normalized(prototypes)
+    c = units[routing.themes[:, 0]]
     denom = max(num_sessions, 1)
     commitment = ((h - c.detach()) ** 2).sum() / denom
     codebook = ((h.detach() - c) ** 2).sum() / denom
     chosen = counts_of(routing.themes.reshape(-1), num_themes).float()
     fraction = chosen / max(routing.themes.numel(), 1)
-    load_balance = num_themes * (fraction * routing.probs.sum(0) / denom).sum()
+    probs = torch.softmax((h @ units.t()).float() / temperature, dim=1) if detach_tokens else routing.probs
+    load_balance = num_themes * (fraction * probs.sum(0) / denom).sum()
     return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance}

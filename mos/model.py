@@ -37,6 +37,14 @@ class CTRModel(nn.Module):
         self.category_embedding = nn.Embedding(num_categories, dim, padding_idx=0) if config.use_category else None
         for table in filter(None, (self.item_embedding, self.category_embedding)):
             nn.init.normal_(table.weight, std=0.1)
+        layers, width = [], 3 * dim
+        for hidden in config.mlp_hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.head = nn.Sequential(*layers, nn.Linear(width, 1))
+        # The encoder is built last and MoS builds its global expert first, so a MoS model and a
+        # backbone model built from the same seed start with the same embeddings, head and
+        # backbone encoder; with the residual fusion they start as the same function.
         if config.kind == "mos":
             self.encoder = MoSLayer(mos_cfg)
         elif config.kind == "backbone":
@@ -44,11 +52,6 @@ class CTRModel(nn.Module):
                                         readout=mos_cfg.readout, dropout=mos_cfg.dropout, backend=mos_cfg.backend)
         else:
             self.encoder = SAMPLE_MOE[config.kind](config)
-        layers, width = [], 3 * dim
-        for hidden in config.mlp_hidden:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        self.head = nn.Sequential(*layers, nn.Linear(width, 1))
 
     def embed(self, items: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
         out = self.item_embedding(items)

@@ -292,3 +292,14 @@ def increasing_times(gen: torch.Generator, lengths: Sequence[int], gap_seconds: 
             t += steps[int(torch.randint(0, len(steps), (1,), generator=gen))]
             times.append(t)
     return torch.tensor(times, dtype=torch.float64)
+
+
+def live_extras(layer, seed: int = 0):
+    """Give a MoS layer's residual fusion nonzero weights for its other experts' term (zero at
+    initialisation, where the output is the global expert's alone), as training does, so that
+    a test comparing outputs or gradients also sees the short-term and theme experts."""
+    out = getattr(layer, "extras_out", None)
+    if out is not None:
+        with torch.no_grad():
+            out.weight.copy_(randn(generator(seed), *out.weight.shape, dtype=out.weight.dtype) / out.weight.shape[1] ** 0.5)
+    return layer

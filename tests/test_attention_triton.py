@@ -20,6 +20,7 @@ import mos_kernels as mk
 from mos_kernels._alloc import poisoned_outputs
 from mos_kernels.theme_gather import inverse_of
 from tests.kernel_cases import DTYPES, make_sessions, random_themes, random_values
+from tests.oracles import live_extras
 from tests.tolerances import assert_close
 
 
@@ -367,7 +368,7 @@ def test_layer_triton_equals_reference_everywhere(options, device):
                                                         "theme_dispatch", "theme_gather"))
     config = dict(dim=16, num_heads=2, num_themes=4, session_len=3, **options)
     torch.manual_seed(0)
-    reference = MoSLayer(MoSConfig(backend="reference", **config)).to(device)
+    reference = live_extras(MoSLayer(MoSConfig(backend="reference", **config))).to(device)
     fused = MoSLayer(MoSConfig(backend="triton", **config)).to(device)
     fused.load_state_dict(reference.state_dict())
     offsets = mk.offsets_from_lengths(torch.tensor([0, 9, 1, 14, 0, 30], device=device))

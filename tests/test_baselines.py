@@ -87,3 +87,18 @@ def test_dselect_k_selectors_converge_to_k_experts():
 def test_dselect_k_needs_a_power_of_two():
     with pytest.raises(ValueError, match="model.moe.num_experts"):
         DSelectK(_config(kind="dselect_k", num_experts=6))
+
+
+@pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
+def test_mos_starts_as_its_backbone(encoder, batch):
+    """Built from the same seed, the MoS model (residual fusion) and the backbone model give the
+    same logits before any training: same embeddings, head and encoder, the other experts' term
+    zero. With the concat fusion they do not (the contrast shows the test can fail)."""
+    batch, data = batch
+    logits = {}
+    for kind, fusion in (("backbone", "residual"), ("mos", "residual"), ("mos", "concat")):
+        torch.manual_seed(5)
+        config = ModelConfig(kind=kind, mos=MoSConfig(dim=16, num_heads=2, encoder=encoder, fusion=fusion))
+        logits[kind, fusion] = CTRModel(config, data.num_items, data.num_categories)(batch).logits
+    assert torch.equal(logits["mos", "residual"], logits["backbone", "residual"])
+    assert not torch.allclose(logits["mos", "concat"], logits["backbone", "residual"])

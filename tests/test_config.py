@@ -60,6 +60,24 @@ def test_yaml_round_trip_through_file(tmp_path):
     assert load_run_config(write(tmp_path, dumped), []) == cfg
 
 
+@pytest.mark.parametrize("override,field,value", [
+    ("model.mos.fusion=concat", "fusion", "concat"),
+    ("model.mos.fusion=residual", "fusion", "residual"),
+    ("model.mos.vq_detach_tokens=false", "vq_detach_tokens", False),
+    ("model.mos.extras_detach_inputs=true", "extras_detach_inputs", True),
+])
+def test_design_options_round_trip(tmp_path, override, field, value):
+    """The options that keep MoS at least as good as its backbone: --set, then YAML and back."""
+    cfg = load_run_config(None, [override, "profile.setting=long histories"])
+    assert getattr(cfg.model.mos, field) == value and cfg.profile.setting == "long histories"
+    assert load_run_config(write(tmp_path, dump_yaml(cfg)), []) == cfg
+
+
+def test_design_option_defaults():
+    mos = RunConfig().model.mos
+    assert (mos.fusion, mos.vq_detach_tokens) == ("residual", True)
+
+
 def test_default_config_file_loads():
     cfg = load_run_config(str(ROOT / "configs" / "default.yaml"), [])
     assert cfg.models == ("backbone", "mos")

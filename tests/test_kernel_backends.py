@@ -14,6 +14,7 @@ import torch
 import mos_kernels as mk
 from mos_kernels._alloc import poisoned_outputs
 from tests.kernel_cases import ALL_DTYPES, SHAPES, make_sessions, random_themes, random_values, skip_interpreted_bf16
+from tests.oracles import live_extras
 from tests.tolerances import assert_close
 
 
@@ -238,7 +239,7 @@ def test_layer_equals_reference(encoder, top_k, capacity, device, kernel_backend
 
     config = dict(dim=16, num_heads=2, num_themes=4, session_len=3, encoder=encoder, top_k=top_k, capacity=capacity)
     torch.manual_seed(0)
-    reference = MoSLayer(MoSConfig(backend="reference", **config)).to(device)
+    reference = live_extras(MoSLayer(MoSConfig(backend="reference", **config))).to(device)
     kernel_layer = MoSLayer(MoSConfig(backend=kernel_backend, **config)).to(device)
     kernel_layer.load_state_dict(reference.state_dict())
     offsets = mk.offsets_from_lengths(torch.tensor([0, 9, 1, 14, 0], device=device))

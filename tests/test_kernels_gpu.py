@@ -11,6 +11,7 @@ import torch
 
 import mos_kernels as mk
 from tests.kernel_cases import random_themes
+from tests.oracles import live_extras
 from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.gpu,
@@ -257,7 +258,7 @@ def test_layer_kernels_match_reference_on_gpu(dtype, encoder, kernel_backend):
     half = dtype != torch.float32
     config = dict(dim=64, num_heads=2, num_themes=8, encoder=encoder, router="random" if half else "learned")
     torch.manual_seed(0)
-    exact = MoSLayer(MoSConfig(backend="reference", **config)).cuda()
+    exact = live_extras(MoSLayer(MoSConfig(backend="reference", **config))).cuda()
     gen = torch.Generator(device="cuda").manual_seed(7)
     lengths = torch.randint(128, 385, (64,), device="cuda", generator=gen)
     offsets = mk.offsets_from_lengths(lengths)

@@ -18,6 +18,7 @@ import mos_kernels as mk
 from mos import MoSConfig, MoSLayer
 from tests.conftest import require_cuda_ext
 from tests.kernel_cases import random_values
+from tests.oracles import live_extras
 from tests.tolerances import assert_close
 
 # Two batches whose token counts, lengths and example counts all differ (none of them 0 or 1,
@@ -49,8 +50,8 @@ def test_layer_compiles_once_for_every_length(backend, options, device):
         require_cuda_ext()
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=4, session_len=3, backend=backend,
-                               **options)).to(device)
+    layer = live_extras(MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=4, session_len=3, backend=backend,
+                                           **options))).to(device)
 
     def step(values, target, offsets, timestamps):
         out = layer(values, target, offsets, timestamps=timestamps)
