@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make run   - the FLOPs-versus-accuracy profile on the embedded synthetic data (MoS, ablations, baselines)
+#   make run   - the FLOPs-versus-accuracy profile on the embedded synthetic data, default and long
+#                histories (MoS, ablations, baselines)
 #   make test  - the whole test suite (Triton kernels under the CPU interpreter)
 # Each creates .venv with the pinned versions (requirements/ci.txt) when it is missing.
 
@@ -21,6 +22,7 @@ $(STAMP): requirements/ci.txt pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m mos profile --config configs/profile.yaml
+	$(PY) -m mos profile --config configs/profile_long.yaml
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q --benchmark-disable

@@ -38,6 +38,16 @@ def test_changed_config_is_recomputed(tmp_path, capsys):
     assert _fingerprint(a, "mos", 0) == _fingerprint(b, "mos", 0)     # where and how loudly: same run
     assert _fingerprint(a, "mos", 0) != _fingerprint(c, "mos", 0)     # what it computes: another run
     assert _fingerprint(a, "mos", 0) != _fingerprint(a, "mos", 1)
+    # A MoS-only option leaves the other kinds' runs valid; an encoder option every kind reads does not.
+    fusion = load_run_config("configs/default.yaml", ["model.mos.fusion=concat"])
+    dim = load_run_config("configs/default.yaml", ["model.mos.dim=16"])
+    moe = load_run_config("configs/default.yaml", ["model.moe.num_experts=8"])
+    assert _fingerprint(a, "mos", 0) != _fingerprint(fusion, "mos", 0)
+    assert _fingerprint(a, "backbone", 0) == _fingerprint(fusion, "backbone", 0)
+    assert _fingerprint(a, "gshard", 0) == _fingerprint(fusion, "gshard", 0)
+    assert _fingerprint(a, "backbone", 0) != _fingerprint(dim, "backbone", 0)
+    assert _fingerprint(a, "gshard", 0) != _fingerprint(moe, "gshard", 0)
+    assert _fingerprint(a, "mos", 0) == _fingerprint(moe, "mos", 0)
 
 
 def _row(model, auc, std, gflops, seeds=3):
@@ -49,10 +59,31 @@ def test_target_verdict():
 
     baselines = [_row("backbone", 0.70, 0.01, 1.0), _row("gshard", 0.70, 0.01, 2.0),
                  _row("dselect_k", 0.69, 0.01, 2.0), _row("expert_choice", 0.71, 0.01, 2.0)]
-    assert target_verdict(baselines + [_row("mos", 0.75, 0.01, 1.5)]).startswith("target HOLDS")
-    # A gap inside the spread, or more FLOPs than one MoE baseline, and the claim fails.
-    assert "DOES NOT HOLD" in target_verdict(baselines + [_row("mos", 0.715, 0.01, 1.5)])
-    assert "DOES NOT HOLD" in target_verdict(baselines + [_row("mos", 0.75, 0.01, 2.5)])
+    holds = target_verdict(baselines + [_row("mos", 0.75, 0.01, 1.5)])
+    assert "never worse than the backbone: HOLDS" in holds
+    assert "better than the backbone and every MoE baseline: HOLDS" in holds
+    # A gap inside the spread, or more FLOPs than one MoE baseline: not better, still never worse.
+    for mos in (_row("mos", 0.715, 0.01, 1.5), _row("mos", 0.75, 0.01, 2.5)):
+        verdict = target_verdict(baselines + [mos])
+        assert "never worse than the backbone: HOLDS" in verdict
+        assert "better than the backbone and every MoE baseline: DOES NOT HOLD" in verdict
+    # The never-worse rule allows 0.002 below the backbone, no more.
+    assert "never worse than the backbone: HOLDS" in target_verdict(baselines + [_row("mos", 0.6985, 0.01, 1.5)])
+    assert "never worse than the backbone: DOES NOT HOLD" in target_verdict(
+        baselines + [_row("mos", 0.6975, 0.01, 1.5)])
     # Without every baseline, or with one seed, nothing is claimed either way.
     assert "not evaluated" in target_verdict(baselines[:2] + [_row("mos", 0.75, 0.01, 1.5)])
     assert "not evaluated" in target_verdict(baselines + [_row("mos", 0.75, 0.0, 1.5, seeds=1)])
+
+
+@pytest.mark.slow
+def test_quick_profile_on_the_long_setting(tmp_path, capsys):
+    """The long-history configuration runs end to end at toy size, and its title names it."""
+    args = ["profile", "--quick", "--config", "configs/profile_long.yaml", "--quiet",
+            "--set", "models=[backbone,mos]", "data.num_users=40", f"train.out_dir={tmp_path}"]
+    assert main(args) == 0
+    report = (tmp_path / "profile.md").read_text()
+    assert report.startswith("## synthetic, long") and "| mos |" in report
+    assert "how to read the verdict" in report.lower()
+    rows = json.loads((tmp_path / "profile.json").read_text())["records"]
+    assert all(len(r["flops_by_length"]) == 2 for r in rows)     # the trained models' L sweep
