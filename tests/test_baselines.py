@@ -102,3 +102,18 @@ def test_mos_starts_as_its_backbone(encoder, batch):
         logits[kind, fusion] = CTRModel(config, data.num_items, data.num_categories)(batch).logits
     assert torch.equal(logits["mos", "residual"], logits["backbone", "residual"])
     assert not torch.allclose(logits["mos", "concat"], logits["backbone", "residual"])
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_vq_losses_and_the_embedding_table(detach, batch):
+    """vq_detach_tokens=True: the auxiliary losses alone send no gradient to the item or
+    category embedding tables (they train the prototypes); False: they do."""
+    batch, data = batch
+    torch.manual_seed(0)
+    model = CTRModel(ModelConfig(kind="mos", mos=MoSConfig(dim=16, num_heads=2, vq_detach_tokens=detach)),
+                     data.num_items, data.num_categories)
+    model(batch).aux_loss.backward()
+    tables = (model.item_embedding.weight.grad, model.category_embedding.weight.grad)
+    moved = [0.0 if g is None else float(g.abs().sum()) for g in tables]
+    assert (max(moved) == 0.0) == detach, moved
+    assert float(model.encoder.prototypes.grad.abs().sum()) > 0
