@@ -133,6 +133,7 @@ class MoEConfig:
 
 
 MODEL_KINDS = ("mos", "backbone", "gshard", "dselect_k", "expert_choice")
+MOS_TRAININGS = ("boosted", "joint")
 
 
 @dataclass
@@ -144,9 +145,21 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     use_category: bool = True        # add a category embedding to every item embedding
     mlp_hidden: tuple = (64, 32)     # hidden widths of the MLP head on [t ; u ; t*u]
+    # How a MoS model is trained. "boosted": its backbone part (embeddings, global expert, head)
+    # is trained by the backbone's own loss, so it follows the backbone model step for step; the
+    # other experts fit a correction on top of it (their loss does not reach the backbone part,
+    # they read the embeddings detached), and each validation keeps the correction only if it
+    # raises the validation AUC. Needs the residual fusion and a global expert. "joint": one loss
+    # trains every part together.
+    mos_training: str = "boosted"
 
     def __post_init__(self):
         check_choice("model.kind", self.kind, MODEL_KINDS)
+        check_choice("model.mos_training", self.mos_training, MOS_TRAININGS)
+        if self.kind == "mos" and self.mos_training == "boosted" and (
+                self.mos.fusion != "residual" or "global" not in self.mos.experts):
+            raise ValueError(f"model.mos_training: expected 'joint' when the MoS layer has no residual fusion over a "
+                             f"global expert (fusion={self.mos.fusion!r}, experts={list(self.mos.experts)}), got 'boosted'")
         self.mlp_hidden = tuple(self.mlp_hidden)
         for width in self.mlp_hidden:
             check_positive("model.mlp_hidden[]", width)

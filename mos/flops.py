@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mos.data.batch import Batch
+from mos.model import training_loss
 
 
 @dataclass
@@ -27,7 +27,8 @@ class FlopCount:
 
 def _by_module(counter: FlopCounterMode, model: nn.Module, examples: int) -> Dict[str, float]:
     """Per example, by the root's children and the encoder's children; what a child computes
-    outside its own children is reported as "<child>.(own)", so the parts add up to the total."""
+    outside its own children is reported as "<child>.(own)", what the root computes outside its
+    children as "(own)", so the parts add up to the total."""
     totals = {name: sum(per_op.values()) / examples for name, per_op in counter.get_flop_counts().items()}
     root = type(model).__name__
     parts: Dict[str, float] = {}
@@ -43,6 +44,10 @@ def _by_module(counter: FlopCounterMode, model: nn.Module, examples: int) -> Dic
         own = total - sum(inner.values())
         if own:
             parts[f"{child}.(own)"] = own
+    # What the root computes outside its children (a boosted MoS model's frozen pass of the head).
+    own = totals.get(root, 0.0) - sum(parts.values())
+    if own:
+        parts["(own)"] = own
     return parts
 
 
@@ -56,7 +61,7 @@ def count_flops(model: nn.Module, batch: Batch) -> FlopCount:
         model.train()
         with FlopCounterMode(display=False) as training:
             out = model(batch)
-            loss = F.binary_cross_entropy_with_logits(out.logits, batch.label) + out.aux_loss
+            loss = training_loss(out, batch.label)
             loss.backward()
         model.zero_grad(set_to_none=True)
     finally:

@@ -47,6 +47,10 @@ class MoSOutput:
     aux_loss: torch.Tensor           # scalar, the weighted sum of `aux`
     aux: Dict[str, torch.Tensor]     # unweighted auxiliary losses: commitment, codebook, load_balance
     routing: Optional[RoutingInfo]   # None when the layer runs no theme experts
+    # fusion="residual": output = global_output + extras_output (the global expert's vector and the
+    # other experts' term), for a model that trains the two parts with different losses.
+    global_output: Optional[torch.Tensor] = None
+    extras_output: Optional[torch.Tensor] = None
 
 
 class MoSLayer(nn.Module):
@@ -113,7 +117,7 @@ class MoSLayer(nn.Module):
     def _experts_and_fusion(self, values, target, offsets, sessions, max_len) -> MoSOutput:
         cfg = self.config
         outputs = {}
-        aux = {name: values.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
+        aux = _no_aux(values)
         info = None
         pooled = None
         # The other experts (and the router) may read the inputs detached: then the embeddings
@@ -134,10 +138,15 @@ class MoSLayer(nn.Module):
             outputs["short"] = self.short_expert(x_values, x_target, short_offsets, gather_index=short_index,
                                                  inverse_index=inverse_of_unique(short_index, values.shape[0]),
                                                  max_len=max_len)[0]
-        output = self._fuse(target, outputs)
         aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
                     + cfg.load_balance_weight * aux["load_balance"])
-        return MoSOutput(output, aux_loss, {k: v.detach() for k, v in aux.items()}, info)
+        aux = {k: v.detach() for k, v in aux.items()}
+        if cfg.fusion != "residual":
+            return MoSOutput(self._fuse(target, outputs), aux_loss, aux, info)
+        base = outputs.get("global")
+        extras = self._extras(outputs)
+        output = base if extras is None else extras if base is None else base + extras
+        return MoSOutput(output, aux_loss, aux, info, base, extras)
 
     def _theme_experts(self, values, target, offsets, sessions, max_len):
         """Steps 2-4 and the theme half of 5-6: route, dispatch, run the K experts, summarise."""
@@ -149,10 +158,12 @@ class MoSLayer(nn.Module):
             pooled, routing = mk.session_pool_route(values, units.session_offsets, self.prototypes,
                                                     temperature=cfg.temperature, top_k=cfg.top_k,
                                                     backend=op_backend(backend, "session_pool_route"))
-            aux = _aux_losses(pooled, self.prototypes, routing, cfg.temperature, cfg.vq_detach_tokens)
+            # The auxiliary losses only train: an evaluating layer does not spend work on them.
+            aux = (_aux_losses(pooled, self.prototypes, routing, cfg.temperature, cfg.vq_detach_tokens)
+                   if self.training else _no_aux(values))
         else:
             pooled, routing = None, _random_routing(units.num_sessions, cfg.num_themes, cfg.top_k, values)
-            aux = {name: values.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
+            aux = _no_aux(values)
         dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
                                      num_examples=num_examples, num_themes=cfg.num_themes, capacity=cfg.capacity,
                                      num_tokens=values.shape[0], backend=op_backend(backend, "theme_dispatch"))
@@ -177,20 +188,22 @@ class MoSLayer(nn.Module):
         weights = torch.softmax(logits.float(), dim=1).to(target.dtype) * nonempty
         return torch.einsum("bk,kbd->bd", weights, e_theme)
 
+    def _extras(self, outputs: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The residual fusion's term of the experts other than the global one (None if none run)."""
+        extras = [outputs[kind] for kind in self.config.experts if kind != "global"]
+        if not extras:
+            return None
+        return F.dropout(self.extras_out(torch.cat(extras, dim=1)), self.config.dropout, self.training)
+
     def _fuse(self, target, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        cfg = self.config
-        dropout = lambda x: F.dropout(x, cfg.dropout, self.training)   # noqa: E731
-        if cfg.fusion == "residual":
-            fused = outputs["global"] if "global" in outputs else target.new_zeros(target.shape)
-            extras = [outputs[kind] for kind in cfg.experts if kind != "global"]
-            return fused + dropout(self.extras_out(torch.cat(extras, dim=1))) if extras else fused
-        expert_outputs = [outputs[kind] for kind in cfg.experts]
-        if cfg.fusion == "concat":
+        """The "concat" and "gate" fusions."""
+        expert_outputs = [outputs[kind] for kind in self.config.experts]
+        if self.config.fusion == "concat":
             fused = self.out(torch.cat(expert_outputs, dim=1))
         else:
             gate = torch.softmax(self.fusion_gate(target), dim=1)
             fused = self.out(sum(gate[:, i:i + 1] * e for i, e in enumerate(expert_outputs)))
-        return dropout(fused)
+        return F.dropout(fused, self.config.dropout, self.training)
 
 
 def _as_jagged(values, offsets, lengths, timestamps):
@@ -245,6 +258,10 @@ def _random_routing(num_sessions: int, num_themes: int, top_k: int, like: torch.
 
 
 AUX_LOSSES = ("commitment", "codebook", "load_balance")
+
+
+def _no_aux(like: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return {name: like.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
 
 
 def _aux_losses(pooled, prototypes, routing, temperature: float, detach_tokens: bool) -> Dict[str, torch.Tensor]:

@@ -114,6 +114,7 @@ def _model_key(model_cfg) -> dict:
     key = config_to_dict(model_cfg)
     if model_cfg.kind != "mos":
         key["mos"] = {name: key["mos"][name] for name in _SHARED_ENCODER_FIELDS}
+        del key["mos_training"]
     if model_cfg.kind not in MOE_BASELINES:
         del key["moe"]
     return key

@@ -32,7 +32,7 @@ from mos.config import RunConfig
 from mos.config_io import config_to_dict
 from mos.data import logs, movielens, stats, synthetic
 from mos.data.dataset import CTRDataset, split_by_user
-from mos.model import CTRModel
+from mos.model import CTRModel, training_loss
 from mos.report import summary_table
 from mos.variants import variant_config
 from mos_kernels._checks import check_choice
@@ -206,7 +206,7 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
                     save()
             state.seconds += time.perf_counter() - start
         loss, bce, aux = _close_epoch(state, group, len(train_set))
-        valid = evaluate(model, valid_set, **eval_args)
+        valid = evaluate(model, valid_set, choose=True, **eval_args)
         state.valid_auc.append(valid["auc"])
         # The first epoch always counts as the best so far, so a NaN AUC still leaves weights to restore.
         improved = state.best_state is None or valid["auc"] > state.best_valid["auc"]
@@ -253,8 +253,8 @@ def _train_step(model, optimizer, batch, state: _RunState) -> torch.Tensor:
     """One optimizer step on `batch`; its loss joins the sums of the epoch under way."""
     model.train()
     out = model(batch)
-    bce = F.binary_cross_entropy_with_logits(out.logits, batch.label)
-    loss = bce + out.aux_loss
+    loss = training_loss(out, batch.label)
+    bce = F.binary_cross_entropy_with_logits(out.logits.detach(), batch.label)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -288,9 +288,12 @@ def _close_epoch(state: _RunState, group: distributed.Group, examples: int) -> t
 
 @torch.no_grad()
 def evaluate(model, dataset, *, batch_size: int, device, num_themes: int, max_history: Optional[int] = None,
-             group: Optional[distributed.Group] = None) -> dict:
+             group: Optional[distributed.Group] = None, choose: bool = False) -> dict:
     """AUC, GAUC, LogLoss of `model` on `dataset`; with a router, also the tokens each theme got
     and (when the data knows each event's true interest) the router's purity and NMI.
+
+    A boosted MoS model has two candidate predictions: `choose` (on the validation split) sets the
+    one it serves to the one with the higher AUC here, and the metrics are those of that one.
 
     Each rank predicts its share of the batches; the metrics are computed on every rank from all
     the predictions, put back in batch order, so they equal those of one process."""
@@ -303,6 +306,13 @@ def evaluate(model, dataset, *, batch_size: int, device, num_themes: int, max_hi
     outputs = [per_rank[index % group.world_size][index // group.world_size] for index in range(num_batches)]
 
     logits, labels, users = (torch.cat([out[name] for out in outputs]) for name in ("logits", "labels", "users"))
+    candidate_auc = None
+    if outputs and "candidates" in outputs[0]:
+        candidates = {name: torch.cat([out["candidates"][name] for out in outputs]) for name in outputs[0]["candidates"]}
+        candidate_auc = {name: float(metrics.auc(labels, c)) for name, c in candidates.items()}
+        if choose:
+            model.serve(candidate_auc["mos"] >= candidate_auc["backbone"])
+            logits = candidates["mos" if bool(model.serve_extras) else "backbone"]
     gauc, users_used, users_skipped = metrics.gauc(labels, logits, users)
     routed = [out for out in outputs if "session_theme" in out]
     theme_tokens = torch.zeros(num_themes, dtype=torch.int64)
@@ -318,6 +328,8 @@ def evaluate(model, dataset, *, batch_size: int, device, num_themes: int, max_hi
         "purity": None,
         "nmi": None,
         "theme_tokens": theme_tokens.tolist() if routed else None,
+        "candidate_auc": candidate_auc,
+        "serves_extras": None if candidate_auc is None else bool(model.serve_extras),
     }
     truth = [out for out in routed if "session_truth" in out]
     if truth:
@@ -333,6 +345,8 @@ def _predict(model, batch) -> dict:
     """What `evaluate` needs of one batch, on the CPU (small: a few numbers per example or session)."""
     out = model(batch)
     result = {"logits": out.logits.float().cpu(), "labels": batch.label.float().cpu(), "users": batch.user.cpu()}
+    if out.candidates is not None:
+        result["candidates"] = {name: c.float().cpu() for name, c in out.candidates.items()}
     routing = out.routing
     if routing is not None:
         result["session_theme"] = routing.session_theme.cpu()

@@ -17,21 +17,22 @@ VARIANTS: Dict[str, dict] = {
     "dselect_k": {"kind": "dselect_k"},
     "expert_choice": {"kind": "expert_choice"},
     "mos": {"kind": "mos"},
-    "mos_no_global": {"kind": "mos", "mos": {"experts": ("short", "themes")}},
+    "mos_no_global": {"kind": "mos", "mos_training": "joint", "mos": {"experts": ("short", "themes")}},
     "mos_no_short": {"kind": "mos", "mos": {"experts": ("global", "themes")}},
     "mos_no_themes": {"kind": "mos", "mos": {"experts": ("global", "short")}},
     "mos_random_routing": {"kind": "mos", "mos": {"router": "random"}},
     "mos_token_routing": {"kind": "mos", "mos": {"routing_unit": "token"}},
     "mos_global_sessions": {"kind": "mos", "mos": {"global_scope": "sessions"}},
     # The design choices that keep MoS at least as good as its backbone, each undone alone.
-    "mos_concat_fusion": {"kind": "mos", "mos": {"fusion": "concat"}},
-    "mos_vq_to_embeddings": {"kind": "mos", "mos": {"vq_detach_tokens": False}},
+    "mos_joint": {"kind": "mos", "mos_training": "joint"},
+    "mos_concat_fusion": {"kind": "mos", "mos_training": "joint", "mos": {"fusion": "concat"}},
+    "mos_vq_to_embeddings": {"kind": "mos", "mos_training": "joint", "mos": {"vq_detach_tokens": False}},
     "mos_no_aux_losses": {"kind": "mos", "mos": {"commitment_weight": 0.0, "codebook_weight": 0.0,
                                                  "load_balance_weight": 0.0}},
-    "mos_extras_detach_inputs": {"kind": "mos", "mos": {"extras_detach_inputs": True}},
-    "mos_extras_dropout": {"kind": "mos", "mos": {"dropout": 0.2}},
-    # Both undone: the layer as it was first reconstructed.
-    "mos_concat_vq_to_embeddings": {"kind": "mos", "mos": {"fusion": "concat", "vq_detach_tokens": False}},
+    "mos_joint_extras_dropout": {"kind": "mos", "mos_training": "joint", "mos": {"dropout": 0.2}},
+    # All undone: the layer as it was first reconstructed.
+    "mos_concat_vq_to_embeddings": {"kind": "mos", "mos_training": "joint",
+                                    "mos": {"fusion": "concat", "vq_detach_tokens": False}},
 }
 
 

@@ -98,7 +98,8 @@ def test_mos_starts_as_its_backbone(encoder, batch):
     logits = {}
     for kind, fusion in (("backbone", "residual"), ("mos", "residual"), ("mos", "concat")):
         torch.manual_seed(5)
-        config = ModelConfig(kind=kind, mos=MoSConfig(dim=16, num_heads=2, encoder=encoder, fusion=fusion))
+        config = ModelConfig(kind=kind, mos=MoSConfig(dim=16, num_heads=2, encoder=encoder, fusion=fusion),
+                             mos_training="boosted" if fusion == "residual" else "joint")
         logits[kind, fusion] = CTRModel(config, data.num_items, data.num_categories)(batch).logits
     assert torch.equal(logits["mos", "residual"], logits["backbone", "residual"])
     assert not torch.allclose(logits["mos", "concat"], logits["backbone", "residual"])
@@ -110,8 +111,9 @@ def test_vq_losses_and_the_embedding_table(detach, batch):
     category embedding tables (they train the prototypes); False: they do."""
     batch, data = batch
     torch.manual_seed(0)
-    model = CTRModel(ModelConfig(kind="mos", mos=MoSConfig(dim=16, num_heads=2, vq_detach_tokens=detach)),
-                     data.num_items, data.num_categories)
+    # Joint training: boosted training detaches every input of the router from the embeddings anyway.
+    model = CTRModel(ModelConfig(kind="mos", mos=MoSConfig(dim=16, num_heads=2, vq_detach_tokens=detach),
+                                 mos_training="joint"), data.num_items, data.num_categories)
     model(batch).aux_loss.backward()
     tables = (model.item_embedding.weight.grad, model.category_embedding.weight.grad)
     moved = [0.0 if g is None else float(g.abs().sum()) for g in tables]

@@ -167,7 +167,7 @@ class _Tiny(torch.nn.Module):
 
     def forward(self, batch):
         logits = self.logit(batch.target_item).squeeze(1)
-        return SimpleNamespace(logits=logits, aux_loss=logits.new_zeros(()), aux={}, routing=None)
+        return SimpleNamespace(logits=logits, aux_loss=logits.new_zeros(()), aux={}, routing=None, candidates=None)
 
 
 def test_checkpoint_files_hold_no_partial_write(tmp_path):

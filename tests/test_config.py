@@ -53,29 +53,41 @@ def test_empty_sections_keep_defaults(tmp_path):
 
 
 def test_yaml_round_trip_through_file(tmp_path):
-    cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=gate", "model.mos.capacity=5"])
+    cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=gate", "model.mos_training=joint",
+                                 "model.mos.capacity=5"])
     dumped = dump_yaml(cfg)
     assert "seeds: [3, 4]" in dumped            # lists inline, as a person writes them
     assert config_to_dict(cfg)["train"]["seeds"] == [3, 4]   # JSON-ready: tuples become lists
     assert load_run_config(write(tmp_path, dumped), []) == cfg
 
 
-@pytest.mark.parametrize("override,field,value", [
-    ("model.mos.fusion=concat", "fusion", "concat"),
-    ("model.mos.fusion=residual", "fusion", "residual"),
-    ("model.mos.vq_detach_tokens=false", "vq_detach_tokens", False),
-    ("model.mos.extras_detach_inputs=true", "extras_detach_inputs", True),
+@pytest.mark.parametrize("overrides,field,value", [
+    (["model.mos.fusion=concat", "model.mos_training=joint"], "mos.fusion", "concat"),
+    (["model.mos.fusion=residual"], "mos.fusion", "residual"),
+    (["model.mos.vq_detach_tokens=false"], "mos.vq_detach_tokens", False),
+    (["model.mos.extras_detach_inputs=true"], "mos.extras_detach_inputs", True),
+    (["model.mos_training=joint"], "mos_training", "joint"),
 ])
-def test_design_options_round_trip(tmp_path, override, field, value):
+def test_design_options_round_trip(tmp_path, overrides, field, value):
     """The options that keep MoS at least as good as its backbone: --set, then YAML and back."""
-    cfg = load_run_config(None, [override, "profile.setting=long histories"])
-    assert getattr(cfg.model.mos, field) == value and cfg.profile.setting == "long histories"
+    cfg = load_run_config(None, overrides + ["profile.setting=long histories"])
+    got = cfg.model
+    for name in field.split("."):
+        got = getattr(got, name)
+    assert got == value and cfg.profile.setting == "long histories"
     assert load_run_config(write(tmp_path, dump_yaml(cfg)), []) == cfg
 
 
 def test_design_option_defaults():
-    mos = RunConfig().model.mos
-    assert (mos.fusion, mos.vq_detach_tokens) == ("residual", True)
+    model = RunConfig().model
+    assert (model.mos.fusion, model.mos.vq_detach_tokens, model.mos_training) == ("residual", True, "boosted")
+
+
+def test_boosted_training_needs_a_residual_fusion_over_a_global_expert():
+    for override in ("model.mos.fusion=concat", "model.mos.experts=[short,themes]"):
+        with pytest.raises(ValueError, match=r"model\.mos_training: expected 'joint' when the MoS layer has no "
+                                             r"residual fusion over a global expert .* got 'boosted'"):
+            load_run_config(None, [override])
 
 
 def test_default_config_file_loads():
@@ -116,7 +128,7 @@ def test_wrong_type_names_key_expected_and_given(override, expected):
 
 
 def test_post_init_checks_see_final_values_and_name_dotted_key(tmp_path):
-    with pytest.raises(ValueError, match=r"model\.mos\.fusion: expected one of \['concat', 'gate'\], got 'sum'"):
+    with pytest.raises(ValueError, match=r"model\.mos\.fusion: expected one of \['residual', 'concat', 'gate'\], got 'sum'"):
         load_run_config(None, ["model.mos.fusion=sum"])
     # Valid alone in the file, invalid once the override lands: the check runs on the merged values.
     path = write(tmp_path, "model:\n  mos:\n    num_themes: 4\n")

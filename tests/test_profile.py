@@ -39,7 +39,7 @@ def test_changed_config_is_recomputed(tmp_path, capsys):
     assert _fingerprint(a, "mos", 0) != _fingerprint(c, "mos", 0)     # what it computes: another run
     assert _fingerprint(a, "mos", 0) != _fingerprint(a, "mos", 1)
     # A MoS-only option leaves the other kinds' runs valid; an encoder option every kind reads does not.
-    fusion = load_run_config("configs/default.yaml", ["model.mos.fusion=concat"])
+    fusion = load_run_config("configs/default.yaml", ["model.mos.temperature=0.5"])
     dim = load_run_config("configs/default.yaml", ["model.mos.dim=16"])
     moe = load_run_config("configs/default.yaml", ["model.moe.num_experts=8"])
     assert _fingerprint(a, "mos", 0) != _fingerprint(fusion, "mos", 0)

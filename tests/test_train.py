@@ -55,6 +55,7 @@ class FakeOutput:
     aux_loss: torch.Tensor
     aux: dict = field(default_factory=dict)
     routing: Optional[SimpleNamespace] = None
+    candidates: Optional[dict] = None
 
 
 class FakeModel(nn.Module):
@@ -175,3 +176,58 @@ def test_run_appends_json_lines_and_prints_the_table(splits, monkeypatch, tmp_pa
 
     train.run(cfg)
     assert len((out_dir / "results.jsonl").read_text().splitlines()) == 8   # appended, not replaced
+
+
+@pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
+def test_boosted_mos_carries_its_backbone_step_for_step(encoder):
+    """Boosted training: after Adam steps on the same batches from the same seed, the MoS
+    model's backbone candidate equals the backbone model's prediction (its backbone part got
+    exactly the backbone's gradients), while its MoS candidate has moved away from it; a joint
+    MoS model's prediction has not stayed on the backbone's."""
+    from mos.data import synthetic
+    from mos.config import DataConfig
+    from mos.model import CTRModel
+
+    data = synthetic.generate(DataConfig(num_users=40, num_items=60))
+    batches = list(data.batches(16))[:4]
+    mos_cfg = MoSConfig(dim=16, num_heads=2, encoder=encoder, session_mode="gap")
+    predictions = {}
+    for kind, training in (("backbone", "boosted"), ("mos", "boosted"), ("mos", "joint")):
+        torch.manual_seed(3)
+        model = CTRModel(ModelConfig(kind=kind, mos=mos_cfg, mos_training=training), data.num_items,
+                         data.num_categories)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        state = train._RunState(epoch_shuffle=torch.Generator().get_state())
+        for batch in batches:
+            train._train_step(model, optimizer, batch, state)
+        with torch.no_grad():
+            out = model(batches[0])
+        predictions[kind, training] = out.candidates or {"served": out.logits}
+    backbone = predictions["backbone", "boosted"]["served"]
+    torch.testing.assert_close(predictions["mos", "boosted"]["backbone"], backbone, rtol=0, atol=0)
+    assert not torch.allclose(predictions["mos", "boosted"]["mos"], backbone)
+    assert not torch.allclose(predictions["mos", "joint"]["served"], backbone)
+
+
+def test_boosted_mos_serves_the_candidate_validation_prefers():
+    """`evaluate(choose=True)` serves the candidate with the higher validation AUC and reports
+    that candidate's metrics; without `choose` the serving choice is left as it is."""
+    from mos.data import synthetic
+    from mos.config import DataConfig
+    from mos.model import CTRModel
+
+    data = synthetic.generate(DataConfig(num_users=40, num_items=60))
+    torch.manual_seed(0)
+    model = CTRModel(ModelConfig(mos=MoSConfig(dim=16, num_heads=2)), data.num_items, data.num_categories)
+    with torch.no_grad():
+        model.encoder.extras_out.weight.normal_()          # make the two candidates differ
+    args = dict(batch_size=64, device=torch.device("cpu"), num_themes=8)
+    chosen = train.evaluate(model, data, choose=True, **args)
+    aucs = chosen["candidate_auc"]
+    assert aucs["mos"] != aucs["backbone"]
+    assert chosen["serves_extras"] == (aucs["mos"] >= aucs["backbone"])
+    assert chosen["auc"] == pytest.approx(max(aucs.values()))
+    model.serve(not chosen["serves_extras"])
+    kept = train.evaluate(model, data, **args)
+    assert kept["serves_extras"] != chosen["serves_extras"]
+    assert kept["auc"] == pytest.approx(min(aucs.values()))
