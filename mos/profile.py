@@ -160,6 +160,9 @@ def summarize(records: List[dict]) -> List[dict]:
         row["epochs"] = statistics.fmean(r["epochs"] for r in runs)
         # A best epoch at the epoch cap means the budget, not early stopping, ended the run.
         row["best_at_cap"] = sum(r["best_epoch"] == r["config"]["train"]["max_epochs"] for r in runs)
+        # Boosted MoS: in how many seeds validation chose to serve the other experts' correction.
+        served = [r["test"].get("serves_extras") for r in runs]
+        row["serves_correction"] = None if None in served else sum(served)
         row["seconds_per_epoch"] = statistics.fmean(r["seconds_per_epoch"] for r in runs)
         row["theme_tokens"] = runs[0]["test"].get("theme_tokens")
         row["flops_by_module"] = runs[0]["flops"]["forward_by_module"]
@@ -171,17 +174,21 @@ def _pm(mean, std, digits=4):
     return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _served(row: dict) -> str:
+    return "-" if row["serves_correction"] is None else f"{row['serves_correction']} of {row['seeds']} seeds"
+
+
 def markdown_table(rows: List[dict]) -> str:
     lines = ["| model | params | GFLOPs/ex (fwd) | GFLOPs/ex (train) | valid AUC | test AUC | test GAUC "
-             "| test LogLoss | router purity | router NMI | best / ran epochs | s/epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| test LogLoss | router purity | router NMI | best / ran epochs | correction served | s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['gflops']:.5f} | {r['train_gflops']:.5f} "
                      f"| {_pm(r['valid_auc_mean'], r['valid_auc_std'])} "
                      f"| {_pm(r['auc_mean'], r['auc_std'])} | {_pm(r['gauc_mean'], r['gauc_std'])} "
                      f"| {_pm(r['logloss_mean'], r['logloss_std'])} | {_pm(r['purity_mean'], r['purity_std'], 3)} "
                      f"| {_pm(r['nmi_mean'], r['nmi_std'], 3)} | {r['best_epoch']:.1f} / {r['epochs']:.1f} "
-                     f"| {r['seconds_per_epoch']:.2f} |")
+                     f"| {_served(r)} | {r['seconds_per_epoch']:.2f} |")
     return "\n".join(lines)
 
 
