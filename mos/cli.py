@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(profile)
     _add_data_option(profile)
     profile.add_argument("--quick", action="store_true", help="tiny sizes, one seed, one epoch (a smoke run)")
+    profile.add_argument("--report-only", action="store_true",
+                         help="train nothing: report the finished runs in <out_dir>/runs/ and name the missing ones")
     return parser
 
 
@@ -95,5 +97,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.print_config:
         print(dump_yaml(run_cfg), end="")
         return 0
-    (profile if args.command == "profile" else run)(run_cfg)
+    if args.command == "profile" and args.report_only:
+        try:
+            profile(run_cfg, report_only=True)
+        except ValueError as err:        # nothing finished to report: a usage error, one line
+            print(f"mos profile: error: {err}", file=sys.stderr)
+            return 2
+    elif args.command == "profile":
+        profile(run_cfg)
+    else:
+        run(run_cfg)
     return 0

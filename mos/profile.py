@@ -40,7 +40,9 @@ def quick_overrides() -> List[str]:
             "profile.length_examples=2", "profile.heatmap_users=2"]
 
 
-def profile(run_cfg: RunConfig) -> List[dict]:
+def profile(run_cfg: RunConfig, *, report_only: bool = False) -> List[dict]:
+    """Train (or read back) every (variant, seed) and write the report. `report_only`: train
+    nothing; report the finished runs whose configuration matches and name the missing ones."""
     out_dir = Path(run_cfg.train.out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     data = load_data(run_cfg)          # prints the data's session statistics
@@ -52,28 +54,35 @@ def profile(run_cfg: RunConfig) -> List[dict]:
                 "flops_by_length": flops_by_length(model, run_cfg.profile, splits[0])}
 
     jobs = [(name, seed) for seed in run_cfg.train.seeds for name in run_cfg.models]
-    records = []
+    records, missing = [], []
     for done, (name, seed) in enumerate(jobs, start=1):
         path = out_dir / "runs" / f"{name}_seed{seed}.json"
         fingerprint = _fingerprint(run_cfg, name, seed)
         cached = _read_cached(path, fingerprint)
-        status = "cached" if cached else "training"
+        status = "cached" if cached else "missing" if report_only else "training"
         print(f"[{done}/{len(jobs)}] {name} seed {seed}: {status}", file=sys.stderr, flush=True)
+        if not cached and report_only:
+            missing.append(f"{name} seed {seed}")
+            continue
         record = cached or train_one(run_cfg, name, seed, splits, progress=run_cfg.train.progress, inspect=inspect)
         if not cached:
             _write_atomic(path, json.dumps({"fingerprint": fingerprint, "record": record}))
         records.append(record)
+    if not records:
+        raise ValueError(f"train.out_dir: expected finished runs in {out_dir / 'runs'} to report, got none")
 
     rows = summarize(records)
-    report = "\n\n".join([f"## {run_cfg.profile.setting}", markdown_table(rows), target_verdict(rows),
-                           TARGET_RULES])
+    parts = [f"## {run_cfg.profile.setting}", markdown_table(rows), target_verdict(rows), TARGET_RULES]
+    if missing:
+        parts.insert(2, f"Not run (reported without them): {', '.join(missing)}.")
+    report = "\n\n".join(parts)
     print(report)
     (out_dir / "profile.md").write_text(report + "\n")
     _write_csv(out_dir / "profile.csv", rows)
     (out_dir / "profile.json").write_text(json.dumps({"rows": rows, "records": records}, indent=1))
     plots.auc_versus_flops(rows, out_dir / "auc_vs_flops.png")
-    by_length = {name: np.mean([r["flops_by_length"] for r in records if r["model"] == name], axis=0).tolist()
-                 for name in run_cfg.models}
+    by_length = {row["model"]: np.mean([r["flops_by_length"] for r in records if r["model"] == row["model"]],
+                                       axis=0).tolist() for row in rows}
     plots.flops_versus_length(run_cfg.profile.lengths, by_length, out_dir / "flops_vs_length.png")
     if data.has_timestamps:
         matrices, labels = session_heatmaps(data.dataset, run_cfg.profile.heatmap_users,

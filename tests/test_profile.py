@@ -87,3 +87,20 @@ def test_quick_profile_on_the_long_setting(tmp_path, capsys):
     assert "how to read the verdict" in report.lower()
     rows = json.loads((tmp_path / "profile.json").read_text())["records"]
     assert all(len(r["flops_by_length"]) == 2 for r in rows)     # the trained models' L sweep
+
+
+@pytest.mark.slow
+def test_report_only_reports_finished_runs_and_names_missing_ones(tmp_path, capsys):
+    """--report-only trains nothing: it reports the finished runs and names the missing ones,
+    and with no finished run it stops with one line and exit code 2."""
+    base = ["profile", "--quick", "--config", "configs/default.yaml", "--quiet", f"train.out_dir={tmp_path}"]
+    base.insert(5, "--set")
+    assert main(base[:5] + ["--report-only"] + base[5:] + ["models=[backbone]"]) == 2
+    assert "expected finished runs" in capsys.readouterr().err
+    assert main(base + ["models=[backbone]"]) == 0
+    capsys.readouterr()
+    assert main(base[:5] + ["--report-only"] + base[5:] + ["models=[backbone,mos]"]) == 0
+    out = capsys.readouterr()
+    assert "mos seed 0: missing" in out.err and "training" not in out.err
+    report = (tmp_path / "profile.md").read_text()
+    assert "| backbone |" in report and "| mos |" not in report and "Not run (reported without them): mos seed 0" in report
