@@ -27,6 +27,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_offsets, check_tensor, reads_data
+from ._layout import kernel_op
 from .backend import resolve_backend
 from .jagged import max_segment_length, positions_in_segment, segment_blocks, segment_ids
 from .theme_gather import _check_index, inverse_of, theme_gather
@@ -256,7 +257,6 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index
     """[num_rows, n] in out_dtype (default a's): row r = gate[r] * a[a_index[r]] @ W[e] (W[e]^T if
     transpose) + b[e], stored at out_index[r]; a_index / gate / out_index None mean the identity / 1 /
     the identity."""
-    a, weight, expert_offsets = a.contiguous(), weight.contiguous(), expert_offsets.contiguous()
     num_experts, d_in, d_out = weight.shape
     k_dim, n_dim = (d_out, d_in) if transpose else (d_in, d_out)
     stride_wk, stride_wn = (1, d_out) if transpose else (d_out, 1)
@@ -265,7 +265,7 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index
         tile_expert, tile_start = segment_blocks(expert_offsets, BLOCK_M, num_rows)
         block_n = _block(n_dim)
         grid = (tile_expert.numel() * triton.cdiv(n_dim, block_n),)
-        _grouped_mm[grid](a, a_index, gate, weight, None if bias is None else bias.contiguous(), out, out_index,
+        _grouped_mm[grid](a, a_index, gate, weight, bias, out, out_index,
                           tile_expert, tile_start, expert_offsets, num_experts, k_dim, n_dim, a.stride(0),
                           out.stride(0), weight.stride(0), stride_wk, stride_wn,
                           A_INDEX=a_index is not None, HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
@@ -277,7 +277,6 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index
 def _launch_weight_grad(a, a_index, gate, grad, grad_index, expert_offsets, num_experts: int):
     """(dW [E, d_in, d_out], db [E, d_out]) in fp32: sums over each expert's rows of
     (gate a[a_index])^T grad[grad_index] and of grad[grad_index]."""
-    a, grad, expert_offsets = a.contiguous(), grad.contiguous(), expert_offsets.contiguous()
     d_in, d_out = a.shape[1], grad.shape[1]
     splits = _splits(grad.shape[0], num_experts)
     dw = new_output((num_experts * splits, d_in, d_out), dtype=torch.float32, device=a.device)
@@ -294,7 +293,7 @@ def _launch_weight_grad(a, a_index, gate, grad, grad_index, expert_offsets, num_
     return dw.view(num_experts, splits, d_in, d_out).sum(1), db.view(num_experts, splits, d_out).sum(1)
 
 
-@torch.library.custom_op("mos::grouped_linear", mutates_args=())
+@kernel_op("mos::grouped_linear")
 def _grouped_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        expert_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
                        row_gate: Optional[torch.Tensor], inverse_index: Optional[torch.Tensor],
@@ -310,7 +309,7 @@ def _(x, weight, bias, expert_offsets, gather_index, row_gate, inverse_index, sc
     return x.new_empty((num_rows, weight.shape[2]))
 
 
-@torch.library.custom_op("mos::grouped_linear_backward", mutates_args=())
+@kernel_op("mos::grouped_linear_backward")
 def _grouped_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                 expert_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
                                 row_gate: Optional[torch.Tensor], scatter_index: Optional[torch.Tensor]

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor
+from ._layout import kernel_op
 from .backend import resolve_backend
 from .grouped_linear import dot_precision
 from .jagged import jagged_to_padded, max_segment_length, positions_in_segment, segment_blocks, segment_ids
@@ -229,19 +230,12 @@ def _blocks(head_dim: int) -> Tuple[int, int, int]:
     return block, block, block_dh
 
 
-def _row_strided(t: torch.Tensor) -> torch.Tensor:
-    """Column slices of a wider matrix are read in place; anything else is made contiguous."""
-    return t if t.stride(1) == 1 else t.contiguous()
-
-
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("mos::jagged_self_attention", mutates_args=())
+@kernel_op("mos::jagged_self_attention", row_strided=("q", "k", "v"))
 def _jagged_self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor,
                               num_heads: int, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [N, d], log-sum-exp [N, H] fp32)."""
-    q, k, v = _row_strided(q), _row_strided(k), _row_strided(v)
-    segment_offsets = segment_offsets.contiguous()
     num_rows, dim = q.shape
     head_dim = dim // num_heads
     out = new_output((num_rows, dim), dtype=q.dtype, device=q.device)
@@ -261,14 +255,11 @@ def _(q, k, v, segment_offsets, num_heads, causal):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], num_heads), dtype=torch.float32)
 
 
-@torch.library.custom_op("mos::jagged_self_attention_backward", mutates_args=())
+@kernel_op("mos::jagged_self_attention_backward", row_strided=("q", "k", "v"))
 def _jagged_self_attention_backward_op(g_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                        out: torch.Tensor, lse: torch.Tensor, segment_offsets: torch.Tensor,
                                        num_heads: int, causal: bool
                                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = _row_strided(q), _row_strided(k), _row_strided(v)
-    segment_offsets = segment_offsets.contiguous()
-    g_out = g_out.contiguous()
     num_rows, dim = q.shape
     head_dim = dim // num_heads
     g_q = new_output((num_rows, dim), dtype=q.dtype, device=q.device)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._alloc import new_output
 from ._checks import check_offsets, check_positive, check_tensor, reads_data
+from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import counts_of, offsets_from_lengths, segment_ids
 from .session_blocks import membership, session_block
@@ -199,13 +200,12 @@ _FILL_BLOCK_S = 32    # sessions per fill program
 _FILL_BLOCK_T = 128   # rows per fill tile
 
 
-@torch.library.custom_op("mos::theme_dispatch", mutates_args=())
+@kernel_op("mos::theme_dispatch")
 def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, session_example: torch.Tensor,
                        example_session_offsets: torch.Tensor, num_tokens: int, num_themes: int,
                        capacity: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """capacity 0 = unlimited. Returns gather_index, row_source (flat session*top_k + choice),
     inverse_index [T, top_k], theme_offsets [K*B+1]."""
-    themes = themes.contiguous()
     num_sessions, top_k = themes.shape
     num_examples = example_session_offsets.numel() - 1
     device = themes.device
