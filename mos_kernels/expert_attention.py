@@ -113,7 +113,9 @@ def _segment_attention(query, keys, values, segment_offsets, num_heads):
 # ----------------------------------------------------------------------------- Triton kernels
 #
 # Per segment the heads are the rows of [BLOCK_H, BLOCK_D] tiles (BLOCK_H >= 16 for tl.dot;
-# rows past num_heads stay zero and are never stored). Everything is computed in fp32.
+# rows past num_heads stay zero and are never stored). Everything is computed in fp32. Index
+# arithmetic is 64-bit (the segment id and the widths widened first): a row index times the
+# width passes 2^31 once the tokens hold more than 2^31 elements.
 
 @triton.jit
 def _head_fold(vec_ptr, w_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
@@ -176,7 +178,8 @@ def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_H: tl.constexpr):
-    g = tl.program_id(0)
+    g = tl.program_id(0).to(tl.int64)    # 64-bit index arithmetic (see above)
+    dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
     start = tl.load(offsets_ptr + g)
     end = tl.load(offsets_ptr + g + 1)
@@ -220,7 +223,8 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           num_examples, dim, num_heads, head_dim, scale,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    g = tl.program_id(0)
+    g = tl.program_id(0).to(tl.int64)    # 64-bit index arithmetic (see above)
+    dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
     start = tl.load(offsets_ptr + g)
     end = tl.load(offsets_ptr + g + 1)

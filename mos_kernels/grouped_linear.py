@@ -13,7 +13,9 @@ columns), the gather fused into the operand loads and the scatter into the store
 gradient is the same kernel on the transposed weight; `_grouped_mm_weight_grad` reduces each
 expert's rows in a fixed number of splits into fp32 partials that one sum adds up in a fixed
 order (deterministic, no atomics). The gradient of the gathered tokens is the gather's own
-backward (`theme_scatter`, a gather-sum over the inverse index).
+backward (`theme_scatter`, a gather-sum over the inverse index). Index arithmetic is 64-bit
+(program ids and strides widened first): a row index times a stride passes 2^31 once an
+operand holds more than 2^31 elements.
 Custom ops mos::grouped_linear and mos::grouped_linear_backward, with FLOP formulas.
 """
 from __future__ import annotations
@@ -158,8 +160,10 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[dst(r)] = gate[r] * a[src(r)] @ W[e] (+ b[e]) for the BLOCK_M rows of one tile of expert e.
     Consecutive programs take the column blocks of one row tile, which then comes from L2."""
+    pid = tl.program_id(0).to(tl.int64)    # 64-bit index arithmetic (module docstring)
+    stride_wk, stride_wn = tl.cast(stride_wk, tl.int64), tl.cast(stride_wn, tl.int64)
     num_col_blocks = tl.cdiv(n_dim, BLOCK_N)
-    tile = tl.program_id(0) // num_col_blocks
+    tile = pid // num_col_blocks
     expert = tl.load(tile_expert_ptr + tile)
     if expert < num_experts:
         rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
@@ -167,7 +171,7 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
         src = rows
         if A_INDEX:
             src = tl.load(a_index_ptr + rows, mask=row_ok, other=0)
-        cols = (tl.program_id(0) % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_dim
         w_base = w_ptr + expert * stride_we
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -197,15 +201,15 @@ def _grouped_mm_weight_grad(a_ptr, a_index_ptr, gate_ptr, g_ptr, g_index_ptr, of
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
     """Partial sums over split s of expert e's rows: dW[e, s] = sum_r (gate a)[r]^T g[r], db[e, s] = sum_r g[r]."""
-    pid = tl.program_id(0)                 # e * splits + s
+    pid = tl.program_id(0).to(tl.int64)    # e * splits + s; 64-bit index arithmetic (module docstring)
     expert = pid // splits
     first = tl.load(offsets_ptr + expert)
     last = tl.load(offsets_ptr + expert + 1)
     chunk = (last - first + splits - 1) // splits
     lo = first + (pid % splits) * chunk
     hi = tl.minimum(lo + chunk, last)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = ks < k_dim
     col_ok = cols < n_dim
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)

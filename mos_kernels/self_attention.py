@@ -85,7 +85,9 @@ def _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_le
 # Scores are scale * q.k in fp32; p is rounded to the values' dtype for the p @ v product (the
 # flash-attention recipe). A query row always sees the first key of its segment, so the running
 # max is finite after the first key block and no inf - inf arises; rows past the segment's end
-# are masked out of every store and every backward sum.
+# are masked out of every store and every backward sum. Index arithmetic is 64-bit (rows come
+# from the int64 tile starts, the head is widened): a row index times a stride passes 2^31 once
+# an operand holds more than 2^31 elements.
 
 @triton.jit
 def _self_attention_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_segment_ptr, tile_start_ptr, offsets_ptr,
@@ -93,7 +95,7 @@ def _self_attention_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_segment_ptr,
                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
         seg_start = tl.load(offsets_ptr + segment)
@@ -139,7 +141,7 @@ def _self_attention_bwd_kv(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g
                            CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
         seg_end = tl.load(offsets_ptr + segment + 1)
@@ -186,7 +188,7 @@ def _self_attention_bwd_q(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g_
                           CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
         seg_start = tl.load(offsets_ptr + segment)

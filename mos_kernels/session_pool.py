@@ -73,13 +73,15 @@ def _session_pool_reference(values: torch.Tensor, session_offsets: torch.Tensor)
 # added into its sessions with a one-hot matrix product (membership [BLOCK_S, BLOCK_T] @ rows
 # [BLOCK_T, d]); a program per session would leave most of each tile masked and launch a
 # program per 8 rows. The one-hot product is exact: products with 1 and 0, accumulated in fp32
-# (fp32 inputs use the IEEE path, not TF32).
+# (fp32 inputs use the IEEE path, not TF32). Indices and widths are int64 (session_block, and the
+# casts below): a row or session index times the width can pass 2^31.
 
 @triton.jit
 def _pool_route_fwd(values_ptr, offsets_ptr, protos_ptr, pooled_ptr, scores_ptr, probs_ptr, themes_ptr,
                     num_sessions, dim, num_themes, inv_temperature, eps,
                     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                     TOP_K: tl.constexpr, ROUTE: tl.constexpr):
+    dim, num_themes = tl.cast(dim, tl.int64), tl.cast(num_themes, tl.int64)
     sessions, s_ok, starts, ends, first, last = session_block(offsets_ptr, num_sessions, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim
@@ -120,6 +122,7 @@ def _pool_route_bwd(g_pooled_ptr, pooled_ptr, g_scores_ptr, g_probs_ptr, probs_p
                     g_values_ptr, g_scores_total_ptr, num_sessions, dim, num_themes, inv_temperature, eps,
                     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                     ROUTE: tl.constexpr):
+    dim, num_themes = tl.cast(dim, tl.int64), tl.cast(num_themes, tl.int64)
     sessions, s_ok, starts, ends, first, last = session_block(offsets_ptr, num_sessions, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim

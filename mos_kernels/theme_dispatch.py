@@ -143,7 +143,9 @@ def _theme_dispatch_reference(themes, session_offsets, session_example, num_exam
 def _dispatch_count(themes_ptr, session_offsets_ptr, example_session_offsets_ptr, rank_ptr, counts_ptr,
                     num_examples, num_themes,
                     BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TOP_K: tl.constexpr):
-    b = tl.program_id(0)
+    # 64-bit: counts_ptr + k * B + b passes 2^31 for K * B > 2^31 segments.
+    b = tl.program_id(0).to(tl.int64)
+    num_examples = tl.cast(num_examples, tl.int64)
     first = tl.load(example_session_offsets_ptr + b)
     last = tl.load(example_session_offsets_ptr + b + 1)
     ks = tl.arange(0, BLOCK_K)

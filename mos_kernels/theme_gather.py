@@ -101,11 +101,15 @@ def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Opti
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+#
+# Row indices and widths are int64: a row index times the width passes 2^31 once a tensor holds
+# more than 2^31 elements (4 GB in fp16), and an int32 product would wrap to a wrong address.
 
 @triton.jit
 def _gather_rows(src_ptr, index_ptr, gate_ptr, out_ptr, num_rows, dim,
                  HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dim = tl.cast(dim, tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < num_rows
     mask = row_ok[:, None] & (cols < dim)[None, :]
@@ -120,7 +124,8 @@ def _gather_rows(src_ptr, index_ptr, gate_ptr, out_ptr, num_rows, dim,
 @triton.jit
 def _scatter_rows(rows_ptr, inverse_ptr, gate_ptr, out_ptr, num_tokens, dim,
                   SLOTS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dim = tl.cast(dim, tl.int64)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     token_ok = tokens < num_tokens
     col_ok = (cols < dim)[None, :]
@@ -141,7 +146,8 @@ def _scatter_rows(rows_ptr, inverse_ptr, gate_ptr, out_ptr, num_tokens, dim,
 @triton.jit
 def _row_dot(a_ptr, b_ptr, b_index_ptr, out_ptr, num_rows, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[r] = <a[r], b[b_index[r]]>: the gradient of a row gate."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dim = tl.cast(dim, tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < num_rows
     mask = row_ok[:, None] & (cols < dim)[None, :]
