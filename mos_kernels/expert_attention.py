@@ -113,9 +113,8 @@ def _segment_attention(query, keys, values, segment_offsets, num_heads):
 # ----------------------------------------------------------------------------- Triton kernels
 #
 # Per segment the heads are the rows of [BLOCK_H, BLOCK_D] tiles (BLOCK_H >= 16 for tl.dot;
-# rows past num_heads stay zero and are never stored). Everything is computed in fp32. Index
-# arithmetic is 64-bit (the segment id and the widths widened first): a row index times the
-# width passes 2^31 once the tokens hold more than 2^31 elements.
+# rows past num_heads stay zero and are never stored). Everything is computed in fp32, index
+# arithmetic in int64 (segment id and widths widened first: a row times the width can pass 2^31).
 
 @triton.jit
 def _head_fold(vec_ptr, w_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
@@ -178,7 +177,7 @@ def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_H: tl.constexpr):
-    g = tl.program_id(0).to(tl.int64)    # 64-bit index arithmetic (see above)
+    g = tl.program_id(0).to(tl.int64)
     dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
     start = tl.load(offsets_ptr + g)
@@ -223,7 +222,7 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           num_examples, dim, num_heads, head_dim, scale,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    g = tl.program_id(0).to(tl.int64)    # 64-bit index arithmetic (see above)
+    g = tl.program_id(0).to(tl.int64)
     dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
     start = tl.load(offsets_ptr + g)
@@ -292,8 +291,7 @@ def _expert_target_attention_op(tokens: torch.Tensor, query: torch.Tensor, w_key
     if num_segments:
         block_t, block_d = _blocks(dim)
         _target_attention_fwd[(num_segments,)](
-            tokens, gather_index, row_gate, query, w_key, w_value,
-            b_value, segment_offsets, out, pooled, lse,
+            tokens, gather_index, row_gate, query, w_key, w_value, b_value, segment_offsets, out, pooled, lse,
             num_segments // num_experts, dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
             HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, HAS_BIAS=b_value is not None,
             PRECISION=dot_precision(tokens.dtype), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)
