@@ -8,7 +8,8 @@ multiply a strided operand in another order. Two layouts: every stride doubled, 
 a huge negative integer) in the gaps, so that a kernel reading the view as if it were dense
 reads the poison; and, for 2-D and 3-D arguments, the dimensions stored in reverse order
 (column-major), which has no gaps but puts every element elsewhere. Forward outputs and the
-gradients of every float argument are compared.
+gradients of every float argument are compared; and the gradient of a plain sum, which reaches
+the backward ops as an expanded (stride 0) view, against that of a dense one.
 
 Empty batches: every model (backbone, the MoE baselines, MoS) on every backend takes B = 0.
 (Wide addresses: test_wide_addresses.py; non-finite parameters: test_bad_input.py.)
@@ -194,9 +195,11 @@ def _backends(op):
     return IMPLEMENTED.get(op, ("reference",))   # sessionize is integer-only, reference alone
 
 
-def _run(run, backend, tensors, strided=None):
-    """(forward outputs, gradient of each float argument) of a random linear function of the
-    outputs; `strided` names the argument passed as the view it is (every other one is copied)."""
+def _run(run, backend, tensors, strided=None, loss="random"):
+    """(forward outputs, gradient of each float argument) of a linear function of the outputs:
+    `random` weights, all `ones`, or the plain `sum`, whose gradient reaches the backward ops as
+    an expanded view (stride 0). `strided` names the argument passed as the view it is (every
+    other one is copied)."""
     leaves = {}
     for name, t in tensors.items():
         if t.is_floating_point():
@@ -204,10 +207,15 @@ def _run(run, backend, tensors, strided=None):
     tensors = {**tensors, **leaves}
     outputs = run(backend, **tensors)
     gen = torch.Generator().manual_seed(9)
-    loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum()
-               for o in outputs if o.requires_grad)
-    if torch.is_tensor(loss):
-        loss.backward()
+
+    def term(o):
+        if loss == "sum":
+            return o.sum()
+        weight = torch.ones_like(o) if loss == "ones" else torch.randn(o.shape, generator=gen).to(o.device)
+        return (o * weight).sum()
+    total = sum(term(o) for o in outputs if o.requires_grad)
+    if torch.is_tensor(total):
+        total.backward()
     return [o.detach() for o in outputs], {name: t.grad for name, t in leaves.items()}
 
 
@@ -238,6 +246,11 @@ def test_strided_views_give_the_dense_answer(op, backend, device):
                 _assert_same(got, want, backend, f"{op}[{backend}] output {i} with {name} {layout}")
             for arg, want in expected_grads.items():
                 _assert_same(grads[arg], want, backend, f"{op}[{backend}] grad of {arg} with {name} {layout}")
+    # The backward ops' own tensor arguments: an expanded gradient gives the dense one's answer.
+    _, expected_grads = _run(run, backend, tensors, loss="ones")
+    _, grads = _run(run, backend, tensors, loss="sum")
+    for arg, want in expected_grads.items():
+        _assert_same(grads[arg], want, backend, f"{op}[{backend}] grad of {arg} from an expanded gradient")
 
 
 # ----------------------------------------------------------------------------- empty batches
