@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels._checks import check_offsets, check_tensor, check_values
+from mos_kernels._checks import check_finite, check_offsets, check_tensor, check_values
 from mos_kernels.backend import op_backend
 from mos_kernels.jagged import counts_of, max_segment_length, offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
@@ -101,6 +101,10 @@ class MoSLayer(nn.Module):
             values, offsets, timestamps = _as_jagged(values, offsets, lengths, timestamps)
             check_values("values", values, dim=cfg.dim)
             check_values("target", target, dim=cfg.dim)
+            if "themes" in cfg.experts:
+                # The router's parameters get the inputs' check: a NaN or inf prototype (after a
+                # diverged step, say) makes every routing score and theme weight NaN.
+                check_finite("prototypes", self.prototypes)
             check_offsets("offsets", offsets, total=values.shape[0], device=values.device)
             num_examples = offsets.numel() - 1
             if target.shape[0] != num_examples:

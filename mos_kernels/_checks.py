@@ -63,13 +63,18 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[I
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """No NaN or inf in t (a data check: one pass over it)."""
+    if reads_data() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+
+
 def check_values(name: str, t: torch.Tensor, *, dim: Optional[int] = None) -> None:
     """A float tensor of token rows [N, dim]; NaN/inf are refused (they would poison every mean)."""
     check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES)
     if dim is not None and t.shape[1] != dim:
         raise ValueError(f"{name}: expected {dim} columns, got shape {tuple(t.shape)}")
-    if reads_data() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    check_finite(name, t)
 
 
 def check_offsets(name: str, offsets, total: Optional[int] = None, device=None) -> None:

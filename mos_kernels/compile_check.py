@@ -5,6 +5,11 @@ compiles each kernel for Hopper with `triton.compile` over a grid of the constex
 configurations the wrappers can launch: every dtype, the power-of-two blocks that the
 supported widths (d <= 256) and theme counts (K <= 64) map to, and every boolean switch.
 
+Each compiled kernel's Triton IR is also checked for 32-bit address arithmetic
+(`narrow_address_products`): a row index times a width overflows int32 once a tensor passes
+2^31 elements (4 GB in fp16), far below what the GPUs hold, so every product that feeds an
+address must be computed in 64 bits.
+
     python -m mos_kernels.compile_check [--jobs N] [--list]
 
 Must run with TRITON_INTERPRET unset (the tests start it in a subprocess).
@@ -15,6 +20,7 @@ import argparse
 import importlib
 import itertools
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -205,6 +211,63 @@ def _kernels():
             and ("program_id" in fn.src or "session_block(" in fn.src)}
 
 
+_DEF = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)? = ([\w.]+) (.*)$")
+_VALUE = re.compile(r"%[\w.$-]+")
+_LOC = re.compile(r"^(#loc\d*) = loc\((.*)\)$")
+
+
+def _source_line(loc: str, locs: Dict[str, str], seen=None) -> str:
+    """'file.py:123' for a #loc reference of the IR: a file location, or the first one found
+    through named and call-site locations (an inlined helper's own location may be unknown)."""
+    seen = set() if seen is None else seen
+    if loc in seen:
+        return "?"
+    seen.add(loc)
+    text = locs.get(loc, "")
+    found = re.match(r'"([^"]+)":(\d+):\d+', text)
+    if found:
+        return f"{os.path.basename(found.group(1))}:{found.group(2)}"
+    for inner in re.findall(r"#loc\d*", text):
+        where = _source_line(inner, locs, seen)
+        if where != "?":
+            return where
+    return "?"
+
+
+def narrow_address_products(ttir: str) -> List[str]:
+    """The 32-bit multiplications (muli / shli on i32) that an address offset is computed from.
+
+    Walks back from the offset of every `tt.addptr` through the values it is computed from,
+    stopping at loads (a loaded index is data; its own address is checked where it is loaded)
+    and comparisons (masks). Returns one 'source-line: operation' entry per product found."""
+    defs, locs = {}, {}
+    for line in ttir.splitlines():
+        loc = _LOC.match(line.strip())
+        if loc:
+            locs[loc.group(1)] = loc.group(2)
+            continue
+        found = _DEF.match(line)
+        if found:
+            name, op, rest = found.groups()
+            defs[name] = (op, rest)
+    narrow, seen = [], set()
+    stack = [_VALUE.findall(rest.split(" : ")[0])[1] for op, rest in defs.values() if op == "tt.addptr"]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in defs:   # a function or loop argument: nothing to walk
+            continue
+        seen.add(name)
+        op, rest = defs[name]
+        if op in ("tt.load", "arith.cmpi"):
+            continue
+        operands, _, tail = rest.partition(" : ")
+        if op in ("arith.muli", "arith.shli") and re.match(r"(i32|tensor<[\dx]*xi32>)", tail):
+            where = re.search(r"loc\((#loc\d*)\)", tail)
+            narrow.append(f"{_source_line(where.group(1), locs) if where else '?'}: {op} {operands.strip()} : i32")
+        stack.extend(_VALUE.findall(operands))
+    return sorted(set(narrow))
+
+
 def compile_one(config: Config) -> Tuple[str, float, str]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -222,8 +285,11 @@ def compile_one(config: Config) -> Tuple[str, float, str]:
     start = time.perf_counter()
     try:
         compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-        ok = "cubin" in compiled.asm
-        return name, time.perf_counter() - start, "" if ok else "no cubin produced"
+        if "cubin" not in compiled.asm:
+            return name, time.perf_counter() - start, "no cubin produced"
+        narrow = narrow_address_products(compiled.asm["ttir"])
+        error = f"32-bit address arithmetic at {'; '.join(narrow)}" if narrow else ""
+        return name, time.perf_counter() - start, error
     except Exception as exc:  # report every failing configuration, not just the first
         return name, time.perf_counter() - start, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
+from ._layout import kernel_op
 from .backend import resolve_backend
 from .grouped_linear import dot_precision, grouped_linear
 from .jagged import segment_ids
@@ -112,7 +113,8 @@ def _segment_attention(query, keys, values, segment_offsets, num_heads):
 # ----------------------------------------------------------------------------- Triton kernels
 #
 # Per segment the heads are the rows of [BLOCK_H, BLOCK_D] tiles (BLOCK_H >= 16 for tl.dot;
-# rows past num_heads stay zero and are never stored). Everything is computed in fp32.
+# rows past num_heads stay zero and are never stored). Everything is computed in fp32, index
+# arithmetic in int64 (segment id and widths widened first: a row times the width can pass 2^31).
 
 @triton.jit
 def _head_fold(vec_ptr, w_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
@@ -175,7 +177,8 @@ def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_H: tl.constexpr):
-    g = tl.program_id(0)
+    g = tl.program_id(0).to(tl.int64)
+    dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
     start = tl.load(offsets_ptr + g)
     end = tl.load(offsets_ptr + g + 1)
@@ -219,7 +222,8 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           num_examples, dim, num_heads, head_dim, scale,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    g = tl.program_id(0)
+    g = tl.program_id(0).to(tl.int64)
+    dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
     start = tl.load(offsets_ptr + g)
     end = tl.load(offsets_ptr + g + 1)
@@ -271,7 +275,7 @@ def _blocks(dim: int):
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("mos::expert_target_attention", mutates_args=())
+@kernel_op("mos::expert_target_attention")
 def _expert_target_attention_op(tokens: torch.Tensor, query: torch.Tensor, w_key: torch.Tensor,
                                 b_key: Optional[torch.Tensor], w_value: torch.Tensor, b_value: Optional[torch.Tensor],
                                 segment_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
@@ -279,8 +283,6 @@ def _expert_target_attention_op(tokens: torch.Tensor, query: torch.Tensor, w_key
                                 num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [G, d] in the tokens' dtype, A [G, H, d] fp32, log-sum-exp [G, H] fp32). b_key is
     taken only to give it its (zero) gradient; inverse_index only for the backward."""
-    tokens, query, segment_offsets = tokens.contiguous(), query.contiguous(), segment_offsets.contiguous()
-    w_key, w_value = w_key.contiguous(), w_value.contiguous()
     num_segments, dim = query.shape
     num_experts = w_key.shape[0]
     out = new_output((num_segments, dim), dtype=tokens.dtype, device=tokens.device)
@@ -289,8 +291,7 @@ def _expert_target_attention_op(tokens: torch.Tensor, query: torch.Tensor, w_key
     if num_segments:
         block_t, block_d = _blocks(dim)
         _target_attention_fwd[(num_segments,)](
-            tokens, gather_index, row_gate, query, w_key, w_value,
-            None if b_value is None else b_value.contiguous(), segment_offsets, out, pooled, lse,
+            tokens, gather_index, row_gate, query, w_key, w_value, b_value, segment_offsets, out, pooled, lse,
             num_segments // num_experts, dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
             HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, HAS_BIAS=b_value is not None,
             PRECISION=dot_precision(tokens.dtype), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)
@@ -305,7 +306,7 @@ def _(tokens, query, w_key, b_key, w_value, b_value, segment_offsets, gather_ind
             tokens.new_empty((num_segments, num_heads), dtype=torch.float32))
 
 
-@torch.library.custom_op("mos::expert_target_attention_backward", mutates_args=())
+@kernel_op("mos::expert_target_attention_backward")
 def _expert_target_attention_backward_op(g_out: torch.Tensor, tokens: torch.Tensor, query: torch.Tensor,
                                          w_key: torch.Tensor, w_value: torch.Tensor, segment_offsets: torch.Tensor,
                                          gather_index: Optional[torch.Tensor], row_gate: Optional[torch.Tensor],
@@ -313,7 +314,6 @@ def _expert_target_attention_backward_op(g_out: torch.Tensor, tokens: torch.Tens
                                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gradient of every gathered row times its gate [N, d], of every gate [N], of the query
     [G, d], of the folded query Q [G, H, d] fp32)."""
-    tokens, query, segment_offsets = tokens.contiguous(), query.contiguous(), segment_offsets.contiguous()
     num_segments, dim = query.shape
     num_rows = tokens.shape[0] if gather_index is None else gather_index.numel()
     g_rows = new_output((num_rows, dim), dtype=tokens.dtype, device=tokens.device)
@@ -324,8 +324,8 @@ def _expert_target_attention_backward_op(g_out: torch.Tensor, tokens: torch.Tens
     if num_segments:
         block_t, block_d = _blocks(dim)
         _target_attention_bwd[(num_segments,)](
-            tokens, gather_index, row_gate, query, w_key.contiguous(), w_value.contiguous(), segment_offsets,
-            g_out.contiguous(), pooled, lse, g_rows, g_gate, g_query, g_qf,
+            tokens, gather_index, row_gate, query, w_key, w_value, segment_offsets,
+            g_out, pooled, lse, g_rows, g_gate, g_query, g_qf,
             num_segments // w_key.shape[0], dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
             HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, PRECISION=dot_precision(tokens.dtype),
             BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)

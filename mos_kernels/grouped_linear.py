@@ -14,7 +14,9 @@ columns), the gather fused into the operand loads and the scatter into the store
 gradient is the same kernel on the transposed weight; `_grouped_mm_weight_grad` reduces each
 expert's rows in a fixed number of splits into fp32 partials that one sum adds up in a fixed
 order (deterministic, no atomics). The gradient of the gathered tokens is the gather's own
-backward (`theme_scatter`, a gather-sum over the inverse index).
+backward (`theme_scatter`, a gather-sum over the inverse index). Index arithmetic is 64-bit
+(program ids and strides widened first): a row index times a stride passes 2^31 once an
+operand holds more than 2^31 elements.
 Custom ops mos::grouped_linear and mos::grouped_linear_backward, with FLOP formulas.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_offsets, check_tensor, reads_data
+from ._layout import kernel_op
 from .backend import resolve_backend
 from .jagged import max_segment_length, positions_in_segment, segment_blocks, segment_ids
 from .theme_gather import _check_index, inverse_of, theme_gather
@@ -180,8 +183,10 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[dst(r)] = gate[r] * a[src(r)] @ W[e] (+ b[e]) for the BLOCK_M rows of one tile of expert e.
     Consecutive programs take the column blocks of one row tile, which then comes from L2."""
+    pid = tl.program_id(0).to(tl.int64)    # 64-bit index arithmetic (module docstring)
+    stride_wk, stride_wn = tl.cast(stride_wk, tl.int64), tl.cast(stride_wn, tl.int64)
     num_col_blocks = tl.cdiv(n_dim, BLOCK_N)
-    tile = tl.program_id(0) // num_col_blocks
+    tile = pid // num_col_blocks
     expert = tl.load(tile_expert_ptr + tile)
     if expert < num_experts:
         rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
@@ -189,7 +194,7 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
         src = rows
         if A_INDEX:
             src = tl.load(a_index_ptr + rows, mask=row_ok, other=0)
-        cols = (tl.program_id(0) % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_dim
         w_base = w_ptr + expert * stride_we
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -219,15 +224,15 @@ def _grouped_mm_weight_grad(a_ptr, a_index_ptr, gate_ptr, g_ptr, g_index_ptr, of
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
     """Partial sums over split s of expert e's rows: dW[e, s] = sum_r (gate a)[r]^T g[r], db[e, s] = sum_r g[r]."""
-    pid = tl.program_id(0)                 # e * splits + s
+    pid = tl.program_id(0).to(tl.int64)    # e * splits + s; 64-bit index arithmetic (module docstring)
     expert = pid // splits
     first = tl.load(offsets_ptr + expert)
     last = tl.load(offsets_ptr + expert + 1)
     chunk = (last - first + splits - 1) // splits
     lo = first + (pid % splits) * chunk
     hi = tl.minimum(lo + chunk, last)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = ks < k_dim
     col_ok = cols < n_dim
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -279,7 +284,6 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index
     """[num_rows, n] in out_dtype (default a's): row r = gate[r] * a[a_index[r]] @ W[e] (W[e]^T if
     transpose) + b[e], stored at out_index[r]; a_index / gate / out_index None mean the identity / 1 /
     the identity."""
-    a, weight, expert_offsets = a.contiguous(), weight.contiguous(), expert_offsets.contiguous()
     num_experts, d_in, d_out = weight.shape
     k_dim, n_dim = (d_out, d_in) if transpose else (d_in, d_out)
     stride_wk, stride_wn = (1, d_out) if transpose else (d_out, 1)
@@ -288,7 +292,7 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index
         tile_expert, tile_start = segment_blocks(expert_offsets, BLOCK_M, num_rows)
         block_n = _block(n_dim)
         grid = (tile_expert.numel() * triton.cdiv(n_dim, block_n),)
-        _grouped_mm[grid](a, a_index, gate, weight, None if bias is None else bias.contiguous(), out, out_index,
+        _grouped_mm[grid](a, a_index, gate, weight, bias, out, out_index,
                           tile_expert, tile_start, expert_offsets, num_experts, k_dim, n_dim, a.stride(0),
                           out.stride(0), weight.stride(0), stride_wk, stride_wn,
                           A_INDEX=a_index is not None, HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
@@ -300,7 +304,6 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index
 def _launch_weight_grad(a, a_index, gate, grad, grad_index, expert_offsets, num_experts: int):
     """(dW [E, d_in, d_out], db [E, d_out]) in fp32: sums over each expert's rows of
     (gate a[a_index])^T grad[grad_index] and of grad[grad_index]."""
-    a, grad, expert_offsets = a.contiguous(), grad.contiguous(), expert_offsets.contiguous()
     d_in, d_out = a.shape[1], grad.shape[1]
     splits = _splits(grad.shape[0], num_experts)
     dw = new_output((num_experts * splits, d_in, d_out), dtype=torch.float32, device=a.device)
@@ -317,7 +320,7 @@ def _launch_weight_grad(a, a_index, gate, grad, grad_index, expert_offsets, num_
     return dw.view(num_experts, splits, d_in, d_out).sum(1), db.view(num_experts, splits, d_out).sum(1)
 
 
-@torch.library.custom_op("mos::grouped_linear", mutates_args=())
+@kernel_op("mos::grouped_linear")
 def _grouped_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        expert_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
                        row_gate: Optional[torch.Tensor], inverse_index: Optional[torch.Tensor],
@@ -333,7 +336,7 @@ def _(x, weight, bias, expert_offsets, gather_index, row_gate, inverse_index, sc
     return x.new_empty((num_rows, weight.shape[2]))
 
 
-@torch.library.custom_op("mos::grouped_linear_backward", mutates_args=())
+@kernel_op("mos::grouped_linear_backward")
 def _grouped_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                 expert_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
                                 row_gate: Optional[torch.Tensor], scatter_index: Optional[torch.Tensor]

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor
+from ._layout import kernel_op
 from .backend import resolve_backend
 from .grouped_linear import dot_precision
 from .jagged import jagged_to_padded, max_segment_length, positions_in_segment, segment_blocks, segment_ids
@@ -84,7 +85,9 @@ def _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_le
 # Scores are scale * q.k in fp32; p is rounded to the values' dtype for the p @ v product (the
 # flash-attention recipe). A query row always sees the first key of its segment, so the running
 # max is finite after the first key block and no inf - inf arises; rows past the segment's end
-# are masked out of every store and every backward sum.
+# are masked out of every store and every backward sum. Index arithmetic is 64-bit (rows come
+# from the int64 tile starts, the head is widened): a row index times a stride passes 2^31 once
+# an operand holds more than 2^31 elements.
 
 @triton.jit
 def _self_attention_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_segment_ptr, tile_start_ptr, offsets_ptr,
@@ -92,7 +95,7 @@ def _self_attention_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_segment_ptr,
                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
         seg_start = tl.load(offsets_ptr + segment)
@@ -138,7 +141,7 @@ def _self_attention_bwd_kv(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g
                            CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
         seg_end = tl.load(offsets_ptr + segment + 1)
@@ -185,7 +188,7 @@ def _self_attention_bwd_q(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g_
                           CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
         seg_start = tl.load(offsets_ptr + segment)
@@ -229,19 +232,12 @@ def _blocks(head_dim: int) -> Tuple[int, int, int]:
     return block, block, block_dh
 
 
-def _row_strided(t: torch.Tensor) -> torch.Tensor:
-    """Column slices of a wider matrix are read in place; anything else is made contiguous."""
-    return t if t.stride(1) == 1 else t.contiguous()
-
-
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("mos::jagged_self_attention", mutates_args=())
+@kernel_op("mos::jagged_self_attention", row_strided=("q", "k", "v"))
 def _jagged_self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor,
                               num_heads: int, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [N, d], log-sum-exp [N, H] fp32)."""
-    q, k, v = _row_strided(q), _row_strided(k), _row_strided(v)
-    segment_offsets = segment_offsets.contiguous()
     num_rows, dim = q.shape
     head_dim = dim // num_heads
     out = new_output((num_rows, dim), dtype=q.dtype, device=q.device)
@@ -261,14 +257,11 @@ def _(q, k, v, segment_offsets, num_heads, causal):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], num_heads), dtype=torch.float32)
 
 
-@torch.library.custom_op("mos::jagged_self_attention_backward", mutates_args=())
+@kernel_op("mos::jagged_self_attention_backward", row_strided=("q", "k", "v"))
 def _jagged_self_attention_backward_op(g_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                        out: torch.Tensor, lse: torch.Tensor, segment_offsets: torch.Tensor,
                                        num_heads: int, causal: bool
                                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = _row_strided(q), _row_strided(k), _row_strided(v)
-    segment_offsets = segment_offsets.contiguous()
-    g_out = g_out.contiguous()
     num_rows, dim = q.shape
     head_dim = dim // num_heads
     g_q = new_output((num_rows, dim), dtype=q.dtype, device=q.device)

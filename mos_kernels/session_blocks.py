@@ -11,7 +11,7 @@ import triton.language as tl
 @triton.jit
 def session_block(offsets_ptr, num_sessions, BLOCK_S: tl.constexpr):
     """This program's sessions: ids, mask, row bounds of each, and the block's first/last row."""
-    block = tl.program_id(0) * BLOCK_S
+    block = tl.program_id(0).to(tl.int64) * BLOCK_S     # 64-bit: session ids scale addresses
     sessions = block + tl.arange(0, BLOCK_S)
     s_ok = sessions < num_sessions
     starts = tl.load(offsets_ptr + sessions, mask=s_ok, other=0)

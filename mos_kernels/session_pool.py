@@ -22,6 +22,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import check_offsets, check_values
+from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
 from .session_blocks import membership, session_block
@@ -72,13 +73,15 @@ def _session_pool_reference(values: torch.Tensor, session_offsets: torch.Tensor)
 # added into its sessions with a one-hot matrix product (membership [BLOCK_S, BLOCK_T] @ rows
 # [BLOCK_T, d]); a program per session would leave most of each tile masked and launch a
 # program per 8 rows. The one-hot product is exact: products with 1 and 0, accumulated in fp32
-# (fp32 inputs use the IEEE path, not TF32).
+# (fp32 inputs use the IEEE path, not TF32). Indices and widths are int64 (session_block, and the
+# casts below): a row or session index times the width can pass 2^31.
 
 @triton.jit
 def _pool_route_fwd(values_ptr, offsets_ptr, protos_ptr, pooled_ptr, scores_ptr, probs_ptr, themes_ptr,
                     num_sessions, dim, num_themes, inv_temperature, eps,
                     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                     TOP_K: tl.constexpr, ROUTE: tl.constexpr):
+    dim, num_themes = tl.cast(dim, tl.int64), tl.cast(num_themes, tl.int64)
     sessions, s_ok, starts, ends, first, last = session_block(offsets_ptr, num_sessions, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim
@@ -119,6 +122,7 @@ def _pool_route_bwd(g_pooled_ptr, pooled_ptr, g_scores_ptr, g_probs_ptr, probs_p
                     g_values_ptr, g_scores_total_ptr, num_sessions, dim, num_themes, inv_temperature, eps,
                     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                     ROUTE: tl.constexpr):
+    dim, num_themes = tl.cast(dim, tl.int64), tl.cast(num_themes, tl.int64)
     sessions, s_ok, starts, ends, first, last = session_block(offsets_ptr, num_sessions, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < dim
@@ -169,12 +173,11 @@ def _block_k(num_themes: int) -> int:
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("mos::session_pool_route", mutates_args=())
+@kernel_op("mos::session_pool_route")
 def _session_pool_route_op(values: torch.Tensor, session_offsets: torch.Tensor, prototypes: torch.Tensor,
                            inv_temperature: float, top_k: int
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """prototypes: unit rows [K, d] fp32 (K = 0: pool only). Returns pooled, scores, probs, themes."""
-    values = values.contiguous()
     num_sessions, dim = session_offsets.numel() - 1, values.shape[1]
     num_themes = prototypes.shape[0]
     device = values.device
@@ -184,7 +187,7 @@ def _session_pool_route_op(values: torch.Tensor, session_offsets: torch.Tensor, 
     themes = new_output((num_sessions, top_k), dtype=torch.int64, device=device)
     if num_sessions:
         _pool_route_fwd[(triton.cdiv(num_sessions, _BLOCK_S),)](
-            values, session_offsets, prototypes.contiguous(), pooled, scores, probs, themes,
+            values, session_offsets, prototypes, pooled, scores, probs, themes,
             num_sessions, dim, num_themes, inv_temperature, NORM_EPS,
             BLOCK_S=_BLOCK_S, BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(num_themes),
             TOP_K=max(top_k, 1), ROUTE=num_themes > 0)
@@ -199,7 +202,7 @@ def pool_route_fake(values, session_offsets, prototypes, inv_temperature, top_k)
     return pooled, scores, torch.empty_like(scores), values.new_empty((num_sessions, top_k), dtype=torch.int64)
 
 
-@torch.library.custom_op("mos::session_pool_route_backward", mutates_args=())
+@kernel_op("mos::session_pool_route_backward")
 def _session_pool_route_backward_op(g_pooled: torch.Tensor, g_scores: torch.Tensor, g_probs: torch.Tensor,
                                     values: torch.Tensor, pooled: torch.Tensor, probs: torch.Tensor,
                                     prototypes: torch.Tensor, session_offsets: torch.Tensor,
@@ -211,8 +214,7 @@ def _session_pool_route_backward_op(g_pooled: torch.Tensor, g_scores: torch.Tens
     g_scores_total = new_output((num_sessions, num_themes), dtype=torch.float32, device=values.device)
     if num_sessions:
         _pool_route_bwd[(triton.cdiv(num_sessions, _BLOCK_S),)](
-            g_pooled.contiguous(), pooled, g_scores.contiguous(), g_probs.contiguous(), probs,
-            prototypes.contiguous(), session_offsets, g_values, g_scores_total,
+            g_pooled, pooled, g_scores, g_probs, probs, prototypes, session_offsets, g_values, g_scores_total,
             num_sessions, dim, num_themes, inv_temperature, NORM_EPS,
             BLOCK_S=_BLOCK_S, BLOCK_T=_BLOCK_T, BLOCK_D=_block_d(dim), BLOCK_K=_block_k(num_themes),
             ROUTE=num_themes > 0)

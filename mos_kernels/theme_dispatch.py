@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._alloc import new_output
 from ._checks import check_offsets, check_positive, check_tensor, reads_data
+from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import counts_of, offsets_from_lengths, segment_ids
 from .session_blocks import membership, session_block
@@ -142,7 +143,9 @@ def _theme_dispatch_reference(themes, session_offsets, session_example, num_exam
 def _dispatch_count(themes_ptr, session_offsets_ptr, example_session_offsets_ptr, rank_ptr, counts_ptr,
                     num_examples, num_themes,
                     BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TOP_K: tl.constexpr):
-    b = tl.program_id(0)
+    # 64-bit: counts_ptr + k * B + b passes 2^31 for K * B > 2^31 segments.
+    b = tl.program_id(0).to(tl.int64)
+    num_examples = tl.cast(num_examples, tl.int64)
     first = tl.load(example_session_offsets_ptr + b)
     last = tl.load(example_session_offsets_ptr + b + 1)
     ks = tl.arange(0, BLOCK_K)
@@ -199,13 +202,12 @@ _FILL_BLOCK_S = 32    # sessions per fill program
 _FILL_BLOCK_T = 128   # rows per fill tile
 
 
-@torch.library.custom_op("mos::theme_dispatch", mutates_args=())
+@kernel_op("mos::theme_dispatch")
 def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, session_example: torch.Tensor,
                        example_session_offsets: torch.Tensor, num_tokens: int, num_themes: int,
                        capacity: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """capacity 0 = unlimited. Returns gather_index, row_source (flat session*top_k + choice),
     inverse_index [T, top_k], theme_offsets [K*B+1]."""
-    themes = themes.contiguous()
     num_sessions, top_k = themes.shape
     num_examples = example_session_offsets.numel() - 1
     device = themes.device

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from ._checks import FLOAT_DTYPES, check_tensor, check_values, reads_data
+from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 
 _BLOCK_R = 32   # rows per program: with d <= 256 a tile stays in registers
@@ -100,11 +101,15 @@ def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Opti
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+#
+# Row indices and widths are int64: a row index times the width passes 2^31 once a tensor holds
+# more than 2^31 elements (4 GB in fp16), and an int32 product would wrap to a wrong address.
 
 @triton.jit
 def _gather_rows(src_ptr, index_ptr, gate_ptr, out_ptr, num_rows, dim,
                  HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dim = tl.cast(dim, tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < num_rows
     mask = row_ok[:, None] & (cols < dim)[None, :]
@@ -119,7 +124,8 @@ def _gather_rows(src_ptr, index_ptr, gate_ptr, out_ptr, num_rows, dim,
 @triton.jit
 def _scatter_rows(rows_ptr, inverse_ptr, gate_ptr, out_ptr, num_tokens, dim,
                   SLOTS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dim = tl.cast(dim, tl.int64)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     token_ok = tokens < num_tokens
     col_ok = (cols < dim)[None, :]
@@ -140,7 +146,8 @@ def _scatter_rows(rows_ptr, inverse_ptr, gate_ptr, out_ptr, num_tokens, dim,
 @triton.jit
 def _row_dot(a_ptr, b_ptr, b_index_ptr, out_ptr, num_rows, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[r] = <a[r], b[b_index[r]]>: the gradient of a row gate."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dim = tl.cast(dim, tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < num_rows
     mask = row_ok[:, None] & (cols < dim)[None, :]
@@ -156,10 +163,9 @@ def _grid(n: int):
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("mos::theme_gather", mutates_args=())
+@kernel_op("mos::theme_gather")
 def _theme_gather_op(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor],
                      inverse_index: torch.Tensor) -> torch.Tensor:
-    values = values.contiguous()
     out = new_output((gather_index.numel(), values.shape[1]), dtype=values.dtype, device=values.device)
     if out.numel():
         _gather_rows[_grid(out.shape[0])](values, gather_index, row_gate, out, out.shape[0], values.shape[1],
@@ -173,14 +179,13 @@ def gather_fake(values, gather_index, row_gate, inverse_index):
     return values.new_empty((gather_index.shape[0], values.shape[1]))
 
 
-@torch.library.custom_op("mos::theme_scatter", mutates_args=())
+@kernel_op("mos::theme_scatter")
 def _theme_scatter_op(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor],
                       inverse_index: torch.Tensor) -> torch.Tensor:
-    rows = rows.contiguous()
     num_tokens, slots = inverse_index.shape
     out = new_output((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
     if out.numel():
-        _scatter_rows[_grid(num_tokens)](rows, inverse_index.contiguous(), row_gate, out, num_tokens, rows.shape[1],
+        _scatter_rows[_grid(num_tokens)](rows, inverse_index, row_gate, out, num_tokens, rows.shape[1],
                                          SLOTS=slots, HAS_GATE=row_gate is not None, BLOCK_R=_BLOCK_R,
                                          BLOCK_D=triton.next_power_of_2(rows.shape[1]))
     return out
@@ -191,11 +196,11 @@ def scatter_fake(rows, gather_index, row_gate, inverse_index):
     return rows.new_empty((inverse_index.shape[0], rows.shape[1]))
 
 
-@torch.library.custom_op("mos::row_dot", mutates_args=())
+@kernel_op("mos::row_dot")
 def _row_dot_op(a: torch.Tensor, b: torch.Tensor, b_index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     out = new_output(a.shape[0], dtype=out_dtype, device=a.device)
     if out.numel():
-        _row_dot[_grid(a.shape[0])](a.contiguous(), b.contiguous(), b_index, out, a.shape[0], a.shape[1],
+        _row_dot[_grid(a.shape[0])](a, b, b_index, out, a.shape[0], a.shape[1],
                                     BLOCK_R=_BLOCK_R, BLOCK_D=triton.next_power_of_2(a.shape[1]))
     return out
 

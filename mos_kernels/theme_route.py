@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_positive, check_tensor, check_values
+from ._checks import FLOAT_DTYPES, check_finite, check_positive, check_tensor, check_values
 from .backend import resolve_backend
 
 NORM_EPS = 1e-6
@@ -44,6 +44,8 @@ def check_routing_args(rows_name: str, rows: torch.Tensor, prototypes: torch.Ten
     num_themes = prototypes.shape[0]
     if num_themes < 1:
         raise ValueError(f"prototypes: expected K >= 1 rows, got {num_themes}")
+    # A NaN or inf prototype makes every score NaN: themes would be arbitrary (and differ by backend).
+    check_finite("prototypes", prototypes)
     check_positive("temperature", temperature)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_themes:
         raise ValueError(f"top_k: expected an int in [1, K={num_themes}], got {top_k!r}")

@@ -15,6 +15,7 @@ import torch
 import mos_kernels as mk
 from mos import MoSLayer
 from mos.config import MoSConfig
+from tests.conftest import require_cuda_ext
 
 DIM = 4
 
@@ -152,6 +153,32 @@ def test_wrong_device_names_the_argument(layer):
     batch["offsets"] = batch["offsets"].cuda()
     with pytest.raises(ValueError, match=named("offsets")):
         call(layer, **batch)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_non_finite_prototypes_are_refused(backend, value):
+    """The router's parameters get the inputs' finiteness check, by name, on every backend (layer
+    and ops); with the data checks switched off the layer does not look (validate_inputs)."""
+    if backend == "cuda":
+        require_cuda_ext()
+    spoiled = _nan_at(torch.randn(3, DIM), (1, 2), value)
+    with pytest.raises(ValueError, match=named("prototypes") + ": expected finite values, got NaN or inf"):
+        _pool_route(prototypes=spoiled, backend=backend)
+    if backend == "reference":   # theme_route has the reference alone
+        with pytest.raises(ValueError, match=named("prototypes")):
+            _route(prototypes=spoiled)
+    torch.manual_seed(0)
+    config = dict(dim=DIM, num_heads=2, num_themes=3, session_len=2, backend=backend)
+    layer = MoSLayer(MoSConfig(**config))
+    with torch.no_grad():
+        layer.prototypes[1, 2] = value
+    with pytest.raises(ValueError, match=named("prototypes")):
+        call(layer, **good_batch())
+    if backend == "reference":   # unchecked NaN scores are the caller's risk; the reference is safe with them
+        unchecked = MoSLayer(MoSConfig(**config, validate_inputs=False))
+        unchecked.load_state_dict(layer.state_dict())
+        call(unchecked, **good_batch())
 
 
 CONFIG_CASES = {

@@ -1,4 +1,5 @@
-"""CI step: every Triton kernel compiles to sm_90 machine code (the interpreter is lenient)."""
+"""CI step: every Triton kernel compiles to sm_90 machine code (the interpreter is lenient), with no
+32-bit multiplication in its address arithmetic (compile_check.narrow_address_products)."""
 import os
 import subprocess
 import sys

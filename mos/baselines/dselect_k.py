@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .sample_moe import SampleMoE
+from .sample_moe import SampleMoE, mean_or_zero
 
 
 def smooth_step(x: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -44,5 +44,5 @@ class DSelectK(SampleMoE):
         r = self.selector_probs(features)
         alpha = torch.softmax(self.selector_weights(features).float(), dim=1)  # [B, k]
         weights = (alpha[:, :, None] * r).sum(dim=1)                           # [B, E]
-        entropy = -(r * torch.log(r.clamp_min(1e-9))).sum(-1).mean()
+        entropy = mean_or_zero(-(r * torch.log(r.clamp_min(1e-9))).sum(-1))
         return weights, self.moe.entropy_weight * entropy, {"selector_entropy": entropy.detach()}

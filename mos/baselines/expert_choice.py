@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .sample_moe import SampleMoE
+from .sample_moe import SampleMoE, mean_or_zero
 
 
 class ExpertChoice(SampleMoE):
@@ -28,5 +28,5 @@ class ExpertChoice(SampleMoE):
         capacity = self.capacity(scores.shape[0])
         top = torch.topk(scores.t(), capacity, dim=1)                          # [E, C]
         weights = torch.zeros_like(scores.t()).scatter(1, top.indices, top.values).t()
-        covered = (weights > 0).any(dim=1).float().mean()
+        covered = mean_or_zero((weights > 0).any(dim=1).float())
         return weights, scores.new_zeros(()), {"examples_covered": covered.detach()}

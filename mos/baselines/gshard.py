@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sample_moe import SampleMoE
+from .sample_moe import SampleMoE, mean_or_zero
 
 
 class GShard(SampleMoE):
@@ -22,5 +22,5 @@ class GShard(SampleMoE):
         weights = weights / weights.sum(dim=1, keepdim=True)
         num_experts = probs.shape[1]
         chosen = torch.zeros_like(probs).scatter(1, top.indices, 1.0)
-        balance = num_experts * (chosen.mean(0) / self.moe.top_k * probs.mean(0)).sum()
+        balance = num_experts * (mean_or_zero(chosen, 0) / self.moe.top_k * mean_or_zero(probs, 0)).sum()
         return weights, self.moe.load_balance_weight * balance, {"load_balance": balance.detach()}

@@ -54,6 +54,14 @@ class SampleMoE(nn.Module):
         return EncoderOutput(torch.einsum("be,ebd->bd", weights.to(out.dtype), out), aux_loss, aux)
 
 
+def mean_or_zero(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """x.mean(dim) (over all of x when dim is None), or zeros where there is nothing to average:
+    on an empty batch torch's mean is 0/0 = NaN, and a NaN auxiliary loss poisons training."""
+    if x.numel():
+        return x.mean() if dim is None else x.mean(dim)
+    return x.sum() if dim is None else x.sum(dim)   # sums over nothing: zeros, still in the graph
+
+
 def _expert_layout(used: torch.Tensor, offsets: torch.Tensor, num_tokens: int):
     """Segment e*B+b holds example b's tokens when expert e is used for it, else nothing.
 
