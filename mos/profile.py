@@ -26,6 +26,7 @@ from mos.config import RunConfig
 from mos.config_io import config_to_dict
 from mos.data.batch import Batch
 from mos.flops import count_flops
+from mos.report import WALL_TIME_NOTE, flops_unit, format_mean_std
 from mos.train import load_data, train_one
 from mos.variants import variant_config
 
@@ -142,20 +143,20 @@ def summarize(records: List[dict]) -> List[dict]:
     return rows
 
 
-def _pm(mean, std, digits=4):
-    return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def markdown_table(rows: List[dict]) -> str:
-    lines = ["| model | params | GFLOPs/ex (fwd) | GFLOPs/ex (train) | test AUC | test GAUC | test LogLoss "
-             "| router purity | router NMI | s/epoch |",
+    """One row per model; FLOPs in the unit where the largest reads at least 1, one seed without a spread."""
+    scale, unit = flops_unit(r["train_gflops"] * 1e9 for r in rows)
+    lines = [f"| model | params | {unit}/ex (fwd) | {unit}/ex (train) | test AUC | test GAUC | test LogLoss "
+             "| router purity | router NMI | wall s/epoch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['gflops']:.5f} | {r['train_gflops']:.5f} "
-                     f"| {_pm(r['auc_mean'], r['auc_std'])} | {_pm(r['gauc_mean'], r['gauc_std'])} "
-                     f"| {_pm(r['logloss_mean'], r['logloss_std'])} | {_pm(r['purity_mean'], r['purity_std'], 3)} "
-                     f"| {_pm(r['nmi_mean'], r['nmi_std'], 3)} | {r['seconds_per_epoch']:.2f} |")
-    return "\n".join(lines)
+        def pm(metric, digits=4):
+            return format_mean_std(r[f"{metric}_mean"], r[f"{metric}_std"], r["seeds"], digits)
+
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['gflops'] * 1e9 / scale:.3f} "
+                     f"| {r['train_gflops'] * 1e9 / scale:.3f} | {pm('auc')} | {pm('gauc')} | {pm('logloss')} "
+                     f"| {pm('purity', 3)} | {pm('nmi', 3)} | {r['seconds_per_epoch']:.2f} |")
+    return "\n".join(lines + ["", WALL_TIME_NOTE])
 
 
 def target_verdict(rows: List[dict]) -> str:

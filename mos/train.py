@@ -263,7 +263,7 @@ def _train_step(model, optimizer, batch, state: _RunState) -> torch.Tensor:
     for name, value in out.aux.items():
         state.aux_sums[name] = state.aux_sums.get(name, 0.0) + value
     state.step += 1
-    return loss
+    return loss.detach()    # for the progress bar: reading a tensor that needs grad as a number warns
 
 
 def _close_epoch(state: _RunState, group: distributed.Group, examples: int) -> tuple[float, float, dict]:

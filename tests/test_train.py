@@ -1,6 +1,7 @@
 """The training loop on a tiny fake model and data: it learns, stops early, restores the best
 weights, measures the router, writes one JSON line per run and prints the summary table."""
 import json
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional
@@ -153,6 +154,13 @@ def test_progress_bar_choice(monkeypatch):
     assert not train._show_bar("auto") and train._show_bar("bar")
     with pytest.raises(ValueError, match="progress"):
         train._show_bar("always")
+
+
+def test_the_progress_bar_raises_no_warning(splits, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")         # a warning would fail the run
+        record = train.train_one(make_config(max_epochs=1, quiet=True), "backbone", 0, splits, progress="bar")
+    assert record["epochs"] == 1 and "backbone seed 0 epoch 1" in capsys.readouterr().err
 
 
 def test_run_appends_json_lines_and_prints_the_table(splits, monkeypatch, tmp_path, capsys):
