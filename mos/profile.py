@@ -75,10 +75,10 @@ def profile(run_cfg: RunConfig) -> List[dict]:
     lengths = run_cfg.profile.lengths
     plots.flops_versus_length(lengths, flops_by_length(run_cfg, splits[0]), out_dir / "flops_vs_length.png")
     if data.has_timestamps:
-        matrices, labels = session_heatmaps(data.dataset, run_cfg.profile.heatmap_users,
-                                            run_cfg.model.mos.gap_seconds)
+        matrices, labels, users = session_heatmaps(data.dataset, run_cfg.profile.heatmap_users,
+                                                   run_cfg.model.mos.gap_seconds)
         if matrices:
-            plots.session_similarity(matrices, labels, out_dir / "session_similarity.png")
+            plots.session_similarity(matrices, labels, users, out_dir / "session_similarity.png")
         else:
             print("no session_similarity.png: no user has 6 or more sessions")
     else:
@@ -225,8 +225,9 @@ def flops_by_length(run_cfg: RunConfig, train_set) -> Dict[str, List[float]]:
 
 
 def session_heatmaps(data, users: int, gap_seconds: float, max_sessions: int = 12):
-    """Category-histogram cosine between the sessions of the first users with >= 6 sessions."""
-    matrices, labels = [], []
+    """Category-histogram cosine between the sessions of the first users with >= 6 sessions:
+    (matrices, each session's true interest or number, the users)."""
+    matrices, labels, shown = [], [], []
     offsets = data.user_offsets.tolist()
     for user in range(len(offsets) - 1):
         start, end = offsets[user], offsets[user + 1]
@@ -241,6 +242,7 @@ def session_heatmaps(data, users: int, gap_seconds: float, max_sessions: int = 1
             np.add.at(hist[i], data.category_ids[start + bounds[i]:start + bounds[i + 1]].numpy(), 1)
         unit = hist / np.linalg.norm(hist, axis=1, keepdims=True)
         matrices.append(unit @ unit.T)
+        shown.append(user)
         if data.true_interest is not None:
             truth = data.true_interest[start:start + bounds[-1]]
             labels.append(metrics.session_majority(truth, torch.tensor(bounds)).tolist())
@@ -248,4 +250,4 @@ def session_heatmaps(data, users: int, gap_seconds: float, max_sessions: int = 1
             labels.append(list(range(len(bounds) - 1)))
         if len(matrices) == users:
             break
-    return matrices, labels
+    return matrices, labels, shown
