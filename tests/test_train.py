@@ -183,3 +183,13 @@ def test_run_appends_json_lines_and_prints_the_table(splits, monkeypatch, tmp_pa
 
     train.run(cfg)
     assert len((out_dir / "results.jsonl").read_text().splitlines()) == 8   # appended, not replaced
+
+
+def test_a_one_class_split_has_undefined_auc_and_gauc(splits):
+    data = FakeData(32, 5)
+    data.label = torch.ones(32)
+    result = train.evaluate(FakeModel(SimpleNamespace(kind="backbone"), 20, 3), data, batch_size=16, device="cpu",
+                            num_themes=4)
+    assert result["auc"] is None and result["gauc"] is None
+    assert (result["gauc_users"], result["gauc_users_skipped"]) == (0, len(torch.unique(data.user)))
+    assert result["logloss"] == pytest.approx(float(torch.log(torch.tensor(2.0))))
