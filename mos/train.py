@@ -181,6 +181,25 @@ class _RunState:
         return len(self.train_loss) - self.best_epoch >= patience
 
 
+def _repeatable(train):
+    """Run `train` with torch's deterministic algorithms on a CPU device. With more than one thread
+    some default CPU backward kernels accumulate in a varying order (the gradients of the item
+    embeddings, the attention's query and key projections, the router's prototypes differed
+    between repeats of one step): two runs of one seed drifted apart from epoch 5 and could pick
+    another best epoch. With these algorithms they repeat bitwise. The caller's setting is
+    restored after."""
+    @functools.wraps(train)
+    def repeatable(run_cfg: RunConfig, *args, **kwargs):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(previous or torch.device(run_cfg.train.device).type == "cpu")
+        try:
+            return train(run_cfg, *args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    return repeatable
+
+
+@_repeatable
 def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str, inspect=None,
               group: Optional[distributed.Group] = None, checkpoint_path=None, resume_from=None,
               vocabulary: Optional[dict] = None) -> dict:

@@ -193,3 +193,20 @@ def test_a_one_class_split_has_undefined_auc_and_gauc(splits):
     assert result["auc"] is None and result["gauc"] is None
     assert (result["gauc_users"], result["gauc_users_skipped"]) == (0, len(torch.unique(data.user)))
     assert result["logloss"] == pytest.approx(float(torch.log(torch.tensor(2.0))))
+
+
+def test_training_on_a_cpu_uses_the_deterministic_algorithms_and_gives_the_setting_back(splits, monkeypatch):
+    """With more than one thread some default CPU backward kernels add in a varying order (the
+    README has the measurement); training and its evaluations run with the deterministic ones."""
+    seen = []
+
+    class Spy(FakeModel):
+        def forward(self, batch):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+            return super().forward(batch)
+
+    monkeypatch.setattr(train, "CTRModel", Spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train.train_one(make_config(max_epochs=1, quiet=True), "backbone", 0, splits, progress="none")
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()
