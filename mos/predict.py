@@ -26,7 +26,8 @@ from mos.data import logs, movielens
 from mos.errors import InputError
 from mos.evaluation import predictions
 from mos.model import CTRModel
-from mos.train import check_machine, sessions_for
+from mos.distributed import check_machine
+from mos.train import sessions_for
 
 
 def predict(checkpoint_path, source: str, out, overrides: list[str] = ()) -> int:
@@ -45,7 +46,7 @@ def predict(checkpoint_path, source: str, out, overrides: list[str] = ()) -> int
         raise InputError(str(err)) from None
     if run_cfg.data.source == "synthetic":
         raise InputError("--data: expected a log to score (a .csv, .tsv or .parquet file, or movielens), got 'synthetic'")
-    check_machine(run_cfg)
+    check_machine(run_cfg.train.device, run_cfg.model.mos.backend)
     vocabulary = logs.Vocabulary(**saved["vocabulary"])
     cfg = run_cfg.data
     log = movielens.load(cfg, vocabulary) if cfg.source == "movielens" else logs.load_log(cfg.source, cfg, vocabulary)

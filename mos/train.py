@@ -32,13 +32,11 @@ from mos.config import RunConfig
 from mos.config_io import config_to_dict
 from mos.data import checks, logs, movielens, stats, synthetic
 from mos.data.dataset import CTRDataset, split_by_user
-from mos.errors import InputError
 from mos.evaluation import evaluate
 from mos.model import CTRModel
 from mos.report import metric_text, summary_table
 from mos.variants import variant_config
 from mos_kernels._checks import check_choice
-from mos_kernels.backend import cuda_emulating, interpreting
 
 # Options that change how a run looks, not what it computes: a resumed run may differ in them.
 _RESUMABLE_CHANGES = ("train.resume", "train.quiet", "train.progress", "train.seeds", "train.threads",
@@ -117,7 +115,7 @@ def load_data(run_cfg: RunConfig, group: Optional[distributed.Group] = None) -> 
     "synthetic" splits by user (`split_by_user`); MovieLens and log files by time inside each
     user (`mos.data.logs`). Settings this machine cannot honour stop before anything is loaded,
     splits that cannot be trained on before anything is trained (`InputError`)."""
-    check_machine(run_cfg)
+    distributed.check_machine(run_cfg.train.device, run_cfg.model.mos.backend)
     cfg = run_cfg.data
     group = group or distributed.single("cpu")
     say = _printer(group)
@@ -136,26 +134,6 @@ def load_data(run_cfg: RunConfig, group: Optional[distributed.Group] = None) -> 
     say("examples train / valid / test: " + " / ".join(str(len(split)) for split in data.splits))
     checks.check_splits(data.splits, cfg)
     return data
-
-
-def check_machine(run_cfg: RunConfig) -> None:
-    """`InputError` for a device or kernel backend this machine does not have."""
-    device = torch.device(run_cfg.train.device)
-    if device.type == "cuda" and device_count() <= (device.index or 0):
-        seen = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
-                else f"torch sees {device_count()} CUDA device(s)")
-        raise InputError(f"train.device: expected a device this machine has, got {run_cfg.train.device!r}, but "
-                         f"{seen}; use train.device=cpu")
-    backend = run_cfg.model.mos.backend
-    emulated = {"triton": interpreting, "cuda": cuda_emulating}.get(backend, lambda: True)()
-    if device.type != "cuda" and not emulated:
-        raise InputError(f"model.mos.backend: {backend!r} runs its kernels on a CUDA device, but train.device is "
-                         f"{run_cfg.train.device!r}; use model.mos.backend=auto (the reference kernels on a CPU) "
-                         f"or train.device=cuda on a machine with a GPU")
-
-
-def device_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @dataclass

@@ -143,6 +143,10 @@ def test_a_device_or_backend_this_machine_lacks_stops_before_loading(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
+    from mos.distributed import check_machine
+
+    with pytest.raises(InputError, match="train.device: expected a device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu'"):
+        check_machine("gpu", "auto")
     code, out, err = cli("train", "--set", "train.device=cuda", f"train.out_dir={tmp_path}")
     assert code == 2 and "train.device: expected a device this machine has, got 'cuda'" in err
     assert out == "" and len(err.strip().splitlines()) == 1          # nothing loaded, nothing printed
