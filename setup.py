@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 CSRC = Path("mos_kernels") / "csrc"
 SOURCES = ["schema.cpp", "session_pool.cu", "theme_dispatch.cu", "theme_gather.cu"]   # = cuda_ops.CUDA_SOURCES
@@ -61,4 +62,22 @@ def cuda_extension() -> dict:
     return dict(ext_modules=[extension], cmdclass={"build_ext": OptionalBuild})
 
 
-setup(**cuda_extension())
+class BuildPyWithConfigs(build_py):
+    """Ships configs/*.yaml inside the package, as mos/configs/: they live at the top of the
+    repository (where `make run` and the README name them), and `--config default` must find them
+    after a `pip install` too (mos/config_io.py: shipped_configs)."""
+
+    def run(self):
+        super().run()
+        configs = sorted(Path("configs").glob("*.yaml"))
+        if not configs:
+            raise FileNotFoundError(f"mos: expected the shipped configs in {Path('configs').resolve()}, found none")
+        target = Path(self.build_lib) / "mos" / "configs"
+        self.mkpath(str(target))
+        for config in configs:
+            self.copy_file(str(config), str(target / config.name))
+
+
+options = cuda_extension()
+options.setdefault("cmdclass", {})["build_py"] = BuildPyWithConfigs
+setup(**options)

@@ -1,7 +1,10 @@
-"""The `mos` command line: `mos train|profile [--config FILE] [--set key=value ...]`.
+"""The `mos` command line: `mos train|profile [--config FILE] [--set key=value ...]` and
+`mos predict --checkpoint FILE --data LOG --out FILE`.
 
 `main(argv)` returns the exit code instead of exiting, so tests call it directly. Config
-mistakes end with one line on stderr and exit code 2, never a traceback.
+mistakes, and input the run finds unusable (`mos.errors.InputError`: a log without a needed
+column, an empty file, a device this machine lacks, a damaged checkpoint), end with one line on
+stderr and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import json
 import sys
 from typing import Optional
 
+from mos.checkpoint import CheckpointError
 from mos.config_io import dump_yaml, load_run_config
+from mos.errors import InputError
+from mos.predict import predict
 from mos.profile import profile, quick_overrides
 from mos.train import run
 
@@ -51,11 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--quick", action="store_true", help="tiny sizes, one seed, one epoch (a smoke run)")
     profile.add_argument("--report-only", action="store_true",
                          help="train nothing: report the finished runs in <out_dir>/runs/ and name the missing ones")
+    scoring = commands.add_parser(
+        "predict", help="score a log with a trained model: one CSV row per scored event",
+        description="Read the log (--data) with the checkpoint's column names, label and history options and\n"
+                    "the same checks as training; write the model's click probability for every event\n"
+                    "with enough history before it.",
+        epilog=_PREDICT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    scoring.add_argument("--checkpoint", required=True, metavar="FILE",
+                         help="a checkpoint of `mos train`: <out_dir>/checkpoints/<model>-seed<seed>.pt")
+    scoring.add_argument("--data", required=True, metavar="LOG", help="the log to score (.csv, .tsv, .parquet)")
+    scoring.add_argument("--out", required=True, metavar="FILE", help="where the scores go (CSV; - for stdout)")
+    scoring.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                         help="override a key of the checkpoint's config, e.g. data.user_column=uid")
     return parser
 
 
 def _add_config_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--config", metavar="FILE", help="YAML config (e.g. configs/default.yaml)")
+    command.add_argument("--config", metavar="FILE",
+                         help="YAML config, or the name of a shipped one: default, profile")
     command.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend",
                          default=[], help="override one dotted config key, e.g. train.lr=0.001")
     command.add_argument("--quiet", action="store_true", help="no per-epoch log lines (same as train.quiet=true)")
@@ -85,8 +104,25 @@ models: any of the variants in mos/variants.py, e.g.
 resumable: a run whose configuration has not changed is read from <out_dir>/runs/ again."""
 
 
+_PREDICT_EPILOG = """\
+columns: line (in the log), the user and item ids, the label where the log has one, score.
+A row naming an item the model never saw is refused and counted in the report (stderr)."""
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        if args.command == "predict":
+            rows = predict(args.checkpoint, args.data, args.out, args.overrides)
+            print(f"{rows} scores written to {args.out}", file=sys.stderr)
+            return 0
+        return _train_or_profile(args)
+    except (InputError, CheckpointError) as err:
+        print(f"mos {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train_or_profile(args: argparse.Namespace) -> int:
     quick = quick_overrides() if getattr(args, "quick", False) else []
     overrides = quick + args.overrides + _flag_overrides(args)
     try:
@@ -97,14 +133,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.print_config:
         print(dump_yaml(run_cfg), end="")
         return 0
-    if args.command == "profile" and args.report_only:
-        try:
-            profile(run_cfg, report_only=True)
-        except ValueError as err:        # nothing finished to report: a usage error, one line
-            print(f"mos profile: error: {err}", file=sys.stderr)
-            return 2
-    elif args.command == "profile":
-        profile(run_cfg)
+    if args.command == "profile":
+        profile(run_cfg, report_only=args.report_only)
     else:
         run(run_cfg)
     return 0

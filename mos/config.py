@@ -217,6 +217,7 @@ class DataConfig:
     negatives: int = 1                   # "sampled": negatives drawn per event
     history: str = "all"                 # history events: "all" or only "positive" ones
     min_history: int = 1                 # history events an event needs before it to become a sample
+    drop_duplicates: bool = False        # drop rows repeating an earlier row in every column read (else: a warning)
 
     def __post_init__(self):
         if self.source not in ("synthetic", "movielens") and not any(

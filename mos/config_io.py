@@ -6,20 +6,31 @@ checked against the dataclass fields at every level, and every error names the d
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from mos.config import RunConfig
 
+_PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+_CHECKOUT_CONFIGS = Path(__file__).parent.parent / "configs"
 
-def load_run_config(path: Optional[str], overrides: list[str]) -> RunConfig:
-    """The run config from the defaults, then the YAML file at `path` (if any), then `overrides`."""
-    tree = _read_yaml(path) if path else {}
-    _check_keys(RunConfig, tree, "", f"config file {path}")
+
+def load_run_config(path: Optional[str], overrides: list[str], base: Optional[dict] = None) -> RunConfig:
+    """The run config from the defaults, then the YAML file at `path` (if any; a shipped config's
+    name such as "default" also works) or the config tree `base` (a checkpoint's), then `overrides`."""
+    if base is not None:
+        tree, where = copy.deepcopy(base), "the checkpoint's configuration"
+    else:
+        path = config_path(path) if path else None
+        tree, where = (_read_yaml(path) if path else {}), f"config file {path}"
+    _check_keys(RunConfig, tree, "", where)
     for text in overrides:
         key, value = parse_override(text)
         section = _check_path(RunConfig, key, f"--set {text}")
@@ -27,6 +38,28 @@ def load_run_config(path: Optional[str], overrides: list[str]) -> RunConfig:
             _check_keys(section, value, f"{key}.", f"--set {text}")
         _set_dotted(tree, key, value)
     return _build(RunConfig, tree, "")
+
+
+def shipped_configs() -> dict:
+    """Name -> path of the configs that come with the package: copied into `mos/configs/` when a
+    wheel is built (setup.py), read from the checkout's `configs/` in a source tree or an editable
+    install."""
+    folder = _PACKAGE_CONFIGS if _PACKAGE_CONFIGS.is_dir() else _CHECKOUT_CONFIGS
+    return {file.stem: file for file in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(given: str) -> str:
+    """`given` when that file exists; else the shipped config it names: "default", "default.yaml"
+    or "configs/default.yaml" run from another directory. An unknown name is an error that lists them."""
+    if os.path.isfile(given):
+        return given
+    name = Path(given)
+    if name.parent in (Path("."), Path("configs")) and name.suffix in ("", ".yaml"):
+        shipped = shipped_configs().get(name.stem)
+        if shipped is not None:
+            return str(shipped)
+    raise FileNotFoundError(f"--config: expected a YAML file or the name of a shipped config "
+                            f"({', '.join(shipped_configs()) or 'none found'}), got {given!r} (no such file)")
 
 
 def parse_override(text: str) -> tuple[str, object]:

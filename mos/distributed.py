@@ -24,6 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from mos.errors import InputError
+from mos_kernels.backend import cuda_emulating, interpreting
+
 
 @dataclass(frozen=True)
 class Group:
@@ -46,6 +49,30 @@ class Group:
 def single(device) -> Group:
     """The world of one process on `device`."""
     return Group(rank=0, world_size=1, device=torch.device(device))
+
+
+def check_machine(device_name: str, backend: str) -> None:
+    """`InputError` for a device (`train.device`) or kernel backend (`model.mos.backend`) this
+    machine does not have: said before any data is loaded."""
+    try:
+        device = torch.device(device_name)
+    except RuntimeError as err:       # torch's own message lists the device types it knows
+        raise InputError(f"train.device: expected a device such as 'cpu', 'cuda' or 'cuda:1', got "
+                         f"{device_name!r} ({' '.join(str(err).split())[:200]})") from None
+    if device.type == "cuda" and device_count() <= (device.index or 0):
+        seen = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+                else f"torch sees {device_count()} CUDA device(s)")
+        raise InputError(f"train.device: expected a device this machine has, got {device_name!r}, but "
+                         f"{seen}; use train.device=cpu")
+    emulated = {"triton": interpreting, "cuda": cuda_emulating}.get(backend, lambda: True)()
+    if device.type != "cuda" and not emulated:
+        raise InputError(f"model.mos.backend: {backend!r} runs its kernels on a CUDA device, but train.device is "
+                         f"{device_name!r}; use model.mos.backend=auto (the reference kernels on a CPU) "
+                         f"or train.device=cuda on a machine with a GPU")
+
+
+def device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def setup(device: str) -> Group:

@@ -26,10 +26,11 @@ def auc(labels, scores) -> float:
     return float((rank[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def gauc(labels, scores, users) -> tuple[float, int, int]:
+def gauc(labels, scores, users) -> tuple[Optional[float], int, int]:
     """Impression-weighted mean of the per-user AUC over users that have both classes.
 
-    Returns (value, users_used, users_skipped); single-class users are skipped and counted.
+    Returns (value, users_used, users_skipped); single-class users are skipped and counted. With
+    no user of both classes (one sample per user, say) GAUC is undefined: the value is None.
     """
     y = _as_labels("labels", labels)
     s = _as_array("scores", scores, float, len(y), "labels")
@@ -44,8 +45,7 @@ def gauc(labels, scores, users) -> tuple[float, int, int]:
     rank_sum = np.bincount(group, weights=np.where(y, rank, 0.0), minlength=num_groups)
     used = (positives > 0) & (negatives > 0)
     if not used.any():
-        raise ValueError(f"labels: expected at least one user with both classes for GAUC, got {num_groups} "
-                         f"single-class users")
+        return None, 0, num_groups
     per_user = (rank_sum[used] - positives[used] * (positives[used] + 1) / 2) / (positives[used] * negatives[used])
     value = float(np.sum(per_user * impressions[used]) / impressions[used].sum())
     return value, int(used.sum()), int(num_groups - used.sum())

@@ -25,7 +25,9 @@ from mos import metrics, plots
 from mos.config import RunConfig
 from mos.config_io import config_to_dict
 from mos.data.batch import Batch
+from mos.errors import InputError
 from mos.flops import count_flops
+from mos.report import WALL_TIME_NOTE, flops_unit, format_mean_std
 from mos.train import load_data, train_one
 from mos.variants import variant_config
 
@@ -69,7 +71,7 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False) -> List[dict]:
             _write_atomic(path, json.dumps({"fingerprint": fingerprint, "record": record}))
         records.append(record)
     if not records:
-        raise ValueError(f"train.out_dir: expected finished runs in {out_dir / 'runs'} to report, got none")
+        raise InputError(f"train.out_dir: expected finished runs in {out_dir / 'runs'} to report, got none")
 
     rows = summarize(records)
     parts = [f"## {run_cfg.profile.setting}", markdown_table(rows), target_verdict(rows), TARGET_RULES]
@@ -85,10 +87,10 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False) -> List[dict]:
                                        axis=0).tolist() for row in rows}
     plots.flops_versus_length(run_cfg.profile.lengths, by_length, out_dir / "flops_vs_length.png")
     if data.has_timestamps:
-        matrices, labels = session_heatmaps(data.dataset, run_cfg.profile.heatmap_users,
-                                            run_cfg.model.mos.gap_seconds)
+        matrices, labels, users = session_heatmaps(data.dataset, run_cfg.profile.heatmap_users,
+                                                   run_cfg.model.mos.gap_seconds)
         if matrices:
-            plots.session_similarity(matrices, labels, out_dir / "session_similarity.png")
+            plots.session_similarity(matrices, labels, users, out_dir / "session_similarity.png")
         else:
             print("no session_similarity.png: no user has 6 or more sessions")
     else:
@@ -179,26 +181,25 @@ def summarize(records: List[dict]) -> List[dict]:
     return rows
 
 
-def _pm(mean, std, digits=4):
-    return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def _served(row: dict) -> str:
     return "-" if row["serves_correction"] is None else f"{row['serves_correction']} of {row['seeds']} seeds"
 
 
 def markdown_table(rows: List[dict]) -> str:
-    lines = ["| model | params | GFLOPs/ex (fwd) | GFLOPs/ex (train) | valid AUC | test AUC | test GAUC "
-             "| test LogLoss | router purity | router NMI | best / ran epochs | correction served | s/epoch |",
+    """One row per model; FLOPs in the unit where the largest reads at least 1, one seed without a spread."""
+    scale, unit = flops_unit(r["train_gflops"] * 1e9 for r in rows)
+    lines = [f"| model | params | {unit}/ex (fwd) | {unit}/ex (train) | valid AUC | test AUC | test GAUC "
+             "| test LogLoss | router purity | router NMI | best / ran epochs | correction served | wall s/epoch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['gflops']:.5f} | {r['train_gflops']:.5f} "
-                     f"| {_pm(r['valid_auc_mean'], r['valid_auc_std'])} "
-                     f"| {_pm(r['auc_mean'], r['auc_std'])} | {_pm(r['gauc_mean'], r['gauc_std'])} "
-                     f"| {_pm(r['logloss_mean'], r['logloss_std'])} | {_pm(r['purity_mean'], r['purity_std'], 3)} "
-                     f"| {_pm(r['nmi_mean'], r['nmi_std'], 3)} | {r['best_epoch']:.1f} / {r['epochs']:.1f} "
-                     f"| {_served(r)} | {r['seconds_per_epoch']:.2f} |")
-    return "\n".join(lines)
+        def pm(metric, digits=4):
+            return format_mean_std(r[f"{metric}_mean"], r[f"{metric}_std"], r["seeds"], digits)
+
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['gflops'] * 1e9 / scale:.3f} "
+                     f"| {r['train_gflops'] * 1e9 / scale:.3f} | {pm('valid_auc')} | {pm('auc')} | {pm('gauc')} "
+                     f"| {pm('logloss')} | {pm('purity', 3)} | {pm('nmi', 3)} "
+                     f"| {r['best_epoch']:.1f} / {r['epochs']:.1f} | {_served(r)} | {r['seconds_per_epoch']:.2f} |")
+    return "\n".join(lines + ["", WALL_TIME_NOTE])
 
 
 NEVER_WORSE_MARGIN = 0.002
@@ -276,8 +277,9 @@ def flops_by_length(model, profile_cfg, train_set) -> List[float]:
 
 
 def session_heatmaps(data, users: int, gap_seconds: float, max_sessions: int = 12):
-    """Category-histogram cosine between the sessions of the first users with >= 6 sessions."""
-    matrices, labels = [], []
+    """Category-histogram cosine between the sessions of the first users with >= 6 sessions:
+    (matrices, each session's true interest or number, the users)."""
+    matrices, labels, shown = [], [], []
     offsets = data.user_offsets.tolist()
     for user in range(len(offsets) - 1):
         start, end = offsets[user], offsets[user + 1]
@@ -292,6 +294,7 @@ def session_heatmaps(data, users: int, gap_seconds: float, max_sessions: int = 1
             np.add.at(hist[i], data.category_ids[start + bounds[i]:start + bounds[i + 1]].numpy(), 1)
         unit = hist / np.linalg.norm(hist, axis=1, keepdims=True)
         matrices.append(unit @ unit.T)
+        shown.append(user)
         if data.true_interest is not None:
             truth = data.true_interest[start:start + bounds[-1]]
             labels.append(metrics.session_majority(truth, torch.tensor(bounds)).tolist())
@@ -299,4 +302,4 @@ def session_heatmaps(data, users: int, gap_seconds: float, max_sessions: int = 1
             labels.append(list(range(len(bounds) - 1)))
         if len(matrices) == users:
             break
-    return matrices, labels
+    return matrices, labels, shown

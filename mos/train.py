@@ -4,8 +4,8 @@
 file) and prints its statistics. `train_one` trains with Adam and early stopping on validation
 AUC, restores the best weights and evaluates them on test. Under torchrun it trains a DDP model
 on each rank's share of the batches (`mos.distributed`); it checkpoints its whole state
-(`mos.checkpoint`) so that a stopped run resumes to the same result. `evaluate` owns the metrics
-of one split, router quality included, over the predictions of every rank. `run` loads the data
+(`mos.checkpoint`) so that a stopped run resumes to the same result; `mos.evaluation` computes
+the metrics of a split. `run` loads the data
 once, trains every model for every seed, appends one JSON line per run to
 `<out_dir>/results.jsonl` and prints the side-by-side table; rank 0 alone prints and writes.
 """
@@ -18,7 +18,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mos import checkpoint, distributed, metrics
+from mos import checkpoint, distributed
 from mos.config import RunConfig
 from mos.config_io import config_to_dict
-from mos.data import logs, movielens, stats, synthetic
+from mos.data import checks, logs, movielens, stats, synthetic
 from mos.data.dataset import CTRDataset, split_by_user
+from mos.evaluation import evaluate
 from mos.model import CTRModel, training_loss
-from mos.report import summary_table
+from mos.report import metric_text, summary_table
 from mos.variants import variant_config
 from mos_kernels._checks import check_choice
 
@@ -44,12 +45,14 @@ _RESUMABLE_CHANGES = ("train.resume", "train.quiet", "train.progress", "train.se
 
 @dataclass
 class Data:
-    """The examples of one data source: all of them, the (train, valid, test) split, and whether
-    the events carry real times (a log without a timestamp column does not)."""
+    """The examples of one data source: all of them, the (train, valid, test) split, whether the
+    events carry real times (a log without a timestamp column does not) and, for a log, how its
+    items are numbered (`logs.Vocabulary` as a dict: checkpoints keep it for scoring new logs)."""
 
     dataset: CTRDataset
     splits: tuple
     has_timestamps: bool = True
+    vocabulary: Optional[dict] = None
 
 
 def run(run_cfg: RunConfig) -> list[dict]:
@@ -66,11 +69,7 @@ def run(run_cfg: RunConfig) -> list[dict]:
 def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
     say = _printer(group)
     data = load_data(run_cfg, group)
-    if not data.has_timestamps and run_cfg.model.mos.session_mode == "gap":
-        # Row positions are no clock: a gap rule on them would make one session per user.
-        say("model.mos.session_mode: the data has no timestamps, so MoS cuts fixed sessions of "
-            f"session_len={run_cfg.model.mos.session_len} instead of gap sessions")
-        run_cfg = replace(run_cfg, model=replace(run_cfg.model, mos=replace(run_cfg.model.mos, session_mode="fixed")))
+    run_cfg = sessions_for(run_cfg, data.has_timestamps, say)
     if group.distributed:
         say(f"training on {group.world_size} processes ({group.device.type}), batch_size {run_cfg.train.batch_size} "
             f"per process")
@@ -89,7 +88,7 @@ def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
                 records.append(saved["record"])
                 continue
             record = train_one(run_cfg, kind, seed, data.splits, progress=run_cfg.train.progress, group=group,
-                               checkpoint_path=path, resume_from=saved)
+                               checkpoint_path=path, resume_from=saved, vocabulary=data.vocabulary)
             if group.is_main:
                 # Written as each run ends, so an interrupted job keeps the runs it finished.
                 with results.open("a", encoding="utf-8") as stream:
@@ -100,11 +99,23 @@ def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
     return records
 
 
+def sessions_for(run_cfg: RunConfig, has_timestamps: bool, say=print) -> RunConfig:
+    """`run_cfg` with MoS cutting fixed sessions where it asks for gap sessions on data without
+    timestamps (saying so): row positions are no clock, a gap rule on them makes one session per user."""
+    if has_timestamps or run_cfg.model.mos.session_mode != "gap":
+        return run_cfg
+    say("model.mos.session_mode: the data has no timestamps, so MoS cuts fixed sessions of "
+        f"session_len={run_cfg.model.mos.session_len} instead of gap sessions")
+    return replace(run_cfg, model=replace(run_cfg.model, mos=replace(run_cfg.model.mos, session_mode="fixed")))
+
+
 def load_data(run_cfg: RunConfig, group: Optional[distributed.Group] = None) -> Data:
     """The data `run_cfg.data.source` names, split, with its statistics printed (by rank 0).
 
     "synthetic" splits by user (`split_by_user`); MovieLens and log files by time inside each
-    user (`mos.data.logs`)."""
+    user (`mos.data.logs`). Settings this machine cannot honour stop before anything is loaded,
+    splits that cannot be trained on before anything is trained (`InputError`)."""
+    distributed.check_machine(run_cfg.train.device, run_cfg.model.mos.backend)
     cfg = run_cfg.data
     group = group or distributed.single("cpu")
     say = _printer(group)
@@ -115,12 +126,13 @@ def load_data(run_cfg: RunConfig, group: Optional[distributed.Group] = None) -> 
         with distributed.main_first(group):   # rank 0 fills the MovieLens cache, the others read it
             log = movielens.load(cfg) if cfg.source == "movielens" else logs.load_log(cfg.source, cfg)
         say(log.report.format())
-        data = Data(log.dataset, log.splits, log.report.has_timestamps)
+        data = Data(log.dataset, log.splits, log.report.has_timestamps, asdict(log.vocabulary))
     if data.has_timestamps:
         say(stats.format_statistics(stats.session_statistics(data.dataset, gap_seconds=run_cfg.model.mos.gap_seconds)))
     else:
         say("no session statistics: they cut sessions at time gaps, and the log has no timestamps")
     say("examples train / valid / test: " + " / ".join(str(len(split)) for split in data.splits))
+    checks.check_splits(data.splits, cfg)
     return data
 
 
@@ -147,15 +159,36 @@ class _RunState:
         return len(self.train_loss) - self.best_epoch >= patience
 
 
+def _repeatable(train):
+    """Run `train` with torch's deterministic algorithms on a CPU device. With more than one thread
+    some default CPU backward kernels accumulate in a varying order (the gradients of the item
+    embeddings, the attention's query and key projections, the router's prototypes differed
+    between repeats of one step): two runs of one seed drifted apart from epoch 5 and could pick
+    another best epoch. With these algorithms they repeat bitwise. The caller's setting is
+    restored after."""
+    @functools.wraps(train)
+    def repeatable(run_cfg: RunConfig, *args, **kwargs):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(previous or torch.device(run_cfg.train.device).type == "cpu")
+        try:
+            return train(run_cfg, *args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    return repeatable
+
+
+@_repeatable
 def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str, inspect=None,
-              group: Optional[distributed.Group] = None, checkpoint_path=None, resume_from=None) -> dict:
+              group: Optional[distributed.Group] = None, checkpoint_path=None, resume_from=None,
+              vocabulary: Optional[dict] = None) -> dict:
     """Train model `kind` with `seed` on `splits` = (train, valid, test); returns the run record.
 
     `progress` is "bar", "none" or "auto" (a bar only on an interactive terminal outside CI).
     `inspect(model) -> dict`: called on the trained model (best weights); its entries join the
     record (the profiler measures FLOPs this way). `group`: this process's rank (one process
     when None). `checkpoint_path`: where the run's state is saved after every epoch, every
-    `train.checkpoint_every` steps and at the end; `resume_from`: a state saved there, to continue.
+    `train.checkpoint_every` steps and at the end; `resume_from`: a state saved there, to continue;
+    `vocabulary`: how a log's items are numbered, kept in the checkpoint for `mos predict`.
     """
     train_set, valid_set, test_set = splits
     cfg = run_cfg.train
@@ -182,7 +215,8 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
 
     def save(record=None):
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, group, kind, seed, run_config, model, optimizer, state, record)
+            _save_checkpoint(checkpoint_path, group, kind, seed, run_config, model, optimizer, state, record,
+                             vocabulary)
 
     num_batches = train_set.num_batches(cfg.batch_size)
     while len(state.train_loss) < cfg.max_epochs and not state.stopped(cfg.patience):
@@ -215,7 +249,8 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
             state.best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         if not quiet:
             print(f"{kind} seed {seed} epoch {epoch}/{cfg.max_epochs}: train loss {loss:.4f} (BCE {bce:.4f})  "
-                  f"valid AUC {valid['auc']:.4f}  {state.epoch_seconds[-1]:.1f}s{'  *' if improved else ''}",
+                  f"valid AUC {metric_text(valid, 'auc')}  {state.epoch_seconds[-1]:.1f}s wall"
+                  f"{'  *' if improved else ''}",
                   file=sys.stderr, flush=True)
         state.epoch_shuffle = shuffle.get_state()
         save()
@@ -223,8 +258,8 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
     model.load_state_dict(state.best_state)
     test = evaluate(model, test_set, **eval_args)
     if not quiet:
-        print(f"{kind} seed {seed}: best epoch {state.best_epoch}, test AUC {test['auc']:.4f}  "
-              f"GAUC {test['gauc']:.4f}  LogLoss {test['logloss']:.4f}", file=sys.stderr, flush=True)
+        print(f"{kind} seed {seed}: best epoch {state.best_epoch}, test AUC {metric_text(test, 'auc')}  "
+              f"GAUC {metric_text(test, 'gauc')}  LogLoss {test['logloss']:.4f}", file=sys.stderr, flush=True)
     record = {
         **(inspect(model) if inspect is not None else {}),
         "model": kind,
@@ -263,7 +298,7 @@ def _train_step(model, optimizer, batch, state: _RunState) -> torch.Tensor:
     for name, value in out.aux.items():
         state.aux_sums[name] = state.aux_sums.get(name, 0.0) + value
     state.step += 1
-    return loss
+    return loss.detach()    # for the progress bar: reading a tensor that needs grad as a number warns
 
 
 def _close_epoch(state: _RunState, group: distributed.Group, examples: int) -> tuple[float, float, dict]:
@@ -286,84 +321,14 @@ def _close_epoch(state: _RunState, group: distributed.Group, examples: int) -> t
     return loss, bce, aux
 
 
-@torch.no_grad()
-def evaluate(model, dataset, *, batch_size: int, device, num_themes: int, max_history: Optional[int] = None,
-             group: Optional[distributed.Group] = None, choose: bool = False) -> dict:
-    """AUC, GAUC, LogLoss of `model` on `dataset`; with a router, also the tokens each theme got
-    and (when the data knows each event's true interest) the router's purity and NMI.
-
-    A boosted MoS model has two candidate predictions: `choose` (on the validation split) sets the
-    one it serves to the one with the higher AUC here, and the metrics are those of that one.
-
-    Each rank predicts its share of the batches; the metrics are computed on every rank from all
-    the predictions, put back in batch order, so they equal those of one process."""
-    model.eval()
-    group = group or distributed.single(device)
-    num_batches = dataset.num_batches(batch_size)
-    mine = distributed.rank_batches(dataset.batches(batch_size, max_history=max_history), num_batches, group,
-                                    wrap_around=False)
-    per_rank = distributed.gather(group, [_predict(model, batch.to(device)) for batch in mine])
-    outputs = [per_rank[index % group.world_size][index // group.world_size] for index in range(num_batches)]
-
-    logits, labels, users = (torch.cat([out[name] for out in outputs]) for name in ("logits", "labels", "users"))
-    candidate_auc = None
-    if outputs and "candidates" in outputs[0]:
-        candidates = {name: torch.cat([out["candidates"][name] for out in outputs]) for name in outputs[0]["candidates"]}
-        candidate_auc = {name: float(metrics.auc(labels, c)) for name, c in candidates.items()}
-        if choose:
-            model.serve(candidate_auc["mos"] >= candidate_auc["backbone"])
-            logits = candidates["mos" if bool(model.serve_extras) else "backbone"]
-    gauc, users_used, users_skipped = metrics.gauc(labels, logits, users)
-    routed = [out for out in outputs if "session_theme" in out]
-    theme_tokens = torch.zeros(num_themes, dtype=torch.int64)
-    for out in routed:
-        theme_tokens.index_add_(0, out["session_theme"], out["session_tokens"])
-    result = {
-        "examples": int(labels.numel()),
-        "auc": float(metrics.auc(labels, logits)),
-        "gauc": float(gauc),
-        "gauc_users": int(users_used),
-        "gauc_users_skipped": int(users_skipped),
-        "logloss": float(metrics.logloss(labels, logits)),
-        "purity": None,
-        "nmi": None,
-        "theme_tokens": theme_tokens.tolist() if routed else None,
-        "candidate_auc": candidate_auc,
-        "serves_extras": None if candidate_auc is None else bool(model.serve_extras),
-    }
-    truth = [out for out in routed if "session_truth" in out]
-    if truth:
-        # Sessions made only of noise events (truth -1) are left out by the metrics themselves.
-        assigned = torch.cat([out["session_theme"] for out in truth])
-        majority = torch.cat([out["session_truth"] for out in truth])
-        result["purity"] = float(metrics.routing_purity(assigned, majority))
-        result["nmi"] = float(metrics.routing_nmi(assigned, majority))
-    return result
-
-
-def _predict(model, batch) -> dict:
-    """What `evaluate` needs of one batch, on the CPU (small: a few numbers per example or session)."""
-    out = model(batch)
-    result = {"logits": out.logits.float().cpu(), "labels": batch.label.float().cpu(), "users": batch.user.cpu()}
-    if out.candidates is not None:
-        result["candidates"] = {name: c.float().cpu() for name, c in out.candidates.items()}
-    routing = out.routing
-    if routing is not None:
-        result["session_theme"] = routing.session_theme.cpu()
-        result["session_tokens"] = routing.session_offsets.diff().cpu()
-        if batch.true_interest is not None:
-            result["session_truth"] = metrics.session_majority(batch.true_interest, routing.session_offsets).cpu()
-    return result
-
-
-def _save_checkpoint(path, group, kind, seed, run_config, model, optimizer, state, record) -> None:
+def _save_checkpoint(path, group, kind, seed, run_config, model, optimizer, state, record, vocabulary) -> None:
     """Every rank's RNG state goes to rank 0, which writes the checkpoint (a collective: all ranks call)."""
     rng = distributed.gather(group, _rng_state(group.device))
     if group.is_main:
         checkpoint.save(path, {
             "kind": kind, "seed": seed, "processes": group.world_size, "config": run_config,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "run": vars(state),
-            "rng": rng, "record": record,
+            "rng": rng, "record": record, "vocabulary": vocabulary,
         })
 
 

@@ -77,9 +77,15 @@ def test_gauc_matches_a_loop_over_users():
     assert (used, skipped_got) == (len(np.unique(users)) - skipped, skipped)
 
 
+def test_gauc_without_a_user_of_both_classes_is_undefined_and_counts_them():
+    # One sample per user, or every label 1: no user has a positive and a negative to rank.
+    assert gauc([1, 0, 1], [0.1, 0.2, 0.3], [0, 1, 2]) == (None, 0, 3)
+    assert gauc([1, 1, 1, 1], [0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]) == (None, 0, 2)
+
+
 def test_gauc_errors():
     with pytest.raises(ValueError, match="labels"):
-        gauc([1, 0, 1], [0.1, 0.2, 0.3], [0, 1, 2])
+        gauc([1, 2, 1], [0.1, 0.2, 0.3], [0, 1, 2])
     with pytest.raises(ValueError, match="users"):
         gauc([1, 0, 1], [0.1, 0.2, 0.3], [0, 1])
 

@@ -14,6 +14,8 @@ def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
     out = capsys.readouterr()
     assert "| backbone |" in out.out and "| gshard |" in out.out and "| mos |" in out.out
     assert "target" in out.out
+    # Toy models cost well under a GFLOP: the table says MFLOPs; one seed shows no "± 0.0000".
+    assert "| MFLOPs/ex (fwd) |" in out.out and "± 0.0000" not in out.out and "wall s/epoch" in out.out
     for name in ("profile.md", "profile.csv", "profile.json", "auc_vs_flops.png", "flops_vs_length.png",
                  "session_similarity.png"):
         path = tmp_path / name

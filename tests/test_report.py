@@ -1,7 +1,7 @@
 """The summary table: one row per model, mean ± std over seeds, purity only where a router ran."""
 import pytest
 
-from mos.report import mean_std, summary_table
+from mos.report import WALL_TIME_NOTE, flops_unit, format_mean_std, mean_std, metric_text, summary_table
 
 
 def record(model, seed, auc, purity=None, epochs=4, seconds=2.0, params=12345):
@@ -19,8 +19,8 @@ def test_mean_std_is_over_seeds_and_zero_for_one_seed():
 def test_summary_table_rows_and_values():
     records = [record("backbone", 0, 0.60), record("mos", 0, 0.70, purity=0.5, epochs=3, seconds=3.0),
                record("backbone", 1, 0.62), record("mos", 1, 0.74, purity=0.7, epochs=6, seconds=4.0)]
-    lines = summary_table(records).splitlines()
-    assert len(lines) == 4                       # header, rule, one row per model
+    lines = summary_table(records).split("\n\n")[0].splitlines()
+    assert len(lines) == 4                       # header, rule, one row per model (the wall-time note below)
     assert lines[0].startswith("| model | seeds | test AUC | test GAUC | test LogLoss | router purity")
     backbone, mos = (line.split(" | ") for line in lines[2:])
     assert backbone[0] == "| backbone" and mos[0] == "| mos"   # first-appearance order
@@ -33,6 +33,32 @@ def test_summary_table_rows_and_values():
     assert mos[6:] == ["4.5", "3.50", "12,345 |"]
 
 
-def test_summary_table_single_seed_has_zero_std():
+def test_summary_table_single_seed_shows_the_value_without_a_spread():
     table = summary_table([record("mos", 0, 0.7, purity=0.9)])
-    assert "0.7000 ± 0.0000" in table and "0.9000 ± 0.0000" in table
+    assert "| 0.7000 |" in table and "| 0.9000 |" in table and "±" not in table
+
+
+def test_undefined_metrics_are_said_and_counted_not_averaged():
+    gauc_undefined = record("mos", 0, 0.7)
+    gauc_undefined["test"].update(gauc=None, gauc_users_skipped=30)
+    row = summary_table([gauc_undefined]).splitlines()[2].split(" | ")
+    assert row[3] == "undefined (30 users skipped: each has one class)"
+    one_of_two = [record("mos", 0, 0.7), record("mos", 1, 0.7)]
+    one_of_two[1]["test"]["auc"] = None
+    assert summary_table(one_of_two).splitlines()[2].split(" | ")[2] == "0.7000 (1 of 2 seeds undefined)"
+    assert metric_text({"auc": None}, "auc") == "undefined (one class)"
+
+
+def test_epoch_time_is_labelled_wall_time_on_a_shared_machine():
+    lines = summary_table([record("mos", 0, 0.7)]).splitlines()
+    assert "| wall s/epoch |" in lines[0]
+    assert lines[-1] == WALL_TIME_NOTE and "other jobs may share" in WALL_TIME_NOTE
+
+
+def test_flops_read_in_the_unit_where_they_are_at_least_one():
+    assert flops_unit([3.2e5, 1.2e6]) == (1e6, "MFLOPs")
+    assert flops_unit([3.2e5, 7.1e5]) == (1e3, "kFLOPs")
+    assert flops_unit([2.5e9]) == (1e9, "GFLOPs")
+    assert flops_unit([12.0]) == (1.0, "FLOPs")
+    assert format_mean_std(0.25, 0.01, 1) == "0.2500" and format_mean_std(0.25, 0.01, 3) == "0.2500 ± 0.0100"
+    assert format_mean_std(None, None, 3) == "-"

@@ -1,6 +1,7 @@
 """The training loop on a tiny fake model and data: it learns, stops early, restores the best
 weights, measures the router, writes one JSON line per run and prints the summary table."""
 import json
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional
@@ -156,6 +157,13 @@ def test_progress_bar_choice(monkeypatch):
         train._show_bar("always")
 
 
+def test_the_progress_bar_raises_no_warning(splits, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")         # a warning would fail the run
+        record = train.train_one(make_config(max_epochs=1, quiet=True), "backbone", 0, splits, progress="bar")
+    assert record["epochs"] == 1 and "backbone seed 0 epoch 1" in capsys.readouterr().err
+
+
 def test_run_appends_json_lines_and_prints_the_table(splits, monkeypatch, tmp_path, capsys):
     data = FakeData(8, 9)
     monkeypatch.setattr(train.synthetic, "generate", lambda cfg: data)
@@ -231,3 +239,30 @@ def test_boosted_mos_serves_the_candidate_validation_prefers():
     kept = train.evaluate(model, data, **args)
     assert kept["serves_extras"] != chosen["serves_extras"]
     assert kept["auc"] == pytest.approx(min(aucs.values()))
+
+
+def test_a_one_class_split_has_undefined_auc_and_gauc(splits):
+    data = FakeData(32, 5)
+    data.label = torch.ones(32)
+    result = train.evaluate(FakeModel(SimpleNamespace(kind="backbone"), 20, 3), data, batch_size=16, device="cpu",
+                            num_themes=4)
+    assert result["auc"] is None and result["gauc"] is None
+    assert (result["gauc_users"], result["gauc_users_skipped"]) == (0, len(torch.unique(data.user)))
+    assert result["logloss"] == pytest.approx(float(torch.log(torch.tensor(2.0))))
+
+
+def test_training_on_a_cpu_uses_the_deterministic_algorithms_and_gives_the_setting_back(splits, monkeypatch):
+    """With more than one thread some default CPU backward kernels add in a varying order (the
+    README has the measurement); training and its evaluations run with the deterministic ones."""
+    seen = []
+
+    class Spy(FakeModel):
+        def forward(self, batch):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+            return super().forward(batch)
+
+    monkeypatch.setattr(train, "CTRModel", Spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train.train_one(make_config(max_epochs=1, quiet=True), "backbone", 0, splits, progress="none")
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -4,10 +4,16 @@ The file has one row per event. Columns (names are `DataConfig` fields): a user 
 id (required), a timestamp (seconds as a number, or an ISO-8601 date; without the column the
 file's row order is the time order), and optionally a 0/1 label, a rating and a category.
 
+The file. `mos.data.log_files` checks it before reading a row (empty, a binary file under a text
+suffix or the reverse, the id columns missing) and strips a UTF-8 byte-order mark.
+
 Rows. A row is used when it has a value in every column read, its ids are not empty, and its
 timestamp, label and rating parse. Every other row is counted under the first reason it fails,
 with a few examples (line number and value), in the `LogReport` that `load_log` returns and
 training prints: nothing is dropped silently. A file with no usable row stops with the reasons.
+The report also warns about input that loads but is probably wrong (`mos.data.checks`):
+timestamps in milliseconds or microseconds, and exact duplicate rows (`data.drop_duplicates`
+drops them, counted like refused rows).
 
 Order and vocabularies. Events are sorted by user, then timestamp; ties keep the file's order.
 Ids are strings; items and categories are numbered 1.. in sorted order (0 is padding), users
@@ -29,19 +35,26 @@ sliced from the user's stored events by `hist_end`; sampled negatives share thei
 Split, by time inside each user: the newest `test_fraction` of a user's sample events are test,
 the `valid_fraction` before them valid, the rest train. Histories reach back over all earlier
 events, whatever their split: only the past is seen, never the future.
+
+Scoring (`load_log(..., vocabulary=...)`, what `mos predict` reads): items are numbered as the
+trained model numbers them, rows with an item it never saw are refused, and every event with
+`min_history` history events before it is one sample, labelled when the log has labels.
 """
 from __future__ import annotations
 
-import csv
 import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from mos.config import LOG_FORMATS, DataConfig
+from mos.data import checks
 from mos.data.dataset import CTRDataset
+from mos.data.log_files import read_columns
+from mos.errors import InputError
 
 _EXAMPLES = 3                 # examples kept per reason a row was refused
 _NEGATIVE_DRAWS = 100         # rounds of redrawing a sampled negative the user had already seen
@@ -56,7 +69,9 @@ class LogReport:
     used: int = 0
     refused: dict = field(default_factory=dict)     # reason -> {"count": n, "examples": [...]}
     notes: list = field(default_factory=list)       # counted decisions that kept the row
+    warnings: list = field(default_factory=list)    # what is probably wrong with the input, though it loads
     has_timestamps: bool = True
+    has_labels: bool = True                         # False: read for scoring from a log without labels
     label_source: str = ""
     users: int = 0
     items: int = 0
@@ -76,108 +91,94 @@ class LogReport:
         for reason, entry in self.refused.items():
             lines.append(f"  refused {entry['count']}: {reason} (e.g. {'; '.join(entry['examples'])})")
         lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  WARNING: {warning}" for warning in self.warnings]
         time = "timestamps" if self.has_timestamps else "no timestamp column: the file's row order is the time order"
+        positive = f", {self.positive_rate:.3f} positive" if self.has_labels else ""
         lines.append(f"  {self.users} users, {self.items} items, {self.categories} categories, {time}; "
-                     f"labels from {self.label_source}: {self.samples} samples, {self.positive_rate:.3f} positive")
+                     f"labels from {self.label_source}: {self.samples} samples{positive}")
         return "\n".join(lines)
 
 
 @dataclass
+class Vocabulary:
+    """How a model trained on a log numbers its items: id i + 1 is `items[i]` (0 is padding), with
+    category id `item_category[i + 1]`. Checkpoints keep it (as a dict) so that new logs are
+    numbered the same way when they are scored."""
+
+    items: list
+    item_category: list
+    num_categories: int
+
+
+@dataclass
 class LogData:
-    """A loaded log: all samples, the time split (train, valid, test) and the report."""
+    """A loaded log: all samples, the time split (train, valid, test) and the report; per sample
+    its line in the file and its split (0 train, 1 valid, 2 test); the users' and items' names."""
 
     dataset: CTRDataset
     splits: tuple
     report: LogReport
+    sample_line: np.ndarray
+    sample_split: np.ndarray
+    users: np.ndarray
+    vocabulary: Vocabulary
 
 
-def load_log(path, cfg: DataConfig) -> LogData:
-    """Read the log at `path` with `cfg`'s column names and label rules (module docstring)."""
+def load_log(path, cfg: DataConfig, vocabulary: Optional[Vocabulary] = None) -> LogData:
+    """Read the log at `path` with `cfg`'s column names and label rules (module docstring).
+
+    With the `vocabulary` of a trained model the log is read for scoring: items are numbered as
+    the model knows them (rows with an item it never saw are refused and counted), labels come
+    from a label or rating column when there is one and are absent (0) otherwise, and no negative
+    is sampled."""
     path = Path(path)
     kind = LOG_FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise ValueError(f"data.source: expected a log file ending in {', '.join(LOG_FORMATS)}, got {str(path)!r}")
+        raise InputError(f"data.source: expected a log file ending in {', '.join(LOG_FORMATS)}, got {str(path)!r}")
     if not path.is_file():
         raise FileNotFoundError(f"data.source: no such file {str(path)!r}")
     wanted = {role: getattr(cfg, f"{role}_column") for role in _ROLES}
-    header, columns, fields, line = (_read_parquet if kind == "parquet" else _read_text)(path, kind, wanted)
+    header, columns, fields, line = read_columns(path, kind, wanted)
     report = LogReport(path=str(path), rows=len(line))
-    label_source = _label_source(cfg, header)
+    label_source = _label_source(cfg, header, scoring=vocabulary is not None)
     report.label_source = {"label": f"column {cfg.label_column!r}",
                            "rating": f"{cfg.rating_column!r} >= {cfg.rating_threshold:g}",
-                           "sampled": f"{cfg.negatives} sampled negative(s) per event"}[label_source]
+                           "sampled": f"{cfg.negatives} sampled negative(s) per event",
+                           "none": "nowhere (no label or rating column; scores only)"}[label_source]
     report.has_timestamps = "time" in columns
-    events = _parse_rows(columns, fields, len(header), line, cfg, label_source, report)
-    dataset, sample_part = _build(events, cfg, label_source, report)
-    splits = tuple(dataset.subset(torch.from_numpy(sample_part == part)) for part in range(3))
-    return LogData(dataset=dataset, splits=splits, report=report)
+    report.has_labels = label_source != "none"
+    known = None if vocabulary is None else set(vocabulary.items)
+    events = _parse_rows(columns, fields, len(header), line, cfg, label_source, report, known)
+    if report.has_timestamps:
+        checks.warn_time_unit(events["time"], cfg.time_column, report.warnings)
+    events = checks.duplicate_rows(events, [getattr(cfg, f"{role}_column") for role in columns], cfg, report)
+    return _build(events, cfg, label_source, report, vocabulary)
 
 
 # Each role's column name is the DataConfig field `<role>_column`.
 _ROLES = ("user", "item", "time", "label", "rating", "category")
 
 
-def _label_source(cfg: DataConfig, header: list) -> str:
-    if cfg.label_source == "auto":
+def _label_source(cfg: DataConfig, header: list, scoring: bool) -> str:
+    """Where the labels come from; when scoring, "none" where the log has no labels to read."""
+    if cfg.label_source == "auto" or (scoring and cfg.label_source == "sampled"):
         if cfg.label_column in header:
             return "label"
-        return "rating" if cfg.rating_column in header else "sampled"
+        if cfg.rating_column in header:
+            return "rating"
+        return "none" if scoring else "sampled"
     if cfg.label_source != "sampled":
         column = getattr(cfg, f"{cfg.label_source}_column")
         if column not in header:
-            raise ValueError(f"data.{cfg.label_source}_column: label_source is {cfg.label_source!r}, so the log "
+            raise InputError(f"data.{cfg.label_source}_column: label_source is {cfg.label_source!r}, so the log "
                              f"needs a column {column!r}; got columns {header}")
     return cfg.label_source
 
 
-def _present(header: list, wanted: dict, path: Path) -> dict:
-    """Role -> column index of the wanted columns the header has; the ids are required."""
-    for role in ("user", "item"):
-        if wanted[role] not in header:
-            raise ValueError(f"data.{role}_column: expected a column {wanted[role]!r} in {path}, got columns {header}")
-    return {role: header.index(name) for role, name in wanted.items() if name in header}
-
-
-def _read_text(path: Path, kind: str, wanted: dict):
-    """(header, role -> list of str or None, fields per row, line numbers) of a CSV or TSV file."""
-    with open(path, newline="", encoding="utf-8") as stream:
-        reader = csv.reader(stream, delimiter="," if kind == "csv" else "\t")
-        header = [name.strip() for name in next(reader, [])]
-        index = _present(header, wanted, path)
-        columns = {role: [] for role in index}
-        fields, lines = [], []
-        for row in reader:
-            if not row:          # blank lines are layout, not rows
-                continue
-            lines.append(reader.line_num)
-            fields.append(len(row))
-            for role, at in index.items():
-                value = row[at].strip() if at < len(row) else ""
-                columns[role].append(value or None)
-    return header, columns, np.asarray(fields, dtype=np.int64), np.asarray(lines, dtype=np.int64)
-
-
-def _read_parquet(path: Path, kind: str, wanted: dict):
-    """(header, role -> list of values or None, fields per row, row numbers) of a Parquet file."""
-    try:
-        import pyarrow.parquet as parquet
-    except ImportError:
-        raise ImportError(f"data.source: reading the Parquet file {path} needs the package pyarrow, which "
-                          f"is not installed (pip install pyarrow)") from None
-    header = list(parquet.read_schema(path).names)
-    index = _present(header, wanted, path)
-    table = parquet.read_table(path, columns=[header[at] for at in index.values()])
-    columns = {}
-    for role, at in index.items():
-        values = table.column(header[at]).to_pylist()
-        columns[role] = [value.strip() or None if isinstance(value, str) else value for value in values]
-    return (header, columns, np.full(table.num_rows, len(header), dtype=np.int64),
-            np.arange(1, table.num_rows + 1, dtype=np.int64))
-
-
 def _parse_rows(columns: dict, fields: np.ndarray, width: int, line: np.ndarray, cfg: DataConfig,
-                label_source: str, report: LogReport) -> dict:
-    """The usable rows as arrays (file order); refused rows go into `report`."""
+                label_source: str, report: LogReport, known_items: Optional[set] = None) -> dict:
+    """The usable rows as arrays (file order); refused rows go into `report`. With `known_items`
+    (scoring), rows whose item is not among them are refused too."""
     num_rows = len(line)
     refused = np.zeros(num_rows, dtype=bool)
 
@@ -191,64 +192,75 @@ def _parse_rows(columns: dict, fields: np.ndarray, width: int, line: np.ndarray,
     refuse(f"expected {width} fields (as in the header), got another number", fields != width,
            [f"{n} fields" for n in fields])
     read = [role for role in ("user", "item", "time", "category") if role in columns]
-    if label_source != "sampled":
+    if label_source in ("label", "rating"):
         read.append(label_source)
     for role in read:
         values = columns[role]
         refuse(f"no value in column {getattr(cfg, f'{role}_column')!r}",
                np.array([value is None for value in values], dtype=bool), values)
     if "time" in columns:
-        seconds, ok = _parse_times(columns["time"], refused)
+        seconds, ok = _parse(columns["time"], refused, _as_seconds, np.int64)
         refuse(f"column {cfg.time_column!r} is not seconds or an ISO-8601 date", ~ok, columns["time"])
     else:
         seconds = np.arange(num_rows, dtype=np.int64)
-    label = np.ones(num_rows, dtype=np.float32)
+    # Sampled negatives come later, so every event is a positive; unlabelled scoring data gets 0.
+    label = np.full(num_rows, label_source == "sampled", dtype=np.float32)
+    value = label.astype(np.float64)     # what tells two rows apart besides ids and time
     if label_source == "label":
-        label, ok = _parse_labels(columns["label"], refused)
+        label, ok = _parse(columns["label"], refused, _as_label, np.float32)
         refuse(f"column {cfg.label_column!r} is not 0 or 1", ~ok, columns["label"])
+        value = label.astype(np.float64)
     elif label_source == "rating":
-        rating, ok = _parse_numbers(columns["rating"], refused)
+        value, ok = _parse(columns["rating"], refused, _as_number, np.float64)
         refuse(f"column {cfg.rating_column!r} is not a number", ~ok, columns["rating"])
-        label = (rating >= cfg.rating_threshold).astype(np.float32)
+        label = (value >= cfg.rating_threshold).astype(np.float32)
+    if known_items is not None:
+        refuse(f"column {cfg.item_column!r} names an item the model never saw in training (it has no embedding)",
+               np.array([item not in known_items for item in columns["item"]], dtype=bool), columns["item"])
     used = ~refused
     report.used = int(used.sum())
     if not report.used:
         reasons = "; ".join(f"{entry['count']} {reason}" for reason, entry in report.refused.items()) or "no rows"
-        raise ValueError(f"data.source: no usable row in {report.path} ({reasons})")
+        raise InputError(f"data.source: no usable row in {report.path} ({reasons})")
 
     def kept(role):
         return np.array([str(value) for value, keep in zip(columns[role], used) if keep], dtype=str)
 
     return {"user": kept("user"), "item": kept("item"), "category": kept("category") if "category" in columns else None,
-            "time": seconds[used], "label": label[used]}
+            "time": seconds[used], "label": label[used], "value": value[used], "line": line[used]}
 
 
-def _parse_times(values: list, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Int64 seconds and whether each parsed; rows in `skip` are not parsed (ok stays True)."""
-    seconds = np.zeros(len(values), dtype=np.int64)
+def _parse(values: list, skip: np.ndarray, convert, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """`convert` of every value (None: it does not parse) and whether each parsed; rows in `skip`
+    are not parsed (ok stays True)."""
+    out = np.zeros(len(values), dtype=dtype)
     ok = np.ones(len(values), dtype=bool)
     for i, value in enumerate(values):
         if skip[i]:
             continue
-        number = _as_seconds(value)
+        number = convert(value)
         if number is None:
             ok[i] = False
         else:
-            seconds[i] = number
-    return seconds, ok
+            out[i] = number
+    return out, ok
+
+
+def _as_number(value):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
 
 
 def _as_seconds(value):
     if isinstance(value, datetime.datetime):
         moment = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(np.floor(value)) if np.isfinite(value) else None
     else:
-        try:
-            number = float(value)
-            return int(np.floor(number)) if np.isfinite(number) else None
-        except (TypeError, ValueError):
-            pass
+        number = None if isinstance(value, bool) else _as_number(value)
+        if number is not None:
+            return int(np.floor(number))
         try:
             moment = datetime.datetime.fromisoformat(str(value))
         except ValueError:
@@ -258,51 +270,29 @@ def _as_seconds(value):
     return int(np.floor(moment.timestamp()))
 
 
-def _parse_numbers(values: list, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    numbers = np.zeros(len(values), dtype=np.float64)
-    ok = np.ones(len(values), dtype=bool)
-    for i, value in enumerate(values):
-        if skip[i]:
-            continue
-        try:
-            numbers[i] = float(value)
-        except (TypeError, ValueError):
-            ok[i] = False
-    ok &= np.isfinite(numbers)
-    return numbers, ok
-
-
 _LABELS = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "false": 0.0, "true": 1.0}
 
 
-def _parse_labels(values: list, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.zeros(len(values), dtype=np.float32)
-    ok = np.ones(len(values), dtype=bool)
-    for i, value in enumerate(values):
-        if skip[i]:
-            continue
-        label = _LABELS.get(str(value).strip().lower())
-        if label is None:
-            ok[i] = False
-        else:
-            labels[i] = label
-    return labels, ok
+def _as_label(value):
+    return _LABELS.get(str(value).strip().lower())
 
 
-def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport) -> tuple[CTRDataset, np.ndarray]:
-    """The dataset of the parsed events and the split (0 train, 1 valid, 2 test) of each sample."""
+def _number(events: dict, report: LogReport, vocabulary: Optional[Vocabulary]):
+    """(user names, user index per event, item id per event, the vocabulary) in file order:
+    items and categories numbered from the log itself, or by a trained model's `vocabulary`."""
     users, user = np.unique(events["user"], return_inverse=True)
+    if vocabulary is not None:
+        index = {name: at + 1 for at, name in enumerate(vocabulary.items)}
+        report.categories = vocabulary.num_categories - 1
+        return users, user, np.array([index[name] for name in events["item"]], dtype=np.int64), vocabulary
     items, item = np.unique(events["item"], return_inverse=True)
     item = item + 1
-    # Chronological inside each user; lexsort is stable, so equal times keep the file's order.
-    order = np.lexsort((events["time"], user))
-    user, item, time, label = user[order], item[order], events["time"][order], events["label"][order]
     item_category = np.ones(len(items) + 1, dtype=np.int64)
     num_categories = 2
     if events["category"] is not None:
-        names, category = np.unique(events["category"][order], return_inverse=True)
+        names, category = np.unique(events["category"], return_inverse=True)
         # Each item's first event in time over all users (ties: file order).
-        by_time = np.argsort(time, kind="stable")
+        by_time = np.argsort(events["time"], kind="stable")
         _, first = np.unique(item[by_time], return_index=True)
         first = by_time[first]
         item_category[item[first]] = category[first] + 1
@@ -311,8 +301,23 @@ def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport) 
             report.notes.append(f"{len(mixed)} items appear with more than one category; each keeps the category "
                                 f"of its first event")
         num_categories = len(names) + 1
-    report.users, report.items, report.categories = len(users), len(items), num_categories - 1
+    report.categories = num_categories - 1
+    return users, user, item, Vocabulary(items.tolist(), item_category.tolist(), num_categories)
 
+
+def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport,
+           vocabulary: Optional[Vocabulary]) -> LogData:
+    """The dataset of the parsed events, split by time (a single part when scoring)."""
+    users, user, item, vocabulary = _number(events, report, vocabulary)
+    item_category = np.asarray(vocabulary.item_category, dtype=np.int64)
+    report.users, report.items = len(users), len(vocabulary.items)
+    # Chronological inside each user; lexsort is stable, so equal times keep the file's order.
+    order = np.lexsort((events["time"], user))
+    user, item, time, label, line = (user[order], item[order], events["time"][order], events["label"][order],
+                                     events["line"][order])
+    if cfg.history == "positive" and label_source == "none":
+        raise InputError(f"data.history: 'positive' keeps only positive events in histories, but {report.path} "
+                         f"has no {cfg.label_column!r} or {cfg.rating_column!r} column to tell them apart")
     in_history = label == 1 if cfg.history == "positive" else np.ones(len(item), dtype=bool)
     user_offsets = np.zeros(len(users) + 1, dtype=np.int64)
     user_offsets[1:] = np.cumsum(np.bincount(user[in_history], minlength=len(users)))
@@ -323,12 +328,15 @@ def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport) 
         report.notes.append(f"{int((~is_sample).sum())} events have fewer than min_history={cfg.min_history} "
                             f"history events before them: history only, not samples")
     rows = np.flatnonzero(is_sample)
+    if not len(rows):
+        raise InputError(f"data.min_history: no event of {report.path} has min_history={cfg.min_history} "
+                         f"history events before it, so there is no sample")
     part = _time_split(user[rows], cfg.valid_fraction, cfg.test_fraction)
 
     target = item[rows][:, None]
     sample_label = label[rows][:, None]
     if label_source == "sampled":
-        negatives = _sample_negatives(user, item, rows, len(items), cfg, report)
+        negatives = _sample_negatives(user, item, rows, len(vocabulary.items), cfg, report)
         target = np.concatenate([target, negatives], axis=1)
         sample_label = np.concatenate([sample_label, np.zeros_like(negatives, dtype=np.float32)], axis=1)
     width = target.shape[1]
@@ -336,10 +344,8 @@ def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport) 
     sample_rows = np.repeat(rows, width)[kept]
     target = target.reshape(-1)[kept]
     sample_label = sample_label.reshape(-1)[kept]
-    if not len(sample_rows):
-        raise ValueError(f"data.min_history: no event of {report.path} has min_history={cfg.min_history} "
-                         f"history events before it, so there is no sample")
-    report.samples, report.positive_rate = len(sample_rows), float(sample_label.mean())
+    report.samples = len(sample_rows)
+    report.positive_rate = float(sample_label.mean()) if report.has_labels else float("nan")
     event_index = np.flatnonzero(in_history)
     dataset = CTRDataset(
         item_ids=_tensor(item[event_index]),
@@ -351,10 +357,13 @@ def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport) 
         target_item=_tensor(target),
         target_category=_tensor(item_category[target]),
         label=torch.from_numpy(sample_label.astype(np.float32)),
-        num_items=len(items) + 1,
-        num_categories=num_categories,
+        num_items=len(vocabulary.items) + 1,
+        num_categories=vocabulary.num_categories,
     )
-    return dataset, np.repeat(part, width)[kept]
+    sample_split = np.repeat(part, width)[kept]
+    splits = tuple(dataset.subset(torch.from_numpy(sample_split == at)) for at in range(3))
+    return LogData(dataset=dataset, splits=splits, report=report, sample_line=line[sample_rows],
+                   sample_split=sample_split, users=users, vocabulary=vocabulary)
 
 
 def _time_split(sample_user: np.ndarray, valid_fraction: float, test_fraction: float) -> np.ndarray:

@@ -24,9 +24,10 @@ import tempfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from mos.config import DataConfig
-from mos.data.logs import LogData, load_log
+from mos.data.logs import LogData, Vocabulary, load_log
 
 WHEEL = "recbole==1.2.1"
 WHEEL_FILE = "recbole-1.2.1-py3-none-any.whl"
@@ -69,11 +70,12 @@ def fetch() -> Path:
     return target
 
 
-def load(cfg: DataConfig) -> LogData:
-    """MovieLens-100k as a log: `cfg`'s label and split options, the cached file's columns."""
+def load(cfg: DataConfig, vocabulary: Optional[Vocabulary] = None) -> LogData:
+    """MovieLens-100k as a log: `cfg`'s label and split options, the cached file's columns
+    (`vocabulary`: read for scoring, as `load_log` does)."""
     columns = dict(user_column="user_id", item_column="item_id", time_column="timestamp",
                    rating_column="rating", category_column="category")
-    return load_log(fetch(), replace(cfg, source=str(log_path()), **columns))
+    return load_log(fetch(), replace(cfg, source=str(log_path()), **columns), vocabulary)
 
 
 def _download_wheel(directory: Path) -> Path:
