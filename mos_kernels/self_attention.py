@@ -3,7 +3,9 @@
 q, k, v [N, d] share segment_offsets [G+1]; row i of segment g attends to the rows j of g with
 j <= i (causal) or to all of them, per head, softmax(q k^T / sqrt(dh)) v. No padding.
 
-Reference: the segments padded to [G, H, max_len, dh] and masked dense attention.
+Reference: masked dense attention over the segments padded to the length of their bucket
+(`_padded_attention`: lengths rounded up to three significant bits on the CPU; one bucket
+padded to max_len elsewhere), a custom op whose FLOP formula counts the jagged pairs.
 Triton: flash attention over jagged segments. Work is listed as tiles of BLOCK rows of one
 segment (`jagged.segment_blocks`: ceil(N / BLOCK) + G tiles, known without a sync, the spare ones
 idle), one program per (tile, head). `_self_attention_fwd` streams the key blocks of its
@@ -30,15 +32,17 @@ from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .grouped_linear import dot_precision
-from .jagged import jagged_to_padded, max_segment_length, positions_in_segment, segment_blocks, segment_ids
+from ._padded_attention import padded_attention_backward, padded_attention_forward
+from .jagged import max_segment_length, segment_blocks
 
 
 def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor, *,
                           num_heads: int, max_len: Optional[int] = None, causal: bool = True,
                           backend: str = "auto") -> torch.Tensor:
     """q, k, v [N, d] in one jagged layout -> [N, d]; row i attends to rows j <= i of its segment.
-    max_len: a bound on the longest segment for the reference's padding (read back when None; the
-    Triton path needs none)."""
+    max_len: a bound on the longest segment, the reference's padding off the CPU (read back when
+    None; the CPU reference pads each segment to its length bucket instead, the Triton path needs
+    none). Raises ValueError when a segment is longer than max_len."""
     check_tensor("q", q, ndim=2, dtypes=FLOAT_DTYPES)
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
@@ -52,32 +56,54 @@ def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
         if k.dtype != q.dtype or v.dtype != q.dtype:
             raise TypeError(f"k, v: expected the dtype of q ({q.dtype}) for backend 'triton', got {k.dtype}, {v.dtype}")
         return torch.ops.mos.jagged_self_attention(q, k, v, segment_offsets, num_heads, causal)[0]
-    if max_len is None:
+    if max_len is None and segment_offsets.device.type != "cpu":
         max_len = max_segment_length(segment_offsets)
     return _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal)
 
 
-def _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal):
-    num_rows, dim = q.shape
-    head_dim = dim // num_heads
-    num_segments = segment_offsets.numel() - 1
+# The reference is a custom op too, only so that FLOP counters see the algorithm's jagged pairs
+# (what the kernels compute) and not the padding of its dense products: otherwise the theme
+# experts' short segments would look as expensive as whole sequences.
 
-    def heads(x):  # [N, d] -> [G, H, L, dh]
-        padded = jagged_to_padded(x, segment_offsets, max_len)
-        return padded.view(num_segments, max_len, num_heads, head_dim).transpose(1, 2)
+@torch.library.custom_op("mos::jagged_self_attention_reference", mutates_args=())
+def _jagged_self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     segment_offsets: torch.Tensor, num_heads: int, max_len: Optional[int],
+                                     causal: bool) -> torch.Tensor:
+    return padded_attention_forward(q, k, v, segment_offsets, num_heads, max_len, causal)
 
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scores = heads(q).to(acc) @ heads(k).to(acc).transpose(-1, -2) / math.sqrt(head_dim)
-    lengths = segment_offsets[1:] - segment_offsets[:-1]
-    pos = torch.arange(max_len, device=q.device)
-    allowed = pos[None, None, :] < lengths[:, None, None]            # key is a real row
-    if causal:
-        allowed = allowed & (pos[None, None, :] <= pos[None, :, None])
-    scores = scores.masked_fill(~allowed[:, None], -math.inf)
-    # Padded query rows have no allowed key; their NaN rows are never read back.
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
-    out = (probs @ heads(v)).transpose(1, 2).reshape(num_segments, max_len, dim)
-    return out[segment_ids(segment_offsets, num_rows), positions_in_segment(segment_offsets, num_rows)]
+
+@_jagged_self_attention_reference.register_fake
+def _(q, k, v, segment_offsets, num_heads, max_len, causal):
+    return v.new_empty(q.shape)
+
+
+@torch.library.custom_op("mos::jagged_self_attention_reference_backward", mutates_args=())
+def _jagged_self_attention_reference_backward(g_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                              v: torch.Tensor, segment_offsets: torch.Tensor, num_heads: int,
+                                              max_len: Optional[int], causal: bool
+                                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return padded_attention_backward(g_out, q, k, v, segment_offsets, num_heads, max_len, causal)
+
+
+@_jagged_self_attention_reference_backward.register_fake
+def _(g_out, q, k, v, segment_offsets, num_heads, max_len, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _reference_setup_context(ctx, inputs, output):
+    q, k, v, segment_offsets, num_heads, max_len, causal = inputs
+    ctx.save_for_backward(q, k, v, segment_offsets)
+    ctx.num_heads, ctx.max_len, ctx.causal = num_heads, max_len, causal
+
+
+def _reference_backward(ctx, g_out):
+    q, k, v, segment_offsets = ctx.saved_tensors
+    g_q, g_k, g_v = torch.ops.mos.jagged_self_attention_reference_backward(
+        g_out.contiguous(), q, k, v, segment_offsets, ctx.num_heads, ctx.max_len, ctx.causal)
+    return g_q, g_k, g_v, None, None, None, None
+
+
+_jagged_self_attention_reference.register_autograd(_reference_backward, setup_context=_reference_setup_context)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -323,3 +349,14 @@ def _jagged_self_attention_backward_flops(g_out, q, k, v, out, lse, segment_offs
                                           out_val=None, **kwargs):
     # Recomputed q.k, dV, dP, dK, dQ: five products of 2 * dh per pair and head.
     return 10 * q.shape[1] * attention_pairs(segment_offsets, causal)
+
+
+@register_flop_formula(torch.ops.mos.jagged_self_attention_reference, get_raw=True)
+def _reference_flops(q, k, v, segment_offsets, num_heads, max_len, causal, *args, out_val=None, **kwargs):
+    return _jagged_self_attention_flops(q, k, v, segment_offsets, num_heads, causal)
+
+
+@register_flop_formula(torch.ops.mos.jagged_self_attention_reference_backward, get_raw=True)
+def _reference_backward_flops(g_out, q, k, v, segment_offsets, num_heads, max_len, causal, *args, out_val=None,
+                              **kwargs):
+    return _jagged_self_attention_backward_flops(g_out, q, k, v, None, None, segment_offsets, num_heads, causal)
