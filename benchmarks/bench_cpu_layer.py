@@ -1,0 +1,159 @@
+"""The CPU cost of MoS against its own backbone: wall time beside FLOPs, in one process.
+
+    python -m benchmarks.bench_cpu_layer [--out DIR] [--lengths 100,1000] [--reps 3] [--threads N]
+
+What a CPU user runs: the reference path (`backend="reference"`), forward + backward of a training
+step (the layer's output summed plus its auxiliary losses; every parameter's gradient) for
+  backbone  the layer's own global expert over the whole sequences (the model MoS contains)
+  mos       the whole MoSLayer: global, short-term and K theme experts, router, fusion
+with B = 64 examples of L ± 50 % tokens, d = 32, H = 2, K = 8 themes (top-1), sessions of 8, for
+both encoders, and for the transformer also `global_scope="sessions"` (the global expert over the
+session vectors: the configuration whose FLOPs are below the backbone's).
+
+Columns: median wall time of `--reps` interleaved repetitions of each side (after one warm-up),
+the MoS/backbone wall-time ratio, the MoS/backbone FLOP ratio (torch's FlopCounterMode over the
+same step; the ops' formulas count jagged work, so it is what the algorithm costs), and their
+quotient: how far the CPU path is from costing what its FLOPs say (1.0 = in proportion).
+Rows go to DIR/bench_cpu_layer.csv. Timings are only comparable within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mos import MoSConfig, MoSLayer
+
+EXAMPLES, DIM, HEADS, THEMES, SESSION_LEN = 64, 32, 2, 8, 8
+CONFIGS = {   # name: MoSConfig options beyond the shared ones
+    "target_attention": dict(encoder="target_attention"),
+    "transformer": dict(encoder="transformer"),
+    "transformer_global_sessions": dict(encoder="transformer", global_scope="sessions"),
+}
+COLUMNS = ("config", "L", "tokens", "backbone_ms", "mos_ms", "wall_ratio", "flop_ratio", "wall_per_flop_ratio",
+           "threads")
+
+
+@dataclass
+class Inputs:
+    values: torch.Tensor
+    target: torch.Tensor
+    offsets: torch.Tensor
+    max_len: int
+
+
+def make_inputs(length: int, seed: int = 0) -> Inputs:
+    """B histories of length L ± 50 % (uniform), values and targets ~ N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, length // 2), length + length // 2 + 1, (EXAMPLES,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    values = torch.randn(int(offsets[-1]), DIM, generator=gen)
+    return Inputs(values, torch.randn(EXAMPLES, DIM, generator=gen), offsets, int(lengths.max()))
+
+
+def training_steps(options: Dict[str, object], inputs: Inputs) -> Dict[str, Callable[[], None]]:
+    """One forward + backward for each side, sharing the global expert's weights."""
+    torch.manual_seed(0)
+    layer = MoSLayer(MoSConfig(dim=DIM, num_heads=HEADS, num_themes=THEMES, session_len=SESSION_LEN,
+                               backend="reference", validate_inputs=False, **options)).train()
+    x = inputs.values.requires_grad_()
+
+    def backbone():
+        out = layer.global_expert(x, inputs.target, inputs.offsets, max_len=inputs.max_len)
+        out.sum().backward()
+
+    def mos():
+        out = layer(x, inputs.target, inputs.offsets, max_len=inputs.max_len)
+        (out.output.sum() + out.aux_loss).backward()
+
+    return {"backbone": backbone, "mos": mos}
+
+
+def flops_of(step: Callable[[], None]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def median_seconds(steps: Dict[str, Callable[[], None]], reps: int) -> Dict[str, float]:
+    """Each side once to warm up, then `reps` rounds alternating the sides, so that a load change
+    on the machine hits both alike."""
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step()
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure(config: str, length: int, reps: int) -> Dict[str, object]:
+    inputs = make_inputs(length)
+    steps = training_steps(CONFIGS[config], inputs)
+    flops = {name: flops_of(step) for name, step in steps.items()}
+    seconds = median_seconds(steps, reps)
+    wall_ratio = seconds["mos"] / seconds["backbone"]
+    flop_ratio = flops["mos"] / flops["backbone"]
+    return {"config": config, "L": length, "tokens": inputs.values.shape[0],
+            "backbone_ms": round(1e3 * seconds["backbone"], 1), "mos_ms": round(1e3 * seconds["mos"], 1),
+            "wall_ratio": round(wall_ratio, 3), "flop_ratio": round(flop_ratio, 3),
+            "wall_per_flop_ratio": round(wall_ratio / flop_ratio, 3), "threads": torch.get_num_threads()}
+
+
+def print_table(rows: List[Dict[str, object]], out=None) -> None:
+    out = sys.stdout if out is None else out
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
+    print("  ".join(c.ljust(widths[c]) for c in COLUMNS), file=out)
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS), file=out)
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="folder for bench_cpu_layer.csv")
+    parser.add_argument("--lengths", default="100,1000", help="mean history lengths L, comma-separated")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, any of {list(CONFIGS)}")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions of each side (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in CONFIGS:
+            parser.error(f"--configs: expected names from {list(CONFIGS)}, got {c!r}")
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths: expected comma-separated integers, got {args.lengths!r}")
+    if args.reps < 1 or min(lengths) < 1:
+        parser.error(f"--reps and --lengths: expected positive numbers, got {args.reps} and {lengths}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for config in configs:
+        for length in lengths:
+            print(f"{config}, L = {length} ...", file=sys.stderr, flush=True)
+            rows.append(measure(config, length, args.reps))
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"B = {EXAMPLES}, d = {DIM}, K = {THEMES}, sessions of {SESSION_LEN}; forward + backward, reference path")
+    print_table(rows)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "bench_cpu_layer.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

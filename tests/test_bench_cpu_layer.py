@@ -1,0 +1,38 @@
+"""The CPU MoS-versus-backbone benchmark runs, writes its table and CSV, and refuses bad options.
+No timing is asserted (speed is read from the benchmark's output, never from a test)."""
+import csv
+
+import pytest
+
+from benchmarks import bench_cpu_layer
+
+
+def test_rows_for_every_config_and_length(tmp_path, capsys):
+    rows = bench_cpu_layer.main(["--lengths", "6,12", "--reps", "1", "--out", str(tmp_path)])
+    assert [(r["config"], r["L"]) for r in rows] == [(c, n) for c in bench_cpu_layer.CONFIGS for n in (6, 12)]
+    with open(tmp_path / "bench_cpu_layer.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert "wall_per_flop_ratio" in capsys.readouterr().out
+    by_config = {(r["config"], r["L"]): r for r in rows}
+    # MoS contains its backbone, so it costs more FLOPs than it; over session vectors the global
+    # expert's quadratic attention shrinks, and at L = 12 the layer's other experts still dominate.
+    assert by_config[("target_attention", 12)]["flop_ratio"] > 1
+    assert by_config[("transformer", 12)]["flop_ratio"] > 1
+    for r in rows:
+        assert r["backbone_ms"] > 0 and r["mos_ms"] > 0
+        assert r["wall_per_flop_ratio"] == pytest.approx(r["wall_ratio"] / r["flop_ratio"], rel=0.01)
+
+
+def test_global_over_sessions_costs_fewer_flops_than_the_backbone_on_long_histories():
+    """The FLOP ratio is computed from the ops' jagged formulas: at L = 200 a global expert over
+    ~25 session vectors makes the transformer MoS cheaper than its backbone."""
+    row = bench_cpu_layer.measure("transformer_global_sessions", 200, reps=1)
+    assert row["flop_ratio"] < 1
+
+
+@pytest.mark.parametrize("argv, word", [(["--configs", "nope"], "--configs"), (["--lengths", "a"], "--lengths"),
+                                        (["--reps", "0"], "--reps")])
+def test_bad_options_are_refused_by_name(argv, word, capsys):
+    with pytest.raises(SystemExit):
+        bench_cpu_layer.main(argv)
+    assert word in capsys.readouterr().err
