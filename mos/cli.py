@@ -15,6 +15,7 @@ from typing import Optional
 
 from mos.checkpoint import CheckpointError
 from mos.config_io import dump_yaml, load_run_config
+from mos.data.movielens import MovieLensUnavailable
 from mos.errors import InputError
 from mos.predict import predict
 from mos.profile import profile, quick_overrides
@@ -119,6 +120,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _train_or_profile(args)
     except (InputError, CheckpointError) as err:
         print(f"mos {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except MovieLensUnavailable as err:   # no network or a changed download: the data, not the code
+        print(f"mos {args.command}: error: MovieLens-100k is unavailable: {err}", file=sys.stderr)
         return 2
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def predict(checkpoint_path, source: str, out, overrides: list[str] = ()) -> int
     if saved is None:
         raise InputError(f"--checkpoint: expected a checkpoint written by `mos train`, got {str(checkpoint_path)!r} "
                          f"(no such file)")
+    if out != "-":   # before the scoring, so that a bad path costs no work
+        _check_writable(Path(out))
     if saved.get("vocabulary") is None:
         raise InputError(f"--checkpoint: {checkpoint_path} holds a model trained on the synthetic data, whose items "
                          f"have no names to number a log's by; train on a log (--data path/to/log.csv) to score logs")
@@ -70,7 +73,7 @@ def _write(out, log: logs.LogData, scores: list, columns: tuple) -> int:
     ds = log.dataset
     rows = sorted(zip(log.sample_line.tolist(), log.users[ds.sample_user.numpy()].tolist(),
                       ds.target_item.tolist(), ds.label.tolist(), scores))
-    stream = sys.stdout if out == "-" else open(Path(out), "w", newline="", encoding="utf-8")
+    stream = sys.stdout if out == "-" else _open_for_writing(Path(out))
     try:
         writer = csv.writer(stream)
         writer.writerow(["line", user_column, item_column, *([label_column] if labelled else []), "score"])
@@ -81,3 +84,19 @@ def _write(out, log: logs.LogData, scores: list, columns: tuple) -> int:
         if stream is not sys.stdout:
             stream.close()
     return len(rows)
+
+
+def _check_writable(path: Path) -> None:
+    """Creates the file's folder (as `train.out_dir` is created); refuses a folder or an unwritable place."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out: expected a file path whose folder can be created, got {str(path)!r} "
+                         f"({err.strerror or err})") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"--out: expected a file path that can be written, got {str(path)!r}")
+
+
+def _open_for_writing(path: Path):
+    _check_writable(path)
+    return open(path, "w", newline="", encoding="utf-8")

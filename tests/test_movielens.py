@@ -43,6 +43,16 @@ def test_no_network_is_a_clear_error_and_leaves_no_cache(tmp_path, monkeypatch):
     assert not movielens.log_path().exists()
 
 
+def test_no_network_from_the_command_line_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    from mos.cli import main
+    monkeypatch.setenv("MOS_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(movielens.subprocess, "run", fake_pip(None))
+    code = main(["train", "--data", "movielens", "--set", f"train.out_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mos train: error: MovieLens-100k is unavailable: "), err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_wheel_with_another_digest_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MOS_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(movielens.subprocess, "run", fake_pip(b"not the recbole wheel"))

@@ -93,6 +93,7 @@ def test_unlabelled_logs_and_unknown_items_are_scored_and_counted(trained, tmp_p
     ("missing_checkpoint", "--checkpoint: expected a checkpoint written by `mos train`"),
     ("empty_log", "is empty (0 bytes)"),
     ("bad_override", "data.nonsense"),
+    ("out_is_a_folder", "--out: expected a file path that can be written"),
 ])
 def test_predict_errors_are_one_line_and_exit_code_2(trained, tmp_path, case, expected):
     folder, log, _ = trained
@@ -103,8 +104,20 @@ def test_predict_errors_are_one_line_and_exit_code_2(trained, tmp_path, case, ex
     elif case == "empty_log":
         (tmp_path / "empty.csv").write_bytes(b"")
         args[3] = str(tmp_path / "empty.csv")
+    elif case == "out_is_a_folder":
+        args[5] = str(tmp_path)
     else:
         args += ["--set", "data.nonsense=1"]
     code, out, err = mos("predict", *args)
     assert code == 2 and err.startswith("mos predict: error: ") and expected in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_predict_creates_the_folder_of_out(trained, tmp_path):
+    folder, log, _ = trained
+    out = tmp_path / "new" / "deeper" / "scores.csv"
+    code, _, err = mos("predict", "--checkpoint", str(folder / "checkpoints" / "backbone-seed0.pt"), "--data", log,
+                       "--out", str(out))
+    assert code == 0, err
+    scores = list(csv.DictReader(out.open()))
+    assert scores and all(0 < float(row["score"]) < 1 for row in scores)
