@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
-from benchmarks import bench_attention, harness, tables  # noqa: E402
+from benchmarks import bench_attention, cuda_graph, harness, tables  # noqa: E402
 
 
 def test_bench_attention_quick_run(tmp_path, capsys, device):
@@ -37,6 +37,12 @@ def test_bench_attention_quick_run(tmp_path, capsys, device):
         assert float(r["median_ms"]) > 0
         if r["max_err"] != "":   # compared with the eager reference of the same case
             assert float(r["max_err"]) <= 1e-4, f"{r['op']} {r['provider']}: max_err {r['max_err']}"
+    launch_bound = {"layer", "mos_transformer"}
+    for r in rows:   # the CUDA-graph column: launch-bound cases only, on a CPU empty with the reason
+        if r["op"] in launch_bound and device.type == "cpu":
+            assert (r["graph_ms"], r["graph_note"]) == ("", cuda_graph.CPU_REASON), r
+        elif r["op"] not in launch_bound:
+            assert (r["graph_ms"], r["graph_note"]) == ("", ""), r
     attention = [r for r in rows if r["op"] == "self_attention" and r["mode"] == "fwd"]
     assert all(int(r["flops"]) > 0 for r in attention), "self-attention rows carry the jagged FLOP count"
     assert "Targets at" in printed.out and all(t.label in printed.out for t in bench_attention.TARGETS)
