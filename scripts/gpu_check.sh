@@ -12,15 +12,16 @@
 #   env       versions, what this torch has (grouped_mm, varlen attention, FlexAttention), the
 #             measured copy bandwidth and bf16 GEMM rate (benchmarks/ceilings.py)
 #   build     the CUDA extension's JIT build, in the background from the start, niced
-#   attention the kernels II, the layer, the grouped linear, MoS vs dense at L = 4096 (bf16
+#   attention the attention kernels, the layer, the grouped linear, MoS vs dense at L = 4096 (bf16
 #             target point, no torch.compile providers)
-#   kernels   the kernels I at their target point (reference, triton, and cuda once built)
+#   kernels   pooling+routing, dispatch, gather, scatter at their target point (reference,
+#             triton, and cuda once built)
 #   tests_gpu GPU tests: large shapes and bitwise determinism in fp32/fp16/bf16 on both kernel
 #             backends, then the attention kernels (MOS_REQUIRE_CUDA_EXT=1 once built; without
 #             the extension its tests are deselected, since each worker would try to build it)
 #   kernels_cuda  the extension against Triton, if it was built only after the kernels phase
 #   compiled  the compiled_fused and compiled baselines of the layer, target attention and
-#             grouped linear, then of the kernels I
+#             grouped linear, then of pooling+routing, dispatch, gather and scatter
 #   tests     the rest of the GPU test coverage: layer, backends, registration, compile, reference ops
 # Rows are appended per provider, so a cut phase keeps what it timed. OUT_DIR gets 7 files:
 # environment.txt, build.log, run.log (every phase's output), phases.log (one line per phase,
