@@ -39,11 +39,12 @@ import torch.nn.functional as F
 
 import mos_kernels as mk
 from benchmarks import attention_baselines as baselines
+from benchmarks import targets
 from benchmarks.grouped_linear_cases import grouped_linear_case, grouped_linear_gather_case
 from benchmarks.harness import comma_subset, progress_line
 from benchmarks.harness import DTYPES, PROVIDERS, Case, Environment, Provider, Timer, free_memory, make_row, run_case
 from benchmarks.providers_fused import COMPILED_FUSED, fuse_layer, fused_target_attention
-from benchmarks.tables import CsvSink, Target, describe_error, print_table, print_targets
+from benchmarks.tables import CsvSink, describe_error, print_table, print_targets
 from mos import MoSConfig, MoSLayer
 from mos_kernels.self_attention import attention_pairs
 
@@ -65,7 +66,7 @@ class Shape:
         return self.B or max(TOKENS // self.L, 1)
 
 
-TARGET = Shape(L=1000, B=256)
+TARGET = Shape(**targets.ATTENTION_POINT)
 QUICK = Shape(L=64, d=32, K=4, B=4)
 SWEEP_L = (1000, 2048, 4096, 8192)
 
@@ -93,18 +94,7 @@ OPS = tuple(OP_PROVIDERS)
 SWEPT = ("self_attention", "dense_attention", "dense_attention_varlen", "mos_transformer", "dense_transformer")
 TRANSFORMERS = ("mos_transformer", "dense_transformer")
 
-TARGETS = (
-    Target("layer fwd+bwd: speedup over reference eager", "layer", "fwd+bwd", "triton", "speedup_vs_eager", 4.0, "x"),
-    Target("layer fwd+bwd: speedup over reference compiled", "layer", "fwd+bwd", "triton", "speedup_vs_compiled",
-           2.0, "x"),
-    Target("layer fwd+bwd: speedup over compiled_fused", "layer", "fwd+bwd", "triton", "speedup_vs_compiled_fused",
-           2.0, "x"),
-    Target("target attention fwd: % of bandwidth floor", "target_attention", "fwd", "triton", "pct_floor", 60.0, " %"),
-    Target("self-attention fwd+bwd: speedup over FlexAttention", "self_attention", "fwd+bwd", "triton", "speedup",
-           1.2, "x", versus=("self_attention", "flex")),
-    Target("L=4096: MoS transformer layer fwd+bwd speedup over one dense SDPA layer", "mos_transformer", "fwd+bwd",
-           "triton", "speedup", 1.0, "x", versus=("dense_transformer", "sdpa"), at=(("L", 4096),)),
-)
+TARGETS = targets.ATTENTION_TARGETS
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -25,7 +25,8 @@ import torch
 import mos_kernels as mk
 from benchmarks.harness import available_providers, comma_subset, progress_line
 from benchmarks.harness import DTYPES, PROVIDERS, Case, Environment, Timer, free_memory, make_row, run_case
-from benchmarks.tables import CsvSink, Target, describe_error, print_table, print_targets
+from benchmarks import targets
+from benchmarks.tables import CsvSink, describe_error, print_table, print_targets
 
 TOKENS = 2 ** 21          # B·L of every full-size case (~2M tokens)
 SESSION_LEN = 8
@@ -46,7 +47,7 @@ class Shape:
 
 
 # The issue's target point, and the tiny shape of --quick (interpreter smoke runs).
-TARGET = Shape(L=1024, d=128, K=8, top_k=1)
+TARGET = Shape(**targets.KERNELS_POINT)
 QUICK = Shape(L=64, d=32, K=4, top_k=2, B=4)
 
 # Full sweep: one axis at a time away from TARGET (never the cartesian product), only the axes
@@ -60,19 +61,7 @@ SWEEPS = {
 }
 OPS = tuple(SWEEPS)
 
-TARGETS = (
-    Target("pool_route fwd: % of bandwidth floor", "pool_route", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("gather fwd: % of bandwidth floor", "gather", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("scatter fwd: % of bandwidth floor", "scatter", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("dispatch + gather: speedup over reference", "dispatch", "fwd", "triton", "speedup_vs_eager", 5.0, "x"),
-    Target("pool_route fwd+bwd: speedup over eager", "pool_route", "fwd+bwd", "triton", "speedup_vs_eager", 5.0, "x"),
-    Target("pool_route fwd+bwd: speedup over compiled", "pool_route", "fwd+bwd", "triton", "speedup_vs_compiled",
-           2.0, "x"),
-    # The CUDA extension must at least match Triton (issue 7): Triton's time over CUDA's.
-    *(Target(f"{op} {mode}: cuda vs triton", op, mode, "cuda", "median_ms", 1.0, "x", versus=(op, "triton"))
-      for op, mode in (("pool_route", "fwd"), ("pool_route", "fwd+bwd"), ("dispatch", "fwd"), ("gather", "fwd"),
-                       ("gather", "fwd+bwd"), ("scatter", "fwd"), ("scatter", "fwd+bwd"))),
-)
+TARGETS = targets.KERNELS_TARGETS
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -387,8 +387,7 @@ def run_case(case: Case, providers: Sequence[Provider], env: Environment, timer:
         if not case.supports(provider):
             continue
         provider_rows, outputs = _run_provider(case, provider, env, timer, compile_backend, reference_outputs)
-        if provider.name == "reference" and outputs is not None:
-            reference_outputs = outputs
+        reference_outputs = outputs if outputs is not None else reference_outputs
         rows.extend(provider_rows)
         add_speedups(rows)
         if emit is not None:
@@ -398,7 +397,8 @@ def run_case(case: Case, providers: Sequence[Provider], env: Environment, timer:
 
 def _run_provider(case: Case, provider: Provider, env: Environment, timer: Timer, compile_backend: str,
                   reference_outputs) -> Tuple[List[Dict[str, object]], Optional[Tuple[torch.Tensor, ...]]]:
-    """The rows of one provider (one per mode) and its detached outputs (None if it failed)."""
+    """The rows of one provider (one per mode) and, for the reference, its detached outputs (the
+    others' are freed before the next provider runs)."""
     try:
         fn = provider_callable(case, provider, compile_backend)
         start = time.perf_counter()
@@ -426,7 +426,7 @@ def _run_provider(case: Case, provider: Provider, env: Environment, timer: Timer
             values["error"] = describe_error(exc)
             free_memory(case.device)
         rows.append(_case_row(env, case, provider, mode, **values))
-    detached = tuple(o.detach() for o in outputs)
+    detached = tuple(o.detach() for o in outputs) if provider.name == "reference" else None
     del fn, outputs
     if provider.compiled:
         torch._dynamo.reset()

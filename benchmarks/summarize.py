@@ -6,8 +6,8 @@ keeps the last row of a provider at a point (a repeat replaces a timing), recomp
 speedups over the joined rows, and prints, last because the end of the output is what a
 truncated log keeps: every row, the short table (one line per op, mode and point, a column per
 provider), the targets of each benchmark, the phases and test counts the script logged, and
-one line of totals. A truncated last CSV line (a run killed mid-write) is skipped; nothing here
-needs a GPU, and torch only for the targets (said when it cannot be imported).
+one line of totals. A truncated last CSV line (a run killed mid-write) is skipped. Standard
+library only (no torch, no GPU): it runs in a second wherever the CSVs are.
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from benchmarks.tables import COLUMNS, SHAPE_COLUMNS, add_speedups, point_key, print_table, shape_label
+from benchmarks import targets
+from benchmarks.tables import (COLUMNS, SHAPE_COLUMNS, add_speedups, point_key, print_table, print_targets,
+                               shape_label)
 
 FLOAT_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "graph_ms", "gbps", "tflops", "floor_ms", "pct_floor",
                  "speedup_vs_eager", "speedup_vs_compiled", "speedup_vs_compiled_fused", "first_call_s", "max_err",
@@ -80,7 +82,7 @@ def print_short_table(rows: Sequence[Dict[str, object]], file=None) -> None:
             continue
         key = point_key(r)
         labels[key] = f"{r['op']} {r['mode']} {r['dtype']} {shape_label(r)}"
-        if r["error"]:
+        if r["error"] or r["median_ms"] == "":
             cell = f"{r['provider']} error"
         else:
             cell = f"{r['provider']} {r['median_ms']:.4f}" + (f" [{r['graph_ms']:.4f}]" if r["graph_ms"] != "" else "")
@@ -90,23 +92,12 @@ def print_short_table(rows: Sequence[Dict[str, object]], file=None) -> None:
 
 
 def print_targets_of(bench: str, rows: Sequence[Dict[str, object]], file=None) -> None:
-    """The bench's own targets at its target point (imports it: torch and mos_kernels)."""
-    file = file or sys.stdout
-    try:
-        if bench == "kernels":
-            from benchmarks import bench_kernels as module
-            where = module.target_point(False, ["bf16"])
-            targets, title = module.TARGETS, "Targets of bench_kernels at " + ", ".join(f"{k}={v}" for k, v in where.items())
-        else:
-            from benchmarks import bench_attention as module
-            shape = module.TARGET
-            where = dict(dtype="bf16", L=shape.L, d=shape.d, K=shape.K)
-            targets, title = module.TARGETS, f"Targets of bench_attention at bf16, B={shape.examples}, L={shape.L}"
-    except Exception as exc:   # a broken install must not cost the rest of the summary
-        print(f"targets of {bench}: not evaluated ({type(exc).__name__}: {exc})", file=file)
-        return
-    from benchmarks.tables import print_targets
-    print_targets(rows, targets, where, title, file=file)
+    """The bench's own targets at its bf16 target point."""
+    point, chosen = (targets.KERNELS_POINT, targets.KERNELS_TARGETS) if bench == "kernels" else \
+        (targets.ATTENTION_POINT, targets.ATTENTION_TARGETS)
+    where = targets.where(point)
+    title = f"Targets of bench_{bench} at " + ", ".join(f"{k}={v}" for k, v in where.items())
+    print_targets(rows, chosen, where, title, file=file)
 
 
 def print_logs(folder: Path, file=None) -> None:

@@ -4,6 +4,8 @@ mid-write, a CSV of other columns, the logs of the script, and the summary print
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,3 +71,15 @@ def test_joins_phases_and_prints_the_summary_last(tmp_path, capsys):
 def test_empty_folder_still_summarizes(tmp_path, capsys):
     assert summarize.main([str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"summary: 0 rows (0 with errors) from {tmp_path}"
+
+
+def test_summary_needs_no_torch(tmp_path):
+    """The GPU check's EXIT trap gives it a few seconds: importing torch could take them all."""
+    _cut_run(tmp_path)
+    code = ("import sys; from benchmarks import summarize; summarize.main([sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'summarize imported torch'")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("summary: 3 rows")
