@@ -1,3 +1,4 @@
-"""Benchmarks of the mos_kernels ops: `harness` (shared timing, floors, CSV, tables) and one
-module per group of kernels (`bench_kernels`: pooling + routing, dispatch, gather, scatter).
-See benchmarks/README.md."""
+"""Benchmarks of the mos_kernels ops and the layer: `harness` (cases, providers, timing, floors),
+`tables` and `targets` (CSV, tables, targets: standard library only), one module per group of
+kernels (`bench_kernels`: pooling + routing, dispatch, gather, scatter; `bench_attention`: the
+attention kernels, grouped linear, the layer) and `summarize`. See benchmarks/README.md."""

@@ -12,21 +12,22 @@ Ops (rows of DIR/bench_attention.csv):
   target_attention  the theme experts' target attention over the dispatch (gather fused)
   self_attention    causal attention inside every theme subsequence (the theme-major layout)
   dense_attention   causal SDPA over every whole sequence, padded to the longest: what MoS replaces
+  dense_attention_varlen  the same attention without padding (torch's varlen flash attention)
+  grouped_linear[_gather] the experts' grouped linear, d -> 3d (benchmarks/grouped_linear_cases.py)
   layer             MoSLayer (target-attention experts) forward + backward, parameters included
   mos_transformer   MoSLayer(encoder="transformer", global_scope="sessions"), Triton
   dense_transformer one pre-LN causal transformer layer (SDPA) over the padded whole sequences
-Providers: `reference`, `compiled` (the reference under torch.compile), `triton`, and for
-self-attention `sdpa_padded` (SDPA on the theme subsequences padded to the longest, the copies
-included), `flex` (compiled FlexAttention with a document mask on the same jagged layout; the
-block mask is built once, outside the timing; CUDA only). The floors of every case are written
-beside its builder; self-attention FLOPs are the jagged count (sum over segments of L_g (L_g+1)/2
-query-key pairs, 4·d FLOPs each forward, 10·d backward).
+Providers: `reference`, `compiled` (the reference under torch.compile), `compiled_fused` (the
+kernels' algorithm in plain PyTorch, compiled: benchmarks/providers_fused.py), `triton`, and the
+baselines of benchmarks/attention_baselines.py: `sdpa_padded`, `flex` (the block mask is built
+once, outside the timing; CUDA only), `varlen_attn` (CUDA only). The floors of every case are
+written beside its builder; attention FLOPs are the jagged count (sum over segments of
+L_g (L_g+1)/2 query-key pairs, 4·d FLOPs each forward, 10·d backward).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -35,13 +36,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import mos_kernels as mk
+from benchmarks import attention_baselines as baselines
+from benchmarks import targets
+from benchmarks.grouped_linear_cases import grouped_linear_case, grouped_linear_gather_case
 from benchmarks.harness import comma_subset, progress_line
-from benchmarks.harness import (DTYPES, PROVIDERS, Case, Environment, Provider, Target, Timer, append_csv,
-                                describe_error, free_memory, make_row, print_table, print_targets,
-                                run_case)
+from benchmarks.harness import DTYPES, PROVIDERS, Case, Environment, Provider, Timer, free_memory, make_row, run_case
+from benchmarks.providers_fused import COMPILED_FUSED, fuse_layer, fused_target_attention
+from benchmarks.tables import CsvSink, describe_error, print_table, print_targets
 from mos import MoSConfig, MoSLayer
 from mos_kernels.self_attention import attention_pairs
 
@@ -63,34 +66,35 @@ class Shape:
         return self.B or max(TOKENS // self.L, 1)
 
 
-TARGET = Shape(L=1000, B=256)
+TARGET = Shape(**targets.ATTENTION_POINT)
 QUICK = Shape(L=64, d=32, K=4, B=4)
 SWEEP_L = (1000, 2048, 4096, 8192)
 
-EXTRA_PROVIDERS = {p.name: p for p in (Provider("sdpa_padded", "sdpa_padded"), Provider("flex", "flex"),
-                                       Provider("sdpa", "sdpa"))}
+EXTRA_PROVIDERS = {p.name: p for p in (COMPILED_FUSED, Provider("sdpa_padded", "sdpa_padded"),
+                                       Provider("flex", "flex"), Provider("sdpa", "sdpa"),
+                                       Provider("varlen_attn", "varlen_attn"))}
 ALL_PROVIDERS = {**PROVIDERS, **EXTRA_PROVIDERS}
-# Which providers time each op.
+CUDA_ONLY = ("flex", "varlen_attn")
+# Which providers time each op, in this order after the reference: torch.compile last, so that a
+# run cut short has the kernels' rows.
+COMPARED = ("reference", "triton", "compiled_fused", "compiled")
 OP_PROVIDERS = {
-    "layer": ("reference", "compiled", "triton"),
-    "target_attention": ("reference", "compiled", "triton"),
+    "layer": COMPARED,
+    "target_attention": COMPARED,
     "self_attention": ("reference", "triton", "sdpa_padded", "flex"),
     "dense_attention": ("sdpa",),
+    "dense_attention_varlen": ("varlen_attn",),
+    "grouped_linear": COMPARED,
+    "grouped_linear_gather": COMPARED,
     "mos_transformer": ("triton",),
     "dense_transformer": ("sdpa",),
 }
 OPS = tuple(OP_PROVIDERS)
+# Swept over L (after the target point), as far as a time budget goes.
+SWEPT = ("self_attention", "dense_attention", "dense_attention_varlen", "mos_transformer", "dense_transformer")
+TRANSFORMERS = ("mos_transformer", "dense_transformer")
 
-TARGETS = (
-    Target("layer fwd+bwd: speedup over reference eager", "layer", "fwd+bwd", "triton", "speedup_vs_eager", 4.0, "x"),
-    Target("layer fwd+bwd: speedup over reference compiled", "layer", "fwd+bwd", "triton", "speedup_vs_compiled",
-           2.0, "x"),
-    Target("target attention fwd: % of bandwidth floor", "target_attention", "fwd", "triton", "pct_floor", 60.0, " %"),
-    Target("self-attention fwd+bwd: speedup over FlexAttention", "self_attention", "fwd+bwd", "triton", "speedup",
-           1.2, "x", versus=("self_attention", "flex")),
-    Target("L=4096: MoS transformer layer fwd+bwd speedup over one dense SDPA layer", "mos_transformer", "fwd+bwd",
-           "triton", "speedup", 1.0, "x", versus=("dense_transformer", "sdpa"), at=(("L", 4096),)),
-)
+TARGETS = targets.ATTENTION_TARGETS
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -111,6 +115,10 @@ class Batch:
     def columns(self) -> Dict[str, int]:
         s, tokens = self.shape, self.values.shape[0]
         return dict(B=s.examples, L=s.L, T=tokens, S=self.sessions.num_sessions, rows=tokens, d=s.d, K=s.K, top_k=1)
+
+    def randn(self, *shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+        gen = torch.Generator(device=self.values.device).manual_seed(seed)
+        return (torch.randn(*shape, generator=gen, device=self.values.device) * scale).to(self.dtype)
 
 
 def build_batch(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Batch:
@@ -134,11 +142,6 @@ def build_batch(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
                  int(segment_lengths.max()) if segment_lengths.numel() else 0)
 
 
-def _randn(batch: Batch, *shape, seed: int, scale: float = 1.0) -> torch.Tensor:
-    gen = torch.Generator(device=batch.values.device).manual_seed(seed)
-    return (torch.randn(*shape, generator=gen, device=batch.values.device) * scale).to(batch.dtype)
-
-
 # ----------------------------------------------------------------------------- cases
 # Byte floors: T tokens, G = K·B segments, e bytes per element, int64 indices and offsets.
 
@@ -147,18 +150,21 @@ def target_attention_case(batch: Batch) -> Case:
     tokens, d, num_themes = c["T"], c["d"], c["K"]
     segments = num_themes * c["B"]
     e = batch.values.element_size()
-    inputs = (batch.values, _randn(batch, segments, d, seed=1), _randn(batch, num_themes, d, d, seed=2, scale=d ** -0.5),
-              _randn(batch, num_themes, d, seed=3), _randn(batch, num_themes, d, d, seed=4, scale=d ** -0.5),
-              _randn(batch, num_themes, d, seed=5), dispatch.row_gate.detach().to(batch.dtype))
+    inputs = (batch.values, batch.randn(segments, d, seed=1), batch.randn(num_themes, d, d, seed=2, scale=d ** -0.5),
+              batch.randn(num_themes, d, seed=3), batch.randn(num_themes, d, d, seed=4, scale=d ** -0.5),
+              batch.randn(num_themes, d, seed=5), dispatch.row_gate.detach().to(batch.dtype))
 
     def run(backend, tokens, query, w_key, b_key, w_value, b_value, gate):
+        if backend == "fused":
+            return (fused_target_attention(tokens, query, w_key, b_key, w_value, b_value, dispatch.theme_offsets,
+                                           num_heads=HEADS, gather_index=dispatch.gather_index, row_gate=gate),)
         return (mk.expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, dispatch.theme_offsets,
                                            num_heads=HEADS, gather_index=dispatch.gather_index, row_gate=gate,
                                            inverse_index=dispatch.inverse_index, backend=backend),)
 
     weights = 2 * num_themes * d * d * e + 2 * num_themes * d * e
     return Case(
-        op="target_attention", kernels=("expert_target_attention",), run=run, inputs=inputs, dtype=batch.dtype,
+        op="target_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype,
         shape=c,
         bytes={
             # read every gathered row T·d·e once, its index and gate T·(8+e), the offsets (G+1)·8,
@@ -174,59 +180,19 @@ def target_attention_case(batch: Batch) -> Case:
         grad_inputs=(0, 1, 2, 4, 5, 6), grad_outputs=(0,))
 
 
-def _sdpa_padded(q, k, v, offsets, max_len: int):
-    """Causal SDPA on every segment padded to max_len (right padding: a real row never sees a
-    padded key under the causal mask), back to the jagged rows."""
-    num_segments, dim = offsets.numel() - 1, q.shape[1]
-
-    def heads(x):
-        return mk.jagged_to_padded(x, offsets, max_len).view(num_segments, max_len, HEADS, dim // HEADS).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
-    out = out.transpose(1, 2).reshape(num_segments, max_len, dim)
-    return out[mk.segment_ids(offsets, q.shape[0]), mk.positions_in_segment(offsets, q.shape[0])]
-
-
-_compiled_flex = None
-
-
-def _flex(q, k, v, block_mask):
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-
-    def heads(x):                                                 # [T, d] -> [1, H, T, dh]
-        return x.view(1, x.shape[0], HEADS, -1).transpose(1, 2)
-
-    out = _compiled_flex(heads(q), heads(k), heads(v), block_mask=block_mask)
-    return out.transpose(1, 2).reshape(q.shape)
-
-
-def _document_mask(offsets, num_rows, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-    document = mk.segment_ids(offsets, num_rows)
-
-    def causal_document(b, h, q_idx, kv_idx):
-        return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
-
-    # Compiled, the mask is evaluated block by block; eager would materialise all T x T entries.
-    return create_block_mask(causal_document, 1, 1, num_rows, num_rows, device=device, _compile=True)
-
-
 def self_attention_case(batch: Batch) -> Case:
     c, offsets = batch.columns, batch.dispatch.theme_offsets
     rows, d = c["T"], c["d"]
     e = batch.values.element_size()
-    inputs = tuple(_randn(batch, rows, d, seed=seed) for seed in (11, 12, 13))
-    block_mask = _document_mask(offsets, rows, batch.values.device) if batch.values.is_cuda else None
+    inputs = tuple(batch.randn(rows, d, seed=seed) for seed in (11, 12, 13))
+    block_mask = baselines.document_mask(offsets, rows, batch.values.device) if batch.values.is_cuda else None
     pairs = attention_pairs(offsets, causal=True)
 
     def run(backend, q, k, v):
         if backend == "sdpa_padded":
-            return (_sdpa_padded(q, k, v, offsets, batch.max_segment),)
+            return (baselines.sdpa_padded(q, k, v, offsets, batch.max_segment, HEADS),)
         if backend == "flex":
-            return (_flex(q, k, v, block_mask),)
+            return (baselines.flex(q, k, v, block_mask, HEADS),)
         return (mk.jagged_self_attention(q, k, v, offsets, num_heads=HEADS, max_len=batch.max_segment,
                                          backend=backend),)
 
@@ -240,7 +206,7 @@ def self_attention_case(batch: Batch) -> Case:
 
 
 def _padded_sequences(batch: Batch, dim: int, seed: int) -> torch.Tensor:
-    return mk.jagged_to_padded(_randn(batch, batch.values.shape[0], dim, seed=seed), batch.offsets, batch.max_len)
+    return mk.jagged_to_padded(batch.randn(batch.values.shape[0], dim, seed=seed), batch.offsets, batch.max_len)
 
 
 def dense_attention_case(batch: Batch) -> Case:
@@ -262,6 +228,24 @@ def dense_attention_case(batch: Batch) -> Case:
                 grad_inputs=(0, 1, 2), grad_outputs=(0,))
 
 
+def dense_attention_varlen_case(batch: Batch) -> Case:
+    """dense_attention without the padding: every whole history, jagged."""
+    c = batch.columns
+    tokens, d = c["T"], c["d"]
+    e = batch.values.element_size()
+    inputs = tuple(batch.randn(tokens, d, seed=seed) for seed in (21, 22, 23))
+    offsets, max_len = batch.offsets, batch.max_len
+
+    def run(backend, q, k, v):
+        return (baselines.varlen(q, k, v, offsets, max_len, HEADS),)
+
+    pairs = attention_pairs(offsets, causal=True)
+    # as self-attention: q, k, v, out and the log-sum-exp; backward adds dout in, dq, dk, dv out
+    return Case(op="dense_attention_varlen", kernels=(), run=run, inputs=inputs, dtype=batch.dtype, shape=c,
+                bytes={"fwd": 4 * tokens * d * e + tokens * HEADS * 4, "bwd": 8 * tokens * d * e + tokens * HEADS * 4},
+                flops={"fwd": 4 * d * pairs, "bwd": 10 * d * pairs}, grad_inputs=(0, 1, 2), grad_outputs=(0,))
+
+
 def _layer_case(op: str, batch: Batch, backends: Sequence[str], **options) -> Case:
     """MoSLayer forward + backward: the parameters are inputs of the case, so that the backward
     computes every gradient a training step needs."""
@@ -271,10 +255,12 @@ def _layer_case(op: str, batch: Batch, backends: Sequence[str], **options) -> Ca
     torch.manual_seed(0)
     layers = {}
     for backend in backends:
-        layer = MoSLayer(MoSConfig(backend=backend, **config)).to(device=batch.values.device, dtype=batch.dtype)
+        # "fused": the reference layer with its target attention folded (benchmarks/providers_fused.py)
+        layer = MoSLayer(MoSConfig(backend="reference" if backend == "fused" else backend, **config))
+        layer = layer.to(device=batch.values.device, dtype=batch.dtype)
         if layers:
             layer.load_state_dict(next(iter(layers.values())).state_dict())
-        layers[backend] = layer
+        layers[backend] = fuse_layer(layer) if backend == "fused" else layer
     names = [n for n, _ in next(iter(layers.values())).named_parameters()]
     params = tuple(p.detach() for _, p in next(iter(layers.values())).named_parameters())
     offsets, max_len = batch.offsets, batch.max_len
@@ -285,40 +271,21 @@ def _layer_case(op: str, batch: Batch, backends: Sequence[str], **options) -> Ca
         return out.output, out.aux_loss
 
     return Case(op=op, kernels=(), run=run, inputs=(batch.values, batch.target) + params, dtype=batch.dtype,
-                shape=c, bytes={}, grad_inputs=tuple(range(2 + len(params))), grad_outputs=(0, 1))
+                shape=c, bytes={}, grad_inputs=tuple(range(2 + len(params))), grad_outputs=(0, 1), launch_bound=True)
 
 
 def layer_case(batch: Batch) -> Case:
-    return _layer_case("layer", batch, ("reference", "triton"))
+    return _layer_case("layer", batch, ("reference", "triton", "fused"))
 
 
 def mos_transformer_case(batch: Batch) -> Case:
     return _layer_case("mos_transformer", batch, ("triton",), encoder="transformer", global_scope="sessions")
 
 
-class DenseTransformerLayer(nn.Module):
-    """One pre-LN causal transformer layer (the block of the MoS experts) over padded sequences."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.ff1, self.ff2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-
-    def forward(self, x):
-        examples, length, dim = x.shape
-        q, k, v = (t.view(examples, length, self.num_heads, -1).transpose(1, 2)
-                   for t in self.qkv(self.ln1(x)).split(dim, dim=-1))
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape)
-        x = x + self.proj(attn)
-        return x + self.ff2(F.gelu(self.ff1(self.ln2(x))))
-
-
 def dense_transformer_case(batch: Batch) -> Case:
     c = batch.columns
     torch.manual_seed(0)
-    layer = DenseTransformerLayer(c["d"], HEADS).to(device=batch.values.device, dtype=batch.dtype)
+    layer = baselines.DenseTransformerLayer(c["d"], HEADS).to(device=batch.values.device, dtype=batch.dtype)
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach() for _, p in layer.named_parameters())
 
@@ -331,8 +298,9 @@ def dense_transformer_case(batch: Batch) -> Case:
 
 CASE_BUILDERS: Dict[str, Callable[[Batch], Case]] = {
     "layer": layer_case, "target_attention": target_attention_case, "self_attention": self_attention_case,
-    "dense_attention": dense_attention_case, "mos_transformer": mos_transformer_case,
-    "dense_transformer": dense_transformer_case,
+    "dense_attention": dense_attention_case, "dense_attention_varlen": dense_attention_varlen_case,
+    "grouped_linear": grouped_linear_case, "grouped_linear_gather": grouped_linear_gather_case,
+    "mos_transformer": mos_transformer_case, "dense_transformer": dense_transformer_case,
 }
 
 
@@ -342,30 +310,37 @@ def build_case(op: str, shape: Shape, dtype: torch.dtype, device: torch.device) 
 
 # ----------------------------------------------------------------------------- plan
 
-def plan(ops: Sequence[str], dtypes: Sequence[str], quick: bool) -> List[Tuple[str, Shape, torch.dtype]]:
-    """Quick: QUICK for every op and dtype. Full, so that a run cut short keeps the targets: the
-    target point of every op in bf16, the L = 4096 transformer comparison, the bf16 sweep of L for
+def _target_cases(ops: Sequence[str], dtype: torch.dtype) -> List[Tuple[str, Shape, torch.dtype]]:
+    """The target point of every op, the transformers at L = 4096 (their comparison)."""
+    return ([(op, TARGET, dtype) for op in ops if op not in TRANSFORMERS]
+            + [(op, Shape(L=4096), dtype) for op in TRANSFORMERS if op in ops])
+
+
+def plan(ops: Sequence[str], dtypes: Sequence[str], quick: bool,
+         targets_only: bool = False) -> List[Tuple[str, Shape, torch.dtype]]:
+    """Quick: QUICK for every op and dtype; targets_only: the target cases in every dtype. Full,
+    so that a run cut short keeps the targets: the target cases in bf16, the bf16 sweep of L for
     the attention and transformer ops, then fp16/fp32 at the target point."""
     if quick:
         return [(op, QUICK, DTYPES[dt]) for dt in dtypes for op in ops]
-    swept = [op for op in ("self_attention", "dense_attention", "mos_transformer", "dense_transformer") if op in ops]
+    if targets_only:
+        return [case for dt in dtypes for case in _target_cases(ops, DTYPES[dt])]
     cases = []
     if "bf16" in dtypes:
-        cases += [(op, TARGET, torch.bfloat16) for op in ops if op not in ("mos_transformer", "dense_transformer")]
-        cases += [(op, Shape(L=4096), torch.bfloat16) for op in ("mos_transformer", "dense_transformer") if op in ops]
-        cases += [(op, Shape(L=length), torch.bfloat16) for length in SWEEP_L for op in swept
-                  if (op, length) not in {(o, 4096) for o in ("mos_transformer", "dense_transformer")}
-                  and not (length == TARGET.L and op in ("self_attention", "dense_attention"))]
+        cases += _target_cases(ops, torch.bfloat16)
+        cases += [(op, Shape(L=length), torch.bfloat16) for length in SWEEP_L for op in SWEPT if op in ops
+                  and (op, length) not in {(o, 4096) for o in TRANSFORMERS}
+                  and not (length == TARGET.L and op not in TRANSFORMERS)]
     cases += [(op, TARGET, DTYPES[dt]) for dt in dtypes if dt != "bf16" for op in ops]
     return cases
 
 
 def providers_for(op: str, shape: Shape, names: Sequence[str], device: torch.device) -> List[Provider]:
     chosen = [ALL_PROVIDERS[n] for n in OP_PROVIDERS[op] if n in names]
-    # FlexAttention has no CPU backward. It compiles anew for every shape (~20 s with its
+    # FlexAttention has no CPU backward, varlen flash attention no CPU kernel. Flex compiles anew for every shape (~20 s with its
     # backward) and the padded reference is slow: in the sweep both run at L = 1000 and 4096 only.
     swept = shape.L not in (TARGET.L, 4096, QUICK.L)
-    return [p for p in chosen if not (p.name == "flex" and device.type != "cuda")
+    return [p for p in chosen if not (p.name in CUDA_ONLY and device.type != "cuda")
             and not (swept and p.name in ("flex", "reference"))]
 
 
@@ -387,6 +362,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cpu-reps", type=int, default=3)
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: start no new case after this (the plan runs the targets first)")
+    parser.add_argument("--plan", choices=("full", "targets"), default="full",
+                        help="targets: the target point (transformers at L=4096) in every --dtype, no sweep")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type not in ("cuda", "cpu"):
@@ -398,14 +375,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _run_one(op, shape, dtype, device, providers, env, timer, compile_backend):
+def _run_one(op, shape, dtype, device, providers, env, timer, compile_backend, sink):
     case = None
     try:
         case = build_case(op, shape, dtype, device)
-        return run_case(case, providers, env, timer, compile_backend=compile_backend)
+        return run_case(case, providers, env, timer, compile_backend=compile_backend, emit=sink)
     except Exception as exc:   # building the inputs failed (OOM, ...): one row says so
         columns = dict(B=shape.examples, L=shape.L, d=shape.d, K=shape.K)
-        return [make_row(env, op=op, provider="-", mode="-", dtype=dtype, shape=columns, error=describe_error(exc))]
+        rows = [make_row(env, op=op, provider="-", mode="-", dtype=dtype, shape=columns, error=describe_error(exc))]
+        sink(rows)
+        return rows
     finally:
         case = None
         free_memory(device)
@@ -417,8 +396,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device)
     timer = Timer(rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps)
     env = Environment.detect(device, timer)
-    cases = plan(args.ops, args.dtype, args.quick)
-    csv_path = Path(args.out) / "bench_attention.csv"
+    cases = plan(args.ops, args.dtype, args.quick, args.plan == "targets")
+    sink = CsvSink(Path(args.out) / "bench_attention.csv")
     print(f"bench_attention: {len(cases)} cases on {env.card} ({env.device}), {env.timing}", file=sys.stderr)
     rows: List[Dict[str, object]] = []
     begin = time.perf_counter()
@@ -429,8 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{len(cases)} cases not run", file=sys.stderr)
             break
         case_rows = _run_one(op, shape, dtype, device, providers_for(op, shape, args.providers, device), env,
-                             timer, args.compile_backend)
-        csv_path = append_csv(csv_path, case_rows)
+                             timer, args.compile_backend, sink)
         rows.extend(case_rows)
         print(progress_line(i, len(cases), op, dtype, case_rows, time.perf_counter() - start), file=sys.stderr)
     print_table(rows)
@@ -443,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              + (" [CPU: not meaningful]" if device.type == "cpu" else ""))
     print_targets(rows, targets, where, title)
     errors = sum(1 for r in rows if r["error"])
-    print(f"\n{len(rows)} rows ({errors} with errors) appended to {csv_path}")
+    print(f"\n{len(rows)} rows ({errors} with errors) appended to {sink.path}")
     return 0
 
 

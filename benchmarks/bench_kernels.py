@@ -24,8 +24,9 @@ import torch
 
 import mos_kernels as mk
 from benchmarks.harness import available_providers, comma_subset, progress_line
-from benchmarks.harness import (DTYPES, PROVIDERS, Case, Environment, Target, Timer, append_csv, describe_error,
-                                free_memory, make_row, print_table, print_targets, run_case)
+from benchmarks.harness import DTYPES, PROVIDERS, Case, Environment, Timer, free_memory, make_row, run_case
+from benchmarks import targets
+from benchmarks.tables import CsvSink, describe_error, print_table, print_targets
 
 TOKENS = 2 ** 21          # B·L of every full-size case (~2M tokens)
 SESSION_LEN = 8
@@ -46,7 +47,7 @@ class Shape:
 
 
 # The issue's target point, and the tiny shape of --quick (interpreter smoke runs).
-TARGET = Shape(L=1024, d=128, K=8, top_k=1)
+TARGET = Shape(**targets.KERNELS_POINT)
 QUICK = Shape(L=64, d=32, K=4, top_k=2, B=4)
 
 # Full sweep: one axis at a time away from TARGET (never the cartesian product), only the axes
@@ -60,19 +61,7 @@ SWEEPS = {
 }
 OPS = tuple(SWEEPS)
 
-TARGETS = (
-    Target("pool_route fwd: % of bandwidth floor", "pool_route", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("gather fwd: % of bandwidth floor", "gather", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("scatter fwd: % of bandwidth floor", "scatter", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("dispatch + gather: speedup over reference", "dispatch", "fwd", "triton", "speedup_vs_eager", 5.0, "x"),
-    Target("pool_route fwd+bwd: speedup over eager", "pool_route", "fwd+bwd", "triton", "speedup_vs_eager", 5.0, "x"),
-    Target("pool_route fwd+bwd: speedup over compiled", "pool_route", "fwd+bwd", "triton", "speedup_vs_compiled",
-           2.0, "x"),
-    # The CUDA extension must at least match Triton (issue 7): Triton's time over CUDA's.
-    *(Target(f"{op} {mode}: cuda vs triton", op, mode, "cuda", "median_ms", 1.0, "x", versus=(op, "triton"))
-      for op, mode in (("pool_route", "fwd"), ("pool_route", "fwd+bwd"), ("dispatch", "fwd"), ("gather", "fwd"),
-                       ("gather", "fwd+bwd"), ("scatter", "fwd"), ("scatter", "fwd+bwd"))),
-)
+TARGETS = targets.KERNELS_TARGETS
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -150,7 +139,7 @@ def pool_route_case(batch: Batch) -> Case:
             # and the mean (9·S·d)
             "bwd": sessions * d * (4 * num_themes + 9),
         },
-        grad_inputs=(0, 2), grad_outputs=(0, 1, 2), checked_outputs=(0, 2))
+        grad_inputs=(0, 2), grad_outputs=(0, 1, 2), checked_outputs=(0, 2), launch_bound=True)
 
 
 def dispatch_case(batch: Batch) -> Case:
@@ -179,7 +168,7 @@ def dispatch_case(batch: Batch) -> Case:
             "fwd": sessions * top_k * (8 + e) + (sessions + 1) * 8 + sessions * 8 + tokens * d * e
                    + rows * 16 + rows * d * e + (num_themes * examples + 1) * 8,
         },
-        checked_outputs=(0, 1, 2, 3))
+        checked_outputs=(0, 1, 2, 3), launch_bound=True)
 
 
 def _gather_bytes(tokens: int, rows: int, d: int, e: int) -> int:
@@ -245,11 +234,13 @@ def sweep_shapes(op: str) -> List[Shape]:
                        if v != getattr(TARGET, axis)]
 
 
-def plan(ops: Sequence[str], dtypes: Sequence[str], quick: bool) -> List[Tuple[str, Shape, torch.dtype]]:
-    """Quick: QUICK for every op and dtype. Full: the target point of every op first (so a run cut
-    short still has the targets), then the bf16 sweeps, then fp16/fp32 at the target point."""
-    if quick:
-        return [(op, QUICK, DTYPES[dt]) for dt in dtypes for op in ops]
+def plan(ops: Sequence[str], dtypes: Sequence[str], quick: bool,
+         targets_only: bool = False) -> List[Tuple[str, Shape, torch.dtype]]:
+    """Quick: QUICK for every op and dtype; targets_only: TARGET for every op and dtype. Full: the
+    target point of every op first (so a run cut short still has the targets), then the bf16
+    sweeps, then fp16/fp32 at the target point."""
+    if quick or targets_only:
+        return [(op, QUICK if quick else TARGET, DTYPES[dt]) for dt in dtypes for op in ops]
     cases = []
     if "bf16" in dtypes:
         cases += [(op, TARGET, torch.bfloat16) for op in ops]
@@ -283,6 +274,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=float, default=50.0, help="CUDA: do_bench timed repetition budget")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench warm-up budget")
     parser.add_argument("--cpu-reps", type=int, default=3, help="CPU: timed calls per row")
+    parser.add_argument("--plan", choices=("full", "targets"), default="full",
+                        help="targets: the target point of every op in every --dtype, no sweep")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type not in ("cuda", "cpu"):
@@ -298,13 +291,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _run_one(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, providers, env: Environment,
-             timer: Timer, compile_backend: str) -> List[Dict[str, object]]:
+             timer: Timer, compile_backend: str, sink: CsvSink) -> List[Dict[str, object]]:
     try:
         case = build_case(op, shape, dtype, device)
-        return run_case(case, providers, env, timer, compile_backend=compile_backend)
+        return run_case(case, providers, env, timer, compile_backend=compile_backend, emit=sink)
     except Exception as exc:   # building the inputs failed (OOM, ...): one row says so
         columns = dict(B=shape.examples, L=shape.L, d=shape.d, K=shape.K, top_k=shape.top_k)
-        return [make_row(env, op=op, provider="-", mode="-", dtype=dtype, shape=columns, error=describe_error(exc))]
+        rows = [make_row(env, op=op, provider="-", mode="-", dtype=dtype, shape=columns, error=describe_error(exc))]
+        sink(rows)
+        return rows
     finally:
         case = None
         free_memory(device)
@@ -319,16 +314,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timer = Timer(rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps)
     env = Environment.detect(device, timer)
     providers = [PROVIDERS[name] for name in args.providers]
-    cases = plan(args.ops, args.dtype, args.quick)
-    csv_path = Path(args.out) / "bench_kernels.csv"
+    cases = plan(args.ops, args.dtype, args.quick, args.plan == "targets")
+    sink = CsvSink(Path(args.out) / "bench_kernels.csv")
     peak = "none" if env.peak_bw is None else f"{env.peak_bw / 1e12:.2f} TB/s"
     print(f"bench_kernels: {len(cases)} cases on {env.card} ({env.device}), peak bandwidth {peak} "
           f"[{env.peak_source}], {env.timing}", file=sys.stderr)
     rows: List[Dict[str, object]] = []
     for i, (op, shape, dtype) in enumerate(cases, 1):
         start = time.perf_counter()
-        case_rows = _run_one(op, shape, dtype, device, providers, env, timer, args.compile_backend)
-        csv_path = append_csv(csv_path, case_rows)
+        case_rows = _run_one(op, shape, dtype, device, providers, env, timer, args.compile_backend, sink)
         rows.extend(case_rows)
         print(progress_line(i, len(cases), op, dtype, case_rows, time.perf_counter() - start, str(shape)),
               file=sys.stderr)
@@ -340,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              + (" [CPU: not meaningful]" if device.type == "cpu" else ""))
     print_targets(rows, TARGETS, where, title)
     errors = sum(1 for r in rows if r["error"])
-    print(f"\n{len(rows)} rows ({errors} with errors) appended to {csv_path}")
+    print(f"\n{len(rows)} rows ({errors} with errors) appended to {sink.path}")
     return 0
 
 

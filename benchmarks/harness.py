@@ -3,9 +3,10 @@
 Owns: `Case` (one op at one shape and dtype: its inputs, how to run it with a given backend, and
 the minimum bytes / FLOPs each mode must move), `Provider` (how a case is run: the reference
 eager, the reference under torch.compile, Triton; a new backend is one line in PROVIDERS), the
-timers, the peak-bandwidth table behind "% of floor", CSV rows stamped with the card, date,
-versions and commit, and the printed tables. A benchmark module only builds cases and calls
-`run_case`; see benchmarks/README.md for what every column means.
+timers (do_bench, and a CUDA-graph replay beside it for launch-bound cases), the peak-bandwidth
+table behind "% of floor", and rows stamped with the card, date, versions and commit (their CSV
+and tables: benchmarks/tables.py). A benchmark module only builds cases and calls `run_case`;
+see benchmarks/README.md for what every column means.
 
 L2 cache: on CUDA, `triton.testing.do_bench` zeroes a 256 MB buffer before every timed call
 (over 4x the 50 MB L2 of an H100 and the 60 MB of an H200), so every call starts cold and inputs
@@ -14,10 +15,8 @@ are not rotated.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
-import hashlib
 import math
 import os
 import platform
@@ -34,9 +33,10 @@ import mos_kernels as mk
 import triton
 import triton.testing
 
+from benchmarks.cuda_graph import graph_time
+from benchmarks.tables import COLUMNS, MODES, SHAPE_COLUMNS, add_speedups, describe_error, shape_label
 from mos_kernels.backend import IMPLEMENTED
 
-MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Device-to-device copy bandwidth measured on the project's machines (design/kernels.md), B/s.
@@ -47,14 +47,6 @@ PEAK_BANDWIDTH = (("H200", 4.3e12), ("H100", 3.0e12))
 # FLOP floor of a half-precision case that counts its FLOPs. fp32 cases have only the byte floor.
 PEAK_HALF_FLOPS = (("H200", 8.0e14), ("H100", 8.0e14))
 
-COLUMNS = (
-    "op", "provider", "mode", "dtype", "B", "L", "T", "S", "rows", "d", "K", "top_k",
-    "median_ms", "p20_ms", "p80_ms", "bytes", "flops", "gbps", "tflops", "floor_ms", "pct_floor",
-    "speedup_vs_eager", "speedup_vs_compiled", "first_call_s", "max_err", "error",
-    "card", "device", "peak_bw", "peak_source", "timing", "date", "torch", "triton", "python",
-    "git_commit", "note",
-)
-SHAPE_COLUMNS = ("B", "L", "T", "S", "rows", "d", "K", "top_k")
 
 
 def comma_subset(allowed: Sequence[str]):
@@ -139,6 +131,7 @@ class Case:
     grad_inputs: Tuple[int, ...] = ()
     grad_outputs: Tuple[int, ...] = ()         # outputs that receive a cotangent
     checked_outputs: Tuple[int, ...] = (0,)    # outputs compared with the eager reference (max_err)
+    launch_bound: bool = False                 # many small launches: also time a CUDA-graph replay
 
     def __post_init__(self):
         unknown = set(self.shape) - set(SHAPE_COLUMNS)
@@ -349,11 +342,6 @@ def make_row(env: Environment, *, op: str, provider: str, mode: str, dtype: torc
     return row
 
 
-def describe_error(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 def _case_row(env: Environment, case: Case, provider: Provider, mode: str, **values) -> Dict[str, object]:
     return make_row(env, op=case.op, provider=provider.name, mode=mode, dtype=case.dtype, shape=case.shape, **values)
 
@@ -386,176 +374,60 @@ def peak_half_flops(card: str) -> Optional[float]:
     return None
 
 
-def _add_speedups(rows: List[Dict[str, object]]) -> None:
-    for mode in MODES:
-        baseline = {r["provider"]: r["median_ms"] for r in rows if r["mode"] == mode and r["median_ms"] != ""}
-        for r in rows:
-            if r["mode"] != mode or r["median_ms"] in ("", 0):
-                continue
-            for column, provider in (("speedup_vs_eager", "reference"), ("speedup_vs_compiled", "compiled")):
-                if baseline.get(provider):
-                    r[column] = baseline[provider] / r["median_ms"]
-
-
 def run_case(case: Case, providers: Sequence[Provider], env: Environment, timer: Timer, *,
-             compile_backend: str = "inductor") -> List[Dict[str, object]]:
+             compile_backend: str = "inductor",
+             emit: Optional[Callable[[List[Dict[str, object]]], None]] = None) -> List[Dict[str, object]]:
     """Time `case` under every provider it supports and every mode it has; errors (compile
     failures, OOM, ...) become rows with the `error` column set. The eager reference runs first:
-    max_err and the speedups are relative to it."""
+    max_err and the speedups are relative to it. `emit` gets each provider's rows as soon as they
+    are timed (a run cut short keeps them), with the speedups over the providers timed before it."""
     rows: List[Dict[str, object]] = []
     reference_outputs = None
-    ordered = sorted(providers, key=lambda p: p.name != "reference")
-    for provider in ordered:
+    for provider in sorted(providers, key=lambda p: p.name != "reference"):
         if not case.supports(provider):
             continue
-        try:
-            fn = provider_callable(case, provider, compile_backend)
-            start = time.perf_counter()
-            outputs = fn(*case.inputs)
-            synchronize(case.device)
-            first_call_s = time.perf_counter() - start
-            max_err = "" if reference_outputs is None else max_error(outputs, reference_outputs, case.checked_outputs)
-        except Exception as exc:   # a failed compile or launch must not end the run
-            rows.extend(_case_row(env, case, provider, mode, error=describe_error(exc)) for mode in case.modes)
-            free_memory(case.device)
-            continue
-        if provider.name == "reference":
-            reference_outputs = tuple(o.detach() for o in outputs)
-            max_err = 0.0
-        for mode in case.modes:
-            try:
-                median, p20, p80 = timer(mode_callable(case, fn, mode, outputs), case.device)
-                rows.append(_case_row(env, case, provider, mode, first_call_s=first_call_s, max_err=max_err,
-                                      **_timing_values(case, mode, env, median, p20, p80)))
-            except Exception as exc:
-                rows.append(_case_row(env, case, provider, mode, first_call_s=first_call_s, max_err=max_err,
-                                      error=describe_error(exc)))
-                free_memory(case.device)
-        del fn, outputs
-        if provider.compiled:
-            torch._dynamo.reset()
-    _add_speedups(rows)
+        provider_rows, outputs = _run_provider(case, provider, env, timer, compile_backend, reference_outputs)
+        reference_outputs = outputs if outputs is not None else reference_outputs
+        rows.extend(provider_rows)
+        add_speedups(rows)
+        if emit is not None:
+            emit(provider_rows)
     return rows
 
 
-# ----------------------------------------------------------------------------- output
-
-def _csv_value(value) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def append_csv(path, rows: Sequence[Dict[str, object]]) -> Path:
-    """Append rows to `path`, writing the header when the file is new. A file written with other
-    columns is left alone: the rows go to a sibling named after the column set."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != list(COLUMNS):
-            tag = hashlib.sha1(",".join(COLUMNS).encode()).hexdigest()[:8]
-            sibling = path.with_name(f"{path.stem}-{tag}{path.suffix}")
-            print(f"append_csv: {path} has other columns; writing to {sibling}", file=sys.stderr)
-            path = sibling
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows({k: _csv_value(r[k]) for k in COLUMNS} for r in rows)
-    return path
-
-
-def _count(n) -> str:
-    if n == "":
-        return "-"
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else str(n)
-
-
-def shape_label(row: Dict[str, object]) -> str:
-    return f"B={row['B']} L={row['L']} T={_count(row['T'])} d={row['d']} K={row['K']} k={row['top_k']}"
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value == "" or value is None else format(value, spec)
-
-
-def _print_aligned(header: Sequence[str], lines: Sequence[Sequence[str]], right: Sequence[bool], file) -> None:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-
-    def fmt(cells):
-        return "  ".join(str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
-    print(fmt(header), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
-    for cells in lines:
-        print(fmt(cells), file=file)
-
-
-def print_table(rows: Sequence[Dict[str, object]], file=None) -> None:
-    file = file or sys.stdout
-    if not rows:
-        print("(no rows)", file=file)
-        return
-    notes = sorted({str(r["note"]) for r in rows if r["note"]})
-    if notes:
-        print("NOTE: " + " | ".join(notes), file=file)
-    header = ("op", "mode", "dtype", "shape", "provider", "ms", "GB/s", "TFLOP/s", "% floor", "x eager", "x compiled",
-              "error")
-    lines = [(r["op"], r["mode"], r["dtype"], shape_label(r), r["provider"], _fmt(r["median_ms"], ".4f"),
-              _fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".2f"), _fmt(r["pct_floor"], ".1f"),
-              _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compiled"], ".2f"), str(r["error"])[:70])
-             for r in rows]
-    _print_aligned(header, lines, (False,) * 5 + (True,) * 6 + (False,), file)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A goal on one row: `metric` (a row column) of op/mode/provider must reach `minimum`.
-
-    With `versus` = (op, provider) the measured value is instead that row's median over this
-    row's (same mode and point): a speedup over a provider or an op the harness does not compare
-    with. `at` overrides entries of the target point for this target (e.g. another L)."""
-    label: str
-    op: str
-    mode: str
-    provider: str
-    metric: str
-    minimum: float
-    unit: str = ""
-    versus: Optional[Tuple[str, str]] = None
-    at: Tuple[Tuple[str, object], ...] = ()
-
-
-def evaluate_targets(rows: Sequence[Dict[str, object]], targets: Sequence[Target],
-                     where: Dict[str, object]) -> List[Tuple[Target, Optional[float], str]]:
-    """(target, measured value or None, "PASS"/"MISS") for the rows matching `where` (e.g. the
-    dtype and shape of the target point)."""
-    def find_row(op, provider, mode, point):
-        match = [r for r in rows if r["op"] == op and r["mode"] == mode and r["provider"] == provider
-                 and all(r[k] == v for k, v in point.items())]
-        return match[0] if match else None
-
-    results = []
-    for t in targets:
-        point = {**where, **dict(t.at)}
-        row = find_row(t.op, t.provider, t.mode, point)
-        if t.versus is None:
-            value = row[t.metric] if row is not None and row[t.metric] != "" else None
-        else:
-            other = find_row(*t.versus, t.mode, point)
-            timed = row is not None and other is not None and row["median_ms"] not in ("", 0) \
-                and other["median_ms"] != ""
-            value = other["median_ms"] / row["median_ms"] if timed else None
-        results.append((t, value, "PASS" if value is not None and value >= t.minimum else "MISS"))
-    return results
-
-
-def print_targets(rows: Sequence[Dict[str, object]], targets: Sequence[Target], where: Dict[str, object],
-                  title: str, file=None) -> List[Tuple[Target, Optional[float], str]]:
-    file = file or sys.stdout
-    results = evaluate_targets(rows, targets, where)
-    print(title, file=file)
-    lines = [(t.label, f">= {t.minimum:g}{t.unit}", "n/a" if v is None else f"{v:.2f}{t.unit}", status)
-             for t, v, status in results]
-    _print_aligned(("target", "goal", "measured", "status"), lines, (False, True, True, False), file)
-    return results
+def _run_provider(case: Case, provider: Provider, env: Environment, timer: Timer, compile_backend: str,
+                  reference_outputs) -> Tuple[List[Dict[str, object]], Optional[Tuple[torch.Tensor, ...]]]:
+    """The rows of one provider (one per mode) and, for the reference, its detached outputs (the
+    others' are freed before the next provider runs)."""
+    try:
+        fn = provider_callable(case, provider, compile_backend)
+        start = time.perf_counter()
+        outputs = fn(*case.inputs)
+        synchronize(case.device)
+        first_call_s = time.perf_counter() - start
+        max_err: object = ""
+        if provider.name == "reference":
+            max_err = 0.0
+        elif reference_outputs is not None:
+            max_err = max_error(outputs, reference_outputs, case.checked_outputs)
+    except Exception as exc:   # a failed compile or launch must not end the run
+        free_memory(case.device)
+        return [_case_row(env, case, provider, mode, error=describe_error(exc)) for mode in case.modes], None
+    rows = []
+    for mode in case.modes:
+        values: Dict[str, object] = dict(first_call_s=first_call_s, max_err=max_err)
+        try:
+            timed = mode_callable(case, fn, mode, outputs)
+            values.update(_timing_values(case, mode, env, *timer(timed, case.device)))
+            if case.launch_bound:
+                graph_ms, graph_note = graph_time(timed, case.device, timer)
+                values.update(graph_ms="" if graph_ms is None else graph_ms, graph_note=graph_note)
+        except Exception as exc:
+            values["error"] = describe_error(exc)
+            free_memory(case.device)
+        rows.append(_case_row(env, case, provider, mode, **values))
+    detached = tuple(o.detach() for o in outputs) if provider.name == "reference" else None
+    del fn, outputs
+    if provider.compiled:
+        torch._dynamo.reset()
+    return rows, detached

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
-from benchmarks import bench_attention, harness  # noqa: E402
+from benchmarks import bench_attention, cuda_graph, harness, tables  # noqa: E402
 
 
 def test_bench_attention_quick_run(tmp_path, capsys, device):
@@ -31,12 +31,18 @@ def test_bench_attention_quick_run(tmp_path, capsys, device):
         rows = list(csv.DictReader(f))
     assert [r for r in rows if r["error"]] == []
     expected = {(op, p, m) for op in bench_attention.OPS for p in bench_attention.OP_PROVIDERS[op]
-                for m in harness.MODES if not (p == "flex" and device.type != "cuda")}
+                for m in harness.MODES if not (p in bench_attention.CUDA_ONLY and device.type != "cuda")}
     assert {(r["op"], r["provider"], r["mode"]) for r in rows} == expected
     for r in rows:
         assert float(r["median_ms"]) > 0
         if r["max_err"] != "":   # compared with the eager reference of the same case
             assert float(r["max_err"]) <= 1e-4, f"{r['op']} {r['provider']}: max_err {r['max_err']}"
+    launch_bound = {"layer", "mos_transformer"}
+    for r in rows:   # the CUDA-graph column: launch-bound cases only, on a CPU empty with the reason
+        if r["op"] in launch_bound and device.type == "cpu":
+            assert (r["graph_ms"], r["graph_note"]) == ("", cuda_graph.CPU_REASON), r
+        elif r["op"] not in launch_bound:
+            assert (r["graph_ms"], r["graph_note"]) == ("", ""), r
     attention = [r for r in rows if r["op"] == "self_attention" and r["mode"] == "fwd"]
     assert all(int(r["flops"]) > 0 for r in attention), "self-attention rows carry the jagged FLOP count"
     assert "Targets at" in printed.out and all(t.label in printed.out for t in bench_attention.TARGETS)
@@ -63,8 +69,8 @@ def _row(op, provider, mode, median, **point):
 def test_ratio_targets():
     rows = [_row("a", "triton", "fwd", 1.0), _row("a", "flex", "fwd", 1.5), _row("b", "sdpa", "fwd", 0.5, L=8),
             _row("c", "triton", "fwd", 1.0, L=8)]
-    targets = [harness.Target("vs flex", "a", "fwd", "triton", "speedup", 1.2, versus=("a", "flex")),
-               harness.Target("vs other op", "c", "fwd", "triton", "speedup", 1.0, versus=("b", "sdpa"), at=(("L", 8),)),
-               harness.Target("missing", "a", "fwd", "triton", "speedup", 1.0, versus=("a", "nobody"))]
-    results = harness.evaluate_targets(rows, targets, {"dtype": "fp32", "L": 2})
+    targets = [tables.Target("vs flex", "a", "fwd", "triton", "speedup", 1.2, versus=("a", "flex")),
+               tables.Target("vs other op", "c", "fwd", "triton", "speedup", 1.0, versus=("b", "sdpa"), at=(("L", 8),)),
+               tables.Target("missing", "a", "fwd", "triton", "speedup", 1.0, versus=("a", "nobody"))]
+    results = tables.evaluate_targets(rows, targets, {"dtype": "fp32", "L": 2})
     assert [(value, status) for _, value, status in results] == [(1.5, "PASS"), (0.5, "MISS"), (None, "MISS")]

@@ -19,7 +19,7 @@ pytest.importorskip("pytest_benchmark")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
-from benchmarks import bench_kernels, harness  # noqa: E402
+from benchmarks import bench_kernels, harness, tables  # noqa: E402
 from conftest import require_cuda_ext  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
@@ -123,25 +123,25 @@ def _row(op="gather", **values):
 
 def test_append_csv_writes_the_header_once_and_spares_other_files(tmp_path):
     path = tmp_path / "out.csv"
-    harness.append_csv(path, [_row(median_ms=1.0)])
-    harness.append_csv(path, [_row(median_ms=2.0), _row(error="OutOfMemoryError: boom")])
+    tables.append_csv(path, [_row(median_ms=1.0)])
+    tables.append_csv(path, [_row(median_ms=2.0), _row(error="OutOfMemoryError: boom")])
     lines = path.read_text().splitlines()
     assert lines[0] == ",".join(harness.COLUMNS) and len(lines) == 4
     other = tmp_path / "old.csv"
     other.write_text("a,b\n1,2\n")
-    written = harness.append_csv(other, [_row(median_ms=1.0)])
+    written = tables.append_csv(other, [_row(median_ms=1.0)])
     assert other.read_text() == "a,b\n1,2\n" and written != other
     assert written.read_text().splitlines()[0] == ",".join(harness.COLUMNS)
 
 
 def test_targets_pass_and_miss():
     rows = [_row(median_ms=1.0, pct_floor=75.0), _row(op="scatter", median_ms=1.0, pct_floor=50.0)]
-    targets = [harness.Target("g", "gather", "fwd", "triton", "pct_floor", 70.0),
-               harness.Target("s", "scatter", "fwd", "triton", "pct_floor", 70.0),
-               harness.Target("x", "dispatch", "fwd", "triton", "speedup_vs_eager", 5.0)]
-    results = harness.evaluate_targets(rows, targets, {"dtype": "fp32", "d": 4})
+    targets = [tables.Target("g", "gather", "fwd", "triton", "pct_floor", 70.0),
+               tables.Target("s", "scatter", "fwd", "triton", "pct_floor", 70.0),
+               tables.Target("x", "dispatch", "fwd", "triton", "speedup_vs_eager", 5.0)]
+    results = tables.evaluate_targets(rows, targets, {"dtype": "fp32", "d": 4})
     assert [(value, status) for _, value, status in results] == [(75.0, "PASS"), (50.0, "MISS"), (None, "MISS")]
-    assert [status for *_, status in harness.evaluate_targets(rows, targets[:1], {"d": 8})] == ["MISS"]
+    assert [status for *_, status in tables.evaluate_targets(rows, targets[:1], {"d": 8})] == ["MISS"]
 
 
 def test_failed_compile_is_a_row_not_a_crash(device, one_thread):

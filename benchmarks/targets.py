@@ -1,0 +1,46 @@
+"""The benchmarks' targets and target points, where summarize.py reads them without torch.
+
+The GPU check prints its summary from an EXIT trap under a short timeout; importing torch there
+(seconds on an idle machine, far more on a loaded one) could cost the summary itself. The
+benchmark modules build their target shapes from these points.
+"""
+from __future__ import annotations
+
+from benchmarks.tables import Target
+
+# bench_kernels: bf16, B = 2^21 // L examples (T ~ 2M tokens).
+KERNELS_POINT = dict(L=1024, d=128, K=8, top_k=1)
+KERNELS_TARGETS = (
+    Target("pool_route fwd: % of bandwidth floor", "pool_route", "fwd", "triton", "pct_floor", 70.0, " %"),
+    Target("gather fwd: % of bandwidth floor", "gather", "fwd", "triton", "pct_floor", 70.0, " %"),
+    Target("scatter fwd: % of bandwidth floor", "scatter", "fwd", "triton", "pct_floor", 70.0, " %"),
+    Target("dispatch + gather: speedup over reference", "dispatch", "fwd", "triton", "speedup_vs_eager", 5.0, "x"),
+    Target("pool_route fwd+bwd: speedup over eager", "pool_route", "fwd+bwd", "triton", "speedup_vs_eager", 5.0, "x"),
+    Target("pool_route fwd+bwd: speedup over compiled", "pool_route", "fwd+bwd", "triton", "speedup_vs_compiled",
+           2.0, "x"),
+    # The CUDA extension must at least match Triton: Triton's time over CUDA's.
+    *(Target(f"{op} {mode}: cuda vs triton", op, mode, "cuda", "median_ms", 1.0, "x", versus=(op, "triton"))
+      for op, mode in (("pool_route", "fwd"), ("pool_route", "fwd+bwd"), ("dispatch", "fwd"), ("gather", "fwd"),
+                       ("gather", "fwd+bwd"), ("scatter", "fwd"), ("scatter", "fwd+bwd"))),
+)
+
+
+# bench_attention: bf16, H = 2 heads.
+ATTENTION_POINT = dict(L=1000, d=64, K=8, B=256)
+ATTENTION_TARGETS = (
+    Target("layer fwd+bwd: speedup over reference eager", "layer", "fwd+bwd", "triton", "speedup_vs_eager", 4.0, "x"),
+    Target("layer fwd+bwd: speedup over reference compiled", "layer", "fwd+bwd", "triton", "speedup_vs_compiled",
+           2.0, "x"),
+    Target("layer fwd+bwd: speedup over compiled_fused", "layer", "fwd+bwd", "triton", "speedup_vs_compiled_fused",
+           2.0, "x"),
+    Target("target attention fwd: % of bandwidth floor", "target_attention", "fwd", "triton", "pct_floor", 60.0, " %"),
+    Target("self-attention fwd+bwd: speedup over FlexAttention", "self_attention", "fwd+bwd", "triton", "speedup",
+           1.2, "x", versus=("self_attention", "flex")),
+    Target("L=4096: MoS transformer layer fwd+bwd speedup over one dense SDPA layer", "mos_transformer", "fwd+bwd",
+           "triton", "speedup", 1.0, "x", versus=("dense_transformer", "sdpa"), at=(("L", 4096),)),
+)
+
+
+def where(point: dict, dtype: str = "bf16") -> dict:
+    """The row columns a target point fixes (the benchmarks' B follows from L)."""
+    return dict(dtype=dtype, **{k: v for k, v in point.items() if k != "B"})
