@@ -123,11 +123,27 @@ def _grouped_mm_configs() -> List[Config]:
         ptr = DTYPES[dtype]
         sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "tile_expert_ptr": "*i64", "tile_start_ptr": "*i64",
                "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32", "stride_a": "i32",
-               "stride_out": "i32", "stride_we": "i32", "stride_wk": "i32", "stride_wn": "i32"}
-        const = {"A_INDEX": a_index, "HAS_GATE": gate, "HAS_BIAS": bias, "OUT_INDEX": out_index,
+               "stride_out": "i32"}
+        const = {"TRANSPOSE_W": False, "A_INDEX": a_index, "HAS_GATE": gate, "HAS_BIAS": bias, "OUT_INDEX": out_index,
                  "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
         for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
                                  ("bias_ptr", bias, ptr), ("out_index_ptr", out_index, "*i64")):
+            _optional(name, present, p, sig, const)
+        out.append(("_grouped_mm", sig, const))
+    # The input gradient: W[e] read transposed, rows read through the scatter index or not, stored
+    # in fp32 when the forward gathered (the caller sums them per token).
+    for dtype, (block_n, block_k), a_index in itertools.product(
+            ("bf16", "fp16", "fp32"), itertools.product(MM_BLOCKS, MM_BLOCKS), (False, True)):
+        if dtype == "fp16" and (block_n, block_k) != (64, 64):
+            continue
+        ptr = DTYPES[dtype]
+        sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": "*fp32" if a_index else ptr, "tile_expert_ptr": "*i64",
+               "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32",
+               "stride_a": "i32", "stride_out": "i32"}
+        const = {"TRANSPOSE_W": True, "A_INDEX": a_index, "HAS_GATE": False, "HAS_BIAS": False, "OUT_INDEX": False,
+                 "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", False, ptr),
+                                 ("bias_ptr", False, ptr), ("out_index_ptr", False, "*i64")):
             _optional(name, present, p, sig, const)
         out.append(("_grouped_mm", sig, const))
     grad = [(a, g, o) for a, g in ((False, False), (True, False), (True, True)) for o in (False, True)]
