@@ -59,13 +59,14 @@ def _pool_route_configs() -> List[Config]:
 
 
 def _dispatch_configs() -> List[Config]:
-    from mos_kernels.theme_dispatch import fill_blocks
+    from mos_kernels.theme_dispatch import count_blocks, fill_blocks
 
     out = []
     count_sig = {"themes_ptr": "*i64", "session_offsets_ptr": "*i64", "example_session_offsets_ptr": "*i64",
                  "rank_ptr": "*i32", "counts_ptr": "*i32", "num_examples": "i32", "num_themes": "i32", "top_k": "i32"}
-    for block_k in (2, 4, 8, 16, 32, 64):   # max(next_power_of_2(K), 2) for K <= 64
-        out.append(("_dispatch_count", count_sig, {"BLOCK_S": 64, "BLOCK_K": block_k}))
+    for num_themes in (2, 4, 8, 16, 32, 64):   # every BLOCK_K of K <= 64
+        block_s, block_k = count_blocks(num_themes)
+        out.append(("_dispatch_count", count_sig, {"BLOCK_S": block_s, "BLOCK_K": block_k}))
     # The fill copies the gate's bits: one kernel per width (bf16/fp16, fp32, fp64).
     for gate, top_k, capacity in itertools.product(("*i16", "*i32", "*i64"), range(1, 9), (False, True)):
         block_s, block_t, block_j = fill_blocks(top_k)

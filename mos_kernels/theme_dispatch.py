@@ -266,12 +266,20 @@ def _dispatch_fill(themes_ptr, gate_ptr, session_offsets_ptr, session_example_pt
         tl.store(inverse_ptr + rows * top_k + cell_choice, tl.where(keep, dest, -1).to(tl.int64), mask=valid)
 
 
-_COUNT_BLOCK_S = 64   # sessions per step of an example's scan
+_COUNT_CELLS = 1024   # (session, theme) cells per step of an example's scan
 _FILL_BLOCK_S = 32    # sessions per fill program
 _FILL_BLOCK_T = 128   # token rows per fill tile
 # The gate is only copied, so the fill moves its bits as integers of the same width: one
 # compiled kernel per width rather than per float type.
 _GATE_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def count_blocks(num_themes: int) -> Tuple[int, int]:
+    """(BLOCK_S, BLOCK_K) of the count for K themes; compile_check lists the same. The step
+    holds a fixed number of cells, so few themes scan many sessions per step (fewer dependent
+    steps for long examples) and many themes stay in registers."""
+    block_k = max(triton.next_power_of_2(num_themes), 2)
+    return max(_COUNT_CELLS // block_k, 16), block_k
 
 
 def fill_blocks(top_k: int) -> Tuple[int, int, int]:
@@ -299,9 +307,10 @@ def _theme_dispatch_op(themes: torch.Tensor, gate: torch.Tensor, session_offsets
     rank = new_output((num_sessions, top_k), dtype=torch.int32, device=device)
     counts = new_output(num_themes * num_examples, dtype=torch.int32, device=device)
     if num_examples:
+        block_s, block_k = count_blocks(num_themes)
         _dispatch_count[(num_examples,)](
             themes, session_offsets, example_session_offsets, rank, counts, num_examples, num_themes, top_k,
-            BLOCK_S=_COUNT_BLOCK_S, BLOCK_K=max(triton.next_power_of_2(num_themes), 2))
+            BLOCK_S=block_s, BLOCK_K=block_k)
     theme_offsets = _segment_starts(counts, capacity)
     num_rows = int(theme_offsets[-1]) if capacity else num_tokens * top_k   # the documented sync
     gather_index = new_output(num_rows, dtype=torch.int64, device=device)

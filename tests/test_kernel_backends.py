@@ -166,10 +166,11 @@ def _dispatch_both(args, kwargs, backend):
     return [out.gather_index, out.row_gate, out.inverse_index, out.theme_offsets, g_gate]
 
 
-# Blocks of sessions whose rows span several fill tiles, empty sessions inside a block (never
-# made by sessionize, allowed by the contract), and top_k up to 8 of 8 themes.
+# Blocks of sessions whose rows span several fill tiles, examples whose sessions take several
+# count steps (550 sessions; 16 to 512 sessions a step by K), and top_k up to 8 of 8 themes.
 DISPATCH_LAYOUTS = {
     "tiles_crossed": ([300, 0, 517, 1], 5),
+    "count_steps_crossed": ([1100, 3], 2),
     "shapes": ([0, 5, 0, 17, 3, 0], 4),
 }
 
