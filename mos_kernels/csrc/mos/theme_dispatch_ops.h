@@ -18,8 +18,6 @@ namespace mos {
 // copies the gate's bits, so one kernel serves every float type (float64 included).
 template <class F>
 void by_gate_width(const char* op, const at::Tensor& gate, F&& f) {
-  TORCH_CHECK(at::isFloatingType(gate.scalar_type()), op, ": gate: expected a floating dtype, got ",
-              gate.scalar_type());
   switch (gate.element_size()) {
     case 2: f(uint16_t{}); break;
     case 4: f(uint32_t{}); break;
@@ -28,29 +26,41 @@ void by_gate_width(const char* op, const at::Tensor& gate, F&& f) {
   }
 }
 
-template <class Exec>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> theme_dispatch(
-    const at::Tensor& themes_in, const at::Tensor& gate_in, const at::Tensor& session_offsets_in,
-    const at::Tensor& session_example_in, const at::Tensor& example_session_offsets_in, int64_t num_tokens,
-    int64_t num_themes, int64_t capacity) {
-  constexpr const char* op = "mos_cuda::theme_dispatch";
-  check_index(op, "themes", themes_in, themes_in, 2);
-  check_device(op, "gate", gate_in, themes_in);
-  check_dim(op, "gate", gate_in, 2);
-  check_index(op, "session_offsets", session_offsets_in, themes_in, 1);
-  check_index(op, "session_example", session_example_in, themes_in, 1);
-  check_index(op, "example_session_offsets", example_session_offsets_in, themes_in, 1);
-  const int64_t num_sessions = themes_in.size(0), top_k = themes_in.size(1);
-  check_numel(op, "gate", gate_in, num_sessions * top_k);
-  check_numel(op, "session_offsets", session_offsets_in, num_sessions + 1);
-  check_numel(op, "session_example", session_example_in, num_sessions);
-  TORCH_CHECK(example_session_offsets_in.numel() >= 1, op,
+// Devices, dtypes, ranks and sizes (no data read): each error names its argument.
+inline void check_dispatch_inputs(const char* op, const at::Tensor& themes, const at::Tensor& gate,
+                                  const at::Tensor& session_offsets, const at::Tensor& session_example,
+                                  const at::Tensor& example_session_offsets, int64_t num_tokens, int64_t num_themes,
+                                  int64_t capacity) {
+  check_index(op, "themes", themes, themes, 2);
+  check_device(op, "gate", gate, themes);
+  check_dim(op, "gate", gate, 2);
+  TORCH_CHECK(at::isFloatingType(gate.scalar_type()), op, ": gate: expected a floating dtype, got ",
+              gate.scalar_type());
+  check_index(op, "session_offsets", session_offsets, themes, 1);
+  check_index(op, "session_example", session_example, themes, 1);
+  check_index(op, "example_session_offsets", example_session_offsets, themes, 1);
+  const int64_t num_sessions = themes.size(0), top_k = themes.size(1);
+  check_numel(op, "gate", gate, num_sessions * top_k);
+  check_numel(op, "session_offsets", session_offsets, num_sessions + 1);
+  check_numel(op, "session_example", session_example, num_sessions);
+  TORCH_CHECK(example_session_offsets.numel() >= 1, op,
               ": example_session_offsets: expected B+1 >= 1 entries, got 0");
   TORCH_CHECK(num_themes >= 1, op, ": num_themes: expected >= 1, got ", num_themes);
   TORCH_CHECK(num_tokens >= 0, op, ": num_tokens: expected >= 0, got ", num_tokens);
   TORCH_CHECK(num_tokens * top_k < (int64_t{1} << 31), op, ": num_tokens: expected num_tokens * top_k < 2^31 ",
               "(rows are counted in 32 bits), got ", num_tokens, " * ", top_k);
   TORCH_CHECK(capacity >= 0, op, ": capacity: expected >= 0 (0: unlimited), got ", capacity);
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> theme_dispatch(
+    const at::Tensor& themes_in, const at::Tensor& gate_in, const at::Tensor& session_offsets_in,
+    const at::Tensor& session_example_in, const at::Tensor& example_session_offsets_in, int64_t num_tokens,
+    int64_t num_themes, int64_t capacity) {
+  constexpr const char* op = "mos_cuda::theme_dispatch";
+  check_dispatch_inputs(op, themes_in, gate_in, session_offsets_in, session_example_in, example_session_offsets_in,
+                        num_tokens, num_themes, capacity);
+  const int64_t num_sessions = themes_in.size(0), top_k = themes_in.size(1);
   typename Exec::Guard guard(themes_in.device());
   const at::Tensor themes = themes_in.contiguous(), gate = gate_in.contiguous();
   const at::Tensor session_offsets = session_offsets_in.contiguous();
