@@ -68,10 +68,8 @@ def _dispatch_configs() -> List[Config]:
         block_s, block_k = count_blocks(num_themes)
         out.append(("_dispatch_count", count_sig, {"BLOCK_S": block_s, "BLOCK_K": block_k}))
     # The fill copies the gate's bits: one kernel per width (bf16/fp16, fp32, fp64).
-    for gate, top_k, capacity in itertools.product(("*i16", "*i32", "*i64"), range(1, 9), (False, True)):
-        block_s, block_t, block_j = fill_blocks(top_k)
-        if top_k != block_j:
-            continue   # top_k 3, 5..7 launch the BLOCK_J of the next power of two
+    for gate, top_k, capacity in itertools.product(("*i16", "*i32", "*i64"), (1, 2, 4, 8, 16, 32, 64), (False, True)):
+        block_s, block_t, block_j = fill_blocks(top_k)   # any other top_k <= 64 launches one of these
         sig = {"themes_ptr": "*i64", "gate_ptr": gate, "session_offsets_ptr": "*i64", "session_example_ptr": "*i64",
                "rank_ptr": "*i32", "counts_ptr": "*i32", "theme_offsets_ptr": "*i64", "gather_index_ptr": "*i64",
                "row_gate_ptr": gate, "inverse_ptr": "*i64", "num_sessions": "i32", "num_examples": "i32",

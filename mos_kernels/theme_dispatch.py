@@ -268,7 +268,8 @@ def _dispatch_fill(themes_ptr, gate_ptr, session_offsets_ptr, session_example_pt
 
 _COUNT_CELLS = 1024   # (session, theme) cells per step of an example's scan
 _FILL_BLOCK_S = 32    # sessions per fill program
-_FILL_BLOCK_T = 128   # token rows per fill tile
+_FILL_ROWS = 128      # token rows per fill tile
+_FILL_CELLS = 1024    # at most this many (token row, choice) cells per fill tile
 # The gate is only copied, so the fill moves its bits as integers of the same width: one
 # compiled kernel per width rather than per float type.
 _GATE_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -283,8 +284,11 @@ def count_blocks(num_themes: int) -> Tuple[int, int]:
 
 
 def fill_blocks(top_k: int) -> Tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_T, BLOCK_J) of the fill for top_k choices; compile_check lists the same."""
-    return _FILL_BLOCK_S, _FILL_BLOCK_T, max(triton.next_power_of_2(top_k), 1)
+    """(BLOCK_S, BLOCK_T, BLOCK_J) of the fill for top_k choices; compile_check lists the same.
+    A tile holds 128 rows, fewer for top_k > 8 (at most 1024 (row, choice) cells), at least 32
+    (the histogram needs a bin per lane)."""
+    block_j = max(triton.next_power_of_2(top_k), 1)
+    return _FILL_BLOCK_S, max(min(_FILL_ROWS, _FILL_CELLS // block_j), 32), block_j
 
 
 def _segment_starts(counts: torch.Tensor, capacity: int) -> torch.Tensor:

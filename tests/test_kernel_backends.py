@@ -167,7 +167,8 @@ def _dispatch_both(args, kwargs, backend):
 
 
 # Blocks of sessions whose rows span several fill tiles, examples whose sessions take several
-# count steps (550 sessions; 16 to 512 sessions a step by K), and top_k up to 8 of 8 themes.
+# count steps (550 sessions; 16 to 512 sessions a step by K), and top_k from 1 to 12 (8 of 8
+# themes; 12 launches the 16-choice fill with 64-row tiles).
 DISPATCH_LAYOUTS = {
     "tiles_crossed": ([300, 0, 517, 1], 5),
     "count_steps_crossed": ([1100, 3], 2),
@@ -176,7 +177,7 @@ DISPATCH_LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(DISPATCH_LAYOUTS))
-@pytest.mark.parametrize("num_themes,top_k", [(8, 8), (9, 3), (2, 1), (64, 2)])
+@pytest.mark.parametrize("num_themes,top_k", [(8, 8), (9, 3), (2, 1), (64, 2), (20, 12)])
 @pytest.mark.parametrize("capacity", [None, 2, 50])
 def test_dispatch_given_example_session_offsets_matches_reference(layout, num_themes, top_k, capacity, device,
                                                                   kernel_backend):
