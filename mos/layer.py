@@ -170,7 +170,8 @@ class MoSLayer(nn.Module):
             aux = _no_aux(values)
         dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
                                      num_examples=num_examples, num_themes=cfg.num_themes, capacity=cfg.capacity,
-                                     num_tokens=values.shape[0], backend=op_backend(backend, "theme_dispatch"))
+                                     num_tokens=values.shape[0], example_session_offsets=units.example_session_offsets,
+                                     backend=op_backend(backend, "theme_dispatch"))
         # A theme subsequence is never longer than its example.
         theme_len = max_len if cfg.capacity is None else min(max_len, cfg.capacity)
         e_theme = self.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,

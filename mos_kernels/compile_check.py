@@ -59,17 +59,23 @@ def _pool_route_configs() -> List[Config]:
 
 
 def _dispatch_configs() -> List[Config]:
+    from mos_kernels.theme_dispatch import count_blocks, fill_blocks
+
     out = []
-    for block_k, top_k in THEME_BLOCKS:
-        sig = {"themes_ptr": "*i64", "session_offsets_ptr": "*i64", "example_session_offsets_ptr": "*i64",
-               "rank_ptr": "*i64", "counts_ptr": "*i64", "num_examples": "i32", "num_themes": "i32"}
-        out.append(("_dispatch_count", sig, {"BLOCK_S": 64, "BLOCK_K": block_k, "TOP_K": top_k}))
-    for top_k, capacity in itertools.product((1, 2, 4, 8), (False, True)):
-        sig = {"themes_ptr": "*i64", "session_offsets_ptr": "*i64", "session_example_ptr": "*i64",
-               "rank_ptr": "*i64", "counts_ptr": "*i64", "theme_offsets_ptr": "*i64", "gather_index_ptr": "*i64",
-               "row_source_ptr": "*i64", "inverse_ptr": "*i64", "num_sessions": "i32", "num_examples": "i32",
-               "capacity": "i32"}
-        out.append(("_dispatch_fill", sig, {"BLOCK_S": 32, "BLOCK_T": 128, "TOP_K": top_k, "HAS_CAPACITY": capacity}))
+    count_sig = {"themes_ptr": "*i64", "session_offsets_ptr": "*i64", "example_session_offsets_ptr": "*i64",
+                 "rank_ptr": "*i32", "counts_ptr": "*i32", "num_examples": "i32", "num_themes": "i32", "top_k": "i32"}
+    for num_themes in (2, 4, 8, 16, 32, 64):   # every BLOCK_K of K <= 64
+        block_s, block_k = count_blocks(num_themes)
+        out.append(("_dispatch_count", count_sig, {"BLOCK_S": block_s, "BLOCK_K": block_k}))
+    # The fill copies the gate's bits: one kernel per width (bf16/fp16, fp32, fp64).
+    for gate, top_k, capacity in itertools.product(("*i16", "*i32", "*i64"), (1, 2, 4, 8, 16, 32, 64), (False, True)):
+        block_s, block_t, block_j = fill_blocks(top_k)   # any other top_k <= 64 launches one of these
+        sig = {"themes_ptr": "*i64", "gate_ptr": gate, "session_offsets_ptr": "*i64", "session_example_ptr": "*i64",
+               "rank_ptr": "*i32", "counts_ptr": "*i32", "theme_offsets_ptr": "*i64", "gather_index_ptr": "*i64",
+               "row_gate_ptr": gate, "inverse_ptr": "*i64", "num_sessions": "i32", "num_examples": "i32",
+               "top_k": "i32", "capacity": "i32"}
+        out.append(("_dispatch_fill", sig, {"BLOCK_S": block_s, "BLOCK_T": block_t, "BLOCK_J": block_j,
+                                            "HAS_CAPACITY": capacity}))
     return out
 
 

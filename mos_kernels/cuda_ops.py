@@ -119,6 +119,8 @@ def _register_python_side() -> None:
         torch.library.register_fake(f"{lib}::{name}", fake)
     torch.library.register_autograd(f"{lib}::session_pool_route", session_pool.backward_for(lib),
                                     setup_context=session_pool.setup_context)
+    torch.library.register_autograd(f"{lib}::theme_dispatch", theme_dispatch.dispatch_backward,
+                                    setup_context=theme_dispatch.dispatch_setup_context)
     torch.library.register_autograd(f"{lib}::theme_gather", theme_gather.gather_backward_for(lib),
                                     setup_context=theme_gather.setup_context)
     torch.library.register_autograd(f"{lib}::theme_scatter", theme_gather.scatter_backward_for(lib),

@@ -10,7 +10,10 @@ Triton: a stable counting sort in two integer passes, no atomics, deterministic:
   1. `_dispatch_count`, one program per example: scans its sessions in time order and gives
      every (session, choice) its rank inside its (theme, example) segment, and the counts;
   2. an exclusive prefix sum of the counts (torch.cumsum) gives the segment starts;
-  3. `_dispatch_fill`, one program per block of sessions: writes each row at start + rank.
+  3. `_dispatch_fill`, one program per block of sessions: each (session, choice) has a base
+     (segment start + rank - session start), so a token row t goes to base + t; the fill finds
+     each row's session from the block's session starts (a histogram, no per-row search) and
+     writes the row's token, its gate and the inverse index.
 Sizes: without `capacity` T' = T * top_k is known up front (no sync); with it the kept row
 count is read back from the device once (documented sync).
 CUDA C++: the same counting sort as torch.ops.mos_cuda.theme_dispatch (csrc/mos/theme_dispatch.h).
@@ -25,17 +28,18 @@ import triton
 import triton.language as tl
 
 from ._alloc import new_output
-from ._checks import check_offsets, check_positive, check_tensor, reads_data
+from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, reads_data
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import counts_of, offsets_from_lengths, segment_ids
-from .session_blocks import membership, session_block
+from .session_blocks import session_block
 
 
 @dataclass
 class Dispatch:
     gather_index: torch.Tensor    # [T'] int64, source token row of every theme row
-    row_gate: torch.Tensor        # [T'] straight-through gate of every row (1 in the forward pass)
+    row_gate: torch.Tensor        # [T'] gate of every row, gate's dtype (1 in the forward pass when
+                                  # it comes from the router's straight-through gate)
     inverse_index: torch.Tensor   # [T, top_k] int64, the theme row of each (token, choice); -1 if dropped
     theme_offsets: torch.Tensor   # [K*B+1] int64, segment k*B+b
     num_examples: int
@@ -57,16 +61,21 @@ class Dispatch:
 def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: torch.Tensor,
                    session_example: torch.Tensor, *, num_examples: int, num_themes: int,
                    capacity: Optional[int] = None, num_tokens: Optional[int] = None,
-                   backend: str = "auto") -> Dispatch:
+                   example_session_offsets: Optional[torch.Tensor] = None, backend: str = "auto") -> Dispatch:
     """Route every token of session s to themes[s, :] with gate[s, :].
 
-    Sessions must be ordered by example (as `sessionize` makes them). capacity: keep at most
-    this many most recent tokens per (theme, example) subsequence. num_tokens: T
-    (= session_offsets[-1]); pass it to avoid reading it back from the device.
+    themes [S, top_k] int64 (distinct in each row), gate [S, top_k] float, session_offsets
+    [S+1] int64, session_example [S] int64. Sessions must be ordered by example (as
+    `sessionize` makes them). capacity: keep at most this many most recent tokens per
+    (theme, example) subsequence. num_tokens: T (= session_offsets[-1]); pass it to avoid
+    reading it back from the device. example_session_offsets: [B+1] int64, example b owns
+    sessions o[b]:o[b+1] (`Sessions.example_session_offsets`); built from session_example when
+    not given. The kernels index rows in 32 bits: T * top_k must stay below 2^31.
+    Raises ValueError / TypeError naming the argument on a bad shape, dtype or value.
     """
     check_tensor("themes", themes, ndim=2, dtypes=(torch.int64,))
     num_sessions, top_k = themes.shape
-    check_tensor("gate", gate, ndim=2, device=themes.device)
+    check_tensor("gate", gate, ndim=2, dtypes=FLOAT_DTYPES, device=themes.device)
     if tuple(gate.shape) != (num_sessions, top_k):
         raise ValueError(f"gate: expected shape {(num_sessions, top_k)} like themes, got {tuple(gate.shape)}")
     check_offsets("session_offsets", session_offsets, device=themes.device)
@@ -83,41 +92,68 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
     if capacity is not None:
         check_positive("capacity", capacity)
     if reads_data() and num_sessions:
-        lo, hi = int(themes.min()), int(themes.max())
-        if lo < 0 or hi >= num_themes:
-            raise ValueError(f"themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
-        lo, hi = int(session_example.min()), int(session_example.max())
-        if lo < 0 or hi >= num_examples:
-            raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
-        if top_k > 1:
-            # A session's choices are distinct themes (top-k): the kernels' counting sort places
-            # choice j's rows before choice j+1's, which equals the reference's (token, choice)
-            # order only when no two choices share a segment.
-            sorted_themes = themes.sort(dim=1).values
-            if bool((sorted_themes[:, 1:] == sorted_themes[:, :-1]).any()):
-                raise ValueError("themes: expected distinct themes in each row (a session's top-k choices), "
-                                 "got a repeated theme")
-        if num_sessions > 1 and bool((session_example[1:] < session_example[:-1]).any()):
-            raise ValueError("session_example: expected sessions ordered by example (non-decreasing), got a step back")
+        _check_routing_data(themes, session_example, num_examples, num_themes)
     if num_tokens is None:
         num_tokens = int(session_offsets[-1])
     elif reads_data() and int(session_offsets[-1]) != num_tokens:
         raise ValueError(f"num_tokens: expected session_offsets[-1] = {int(session_offsets[-1])}, got {num_tokens}")
+    if example_session_offsets is not None:
+        _check_example_session_offsets(example_session_offsets, session_example, num_examples)
     chosen = resolve_backend(backend, themes, "theme_dispatch")
-    if chosen != "reference":
-        example_session_offsets = offsets_from_lengths(counts_of(session_example, num_examples))
-        gather_index, row_source, inverse_index, theme_offsets = kernel_ops(chosen).theme_dispatch(
-            themes, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
-            capacity or 0)
+    if chosen == "reference":
+        gather_index, row_gate, inverse_index, theme_offsets = _theme_dispatch_reference(
+            themes, gate, session_offsets, session_example, num_examples, num_themes, capacity, num_tokens)
     else:
-        gather_index, row_source, inverse_index, theme_offsets = _theme_dispatch_reference(
-            themes, session_offsets, session_example, num_examples, num_themes, capacity, num_tokens)
-    row_gate = gate.reshape(-1)[row_source]
+        if num_tokens * top_k >= 2 ** 31:
+            raise ValueError(f"num_tokens: expected num_tokens * top_k < 2^31 theme rows (backend {chosen!r} "
+                             f"indexes rows in 32 bits), got {num_tokens} * {top_k}")
+        if example_session_offsets is None:
+            example_session_offsets = offsets_from_lengths(counts_of(session_example, num_examples))
+        gather_index, row_gate, inverse_index, theme_offsets = kernel_ops(chosen).theme_dispatch(
+            themes, gate, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
+            capacity or 0)
     return Dispatch(gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index,
                     theme_offsets=theme_offsets, num_examples=num_examples, num_themes=num_themes)
 
 
-def _theme_dispatch_reference(themes, session_offsets, session_example, num_examples, num_themes, capacity,
+def _check_routing_data(themes, session_example, num_examples, num_themes):
+    """The data preconditions of the kernels (they read and write out of bounds otherwise)."""
+    lo, hi = int(themes.min()), int(themes.max())
+    if lo < 0 or hi >= num_themes:
+        raise ValueError(f"themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
+    lo, hi = int(session_example.min()), int(session_example.max())
+    if lo < 0 or hi >= num_examples:
+        raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
+    if themes.shape[1] > 1:
+        # A session's choices are distinct themes (top-k): the kernels' counting sort places
+        # choice j's rows before choice j+1's, which equals the reference's (token, choice)
+        # order only when no two choices share a segment.
+        sorted_themes = themes.sort(dim=1).values
+        if bool((sorted_themes[:, 1:] == sorted_themes[:, :-1]).any()):
+            raise ValueError("themes: expected distinct themes in each row (a session's top-k choices), "
+                             "got a repeated theme")
+    if themes.shape[0] > 1 and bool((session_example[1:] < session_example[:-1]).any()):
+        raise ValueError("session_example: expected sessions ordered by example (non-decreasing), got a step back")
+
+
+def _check_example_session_offsets(offsets, session_example, num_examples):
+    """example_session_offsets must be what session_example says: the kernels trust it."""
+    num_sessions = session_example.numel()
+    check_offsets("example_session_offsets", offsets, total=num_sessions, device=session_example.device)
+    if offsets.numel() != num_examples + 1:
+        raise ValueError(f"example_session_offsets: expected {num_examples + 1} entries (B+1 for "
+                         f"B={num_examples} examples), got {offsets.numel()}")
+    if reads_data() and num_sessions:
+        built = offsets_from_lengths(counts_of(session_example, num_examples))
+        wrong = torch.nonzero(built != offsets)
+        if wrong.numel():
+            b = int(wrong[0])
+            raise ValueError(f"example_session_offsets: expected the sessions of each example as session_example "
+                             f"orders them, got example_session_offsets[{b}] = {int(offsets[b])}, expected "
+                             f"{int(built[b])}")
+
+
+def _theme_dispatch_reference(themes, gate, session_offsets, session_example, num_examples, num_themes, capacity,
                               num_tokens):
     top_k = themes.shape[1]
     token_session = segment_ids(session_offsets, num_tokens)
@@ -133,108 +169,197 @@ def _theme_dispatch_reference(themes, session_offsets, session_example, num_exam
     inverse_index = torch.full((num_tokens * top_k,), -1, dtype=torch.int64, device=themes.device)
     inverse_index[order] = torch.arange(order.numel(), device=order.device)
     token = torch.div(order, top_k, rounding_mode="floor")
-    row_source = token_session[token] * top_k + order % top_k
-    return token, row_source, inverse_index.view(num_tokens, top_k), offsets_from_lengths(counts)
+    row_gate = gate.reshape(-1)[token_session[token] * top_k + order % top_k]
+    return token, row_gate, inverse_index.view(num_tokens, top_k), offsets_from_lengths(counts)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+# A stable counting sort in 32-bit integers (T * top_k < 2^31, checked by the wrapper); the
+# outputs are int64 only because the Dispatch contract is.
 
 @triton.jit
 def _dispatch_count(themes_ptr, session_offsets_ptr, example_session_offsets_ptr, rank_ptr, counts_ptr,
-                    num_examples, num_themes,
-                    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TOP_K: tl.constexpr):
-    # 64-bit: counts_ptr + k * B + b passes 2^31 for K * B > 2^31 segments.
+                    num_examples, num_themes, top_k, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per example, its sessions in time order: rank[s, j] = the rows of segment
+    (themes[s, j], b) before session s; counts[k * B + b] = the rows of segment (k, b), every
+    k < K written (no zero fill needed)."""
     b = tl.program_id(0).to(tl.int64)
-    num_examples = tl.cast(num_examples, tl.int64)
     first = tl.load(example_session_offsets_ptr + b)
     last = tl.load(example_session_offsets_ptr + b + 1)
     ks = tl.arange(0, BLOCK_K)
-    carry = tl.zeros([BLOCK_K], dtype=tl.int64)
+    carry = tl.zeros([BLOCK_K], dtype=tl.int32)
     for s0 in range(first, last, BLOCK_S):
         sessions = s0 + tl.arange(0, BLOCK_S)
         ok = sessions < last
         length = (tl.load(session_offsets_ptr + sessions + 1, mask=ok, other=0)
-                  - tl.load(session_offsets_ptr + sessions, mask=ok, other=0))
-        tokens = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.int64)   # tokens each session adds to each theme
-        for j in tl.static_range(TOP_K):
-            theme = tl.load(themes_ptr + sessions * TOP_K + j, mask=ok, other=-1)
+                  - tl.load(session_offsets_ptr + sessions, mask=ok, other=0)).to(tl.int32)
+        tokens = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.int32)   # tokens each session adds to each theme
+        for j in range(top_k):
+            theme = tl.load(themes_ptr + sessions * top_k + j, mask=ok, other=-1).to(tl.int32)
             tokens += tl.where(theme[:, None] == ks[None, :], length[:, None], 0)
         before = tl.cumsum(tokens, axis=0) - tokens + carry[None, :]
-        for j in tl.static_range(TOP_K):
-            theme = tl.load(themes_ptr + sessions * TOP_K + j, mask=ok, other=-1)
+        for j in range(top_k):
+            theme = tl.load(themes_ptr + sessions * top_k + j, mask=ok, other=-1).to(tl.int32)
             rank = tl.sum(tl.where(theme[:, None] == ks[None, :], before, 0), axis=1)
-            tl.store(rank_ptr + sessions * TOP_K + j, rank, mask=ok)
+            tl.store(rank_ptr + sessions * top_k + j, rank, mask=ok)
         carry += tl.sum(tokens, axis=0)
-    tl.store(counts_ptr + ks * num_examples + b, carry, mask=ks < num_themes)
+    # 64-bit: k * B + b passes 2^31 for K * B > 2^31 segments.
+    tl.store(counts_ptr + ks.to(tl.int64) * num_examples + b, carry, mask=ks < num_themes)
 
 
 @triton.jit
-def _dispatch_fill(themes_ptr, session_offsets_ptr, session_example_ptr, rank_ptr, counts_ptr, theme_offsets_ptr,
-                   gather_index_ptr, row_source_ptr, inverse_ptr, num_sessions, num_examples, capacity,
-                   BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, TOP_K: tl.constexpr,
+def _session_in_block(starts, s_ok, row0, BLOCK_T: tl.constexpr):
+    """[BLOCK_T] int32: the block's session (0..BLOCK_S-1) of rows row0 .. row0 + BLOCK_T - 1.
+
+    Session of row r = (block sessions starting at or before r) - 1: those begun before the
+    tile, plus a running sum over the tile of the sessions starting at each row (a histogram of
+    their starts). An empty session shares its start with the next one, so it never owns a row.
+    """
+    offset = starts - row0
+    begun = tl.sum((s_ok & (offset < 0)).to(tl.int32), axis=0)
+    starting = tl.histogram(offset.to(tl.int32), BLOCK_T, mask=s_ok & (offset >= 0) & (offset < BLOCK_T))
+    return begun + tl.cumsum(starting, axis=0) - 1
+
+
+@triton.jit
+def _dispatch_fill(themes_ptr, gate_ptr, session_offsets_ptr, session_example_ptr, rank_ptr, counts_ptr,
+                   theme_offsets_ptr, gather_index_ptr, row_gate_ptr, inverse_ptr, num_sessions, num_examples,
+                   top_k, capacity, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
                    HAS_CAPACITY: tl.constexpr):
-    # One program per block of BLOCK_S sessions (`session_blocks`), rows in full BLOCK_T tiles.
+    """One program per block of BLOCK_S sessions (`session_blocks`). Token row t of session s
+    goes, for choice j, to dest = base[s, j] + t. (session, choice) pairs and (row, choice)
+    tiles are flat vectors, pair p = (p // BLOCK_J, p % BLOCK_J): 1-D gathers, and the tile
+    is laid out as inverse_index is."""
     sessions, s_ok, starts, ends, first, last = session_block(session_offsets_ptr, num_sessions, BLOCK_S)
-    example = tl.load(session_example_ptr + sessions, mask=s_ok, other=0)
-    for j in tl.static_range(TOP_K):
-        key = tl.load(themes_ptr + sessions * TOP_K + j, mask=s_ok, other=0) * num_examples + example
-        # Row r of session s has rank first_rank[s] + (r - start[s]) inside segment `key`.
-        rank_shift = tl.load(rank_ptr + sessions * TOP_K + j, mask=s_ok, other=0) - starts
+    pair = tl.arange(0, BLOCK_S * BLOCK_J)
+    session = tl.program_id(0).to(tl.int64) * BLOCK_S + pair // BLOCK_J
+    choice = pair % BLOCK_J
+    pair_ok = (session < num_sessions) & (choice < top_k)
+    pair_index = session * top_k + choice
+    example = tl.load(session_example_ptr + session, mask=pair_ok, other=0)
+    key = tl.load(themes_ptr + pair_index, mask=pair_ok, other=0) * num_examples + example
+    # first_kept: the token row of rank 0 in the segment (rank <= session start: the ranks
+    # count earlier rows of the same example). Capacity keeps the newest rows: the oldest
+    # count - capacity ranks are dropped.
+    first_kept = (tl.load(session_offsets_ptr + session, mask=pair_ok, other=0).to(tl.int32)
+                  - tl.load(rank_ptr + pair_index, mask=pair_ok, other=0))
+    if HAS_CAPACITY:
+        first_kept += tl.maximum(tl.load(counts_ptr + key, mask=pair_ok, other=0) - capacity, 0)
+    base = tl.load(theme_offsets_ptr + key, mask=pair_ok, other=0).to(tl.int32) - first_kept
+    gate = tl.load(gate_ptr + pair_index, mask=pair_ok, other=0)
+    cell = tl.arange(0, BLOCK_T * BLOCK_J)
+    cell_choice = cell % BLOCK_J
+    for row0 in range(first, last, BLOCK_T):
+        rows = row0 + cell // BLOCK_J                                  # int64
+        at = _session_in_block(starts, s_ok, row0, BLOCK_T)
+        at = tl.reshape(tl.broadcast_to(at[:, None], (BLOCK_T, BLOCK_J)), (BLOCK_T * BLOCK_J,))
+        # The cell's (session, choice) pair; a product in 64 bits like every index product (the
+        # address check does not tell a register index from a memory offset).
+        at = at.to(tl.int64) * BLOCK_J + cell_choice
+        dest = tl.gather(base, at, axis=0) + rows.to(tl.int32)
+        valid = (rows < last) & (cell_choice < top_k)
+        keep = valid
         if HAS_CAPACITY:
-            # Capacity keeps the newest rows: the oldest count - capacity ranks are dropped.
-            rank_shift -= tl.maximum(tl.load(counts_ptr + key, mask=s_ok, other=0) - capacity, 0)
-        dest_shift = tl.load(theme_offsets_ptr + key, mask=s_ok, other=0) + rank_shift
-        for row0 in range(first, last, BLOCK_T):
-            rows = row0 + tl.arange(0, BLOCK_T)
-            in_block = rows < last
-            member = membership(rows, starts, ends)
-            row_rank = tl.sum(tl.where(member, rank_shift[:, None], 0), axis=0) + rows
-            dest = tl.sum(tl.where(member, dest_shift[:, None], 0), axis=0) + rows
-            source = tl.sum(tl.where(member, sessions[:, None], 0), axis=0) * TOP_K + j
-            keep = in_block & (row_rank >= 0)
-            tl.store(gather_index_ptr + dest, rows, mask=keep)
-            tl.store(row_source_ptr + dest, source, mask=keep)
-            tl.store(inverse_ptr + rows * TOP_K + j, tl.where(keep, dest, -1), mask=in_block)
+            keep = valid & (rows.to(tl.int32) >= tl.gather(first_kept, at, axis=0))
+        tl.store(gather_index_ptr + dest, rows, mask=keep)
+        tl.store(row_gate_ptr + dest, tl.gather(gate, at, axis=0), mask=keep)
+        tl.store(inverse_ptr + rows * top_k + cell_choice, tl.where(keep, dest, -1).to(tl.int64), mask=valid)
 
 
-_COUNT_BLOCK_S = 64   # sessions per step of an example's scan
+_COUNT_CELLS = 1024   # (session, theme) cells per step of an example's scan
 _FILL_BLOCK_S = 32    # sessions per fill program
-_FILL_BLOCK_T = 128   # rows per fill tile
+_FILL_ROWS = 128      # token rows per fill tile
+_FILL_CELLS = 1024    # at most this many (token row, choice) cells per fill tile
+# The gate is only copied, so the fill moves its bits as integers of the same width: one
+# compiled kernel per width rather than per float type.
+_GATE_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def count_blocks(num_themes: int) -> Tuple[int, int]:
+    """(BLOCK_S, BLOCK_K) of the count for K themes; compile_check lists the same. The step
+    holds a fixed number of cells, so few themes scan many sessions per step (fewer dependent
+    steps for long examples) and many themes stay in registers."""
+    block_k = max(triton.next_power_of_2(num_themes), 2)
+    return max(_COUNT_CELLS // block_k, 16), block_k
+
+
+def fill_blocks(top_k: int) -> Tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_T, BLOCK_J) of the fill for top_k choices; compile_check lists the same.
+    A tile holds 128 rows, fewer for top_k > 8 (at most 1024 (row, choice) cells), at least 32
+    (the histogram needs a bin per lane)."""
+    block_j = max(triton.next_power_of_2(top_k), 1)
+    return _FILL_BLOCK_S, max(min(_FILL_ROWS, _FILL_CELLS // block_j), 32), block_j
+
+
+def _segment_starts(counts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """theme_offsets [K*B+1] int64 from the int32 segment sizes, capped by the capacity."""
+    kept = counts.clamp_max(capacity) if capacity else counts
+    offsets = torch.zeros(kept.numel() + 1, dtype=torch.int64, device=kept.device)
+    torch.cumsum(kept, 0, dtype=torch.int64, out=offsets[1:])
+    return offsets
 
 
 @kernel_op("mos::theme_dispatch")
-def _theme_dispatch_op(themes: torch.Tensor, session_offsets: torch.Tensor, session_example: torch.Tensor,
-                       example_session_offsets: torch.Tensor, num_tokens: int, num_themes: int,
-                       capacity: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """capacity 0 = unlimited. Returns gather_index, row_source (flat session*top_k + choice),
-    inverse_index [T, top_k], theme_offsets [K*B+1]."""
+def _theme_dispatch_op(themes: torch.Tensor, gate: torch.Tensor, session_offsets: torch.Tensor,
+                       session_example: torch.Tensor, example_session_offsets: torch.Tensor, num_tokens: int,
+                       num_themes: int, capacity: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """capacity 0 = unlimited. Returns gather_index [T'] int64, row_gate [T'] (gate's dtype),
+    inverse_index [T, top_k] int64, theme_offsets [K*B+1] int64."""
     num_sessions, top_k = themes.shape
     num_examples = example_session_offsets.numel() - 1
     device = themes.device
-    rank = new_output((num_sessions, top_k), dtype=torch.int64, device=device)
-    counts = torch.zeros(num_themes * num_examples, dtype=torch.int64, device=device)
+    rank = new_output((num_sessions, top_k), dtype=torch.int32, device=device)
+    counts = new_output(num_themes * num_examples, dtype=torch.int32, device=device)
     if num_examples:
+        block_s, block_k = count_blocks(num_themes)
         _dispatch_count[(num_examples,)](
-            themes, session_offsets, example_session_offsets, rank, counts, num_examples, num_themes,
-            BLOCK_S=_COUNT_BLOCK_S, BLOCK_K=max(triton.next_power_of_2(num_themes), 2), TOP_K=top_k)
-    kept = counts.clamp_max(capacity) if capacity else counts
-    theme_offsets = offsets_from_lengths(kept)
+            themes, session_offsets, example_session_offsets, rank, counts, num_examples, num_themes, top_k,
+            BLOCK_S=block_s, BLOCK_K=block_k)
+    theme_offsets = _segment_starts(counts, capacity)
     num_rows = int(theme_offsets[-1]) if capacity else num_tokens * top_k   # the documented sync
     gather_index = new_output(num_rows, dtype=torch.int64, device=device)
-    row_source = new_output(num_rows, dtype=torch.int64, device=device)
+    row_gate = new_output(num_rows, dtype=gate.dtype, device=device)
     inverse_index = new_output((num_tokens, top_k), dtype=torch.int64, device=device)
     if num_sessions:
-        _dispatch_fill[(triton.cdiv(num_sessions, _FILL_BLOCK_S),)](
-            themes, session_offsets, session_example, rank, counts, theme_offsets,
-            gather_index, row_source, inverse_index, num_sessions, num_examples, capacity,
-            BLOCK_S=_FILL_BLOCK_S, BLOCK_T=_FILL_BLOCK_T, TOP_K=top_k, HAS_CAPACITY=capacity > 0)
-    return gather_index, row_source, inverse_index, theme_offsets
+        block_s, block_t, block_j = fill_blocks(top_k)
+        bits = _GATE_BITS[gate.element_size()]
+        _dispatch_fill[(triton.cdiv(num_sessions, block_s),)](
+            themes, gate.view(bits), session_offsets, session_example, rank, counts, theme_offsets,
+            gather_index, row_gate.view(bits), inverse_index, num_sessions, num_examples, top_k, capacity,
+            BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_J=block_j, HAS_CAPACITY=capacity > 0)
+    return gather_index, row_gate, inverse_index, theme_offsets
 
 
 @_theme_dispatch_op.register_fake
-def dispatch_fake(themes, session_offsets, session_example, example_session_offsets, num_tokens, num_themes, capacity):
+def dispatch_fake(themes, gate, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
+                  capacity):
     top_k = themes.shape[1]
     num_examples = example_session_offsets.shape[0] - 1
     num_rows = torch.library.get_ctx().new_dynamic_size() if capacity else num_tokens * top_k
     new = themes.new_empty
-    return (new(num_rows), new(num_rows), new((num_tokens, top_k)), new(num_themes * num_examples + 1))
+    return (new(num_rows), gate.new_empty(num_rows), new((num_tokens, top_k)), new(num_themes * num_examples + 1))
+
+
+def dispatch_setup_context(ctx, inputs, output):
+    themes, _, session_offsets = inputs[:3]
+    ctx.save_for_backward(output[2], session_offsets)
+    ctx.num_sessions = themes.shape[0]
+
+
+def dispatch_backward(ctx, g_gather_index, g_row_gate, g_inverse_index, g_theme_offsets):
+    """The gate's gradient: g_gate[s, j] = sum of g_row_gate over the rows of (session s, choice j),
+    summed in time order by the sort-based (deterministic) index_put_. No branch on the sizes:
+    under torch.compile they are data-dependent."""
+    inverse_index, session_offsets = ctx.saved_tensors
+    num_tokens, top_k = inverse_index.shape
+    kept = inverse_index >= 0
+    g_token = torch.where(kept, g_row_gate[inverse_index.clamp_min(0)], 0)   # [T, top_k]
+    tokens = torch.arange(num_tokens, device=session_offsets.device)
+    # Tokens past the last session (never kept) are clamped to it: they add zeros.
+    token_session = torch.searchsorted(session_offsets.contiguous(), tokens, right=True) - 1
+    token_session = token_session.clamp_max(ctx.num_sessions - 1)
+    g_gate = g_row_gate.new_zeros((ctx.num_sessions, top_k)).index_put_((token_session,), g_token, accumulate=True)
+    return None, g_gate, None, None, None, None, None, None
+
+
+_theme_dispatch_op.register_autograd(dispatch_backward, setup_context=dispatch_setup_context)

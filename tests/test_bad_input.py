@@ -296,6 +296,16 @@ OP_CASES = {
                                     "session_example"),
     "dispatch_num_themes_0": (lambda: _dispatch(num_themes=0), ValueError, "num_themes"),
     "dispatch_capacity_0": (lambda: _dispatch(capacity=0), ValueError, "capacity"),
+    "dispatch_example_session_offsets_count": (
+        lambda: _dispatch(example_session_offsets=torch.tensor([0, 2, 2, 3])), ValueError, "example_session_offsets"),
+    "dispatch_example_session_offsets_wrong": (
+        lambda: _dispatch(example_session_offsets=torch.tensor([0, 1, 3])), ValueError, "example_session_offsets"),
+    "dispatch_example_session_offsets_total": (
+        lambda: _dispatch(example_session_offsets=torch.tensor([0, 2, 4])), ValueError, "example_session_offsets"),
+    "dispatch_example_session_offsets_float": (
+        lambda: _dispatch(example_session_offsets=torch.tensor([0.0, 2.0, 3.0])), TypeError,
+        "example_session_offsets"),
+    "dispatch_int_gate": (lambda: _dispatch(gate=torch.ones(3, 1, dtype=torch.int64)), TypeError, "gate"),
     "gather_index_out_of_range": (lambda: mk.theme_gather(torch.randn(3, DIM), torch.tensor([0, 3])), ValueError,
                                   "gather_index"),
     "gather_float_index": (lambda: mk.theme_gather(torch.randn(3, DIM), torch.tensor([0.0, 1.0])), TypeError,

@@ -101,9 +101,16 @@ def test_operator_errors_name_the_argument(device):
         ops.theme_gather(values, index, index, inverse)
     with pytest.raises(RuntimeError, match=r"row_gate: expected 2 elements, got 3"):
         ops.theme_gather(values, index, torch.ones(3, device=device), inverse)
+    themes = torch.zeros(4, 1, dtype=torch.int64, device=device)
+    eso = torch.tensor([0, 2, 4], device=device)
     with pytest.raises(RuntimeError, match=r"session_example: expected 4 elements, got 3"):
-        themes = torch.zeros(4, 1, dtype=torch.int64, device=device)
-        ops.theme_dispatch(themes, so, index[:1].repeat(3), torch.tensor([0, 2, 4], device=device), 7, 2, 0)
+        ops.theme_dispatch(themes, torch.ones(4, 1, device=device), so, index[:1].repeat(3), eso, 7, 2, 0)
+    with pytest.raises(RuntimeError, match=r"gate: expected 4 elements, got 3"):
+        ops.theme_dispatch(themes, torch.ones(3, 1, device=device), so, index[:1].repeat(4), eso, 7, 2, 0)
+    with pytest.raises(RuntimeError, match=r"gate: expected a floating dtype, got Long"):
+        ops.theme_dispatch(themes, themes, so, index[:1].repeat(4), eso, 7, 2, 0)
+    with pytest.raises(RuntimeError, match=r"num_tokens: expected num_tokens \* top_k < 2\^31"):
+        ops.theme_dispatch(themes, torch.ones(4, 1, device=device), so, index[:1].repeat(4), eso, 2**31, 2, 0)
 
 
 def test_backend_cuda_refuses_cpu_tensors_without_emulation(monkeypatch):

@@ -157,6 +157,86 @@ def test_dispatch_all_sessions_on_one_theme(device, kernel_backend):
     assert out.segment_lengths.tolist() == [[0, 0, 0], [0, 0, 0], [9, 0, 20], [0, 0, 0]]
 
 
+def _dispatch_both(args, kwargs, backend):
+    """Every Dispatch field, and the gate's gradient under a fixed random cotangent."""
+    gate = args[1].detach().requires_grad_()
+    out = mk.theme_dispatch(args[0], gate, *args[2:], backend=backend, **kwargs)
+    w = torch.randn(out.row_gate.shape, generator=torch.Generator().manual_seed(3)).to(gate)
+    (g_gate,) = torch.autograd.grad((out.row_gate * w).sum(), gate) if out.row_gate.numel() else (gate * 0,)
+    return [out.gather_index, out.row_gate, out.inverse_index, out.theme_offsets, g_gate]
+
+
+# Blocks of sessions whose rows span several fill tiles, examples whose sessions take several
+# count steps (550 sessions; 16 to 512 sessions a step by K), and top_k from 1 to 12 (8 of 8
+# themes; 12 launches the 16-choice fill with 64-row tiles).
+DISPATCH_LAYOUTS = {
+    "tiles_crossed": ([300, 0, 517, 1], 5),
+    "count_steps_crossed": ([1100, 3], 2),
+    "shapes": ([0, 5, 0, 17, 3, 0], 4),
+}
+
+
+@pytest.mark.parametrize("layout", list(DISPATCH_LAYOUTS))
+@pytest.mark.parametrize("num_themes,top_k", [(8, 8), (9, 3), (2, 1), (64, 2), (20, 12)])
+@pytest.mark.parametrize("capacity", [None, 2, 50])
+def test_dispatch_given_example_session_offsets_matches_reference(layout, num_themes, top_k, capacity, device,
+                                                                  kernel_backend):
+    """Sessions.example_session_offsets given or built from session_example: the same Dispatch
+    (and gate gradient) as the reference, bit for bit."""
+    lengths, session_len = DISPATCH_LAYOUTS[layout]
+    _, sessions = make_sessions(lengths, session_len, device)
+    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
+    gate = torch.rand(themes.shape, device=device)
+    args = (themes, gate, sessions.session_offsets, sessions.session_example)
+    kwargs = dict(num_examples=len(lengths), num_themes=num_themes, capacity=capacity)
+    ref = _dispatch_both(args, kwargs, "reference")
+    built = _dispatch_both(args, kwargs, kernel_backend)
+    given = _dispatch_both(args, dict(kwargs, example_session_offsets=sessions.example_session_offsets),
+                           kernel_backend)
+    for name, r, b, g in zip(("gather_index", "row_gate", "inverse_index", "theme_offsets", "gate grad"),
+                             ref, built, given):
+        assert torch.equal(b, r), name
+        assert torch.equal(g, r), name
+
+
+@pytest.mark.parametrize("capacity", [None, 1])
+def test_dispatch_empty_sessions_and_themes(capacity, device, kernel_backend):
+    """Empty sessions (repeated offsets) inside a block, examples without sessions, themes no
+    session chose, and a float64 gate: equal to the reference."""
+    so = torch.tensor([0, 3, 3, 3, 7, 7, 12, 12], device=device)
+    se = torch.tensor([1, 1, 1, 1, 3, 3, 3], device=device)
+    themes = torch.tensor([[4, 0], [1, 4], [0, 2], [4, 1], [2, 4], [0, 1], [4, 0]], device=device)
+    gate = torch.rand(themes.shape, dtype=torch.float64, device=device)
+    eso = torch.tensor([0, 0, 4, 4, 7, 7], device=device)
+    kwargs = dict(num_examples=5, num_themes=6, capacity=capacity)
+    ref = _dispatch_both((themes, gate, so, se), kwargs, "reference")
+    got = _dispatch_both((themes, gate, so, se), dict(kwargs, example_session_offsets=eso), kernel_backend)
+    for r, g in zip(ref, got):
+        assert torch.equal(g, r)
+
+
+def test_dispatch_is_bitwise_deterministic(device, kernel_backend):
+    """Two runs give the same bits: outputs and the gate's (bf16) gradient."""
+    _, sessions = make_sessions([300, 0, 517, 1], 5, device)
+    themes = random_themes(sessions.num_sessions, 8, 4, device)
+    gate = torch.rand(themes.shape, device=device).to(torch.bfloat16)
+    args = (themes, gate, sessions.session_offsets, sessions.session_example)
+    kwargs = dict(num_examples=4, num_themes=8, capacity=40, example_session_offsets=sessions.example_session_offsets)
+    first, second = _dispatch_both(args, kwargs, kernel_backend), _dispatch_both(args, kwargs, kernel_backend)
+    for a, b in zip(first, second):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
+                                                  b.view(torch.uint8) if b.is_floating_point() else b)
+
+
+def test_dispatch_refuses_rows_past_32_bits(device, kernel_backend):
+    """T * top_k >= 2^31 theme rows: a clear error before any kernel (the kernels count in int32)."""
+    themes = torch.tensor([[0, 1]], device=device)
+    so = torch.tensor([0, 2**30], device=device)
+    with mk.data_checks(False), pytest.raises(ValueError, match=r"num_tokens: expected num_tokens \* top_k < 2\^31"):
+        mk.theme_dispatch(themes, torch.ones(1, 2, device=device), so, torch.zeros(1, dtype=torch.int64, device=device),
+                          num_examples=1, num_themes=2, num_tokens=2**30, backend=kernel_backend)
+
+
 def _dispatch_for(lengths, session_len, num_themes, top_k, device, capacity=None):
     _, sessions = make_sessions(lengths, session_len, device)
     themes = random_themes(sessions.num_sessions, num_themes, top_k, device)

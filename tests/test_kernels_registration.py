@@ -30,11 +30,17 @@ def test_opcheck_session_pool_route(device, kernel_backend):
 
 
 @pytest.mark.parametrize("capacity", [0, 2])
-def test_opcheck_theme_dispatch(capacity, device, kernel_backend):
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
+def test_opcheck_theme_dispatch(capacity, gate_dtype, device, kernel_backend):
+    """Schema, fake and autograd: the gate's gradient comes through the op's registered backward."""
     sessions, _, _, themes = _inputs(device)
+    gate = torch.rand(themes.shape, dtype=gate_dtype, device=device).requires_grad_()
     eso = sessions.example_session_offsets
+    # opcheck's AOT test adds every output into one sum that starts as the int64 gather_index and
+    # cannot take the float row_gate; test_layer_compile.py traces the op forward and backward.
     torch.library.opcheck(kernel_ops(kernel_backend).theme_dispatch.default,
-                          (themes, sessions.session_offsets, sessions.session_example, eso, 19, 3, capacity))
+                          (themes, gate, sessions.session_offsets, sessions.session_example, eso, 19, 3, capacity),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("gated", [True, False])

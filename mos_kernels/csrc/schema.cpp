@@ -12,7 +12,7 @@ TORCH_LIBRARY(mos_cuda, m) {
   m.def("session_pool_route_backward(Tensor g_pooled, Tensor g_scores, Tensor g_probs, Tensor values, "
         "Tensor pooled, Tensor probs, Tensor prototypes, Tensor session_offsets, float inv_temperature) "
         "-> (Tensor, Tensor)");
-  m.def("theme_dispatch(Tensor themes, Tensor session_offsets, Tensor session_example, "
+  m.def("theme_dispatch(Tensor themes, Tensor gate, Tensor session_offsets, Tensor session_example, "
         "Tensor example_session_offsets, SymInt num_tokens, SymInt num_themes, SymInt capacity) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("theme_gather(Tensor values, Tensor gather_index, Tensor? row_gate, Tensor inverse_index) -> Tensor");

@@ -79,21 +79,6 @@ MOS_HD MOS_INLINE void copy_chunk(T* dst, const T* src, int n, bool packed) {
   }
 }
 
-// The segment that owns row `row` for offsets[0..num_segments] (non-decreasing, offsets[0] = 0,
-// offsets[num_segments] > row): the last s with offsets[s] <= row. Empty segments never own a row.
-MOS_HD MOS_INLINE int64_t segment_of(const int64_t* offsets, int64_t num_segments, int64_t row) {
-  int64_t lo = 0, hi = num_segments;  // invariant: offsets[lo] <= row < offsets[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (offsets[mid] <= row) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 // How a row of `dim` elements splits into chunks, and whether every chunk can use vector access.
 template <class T>
 struct RowChunks {
