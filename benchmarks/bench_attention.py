@@ -136,7 +136,8 @@ def build_batch(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
                                        backend="reference")
     dispatch = mk.theme_dispatch(routing.themes, routing.gate.detach(), sessions.session_offsets,
                                  sessions.session_example, num_examples=shape.examples, num_themes=shape.K,
-                                 num_tokens=num_tokens, backend="reference")
+                                 num_tokens=num_tokens, example_session_offsets=sessions.example_session_offsets,
+                                 backend="reference")
     segment_lengths = dispatch.segment_lengths
     return Batch(shape, dtype, values, target, offsets, int(lengths.max()), sessions, dispatch,
                  int(segment_lengths.max()) if segment_lengths.numel() else 0)

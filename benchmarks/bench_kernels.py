@@ -149,9 +149,11 @@ def dispatch_case(batch: Batch) -> Case:
     examples, num_themes = c["B"], c["K"]
     e = batch.values.element_size()
 
-    def run(backend, themes, gate, session_offsets, session_example, values):
+    def run(backend, themes, gate, session_offsets, session_example, example_session_offsets, values):
+        # The layer passes the per-example session offsets that sessionize already made.
         dispatch = mk.theme_dispatch(themes, gate, session_offsets, session_example, num_examples=examples,
-                                     num_themes=num_themes, num_tokens=tokens, backend=backend)
+                                     num_themes=num_themes, num_tokens=tokens,
+                                     example_session_offsets=example_session_offsets, backend=backend)
         gathered = mk.theme_gather(values, dispatch.gather_index, dispatch.row_gate,
                                    inverse_index=dispatch.inverse_index, backend=backend)
         return gathered, dispatch.gather_index, dispatch.inverse_index, dispatch.theme_offsets
@@ -159,13 +161,15 @@ def dispatch_case(batch: Batch) -> Case:
     s = batch.sessions
     return Case(
         op="dispatch", kernels=("theme_dispatch", "theme_gather"), run=run,
-        inputs=(batch.themes, batch.gate, s.session_offsets, s.session_example, batch.values),
+        inputs=(batch.themes, batch.gate, s.session_offsets, s.session_example, s.example_session_offsets,
+                batch.values),
         dtype=batch.dtype, shape=c,
         bytes={
-            # read themes S·top_k·8, gate S·top_k·e, session offsets (S+1)·8 and examples S·8,
-            # values T·d·e; write gather_index + inverse_index T'·(8+8), rows T'·d·e,
-            # theme_offsets (K·B+1)·8.
-            "fwd": sessions * top_k * (8 + e) + (sessions + 1) * 8 + sessions * 8 + tokens * d * e
+            # read themes S·top_k·8, gate S·top_k·e, session offsets (S+1)·8, examples S·8 and
+            # example session offsets (B+1)·8, values T·d·e; write gather_index + inverse_index
+            # T'·(8+8), rows T'·d·e, theme_offsets (K·B+1)·8.
+            "fwd": sessions * top_k * (8 + e) + (sessions + 1) * 8 + sessions * 8 + (examples + 1) * 8
+                   + tokens * d * e
                    + rows * 16 + rows * d * e + (num_themes * examples + 1) * 8,
         },
         checked_outputs=(0, 1, 2, 3), launch_bound=True)
