@@ -35,6 +35,7 @@ POOL_THEME_BLOCKS = ((16, 1), (16, 2), (16, 4), (32, 2), (64, 8))   # max(next_p
 KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear", "expert_attention",
                   "self_attention")
 Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
+LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
 
 
 def _pool_route_configs() -> List[Config]:
@@ -74,20 +75,25 @@ def _dispatch_configs() -> List[Config]:
 
 
 def _gather_configs() -> List[Config]:
+    import torch
+    from .theme_gather import row_blocks
+
     out = []
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for (dtype, ptr), block_d, has_gate in itertools.product(DTYPES.items(), BLOCK_D, (False, True)):
         gate_sig = ptr if has_gate else "constexpr"
-        gate_const = {} if has_gate else {"gate_ptr": None}
+        block_r, _, num_warps = row_blocks(block_d, torch_dtypes[dtype])   # the rows per program the wrapper picks
+        gate_const = {"num_warps": num_warps} if has_gate else {"gate_ptr": None, "num_warps": num_warps}
         sig = {"src_ptr": ptr, "index_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
-        out.append(("_gather_rows", sig, {**gate_const, "HAS_GATE": has_gate, "BLOCK_R": 32, "BLOCK_D": block_d}))
+        out.append(("_gather_rows", sig, {**gate_const, "HAS_GATE": has_gate, "BLOCK_R": block_r, "BLOCK_D": block_d}))
         for slots in ((1, 2) if dtype == "bf16" else (1,)):
             sig = {"rows_ptr": ptr, "inverse_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_tokens": "i32",
                    "dim": "i32"}
-            out.append(("_scatter_rows", sig, {**gate_const, "SLOTS": slots, "HAS_GATE": has_gate, "BLOCK_R": 32,
+            out.append(("_scatter_rows", sig, {**gate_const, "SLOTS": slots, "HAS_GATE": has_gate, "BLOCK_R": block_r,
                                                "BLOCK_D": block_d}))
         if has_gate:
             sig = {"a_ptr": ptr, "b_ptr": ptr, "b_index_ptr": "*i64", "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
-            out.append(("_row_dot", sig, {"BLOCK_R": 32, "BLOCK_D": block_d}))
+            out.append(("_row_dot", sig, {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": num_warps}))
     return out
 
 
@@ -275,6 +281,9 @@ def compile_one(config: Config) -> Tuple[str, float, str]:
 
     name, signature, constexprs = config
     fn = _kernels()[name]
+    # num_warps / num_stages travel with the constexprs but are launch options, not arguments.
+    options = {key: constexprs[key] for key in LAUNCH_OPTIONS if key in constexprs}
+    constexprs = {key: value for key, value in constexprs.items() if key not in options}
     signature = dict(signature)
     for key in constexprs:
         signature[key] = "constexpr"
@@ -284,7 +293,8 @@ def compile_one(config: Config) -> Tuple[str, float, str]:
     signature = {arg: signature[arg] for arg in fn.arg_names}   # in the kernel's argument order
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                 options=options)
         if "cubin" not in compiled.asm:
             return name, time.perf_counter() - start, "no cubin produced"
         narrow = narrow_address_products(compiled.asm["ttir"])

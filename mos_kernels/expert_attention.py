@@ -159,12 +159,12 @@ def _head_unfold(rows, w_ptr, out_ptr, g, expert, dim, num_heads, head_dim, scal
 @triton.jit
 def _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim,
                HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr):
-    """(token rows, gate) of rows `rows`: tokens[index[r]] (fp32) and gate[r] (1 without a gate)."""
+    """(token rows in their dtype, gate) of rows `rows`: tokens[index[r]] and gate[r] (fp32, 1
+    without a gate). The rows go to the dots as loaded, so the loop's loads can be pipelined."""
     src = rows
     if HAS_INDEX:
         src = tl.load(index_ptr + rows, mask=row_ok, other=0)
-    t = tl.load(tokens_ptr + src[:, None] * dim + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
+    t = tl.load(tokens_ptr + src[:, None] * dim + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     gate = tl.full(rows.shape, 1.0, dtype=tl.float32)
     if HAS_GATE:
         gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -172,11 +172,33 @@ def _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim,
 
 
 @triton.jit
+def _dot_rows(a, rows, PRECISION: tl.constexpr, ROWS_LEFT: tl.constexpr):
+    """rows @ a (ROWS_LEFT) or a @ rows for fp32 `a` and `rows` in the tokens' dtype, in fp32.
+
+    fp32 rows: one dot at PRECISION. 16-bit rows are exact in their dtype, so `a` is split into
+    a high and a low part in that dtype (hi + lo keeps ~16 of a's 24 mantissa bits, more than
+    TF32's 11): two dots with fp32 accumulation, and `rows` never passes through registers."""
+    if rows.dtype == tl.float32:
+        if ROWS_LEFT:
+            out = tl.dot(rows, a, input_precision=PRECISION)
+        else:
+            out = tl.dot(a, rows, input_precision=PRECISION)
+    else:
+        hi = a.to(rows.dtype)
+        lo = (a - hi.to(tl.float32)).to(rows.dtype)
+        if ROWS_LEFT:
+            out = tl.dot(rows, lo, acc=tl.dot(rows, hi))
+        else:
+            out = tl.dot(lo, rows, acc=tl.dot(hi, rows))
+    return out
+
+
+@triton.jit
 def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr, w_value_ptr, b_value_ptr,
                           offsets_ptr, out_ptr, pooled_ptr, lse_ptr, num_examples, dim, num_heads, head_dim, scale,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_H: tl.constexpr):
+                          BLOCK_H: tl.constexpr, NUM_STAGES: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
@@ -191,19 +213,19 @@ def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_T):
+    # The gate scales a row's score and its weight, not the loaded row: x_i . Q = gate_i (t_i . Q).
+    for r0 in tl.range(start, end, BLOCK_T, num_stages=NUM_STAGES):
         rows = r0 + tl.arange(0, BLOCK_T)
         row_ok = rows < end
         t, gate = _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim, HAS_INDEX, HAS_GATE)
-        x = t * gate[:, None]
-        s = tl.dot(x, tl.trans(qf), input_precision=PRECISION)                    # [BLOCK_T, BLOCK_H]
+        s = _dot_rows(tl.trans(qf), t, PRECISION, True) * gate[:, None]            # [BLOCK_T, BLOCK_H]
         s = tl.where(row_ok[:, None], s, float("-inf"))
         # The first tile holds a real row, so m is finite from then on (no inf - inf).
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[None, :])
         denom = denom * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), x, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot_rows(tl.trans(p * gate[:, None]), t, PRECISION, False)
         m = m_new
     nonempty = end > start
     pooled = acc / tl.where(nonempty, denom, 1.0)[:, None]                         # zeros when empty
@@ -221,7 +243,8 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           g_out_ptr, pooled_ptr, lse_ptr, g_rows_ptr, g_gate_ptr, g_query_ptr, g_qf_ptr,
                           num_examples, dim, num_heads, head_dim, scale,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                          NUM_STAGES: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
@@ -241,22 +264,22 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
     delta = tl.sum(pooled * g_pooled, axis=1)
     lse = tl.load(lse_ptr + g * num_heads + heads, mask=head_ok, other=0.0)
     g_qf = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_T):
+    for r0 in tl.range(start, end, BLOCK_T, num_stages=NUM_STAGES):
         rows = r0 + tl.arange(0, BLOCK_T)
         row_ok = rows < end
         t, gate = _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim, HAS_INDEX, HAS_GATE)
-        x = t * gate[:, None]
-        s = tl.dot(x, tl.trans(qf), input_precision=PRECISION)
+        s = _dot_rows(tl.trans(qf), t, PRECISION, True) * gate[:, None]
         p = tl.exp(tl.where(row_ok[:, None] & head_ok[None, :], s - lse[None, :], float("-inf")))
-        dp = tl.dot(x, tl.trans(g_pooled), input_precision=PRECISION)
+        dp = _dot_rows(tl.trans(g_pooled), t, PRECISION, True) * gate[:, None]
         ds = p * (dp - delta[None, :])
         g_x = (tl.dot(p, g_pooled, input_precision=PRECISION) + tl.dot(ds, qf, input_precision=PRECISION))
-        g_qf += tl.dot(tl.trans(ds), x, input_precision=PRECISION)
+        g_qf += _dot_rows(tl.trans(ds * gate[:, None]), t, PRECISION, False)
         row_mask = row_ok[:, None] & col_ok[None, :]
         tl.store(g_rows_ptr + rows[:, None] * dim + cols[None, :], (g_x * gate[:, None]).to(g_rows_ptr.dtype.element_ty),
                  mask=row_mask)
         if HAS_GATE:
-            tl.store(g_gate_ptr + rows, tl.sum(g_x * t, axis=1).to(g_gate_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(g_gate_ptr + rows, tl.sum(g_x * t.to(tl.float32), axis=1).to(g_gate_ptr.dtype.element_ty),
+                     mask=row_ok)
     tl.store(g_qf_ptr + (g * num_heads + heads[:, None]) * dim + cols[None, :], g_qf, mask=hd_mask)
     # dq_h = scale W_k,h^T dQ_h.
     _head_unfold(g_qf, w_key_ptr, g_query_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
