@@ -38,6 +38,12 @@ Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signatur
 LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
 
 
+def _torch_dtype(name: str):
+    """The torch dtype of a DTYPES key: the wrappers' block choices take torch dtypes."""
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 def _pool_route_configs() -> List[Config]:
     out = []
     for (dtype, ptr), block_d in itertools.product(DTYPES.items(), POOL_BLOCK_D):
@@ -75,14 +81,12 @@ def _dispatch_configs() -> List[Config]:
 
 
 def _gather_configs() -> List[Config]:
-    import torch
     from .theme_gather import row_blocks
 
     out = []
-    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for (dtype, ptr), block_d, has_gate in itertools.product(DTYPES.items(), BLOCK_D, (False, True)):
         gate_sig = ptr if has_gate else "constexpr"
-        block_r, _, num_warps = row_blocks(block_d, torch_dtypes[dtype])   # the rows per program the wrapper picks
+        block_r, _, num_warps = row_blocks(block_d, _torch_dtype(dtype))   # the rows per program the wrapper picks
         gate_const = {"num_warps": num_warps} if has_gate else {"gate_ptr": None, "num_warps": num_warps}
         sig = {"src_ptr": ptr, "index_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
         out.append(("_gather_rows", sig, {**gate_const, "HAS_GATE": has_gate, "BLOCK_R": block_r, "BLOCK_D": block_d}))
@@ -154,6 +158,8 @@ def _grouped_mm_configs() -> List[Config]:
 
 
 def _target_attention_configs() -> List[Config]:
+    from .expert_attention import attention_blocks
+
     out = []
     switches = ((False, False), (True, False), (True, True))    # (HAS_INDEX, HAS_GATE)
     for kernel in ("_target_attention_fwd", "_target_attention_bwd"):
@@ -166,8 +172,12 @@ def _target_attention_configs() -> List[Config]:
             ptr = DTYPES[dtype]
             sig = {"tokens_ptr": ptr, "query_ptr": ptr, "w_key_ptr": ptr, "w_value_ptr": ptr, "offsets_ptr": "*i64",
                    "num_examples": "i32", "dim": "i32", "num_heads": "i32", "head_dim": "i32", "scale": "fp32"}
-            const = {"HAS_INDEX": has_index, "HAS_GATE": has_gate, "PRECISION": PRECISION[dtype],
-                     "BLOCK_T": 64 if block_d <= 128 else 32, "BLOCK_D": block_d, "BLOCK_H": 16}
+            # the blocks, warps and pipeline depth the wrapper picks for this dtype and width
+            block_t, _, num_warps, num_stages = attention_blocks(block_d, _torch_dtype(dtype),
+                                                                 kernel == "_target_attention_bwd")
+            const = {"HAS_INDEX": has_index, "HAS_GATE": has_gate, "PRECISION": PRECISION[dtype], "BLOCK_T": block_t,
+                     "BLOCK_D": block_d, "BLOCK_H": 16, "NUM_STAGES": num_stages, "num_warps": num_warps,
+                     "num_stages": num_stages}
             _optional("index_ptr", has_index, "*i64", sig, const)
             _optional("gate_ptr", has_gate, ptr, sig, const)
             if kernel == "_target_attention_fwd":

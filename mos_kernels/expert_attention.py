@@ -289,11 +289,24 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
 MAX_HEADS = 16     # BLOCK_H: the heads are the rows of a tl.dot operand, which needs >= 16 of them
 
 
-def _blocks(dim: int):
-    """(BLOCK_T, BLOCK_D): tl.dot needs every block dimension >= 16; 32-row tiles for the widest
-    rows keep a tile in registers."""
+def attention_blocks(dim: int, dtype: torch.dtype, backward: bool):
+    """(BLOCK_T, BLOCK_D, num_warps, num_stages) of `_target_attention_fwd` / `_bwd` for rows of
+    width dim in dtype.
+
+    tl.dot needs every block dimension >= 16. The forward streams 32-row tiles (segments average
+    ~100 rows: 4 tiles, up to 3 of them in flight through the pipelined loads). The backward
+    holds a [BLOCK_T, BLOCK_D] fp32 row gradient next to three [16, BLOCK_D] fp32 head tiles:
+    16-row tiles keep it in registers up to d = 128 in 16 bits (32 rows spill at d = 64). fp32
+    dots run as three TF32 products and need about twice the registers, so fp32 gets the
+    narrower choice one width earlier; the widest get 8 warps (the same warps per SM as two
+    4-warp programs, with half the registers a thread)."""
     block_d = max(triton.next_power_of_2(dim), 16)
-    return 64 if block_d <= 128 else 32, block_d
+    wide = block_d >= (128 if dtype == torch.float32 else 256)
+    if backward:
+        return 16, block_d, 8 if wide else 4, 3
+    if dtype != torch.float32:
+        return 32, block_d, 4, 3
+    return (16 if wide else 32), block_d, 8 if block_d == 256 else 4, 3
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -312,12 +325,13 @@ def _expert_target_attention_op(tokens: torch.Tensor, query: torch.Tensor, w_key
     pooled = new_output((num_segments, num_heads, dim), dtype=torch.float32, device=tokens.device)
     lse = new_output((num_segments, num_heads), dtype=torch.float32, device=tokens.device)
     if num_segments:
-        block_t, block_d = _blocks(dim)
+        block_t, block_d, num_warps, num_stages = attention_blocks(dim, tokens.dtype, backward=False)
         _target_attention_fwd[(num_segments,)](
             tokens, gather_index, row_gate, query, w_key, w_value, b_value, segment_offsets, out, pooled, lse,
             num_segments // num_experts, dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
             HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, HAS_BIAS=b_value is not None,
-            PRECISION=dot_precision(tokens.dtype), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)
+            PRECISION=dot_precision(tokens.dtype), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS,
+            NUM_STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
     return out, pooled, lse
 
 
@@ -345,13 +359,14 @@ def _expert_target_attention_backward_op(g_out: torch.Tensor, tokens: torch.Tens
     g_query = new_output((num_segments, dim), dtype=query.dtype, device=tokens.device)
     g_qf = new_output((num_segments, num_heads, dim), dtype=torch.float32, device=tokens.device)
     if num_segments:
-        block_t, block_d = _blocks(dim)
+        block_t, block_d, num_warps, num_stages = attention_blocks(dim, tokens.dtype, backward=True)
         _target_attention_bwd[(num_segments,)](
             tokens, gather_index, row_gate, query, w_key, w_value, segment_offsets,
             g_out, pooled, lse, g_rows, g_gate, g_query, g_qf,
             num_segments // w_key.shape[0], dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
             HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, PRECISION=dot_precision(tokens.dtype),
-            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS, NUM_STAGES=num_stages, num_warps=num_warps,
+            num_stages=num_stages)
     return g_rows, g_gate, g_query, g_qf
 
 
