@@ -192,24 +192,32 @@ def _target_attention_configs() -> List[Config]:
 
 
 def _self_attention_configs() -> List[Config]:
+    from .self_attention import LONGEST_BUCKETS, attention_tiles
+
     out = []
     plans = [(dtype, block_dh, True) for dtype in ("bf16", "fp32") for block_dh in HEAD_BLOCKS]
     plans += [("bf16", 64, False), ("fp16", 64, True)]
     for dtype, block_dh, causal in plans:
         ptr = DTYPES[dtype]
-        block = 64 if block_dh <= 64 else 32
-        const = {"CAUSAL": causal, "PRECISION": PRECISION[dtype], "BLOCK_M": block, "BLOCK_N": block,
-                 "BLOCK_DH": block_dh}
-        tiles = {"tile_segment_ptr": "*i64", "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_segments": "i32",
-                 "num_heads": "i32", "head_dim": "i32", "stride_q": "i32", "stride_k": "i32", "stride_v": "i32"}
-        qkv = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr}
-        out.append(("_self_attention_fwd", {**qkv, "out_ptr": ptr, "lse_ptr": "*fp32", **tiles, "stride_out": "i32",
-                                            "scale": "fp32"}, const))
-        grads = {"g_out_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-        out.append(("_self_attention_bwd_kv", {**qkv, **grads, "g_k_ptr": ptr, "g_v_ptr": ptr, **tiles,
-                                               "scale": "fp32"}, const))
-        out.append(("_self_attention_bwd_q", {**qkv, **grads, "g_q_ptr": ptr, **tiles, "scale": "fp32"}, const))
+        # every tile the wrapper picks at this width: one per bucket of the longest segment
+        tiles = sorted({attention_tiles(longest, block_dh, _torch_dtype(dtype)) for longest in (0,) + LONGEST_BUCKETS})
+        for block_m, block_n, _, num_warps, num_stages in tiles:
+            const = {"CAUSAL": causal, "PRECISION": PRECISION[dtype], "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "BLOCK_DH": block_dh, "num_warps": num_warps, "num_stages": num_stages}
+            out += _self_attention_kernels(ptr, const)
     return out
+
+
+def _self_attention_kernels(ptr: str, const: Dict[str, object]) -> List[Config]:
+    tiles = {"tile_segment_ptr": "*i64", "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_segments": "i32",
+             "num_heads": "i32", "head_dim": "i32", "stride_q": "i32", "stride_k": "i32", "stride_v": "i32"}
+    qkv = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr}
+    grads = {"g_out_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+    return [("_self_attention_fwd", {**qkv, "out_ptr": ptr, "lse_ptr": "*fp32", **tiles, "stride_out": "i32",
+                                     "scale": "fp32"}, const),
+            ("_self_attention_bwd_kv", {**qkv, **grads, "g_k_ptr": ptr, "g_v_ptr": ptr, **tiles, "scale": "fp32"},
+             const),
+            ("_self_attention_bwd_q", {**qkv, **grads, "g_q_ptr": ptr, **tiles, "scale": "fp32"}, const)]
 
 
 def all_configs() -> List[Config]:
