@@ -18,11 +18,12 @@ where sum_i p_i = 1 on a non-empty segment and the sum is empty (out = 0) on an 
 row then costs O(d*H) (a score and an accumulation per head) instead of the O(d^2) of projecting
 it; b_k has no effect on the output (its gradient is exactly zero).
 `_target_attention_fwd`, one program per segment: folds the query, streams the segment's rows
-(the gather and the gate fused into the loads) with an online softmax into A_h = sum_i p_i x_i,
-projects A through W_v and stores the output, A and the log-sum-exp. `_target_attention_bwd`,
-one program per segment, recomputes p from the log-sum-exp and writes the gradients of the rows,
-gates, query and Q_h; the per-expert weight gradients are GEMMs over the B segments of each
-expert (deterministic), the tokens' gradient the gather's backward (`theme_scatter`).
+(the gather fused into pipelined loads, the gate into the scores and weights: x_i . Q_h =
+gate_i (t_i . Q_h)) with an online softmax into A_h = sum_i p_i x_i, projects A through W_v
+and stores the output, A and the log-sum-exp. `_target_attention_bwd`, one program per segment,
+recomputes p from the log-sum-exp and writes the gradients of the rows, gates, query and Q_h;
+the per-expert weight gradients are GEMMs over the B segments of each expert (deterministic),
+the tokens' gradient the gather's backward (`theme_scatter`).
 Custom ops mos::expert_target_attention and mos::expert_target_attention_backward, with FLOP formulas.
 """
 from __future__ import annotations
@@ -179,17 +180,11 @@ def _dot_rows(a, rows, PRECISION: tl.constexpr, ROWS_LEFT: tl.constexpr):
     a high and a low part in that dtype (hi + lo keeps ~16 of a's 24 mantissa bits, more than
     TF32's 11): two dots with fp32 accumulation, and `rows` never passes through registers."""
     if rows.dtype == tl.float32:
-        if ROWS_LEFT:
-            out = tl.dot(rows, a, input_precision=PRECISION)
-        else:
-            out = tl.dot(a, rows, input_precision=PRECISION)
+        out = tl.dot(rows, a, input_precision=PRECISION) if ROWS_LEFT else tl.dot(a, rows, input_precision=PRECISION)
     else:
         hi = a.to(rows.dtype)
         lo = (a - hi.to(tl.float32)).to(rows.dtype)
-        if ROWS_LEFT:
-            out = tl.dot(rows, lo, acc=tl.dot(rows, hi))
-        else:
-            out = tl.dot(lo, rows, acc=tl.dot(hi, rows))
+        out = tl.dot(rows, lo, acc=tl.dot(rows, hi)) if ROWS_LEFT else tl.dot(lo, rows, acc=tl.dot(hi, rows))
     return out
 
 
@@ -213,7 +208,6 @@ def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    # The gate scales a row's score and its weight, not the loaded row: x_i . Q = gate_i (t_i . Q).
     for r0 in tl.range(start, end, BLOCK_T, num_stages=NUM_STAGES):
         rows = r0 + tl.arange(0, BLOCK_T)
         row_ok = rows < end
