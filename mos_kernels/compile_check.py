@@ -35,6 +35,13 @@ POOL_THEME_BLOCKS = ((16, 1), (16, 2), (16, 4), (32, 2), (64, 8))   # max(next_p
 KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear", "expert_attention",
                   "self_attention")
 Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
+LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
+
+
+def _torch_dtype(name: str):
+    """The torch dtype of a DTYPES key: the wrappers' block choices take torch dtypes."""
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def _pool_route_configs() -> List[Config]:
@@ -80,20 +87,23 @@ def _dispatch_configs() -> List[Config]:
 
 
 def _gather_configs() -> List[Config]:
+    from .theme_gather import row_blocks
+
     out = []
     for (dtype, ptr), block_d, has_gate in itertools.product(DTYPES.items(), BLOCK_D, (False, True)):
         gate_sig = ptr if has_gate else "constexpr"
-        gate_const = {} if has_gate else {"gate_ptr": None}
+        block_r, _, num_warps = row_blocks(block_d, _torch_dtype(dtype))   # the rows per program the wrapper picks
+        gate_const = {"num_warps": num_warps} if has_gate else {"gate_ptr": None, "num_warps": num_warps}
         sig = {"src_ptr": ptr, "index_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
-        out.append(("_gather_rows", sig, {**gate_const, "HAS_GATE": has_gate, "BLOCK_R": 32, "BLOCK_D": block_d}))
+        out.append(("_gather_rows", sig, {**gate_const, "HAS_GATE": has_gate, "BLOCK_R": block_r, "BLOCK_D": block_d}))
         for slots in ((1, 2) if dtype == "bf16" else (1,)):
             sig = {"rows_ptr": ptr, "inverse_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_tokens": "i32",
                    "dim": "i32"}
-            out.append(("_scatter_rows", sig, {**gate_const, "SLOTS": slots, "HAS_GATE": has_gate, "BLOCK_R": 32,
+            out.append(("_scatter_rows", sig, {**gate_const, "SLOTS": slots, "HAS_GATE": has_gate, "BLOCK_R": block_r,
                                                "BLOCK_D": block_d}))
         if has_gate:
             sig = {"a_ptr": ptr, "b_ptr": ptr, "b_index_ptr": "*i64", "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
-            out.append(("_row_dot", sig, {"BLOCK_R": 32, "BLOCK_D": block_d}))
+            out.append(("_row_dot", sig, {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": num_warps}))
     return out
 
 
@@ -170,6 +180,8 @@ def _grouped_mm_configs() -> List[Config]:
 
 
 def _target_attention_configs() -> List[Config]:
+    from .expert_attention import attention_blocks
+
     out = []
     switches = ((False, False), (True, False), (True, True))    # (HAS_INDEX, HAS_GATE)
     for kernel in ("_target_attention_fwd", "_target_attention_bwd"):
@@ -182,8 +194,12 @@ def _target_attention_configs() -> List[Config]:
             ptr = DTYPES[dtype]
             sig = {"tokens_ptr": ptr, "query_ptr": ptr, "w_key_ptr": ptr, "w_value_ptr": ptr, "offsets_ptr": "*i64",
                    "num_examples": "i32", "dim": "i32", "num_heads": "i32", "head_dim": "i32", "scale": "fp32"}
-            const = {"HAS_INDEX": has_index, "HAS_GATE": has_gate, "PRECISION": PRECISION[dtype],
-                     "BLOCK_T": 64 if block_d <= 128 else 32, "BLOCK_D": block_d, "BLOCK_H": 16}
+            # the blocks, warps and pipeline depth the wrapper picks for this dtype and width
+            block_t, _, num_warps, num_stages = attention_blocks(block_d, _torch_dtype(dtype),
+                                                                 kernel == "_target_attention_bwd")
+            const = {"HAS_INDEX": has_index, "HAS_GATE": has_gate, "PRECISION": PRECISION[dtype], "BLOCK_T": block_t,
+                     "BLOCK_D": block_d, "BLOCK_H": 16, "NUM_STAGES": num_stages, "num_warps": num_warps,
+                     "num_stages": num_stages}
             _optional("index_ptr", has_index, "*i64", sig, const)
             _optional("gate_ptr", has_gate, ptr, sig, const)
             if kernel == "_target_attention_fwd":
@@ -198,24 +214,32 @@ def _target_attention_configs() -> List[Config]:
 
 
 def _self_attention_configs() -> List[Config]:
+    from .self_attention import LONGEST_BUCKETS, attention_tiles
+
     out = []
     plans = [(dtype, block_dh, True) for dtype in ("bf16", "fp32") for block_dh in HEAD_BLOCKS]
     plans += [("bf16", 64, False), ("fp16", 64, True)]
     for dtype, block_dh, causal in plans:
         ptr = DTYPES[dtype]
-        block = 64 if block_dh <= 64 else 32
-        const = {"CAUSAL": causal, "PRECISION": PRECISION[dtype], "BLOCK_M": block, "BLOCK_N": block,
-                 "BLOCK_DH": block_dh}
-        tiles = {"tile_segment_ptr": "*i64", "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_segments": "i32",
-                 "num_heads": "i32", "head_dim": "i32", "stride_q": "i32", "stride_k": "i32", "stride_v": "i32"}
-        qkv = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr}
-        out.append(("_self_attention_fwd", {**qkv, "out_ptr": ptr, "lse_ptr": "*fp32", **tiles, "stride_out": "i32",
-                                            "scale": "fp32"}, const))
-        grads = {"g_out_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-        out.append(("_self_attention_bwd_kv", {**qkv, **grads, "g_k_ptr": ptr, "g_v_ptr": ptr, **tiles,
-                                               "scale": "fp32"}, const))
-        out.append(("_self_attention_bwd_q", {**qkv, **grads, "g_q_ptr": ptr, **tiles, "scale": "fp32"}, const))
+        # every tile the wrapper picks at this width: one per bucket of the longest segment
+        tiles = sorted({attention_tiles(longest, block_dh, _torch_dtype(dtype)) for longest in (0,) + LONGEST_BUCKETS})
+        for block_m, block_n, _, num_warps, num_stages in tiles:
+            const = {"CAUSAL": causal, "PRECISION": PRECISION[dtype], "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "BLOCK_DH": block_dh, "num_warps": num_warps, "num_stages": num_stages}
+            out += _self_attention_kernels(ptr, const)
     return out
+
+
+def _self_attention_kernels(ptr: str, const: Dict[str, object]) -> List[Config]:
+    tiles = {"tile_segment_ptr": "*i64", "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_segments": "i32",
+             "num_heads": "i32", "head_dim": "i32", "stride_q": "i32", "stride_k": "i32", "stride_v": "i32"}
+    qkv = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr}
+    grads = {"g_out_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+    return [("_self_attention_fwd", {**qkv, "out_ptr": ptr, "lse_ptr": "*fp32", **tiles, "stride_out": "i32",
+                                     "scale": "fp32"}, const),
+            ("_self_attention_bwd_kv", {**qkv, **grads, "g_k_ptr": ptr, "g_v_ptr": ptr, **tiles, "scale": "fp32"},
+             const),
+            ("_self_attention_bwd_q", {**qkv, **grads, "g_q_ptr": ptr, **tiles, "scale": "fp32"}, const)]
 
 
 def all_configs() -> List[Config]:
@@ -297,6 +321,9 @@ def compile_one(config: Config) -> Tuple[str, float, str]:
 
     name, signature, constexprs = config
     fn = _kernels()[name]
+    # num_warps / num_stages travel with the constexprs but are launch options, not arguments.
+    options = {key: constexprs[key] for key in LAUNCH_OPTIONS if key in constexprs}
+    constexprs = {key: value for key, value in constexprs.items() if key not in options}
     signature = dict(signature)
     for key in constexprs:
         signature[key] = "constexpr"
@@ -306,7 +333,8 @@ def compile_one(config: Config) -> Tuple[str, float, str]:
     signature = {arg: signature[arg] for arg in fn.arg_names}   # in the kernel's argument order
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                 options=options)
         if "cubin" not in compiled.asm:
             return name, time.perf_counter() - start, "no cubin produced"
         narrow = narrow_address_products(compiled.asm["ttir"])

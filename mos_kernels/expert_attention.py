@@ -18,11 +18,12 @@ where sum_i p_i = 1 on a non-empty segment and the sum is empty (out = 0) on an 
 row then costs O(d*H) (a score and an accumulation per head) instead of the O(d^2) of projecting
 it; b_k has no effect on the output (its gradient is exactly zero).
 `_target_attention_fwd`, one program per segment: folds the query, streams the segment's rows
-(the gather and the gate fused into the loads) with an online softmax into A_h = sum_i p_i x_i,
-projects A through W_v and stores the output, A and the log-sum-exp. `_target_attention_bwd`,
-one program per segment, recomputes p from the log-sum-exp and writes the gradients of the rows,
-gates, query and Q_h; the per-expert weight gradients are GEMMs over the B segments of each
-expert (deterministic), the tokens' gradient the gather's backward (`theme_scatter`).
+(the gather fused into pipelined loads, the gate into the scores and weights: x_i . Q_h =
+gate_i (t_i . Q_h)) with an online softmax into A_h = sum_i p_i x_i, projects A through W_v
+and stores the output, A and the log-sum-exp. `_target_attention_bwd`, one program per segment,
+recomputes p from the log-sum-exp and writes the gradients of the rows, gates, query and Q_h;
+the per-expert weight gradients are GEMMs over the B segments of each expert (deterministic),
+the tokens' gradient the gather's backward (`theme_scatter`).
 Custom ops mos::expert_target_attention and mos::expert_target_attention_backward, with FLOP formulas.
 """
 from __future__ import annotations
@@ -159,12 +160,12 @@ def _head_unfold(rows, w_ptr, out_ptr, g, expert, dim, num_heads, head_dim, scal
 @triton.jit
 def _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim,
                HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr):
-    """(token rows, gate) of rows `rows`: tokens[index[r]] (fp32) and gate[r] (1 without a gate)."""
+    """(token rows in their dtype, gate) of rows `rows`: tokens[index[r]] and gate[r] (fp32, 1
+    without a gate). The rows go to the dots as loaded, so the loop's loads can be pipelined."""
     src = rows
     if HAS_INDEX:
         src = tl.load(index_ptr + rows, mask=row_ok, other=0)
-    t = tl.load(tokens_ptr + src[:, None] * dim + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
+    t = tl.load(tokens_ptr + src[:, None] * dim + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     gate = tl.full(rows.shape, 1.0, dtype=tl.float32)
     if HAS_GATE:
         gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -172,11 +173,27 @@ def _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim,
 
 
 @triton.jit
+def _dot_rows(a, rows, PRECISION: tl.constexpr, ROWS_LEFT: tl.constexpr):
+    """rows @ a (ROWS_LEFT) or a @ rows for fp32 `a` and `rows` in the tokens' dtype, in fp32.
+
+    fp32 rows: one dot at PRECISION. 16-bit rows are exact in their dtype, so `a` is split into
+    a high and a low part in that dtype (hi + lo keeps ~16 of a's 24 mantissa bits, more than
+    TF32's 11): two dots with fp32 accumulation, and `rows` never passes through registers."""
+    if rows.dtype == tl.float32:
+        out = tl.dot(rows, a, input_precision=PRECISION) if ROWS_LEFT else tl.dot(a, rows, input_precision=PRECISION)
+    else:
+        hi = a.to(rows.dtype)
+        lo = (a - hi.to(tl.float32)).to(rows.dtype)
+        out = tl.dot(rows, lo, acc=tl.dot(rows, hi)) if ROWS_LEFT else tl.dot(lo, rows, acc=tl.dot(hi, rows))
+    return out
+
+
+@triton.jit
 def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr, w_value_ptr, b_value_ptr,
                           offsets_ptr, out_ptr, pooled_ptr, lse_ptr, num_examples, dim, num_heads, head_dim, scale,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_H: tl.constexpr):
+                          BLOCK_H: tl.constexpr, NUM_STAGES: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
@@ -191,19 +208,18 @@ def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_T):
+    for r0 in tl.range(start, end, BLOCK_T, num_stages=NUM_STAGES):
         rows = r0 + tl.arange(0, BLOCK_T)
         row_ok = rows < end
         t, gate = _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim, HAS_INDEX, HAS_GATE)
-        x = t * gate[:, None]
-        s = tl.dot(x, tl.trans(qf), input_precision=PRECISION)                    # [BLOCK_T, BLOCK_H]
+        s = _dot_rows(tl.trans(qf), t, PRECISION, True) * gate[:, None]            # [BLOCK_T, BLOCK_H]
         s = tl.where(row_ok[:, None], s, float("-inf"))
         # The first tile holds a real row, so m is finite from then on (no inf - inf).
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[None, :])
         denom = denom * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), x, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot_rows(tl.trans(p * gate[:, None]), t, PRECISION, False)
         m = m_new
     nonempty = end > start
     pooled = acc / tl.where(nonempty, denom, 1.0)[:, None]                         # zeros when empty
@@ -221,7 +237,8 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           g_out_ptr, pooled_ptr, lse_ptr, g_rows_ptr, g_gate_ptr, g_query_ptr, g_qf_ptr,
                           num_examples, dim, num_heads, head_dim, scale,
                           HAS_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                          NUM_STAGES: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
     expert = g // num_examples
@@ -241,22 +258,22 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
     delta = tl.sum(pooled * g_pooled, axis=1)
     lse = tl.load(lse_ptr + g * num_heads + heads, mask=head_ok, other=0.0)
     g_qf = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_T):
+    for r0 in tl.range(start, end, BLOCK_T, num_stages=NUM_STAGES):
         rows = r0 + tl.arange(0, BLOCK_T)
         row_ok = rows < end
         t, gate = _load_rows(tokens_ptr, index_ptr, gate_ptr, rows, row_ok, cols, col_ok, dim, HAS_INDEX, HAS_GATE)
-        x = t * gate[:, None]
-        s = tl.dot(x, tl.trans(qf), input_precision=PRECISION)
+        s = _dot_rows(tl.trans(qf), t, PRECISION, True) * gate[:, None]
         p = tl.exp(tl.where(row_ok[:, None] & head_ok[None, :], s - lse[None, :], float("-inf")))
-        dp = tl.dot(x, tl.trans(g_pooled), input_precision=PRECISION)
+        dp = _dot_rows(tl.trans(g_pooled), t, PRECISION, True) * gate[:, None]
         ds = p * (dp - delta[None, :])
         g_x = (tl.dot(p, g_pooled, input_precision=PRECISION) + tl.dot(ds, qf, input_precision=PRECISION))
-        g_qf += tl.dot(tl.trans(ds), x, input_precision=PRECISION)
+        g_qf += _dot_rows(tl.trans(ds * gate[:, None]), t, PRECISION, False)
         row_mask = row_ok[:, None] & col_ok[None, :]
         tl.store(g_rows_ptr + rows[:, None] * dim + cols[None, :], (g_x * gate[:, None]).to(g_rows_ptr.dtype.element_ty),
                  mask=row_mask)
         if HAS_GATE:
-            tl.store(g_gate_ptr + rows, tl.sum(g_x * t, axis=1).to(g_gate_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(g_gate_ptr + rows, tl.sum(g_x * t.to(tl.float32), axis=1).to(g_gate_ptr.dtype.element_ty),
+                     mask=row_ok)
     tl.store(g_qf_ptr + (g * num_heads + heads[:, None]) * dim + cols[None, :], g_qf, mask=hd_mask)
     # dq_h = scale W_k,h^T dQ_h.
     _head_unfold(g_qf, w_key_ptr, g_query_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
@@ -266,11 +283,24 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
 MAX_HEADS = 16     # BLOCK_H: the heads are the rows of a tl.dot operand, which needs >= 16 of them
 
 
-def _blocks(dim: int):
-    """(BLOCK_T, BLOCK_D): tl.dot needs every block dimension >= 16; 32-row tiles for the widest
-    rows keep a tile in registers."""
+def attention_blocks(dim: int, dtype: torch.dtype, backward: bool):
+    """(BLOCK_T, BLOCK_D, num_warps, num_stages) of `_target_attention_fwd` / `_bwd` for rows of
+    width dim in dtype.
+
+    tl.dot needs every block dimension >= 16. The forward streams 32-row tiles (segments average
+    ~100 rows: 4 tiles, up to 3 of them in flight through the pipelined loads). The backward
+    holds a [BLOCK_T, BLOCK_D] fp32 row gradient next to three [16, BLOCK_D] fp32 head tiles:
+    16-row tiles keep it in registers up to d = 128 in 16 bits (32 rows spill at d = 64). fp32
+    dots run as three TF32 products and need about twice the registers, so fp32 gets the
+    narrower choice one width earlier; the widest get 8 warps (the same warps per SM as two
+    4-warp programs, with half the registers a thread)."""
     block_d = max(triton.next_power_of_2(dim), 16)
-    return 64 if block_d <= 128 else 32, block_d
+    wide = block_d >= (128 if dtype == torch.float32 else 256)
+    if backward:
+        return 16, block_d, 8 if wide else 4, 3
+    if dtype != torch.float32:
+        return 32, block_d, 4, 3
+    return (16 if wide else 32), block_d, 8 if block_d == 256 else 4, 3
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -289,12 +319,13 @@ def _expert_target_attention_op(tokens: torch.Tensor, query: torch.Tensor, w_key
     pooled = new_output((num_segments, num_heads, dim), dtype=torch.float32, device=tokens.device)
     lse = new_output((num_segments, num_heads), dtype=torch.float32, device=tokens.device)
     if num_segments:
-        block_t, block_d = _blocks(dim)
+        block_t, block_d, num_warps, num_stages = attention_blocks(dim, tokens.dtype, backward=False)
         _target_attention_fwd[(num_segments,)](
             tokens, gather_index, row_gate, query, w_key, w_value, b_value, segment_offsets, out, pooled, lse,
             num_segments // num_experts, dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
             HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, HAS_BIAS=b_value is not None,
-            PRECISION=dot_precision(tokens.dtype), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)
+            PRECISION=dot_precision(tokens.dtype), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS,
+            NUM_STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
     return out, pooled, lse
 
 
@@ -322,13 +353,14 @@ def _expert_target_attention_backward_op(g_out: torch.Tensor, tokens: torch.Tens
     g_query = new_output((num_segments, dim), dtype=query.dtype, device=tokens.device)
     g_qf = new_output((num_segments, num_heads, dim), dtype=torch.float32, device=tokens.device)
     if num_segments:
-        block_t, block_d = _blocks(dim)
+        block_t, block_d, num_warps, num_stages = attention_blocks(dim, tokens.dtype, backward=True)
         _target_attention_bwd[(num_segments,)](
             tokens, gather_index, row_gate, query, w_key, w_value, segment_offsets,
             g_out, pooled, lse, g_rows, g_gate, g_query, g_qf,
             num_segments // w_key.shape[0], dim, num_heads, dim // num_heads, 1.0 / math.sqrt(dim // num_heads),
             HAS_INDEX=gather_index is not None, HAS_GATE=row_gate is not None, PRECISION=dot_precision(tokens.dtype),
-            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS)
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_H=MAX_HEADS, NUM_STAGES=num_stages, num_warps=num_warps,
+            num_stages=num_stages)
     return g_rows, g_gate, g_query, g_qf
 
 

@@ -8,14 +8,16 @@ Reference: masked dense attention over the segments padded to the length of thei
 padded to max_len elsewhere), a custom op whose FLOP formula counts the jagged pairs.
 Triton: flash attention over jagged segments. Work is listed as tiles of BLOCK rows of one
 segment (`jagged.segment_blocks`: ceil(N / BLOCK) + G tiles, known without a sync, the spare ones
-idle), one program per (tile, head). `_self_attention_fwd` streams the key blocks of its
-segment (up to its last row when causal) with an online softmax and stores the output and the
-log-sum-exp; the backward recomputes the probabilities from it: `_self_attention_bwd_kv`, one
-program per key tile, sums dK and dV over the query blocks that see it, `_self_attention_bwd_q`,
-one program per query tile, sums dQ over its key blocks. Every sum is in a fixed order: no
-atomics, deterministic. q, k, v may be column slices of one [N, 3d] projection (row strides).
-Custom ops mos::jagged_self_attention and mos::jagged_self_attention_backward; their FLOP formulas
-count the jagged work, sum over segments of L_g^2 (causal: L_g (L_g + 1) / 2) pairs.
+idle), one program per (tile, head); BLOCK, warps and pipeline depth follow the bucket of the
+longest segment and the head width (`attention_tiles`), and causal query tiles run last first.
+`_self_attention_fwd` streams the key blocks of its segment (up to its last row when causal)
+with an online softmax and stores the output and the log-sum-exp; the backward recomputes the
+probabilities from it: `_self_attention_bwd_kv`, one program per key tile, sums dK and dV over
+the query blocks that see it, `_self_attention_bwd_q`, one program per query tile, sums dQ over
+its key blocks. Every sum is in a fixed order: no atomics, deterministic. q, k, v may be column
+slices of one [N, 3d] projection (row strides). Custom ops mos::jagged_self_attention and
+mos::jagged_self_attention_backward; their FLOP formulas count the jagged work, sum over
+segments of L_g^2 (causal: L_g (L_g + 1) / 2) pairs.
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
                           backend: str = "auto") -> torch.Tensor:
     """q, k, v [N, d] in one jagged layout -> [N, d]; row i attends to rows j <= i of its segment.
     max_len: a bound on the longest segment, the reference's padding off the CPU (read back when
-    None; the CPU reference pads each segment to its length bucket instead, the Triton path needs
-    none). Raises ValueError when a segment is longer than max_len."""
+    None; the CPU reference pads each segment to its length bucket instead) and the Triton path's
+    tile size (small tiles for short segments; None: tiles for long ones, no read-back). Raises
+    ValueError when a segment is longer than max_len."""
     check_tensor("q", q, ndim=2, dtypes=FLOAT_DTYPES)
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
@@ -55,7 +58,7 @@ def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
     if resolve_backend(backend, q, "jagged_self_attention") == "triton":
         if k.dtype != q.dtype or v.dtype != q.dtype:
             raise TypeError(f"k, v: expected the dtype of q ({q.dtype}) for backend 'triton', got {k.dtype}, {v.dtype}")
-        return torch.ops.mos.jagged_self_attention(q, k, v, segment_offsets, num_heads, causal)[0]
+        return torch.ops.mos.jagged_self_attention(q, k, v, segment_offsets, num_heads, causal, max_len)[0]
     if max_len is None and segment_offsets.device.type != "cpu":
         max_len = max_segment_length(segment_offsets)
     return _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal)
@@ -121,6 +124,8 @@ def _self_attention_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_segment_ptr,
                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     tile = tl.program_id(0)
+    if CAUSAL:     # a segment's later query tiles see more keys: start them first (tail balance)
+        tile = tl.num_programs(0) - 1 - tile
     head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
@@ -214,6 +219,8 @@ def _self_attention_bwd_q(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g_
                           CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     tile = tl.program_id(0)
+    if CAUSAL:     # a segment's later query tiles see more keys: start them first (tail balance)
+        tile = tl.num_programs(0) - 1 - tile
     head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
@@ -251,42 +258,71 @@ def _self_attention_bwd_q(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g_
                  mask=q_mask)
 
 
-def _blocks(head_dim: int) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_DH): 64-row tiles, 32 for wide heads so a tile stays in registers."""
+LONGEST_BUCKETS = (16, 32, 64)   # the segment-length bounds the tiles depend on; 0: unknown or longer
+
+
+def longest_bucket(max_len: Optional[int]) -> int:
+    """max_len (a bound on the longest segment, None when unknown) as the smallest bucket that
+    holds it, 0 for unknown or longer: all the kernels' tiles depend on."""
+    if max_len is None:
+        return 0
+    return next((bucket for bucket in LONGEST_BUCKETS if max_len <= bucket), 0)
+
+
+def attention_tiles(longest: int, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_DH, num_warps, num_stages) of the three kernels.
+
+    longest: `longest_bucket` of the segments. Segments of at most 16 or 32 rows get tiles of
+    that many rows, so a tile is not mostly masked. Longer ones get 64-row tiles, 32 for heads
+    wider than 64 and 16 above 128, so the backward's [BLOCK, BLOCK_DH] fp32 tiles stay in
+    registers. fp32 dots run as three TF32 products with about twice the registers and shared
+    memory: 16-row tiles and 2 pipeline stages (32-row tiles spill in `_self_attention_bwd_kv`
+    from head_dim 32). 16-row tiles run on 2 warps, 4 for the widest heads (4-warp programs
+    hold half the registers a thread). A deterministic rule (no autotuning): the same inputs
+    always launch the same programs."""
+    fp32 = dtype == torch.float32
     block_dh = max(triton.next_power_of_2(head_dim), 16)
-    block = 64 if block_dh <= 64 else 32
-    return block, block, block_dh
+    block = 16 if fp32 else 64 if block_dh <= 64 else 32 if block_dh <= 128 else 16
+    if longest:
+        block = min(block, max(longest, 16))
+    wide = block_dh >= (64 if fp32 else 256)
+    return block, block, block_dh, 4 if block >= 32 or wide else 2, 2 if fp32 else 3
 
 
 # ----------------------------------------------------------------------------- custom ops
 
 @kernel_op("mos::jagged_self_attention", row_strided=("q", "k", "v"))
 def _jagged_self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor,
-                              num_heads: int, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [N, d], log-sum-exp [N, H] fp32)."""
+                              num_heads: int, causal: bool, max_len: Optional[int] = None
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [N, d], log-sum-exp [N, H] fp32). max_len: a bound on the longest segment, or None;
+    it sets the tiles only (any value gives the same result). Bucketed here, inside the op, so
+    a compiled graph passes it through without a guard on its value."""
     num_rows, dim = q.shape
     head_dim = dim // num_heads
     out = new_output((num_rows, dim), dtype=q.dtype, device=q.device)
     lse = new_output((num_rows, num_heads), dtype=torch.float32, device=q.device)
     if num_rows:
-        block_m, block_n, block_dh = _blocks(head_dim)
+        tiles = attention_tiles(longest_bucket(max_len), head_dim, q.dtype)
+        block_m, block_n, block_dh, num_warps, num_stages = tiles
         tile_segment, tile_start = segment_blocks(segment_offsets, block_m, num_rows)
         _self_attention_fwd[(tile_segment.numel(), num_heads)](
             q, k, v, out, lse, tile_segment, tile_start, segment_offsets, segment_offsets.numel() - 1, num_heads,
             head_dim, q.stride(0), k.stride(0), v.stride(0), out.stride(0), 1.0 / math.sqrt(head_dim),
-            CAUSAL=causal, PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh)
+            CAUSAL=causal, PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh,
+            num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
 @_jagged_self_attention_op.register_fake
-def _(q, k, v, segment_offsets, num_heads, causal):
+def _(q, k, v, segment_offsets, num_heads, causal, max_len=None):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], num_heads), dtype=torch.float32)
 
 
 @kernel_op("mos::jagged_self_attention_backward", row_strided=("q", "k", "v"))
 def _jagged_self_attention_backward_op(g_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                        out: torch.Tensor, lse: torch.Tensor, segment_offsets: torch.Tensor,
-                                       num_heads: int, causal: bool
+                                       num_heads: int, causal: bool, max_len: Optional[int] = None
                                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_rows, dim = q.shape
     head_dim = dim // num_heads
@@ -296,10 +332,11 @@ def _jagged_self_attention_backward_op(g_out: torch.Tensor, q: torch.Tensor, k: 
     if num_rows:
         # delta_i = dout_i . out_i per head: the softmax backward's row term.
         delta = (g_out.float() * out.float()).view(num_rows, num_heads, head_dim).sum(-1)
-        block_m, block_n, block_dh = _blocks(head_dim)
+        tiles = attention_tiles(longest_bucket(max_len), head_dim, q.dtype)
+        block_m, block_n, block_dh, num_warps, num_stages = tiles
         tile_segment, tile_start = segment_blocks(segment_offsets, block_m, num_rows)
         common = dict(CAUSAL=causal, PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_DH=block_dh)
+                      BLOCK_DH=block_dh, num_warps=num_warps, num_stages=num_stages)
         args = (tile_segment, tile_start, segment_offsets, segment_offsets.numel() - 1, num_heads, head_dim,
                 q.stride(0), k.stride(0), v.stride(0), 1.0 / math.sqrt(head_dim))
         grid = (tile_segment.numel(), num_heads)
@@ -309,22 +346,22 @@ def _jagged_self_attention_backward_op(g_out: torch.Tensor, q: torch.Tensor, k: 
 
 
 @_jagged_self_attention_backward_op.register_fake
-def _(g_out, q, k, v, out, lse, segment_offsets, num_heads, causal):
+def _(g_out, q, k, v, out, lse, segment_offsets, num_heads, causal, max_len=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segment_offsets, num_heads, causal = inputs
+    q, k, v, segment_offsets, num_heads, causal, max_len = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, segment_offsets)
-    ctx.num_heads, ctx.causal = num_heads, causal
+    ctx.num_heads, ctx.causal, ctx.max_len = num_heads, causal, max_len
 
 
 def _backward(ctx, g_out, _g_lse):
     q, k, v, out, lse, segment_offsets = ctx.saved_tensors
     g_q, g_k, g_v = torch.ops.mos.jagged_self_attention_backward(g_out, q, k, v, out, lse, segment_offsets,
-                                                                 ctx.num_heads, ctx.causal)
-    return g_q, g_k, g_v, None, None, None
+                                                                 ctx.num_heads, ctx.causal, ctx.max_len)
+    return g_q, g_k, g_v, None, None, None, None
 
 
 _jagged_self_attention_op.register_autograd(_backward, setup_context=_setup_context)

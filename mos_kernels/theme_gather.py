@@ -24,7 +24,22 @@ from ._checks import FLOAT_DTYPES, check_tensor, check_values, reads_data
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 
-_BLOCK_R = 32   # rows per program: with d <= 256 a tile stays in registers
+_BYTES_PER_PROGRAM = 16384   # rows a program moves: enough to hide the index -> row load chain
+_MAX_BLOCK_R = 256
+_ELEMENTS_PER_THREAD = 32    # a [BLOCK_R, BLOCK_D] fp32 tile is 32 registers a thread: no spills
+
+
+def row_blocks(dim: int, dtype: torch.dtype):
+    """(BLOCK_R, BLOCK_D, num_warps) of the row kernels for rows of `dim` elements of `dtype`.
+
+    A program moves ~16 KB of rows (d = 64 bf16: 128 rows; d = 256 fp32: 16): short programs
+    spend their time waiting on the dependent index -> row loads. The warps grow with the tile
+    so each thread holds 32 elements of it (32 fp32 registers for the scatter's sum)."""
+    block_d = triton.next_power_of_2(dim)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_r = max(min(_BYTES_PER_PROGRAM // (block_d * itemsize), _MAX_BLOCK_R), 1)
+    num_warps = min(max(block_r * block_d // (32 * _ELEMENTS_PER_THREAD), 1), 8)
+    return block_r, block_d, num_warps
 
 
 def _check_index(gather_index, row_gate, inverse_index, device, num_tokens: int, num_rows: int):
@@ -157,8 +172,8 @@ def _row_dot(a_ptr, b_ptr, b_index_ptr, out_ptr, num_rows, dim, BLOCK_R: tl.cons
     tl.store(out_ptr + rows, tl.sum(a * b, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _grid(n: int):
-    return (max(triton.cdiv(n, _BLOCK_R), 1),)
+def _grid(n: int, block_r: int):
+    return (max(triton.cdiv(n, block_r), 1),)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -168,9 +183,10 @@ def _theme_gather_op(values: torch.Tensor, gather_index: torch.Tensor, row_gate:
                      inverse_index: torch.Tensor) -> torch.Tensor:
     out = new_output((gather_index.numel(), values.shape[1]), dtype=values.dtype, device=values.device)
     if out.numel():
-        _gather_rows[_grid(out.shape[0])](values, gather_index, row_gate, out, out.shape[0], values.shape[1],
-                                          HAS_GATE=row_gate is not None, BLOCK_R=_BLOCK_R,
-                                          BLOCK_D=triton.next_power_of_2(values.shape[1]))
+        block_r, block_d, num_warps = row_blocks(values.shape[1], values.dtype)
+        _gather_rows[_grid(out.shape[0], block_r)](values, gather_index, row_gate, out, out.shape[0], values.shape[1],
+                                                   HAS_GATE=row_gate is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                   num_warps=num_warps)
     return out
 
 
@@ -185,9 +201,10 @@ def _theme_scatter_op(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: 
     num_tokens, slots = inverse_index.shape
     out = new_output((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
     if out.numel():
-        _scatter_rows[_grid(num_tokens)](rows, inverse_index, row_gate, out, num_tokens, rows.shape[1],
-                                         SLOTS=slots, HAS_GATE=row_gate is not None, BLOCK_R=_BLOCK_R,
-                                         BLOCK_D=triton.next_power_of_2(rows.shape[1]))
+        block_r, block_d, num_warps = row_blocks(rows.shape[1], rows.dtype)
+        _scatter_rows[_grid(num_tokens, block_r)](rows, inverse_index, row_gate, out, num_tokens, rows.shape[1],
+                                                  SLOTS=slots, HAS_GATE=row_gate is not None, BLOCK_R=block_r,
+                                                  BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
@@ -200,8 +217,9 @@ def scatter_fake(rows, gather_index, row_gate, inverse_index):
 def _row_dot_op(a: torch.Tensor, b: torch.Tensor, b_index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     out = new_output(a.shape[0], dtype=out_dtype, device=a.device)
     if out.numel():
-        _row_dot[_grid(a.shape[0])](a, b, b_index, out, a.shape[0], a.shape[1],
-                                    BLOCK_R=_BLOCK_R, BLOCK_D=triton.next_power_of_2(a.shape[1]))
+        block_r, block_d, num_warps = row_blocks(a.shape[1], a.dtype)
+        _row_dot[_grid(a.shape[0], block_r)](a, b, b_index, out, a.shape[0], a.shape[1], BLOCK_R=block_r,
+                                             BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
