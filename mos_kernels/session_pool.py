@@ -301,8 +301,10 @@ def _session_pool_route_backward_op(g_pooled: torch.Tensor, g_scores: torch.Tens
     programs = triton.cdiv(num_sessions, blocks["BLOCK_S"])
     g_values = new_output(values.shape, dtype=values.dtype, device=values.device)
     # One fp32 [K, d] share of the prototypes' gradient per program, added in one fixed order
-    # below: the same bits on every run, no atomics. (programs * K * d * 4 bytes: at K = 64,
-    # d = 256 that is 64 KB per program, written once and read once.)
+    # below: the same bits on every run, no atomics. Its cost, written once and read once, is
+    # 8 K d / BLOCK_S bytes per session, against ~10 d for a GEMM over fp32 unit rows of the
+    # pooled means: less at few themes (K = 8, d = 128: 512 against ~1300 bytes), more from
+    # K ~ 1.25 BLOCK_S on (K = 64, d = 256: 16 KB per session).
     g_protos = new_output((programs, num_themes, dim), dtype=torch.float32, device=values.device)
     if num_sessions:
         _pool_route_bwd[(programs,)](
