@@ -52,6 +52,8 @@ def _pool_route_configs() -> List[Config]:
                        "num_sessions": "i32", "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32",
                        "eps": "fp32"}
             out.append(("_pool_route_fwd", fwd_sig, {**blocks, "STAGES": NUM_STAGES}))
+            unaligned = pool_route_blocks(block_d - 1, block_k if route else 0)   # a width not a multiple of 16
+            out.append(("_pool_route_fwd", fwd_sig, {**blocks, **unaligned, "STAGES": NUM_STAGES}))
             bwd_sig = {"g_pooled_ptr": ptr, "pooled_ptr": ptr, "g_scores_ptr": "*fp32", "g_probs_ptr": "*fp32",
                        "g_gate_ptr": ptr, "probs_ptr": "*fp32", "themes_ptr": "*i64", "protos_ptr": "*fp32",
                        "offsets_ptr": "*i64", "g_values_ptr": ptr, "g_protos_ptr": "*fp32", "num_sessions": "i32",

@@ -250,6 +250,10 @@ def pool_route_blocks(dim: int, num_themes: int, backward: bool = False) -> dict
     block_d = max(triton.next_power_of_2(dim), 16)     # 16: the smallest block compile_check lists
     # An fp32 [BLOCK_S, BLOCK_D] tile takes BLOCK_S * BLOCK_D / 128 registers per thread (4 warps).
     block_s = (4096 if not backward else 2048) // max(block_d, 128)
+    if dim % 16 and not backward:
+        # Rows not known to be 16-byte aligned load without cp.async, so the pipelined steps wait
+        # in registers: bf16, d = 128 would take 242 registers at 32 sessions, 128 at 16.
+        block_s //= 2
     return {"BLOCK_S": block_s, "BLOCK_D": block_d, "BLOCK_K": max(triton.next_power_of_2(max(num_themes, 1)), 2)}
 
 
