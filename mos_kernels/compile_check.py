@@ -29,8 +29,8 @@ from typing import Dict, List, Tuple
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 BLOCK_D = (16, 32, 64, 128, 256)       # next_power_of_2(d) for d in 9..256
 THEME_BLOCKS = ((2, 1), (8, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # (BLOCK_K, TOP_K)
-POOL_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16): tl.dot needs 16
-POOL_THEME_BLOCKS = ((16, 1), (16, 2), (16, 4), (32, 2), (64, 8))   # max(next_power_of_2(K), 16)
+POOL_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16)
+POOL_THEME_BLOCKS = ((2, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # max(next_power_of_2(K), 2)
 
 KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear", "expert_attention",
                   "self_attention")
@@ -45,23 +45,28 @@ def _torch_dtype(name: str):
 
 
 def _pool_route_configs() -> List[Config]:
+    from mos_kernels.session_pool import NUM_STAGES, NUM_WARPS, pool_route_blocks   # what a launch uses
+
+    assert (NUM_WARPS, NUM_STAGES) == (4, 3), "compile_one compiles with Triton's defaults: 4 warps, 3 stages"
+
     out = []
     for (dtype, ptr), block_d in itertools.product(DTYPES.items(), POOL_BLOCK_D):
-        for route, (block_k, top_k) in [(False, (16, 1))] + [(True, tk) for tk in POOL_THEME_BLOCKS]:
-            if route and dtype != "bf16" and (block_k, top_k) != (16, 1):
-                continue   # the theme blocks do not interact with the value dtype
-            blocks = {"BLOCK_S": 16, "BLOCK_T": 64, "BLOCK_D": block_d, "BLOCK_K": block_k}
+        themes = POOL_THEME_BLOCKS if dtype == "bf16" else POOL_THEME_BLOCKS[-1:]   # the largest: most registers
+        for route, (block_k, top_k) in [(False, (2, 1))] + [(True, tk) for tk in themes]:
+            blocks = {**pool_route_blocks(block_d, block_k if route else 0), "TOP_K": top_k, "ROUTE": route}
             fwd_sig = {"values_ptr": ptr, "offsets_ptr": "*i64", "protos_ptr": "*fp32", "pooled_ptr": ptr,
-                       "scores_ptr": "*fp32", "probs_ptr": "*fp32", "themes_ptr": "*i64", "num_sessions": "i32",
-                       "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32", "eps": "fp32"}
-            out.append(("_pool_route_fwd", fwd_sig, {**blocks, "TOP_K": top_k, "ROUTE": route}))
-            if top_k > 1 and (block_k, 1) in POOL_THEME_BLOCKS:
-                continue   # the backward has no TOP_K: the (BLOCK_K, 1) entry covers it
+                       "scores_ptr": "*fp32", "probs_ptr": "*fp32", "themes_ptr": "*i64", "gate_ptr": ptr,
+                       "num_sessions": "i32", "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32",
+                       "eps": "fp32"}
+            out.append(("_pool_route_fwd", fwd_sig, {**blocks, "STAGES": NUM_STAGES}))
+            unaligned = pool_route_blocks(block_d - 1, block_k if route else 0)   # a width not a multiple of 16
+            out.append(("_pool_route_fwd", fwd_sig, {**blocks, **unaligned, "STAGES": NUM_STAGES}))
             bwd_sig = {"g_pooled_ptr": ptr, "pooled_ptr": ptr, "g_scores_ptr": "*fp32", "g_probs_ptr": "*fp32",
-                       "probs_ptr": "*fp32", "protos_ptr": "*fp32", "offsets_ptr": "*i64", "g_values_ptr": ptr,
-                       "g_scores_total_ptr": "*fp32", "num_sessions": "i32", "dim": "i32", "num_themes": "i32",
-                       "inv_temperature": "fp32", "eps": "fp32"}
-            out.append(("_pool_route_bwd", bwd_sig, {**blocks, "ROUTE": route}))
+                       "g_gate_ptr": ptr, "probs_ptr": "*fp32", "themes_ptr": "*i64", "protos_ptr": "*fp32",
+                       "offsets_ptr": "*i64", "g_values_ptr": ptr, "g_protos_ptr": "*fp32", "num_sessions": "i32",
+                       "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32", "eps": "fp32"}
+            out.append(("_pool_route_bwd", bwd_sig, {**blocks, **pool_route_blocks(block_d, block_k if route else 0,
+                                                                                 backward=True)}))
     return out
 
 

@@ -1,9 +1,11 @@
 """The CUDA C++ backend (`backend="cuda"`): loading the extension and its Python side.
 
-The kernels live in `mos_kernels/csrc/` and register the operators `torch.ops.mos_cuda.*`, one
-for one the same schemas as the Triton custom ops `torch.ops.mos.*`. This module gives them
-the Python side those have: fake tensors (torch.compile), autograd (the backward ops of the
-same namespace) and FLOP formulas, reusing the Triton modules' functions.
+The kernels live in `mos_kernels/csrc/` and register the operators `torch.ops.mos_cuda.*`, the
+same schemas as the Triton custom ops `torch.ops.mos.*` except session_pool_route(_backward),
+which keep an earlier one (no gate output; the prototypes' gradient is a GEMM here). This module
+gives them the Python side those have: fake tensors (torch.compile), autograd (the backward ops
+of the same namespace) and FLOP formulas, reusing the Triton modules' functions where the
+schemas agree.
 
 Where the operators come from, first found wins:
   1. `mos_kernels._C`, built by `pip install --no-build-isolation -e .` where torch has CUDA;
@@ -108,8 +110,8 @@ def _register_python_side() -> None:
         importlib.import_module(f"{__package__}.{name}") for name in ("session_pool", "theme_dispatch", "theme_gather"))
     lib = "mos_cuda"
     fakes = {
-        "session_pool_route": session_pool.pool_route_fake,
-        "session_pool_route_backward": session_pool.pool_route_backward_fake,
+        "session_pool_route": _pool_route_fake,
+        "session_pool_route_backward": _pool_route_backward_fake,
         "theme_dispatch": theme_dispatch.dispatch_fake,
         "theme_gather": theme_gather.gather_fake,
         "theme_scatter": theme_gather.scatter_fake,
@@ -117,8 +119,8 @@ def _register_python_side() -> None:
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"{lib}::{name}", fake)
-    torch.library.register_autograd(f"{lib}::session_pool_route", session_pool.backward_for(lib),
-                                    setup_context=session_pool.setup_context)
+    torch.library.register_autograd(f"{lib}::session_pool_route", _pool_route_backward,
+                                    setup_context=_pool_route_setup_context)
     torch.library.register_autograd(f"{lib}::theme_dispatch", theme_dispatch.dispatch_backward,
                                     setup_context=theme_dispatch.dispatch_setup_context)
     torch.library.register_autograd(f"{lib}::theme_gather", theme_gather.gather_backward_for(lib),
@@ -129,6 +131,39 @@ def _register_python_side() -> None:
     register_flop_formula(torch.ops.mos_cuda.session_pool_route, get_raw=True)(session_pool.pool_route_flops)
     register_flop_formula([torch.ops.mos_cuda.theme_gather, torch.ops.mos_cuda.theme_scatter], get_raw=True)(
         theme_gather.gate_flops)
+
+
+# session_pool_route keeps its earlier schema here (the Triton op also returns the gate, and its
+# backward the prototypes' gradient): pooled, scores, probs, themes; the backward returns the
+# values' gradient and the scores' gradient through the softmax.
+def _pool_route_fake(values, session_offsets, prototypes, inv_temperature, top_k):
+    num_sessions = session_offsets.shape[0] - 1
+    scores = values.new_empty((num_sessions, prototypes.shape[0]), dtype=torch.float32)
+    return (values.new_empty((num_sessions, values.shape[1])), scores, torch.empty_like(scores),
+            values.new_empty((num_sessions, top_k), dtype=torch.int64))
+
+
+def _pool_route_backward_fake(g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets,
+                              inv_temperature):
+    return values.new_empty(values.shape), probs.new_empty((pooled.shape[0], prototypes.shape[0]))
+
+
+def _pool_route_setup_context(ctx, inputs, output):
+    values, session_offsets, prototypes, inv_temperature, _ = inputs
+    pooled, _, probs, _ = output
+    ctx.save_for_backward(values, session_offsets, prototypes, pooled, probs)
+    ctx.inv_temperature = inv_temperature
+
+
+def _pool_route_backward(ctx, g_pooled, g_scores, g_probs, _g_themes):
+    from .theme_route import normalized
+
+    values, session_offsets, prototypes, pooled, probs = ctx.saved_tensors
+    g_values, g_scores_total = torch.ops.mos_cuda.session_pool_route_backward(
+        g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets, ctx.inv_temperature)
+    # One small GEMM over sessions for the prototypes: deterministic, no atomics.
+    g_prototypes = (g_scores_total.t() @ normalized(pooled)) * ctx.inv_temperature
+    return g_values, None, g_prototypes, None, None
 
 
 def _operators_loaded() -> bool:

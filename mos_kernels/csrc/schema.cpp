@@ -1,7 +1,8 @@
 // The operator schemas of the mos_cuda library, shared by the CUDA build and the CPU
 // emulation. They match the Triton custom ops mos::* one for one, so the Python side swaps the
 // namespace and reuses the same fake tensors, autograd and FLOP formulas
-// (mos_kernels/cuda_ops.py).
+// (mos_kernels/cuda_ops.py); except session_pool_route(_backward): the Triton op also returns
+// the gate and its backward the prototypes' gradient, cuda_ops.py adds those here in PyTorch.
 #include <torch/library.h>
 
 TORCH_LIBRARY(mos_cuda, m) {
