@@ -17,240 +17,18 @@ Must run with TRITON_INTERPRET unset (the tests start it in a subprocess).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
-import itertools
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Tuple
 
-DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-BLOCK_D = (16, 32, 64, 128, 256)       # next_power_of_2(d) for d in 9..256
-THEME_BLOCKS = ((2, 1), (8, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # (BLOCK_K, TOP_K)
-POOL_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16)
-POOL_THEME_BLOCKS = ((2, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # max(next_power_of_2(K), 2)
-
-KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear", "expert_attention",
-                  "self_attention")
-Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
-LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
-
-
-def _torch_dtype(name: str):
-    """The torch dtype of a DTYPES key: the wrappers' block choices take torch dtypes."""
-    import torch
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def _pool_route_configs() -> List[Config]:
-    from mos_kernels.session_pool import NUM_STAGES, NUM_WARPS, pool_route_blocks   # what a launch uses
-
-    assert (NUM_WARPS, NUM_STAGES) == (4, 3), "compile_one compiles with Triton's defaults: 4 warps, 3 stages"
-
-    out = []
-    for (dtype, ptr), block_d in itertools.product(DTYPES.items(), POOL_BLOCK_D):
-        themes = POOL_THEME_BLOCKS if dtype == "bf16" else POOL_THEME_BLOCKS[-1:]   # the largest: most registers
-        for route, (block_k, top_k) in [(False, (2, 1))] + [(True, tk) for tk in themes]:
-            blocks = {**pool_route_blocks(block_d, block_k if route else 0), "TOP_K": top_k, "ROUTE": route}
-            fwd_sig = {"values_ptr": ptr, "offsets_ptr": "*i64", "protos_ptr": "*fp32", "pooled_ptr": ptr,
-                       "scores_ptr": "*fp32", "probs_ptr": "*fp32", "themes_ptr": "*i64", "gate_ptr": ptr,
-                       "num_sessions": "i32", "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32",
-                       "eps": "fp32"}
-            out.append(("_pool_route_fwd", fwd_sig, {**blocks, "STAGES": NUM_STAGES}))
-            unaligned = pool_route_blocks(block_d - 1, block_k if route else 0)   # a width not a multiple of 16
-            out.append(("_pool_route_fwd", fwd_sig, {**blocks, **unaligned, "STAGES": NUM_STAGES}))
-            bwd_sig = {"g_pooled_ptr": ptr, "pooled_ptr": ptr, "g_scores_ptr": "*fp32", "g_probs_ptr": "*fp32",
-                       "g_gate_ptr": ptr, "probs_ptr": "*fp32", "themes_ptr": "*i64", "protos_ptr": "*fp32",
-                       "offsets_ptr": "*i64", "g_values_ptr": ptr, "g_protos_ptr": "*fp32", "num_sessions": "i32",
-                       "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32", "eps": "fp32"}
-            out.append(("_pool_route_bwd", bwd_sig, {**blocks, **pool_route_blocks(block_d, block_k if route else 0,
-                                                                                 backward=True)}))
-    return out
-
-
-def _dispatch_configs() -> List[Config]:
-    from mos_kernels.theme_dispatch import count_blocks, fill_blocks
-
-    out = []
-    count_sig = {"themes_ptr": "*i64", "session_offsets_ptr": "*i64", "example_session_offsets_ptr": "*i64",
-                 "rank_ptr": "*i32", "counts_ptr": "*i32", "num_examples": "i32", "num_themes": "i32", "top_k": "i32"}
-    for num_themes in (2, 4, 8, 16, 32, 64):   # every BLOCK_K of K <= 64
-        block_s, block_k = count_blocks(num_themes)
-        out.append(("_dispatch_count", count_sig, {"BLOCK_S": block_s, "BLOCK_K": block_k}))
-    # The fill copies the gate's bits: one kernel per width (bf16/fp16, fp32, fp64).
-    for gate, top_k, capacity in itertools.product(("*i16", "*i32", "*i64"), (1, 2, 4, 8, 16, 32, 64), (False, True)):
-        block_s, block_t, block_j = fill_blocks(top_k)   # any other top_k <= 64 launches one of these
-        sig = {"themes_ptr": "*i64", "gate_ptr": gate, "session_offsets_ptr": "*i64", "session_example_ptr": "*i64",
-               "rank_ptr": "*i32", "counts_ptr": "*i32", "theme_offsets_ptr": "*i64", "gather_index_ptr": "*i64",
-               "row_gate_ptr": gate, "inverse_ptr": "*i64", "num_sessions": "i32", "num_examples": "i32",
-               "top_k": "i32", "capacity": "i32"}
-        out.append(("_dispatch_fill", sig, {"BLOCK_S": block_s, "BLOCK_T": block_t, "BLOCK_J": block_j,
-                                            "HAS_CAPACITY": capacity}))
-    return out
-
-
-def _gather_configs() -> List[Config]:
-    from .theme_gather import row_blocks
-
-    out = []
-    for (dtype, ptr), block_d, has_gate in itertools.product(DTYPES.items(), BLOCK_D, (False, True)):
-        gate_sig = ptr if has_gate else "constexpr"
-        block_r, _, num_warps = row_blocks(block_d, _torch_dtype(dtype))   # the rows per program the wrapper picks
-        gate_const = {"num_warps": num_warps} if has_gate else {"gate_ptr": None, "num_warps": num_warps}
-        sig = {"src_ptr": ptr, "index_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
-        out.append(("_gather_rows", sig, {**gate_const, "HAS_GATE": has_gate, "BLOCK_R": block_r, "BLOCK_D": block_d}))
-        for slots in ((1, 2) if dtype == "bf16" else (1,)):
-            sig = {"rows_ptr": ptr, "inverse_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_tokens": "i32",
-                   "dim": "i32"}
-            out.append(("_scatter_rows", sig, {**gate_const, "SLOTS": slots, "HAS_GATE": has_gate, "BLOCK_R": block_r,
-                                               "BLOCK_D": block_d}))
-        if has_gate:
-            sig = {"a_ptr": ptr, "b_ptr": ptr, "b_index_ptr": "*i64", "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
-            out.append(("_row_dot", sig, {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": num_warps}))
-    return out
-
-
-# Kernels II. The dtype decides the tl.dot path (fp32: three TF32 products, the costly one to
-# compile; bf16/fp16: one), the blocks decide the tiles, the switches only add index
-# loads and epilogue terms. So: every block shape in bf16 and fp32 with every switch on, every
-# launchable combination of switches in bf16 at the blocks of the target width (d = 64), and
-# fp16 (lowered like bf16) at those blocks with every switch on.
-PRECISION = {"fp32": "tf32x3", "fp16": "tf32", "bf16": "tf32"}   # grouped_linear.dot_precision
-MM_BLOCKS = (16, 32, 64)                     # min(max(next_power_of_2(width), 16), 64)
-ATTENTION_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16); 32-row tiles above 128
-HEAD_BLOCKS = (16, 32, 64, 128, 256)         # max(next_power_of_2(head_dim), 16)
-
-
-def _optional(name: str, present: bool, ptr: str, sig: Dict[str, str], const: Dict[str, object]) -> None:
-    """An optional pointer argument: typed when passed, a None constexpr when not."""
-    if present:
-        sig[name] = ptr
-    else:
-        sig[name] = "constexpr"
-        const[name] = None
-
-
-def _grouped_mm_configs() -> List[Config]:
-    out = []
-    # (A_INDEX, HAS_GATE): a gate comes with a gather; the input gradient reads through the scatter.
-    forward = [(a, g, b, o) for a, g in ((False, False), (True, False), (True, True))
-               for b in (False, True) for o in (False, True)]
-    plans = [("bf16", (64, 64), switches) for switches in forward if switches != forward[-1]]
-    plans += [(dtype, blocks, forward[-1]) for dtype in ("bf16", "fp32")
-              for blocks in itertools.product(MM_BLOCKS, MM_BLOCKS)] + [("fp16", (64, 64), forward[-1])]
-    for dtype, (block_n, block_k), (a_index, gate, bias, out_index) in plans:
-        ptr = DTYPES[dtype]
-        sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "tile_expert_ptr": "*i64", "tile_start_ptr": "*i64",
-               "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32", "stride_a": "i32",
-               "stride_out": "i32"}
-        const = {"TRANSPOSE_W": False, "A_INDEX": a_index, "HAS_GATE": gate, "HAS_BIAS": bias, "OUT_INDEX": out_index,
-                 "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
-                                 ("bias_ptr", bias, ptr), ("out_index_ptr", out_index, "*i64")):
-            _optional(name, present, p, sig, const)
-        out.append(("_grouped_mm", sig, const))
-    # The input gradient: W[e] read transposed, rows read through the scatter index or not, stored
-    # in fp32 when the forward gathered (the caller sums them per token).
-    for dtype, (block_n, block_k), a_index in itertools.product(
-            ("bf16", "fp16", "fp32"), itertools.product(MM_BLOCKS, MM_BLOCKS), (False, True)):
-        if dtype == "fp16" and (block_n, block_k) != (64, 64):
-            continue
-        ptr = DTYPES[dtype]
-        sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": "*fp32" if a_index else ptr, "tile_expert_ptr": "*i64",
-               "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32",
-               "stride_a": "i32", "stride_out": "i32"}
-        const = {"TRANSPOSE_W": True, "A_INDEX": a_index, "HAS_GATE": False, "HAS_BIAS": False, "OUT_INDEX": False,
-                 "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", False, ptr),
-                                 ("bias_ptr", False, ptr), ("out_index_ptr", False, "*i64")):
-            _optional(name, present, p, sig, const)
-        out.append(("_grouped_mm", sig, const))
-    grad = [(a, g, o) for a, g in ((False, False), (True, False), (True, True)) for o in (False, True)]
-    plans = [("bf16", (64, 64), switches) for switches in grad if switches != grad[-1]]
-    plans += [(dtype, blocks, grad[-1]) for dtype in ("bf16", "fp32")
-              for blocks in itertools.product(MM_BLOCKS, MM_BLOCKS)] + [("fp16", (64, 64), grad[-1])]
-    for dtype, (block_n, block_k), (a_index, gate, g_index) in plans:
-        ptr = DTYPES[dtype]
-        sig = {"a_ptr": ptr, "g_ptr": ptr, "offsets_ptr": "*i64", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-               "k_dim": "i32", "n_dim": "i32", "stride_a": "i32", "stride_g": "i32", "splits": "i32"}
-        const = {"A_INDEX": a_index, "HAS_GATE": gate, "G_INDEX": g_index, "PRECISION": PRECISION[dtype],
-                 "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
-                                 ("g_index_ptr", g_index, "*i64")):
-            _optional(name, present, p, sig, const)
-        out.append(("_grouped_mm_weight_grad", sig, const))
-    return out
-
-
-def _target_attention_configs() -> List[Config]:
-    from .expert_attention import attention_blocks
-
-    out = []
-    switches = ((False, False), (True, False), (True, True))    # (HAS_INDEX, HAS_GATE)
-    for kernel in ("_target_attention_fwd", "_target_attention_bwd"):
-        biases = (False, True) if kernel == "_target_attention_fwd" else (False,)
-        every = [(i, g, b) for i, g in switches for b in biases]
-        plans = [("bf16", 64, on) for on in every[:-1]]
-        plans += [(dtype, block_d, every[-1]) for dtype in ("bf16", "fp32") for block_d in ATTENTION_BLOCK_D]
-        plans += [("fp16", 64, every[-1])]
-        for dtype, block_d, (has_index, has_gate, has_bias) in plans:
-            ptr = DTYPES[dtype]
-            sig = {"tokens_ptr": ptr, "query_ptr": ptr, "w_key_ptr": ptr, "w_value_ptr": ptr, "offsets_ptr": "*i64",
-                   "num_examples": "i32", "dim": "i32", "num_heads": "i32", "head_dim": "i32", "scale": "fp32"}
-            # the blocks, warps and pipeline depth the wrapper picks for this dtype and width
-            block_t, _, num_warps, num_stages = attention_blocks(block_d, _torch_dtype(dtype),
-                                                                 kernel == "_target_attention_bwd")
-            const = {"HAS_INDEX": has_index, "HAS_GATE": has_gate, "PRECISION": PRECISION[dtype], "BLOCK_T": block_t,
-                     "BLOCK_D": block_d, "BLOCK_H": 16, "NUM_STAGES": num_stages, "num_warps": num_warps,
-                     "num_stages": num_stages}
-            _optional("index_ptr", has_index, "*i64", sig, const)
-            _optional("gate_ptr", has_gate, ptr, sig, const)
-            if kernel == "_target_attention_fwd":
-                _optional("b_value_ptr", has_bias, ptr, sig, const)
-                const["HAS_BIAS"] = has_bias
-                sig.update({"out_ptr": ptr, "pooled_ptr": "*fp32", "lse_ptr": "*fp32"})
-            else:
-                sig.update({"g_out_ptr": ptr, "pooled_ptr": "*fp32", "lse_ptr": "*fp32", "g_rows_ptr": ptr,
-                            "g_gate_ptr": ptr, "g_query_ptr": ptr, "g_qf_ptr": "*fp32"})
-            out.append((kernel, sig, const))
-    return out
-
-
-def _self_attention_configs() -> List[Config]:
-    from .self_attention import LONGEST_BUCKETS, attention_tiles
-
-    out = []
-    plans = [(dtype, block_dh, True) for dtype in ("bf16", "fp32") for block_dh in HEAD_BLOCKS]
-    plans += [("bf16", 64, False), ("fp16", 64, True)]
-    for dtype, block_dh, causal in plans:
-        ptr = DTYPES[dtype]
-        # every tile the wrapper picks at this width: one per bucket of the longest segment
-        tiles = sorted({attention_tiles(longest, block_dh, _torch_dtype(dtype)) for longest in (0,) + LONGEST_BUCKETS})
-        for block_m, block_n, _, num_warps, num_stages in tiles:
-            const = {"CAUSAL": causal, "PRECISION": PRECISION[dtype], "BLOCK_M": block_m, "BLOCK_N": block_n,
-                     "BLOCK_DH": block_dh, "num_warps": num_warps, "num_stages": num_stages}
-            out += _self_attention_kernels(ptr, const)
-    return out
-
-
-def _self_attention_kernels(ptr: str, const: Dict[str, object]) -> List[Config]:
-    tiles = {"tile_segment_ptr": "*i64", "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_segments": "i32",
-             "num_heads": "i32", "head_dim": "i32", "stride_q": "i32", "stride_k": "i32", "stride_v": "i32"}
-    qkv = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr}
-    grads = {"g_out_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-    return [("_self_attention_fwd", {**qkv, "out_ptr": ptr, "lse_ptr": "*fp32", **tiles, "stride_out": "i32",
-                                     "scale": "fp32"}, const),
-            ("_self_attention_bwd_kv", {**qkv, **grads, "g_k_ptr": ptr, "g_v_ptr": ptr, **tiles, "scale": "fp32"},
-             const),
-            ("_self_attention_bwd_q", {**qkv, **grads, "g_q_ptr": ptr, **tiles, "scale": "fp32"}, const)]
-
-
-def all_configs() -> List[Config]:
-    return (_pool_route_configs() + _dispatch_configs() + _gather_configs() + _grouped_mm_configs()
-            + _target_attention_configs() + _self_attention_configs())
-
+from .compile_configs import KERNEL_MODULES, LAUNCH_OPTIONS, Config, all_configs
 
 def _kernels():
     # Modules by path: the package re-exports functions under the same names.
@@ -319,7 +97,68 @@ def narrow_address_products(ttir: str) -> List[str]:
     return sorted(set(narrow))
 
 
-def compile_one(config: Config) -> Tuple[str, float, str]:
+# Hopper (compute capability 9.0, H100 and H200 alike): what one SM holds.
+SM90_REGISTERS = 65536        # 32-bit registers per SM, in four quarters of 16384
+SM90_REGISTER_UNIT = 256      # registers are allocated to a warp in units of 256 (8 per thread)
+SM90_WARPS = 64
+SM90_PROGRAMS = 32
+SM90_SHARED = 233472          # bytes per SM; every resident program also reserves 1 KB
+SM90_SHARED_RESERVED = 1024
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """Resident programs per SM on compute capability 9.0, the least of the register, shared-memory,
+    warp and program limits (the CUDA occupancy calculator's rules)."""
+    per_warp = -(-registers * 32 // SM90_REGISTER_UNIT) * SM90_REGISTER_UNIT
+    warps_by_registers = 4 * ((SM90_REGISTERS // 4) // per_warp) if per_warp else SM90_WARPS
+    by_shared = SM90_SHARED // (shared + SM90_SHARED_RESERVED) if shared else SM90_PROGRAMS
+    return min(warps_by_registers // num_warps, SM90_WARPS // num_warps, by_shared, SM90_PROGRAMS)
+
+
+def ptxas_resources(ptx: str, ptxas: str) -> Dict[str, int]:
+    """Registers, spill bytes and stack of one kernel's PTX, from `ptxas -v` (what Triton's own
+    compile step runs without -v)."""
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-arch=sm_90a", "-v", source, "-o", os.path.join(folder, "kernel.cubin")],
+                              capture_output=True, text=True, timeout=300)
+    report = done.stdout + done.stderr
+    found = [_PTXAS_REGS.search(report), _PTXAS_SPILLS.search(report), _PTXAS_STACK.search(report)]
+    if done.returncode or not all(found):
+        raise RuntimeError(f"ptxas -v: no resource report (exit {done.returncode}): {report.strip()[:300]}")
+    regs, spills, stack = found
+    return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)),
+            "spill_loads": int(spills.group(2)), "stack": int(stack.group(1))}
+
+
+def _ptxas_path() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+# Integer arguments that are row widths or strides: a launch at the usual widths (multiples of 16)
+# specialises them as divisible by 16, as it does every pointer to a fresh 16-byte aligned tensor.
+WIDTH_ARGS = frozenset({"dim", "k_dim", "n_dim", "head_dim", "stride_a", "stride_g", "stride_out", "stride_q",
+                        "stride_k", "stride_v"})
+
+
+def _aligned(fn, signature: Dict[str, str]) -> Dict[Tuple[int, ...], list]:
+    """The `tt.divisibility` attributes a launch gives aligned pointers and widths: what lets the
+    compiler use 16-byte vector loads, so the registers it needs differ from the unaligned variant."""
+    return {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+            if signature[arg].startswith("*") or (arg in WIDTH_ARGS and signature[arg] == "i32")}
+
+
+def compile_one(config: Config, aligned: bool = False) -> Tuple[str, float, str, Dict[str, int]]:
+    """(kernel name, seconds, error or '', resources): registers, spill bytes, stack, shared bytes,
+    warps and programs per SM of the compiled kernel (empty when it did not compile). aligned:
+    compile the variant a launch on aligned tensors at widths divisible by 16 gets (`_aligned`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -334,25 +173,68 @@ def compile_one(config: Config) -> Tuple[str, float, str]:
         signature[key] = "constexpr"
     missing = [arg for arg in fn.arg_names if arg not in signature]
     if missing or len(signature) != len(fn.arg_names):
-        return name, 0.0, f"signature does not match the kernel's arguments: missing {missing}, given {sorted(signature)}"
+        return name, 0.0, f"signature does not match the kernel's arguments: missing {missing}, given {sorted(signature)}", {}
     signature = {arg: signature[arg] for arg in fn.arg_names}   # in the kernel's argument order
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                 options=options)
+        attrs = _aligned(fn, signature) if aligned else None
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
         if "cubin" not in compiled.asm:
-            return name, time.perf_counter() - start, "no cubin produced"
+            return name, time.perf_counter() - start, "no cubin produced", {}
         narrow = narrow_address_products(compiled.asm["ttir"])
+        resources = ptxas_resources(compiled.asm["ptx"], _ptxas_path())
+        warps = compiled.metadata.num_warps
+        resources.update(shared=compiled.metadata.shared, num_warps=warps,
+                         programs_per_sm=programs_per_sm(resources["registers"], compiled.metadata.shared, warps))
         error = f"32-bit address arithmetic at {'; '.join(narrow)}" if narrow else ""
-        return name, time.perf_counter() - start, error
+        return name, time.perf_counter() - start, error, resources
     except Exception as exc:  # report every failing configuration, not just the first
-        return name, time.perf_counter() - start, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return name, time.perf_counter() - start, f"{type(exc).__name__}: {exc}".splitlines()[0][:300], {}
+
+
+def declared(attribute: str):
+    """The union of what the kernel modules declare beside their kernels under `attribute`:
+    MIN_WARPS_PER_SM {kernel: floor} and SPILLS_ALLOWED {(kernel, dtype, width block): why}."""
+    found = {}
+    for module_name in KERNEL_MODULES:
+        found.update(getattr(importlib.import_module(f"mos_kernels.{module_name}"), attribute, {}))
+    return found
+
+
+def spill_key(name: str, signature: Dict[str, str], constexprs: Dict[str, object]) -> Tuple[str, str, object]:
+    """(kernel, value dtype, width block): how SPILLS_ALLOWED names configurations."""
+    dtype = next((t for t in signature.values() if t[:2] in ("*f", "*b")), "*int")[1:]
+    return name, dtype, constexprs.get("BLOCK_D", constexprs.get("BLOCK_DH"))
+
+
+def resource_errors(name: str, resources: Dict[str, int], floors: Dict[str, int],
+                    spill_allowed: bool = False) -> List[str]:
+    """Why a compiled configuration fails the resource check: a spill to local memory (every one is
+    a round trip through L1/L2 inside the hot loop) unless declared in SPILLS_ALLOWED, or fewer
+    resident warps per SM (programs per SM x warps per program, what hides DRAM latency) than its
+    kernel's floor."""
+    errors = []
+    if (resources["spill_stores"] or resources["spill_loads"]) and not spill_allowed:
+        errors.append(f"spills {resources['spill_stores']} B stores / {resources['spill_loads']} B loads "
+                      f"at {resources['registers']} registers")
+    warps = resources["programs_per_sm"] * resources["num_warps"]
+    if name not in floors:
+        errors.append("no MIN_WARPS_PER_SM entry beside the kernel")
+    elif warps < floors[name]:
+        errors.append(f"{warps} resident warps per SM ({resources['programs_per_sm']} programs of "
+                      f"{resources['num_warps']} warps: {resources['registers']} registers, {resources['shared']} B "
+                      f"shared), floor {floors[name]}")
+    return errors
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
+    parser.add_argument("--kernel", action="append", default=[], help="only this kernel (repeatable)")
+    parser.add_argument("--resources", action="store_true", help="print every configuration's registers, "
+                        "spills, shared memory and programs per SM")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: TRITON_INTERPRET=1 is set; unset it to compile for the GPU", file=sys.stderr)
@@ -363,18 +245,49 @@ def main(argv=None) -> int:
     if missing:
         print(f"compile_check: kernels without a configuration: {missing}", file=sys.stderr)
         return 1
+    unknown = sorted(set(args.kernel) - set(names))
+    if unknown:
+        print(f"compile_check: --kernel: expected one of {names}, got {unknown}", file=sys.stderr)
+        return 2
+    if args.kernel:
+        configs = [c for c in configs if c[0] in args.kernel]
+        names = sorted(set(args.kernel))
     if args.list:
         for name, _, constexprs in configs:
             print(name, constexprs)
         return 0
+    floors, spills_allowed = declared("MIN_WARPS_PER_SM"), declared("SPILLS_ALLOWED")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        results = list(pool.map(compile_one, configs))
-    failures = [(cfg, err) for cfg, (_, _, err) in zip(configs, results) if err]
-    for (name, _, constexprs), err in failures:
-        print(f"FAIL {name} {constexprs}: {err}", file=sys.stderr)
-    print(f"compile_check: {len(configs) - len(failures)}/{len(configs)} configurations of {len(names)} kernels "
-          f"compiled to sm_90 in {time.perf_counter() - start:.1f}s")
+        # Every configuration twice: as launched on tensors of any alignment and width (it must
+        # compile), and as launched on aligned tensors at widths divisible by 16 (the usual case,
+        # whose registers, spills and occupancy are judged).
+        plain = list(pool.map(compile_one, configs))
+        aligned = list(pool.map(functools.partial(compile_one, aligned=True), configs))
+    failures, spilled = [], set()
+    for (name, signature, constexprs), (_, _, error, _), (_, _, aligned_error, resources) in zip(
+            configs, plain, aligned):
+        errors = sorted({e for e in (error, aligned_error) if e})
+        if resources:
+            key = spill_key(name, signature, constexprs)
+            if resources["spill_stores"] or resources["spill_loads"]:
+                spilled.add(key)
+            errors += resource_errors(name, resources, floors, key in spills_allowed)
+            if args.resources:
+                print(f"{name} {key[1]} {constexprs}: {resources['registers']} regs, {resources['spill_stores']}/"
+                      f"{resources['spill_loads']} B spilled, {resources['shared']} B shared, "
+                      f"{resources['num_warps']} warps, {resources['programs_per_sm']} programs/SM")
+        failures += [(name, constexprs, e) for e in errors]
+    compiled = {spill_key(*config) for config in configs}
+    # The allowance stays exact: a listed configuration that no longer spills must leave the list.
+    failures += [(key[0], {"dtype": key[1], "width": key[2]}, "in SPILLS_ALLOWED but compiles without spilling")
+                 for key in sorted(set(spills_allowed) & compiled - spilled, key=repr)]
+    for name, constexprs, error in failures:
+        print(f"FAIL {name} {constexprs}: {error}", file=sys.stderr)
+    failed = len({repr(f[:2]) for f in failures})
+    print(f"compile_check: {len(configs) - failed}/{len(configs)} configurations of {len(names)} kernels "
+          f"compiled to sm_90 in {time.perf_counter() - start:.1f}s, without spills and above their "
+          f"occupancy floors")
     return 1 if failures else 0
 
 

@@ -283,6 +283,20 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
 MAX_HEADS = 16     # BLOCK_H: the heads are the rows of a tl.dot operand, which needs >= 16 of them
 
 
+# Held by the sm_90 compile check (compile_check.py) over every configuration
+# `attention_blocks` launches: at least 8 resident warps per SM (one 8-warp or two 4-warp
+# programs; the pipelined row loads keep several tiles in flight per program), and no spill
+# except at the widths below, where no tile the dot accepts (16 rows) fits in registers. They
+# stay correct, only slower, and are outside what the layer is built for (d <= 128 in 16 bits).
+MIN_WARPS_PER_SM = {"_target_attention_fwd": 8, "_target_attention_bwd": 8}
+SPILLS_ALLOWED = {
+    ("_target_attention_fwd", "fp32", 256): "780 B: three TF32 products of 256-wide fp32 rows",
+    ("_target_attention_bwd", "bf16", 256): "116 B: the fp32 row gradient of 256-wide rows",
+    ("_target_attention_bwd", "fp32", 128): "516 B: three TF32 products of 128-wide fp32 rows",
+    ("_target_attention_bwd", "fp32", 256): "5272 B: as at 128, twice as wide",
+}
+
+
 def attention_blocks(dim: int, dtype: torch.dtype, backward: bool):
     """(BLOCK_T, BLOCK_D, num_warps, num_stages) of `_target_attention_fwd` / `_bwd` for rows of
     width dim in dtype.

@@ -266,6 +266,10 @@ def _grouped_mm_weight_grad(a_ptr, a_index_ptr, gate_ptr, g_ptr, g_index_ptr, of
 
 
 BLOCK_M = 64
+# The sm_90 compile check holds every launchable configuration to this occupancy (resident warps
+# per SM): tensor-core tiles pipelined over the reduction axis keep an SM busy from two programs
+# of four warps on.
+MIN_WARPS_PER_SM = {"_grouped_mm": 8, "_grouped_mm_weight_grad": 8}
 
 
 def _block(width: int) -> int:

@@ -269,6 +269,20 @@ def longest_bucket(max_len: Optional[int]) -> int:
     return next((bucket for bucket in LONGEST_BUCKETS if max_len <= bucket), 0)
 
 
+# Held by the sm_90 compile check (compile_check.py) over every configuration `attention_tiles`
+# launches: at least 8 resident warps per SM, and no spill except for fp32 heads wider than 64,
+# where even 16-row tiles of three TF32 products do not fit in registers (correct, slower; the
+# layer's heads are 16 to 64 wide).
+MIN_WARPS_PER_SM = {"_self_attention_fwd": 8, "_self_attention_bwd_kv": 8, "_self_attention_bwd_q": 8}
+SPILLS_ALLOWED = {
+    ("_self_attention_fwd", "fp32", 256): "756 B",
+    ("_self_attention_bwd_kv", "fp32", 128): "368 B",
+    ("_self_attention_bwd_kv", "fp32", 256): "21428 B",
+    ("_self_attention_bwd_q", "fp32", 128): "24 B",
+    ("_self_attention_bwd_q", "fp32", 256): "852 B",
+}
+
+
 def attention_tiles(longest: int, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_DH, num_warps, num_stages) of the three kernels.
 

@@ -31,6 +31,7 @@ from .jagged import lengths_from_offsets, segment_ids
 from .theme_route import (NORM_EPS, Routing, _theme_route_reference, check_routing_args, normalized,
                           straight_through_gate)
 
+
 def session_pool(values: torch.Tensor, session_offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """values [T, d] + session_offsets [S+1] -> [S, d] means; an empty session pools to zeros."""
     check_values("values", values)
@@ -243,6 +244,11 @@ def _pool_route_bwd(g_pooled_ptr, pooled_ptr, g_scores_ptr, g_probs_ptr, g_gate_
 # 32 sessions take 165 registers at K = 8 and spill at fp32, d = 256, K = 64; 16 take 96.
 NUM_WARPS = 4
 NUM_STAGES = 3
+# Held by the sm_90 compile check (compile_check.py) over every configuration `pool_route_blocks`
+# launches, as resident warps per SM: the forward keeps 3 programs (12 warps) at its heaviest
+# (fp32 rows, K = 64 routed, top-8), 5 or more at K <= 8 in 16 bits; the backward keeps 2 at
+# top-8 (its K-wide softmax and gate tiles), 4 or more at top-1.
+MIN_WARPS_PER_SM = {"_pool_route_fwd": 12, "_pool_route_bwd": 8}
 
 
 def pool_route_blocks(dim: int, num_themes: int, backward: bool = False) -> dict:

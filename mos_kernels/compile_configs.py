@@ -1,0 +1,243 @@
+"""Every configuration the kernels' launch code can produce, for the sm_90 compile check.
+
+The block sizes, warps and pipeline depths come from the rules beside each kernel (the same
+functions its launch calls: `pool_route_blocks`, `count_blocks`, `fill_blocks`, `row_blocks`,
+`attention_blocks`, `attention_tiles`, grouped_linear's `_block`), evaluated over what the
+ops accept: every dtype, widths d <= 256, theme counts K <= 64, top_k <= 64 and every boolean
+switch. A configuration is (kernel name, signature, constexprs); `num_warps` / `num_stages`
+among the constexprs are launch options (`LAUNCH_OPTIONS`), not arguments.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List, Tuple
+
+DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+POOL_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16)
+POOL_THEME_BLOCKS = ((2, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # max(next_power_of_2(K), 2)
+
+KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear", "expert_attention",
+                  "self_attention")
+Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
+LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
+
+
+def _torch_dtype(name: str):
+    """The torch dtype of a DTYPES key: the wrappers' block choices take torch dtypes."""
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _pool_route_configs() -> List[Config]:
+    from .session_pool import NUM_STAGES, NUM_WARPS, pool_route_blocks   # what a launch uses
+
+    out = []
+    for (dtype, ptr), block_d in itertools.product(DTYPES.items(), POOL_BLOCK_D):
+        themes = POOL_THEME_BLOCKS if dtype == "bf16" else POOL_THEME_BLOCKS[-1:]   # the largest: most registers
+        for route, (block_k, top_k) in [(False, (2, 1))] + [(True, tk) for tk in themes]:
+            blocks = {**pool_route_blocks(block_d, block_k if route else 0), "TOP_K": top_k, "ROUTE": route,
+                      "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+            fwd_sig = {"values_ptr": ptr, "offsets_ptr": "*i64", "protos_ptr": "*fp32", "pooled_ptr": ptr,
+                       "scores_ptr": "*fp32", "probs_ptr": "*fp32", "themes_ptr": "*i64", "gate_ptr": ptr,
+                       "num_sessions": "i32", "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32",
+                       "eps": "fp32"}
+            out.append(("_pool_route_fwd", fwd_sig, {**blocks, "STAGES": NUM_STAGES}))
+            unaligned = pool_route_blocks(block_d - 1, block_k if route else 0)   # a width not a multiple of 16
+            out.append(("_pool_route_fwd", fwd_sig, {**blocks, **unaligned, "STAGES": NUM_STAGES}))
+            bwd_sig = {"g_pooled_ptr": ptr, "pooled_ptr": ptr, "g_scores_ptr": "*fp32", "g_probs_ptr": "*fp32",
+                       "g_gate_ptr": ptr, "probs_ptr": "*fp32", "themes_ptr": "*i64", "protos_ptr": "*fp32",
+                       "offsets_ptr": "*i64", "g_values_ptr": ptr, "g_protos_ptr": "*fp32", "num_sessions": "i32",
+                       "dim": "i32", "num_themes": "i32", "inv_temperature": "fp32", "eps": "fp32"}
+            out.append(("_pool_route_bwd", bwd_sig, {**blocks, **pool_route_blocks(block_d, block_k if route else 0,
+                                                                                 backward=True)}))
+    return out
+
+
+def _dispatch_configs() -> List[Config]:
+    from .theme_dispatch import count_blocks, fill_blocks
+
+    out = []
+    count_sig = {"themes_ptr": "*i64", "session_offsets_ptr": "*i64", "example_session_offsets_ptr": "*i64",
+                 "rank_ptr": "*i32", "counts_ptr": "*i32", "num_examples": "i32", "num_themes": "i32", "top_k": "i32"}
+    for num_themes in (2, 4, 8, 16, 32, 64):   # every BLOCK_K of K <= 64
+        block_s, block_k = count_blocks(num_themes)
+        out.append(("_dispatch_count", count_sig, {"BLOCK_S": block_s, "BLOCK_K": block_k}))
+    # The fill copies the gate's bits: one kernel per width (bf16/fp16, fp32, fp64).
+    for gate, top_k, capacity in itertools.product(("*i16", "*i32", "*i64"), (1, 2, 4, 8, 16, 32, 64), (False, True)):
+        block_s, block_t, block_j = fill_blocks(top_k)   # any other top_k <= 64 launches one of these
+        sig = {"themes_ptr": "*i64", "gate_ptr": gate, "session_offsets_ptr": "*i64", "session_example_ptr": "*i64",
+               "rank_ptr": "*i32", "counts_ptr": "*i32", "theme_offsets_ptr": "*i64", "gather_index_ptr": "*i64",
+               "row_gate_ptr": gate, "inverse_ptr": "*i64", "num_sessions": "i32", "num_examples": "i32",
+               "top_k": "i32", "capacity": "i32"}
+        out.append(("_dispatch_fill", sig, {"BLOCK_S": block_s, "BLOCK_T": block_t, "BLOCK_J": block_j,
+                                            "HAS_CAPACITY": capacity}))
+    return out
+
+
+def _gather_configs() -> List[Config]:
+    from .theme_gather import row_blocks
+
+    out = []
+    # Every width the rows can have maps to one of these row blocks (next_power_of_2(d), d >= 1).
+    for (dtype, ptr), block_d, has_gate in itertools.product(DTYPES.items(), [2 ** i for i in range(9)],
+                                                             (False, True)):
+        gate_sig = ptr if has_gate else "constexpr"
+        block_r, _, num_warps = row_blocks(block_d, _torch_dtype(dtype))   # the rows per program the wrapper picks
+        gate_const = {"num_warps": num_warps} if has_gate else {"gate_ptr": None, "num_warps": num_warps}
+        sig = {"src_ptr": ptr, "index_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
+        out.append(("_gather_rows", sig, {**gate_const, "HAS_GATE": has_gate, "BLOCK_R": block_r, "BLOCK_D": block_d}))
+        for slots in ((1, 2) if dtype == "bf16" else (1,)):
+            sig = {"rows_ptr": ptr, "inverse_ptr": "*i64", "gate_ptr": gate_sig, "out_ptr": ptr, "num_tokens": "i32",
+                   "dim": "i32"}
+            out.append(("_scatter_rows", sig, {**gate_const, "SLOTS": slots, "HAS_GATE": has_gate, "BLOCK_R": block_r,
+                                               "BLOCK_D": block_d}))
+        if has_gate:
+            sig = {"a_ptr": ptr, "b_ptr": ptr, "b_index_ptr": "*i64", "out_ptr": ptr, "num_rows": "i32", "dim": "i32"}
+            out.append(("_row_dot", sig, {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": num_warps}))
+    return out
+
+
+# The tensor-core kernels. The dtype decides the tl.dot path (fp32: three TF32 products, the costly one to
+# compile; bf16/fp16: one), the blocks decide the tiles, the switches only add index
+# loads and epilogue terms. So: every block shape in bf16 and fp32 with every switch on, every
+# launchable combination of switches in bf16 at the blocks of the target width (d = 64), and
+# fp16 (lowered like bf16) at those blocks with every switch on.
+PRECISION = {"fp32": "tf32x3", "fp16": "tf32", "bf16": "tf32"}   # grouped_linear.dot_precision
+ATTENTION_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16); 32-row tiles above 128
+HEAD_BLOCKS = (16, 32, 64, 128, 256)         # max(next_power_of_2(head_dim), 16)
+
+
+def _optional(name: str, present: bool, ptr: str, sig: Dict[str, str], const: Dict[str, object]) -> None:
+    """An optional pointer argument: typed when passed, a None constexpr when not."""
+    if present:
+        sig[name] = ptr
+    else:
+        sig[name] = "constexpr"
+        const[name] = None
+
+
+def _grouped_mm_configs() -> List[Config]:
+    from .grouped_linear import _block
+
+    mm_blocks = sorted({_block(2 ** i) for i in range(16)})   # the block of every width the op takes
+    out = []
+    # (A_INDEX, HAS_GATE): a gate comes with a gather; the input gradient reads through the scatter.
+    forward = [(a, g, b, o) for a, g in ((False, False), (True, False), (True, True))
+               for b in (False, True) for o in (False, True)]
+    plans = [("bf16", (64, 64), switches) for switches in forward if switches != forward[-1]]
+    plans += [(dtype, blocks, forward[-1]) for dtype in ("bf16", "fp32")
+              for blocks in itertools.product(mm_blocks, mm_blocks)] + [("fp16", (64, 64), forward[-1])]
+    for dtype, (block_n, block_k), (a_index, gate, bias, out_index) in plans:
+        ptr = DTYPES[dtype]
+        sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "tile_expert_ptr": "*i64", "tile_start_ptr": "*i64",
+               "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32", "stride_a": "i32",
+               "stride_out": "i32"}
+        const = {"TRANSPOSE_W": False, "A_INDEX": a_index, "HAS_GATE": gate, "HAS_BIAS": bias, "OUT_INDEX": out_index,
+                 "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
+                                 ("bias_ptr", bias, ptr), ("out_index_ptr", out_index, "*i64")):
+            _optional(name, present, p, sig, const)
+        out.append(("_grouped_mm", sig, const))
+    # The input gradient: W[e] read transposed, rows read through the scatter index or not, stored
+    # in fp32 when the forward gathered (the caller sums them per token).
+    for dtype, (block_n, block_k), a_index in itertools.product(
+            ("bf16", "fp16", "fp32"), itertools.product(mm_blocks, mm_blocks), (False, True)):
+        if dtype == "fp16" and (block_n, block_k) != (64, 64):
+            continue
+        ptr = DTYPES[dtype]
+        sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": "*fp32" if a_index else ptr, "tile_expert_ptr": "*i64",
+               "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32",
+               "stride_a": "i32", "stride_out": "i32"}
+        const = {"TRANSPOSE_W": True, "A_INDEX": a_index, "HAS_GATE": False, "HAS_BIAS": False, "OUT_INDEX": False,
+                 "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", False, ptr),
+                                 ("bias_ptr", False, ptr), ("out_index_ptr", False, "*i64")):
+            _optional(name, present, p, sig, const)
+        out.append(("_grouped_mm", sig, const))
+    grad = [(a, g, o) for a, g in ((False, False), (True, False), (True, True)) for o in (False, True)]
+    plans = [("bf16", (64, 64), switches) for switches in grad if switches != grad[-1]]
+    plans += [(dtype, blocks, grad[-1]) for dtype in ("bf16", "fp32")
+              for blocks in itertools.product(mm_blocks, mm_blocks)] + [("fp16", (64, 64), grad[-1])]
+    for dtype, (block_n, block_k), (a_index, gate, g_index) in plans:
+        ptr = DTYPES[dtype]
+        sig = {"a_ptr": ptr, "g_ptr": ptr, "offsets_ptr": "*i64", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+               "k_dim": "i32", "n_dim": "i32", "stride_a": "i32", "stride_g": "i32", "splits": "i32"}
+        const = {"A_INDEX": a_index, "HAS_GATE": gate, "G_INDEX": g_index, "PRECISION": PRECISION[dtype],
+                 "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
+                                 ("g_index_ptr", g_index, "*i64")):
+            _optional(name, present, p, sig, const)
+        out.append(("_grouped_mm_weight_grad", sig, const))
+    return out
+
+
+def _target_attention_configs() -> List[Config]:
+    from .expert_attention import attention_blocks
+
+    out = []
+    switches = ((False, False), (True, False), (True, True))    # (HAS_INDEX, HAS_GATE)
+    for kernel in ("_target_attention_fwd", "_target_attention_bwd"):
+        biases = (False, True) if kernel == "_target_attention_fwd" else (False,)
+        every = [(i, g, b) for i, g in switches for b in biases]
+        plans = [("bf16", 64, on) for on in every[:-1]]
+        plans += [(dtype, block_d, every[-1]) for dtype in ("bf16", "fp32") for block_d in ATTENTION_BLOCK_D]
+        plans += [("fp16", 64, every[-1])]
+        for dtype, block_d, (has_index, has_gate, has_bias) in plans:
+            ptr = DTYPES[dtype]
+            sig = {"tokens_ptr": ptr, "query_ptr": ptr, "w_key_ptr": ptr, "w_value_ptr": ptr, "offsets_ptr": "*i64",
+                   "num_examples": "i32", "dim": "i32", "num_heads": "i32", "head_dim": "i32", "scale": "fp32"}
+            # the blocks, warps and pipeline depth the wrapper picks for this dtype and width
+            block_t, _, num_warps, num_stages = attention_blocks(block_d, _torch_dtype(dtype),
+                                                                 kernel == "_target_attention_bwd")
+            const = {"HAS_INDEX": has_index, "HAS_GATE": has_gate, "PRECISION": PRECISION[dtype], "BLOCK_T": block_t,
+                     "BLOCK_D": block_d, "BLOCK_H": 16, "NUM_STAGES": num_stages, "num_warps": num_warps,
+                     "num_stages": num_stages}
+            _optional("index_ptr", has_index, "*i64", sig, const)
+            _optional("gate_ptr", has_gate, ptr, sig, const)
+            if kernel == "_target_attention_fwd":
+                _optional("b_value_ptr", has_bias, ptr, sig, const)
+                const["HAS_BIAS"] = has_bias
+                sig.update({"out_ptr": ptr, "pooled_ptr": "*fp32", "lse_ptr": "*fp32"})
+            else:
+                sig.update({"g_out_ptr": ptr, "pooled_ptr": "*fp32", "lse_ptr": "*fp32", "g_rows_ptr": ptr,
+                            "g_gate_ptr": ptr, "g_query_ptr": ptr, "g_qf_ptr": "*fp32"})
+            out.append((kernel, sig, const))
+    return out
+
+
+def _self_attention_configs() -> List[Config]:
+    from .self_attention import LONGEST_BUCKETS, attention_tiles
+
+    out = []
+    plans = [(dtype, block_dh, True) for dtype in ("bf16", "fp32") for block_dh in HEAD_BLOCKS]
+    plans += [("bf16", 64, False), ("fp16", 64, True)]
+    for dtype, block_dh, causal in plans:
+        ptr = DTYPES[dtype]
+        # every tile the wrapper picks at this width: one per bucket of the longest segment
+        tiles = sorted({attention_tiles(longest, block_dh, _torch_dtype(dtype)) for longest in (0,) + LONGEST_BUCKETS})
+        for block_m, block_n, _, num_warps, num_stages in tiles:
+            const = {"CAUSAL": causal, "PRECISION": PRECISION[dtype], "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "BLOCK_DH": block_dh, "num_warps": num_warps, "num_stages": num_stages}
+            out += _self_attention_kernels(ptr, const)
+    return out
+
+
+def _self_attention_kernels(ptr: str, const: Dict[str, object]) -> List[Config]:
+    tiles = {"tile_segment_ptr": "*i64", "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_segments": "i32",
+             "num_heads": "i32", "head_dim": "i32", "stride_q": "i32", "stride_k": "i32", "stride_v": "i32"}
+    qkv = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr}
+    grads = {"g_out_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+    return [("_self_attention_fwd", {**qkv, "out_ptr": ptr, "lse_ptr": "*fp32", **tiles, "stride_out": "i32",
+                                     "scale": "fp32"}, const),
+            ("_self_attention_bwd_kv", {**qkv, **grads, "g_k_ptr": ptr, "g_v_ptr": ptr, **tiles, "scale": "fp32"},
+             const),
+            ("_self_attention_bwd_q", {**qkv, **grads, "g_q_ptr": ptr, **tiles, "scale": "fp32"}, const)]
+
+
+def all_configs() -> List[Config]:
+    """Every launchable configuration once (two rules can produce the same one), in listing order."""
+    found = {}
+    for config in (_pool_route_configs() + _dispatch_configs() + _gather_configs() + _grouped_mm_configs()
+                   + _target_attention_configs() + _self_attention_configs()):
+        found.setdefault(repr(config), config)
+    return list(found.values())
