@@ -46,7 +46,7 @@ from benchmarks.harness import DTYPES, PROVIDERS, Case, Environment, Provider, T
 from benchmarks.providers_fused import COMPILED_FUSED, fuse_layer, fused_target_attention
 from benchmarks.tables import CsvSink, describe_error, print_table, print_targets
 from mos import MoSConfig, MoSLayer
-from mos_kernels.self_attention import attention_pairs
+from mos_kernels.jagged_self_attention import attention_pairs
 
 TOKENS = 256_000
 SESSION_LEN = 8

@@ -6,7 +6,7 @@ index copies, all eager), and its target attention projects keys and values for 
 ratio over it partly measures the algorithm. This provider gives torch.compile the algorithm
 the kernels run, so that a ratio over it measures the kernels:
 
-  fused_target_attention  the key projection folded into the query (mos_kernels/expert_attention.py
+  fused_target_attention  the key projection folded into the query (mos_kernels/expert_target_attention.py
                           derives it): per row a score and an accumulation per head, one value
                           projection per segment; segment softmax by scatter_reduce / index_add
   fused_grouped_linear    the rows gathered and gated, then one grouped GEMM: bf16 on CUDA by

@@ -6,11 +6,11 @@ Every op takes `backend=`: "reference" (pure PyTorch, the correctness oracle), "
 with int64 offsets [G+1]; see ../shared/design/kernels.md.
 """
 from ._checks import data_checks
-from .expert_attention import expert_target_attention
+from .expert_target_attention import expert_target_attention
 from .grouped_linear import grouped_linear
 from .jagged import (jagged_to_padded, lengths_from_offsets, offsets_from_lengths, padded_to_jagged,
                      positions_in_segment, segment_ids)
-from .self_attention import jagged_self_attention
+from .jagged_self_attention import jagged_self_attention
 from .session_pool import session_pool, session_pool_route
 from .sessionize import Sessions, sessionize
 from .theme_dispatch import Dispatch, theme_dispatch
