@@ -21,7 +21,7 @@ FUSIONS = ("residual", "concat", "gate")
 
 @dataclass
 class MoSConfig:
-    """Options of `mos.MoSLayer` (spec steps 1-6)."""
+    """Options of `mos.MoSLayer`: sessions, routing, dispatch, the experts and their fusion."""
 
     dim: int = 32                    # embedding width d of the tokens and of the target
     num_heads: int = 2               # attention heads of every expert
@@ -138,7 +138,7 @@ MOS_TRAININGS = ("boosted", "joint")
 
 @dataclass
 class ModelConfig:
-    """The CTR model around the sequence encoder (spec step 7)."""
+    """The CTR model around the sequence encoder: embeddings, encoder, MLP head."""
 
     kind: str = "mos"                # one of MODEL_KINDS; "backbone" = one encoder over the whole sequence
     mos: MoSConfig = field(default_factory=MoSConfig)

@@ -1,4 +1,4 @@
-"""`MoSLayer`: the Mixture-of-Sequence layer (spec steps 1-6) on top of `mos_kernels`.
+"""`MoSLayer`: the Mixture-of-Sequence layer on top of `mos_kernels`.
 
 sessions -> pooled sessions -> theme routing -> theme-major dispatch -> experts (theme,
 global, short-term) -> target-conditioned fusion. The kernels own the data movement; this

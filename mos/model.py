@@ -1,4 +1,4 @@
-"""`CTRModel`: embeddings, a sequence encoder (MoS or a plain backbone) and an MLP head (spec step 7)."""
+"""`CTRModel`: embeddings, a sequence encoder (MoS or a plain backbone) and an MLP head."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace

@@ -3,7 +3,7 @@
 Every op takes `backend=`: "reference" (pure PyTorch, the correctness oracle), "triton",
 "cuda" (the C++ extension, for pooling, dispatch, gather and scatter; cuda_ops.py) or "auto"
 (fastest available for the tensors' device). Data layout: jagged values [N, ...]
-with int64 offsets [G+1]; see ../shared/design/kernels.md.
+with int64 offsets [G+1] (`jagged.py`: group g owns rows offsets[g] : offsets[g+1]).
 """
 from ._checks import data_checks
 from .expert_target_attention import expert_target_attention

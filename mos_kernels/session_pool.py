@@ -1,4 +1,4 @@
-"""Session pooling (spec step 2), alone or fused with theme routing (step 3).
+"""Session pooling, alone or fused with theme routing (`theme_route`).
 
 `session_pool(values, session_offsets)`: the mean of every session's rows.
 `session_pool_route(values, session_offsets, prototypes, temperature, top_k)`: the means plus

@@ -1,4 +1,4 @@
-"""`sessionize`: cut every jagged sequence into sessions (spec step 1).
+"""`sessionize`: cut every jagged sequence into sessions, the first step of the layer.
 
 Integer-only, so it has no backward. The number of sessions S depends on the data, so this
 op reads one size back from the device (`nonzero`); it is the documented sync of the layer.

@@ -1,4 +1,4 @@
-"""`theme_dispatch`: build the theme-major layout of the theme subsequences (spec step 4).
+"""`theme_dispatch`: build the theme-major layout of the theme subsequences.
 
 Rows are sorted by (theme k, example b, time) with a STABLE order, so each (k, b) segment is
 example b's tokens of theme k in their original order (a contract, tested). Segment k*B + b

@@ -1,4 +1,4 @@
-"""`theme_route`: route every session to its top-k themes (spec step 3).
+"""`theme_route`: route every session to its top-k themes.
 
 Scores are cosine similarities to K learnable prototypes over a temperature. The forward gate
 is hard (1 for each chosen theme) and the backward pass sees the softmax probabilities
