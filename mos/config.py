@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mos_kernels._checks import check_choice, check_positive
+from mos_kernels.checks import check_choice, check_positive
 from mos_kernels.backend import BACKENDS
 
 

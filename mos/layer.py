@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels._checks import check_finite, check_offsets, check_tensor, check_values
+from mos_kernels.checks import check_finite, check_offsets, check_tensor, check_values
 from mos_kernels.backend import op_backend
 from mos_kernels.jagged import counts_of, max_segment_length, offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique

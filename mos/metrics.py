@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mos_kernels._checks import check_offsets
+from mos_kernels.checks import check_offsets
 
 
 def auc(labels, scores) -> float:

@@ -36,7 +36,7 @@ from mos.evaluation import evaluate
 from mos.model import CTRModel, training_loss
 from mos.report import metric_text, summary_table
 from mos.variants import variant_config
-from mos_kernels._checks import check_choice
+from mos_kernels.checks import check_choice
 
 # Options that change how a run looks, not what it computes: a resumed run may differ in them.
 _RESUMABLE_CHANGES = ("train.resume", "train.quiet", "train.progress", "train.seeds", "train.threads",

@@ -5,7 +5,7 @@ Every op takes `backend=`: "reference" (pure PyTorch, the correctness oracle), "
 (fastest available for the tensors' device). Data layout: jagged values [N, ...]
 with int64 offsets [G+1] (`jagged.py`: group g owns rows offsets[g] : offsets[g+1]).
 """
-from ._checks import data_checks
+from .checks import data_checks
 from .expert_target_attention import expert_target_attention
 from .grouped_linear import grouped_linear
 from .jagged import (jagged_to_padded, lengths_from_offsets, offsets_from_lengths, padded_to_jagged,

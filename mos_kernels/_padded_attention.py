@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from ._checks import reads_data
+from .checks import reads_data
 
 
 def bucket_length(lengths: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ._checks import check_choice
+from .checks import check_choice
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 # The kernels compute in fp32 at most; float64 stays on the reference, which keeps it. The

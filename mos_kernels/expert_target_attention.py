@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
+from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .grouped_linear import dot_precision, grouped_linear

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from ._checks import FLOAT_DTYPES, check_offsets, check_tensor, reads_data
+from .checks import FLOAT_DTYPES, check_offsets, check_tensor, reads_data
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .jagged import max_segment_length, positions_in_segment, segment_blocks, segment_ids

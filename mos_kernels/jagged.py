@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_offsets, check_tensor, reads_data
+from .checks import check_offsets, check_tensor, reads_data
 
 
 def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from ._checks import check_offsets, check_values
+from .checks import check_offsets, check_values
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import lengths_from_offsets, segment_ids

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_choice, check_offsets, check_positive, check_tensor, reads_data
+from .checks import check_choice, check_offsets, check_positive, check_tensor, reads_data
 from .jagged import counts_of, lengths_from_offsets, offsets_from_lengths, segment_ids
 
 

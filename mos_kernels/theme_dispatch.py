@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import new_output
-from ._checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, reads_data
+from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, reads_data
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import counts_of, offsets_from_lengths, segment_ids

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from ._checks import FLOAT_DTYPES, check_tensor, check_values, reads_data
+from .checks import FLOAT_DTYPES, check_tensor, check_values, reads_data
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_finite, check_positive, check_tensor, check_values
+from .checks import FLOAT_DTYPES, check_finite, check_positive, check_tensor, check_values
 from .backend import resolve_backend
 
 NORM_EPS = 1e-6

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mos.data.batch import Batch
-from mos_kernels._checks import check_offsets, check_positive, check_tensor
+from mos_kernels.checks import check_offsets, check_positive, check_tensor
 
 _EVENT_FIELDS = ("item_ids", "category_ids", "timestamps")
 _SAMPLE_FIELDS = ("sample_user", "hist_end", "target_item", "target_category", "label")

@@ -1,4 +1,4 @@
-"""Argument checks shared by every op and config.
+"""Argument checks shared by every op, the layer and the configs (public: `mos` uses them too).
 
 Each raises with the argument's name, what was expected and what came, so that a user
 reading the message alone knows which call to fix.
