@@ -14,6 +14,8 @@ from typing import Optional
 from mos_kernels.checks import check_choice, check_positive
 from mos_kernels.backend import BACKENDS
 
+from mos.variants import VARIANTS
+
 
 EXPERT_KINDS = ("global", "short", "themes")
 FUSIONS = ("residual", "concat", "gate")
@@ -330,6 +332,5 @@ class RunConfig:
         self.models = tuple(self.models)
         if not self.models:
             raise ValueError("models: expected at least one model kind, got an empty list")
-        from mos.variants import VARIANTS   # variants build on these dataclasses
         for name in self.models:
             check_choice("models[]", name, tuple(VARIANTS))

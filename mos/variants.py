@@ -7,9 +7,10 @@ so runs differ only in what the name says.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
-from mos.config import ModelConfig
+if TYPE_CHECKING:   # only an annotation here: config.py imports this table to check `models`
+    from mos.config import ModelConfig
 
 VARIANTS: Dict[str, dict] = {
     "backbone": {"kind": "backbone"},

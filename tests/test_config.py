@@ -169,3 +169,10 @@ def test_cli_unknown_command_and_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])
     assert exit_info.value.code == 0 and "--set KEY=VALUE" in capsys.readouterr().out
+
+
+def test_unknown_model_name_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"models\[\]: expected one of \['backbone', .*'mos'.*got 'mos_typo'"):
+        RunConfig(models=("backbone", "mos_typo"))
+    with pytest.raises(ValueError, match=r"models\[\].*got 'nope'"):
+        load_run_config(None, ["models=[nope]"])
