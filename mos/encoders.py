@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels.backend import op_backend
+from mos_kernels.backend import op_backends
 from mos_kernels.jagged import segment_ids
 
 
@@ -48,7 +48,8 @@ class TargetAttentionEncoder(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_experts: int = 1, backend: str = "auto"):
         super().__init__()
-        self.dim, self.num_heads, self.num_experts, self.backend = dim, num_heads, num_experts, backend
+        self.dim, self.num_heads, self.num_experts = dim, num_heads, num_experts
+        self.backends = op_backends(backend)
         for name in ("query", "key", "value", "out"):
             setattr(self, f"w_{name}", _expert_weight(num_experts, dim, dim))
             setattr(self, f"b_{name}", _expert_bias(num_experts, dim, dim))
@@ -63,7 +64,7 @@ class TargetAttentionEncoder(nn.Module):
         attended = mk.expert_target_attention(
             tokens, query.reshape(-1, self.dim), self.w_key, self.b_key, self.w_value, self.b_value,
             segment_offsets, num_heads=self.num_heads, gather_index=gather_index, row_gate=row_gate,
-            inverse_index=inverse_index, backend=op_backend(self.backend, "expert_target_attention"))
+            inverse_index=inverse_index, backend=self.backends["expert_target_attention"])
         out = torch.einsum("ebd,edf->ebf", attended.view(num_experts, -1, self.dim), self.w_out)
         out = out + self.b_out[:, None]
         return out * _nonempty(segment_offsets, num_experts)
@@ -75,7 +76,8 @@ class TransformerEncoder(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_experts: int = 1, num_layers: int = 1,
                  readout: str = "target", dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
-        self.dim, self.num_heads, self.num_experts, self.backend = dim, num_heads, num_experts, backend
+        self.dim, self.num_heads, self.num_experts = dim, num_heads, num_experts
+        self.backends = op_backends(backend)
         self.readout = readout
         self.dropout = dropout
         self.layers = nn.ModuleList(_ExpertBlock(dim, num_experts) for _ in range(num_layers))
@@ -88,17 +90,17 @@ class TransformerEncoder(nn.Module):
             raise ValueError("row_gate: expected None when gather_index is None (a gate scales gathered rows)")
         rows = tokens if gather_index is None else mk.theme_gather(
             tokens, gather_index, row_gate, inverse_index=inverse_index,
-            backend=op_backend(self.backend, "theme_gather"))
+            backend=self.backends["theme_gather"])
         expert_offsets = _expert_offsets(segment_offsets, self.num_experts)
         expert = segment_ids(expert_offsets, rows.shape[0])
         for block in self.layers:
             rows = block(rows, expert, expert_offsets, segment_offsets, self.num_heads, max_len,
-                         self.dropout if self.training else 0.0, self.backend)
+                         self.dropout if self.training else 0.0, self.backends)
         if self.readout == "target":
             return self.target_readout(rows, target, segment_offsets, max_len=max_len)
         num_segments = segment_offsets.numel() - 1
         if self.readout == "mean":
-            pooled = mk.session_pool(rows, segment_offsets, backend=op_backend(self.backend, "session_pool"))
+            pooled = mk.session_pool(rows, segment_offsets, backend=self.backends["session_pool"])
         else:  # "last": the newest row of each segment; empty segments read row 0 and are masked
             last = (segment_offsets[1:] - 1).clamp_min(0)
             pooled = rows[last] if rows.shape[0] else rows.new_zeros((num_segments, self.dim))
@@ -121,13 +123,13 @@ class _ExpertBlock(nn.Module):
         self.w_ff2 = _expert_weight(num_experts, 2 * dim, dim)
         self.b_ff2 = _expert_bias(num_experts, 2 * dim, dim)
 
-    def forward(self, rows, expert, expert_offsets, segment_offsets, num_heads, max_len, dropout, backend):
+    def forward(self, rows, expert, expert_offsets, segment_offsets, num_heads, max_len, dropout, backends):
         dim = rows.shape[1]
-        linear = op_backend(backend, "grouped_linear")
+        linear = backends["grouped_linear"]
         h = F.layer_norm(rows, (dim,)) * self.ln1_weight[expert] + self.ln1_bias[expert]
         q, k, v = mk.grouped_linear(h, self.w_qkv, self.b_qkv, expert_offsets, backend=linear).split(dim, dim=1)
         attn = mk.jagged_self_attention(q, k, v, segment_offsets, num_heads=num_heads, max_len=max_len,
-                                        backend=op_backend(backend, "jagged_self_attention"))
+                                        backend=backends["jagged_self_attention"])
         rows = rows + F.dropout(mk.grouped_linear(attn, self.w_out, self.b_out, expert_offsets, backend=linear),
                                 dropout)
         h = F.layer_norm(rows, (dim,)) * self.ln2_weight[expert] + self.ln2_bias[expert]

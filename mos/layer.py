@@ -16,7 +16,7 @@ from torch import nn
 
 import mos_kernels as mk
 from mos_kernels.checks import check_finite, check_offsets, check_tensor, check_values
-from mos_kernels.backend import op_backend
+from mos_kernels.backend import op_backends
 from mos_kernels.jagged import counts_of, max_segment_length, offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
 from mos_kernels.theme_route import normalized
@@ -67,6 +67,7 @@ class MoSLayer(nn.Module):
         elif overrides:
             raise ValueError(f"overrides: expected none when a config is given, got {sorted(overrides)}")
         self.config = cfg = config
+        self.backends = op_backends(cfg.backend)   # each op's backend, resolved once
         d = cfg.dim
         encoder = dict(num_layers=cfg.num_layers, readout=cfg.readout, dropout=cfg.dropout, backend=cfg.backend)
         # Only the experts that run own parameters (DDP refuses parameters that get no gradient).
@@ -135,7 +136,7 @@ class MoSLayer(nn.Module):
             else:
                 if pooled is None or cfg.routing_unit != "session" or cfg.extras_detach_inputs:
                     pooled = mk.session_pool(values, sessions.session_offsets,
-                                             backend=op_backend(cfg.backend, "session_pool"))
+                                             backend=self.backends["session_pool"])
                 outputs["global"] = self.global_expert(pooled, target, sessions.example_session_offsets)[0]
         if "short" in cfg.experts:
             short_index, short_offsets = _recent_sessions(offsets, sessions, cfg.short_sessions)
@@ -155,13 +156,12 @@ class MoSLayer(nn.Module):
     def _theme_experts(self, values, target, offsets, sessions, max_len):
         """Steps 2-4 and the theme half of 5-6: route, dispatch, run the K experts, summarise."""
         cfg = self.config
-        backend = cfg.backend
         num_examples = offsets.numel() - 1
         units = sessions if cfg.routing_unit == "session" else _token_sessions(offsets, values.shape[0])
         if cfg.router == "learned":
             pooled, routing = mk.session_pool_route(values, units.session_offsets, self.prototypes,
                                                     temperature=cfg.temperature, top_k=cfg.top_k,
-                                                    backend=op_backend(backend, "session_pool_route"))
+                                                    backend=self.backends["session_pool_route"])
             # The auxiliary losses only train: an evaluating layer does not spend work on them.
             aux = (_aux_losses(pooled, self.prototypes, routing, cfg.temperature, cfg.vq_detach_tokens)
                    if self.training else _no_aux(values))
@@ -171,7 +171,7 @@ class MoSLayer(nn.Module):
         dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
                                      num_examples=num_examples, num_themes=cfg.num_themes, capacity=cfg.capacity,
                                      num_tokens=values.shape[0], example_session_offsets=units.example_session_offsets,
-                                     backend=op_backend(backend, "theme_dispatch"))
+                                     backend=self.backends["theme_dispatch"])
         # A theme subsequence is never longer than its example.
         theme_len = max_len if cfg.capacity is None else min(max_len, cfg.capacity)
         e_theme = self.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,

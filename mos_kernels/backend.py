@@ -8,6 +8,7 @@ take the reference; CUDA tensors the backend `FASTEST_ON_GPU` names, as measured
 from __future__ import annotations
 
 import os
+from typing import Dict
 
 import torch
 
@@ -20,7 +21,7 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The concrete backends each op has. A layer asked for "triton" runs every op that has a
 # Triton kernel on it and the rest on the reference; one asked for "cuda" runs the ops of the
-# extension on it and the rest as "triton" would (`op_backend`).
+# extension on it and the rest as "triton" would (`op_backends`).
 IMPLEMENTED = {
     "session_pool": ("reference", "triton", "cuda"),
     "session_pool_route": ("reference", "triton", "cuda"),
@@ -82,13 +83,17 @@ def _triton_dtype(tensor: torch.Tensor) -> bool:
     return not tensor.is_floating_point() or tensor.dtype in TRITON_DTYPES
 
 
-def op_backend(layer_backend: str, op: str) -> str:
-    """The backend a layer built with `layer_backend` asks of `op`."""
-    if layer_backend == "cuda" and "cuda" not in IMPLEMENTED[op]:
-        layer_backend = "triton"
-    if layer_backend == "triton" and "triton" not in IMPLEMENTED[op]:
-        return "reference"
-    return layer_backend
+def op_backends(layer_backend: str) -> Dict[str, str]:
+    """{op: the backend it runs under} for a layer built with `layer_backend`, resolved once when
+    the layer is built: "cuda" runs the ops the extension has and the others as "triton" would,
+    "triton" falls back to "reference" for an op without a kernel, "auto" and "reference" pass
+    through (each op call maps "auto" to its tensors' device)."""
+    check_choice("backend", layer_backend, BACKENDS)
+    chosen = {}
+    for op, implemented in IMPLEMENTED.items():
+        backend = "triton" if layer_backend == "cuda" and "cuda" not in implemented else layer_backend
+        chosen[op] = "reference" if backend == "triton" and "triton" not in implemented else backend
+    return chosen
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:

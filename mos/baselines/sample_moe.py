@@ -17,7 +17,7 @@ from torch import nn
 import mos_kernels as mk
 from mos.config import ModelConfig
 from mos.encoders import make_encoder
-from mos_kernels.backend import op_backend
+from mos_kernels.backend import op_backends
 from mos_kernels.jagged import positions_in_segment
 
 
@@ -32,7 +32,7 @@ class SampleMoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         mos_cfg, self.moe = config.mos, config.moe
-        self.backend = mos_cfg.backend
+        self.backends = op_backends(mos_cfg.backend)
         self.experts = make_encoder(mos_cfg.encoder, mos_cfg.dim, mos_cfg.num_heads, self.moe.num_experts,
                                     num_layers=mos_cfg.num_layers, readout=mos_cfg.readout,
                                     dropout=mos_cfg.dropout, backend=mos_cfg.backend)
@@ -44,7 +44,7 @@ class SampleMoE(nn.Module):
 
     def forward(self, tokens: torch.Tensor, target: torch.Tensor, offsets: torch.Tensor,
                 max_len: int) -> EncoderOutput:
-        history = mk.session_pool(tokens, offsets, backend=op_backend(self.backend, "session_pool"))
+        history = mk.session_pool(tokens, offsets, backend=self.backends["session_pool"])
         features = torch.tanh(self.gate_input(torch.cat([target, history], dim=1)))
         weights, aux_loss, aux = self.gate(features)
         used = (weights > 0).t()                                          # [E, B]
