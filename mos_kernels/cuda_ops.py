@@ -106,14 +106,6 @@ def unavailable_reason() -> Optional[str]:
     return _load()
 
 
-def ops():
-    """torch.ops.mos_cuda, loaded (built on first use) and registered; raises if unavailable."""
-    reason = _load()
-    if reason is not None:
-        raise RuntimeError(f"backend 'cuda': {reason}")
-    return torch.ops.mos_cuda
-
-
 _registered = False
 
 
