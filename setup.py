@@ -1,6 +1,6 @@
 """Build entry point; all metadata lives in pyproject.toml.
 
-The optional CUDA C++ extension (mos_kernels/csrc -> mos_kernels._C, backend="cuda") is built
+The optional CUDA C++ extension (csrc/ -> mos_kernels._C, backend="cuda") is built
 only where torch has CUDA and nvcc is found; anywhere else, or when its build fails, it is
 skipped with a message (pip shows it with -v; `python -m mos_kernels.cuda_ops` says what is
 there) and the package installs as before (backend "cuda" then builds itself with ninja on first use where it
@@ -16,7 +16,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-CSRC = Path("mos_kernels") / "csrc"
+CSRC = Path("csrc")
 SOURCES = ["schema.cpp", "session_pool.cu", "theme_dispatch.cu", "theme_gather.cu"]   # = cuda_ops.CUDA_SOURCES
 NVCC_FLAGS = ["-O3", "-lineinfo"]                                                      # = cuda_ops.BUILD_NVCC_FLAGS
 
@@ -62,13 +62,19 @@ def cuda_extension() -> dict:
     return dict(ext_modules=[extension], cmdclass={"build_ext": OptionalBuild})
 
 
-class BuildPyWithConfigs(build_py):
+class BuildPyWithShippedFiles(build_py):
     """Ships configs/*.yaml inside the package, as mos/configs/: they live at the top of the
     repository (where `make run` and the README name them), and `--config default` must find them
-    after a `pip install` too (mos/config_io.py: shipped_configs)."""
+    after a `pip install` too (mos/config_io.py: shipped_configs). Ships csrc/ as mos_kernels/csrc/
+    for the same reason: backend "cuda" builds it on first use where the wheel has no _C
+    (mos_kernels/cuda_ops.py: CSRC)."""
 
     def run(self):
         super().run()
+        self._ship_configs()
+        self._ship_cuda_sources()
+
+    def _ship_configs(self):
         configs = sorted(Path("configs").glob("*.yaml"))
         if not configs:
             raise FileNotFoundError(f"mos: expected the shipped configs in {Path('configs').resolve()}, found none")
@@ -77,7 +83,16 @@ class BuildPyWithConfigs(build_py):
         for config in configs:
             self.copy_file(str(config), str(target / config.name))
 
+    def _ship_cuda_sources(self):
+        sources = sorted(path for path in CSRC.rglob("*") if path.suffix in (".cpp", ".cu", ".h", ".cuh"))
+        if not sources:
+            raise FileNotFoundError(f"mos: expected the CUDA sources in {CSRC.resolve()}, found none")
+        for source in sources:
+            target = Path(self.build_lib) / "mos_kernels" / source
+            self.mkpath(str(target.parent))
+            self.copy_file(str(source), str(target))
+
 
 options = cuda_extension()
-options.setdefault("cmdclass", {})["build_py"] = BuildPyWithConfigs
+options.setdefault("cmdclass", {})["build_py"] = BuildPyWithShippedFiles
 setup(**options)

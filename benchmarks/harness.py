@@ -92,7 +92,7 @@ PROVIDERS = {p.name: p for p in (
     Provider("reference", "reference"),
     Provider("compiled", "reference", compiled=True),
     Provider("triton", "triton"),
-    Provider("cuda", "cuda"),          # the C++ extension (mos_kernels/csrc); see available_providers
+    Provider("cuda", "cuda"),          # the C++ extension (csrc/); see available_providers
 )}
 
 

@@ -18,7 +18,7 @@ _poison = os.environ.get("MOS_POISON_OUTPUTS", "0") == "1"
 @contextlib.contextmanager
 def poisoned_outputs(enabled: bool = True):
     """Poison the outputs of every kernel backend: the Triton ops read `_poison`, the C++
-    operators (mos_kernels/csrc, checks.h: new_output) the environment variable."""
+    operators (csrc/mos/checks.h: new_output) the environment variable."""
     global _poison
     previous, _poison = _poison, enabled
     previous_env = os.environ.get("MOS_POISON_OUTPUTS")

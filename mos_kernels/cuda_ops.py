@@ -1,16 +1,17 @@
 """The CUDA C++ backend (`backend="cuda"`): loading the extension and its Python side.
 
-The kernels live in `mos_kernels/csrc/` and register the operators `torch.ops.mos_cuda.*`, the
-same schemas as the Triton custom ops `torch.ops.mos.*` except session_pool_route(_backward),
-which keep an earlier one (no gate output; the prototypes' gradient is a GEMM here). This module
+The kernels live in `csrc/` at the top of the repository and register the operators
+`torch.ops.mos_cuda.*`, the same schemas as the Triton custom ops `torch.ops.mos.*` except
+session_pool_route(_backward), which keep an earlier one (no gate output; the prototypes' gradient is a GEMM here). This module
 gives them the Python side those have: fake tensors (torch.compile), autograd (the backward ops
 of the same namespace) and FLOP formulas, reusing the Triton modules' functions where the
 schemas agree.
 
 Where the operators come from, first found wins:
   1. `mos_kernels._C`, built by `pip install --no-build-isolation -e .` where torch has CUDA;
-  2. a JIT build with ninja (`torch.utils.cpp_extension.load`), cached on disk under
-     TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), rebuilt when a source changes;
+  2. a JIT build with ninja (`torch.utils.cpp_extension.load`) of the sources in CSRC, cached on
+     disk under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), rebuilt when a source
+     changes;
   3. with MOS_CUDA_EMULATE=1: the CPU emulation (csrc/emulated.cpp): the same work items run
      by a host loop on CPU tensors. It is how CI tests the kernel code without a GPU, as
      TRITON_INTERPRET=1 does for Triton; it says nothing about speed.
@@ -29,7 +30,11 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .backend import cuda_emulating as emulating
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+# The sources: the copy a wheel carries (setup.py puts csrc/ into mos_kernels/csrc/ when it builds
+# one), else the checkout's csrc/ (a source tree or an editable install).
+PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"
+CHECKOUT_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = PACKAGED_CSRC if (PACKAGED_CSRC / "schema.cpp").is_file() else CHECKOUT_CSRC
 CUDA_SOURCES = ("schema.cpp", "session_pool.cu", "theme_dispatch.cu", "theme_gather.cu")
 EMULATION_SOURCES = ("schema.cpp", "emulated.cpp")
 
@@ -76,6 +81,9 @@ def _load_library() -> Optional[str]:
         if torch.version.cuda is None:
             return (f"this torch ({torch.__version__}) has no CUDA, so the extension is not built here; "
                     "use backend='triton' or 'reference' (MOS_CUDA_EMULATE=1 runs the kernel code on the CPU)")
+    reason = _missing_sources(EMULATION_SOURCES if emulating() else CUDA_SOURCES)
+    if reason is not None:
+        return reason
     try:
         _build(emulating(), verbose=os.environ.get("MOS_CUDA_VERBOSE", "0") == "1")
     except Exception as error:  # a compiler's message is long: keep its end, which names the problem
@@ -83,17 +91,19 @@ def _load_library() -> Optional[str]:
     return None
 
 
+def _missing_sources(sources) -> Optional[str]:
+    """None when CSRC holds every source of the build, else which are missing and where we looked
+    (a package installed without its sources cannot build the extension)."""
+    missing = [name for name in sources if not (CSRC / name).is_file()]
+    if not missing:
+        return None
+    return (f"the CUDA sources {', '.join(missing)} are in neither {PACKAGED_CSRC} (a wheel's copy) nor "
+            f"{CHECKOUT_CSRC} (a checkout's csrc/); install from the repository or an sdist, which carry them")
+
+
 def unavailable_reason() -> Optional[str]:
     """None when backend "cuda" can run here, else why not (building the extension if needed)."""
     return _load()
-
-
-def ops():
-    """torch.ops.mos_cuda, loaded (built on first use) and registered; raises if unavailable."""
-    reason = _load()
-    if reason is not None:
-        raise RuntimeError(f"backend 'cuda': {reason}")
-    return torch.ops.mos_cuda
 
 
 _registered = False

@@ -1,4 +1,4 @@
-"""The CUDA C++ extension (mos_kernels/csrc) beyond the kernel comparisons of test_kernel_backends.py:
+"""The CUDA C++ extension (csrc/) beyond the kernel comparisons of test_kernel_backends.py:
 every .cu compiles for sm_90 with nvcc (against the CPU torch headers, as kernels.md says), the
 sources are all built, the constants agree with the Python side, errors name their argument,
 and "auto" picks what the recorded benchmarks measured faster.
@@ -131,6 +131,15 @@ def test_without_cuda_torch_the_reason_says_so(monkeypatch):
     monkeypatch.setenv("MOS_CUDA_EMULATE", "0")
     reason = cuda_ops._load_library()
     assert reason is not None and "has no CUDA" in reason and "MOS_CUDA_EMULATE=1" in reason
+
+
+def test_without_the_sources_the_reason_says_where_it_looked(monkeypatch, tmp_path):
+    """An installed package whose wheel lost csrc/ cannot JIT-build: the reason names both places."""
+    monkeypatch.setenv("MOS_CUDA_EMULATE", "1")   # past _C and torch's CUDA, straight to the build
+    monkeypatch.setattr(cuda_ops, "CSRC", tmp_path)
+    reason = cuda_ops._load_library()
+    assert reason is not None and "schema.cpp, emulated.cpp" in reason
+    assert str(cuda_ops.PACKAGED_CSRC) in reason and str(cuda_ops.CHECKOUT_CSRC) in reason
 
 
 def _recorded_medians():

@@ -1,4 +1,4 @@
-// Session pooling and routing (spec steps 2-3) as work items; see items.h.
+// Session pooling (each session's mean) and routing (its top-k themes) as work items; see items.h.
 //
 //   PoolItems   (session, chunk) -> pooled mean, fp32 sum in time order
 //   RouteItems  session -> scores, probs, top-k themes from the stored (rounded) mean,

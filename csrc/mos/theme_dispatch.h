@@ -1,4 +1,4 @@
-// Theme dispatch (spec step 4) as a stable counting sort in work items; see items.h.
+// Theme dispatch as a stable counting sort in work items; see items.h.
 //
 //   CountItems    (example b, theme k) -> walks b's sessions in time order: the rank of every
 //                 (session, choice) of theme k inside segment (k, b), and the segment's size
