@@ -26,12 +26,8 @@ L_g (L_g+1)/2 query-key pairs, 4·d FLOPs each forward, 10·d backward).
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,12 +35,12 @@ import torch.nn.functional as F
 
 import mos_kernels as mk
 from benchmarks import attention_baselines as baselines
-from benchmarks import targets
+from benchmarks import run, targets
 from benchmarks.grouped_linear_cases import grouped_linear_case, grouped_linear_gather_case
-from benchmarks.harness import comma_subset, progress_line
-from benchmarks.harness import DTYPES, PROVIDERS, Case, Environment, Provider, Timer, free_memory, make_row, run_case
+from benchmarks.harness import DTYPES, PROVIDERS, Case, Provider
 from benchmarks.providers_fused import COMPILED_FUSED, fuse_layer, fused_target_attention
-from benchmarks.tables import CsvSink, describe_error, print_table, print_targets
+from benchmarks.run import Bench
+from benchmarks.tables import Target
 from mos import MoSConfig, MoSLayer
 from mos_kernels.jagged_self_attention import attention_pairs
 
@@ -64,6 +60,10 @@ class Shape:
     @property
     def examples(self) -> int:
         return self.B or max(TOKENS // self.L, 1)
+
+    @property
+    def columns(self) -> Dict[str, int]:
+        return dict(B=self.examples, L=self.L, d=self.d, K=self.K)
 
 
 TARGET = Shape(**targets.ATTENTION_POINT)
@@ -345,85 +345,30 @@ def providers_for(op: str, shape: Shape, names: Sequence[str], device: torch.dev
             and not (swept and p.name in ("flex", "reference"))]
 
 
-# ----------------------------------------------------------------------------- CLI
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder of bench_attention.csv (rows are appended)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run (CPU interpreter included)")
-    parser.add_argument("--ops", type=comma_subset(OPS), default=list(OPS), help=f"default: {','.join(OPS)}")
-    parser.add_argument("--dtype", type=comma_subset(tuple(DTYPES)), default=None,
-                        help="default: bf16 (the sweeps), fp16,fp32 at the target point; --quick: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", type=comma_subset(tuple(ALL_PROVIDERS)), default=list(ALL_PROVIDERS),
-                        help=f"default: {','.join(ALL_PROVIDERS)}")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
-    parser.add_argument("--rep-ms", type=float, default=50.0)
-    parser.add_argument("--warmup-ms", type=float, default=25.0)
-    parser.add_argument("--cpu-reps", type=int, default=3)
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds: start no new case after this (the plan runs the targets first)")
-    parser.add_argument("--plan", choices=("full", "targets"), default="full",
-                        help="targets: the target point (transformers at L=4096) in every --dtype, no sweep")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type not in ("cuda", "cpu"):
-        parser.error(f"--device: expected cuda or cpu, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device: expected cpu (no CUDA device is visible), got cuda")
-    if args.dtype is None:
-        args.dtype = (["fp32"] if device.type == "cpu" else ["bf16"]) if args.quick else list(DTYPES)
-    return args
+def targets_at(quick: bool, dtypes: Sequence[str]) -> Tuple[Sequence[Target], Dict[str, object], str]:
+    """The targets at the target point (bf16) or, with --quick, at QUICK in the first dtype (and
+    then those fixed at another point too: the quick run has only its own)."""
+    shape, dtype = (QUICK, dtypes[0]) if quick else (TARGET, "bf16")
+    where = dict(dtype=dtype, L=shape.L, d=shape.d, K=shape.K)
+    chosen = TARGETS if not quick else tuple(replace(t, at=()) for t in TARGETS)
+    title = f"Targets at {dtype}, B={shape.examples}, L={shape.L}, d={shape.d}, K={shape.K}, H={HEADS}"
+    return chosen, where, title
 
 
-def _run_one(op, shape, dtype, device, providers, env, timer, compile_backend, sink):
-    case = None
-    try:
-        case = build_case(op, shape, dtype, device)
-        return run_case(case, providers, env, timer, compile_backend=compile_backend, emit=sink)
-    except Exception as exc:   # building the inputs failed (OOM, ...): one row says so
-        columns = dict(B=shape.examples, L=shape.L, d=shape.d, K=shape.K)
-        rows = [make_row(env, op=op, provider="-", mode="-", dtype=dtype, shape=columns, error=describe_error(exc))]
-        sink(rows)
-        return rows
-    finally:
-        case = None
-        free_memory(device)
+def default_providers(requested: Optional[Sequence[str]], device: torch.device) -> List[str]:
+    return list(requested) if requested is not None else list(ALL_PROVIDERS)
+
+
+BENCH = Bench(
+    name="bench_attention", description=__doc__.split("\n\n")[0], ops=OPS, providers=tuple(ALL_PROVIDERS),
+    default_providers=default_providers, plan=plan, build_case=build_case, providers_for=providers_for,
+    targets=targets_at,
+    dtype_help="default: bf16 (the sweeps), fp16,fp32 at the target point; --quick: fp32 on CPU, bf16 on CUDA",
+    plan_help="targets: the target point (transformers at L=4096) in every --dtype, no sweep")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    device = torch.device(args.device)
-    timer = Timer(rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps)
-    env = Environment.detect(device, timer)
-    cases = plan(args.ops, args.dtype, args.quick, args.plan == "targets")
-    sink = CsvSink(Path(args.out) / "bench_attention.csv")
-    print(f"bench_attention: {len(cases)} cases on {env.card} ({env.device}), {env.timing}", file=sys.stderr)
-    rows: List[Dict[str, object]] = []
-    begin = time.perf_counter()
-    for i, (op, shape, dtype) in enumerate(cases, 1):
-        start = time.perf_counter()
-        if args.time_budget is not None and start - begin > args.time_budget:
-            print(f"bench_attention: time budget of {args.time_budget:g} s spent; {len(cases) - i + 1} of "
-                  f"{len(cases)} cases not run", file=sys.stderr)
-            break
-        case_rows = _run_one(op, shape, dtype, device, providers_for(op, shape, args.providers, device), env,
-                             timer, args.compile_backend, sink)
-        rows.extend(case_rows)
-        print(progress_line(i, len(cases), op, dtype, case_rows, time.perf_counter() - start), file=sys.stderr)
-    print_table(rows)
-    print()
-    shape, dtype = (QUICK, args.dtype[0]) if args.quick else (TARGET, "bf16")
-    where = dict(dtype=dtype, L=shape.L, d=shape.d, K=shape.K)
-    targets = TARGETS if not args.quick else tuple(replace(t, at=()) for t in TARGETS)
-    title = (f"Targets at {dtype}, B={shape.examples}, L={shape.L}, d={shape.d}, K={shape.K}, H={HEADS}"
-             + (" (--quick shape, not the target point)" if args.quick else "")
-             + (" [CPU: not meaningful]" if device.type == "cpu" else ""))
-    print_targets(rows, targets, where, title)
-    errors = sum(1 for r in rows if r["error"])
-    print(f"\n{len(rows)} rows ({errors} with errors) appended to {sink.path}")
-    return 0
+    return run.main(BENCH, argv)
 
 
 if __name__ == "__main__":
