@@ -1,27 +1,24 @@
-"""Benchmarks of the Triton kernels II and the fused MoS layer.
+"""Benchmarks of the attention and grouped-GEMM kernels and the fused MoS layer.
 
-    python -m benchmarks.bench_attention --out DIR [--quick] [--ops layer,target_attention,...]
+    python -m benchmarks.bench_attention --out DIR [--quick] [--ops layer,expert_target_attention,...]
                                          [--dtype bf16,fp16,fp32] [--device cuda]
 
 Inputs: jagged histories of about L tokens (±50 %, every 64th one empty), B examples (B = 256 at
-the issue's point L = 1000; B·L ≈ 256k elsewhere), d = 64, H = 2 heads, cut into sessions of 8
+the target point L = 1000; B·L ≈ 256k elsewhere), d = 64, H = 2 heads, cut into sessions of 8
 and routed by the reference `session_pool_route` to K = 8 themes (top-1) against random
 prototypes; the dispatch is built once per case, so every provider sees the same one.
 
 Ops (rows of DIR/bench_attention.csv):
-  target_attention  the theme experts' target attention over the dispatch (gather fused)
-  self_attention    causal attention inside every theme subsequence (the theme-major layout)
+  expert_target_attention  the theme experts' target attention over the dispatch (gather fused)
+  jagged_self_attention    causal attention inside every theme subsequence (the theme-major layout)
   dense_attention   causal SDPA over every whole sequence, padded to the longest: what MoS replaces
   dense_attention_varlen  the same attention without padding (torch's varlen flash attention)
   grouped_linear[_gather] the experts' grouped linear, d -> 3d (rows gathered inside the op or not)
   layer             MoSLayer (target-attention experts) forward + backward, parameters included
   mos_transformer   MoSLayer(encoder="transformer", global_scope="sessions"), Triton
   dense_transformer one pre-LN causal transformer layer (SDPA) over the padded whole sequences
-Providers: `reference`, `compiled` (the reference under torch.compile), `compiled_fused` (the
-kernels' algorithm in plain PyTorch, compiled: benchmarks/providers_fused.py), `triton`, and the
-baselines of benchmarks/attention_baselines.py: `sdpa_padded`, `flex` (the block mask is built
-once, outside the timing; CUDA only), `varlen_attn` (CUDA only). The floors of every case are
-written beside its builder; attention FLOPs are the jagged count (sum over segments of
+Providers per op: OP_PROVIDERS (benchmarks/README.md says what each runs). The floors of every
+case are written beside its builder; attention FLOPs are the jagged count (sum over segments of
 L_g (L_g+1)/2 query-key pairs, 4·d FLOPs each forward, 10·d backward).
 """
 from __future__ import annotations
@@ -80,8 +77,8 @@ CUDA_ONLY = ("flex", "varlen_attn")
 COMPARED = ("reference", "triton", "compiled_fused", "compiled")
 OP_PROVIDERS = {
     "layer": COMPARED,
-    "target_attention": COMPARED,
-    "self_attention": ("reference", "triton", "sdpa_padded", "flex"),
+    "expert_target_attention": COMPARED,
+    "jagged_self_attention": ("reference", "triton", "sdpa_padded", "flex"),
     "dense_attention": ("sdpa",),
     "dense_attention_varlen": ("varlen_attn",),
     "grouped_linear": COMPARED,
@@ -91,7 +88,7 @@ OP_PROVIDERS = {
 }
 OPS = tuple(OP_PROVIDERS)
 # Swept over L (after the target point), as far as a time budget goes.
-SWEPT = ("self_attention", "dense_attention", "dense_attention_varlen", "mos_transformer", "dense_transformer")
+SWEPT = ("jagged_self_attention", "dense_attention", "dense_attention_varlen", "mos_transformer", "dense_transformer")
 TRANSFORMERS = ("mos_transformer", "dense_transformer")
 
 TARGETS = targets.ATTENTION_TARGETS
@@ -146,7 +143,7 @@ def build_batch(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 # ----------------------------------------------------------------------------- cases
 # Byte floors: T tokens, G = K·B segments, e bytes per element, int64 indices and offsets.
 
-def target_attention_case(batch: Batch) -> Case:
+def expert_target_attention_case(batch: Batch) -> Case:
     c, dispatch = batch.columns, batch.dispatch
     tokens, d, num_themes = c["T"], c["d"], c["K"]
     segments = num_themes * c["B"]
@@ -165,7 +162,7 @@ def target_attention_case(batch: Batch) -> Case:
 
     weights = 2 * num_themes * d * d * e + 2 * num_themes * d * e
     return Case(
-        op="target_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype,
+        op="expert_target_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype,
         shape=c,
         bytes={
             # read every gathered row T·d·e once, its index and gate T·(8+e), the offsets (G+1)·8,
@@ -181,7 +178,7 @@ def target_attention_case(batch: Batch) -> Case:
         grad_inputs=(0, 1, 2, 4, 5, 6), grad_outputs=(0,))
 
 
-def self_attention_case(batch: Batch) -> Case:
+def jagged_self_attention_case(batch: Batch) -> Case:
     c, offsets = batch.columns, batch.dispatch.theme_offsets
     rows, d = c["T"], c["d"]
     e = batch.values.element_size()
@@ -198,7 +195,7 @@ def self_attention_case(batch: Batch) -> Case:
                                          backend=backend),)
 
     return Case(
-        op="self_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype, shape=c,
+        op="jagged_self_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype, shape=c,
         # fwd: read q, k, v, write out (4·T·d·e) and the log-sum-exp T·H·4; bwd: read q, k, v, out,
         # dout, lse, write dq, dk, dv (8·T·d·e + T·H·4).
         bytes={"fwd": 4 * rows * d * e + rows * HEADS * 4, "bwd": 8 * rows * d * e + rows * HEADS * 4},
@@ -344,7 +341,8 @@ def dense_transformer_case(batch: Batch) -> Case:
 
 
 CASE_BUILDERS: Dict[str, Callable[[Batch], Case]] = {
-    "layer": layer_case, "target_attention": target_attention_case, "self_attention": self_attention_case,
+    "layer": layer_case, "expert_target_attention": expert_target_attention_case,
+    "jagged_self_attention": jagged_self_attention_case,
     "dense_attention": dense_attention_case, "dense_attention_varlen": dense_attention_varlen_case,
     "grouped_linear": grouped_linear_case, "grouped_linear_gather": grouped_linear_gather_case,
     "mos_transformer": mos_transformer_case, "dense_transformer": dense_transformer_case,
@@ -384,8 +382,9 @@ def plan(ops: Sequence[str], dtypes: Sequence[str], quick: bool,
 
 def providers_for(op: str, shape: Shape, names: Sequence[str], device: torch.device) -> List[Provider]:
     chosen = [ALL_PROVIDERS[n] for n in OP_PROVIDERS[op] if n in names]
-    # FlexAttention has no CPU backward, varlen flash attention no CPU kernel. Flex compiles anew for every shape (~20 s with its
-    # backward) and the padded reference is slow: in the sweep both run at L = 1000 and 4096 only.
+    # FlexAttention has no CPU backward, varlen flash attention no CPU kernel. Flex compiles anew
+    # for every shape (~20 s with its backward) and the padded reference is slow: in the sweep both
+    # run at L = 1000 and 4096 only.
     swept = shape.L not in (TARGET.L, 4096, QUICK.L)
     return [p for p in chosen if not (p.name in CUDA_ONLY and device.type != "cuda")
             and not (swept and p.name in ("flex", "reference"))]

@@ -1,8 +1,9 @@
-"""Benchmarks of the Triton kernels I: fused session pooling + routing, theme dispatch, theme
-gather and theme scatter, each against the reference eager and the reference under torch.compile.
+"""Benchmarks of the pooling, dispatch and gather kernels: fused session pooling + routing
+(`session_pool_route`), `theme_dispatch` (with the gather it feeds), `theme_gather` and
+`theme_scatter`, each against the reference eager and the reference under torch.compile.
 
-    python -m benchmarks.bench_kernels --out DIR [--quick] [--ops pool_route,dispatch,gather,scatter]
-                                       [--dtype bf16,fp16,fp32] [--device cuda]
+    python -m benchmarks.bench_kernels --out DIR [--quick]
+        [--ops session_pool_route,theme_dispatch,theme_gather,theme_scatter] [--dtype bf16,fp16,fp32] [--device cuda]
 
 Inputs are jagged histories of about L tokens per example (±50 %, every 64th one empty),
 B = 2^21 // L examples, cut into sessions of 8 by `sessionize(mode="fixed")`, routed by the
@@ -46,7 +47,7 @@ class Shape:
         return dict(B=self.examples, L=self.L, d=self.d, K=self.K, top_k=self.top_k)
 
 
-# The issue's target point, and the tiny shape of --quick (interpreter smoke runs).
+# The target point (benchmarks/targets.py), and the tiny shape of --quick (interpreter smoke runs).
 TARGET = Shape(**targets.KERNELS_POINT)
 QUICK = Shape(L=64, d=32, K=4, top_k=2, B=4)
 
@@ -54,10 +55,10 @@ QUICK = Shape(L=64, d=32, K=4, top_k=2, B=4)
 # that change an op's work: K does not change what gather/scatter move, d hardly changes dispatch.
 AXES = {"d": (64, 128, 256), "K": (4, 8, 16, 32), "L": (256, 1024, 4096), "top_k": (1, 2)}
 SWEEPS = {
-    "pool_route": ("d", "K", "L"),
-    "dispatch": ("K", "L", "top_k"),
-    "gather": ("d", "L", "top_k"),
-    "scatter": ("d", "L", "top_k"),
+    "session_pool_route": ("d", "K", "L"),
+    "theme_dispatch": ("K", "L", "top_k"),
+    "theme_gather": ("d", "L", "top_k"),
+    "theme_scatter": ("d", "L", "top_k"),
 }
 OPS = tuple(SWEEPS)
 
@@ -109,7 +110,7 @@ def build_batch(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 # Byte floors: T tokens, S sessions, T' = T·top_k theme rows, e = bytes per value element,
 # int64 indices and offsets (8 bytes), fp32 scores/probs/prototypes (4 bytes).
 
-def pool_route_case(batch: Batch) -> Case:
+def session_pool_route_case(batch: Batch) -> Case:
     c = batch.columns
     tokens, sessions, d, num_themes, top_k = c["T"], c["S"], c["d"], c["K"], c["top_k"]
     e = batch.values.element_size()
@@ -120,7 +121,7 @@ def pool_route_case(batch: Batch) -> Case:
         return pooled, routing.gate, routing.probs, routing.scores, routing.themes
 
     return Case(
-        op="pool_route", kernels=("session_pool_route",), run=run,
+        op="session_pool_route", kernels=("session_pool_route",), run=run,
         inputs=(batch.values, batch.sessions.session_offsets, batch.prototypes), dtype=batch.dtype, shape=c,
         bytes={
             # read values T·d·e, prototypes K·d·4, offsets (S+1)·8; write pooled S·d·e,
@@ -142,8 +143,8 @@ def pool_route_case(batch: Batch) -> Case:
         grad_inputs=(0, 2), grad_outputs=(0, 1, 2), checked_outputs=(0, 2), launch_bound=True)
 
 
-def dispatch_case(batch: Batch) -> Case:
-    """Index build + the gather it feeds (reference dispatch + gather vs Triton dispatch + gather)."""
+def theme_dispatch_case(batch: Batch) -> Case:
+    """theme_dispatch's index build + the gather it feeds (the layer always runs them together)."""
     c = batch.columns
     tokens, rows, sessions, d, top_k = c["T"], c["rows"], c["S"], c["d"], c["top_k"]
     examples, num_themes = c["B"], c["K"]
@@ -160,7 +161,7 @@ def dispatch_case(batch: Batch) -> Case:
 
     s = batch.sessions
     return Case(
-        op="dispatch", kernels=("theme_dispatch", "theme_gather"), run=run,
+        op="theme_dispatch", kernels=("theme_dispatch", "theme_gather"), run=run,
         inputs=(batch.themes, batch.gate, s.session_offsets, s.session_example, s.example_session_offsets,
                 batch.values),
         dtype=batch.dtype, shape=c,
@@ -186,7 +187,7 @@ def _scatter_bytes(tokens: int, rows: int, d: int, e: int) -> int:
     return rows * d * e + tokens * d * e + rows * (8 + e)
 
 
-def gather_case(batch: Batch) -> Case:
+def theme_gather_case(batch: Batch) -> Case:
     c, dispatch = batch.columns, batch.dispatch
     e = batch.values.element_size()
     sizes = (c["T"], c["rows"], c["d"], e)
@@ -195,14 +196,14 @@ def gather_case(batch: Batch) -> Case:
         return (mk.theme_gather(values, gather_index, row_gate, inverse_index=inverse_index, backend=backend),)
 
     return Case(
-        op="gather", kernels=("theme_gather",), run=run,
+        op="theme_gather", kernels=("theme_gather",), run=run,
         inputs=(batch.values, dispatch.gather_index, dispatch.row_gate, dispatch.inverse_index),
         dtype=batch.dtype, shape=c,
         bytes={"fwd": _gather_bytes(*sizes), "bwd": _scatter_bytes(*sizes)},   # backward = scatter
         grad_inputs=(0,), grad_outputs=(0,))
 
 
-def scatter_case(batch: Batch) -> Case:
+def theme_scatter_case(batch: Batch) -> Case:
     c, dispatch = batch.columns, batch.dispatch
     e = batch.values.element_size()
     sizes = (c["T"], c["rows"], c["d"], e)
@@ -215,15 +216,15 @@ def scatter_case(batch: Batch) -> Case:
                                  backend=backend),)
 
     return Case(
-        op="scatter", kernels=("theme_scatter",), run=run,
+        op="theme_scatter", kernels=("theme_scatter",), run=run,
         inputs=(theme_rows, dispatch.gather_index, dispatch.row_gate, dispatch.inverse_index),
         dtype=batch.dtype, shape=c,
         bytes={"fwd": _scatter_bytes(*sizes), "bwd": _gather_bytes(*sizes)},   # backward = gather
         grad_inputs=(0,), grad_outputs=(0,))
 
 
-CASE_BUILDERS = {"pool_route": pool_route_case, "dispatch": dispatch_case, "gather": gather_case,
-                 "scatter": scatter_case}
+CASE_BUILDERS = {"session_pool_route": session_pool_route_case, "theme_dispatch": theme_dispatch_case,
+                 "theme_gather": theme_gather_case, "theme_scatter": theme_scatter_case}
 
 
 def build_case(op: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Case:
