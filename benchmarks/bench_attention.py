@@ -1,37 +1,30 @@
-"""Benchmarks of the Triton kernels II and the fused MoS layer.
+"""Benchmarks of the attention and grouped-GEMM kernels and the fused MoS layer.
 
-    python -m benchmarks.bench_attention --out DIR [--quick] [--ops layer,target_attention,...]
+    python -m benchmarks.bench_attention --out DIR [--quick] [--ops layer,expert_target_attention,...]
                                          [--dtype bf16,fp16,fp32] [--device cuda]
 
 Inputs: jagged histories of about L tokens (±50 %, every 64th one empty), B examples (B = 256 at
-the issue's point L = 1000; B·L ≈ 256k elsewhere), d = 64, H = 2 heads, cut into sessions of 8
+the target point L = 1000; B·L ≈ 256k elsewhere), d = 64, H = 2 heads, cut into sessions of 8
 and routed by the reference `session_pool_route` to K = 8 themes (top-1) against random
 prototypes; the dispatch is built once per case, so every provider sees the same one.
 
 Ops (rows of DIR/bench_attention.csv):
-  target_attention  the theme experts' target attention over the dispatch (gather fused)
-  self_attention    causal attention inside every theme subsequence (the theme-major layout)
+  expert_target_attention  the theme experts' target attention over the dispatch (gather fused)
+  jagged_self_attention    causal attention inside every theme subsequence (the theme-major layout)
   dense_attention   causal SDPA over every whole sequence, padded to the longest: what MoS replaces
   dense_attention_varlen  the same attention without padding (torch's varlen flash attention)
-  grouped_linear[_gather] the experts' grouped linear, d -> 3d (benchmarks/grouped_linear_cases.py)
+  grouped_linear[_gather] the experts' grouped linear, d -> 3d (rows gathered inside the op or not)
   layer             MoSLayer (target-attention experts) forward + backward, parameters included
   mos_transformer   MoSLayer(encoder="transformer", global_scope="sessions"), Triton
   dense_transformer one pre-LN causal transformer layer (SDPA) over the padded whole sequences
-Providers: `reference`, `compiled` (the reference under torch.compile), `compiled_fused` (the
-kernels' algorithm in plain PyTorch, compiled: benchmarks/providers_fused.py), `triton`, and the
-baselines of benchmarks/attention_baselines.py: `sdpa_padded`, `flex` (the block mask is built
-once, outside the timing; CUDA only), `varlen_attn` (CUDA only). The floors of every case are
-written beside its builder; attention FLOPs are the jagged count (sum over segments of
+Providers per op: OP_PROVIDERS (benchmarks/README.md says what each runs). The floors of every
+case are written beside its builder; attention FLOPs are the jagged count (sum over segments of
 L_g (L_g+1)/2 query-key pairs, 4·d FLOPs each forward, 10·d backward).
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,12 +32,11 @@ import torch.nn.functional as F
 
 import mos_kernels as mk
 from benchmarks import attention_baselines as baselines
-from benchmarks import targets
-from benchmarks.grouped_linear_cases import grouped_linear_case, grouped_linear_gather_case
-from benchmarks.harness import comma_subset, progress_line
-from benchmarks.harness import DTYPES, PROVIDERS, Case, Environment, Provider, Timer, free_memory, make_row, run_case
-from benchmarks.providers_fused import COMPILED_FUSED, fuse_layer, fused_target_attention
-from benchmarks.tables import CsvSink, describe_error, print_table, print_targets
+from benchmarks import run, targets
+from benchmarks.harness import DTYPES, PROVIDERS, Case, Provider
+from benchmarks.providers_fused import COMPILED_FUSED, fuse_layer, fused_grouped_linear, fused_target_attention
+from benchmarks.run import Bench
+from benchmarks.tables import Target
 from mos import MoSConfig, MoSLayer
 from mos_kernels.jagged_self_attention import attention_pairs
 
@@ -52,6 +44,7 @@ TOKENS = 256_000
 SESSION_LEN = 8
 TEMPERATURE = 0.1
 HEADS = 2
+QKV_WIDTH = 3     # grouped_linear's d_out = QKV_WIDTH * d: the query-key-value projection
 
 
 @dataclass(frozen=True)
@@ -64,6 +57,10 @@ class Shape:
     @property
     def examples(self) -> int:
         return self.B or max(TOKENS // self.L, 1)
+
+    @property
+    def columns(self) -> Dict[str, int]:
+        return dict(B=self.examples, L=self.L, d=self.d, K=self.K)
 
 
 TARGET = Shape(**targets.ATTENTION_POINT)
@@ -80,8 +77,8 @@ CUDA_ONLY = ("flex", "varlen_attn")
 COMPARED = ("reference", "triton", "compiled_fused", "compiled")
 OP_PROVIDERS = {
     "layer": COMPARED,
-    "target_attention": COMPARED,
-    "self_attention": ("reference", "triton", "sdpa_padded", "flex"),
+    "expert_target_attention": COMPARED,
+    "jagged_self_attention": ("reference", "triton", "sdpa_padded", "flex"),
     "dense_attention": ("sdpa",),
     "dense_attention_varlen": ("varlen_attn",),
     "grouped_linear": COMPARED,
@@ -91,7 +88,7 @@ OP_PROVIDERS = {
 }
 OPS = tuple(OP_PROVIDERS)
 # Swept over L (after the target point), as far as a time budget goes.
-SWEPT = ("self_attention", "dense_attention", "dense_attention_varlen", "mos_transformer", "dense_transformer")
+SWEPT = ("jagged_self_attention", "dense_attention", "dense_attention_varlen", "mos_transformer", "dense_transformer")
 TRANSFORMERS = ("mos_transformer", "dense_transformer")
 
 TARGETS = targets.ATTENTION_TARGETS
@@ -146,7 +143,7 @@ def build_batch(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 # ----------------------------------------------------------------------------- cases
 # Byte floors: T tokens, G = K·B segments, e bytes per element, int64 indices and offsets.
 
-def target_attention_case(batch: Batch) -> Case:
+def expert_target_attention_case(batch: Batch) -> Case:
     c, dispatch = batch.columns, batch.dispatch
     tokens, d, num_themes = c["T"], c["d"], c["K"]
     segments = num_themes * c["B"]
@@ -165,7 +162,7 @@ def target_attention_case(batch: Batch) -> Case:
 
     weights = 2 * num_themes * d * d * e + 2 * num_themes * d * e
     return Case(
-        op="target_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype,
+        op="expert_target_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype,
         shape=c,
         bytes={
             # read every gathered row T·d·e once, its index and gate T·(8+e), the offsets (G+1)·8,
@@ -181,7 +178,7 @@ def target_attention_case(batch: Batch) -> Case:
         grad_inputs=(0, 1, 2, 4, 5, 6), grad_outputs=(0,))
 
 
-def self_attention_case(batch: Batch) -> Case:
+def jagged_self_attention_case(batch: Batch) -> Case:
     c, offsets = batch.columns, batch.dispatch.theme_offsets
     rows, d = c["T"], c["d"]
     e = batch.values.element_size()
@@ -198,12 +195,58 @@ def self_attention_case(batch: Batch) -> Case:
                                          backend=backend),)
 
     return Case(
-        op="self_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype, shape=c,
+        op="jagged_self_attention", kernels=(), run=run, inputs=inputs, dtype=batch.dtype, shape=c,
         # fwd: read q, k, v, write out (4·T·d·e) and the log-sum-exp T·H·4; bwd: read q, k, v, out,
         # dout, lse, write dq, dk, dv (8·T·d·e + T·H·4).
         bytes={"fwd": 4 * rows * d * e + rows * HEADS * 4, "bwd": 8 * rows * d * e + rows * HEADS * 4},
         flops={"fwd": 4 * d * pairs, "bwd": 10 * d * pairs},
         grad_inputs=(0, 1, 2), grad_outputs=(0,))
+
+
+def grouped_linear_case(batch: Batch, gather: bool = False) -> Case:
+    """The experts' grouped linear at the query-key-value projection's shape, d -> 3d, over the
+    theme-major rows: plain rows (already gathered), or with `gather` the tokens gathered and
+    gated inside the op (the first layer). Differentiated: the rows (or tokens), the weight, the
+    bias, and for the gather the gate."""
+    c, dispatch = batch.columns, batch.dispatch
+    num_rows, d, num_themes = c["T"], c["d"], c["K"]
+    d_out = QKV_WIDTH * d
+    e = batch.values.element_size()
+    expert_offsets = dispatch.theme_offsets[::c["B"]]
+    max_rows = int((expert_offsets[1:] - expert_offsets[:-1]).max())     # the reference pads to it
+    x = batch.values if gather else batch.randn(num_rows, d, seed=41)
+    weight = batch.randn(num_themes, d, d_out, seed=42, scale=d ** -0.5)
+    bias = batch.randn(num_themes, d_out, seed=43)
+    inputs = (x, weight, bias) + ((dispatch.row_gate.detach().to(batch.dtype),) if gather else ())
+
+    def run(backend, x, weight, bias, gate=None):
+        index = dict(gather_index=dispatch.gather_index, row_gate=gate) if gather else {}
+        if backend == "fused":
+            return (fused_grouped_linear(x, weight, bias, expert_offsets, max_rows=max_rows, **index),)
+        if gather:
+            index["inverse_index"] = dispatch.inverse_index
+        return (mk.grouped_linear(x, weight, bias, expert_offsets, max_rows=max_rows, backend=backend, **index),)
+
+    weights = num_themes * d * d_out * e + num_themes * d_out * e
+    # The gather reads an int64 index and a gate per row; its backward writes the gates' gradient
+    # and sums the rows' gradients into the tokens (T·d·e more, top-1 routing: T' = T).
+    gathered = (num_rows * (8 + e), num_rows * (e + d * e)) if gather else (0, 0)
+    return Case(
+        op="grouped_linear_gather" if gather else "grouped_linear", kernels=(), run=run, inputs=inputs,
+        dtype=batch.dtype, shape=c,
+        bytes={
+            # read the rows N·d·e, the weight and bias, the offsets (K+1)·8; write N·d_out·e
+            "fwd": num_rows * d * e + weights + (num_themes + 1) * 8 + num_rows * d_out * e + gathered[0],
+            # read the output gradient N·d_out·e, the rows and the weight; write the rows' and the
+            # weight's and bias's gradients
+            "bwd": num_rows * d_out * e + 2 * num_rows * d * e + 2 * weights + (num_themes + 1) * 8 + sum(gathered),
+        },
+        flops={"fwd": 2 * num_rows * d * d_out, "bwd": 4 * num_rows * d * d_out},
+        grad_inputs=tuple(range(len(inputs))), grad_outputs=(0,))
+
+
+def grouped_linear_gather_case(batch: Batch) -> Case:
+    return grouped_linear_case(batch, gather=True)
 
 
 def _padded_sequences(batch: Batch, dim: int, seed: int) -> torch.Tensor:
@@ -298,7 +341,8 @@ def dense_transformer_case(batch: Batch) -> Case:
 
 
 CASE_BUILDERS: Dict[str, Callable[[Batch], Case]] = {
-    "layer": layer_case, "target_attention": target_attention_case, "self_attention": self_attention_case,
+    "layer": layer_case, "expert_target_attention": expert_target_attention_case,
+    "jagged_self_attention": jagged_self_attention_case,
     "dense_attention": dense_attention_case, "dense_attention_varlen": dense_attention_varlen_case,
     "grouped_linear": grouped_linear_case, "grouped_linear_gather": grouped_linear_gather_case,
     "mos_transformer": mos_transformer_case, "dense_transformer": dense_transformer_case,
@@ -338,92 +382,38 @@ def plan(ops: Sequence[str], dtypes: Sequence[str], quick: bool,
 
 def providers_for(op: str, shape: Shape, names: Sequence[str], device: torch.device) -> List[Provider]:
     chosen = [ALL_PROVIDERS[n] for n in OP_PROVIDERS[op] if n in names]
-    # FlexAttention has no CPU backward, varlen flash attention no CPU kernel. Flex compiles anew for every shape (~20 s with its
-    # backward) and the padded reference is slow: in the sweep both run at L = 1000 and 4096 only.
+    # FlexAttention has no CPU backward, varlen flash attention no CPU kernel. Flex compiles anew
+    # for every shape (~20 s with its backward) and the padded reference is slow: in the sweep both
+    # run at L = 1000 and 4096 only.
     swept = shape.L not in (TARGET.L, 4096, QUICK.L)
     return [p for p in chosen if not (p.name in CUDA_ONLY and device.type != "cuda")
             and not (swept and p.name in ("flex", "reference"))]
 
 
-# ----------------------------------------------------------------------------- CLI
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder of bench_attention.csv (rows are appended)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run (CPU interpreter included)")
-    parser.add_argument("--ops", type=comma_subset(OPS), default=list(OPS), help=f"default: {','.join(OPS)}")
-    parser.add_argument("--dtype", type=comma_subset(tuple(DTYPES)), default=None,
-                        help="default: bf16 (the sweeps), fp16,fp32 at the target point; --quick: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", type=comma_subset(tuple(ALL_PROVIDERS)), default=list(ALL_PROVIDERS),
-                        help=f"default: {','.join(ALL_PROVIDERS)}")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
-    parser.add_argument("--rep-ms", type=float, default=50.0)
-    parser.add_argument("--warmup-ms", type=float, default=25.0)
-    parser.add_argument("--cpu-reps", type=int, default=3)
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds: start no new case after this (the plan runs the targets first)")
-    parser.add_argument("--plan", choices=("full", "targets"), default="full",
-                        help="targets: the target point (transformers at L=4096) in every --dtype, no sweep")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type not in ("cuda", "cpu"):
-        parser.error(f"--device: expected cuda or cpu, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device: expected cpu (no CUDA device is visible), got cuda")
-    if args.dtype is None:
-        args.dtype = (["fp32"] if device.type == "cpu" else ["bf16"]) if args.quick else list(DTYPES)
-    return args
+def targets_at(quick: bool, dtypes: Sequence[str]) -> Tuple[Sequence[Target], Dict[str, object], str]:
+    """The targets at the target point (bf16) or, with --quick, at QUICK in the first dtype (and
+    then those fixed at another point too: the quick run has only its own)."""
+    shape, dtype = (QUICK, dtypes[0]) if quick else (TARGET, "bf16")
+    where = dict(dtype=dtype, L=shape.L, d=shape.d, K=shape.K)
+    chosen = TARGETS if not quick else tuple(replace(t, at=()) for t in TARGETS)
+    title = f"Targets at {dtype}, B={shape.examples}, L={shape.L}, d={shape.d}, K={shape.K}, H={HEADS}"
+    return chosen, where, title
 
 
-def _run_one(op, shape, dtype, device, providers, env, timer, compile_backend, sink):
-    case = None
-    try:
-        case = build_case(op, shape, dtype, device)
-        return run_case(case, providers, env, timer, compile_backend=compile_backend, emit=sink)
-    except Exception as exc:   # building the inputs failed (OOM, ...): one row says so
-        columns = dict(B=shape.examples, L=shape.L, d=shape.d, K=shape.K)
-        rows = [make_row(env, op=op, provider="-", mode="-", dtype=dtype, shape=columns, error=describe_error(exc))]
-        sink(rows)
-        return rows
-    finally:
-        case = None
-        free_memory(device)
+def default_providers(requested: Optional[Sequence[str]], device: torch.device) -> List[str]:
+    return list(requested) if requested is not None else list(ALL_PROVIDERS)
+
+
+BENCH = Bench(
+    name="bench_attention", description=__doc__.split("\n\n")[0], ops=OPS, providers=tuple(ALL_PROVIDERS),
+    default_providers=default_providers, plan=plan, build_case=build_case, providers_for=providers_for,
+    targets=targets_at,
+    dtype_help="default: bf16 (the sweeps), fp16,fp32 at the target point; --quick: fp32 on CPU, bf16 on CUDA",
+    plan_help="targets: the target point (transformers at L=4096) in every --dtype, no sweep")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    device = torch.device(args.device)
-    timer = Timer(rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps)
-    env = Environment.detect(device, timer)
-    cases = plan(args.ops, args.dtype, args.quick, args.plan == "targets")
-    sink = CsvSink(Path(args.out) / "bench_attention.csv")
-    print(f"bench_attention: {len(cases)} cases on {env.card} ({env.device}), {env.timing}", file=sys.stderr)
-    rows: List[Dict[str, object]] = []
-    begin = time.perf_counter()
-    for i, (op, shape, dtype) in enumerate(cases, 1):
-        start = time.perf_counter()
-        if args.time_budget is not None and start - begin > args.time_budget:
-            print(f"bench_attention: time budget of {args.time_budget:g} s spent; {len(cases) - i + 1} of "
-                  f"{len(cases)} cases not run", file=sys.stderr)
-            break
-        case_rows = _run_one(op, shape, dtype, device, providers_for(op, shape, args.providers, device), env,
-                             timer, args.compile_backend, sink)
-        rows.extend(case_rows)
-        print(progress_line(i, len(cases), op, dtype, case_rows, time.perf_counter() - start), file=sys.stderr)
-    print_table(rows)
-    print()
-    shape, dtype = (QUICK, args.dtype[0]) if args.quick else (TARGET, "bf16")
-    where = dict(dtype=dtype, L=shape.L, d=shape.d, K=shape.K)
-    targets = TARGETS if not args.quick else tuple(replace(t, at=()) for t in TARGETS)
-    title = (f"Targets at {dtype}, B={shape.examples}, L={shape.L}, d={shape.d}, K={shape.K}, H={HEADS}"
-             + (" (--quick shape, not the target point)" if args.quick else "")
-             + (" [CPU: not meaningful]" if device.type == "cpu" else ""))
-    print_targets(rows, targets, where, title)
-    errors = sum(1 for r in rows if r["error"])
-    print(f"\n{len(rows)} rows ({errors} with errors) appended to {sink.path}")
-    return 0
+    return run.main(BENCH, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Benchmarks of the Triton kernels I: fused session pooling + routing, theme dispatch, theme
-gather and theme scatter, each against the reference eager and the reference under torch.compile.
+"""Benchmarks of the pooling, dispatch and gather kernels: fused session pooling + routing
+(`session_pool_route`), `theme_dispatch` (with the gather it feeds), `theme_gather` and
+`theme_scatter`, each against the reference eager and the reference under torch.compile.
 
-    python -m benchmarks.bench_kernels --out DIR [--quick] [--ops pool_route,dispatch,gather,scatter]
-                                       [--dtype bf16,fp16,fp32] [--device cuda]
+    python -m benchmarks.bench_kernels --out DIR [--quick]
+        [--ops session_pool_route,theme_dispatch,theme_gather,theme_scatter] [--dtype bf16,fp16,fp32] [--device cuda]
 
 Inputs are jagged histories of about L tokens per example (±50 %, every 64th one empty),
 B = 2^21 // L examples, cut into sessions of 8 by `sessionize(mode="fixed")`, routed by the
@@ -12,21 +13,17 @@ floor) are written beside its case builder. Rows are appended to DIR/bench_kerne
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import mos_kernels as mk
-from benchmarks.harness import available_providers, comma_subset, progress_line
-from benchmarks.harness import DTYPES, PROVIDERS, Case, Environment, Timer, free_memory, make_row, run_case
-from benchmarks import targets
-from benchmarks.tables import CsvSink, describe_error, print_table, print_targets
+from benchmarks import run, targets
+from benchmarks.harness import DTYPES, PROVIDERS, Case, Provider, available_providers
+from benchmarks.run import Bench
+from benchmarks.tables import Target
 
 TOKENS = 2 ** 21          # B·L of every full-size case (~2M tokens)
 SESSION_LEN = 8
@@ -45,8 +42,12 @@ class Shape:
     def examples(self) -> int:
         return self.B or max(TOKENS // self.L, 1)
 
+    @property
+    def columns(self) -> Dict[str, int]:
+        return dict(B=self.examples, L=self.L, d=self.d, K=self.K, top_k=self.top_k)
 
-# The issue's target point, and the tiny shape of --quick (interpreter smoke runs).
+
+# The target point (benchmarks/targets.py), and the tiny shape of --quick (interpreter smoke runs).
 TARGET = Shape(**targets.KERNELS_POINT)
 QUICK = Shape(L=64, d=32, K=4, top_k=2, B=4)
 
@@ -54,10 +55,10 @@ QUICK = Shape(L=64, d=32, K=4, top_k=2, B=4)
 # that change an op's work: K does not change what gather/scatter move, d hardly changes dispatch.
 AXES = {"d": (64, 128, 256), "K": (4, 8, 16, 32), "L": (256, 1024, 4096), "top_k": (1, 2)}
 SWEEPS = {
-    "pool_route": ("d", "K", "L"),
-    "dispatch": ("K", "L", "top_k"),
-    "gather": ("d", "L", "top_k"),
-    "scatter": ("d", "L", "top_k"),
+    "session_pool_route": ("d", "K", "L"),
+    "theme_dispatch": ("K", "L", "top_k"),
+    "theme_gather": ("d", "L", "top_k"),
+    "theme_scatter": ("d", "L", "top_k"),
 }
 OPS = tuple(SWEEPS)
 
@@ -109,7 +110,7 @@ def build_batch(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 # Byte floors: T tokens, S sessions, T' = T·top_k theme rows, e = bytes per value element,
 # int64 indices and offsets (8 bytes), fp32 scores/probs/prototypes (4 bytes).
 
-def pool_route_case(batch: Batch) -> Case:
+def session_pool_route_case(batch: Batch) -> Case:
     c = batch.columns
     tokens, sessions, d, num_themes, top_k = c["T"], c["S"], c["d"], c["K"], c["top_k"]
     e = batch.values.element_size()
@@ -120,7 +121,7 @@ def pool_route_case(batch: Batch) -> Case:
         return pooled, routing.gate, routing.probs, routing.scores, routing.themes
 
     return Case(
-        op="pool_route", kernels=("session_pool_route",), run=run,
+        op="session_pool_route", kernels=("session_pool_route",), run=run,
         inputs=(batch.values, batch.sessions.session_offsets, batch.prototypes), dtype=batch.dtype, shape=c,
         bytes={
             # read values T·d·e, prototypes K·d·4, offsets (S+1)·8; write pooled S·d·e,
@@ -142,8 +143,8 @@ def pool_route_case(batch: Batch) -> Case:
         grad_inputs=(0, 2), grad_outputs=(0, 1, 2), checked_outputs=(0, 2), launch_bound=True)
 
 
-def dispatch_case(batch: Batch) -> Case:
-    """Index build + the gather it feeds (reference dispatch + gather vs Triton dispatch + gather)."""
+def theme_dispatch_case(batch: Batch) -> Case:
+    """theme_dispatch's index build + the gather it feeds (the layer always runs them together)."""
     c = batch.columns
     tokens, rows, sessions, d, top_k = c["T"], c["rows"], c["S"], c["d"], c["top_k"]
     examples, num_themes = c["B"], c["K"]
@@ -160,7 +161,7 @@ def dispatch_case(batch: Batch) -> Case:
 
     s = batch.sessions
     return Case(
-        op="dispatch", kernels=("theme_dispatch", "theme_gather"), run=run,
+        op="theme_dispatch", kernels=("theme_dispatch", "theme_gather"), run=run,
         inputs=(batch.themes, batch.gate, s.session_offsets, s.session_example, s.example_session_offsets,
                 batch.values),
         dtype=batch.dtype, shape=c,
@@ -186,7 +187,7 @@ def _scatter_bytes(tokens: int, rows: int, d: int, e: int) -> int:
     return rows * d * e + tokens * d * e + rows * (8 + e)
 
 
-def gather_case(batch: Batch) -> Case:
+def theme_gather_case(batch: Batch) -> Case:
     c, dispatch = batch.columns, batch.dispatch
     e = batch.values.element_size()
     sizes = (c["T"], c["rows"], c["d"], e)
@@ -195,14 +196,14 @@ def gather_case(batch: Batch) -> Case:
         return (mk.theme_gather(values, gather_index, row_gate, inverse_index=inverse_index, backend=backend),)
 
     return Case(
-        op="gather", kernels=("theme_gather",), run=run,
+        op="theme_gather", kernels=("theme_gather",), run=run,
         inputs=(batch.values, dispatch.gather_index, dispatch.row_gate, dispatch.inverse_index),
         dtype=batch.dtype, shape=c,
         bytes={"fwd": _gather_bytes(*sizes), "bwd": _scatter_bytes(*sizes)},   # backward = scatter
         grad_inputs=(0,), grad_outputs=(0,))
 
 
-def scatter_case(batch: Batch) -> Case:
+def theme_scatter_case(batch: Batch) -> Case:
     c, dispatch = batch.columns, batch.dispatch
     e = batch.values.element_size()
     sizes = (c["T"], c["rows"], c["d"], e)
@@ -215,15 +216,15 @@ def scatter_case(batch: Batch) -> Case:
                                  backend=backend),)
 
     return Case(
-        op="scatter", kernels=("theme_scatter",), run=run,
+        op="theme_scatter", kernels=("theme_scatter",), run=run,
         inputs=(theme_rows, dispatch.gather_index, dispatch.row_gate, dispatch.inverse_index),
         dtype=batch.dtype, shape=c,
         bytes={"fwd": _scatter_bytes(*sizes), "bwd": _gather_bytes(*sizes)},   # backward = gather
         grad_inputs=(0,), grad_outputs=(0,))
 
 
-CASE_BUILDERS = {"pool_route": pool_route_case, "dispatch": dispatch_case, "gather": gather_case,
-                 "scatter": scatter_case}
+CASE_BUILDERS = {"session_pool_route": session_pool_route_case, "theme_dispatch": theme_dispatch_case,
+                 "theme_gather": theme_gather_case, "theme_scatter": theme_scatter_case}
 
 
 def build_case(op: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Case:
@@ -253,93 +254,30 @@ def plan(ops: Sequence[str], dtypes: Sequence[str], quick: bool,
     return cases
 
 
-def target_point(quick: bool, dtypes: Sequence[str]) -> Dict[str, object]:
+def targets_at(quick: bool, dtypes: Sequence[str]) -> Tuple[Sequence[Target], Dict[str, object], str]:
+    """The targets, at the target point (bf16) or, with --quick, at QUICK in the first dtype."""
     shape = QUICK if quick else TARGET
-    dtype = dtypes[0] if quick else "bf16"
-    return dict(dtype=dtype, L=shape.L, d=shape.d, K=shape.K, top_k=shape.top_k)
+    where = dict(dtype=dtypes[0] if quick else "bf16", L=shape.L, d=shape.d, K=shape.K, top_k=shape.top_k)
+    title = "Targets at " + ", ".join(f"{k}={v}" for k, v in where.items()) + ("" if quick else " (T ~ 2M)")
+    return TARGETS, where, title
 
 
-# ----------------------------------------------------------------------------- CLI
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder of bench_kernels.csv (rows are appended)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run (CPU interpreter included)")
-    parser.add_argument("--ops", type=comma_subset(OPS), default=list(OPS), help=f"default: {','.join(OPS)}")
-    parser.add_argument("--dtype", type=comma_subset(tuple(DTYPES)), default=None,
-                        help="default: bf16,fp16,fp32 (fp16/fp32 at the target point only); "
-                             "--quick: fp32 on CPU (the interpreter cannot do bf16), bf16 on CUDA")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda or cpu (default: cuda when visible)")
-    parser.add_argument("--providers", type=comma_subset(tuple(PROVIDERS)), default=None,
-                        help=f"default: {','.join(PROVIDERS)} (cuda where the extension can be had)")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend of the 'compiled' provider (default inductor)")
-    parser.add_argument("--rep-ms", type=float, default=50.0, help="CUDA: do_bench timed repetition budget")
-    parser.add_argument("--warmup-ms", type=float, default=25.0, help="CUDA: do_bench warm-up budget")
-    parser.add_argument("--cpu-reps", type=int, default=3, help="CPU: timed calls per row")
-    parser.add_argument("--plan", choices=("full", "targets"), default="full",
-                        help="targets: the target point of every op in every --dtype, no sweep")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type not in ("cuda", "cpu"):
-        parser.error(f"--device: expected cuda or cpu, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device: expected cpu (no CUDA device is visible), got cuda")
-    if args.cpu_reps < 1:
-        parser.error(f"--cpu-reps: expected at least 1, got {args.cpu_reps}")
-    args.providers = available_providers(args.providers, device)
-    if args.dtype is None:
-        args.dtype = (["fp32"] if device.type == "cpu" else ["bf16"]) if args.quick else list(DTYPES)
-    return args
+def providers_for(op: str, shape: Shape, names: Sequence[str], device: torch.device) -> List[Provider]:
+    """Every op is timed by every provider asked for (a case skips those its kernels lack)."""
+    return [PROVIDERS[name] for name in names]
 
 
-def _run_one(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, providers, env: Environment,
-             timer: Timer, compile_backend: str, sink: CsvSink) -> List[Dict[str, object]]:
-    try:
-        case = build_case(op, shape, dtype, device)
-        return run_case(case, providers, env, timer, compile_backend=compile_backend, emit=sink)
-    except Exception as exc:   # building the inputs failed (OOM, ...): one row says so
-        columns = dict(B=shape.examples, L=shape.L, d=shape.d, K=shape.K, top_k=shape.top_k)
-        rows = [make_row(env, op=op, provider="-", mode="-", dtype=dtype, shape=columns, error=describe_error(exc))]
-        sink(rows)
-        return rows
-    finally:
-        case = None
-        free_memory(device)
+BENCH = Bench(
+    name="bench_kernels", description=__doc__.split("\n\n")[0], ops=OPS, providers=tuple(PROVIDERS),
+    default_providers=available_providers, plan=plan, build_case=build_case,
+    providers_for=providers_for, targets=targets_at,
+    dtype_help="default: bf16,fp16,fp32 (fp16/fp32 at the target point only); "
+               "--quick: fp32 on CPU (the interpreter cannot do bf16), bf16 on CUDA",
+    plan_help="targets: the target point of every op in every --dtype, no sweep")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    # The compiled reference dispatch breaks its graph at a .item() (the reference reads T back);
-    # dynamo's multi-line warning about it would drown the progress lines.
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    device = torch.device(args.device)
-    timer = Timer(rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps)
-    env = Environment.detect(device, timer)
-    providers = [PROVIDERS[name] for name in args.providers]
-    cases = plan(args.ops, args.dtype, args.quick, args.plan == "targets")
-    sink = CsvSink(Path(args.out) / "bench_kernels.csv")
-    peak = "none" if env.peak_bw is None else f"{env.peak_bw / 1e12:.2f} TB/s"
-    print(f"bench_kernels: {len(cases)} cases on {env.card} ({env.device}), peak bandwidth {peak} "
-          f"[{env.peak_source}], {env.timing}", file=sys.stderr)
-    rows: List[Dict[str, object]] = []
-    for i, (op, shape, dtype) in enumerate(cases, 1):
-        start = time.perf_counter()
-        case_rows = _run_one(op, shape, dtype, device, providers, env, timer, args.compile_backend, sink)
-        rows.extend(case_rows)
-        print(progress_line(i, len(cases), op, dtype, case_rows, time.perf_counter() - start, str(shape)),
-              file=sys.stderr)
-    print_table(rows)
-    print()
-    where = target_point(args.quick, args.dtype)
-    title = ("Targets at " + ", ".join(f"{k}={v}" for k, v in where.items())
-             + (" (--quick shape, not the target point)" if args.quick else " (T ~ 2M)")
-             + (" [CPU: not meaningful]" if device.type == "cpu" else ""))
-    print_targets(rows, TARGETS, where, title)
-    errors = sum(1 for r in rows if r["error"])
-    print(f"\n{len(rows)} rows ({errors} with errors) appended to {sink.path}")
-    return 0
+    return run.main(BENCH, argv)
 
 
 if __name__ == "__main__":

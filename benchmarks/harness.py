@@ -39,11 +39,11 @@ from mos_kernels.backend import IMPLEMENTED
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Device-to-device copy bandwidth measured on the project's machines (design/kernels.md), B/s.
+# Device-to-device copy bandwidth measured on the project's machines, B/s.
 # Matched against torch.cuda.get_device_name; any other card (H100 PCIe included, whose HBM is
 # slower) gets a measured 1 GiB copy instead.
 PEAK_BANDWIDTH = (("H200", 4.3e12), ("H100", 3.0e12))
-# Dense bf16/fp16 tensor-core rate measured on the same machines (design/kernels.md), FLOP/s: the
+# Dense bf16/fp16 tensor-core rate measured on the same machines, FLOP/s: the
 # FLOP floor of a half-precision case that counts its FLOPs. fp32 cases have only the byte floor.
 PEAK_HALF_FLOPS = (("H200", 8.0e14), ("H100", 8.0e14))
 

@@ -11,17 +11,21 @@ from benchmarks.tables import Target
 # bench_kernels: bf16, B = 2^21 // L examples (T ~ 2M tokens).
 KERNELS_POINT = dict(L=1024, d=128, K=8, top_k=1)
 KERNELS_TARGETS = (
-    Target("pool_route fwd: % of bandwidth floor", "pool_route", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("gather fwd: % of bandwidth floor", "gather", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("scatter fwd: % of bandwidth floor", "scatter", "fwd", "triton", "pct_floor", 70.0, " %"),
-    Target("dispatch + gather: speedup over reference", "dispatch", "fwd", "triton", "speedup_vs_eager", 5.0, "x"),
-    Target("pool_route fwd+bwd: speedup over eager", "pool_route", "fwd+bwd", "triton", "speedup_vs_eager", 5.0, "x"),
-    Target("pool_route fwd+bwd: speedup over compiled", "pool_route", "fwd+bwd", "triton", "speedup_vs_compiled",
-           2.0, "x"),
+    Target("session_pool_route fwd: % of bandwidth floor", "session_pool_route", "fwd", "triton", "pct_floor", 70.0,
+           " %"),
+    Target("theme_gather fwd: % of bandwidth floor", "theme_gather", "fwd", "triton", "pct_floor", 70.0, " %"),
+    Target("theme_scatter fwd: % of bandwidth floor", "theme_scatter", "fwd", "triton", "pct_floor", 70.0, " %"),
+    Target("theme_dispatch (+ gather): speedup over reference", "theme_dispatch", "fwd", "triton", "speedup_vs_eager",
+           5.0, "x"),
+    Target("session_pool_route fwd+bwd: speedup over eager", "session_pool_route", "fwd+bwd", "triton",
+           "speedup_vs_eager", 5.0, "x"),
+    Target("session_pool_route fwd+bwd: speedup over compiled", "session_pool_route", "fwd+bwd", "triton",
+           "speedup_vs_compiled", 2.0, "x"),
     # The CUDA extension must at least match Triton: Triton's time over CUDA's.
     *(Target(f"{op} {mode}: cuda vs triton", op, mode, "cuda", "median_ms", 1.0, "x", versus=(op, "triton"))
-      for op, mode in (("pool_route", "fwd"), ("pool_route", "fwd+bwd"), ("dispatch", "fwd"), ("gather", "fwd"),
-                       ("gather", "fwd+bwd"), ("scatter", "fwd"), ("scatter", "fwd+bwd"))),
+      for op, mode in (("session_pool_route", "fwd"), ("session_pool_route", "fwd+bwd"), ("theme_dispatch", "fwd"),
+                       ("theme_gather", "fwd"), ("theme_gather", "fwd+bwd"), ("theme_scatter", "fwd"),
+                       ("theme_scatter", "fwd+bwd"))),
 )
 
 
@@ -33,9 +37,10 @@ ATTENTION_TARGETS = (
            2.0, "x"),
     Target("layer fwd+bwd: speedup over compiled_fused", "layer", "fwd+bwd", "triton", "speedup_vs_compiled_fused",
            2.0, "x"),
-    Target("target attention fwd: % of bandwidth floor", "target_attention", "fwd", "triton", "pct_floor", 60.0, " %"),
-    Target("self-attention fwd+bwd: speedup over FlexAttention", "self_attention", "fwd+bwd", "triton", "speedup",
-           1.2, "x", versus=("self_attention", "flex")),
+    Target("expert_target_attention fwd: % of bandwidth floor", "expert_target_attention", "fwd", "triton",
+           "pct_floor", 60.0, " %"),
+    Target("jagged_self_attention fwd+bwd: speedup over FlexAttention", "jagged_self_attention", "fwd+bwd", "triton",
+           "speedup", 1.2, "x", versus=("jagged_self_attention", "flex")),
     Target("L=4096: MoS transformer layer fwd+bwd speedup over one dense SDPA layer", "mos_transformer", "fwd+bwd",
            "triton", "speedup", 1.0, "x", versus=("dense_transformer", "sdpa"), at=(("L", 4096),)),
 )

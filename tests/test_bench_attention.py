@@ -43,7 +43,7 @@ def test_bench_attention_quick_run(tmp_path, capsys, device):
             assert (r["graph_ms"], r["graph_note"]) == ("", cuda_graph.CPU_REASON), r
         elif r["op"] not in launch_bound:
             assert (r["graph_ms"], r["graph_note"]) == ("", ""), r
-    attention = [r for r in rows if r["op"] == "self_attention" and r["mode"] == "fwd"]
+    attention = [r for r in rows if r["op"] == "jagged_self_attention" and r["mode"] == "fwd"]
     assert all(int(r["flops"]) > 0 for r in attention), "self-attention rows carry the jagged FLOP count"
     assert "Targets at" in printed.out and all(t.label in printed.out for t in bench_attention.TARGETS)
     assert "TFLOP/s" in printed.out

@@ -62,7 +62,7 @@ def test_graph_replay_failure_says_so_and_that_the_device_is_unwell(monkeypatch)
 
 
 def test_rows_are_emitted_per_provider_with_the_speedups_known_then(device):
-    case = bench_kernels.build_case("pool_route", bench_kernels.QUICK, torch.float32, device)
+    case = bench_kernels.build_case("session_pool_route", bench_kernels.QUICK, torch.float32, device)
     timer = harness.Timer(rep_ms=5, warmup_ms=2, cpu_reps=1)
     env = harness.Environment.detect(device, timer)
     batches = []
@@ -72,7 +72,7 @@ def test_rows_are_emitted_per_provider_with_the_speedups_known_then(device):
     assert [r["mode"] for r in batches[1]] == list(harness.MODES)
     assert all(r["speedup_vs_eager"] != "" for r in batches[1]), "the reference was timed before triton"
     assert [r["median_ms"] for batch in batches for r in batch] == [r["median_ms"] for r in rows]
-    # pool_route is launch-bound: every row has the graph column, on a CPU empty with the reason.
+    # session_pool_route is launch-bound: every row has the graph column, on a CPU empty with the reason.
     if device.type == "cpu":
         assert {(r["graph_ms"], r["graph_note"]) for r in rows} == {("", cuda_graph.CPU_REASON)}
     else:

@@ -1,4 +1,4 @@
-"""The benchmarks as smoke tests: the kernel cases of benchmarks/bench_kernels.py at the --quick
+"""The benchmarks as smoke tests: the cases of benchmarks/bench_kernels.py (one per op) at the --quick
 size through pytest-benchmark (CI passes --benchmark-disable, so each runs once) with the
 results checked against the reference, then the whole `bench_kernels --quick` run (CSV columns,
 tables), then the harness's bookkeeping (CSV header, speedups, targets, failed compiles).
@@ -26,12 +26,13 @@ from tolerances import assert_close  # noqa: E402
 # Tolerance kinds (tests/tolerances.py) of every output, then of every input gradient.
 KINDS = {
     # pooled (a mean), gate (exactly 1), probs and scores (cosine / temperature), themes
-    "pool_route": (("reduction", "exact", "attention", "attention", "exact"), ("attention_grad", "attention_grad")),
+    "session_pool_route": (("reduction", "exact", "attention", "attention", "exact"),
+                           ("attention_grad", "attention_grad")),
     # rows, gather_index, inverse_index, theme_offsets: data movement
-    "dispatch": (("exact",) * 4, ()),
+    "theme_dispatch": (("exact",) * 4, ()),
     # gather moves rows; its backward sums top_k rows per token
-    "gather": (("exact",), ("reduction",)),
-    "scatter": (("reduction",), ("exact",)),
+    "theme_gather": (("exact",), ("reduction",)),
+    "theme_scatter": (("reduction",), ("exact",)),
 }
 
 
@@ -94,7 +95,7 @@ def test_bench_kernels_quick_run(tmp_path, capsys, device, one_thread):
         rows = list(reader)
     assert [r for r in rows if r["error"]] == []
     expected = {(op, p, m) for op in bench_kernels.OPS for p in harness.PROVIDERS
-                for m in (("fwd",) if op == "dispatch" else harness.MODES)}
+                for m in (("fwd",) if op == "theme_dispatch" else harness.MODES)}
     assert {(r["op"], r["provider"], r["mode"]) for r in rows} == expected
     for r in rows:
         assert float(r["median_ms"]) > 0 and int(r["bytes"]) > 0
@@ -113,7 +114,7 @@ def test_bench_kernels_quick_run(tmp_path, capsys, device, one_thread):
 
 # ----------------------------------------------------------------------------- harness bookkeeping
 
-def _row(op="gather", **values):
+def _row(op="theme_gather", **values):
     env = harness.Environment(card="cpu", device="cpu", peak_bw=None, peak_source="none", timing="t", date="d",
                               torch="t", triton="t", python="p", git_commit="unknown", note="")
     shape = dict(B=1, L=2, T=3, S=1, rows=3, d=4, K=2, top_k=1)
@@ -135,17 +136,17 @@ def test_append_csv_writes_the_header_once_and_spares_other_files(tmp_path):
 
 
 def test_targets_pass_and_miss():
-    rows = [_row(median_ms=1.0, pct_floor=75.0), _row(op="scatter", median_ms=1.0, pct_floor=50.0)]
-    targets = [tables.Target("g", "gather", "fwd", "triton", "pct_floor", 70.0),
-               tables.Target("s", "scatter", "fwd", "triton", "pct_floor", 70.0),
-               tables.Target("x", "dispatch", "fwd", "triton", "speedup_vs_eager", 5.0)]
+    rows = [_row(median_ms=1.0, pct_floor=75.0), _row(op="theme_scatter", median_ms=1.0, pct_floor=50.0)]
+    targets = [tables.Target("g", "theme_gather", "fwd", "triton", "pct_floor", 70.0),
+               tables.Target("s", "theme_scatter", "fwd", "triton", "pct_floor", 70.0),
+               tables.Target("x", "theme_dispatch", "fwd", "triton", "speedup_vs_eager", 5.0)]
     results = tables.evaluate_targets(rows, targets, {"dtype": "fp32", "d": 4})
     assert [(value, status) for _, value, status in results] == [(75.0, "PASS"), (50.0, "MISS"), (None, "MISS")]
     assert [status for *_, status in tables.evaluate_targets(rows, targets[:1], {"d": 8})] == ["MISS"]
 
 
 def test_failed_compile_is_a_row_not_a_crash(device, one_thread):
-    case = bench_kernels.build_case("gather", bench_kernels.QUICK, torch.float32, device)
+    case = bench_kernels.build_case("theme_gather", bench_kernels.QUICK, torch.float32, device)
     timer = harness.Timer(rep_ms=5, warmup_ms=2, cpu_reps=1)
     env = harness.Environment.detect(device, timer)
     providers = [harness.PROVIDERS["compiled"], harness.PROVIDERS["reference"]]

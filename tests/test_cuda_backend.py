@@ -158,14 +158,14 @@ def _recorded_medians():
 
 
 # Benchmark op -> the mos_kernels ops whose "auto" choice it decides.
-BENCH_OPS = {"pool_route": ("session_pool", "session_pool_route"), "dispatch": ("theme_dispatch",),
-             "gather": ("theme_gather",), "scatter": ("theme_scatter",)}
+BENCH_OPS = {"session_pool_route": ("session_pool", "session_pool_route"), "theme_dispatch": ("theme_dispatch",),
+             "theme_gather": ("theme_gather",), "theme_scatter": ("theme_scatter",)}
 
 
 def test_auto_choice_follows_the_recorded_benchmarks():
     medians = _recorded_medians()
     for bench_op, ops in BENCH_OPS.items():
-        mode = "fwd" if bench_op == "dispatch" else "fwd+bwd"
+        mode = "fwd" if bench_op == "theme_dispatch" else "fwd+bwd"
         cuda, triton = medians.get((bench_op, mode, "cuda")), medians.get((bench_op, mode, "triton"))
         expected = "cuda" if cuda is not None and triton is not None and cuda < triton else "triton"
         for op in ops:
