@@ -69,6 +69,11 @@ def opcheck_inputs(device, dim=12, num_themes=3, top_k=2):
     return sessions, values, prototypes, themes
 
 
+def upcast(t):
+    """A float32 leaf copy of t (the reference run of a low-precision comparison)."""
+    return t.detach().float().requires_grad_(t.requires_grad)
+
+
 # ---- Op against its loop oracle ------------------------------------------------------------
 
 def backends(op: str):
@@ -171,3 +176,9 @@ def dispatch_inputs(lengths, session_len, num_themes, top_k, pattern, gen, devic
 def run_dispatch(themes, gate, so, se, num_examples, num_themes, capacity, backend="reference"):
     return mk.theme_dispatch(themes, gate, so, se, num_examples=num_examples, num_themes=num_themes,
                              capacity=capacity, backend=backend)
+
+
+def routed(lengths, gen, top_k, capacity, device, num_themes=3):
+    """A real dispatch over `lengths` (sessions of 2, random themes, gates not 1)."""
+    themes, gate, so, se = dispatch_inputs(lengths, 2, num_themes, top_k, "random", gen, device)
+    return run_dispatch(themes, gate, so, se, len(lengths), num_themes, capacity)

@@ -1,37 +1,14 @@
-"""Operator registration of both kernel backends (torch.ops.mos: Triton, torch.ops.mos_cuda: the
-CUDA extension, on the CPU its emulation): opcheck (schema, fake, autograd) and FLOP formulas."""
+"""FLOP formulas of both kernel backends' registered operators (torch.ops.mos: Triton,
+torch.ops.mos_cuda: the CUDA extension, on the CPU its emulation) against hand counts. Each op's
+opcheck (schema, fake, autograd) is in its file under tests/ops/."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
 from tests.kernel_cases import opcheck_inputs, random_values
-
-
-def test_opcheck_session_pool_route(device, kernel_backend):
-    ops = kernel_ops(kernel_backend)
-    sessions, values, prototypes, _ = opcheck_inputs(device)
-    torch.library.opcheck(ops.session_pool_route.default,
-                          (values, sessions.session_offsets, prototypes, 5.0, 2))
-    torch.library.opcheck(ops.session_pool_route.default,
-                          (values, sessions.session_offsets, prototypes[:0].detach(), 1.0, 0))
-
-
-@pytest.mark.parametrize("gated", [True, False])
-def test_opcheck_gather_scatter(gated, device, kernel_backend):
-    ops = kernel_ops(kernel_backend)
-    sessions, values, _, themes = opcheck_inputs(device)
-    gate = torch.rand(themes.shape, device=device)
-    dispatch = mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
-                                 num_examples=4, num_themes=3, backend="reference")
-    row_gate = dispatch.row_gate.detach().requires_grad_() if gated else None
-    index, inverse = dispatch.gather_index, dispatch.inverse_index
-    torch.library.opcheck(ops.theme_gather.default, (values, index, row_gate, inverse))
-    rows = random_values(index.numel(), values.shape[1], torch.float32, device).requires_grad_()
-    torch.library.opcheck(ops.theme_scatter.default, (rows, index, row_gate, inverse))
 
 
 def test_flop_formulas_match_hand_counts(device, kernel_backend):

@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import math
 
-import os
-
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import mos_kernels as mk
 import oracles
 from mos_kernels._alloc import poisoned_outputs
-from mos_kernels.backend import IMPLEMENTED
 from oracles import generator, increasing_times, randn
-from tests.kernel_cases import (DISPATCH_CASES, LENGTH_IDS, LENGTHS, SESSION_LEN, assert_matches, backends,
-                                check_forward_backward, dispatch_inputs, grads_of, jagged, precision, run_dispatch)
+from tests.kernel_cases import (LENGTH_IDS, LENGTHS, assert_matches, backends, check_forward_backward, jagged,
+                                precision, routed)
 from tolerances import assert_close
 
 
@@ -91,269 +86,6 @@ def test_sessionize_gap_hand_case(device):
                         gap_seconds=100.0, max_session_len=2)
     # 0,5,105 are one gap-session (5 and 100 do not exceed 100), split [0,2) [2,3); 206,206 another.
     assert got.session_offsets.cpu().tolist() == [0, 2, 3, 5]
-
-
-# ---- session_pool -----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", backends("session_pool"))
-@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-@pytest.mark.parametrize("session_len", [1, 3])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_session_pool_matches_oracle(lengths, session_len, seed, backend, device):
-    """Mean of every session, forward and backward."""
-    gen = generator(seed)
-    dtype, kind = precision(backend)
-    values, offsets = jagged(lengths, 5, gen, dtype=dtype, device=device)
-    session_offsets = oracles.sessionize(offsets.cpu(), mode="fixed", session_len=session_len)[0].to(device)
-    check_forward_backward(lambda values: mk.session_pool(values, session_offsets, backend=backend),
-                           lambda values: oracles.session_pool(values, session_offsets.cpu()),
-                           {"values": values}, kind=kind, grad_kind=kind, gen=gen)
-
-
-@pytest.mark.parametrize("backend", backends("session_pool"))
-def test_session_pool_empty_sessions_are_zero(backend, device):
-    """Empty sessions (first, middle, last) pool to exact zeros; gradients stay finite."""
-    gen = generator(3)
-    values = randn(gen, 6, 4, device=device).float().requires_grad_()   # fp32: every backend's dtype
-    session_offsets = torch.tensor([0, 0, 2, 2, 6, 6], device=device)
-    out = mk.session_pool(values, session_offsets, backend=backend)
-    assert torch.equal(out[[0, 2, 4]], torch.zeros(3, 4, dtype=out.dtype, device=device))
-    out.sum().backward()
-    assert torch.isfinite(values.grad).all()
-
-
-@pytest.mark.parametrize("backend", backends("session_pool"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_session_pool_low_precision(dtype, backend, device):
-    """fp32/fp16/bf16 means are within one rounding of the float64 oracle (fp32 accumulation)."""
-    if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("the Triton interpreter's bf16 arithmetic is wrong (kernels.md); the GPU check covers it")
-    gen = generator(4)
-    values, offsets = jagged([0, 37, 5, 1], 7, gen, device=device)
-    session_offsets = oracles.sessionize(offsets.cpu(), mode="fixed", session_len=16)[0].to(device)
-    low = values.to(dtype)
-    got = mk.session_pool(low, session_offsets, backend=backend)
-    assert got.dtype == dtype
-    assert_matches(got, oracles.session_pool(low.double().cpu(), session_offsets), "reduction")
-
-
-# ---- theme_route ------------------------------------------------------------------------------
-
-ROUTE_CASES = [  # (sessions, K, top_k)
-    (0, 3, 1), (1, 1, 1), (13, 1, 1), (13, 3, 1), (7, 5, 2), (29, 2, 2), (11, 7, 3),
-]
-
-
-@pytest.mark.parametrize("backend", backends("theme_route"))
-@pytest.mark.parametrize("num_sessions,num_themes,top_k", ROUTE_CASES)
-@pytest.mark.parametrize("temperature", [0.1, 0.7])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_theme_route_matches_oracle(num_sessions, num_themes, top_k, temperature, seed, backend, device):
-    """Chosen themes (best first), cosine scores / temperature, softmax probabilities and the
-    straight-through gate, forward and backward (fp32 by design: Routing says scores are fp32)."""
-    gen = generator(seed)
-    inputs = {"pooled": randn(gen, num_sessions, 6, dtype=torch.float32, device=device),
-              "prototypes": randn(gen, num_themes, 6, dtype=torch.float32, device=device)}
-    got = mk.theme_route(inputs["pooled"], inputs["prototypes"], temperature=temperature, top_k=top_k,
-                         backend=backend)
-    expected = oracles.theme_route(inputs["pooled"].double().cpu(), inputs["prototypes"].double().cpu(),
-                                   temperature=temperature, top_k=top_k)
-    assert torch.equal(got.themes.cpu(), expected[0])
-
-    def route(pooled, prototypes):
-        r = mk.theme_route(pooled, prototypes, temperature=temperature, top_k=top_k, backend=backend)
-        return r.gate, r.probs, r.scores
-
-    def oracle(pooled, prototypes):
-        return oracles.theme_route(pooled, prototypes, temperature=temperature, top_k=top_k)[1:]
-
-    check_forward_backward(route, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)
-
-
-@pytest.mark.parametrize("backend", backends("theme_route"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_theme_route_gate_is_exactly_one_forward(dtype, backend, device):
-    """The forward gate is hard: exactly 1 for every chosen theme (spec step 3), so gating a row
-    moves it without changing a bit."""
-    gen = generator(5)
-    pooled = randn(gen, 200, 8, dtype=dtype, device=device).requires_grad_()
-    prototypes = randn(gen, 6, 8, dtype=dtype, device=device).requires_grad_()
-    gate = mk.theme_route(pooled, prototypes, top_k=2, backend=backend).gate
-    off = gate != 1
-    assert not off.any(), (f"{int(off.sum())} of {gate.numel()} gates differ from 1, e.g. "
-                           f"1 - {(1 - gate[off][0].double()).item():.3g}")
-
-
-@pytest.mark.parametrize("backend", backends("theme_route"))
-def test_theme_route_zero_session_scores_zero(backend, device):
-    """A zero session vector scores 0 for every theme (uniform probabilities) and keeps finite
-    gradients."""
-    gen = generator(6)
-    pooled = torch.cat([torch.zeros(1, 4), randn(gen, 2, 4, dtype=torch.float32)]).to(device).requires_grad_()
-    prototypes = randn(gen, 3, 4, dtype=torch.float32, device=device).requires_grad_()
-    r = mk.theme_route(pooled, prototypes, backend=backend)
-    assert torch.equal(r.scores[0], torch.zeros(3, device=device))
-    assert_close(r.probs[0], torch.full((3,), 1 / 3, device=device), "reduction")
-    (r.gate.sum() + r.probs[:, 0].sum()).backward()
-    assert torch.isfinite(pooled.grad).all() and torch.isfinite(prototypes.grad).all()
-
-
-@pytest.mark.parametrize("backend", backends("session_pool_route"))
-@pytest.mark.parametrize("case", LENGTH_IDS)
-@pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 1), (5, 2), (2, 2)])
-def test_session_pool_route_matches_oracle(case, num_themes, top_k, backend, device):
-    """Fused pooling + routing: the session means and their routing (themes, gate, probs,
-    scores), forward and backward (values and prototypes), fp32 against the float64 oracle."""
-    lengths, session_len = LENGTHS[case], SESSION_LEN[case]
-    gen = generator(sum(lengths) + num_themes)
-    values, offsets = jagged(lengths, 6, gen, dtype=torch.float32, device=device)
-    so = oracles.sessionize(offsets.cpu(), mode="fixed", session_len=session_len)[0]
-    inputs = {"values": values, "prototypes": randn(gen, num_themes, 6, dtype=torch.float32, device=device)}
-
-    def fused(values, prototypes):
-        pooled, r = mk.session_pool_route(values, so.to(device), prototypes, temperature=0.3, top_k=top_k,
-                                          backend=backend)
-        return pooled, r.gate, r.probs, r.scores
-
-    def oracle(values, prototypes):
-        pooled = oracles.session_pool(values, so)
-        return (pooled,) + oracles.theme_route(pooled, prototypes, temperature=0.3, top_k=top_k)[1:]
-
-    check_forward_backward(fused, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)
-    _, routing = mk.session_pool_route(values, so.to(device), inputs["prototypes"], temperature=0.3, top_k=top_k,
-                                       backend=backend)
-    expected = oracles.theme_route(oracles.session_pool(values.double().cpu(), so),
-                                   inputs["prototypes"].double().cpu(), temperature=0.3, top_k=top_k)[0]
-    assert torch.equal(routing.themes.cpu(), expected)
-
-
-@pytest.mark.parametrize("backend", backends("session_pool_route"))
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_routed_row_gate_is_one_forward(top_k, backend, device):
-    """row_gate is 1 in the forward pass when it comes from the router (spec step 4)."""
-    gen = generator(8)
-    values, offsets = jagged([0, 40, 13, 1, 29], 8, gen, dtype=torch.float32, device=device)
-    sessions = mk.sessionize(offsets, mode="fixed", session_len=3)
-    prototypes = randn(gen, 4, 8, dtype=torch.float32, device=device).requires_grad_()
-    _, r = mk.session_pool_route(values, sessions.session_offsets, prototypes, top_k=top_k, backend=backend)
-    d = run_dispatch(r.themes, r.gate, sessions.session_offsets, sessions.session_example, 5, 4, None)
-    assert torch.equal(d.row_gate, torch.ones_like(d.row_gate))
-
-
-@pytest.mark.parametrize("backend", backends("session_pool_route"))
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 2)])
-def test_router_gradient_through_gather(top_k, capacity, backend, device):
-    """Straight-through: a loss on the gathered theme rows alone gives the prototypes (and the
-    pooled tokens) a nonzero gradient, equal to the loop pipeline's
-    (pool -> route -> dispatch -> gather)."""
-    gen = generator(9)
-    lengths, num_themes = [0, 11, 1, 7], 3
-    values, offsets = jagged(lengths, 6, gen, dtype=torch.float32, device=device)
-    so, se, _ = oracles.sessionize(offsets.cpu(), mode="fixed", session_len=2)
-    prototypes = randn(gen, num_themes, 6, dtype=torch.float32, device=device)
-
-    def pipeline(values, prototypes):
-        _, r = mk.session_pool_route(values, so.to(device), prototypes, temperature=0.5, top_k=top_k,
-                                     backend=backend)
-        d = run_dispatch(r.themes, r.gate, so.to(device), se.to(device), len(lengths), num_themes, capacity)
-        return mk.theme_gather(values, d.gather_index, d.row_gate)
-
-    def oracle(values, prototypes):
-        pooled = oracles.session_pool(values, so)
-        themes, gate, _, _ = oracles.theme_route(pooled, prototypes, temperature=0.5, top_k=top_k)
-        index, row_gate, _, _ = oracles.theme_dispatch(themes, gate, so, se, num_examples=len(lengths),
-                                                       num_themes=num_themes, capacity=capacity)
-        return oracles.theme_gather(values, index, row_gate)
-
-    check_forward_backward(pipeline, oracle, {"values": values, "prototypes": prototypes},
-                           kind="attention", grad_kind="attention_grad", gen=gen)
-    leaf = prototypes.clone().requires_grad_()
-    rows = pipeline(values, leaf)
-    rows.mul(randn(gen, *rows.shape, dtype=torch.float32, device=device)).sum().backward()
-    assert leaf.grad.abs().sum() > 0, "no gradient reached the prototypes through the gate"
-
-
-# ---- theme_gather / theme_scatter -------------------------------------------------------------
-
-def routed(lengths, gen, top_k, capacity, device, num_themes=3):
-    """A real dispatch over `lengths` (sessions of 2, random themes, gates not 1)."""
-    themes, gate, so, se = dispatch_inputs(lengths, 2, num_themes, top_k, "random", gen, device)
-    return run_dispatch(themes, gate, so, se, len(lengths), num_themes, capacity)
-
-
-def routed_index(lengths, gen, top_k, capacity, device):
-    """gather_index, row_gate and T of a real dispatch (K = 3) over `lengths`."""
-    d = routed(lengths, gen, top_k, capacity, device)
-    return d.gather_index, d.row_gate.detach(), sum(lengths)
-
-
-@pytest.mark.parametrize("backend", backends("theme_gather"))
-@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
-@pytest.mark.parametrize("gated", [False, True])
-def test_theme_gather_scatter_match_oracle(lengths, top_k, capacity, gated, backend, device):
-    """gather and scatter, forward and backward (values/rows and the gate)."""
-    gen = generator(10 + top_k)
-    dtype, kind = precision(backend)
-    index, gate, total = routed_index(lengths, gen, top_k, capacity, device)
-    gate = gate.to(dtype)
-    values = randn(gen, total, 5, dtype=dtype, device=device)
-    rows = randn(gen, index.numel(), 5, dtype=dtype, device=device)
-    if gated:
-        check_forward_backward(lambda values, gate: mk.theme_gather(values, index, gate, backend=backend),
-                               lambda values, gate: oracles.theme_gather(values, index, gate),
-                               {"values": values, "gate": gate}, kind=kind, grad_kind=kind, gen=gen)
-        check_forward_backward(
-            lambda rows, gate: mk.theme_scatter(rows, index, gate, num_tokens=total, backend=backend),
-            lambda rows, gate: oracles.theme_scatter(rows, index, gate, total),
-            {"rows": rows, "gate": gate}, kind=kind, grad_kind=kind, gen=gen)
-    else:
-        check_forward_backward(lambda values: mk.theme_gather(values, index, backend=backend),
-                               lambda values: oracles.theme_gather(values, index),
-                               {"values": values}, kind=kind, grad_kind=kind, gen=gen)
-        check_forward_backward(lambda rows: mk.theme_scatter(rows, index, num_tokens=total, backend=backend),
-                               lambda rows: oracles.theme_scatter(rows, index, None, total),
-                               {"rows": rows}, kind=kind, grad_kind=kind, gen=gen)
-
-
-@pytest.mark.parametrize("backend", backends("theme_scatter"))
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_theme_scatter_repeated_index_matches_oracle(seed, backend, device):
-    """Scatter with arbitrary repeats (many rows to one token, tokens with none) sums them."""
-    gen = generator(seed)
-    dtype, kind = precision(backend)
-    index = torch.randint(0, 7, (23,), generator=gen).to(device)
-    check_forward_backward(
-        lambda rows, gate: mk.theme_scatter(rows, index, gate, num_tokens=11, backend=backend),
-        lambda rows, gate: oracles.theme_scatter(rows, index, gate, 11),
-        {"rows": randn(gen, 23, 3, dtype=dtype, device=device), "gate": randn(gen, 23, dtype=dtype, device=device)},
-        kind=kind, grad_kind=kind, gen=gen)
-
-
-@pytest.mark.parametrize("backend", backends("theme_scatter"))
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 1)])
-def test_theme_scatter_is_adjoint_of_gather(top_k, capacity, backend, device):
-    """<gather(x), y> == <x, scatter(y)> with the same index and gate."""
-    gen = generator(11)
-    dtype, kind = precision(backend)
-    index, gate, total = routed_index([4, 0, 9, 1], gen, top_k, capacity, device)
-    x, y = randn(gen, total, 6, dtype=dtype, device=device), randn(gen, index.numel(), 6, dtype=dtype, device=device)
-    lhs = (mk.theme_gather(x, index, gate.to(dtype), backend=backend).double() * y.double()).sum()
-    rhs = (x.double() * mk.theme_scatter(y, index, gate.to(dtype), num_tokens=total, backend=backend).double()).sum()
-    assert_close(lhs, rhs, kind, dtype=dtype)
-
-
-@pytest.mark.parametrize("backend", backends("theme_gather"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_theme_gather_is_exact(dtype, backend, device):
-    """Gathering without a gate (and with a gate of ones) moves bits, in every float dtype."""
-    gen = generator(12)
-    index, _, total = routed_index([5, 0, 8], gen, 2, None, device)
-    values = randn(gen, total, 4, dtype=dtype, device=device)
-    expected = oracles.theme_gather(values.cpu(), index.cpu())
-    assert_matches(mk.theme_gather(values, index, backend=backend), expected, "exact")
-    ones = torch.ones(index.numel(), dtype=dtype, device=device)
-    assert_matches(mk.theme_gather(values, index, ones, backend=backend), expected, "exact")
 
 
 # ---- grouped_linear ---------------------------------------------------------------------------
@@ -594,7 +326,7 @@ def float64_attention_inputs(device):
 @pytest.mark.parametrize("backend", ["reference"])   # the kernels compute in fp32 at most
 def test_expert_target_attention_keeps_float64_precision(backend, device):
     """Run in float64, the reference agrees with the float64 oracle to float64 precision, so it can
-    serve as the float64 reference kernels.md asks to measure against (as session_pool and
+    serve as the float64 reference the kernels' errors are measured against (as session_pool and
     grouped_linear do: they compute in at least the input's dtype)."""
     tokens, query, w_key, w_value, offsets = float64_attention_inputs(device)
     got = mk.expert_target_attention(tokens, query, w_key, None, w_value, None, offsets, num_heads=2,
