@@ -1,12 +1,11 @@
-"""Every mos_kernels op against its loop oracle (tests/oracles.py), forward and backward.
+"""The grouped-GEMM and attention ops (grouped_linear, expert_target_attention,
+jagged_self_attention) against their loop oracles (tests/oracles.py), forward and backward; the
+other ops' oracle tests are in their files under tests/ops/.
 
-Inputs are fresh random numbers on deliberately awkward shapes: empty sequences first, in the
-middle and last, one-token sessions, a single example, prime sizes, every session on one theme,
-empty themes, K = 1, top_k = 2, capacity. Ops that keep float64 are compared in float64; ops
-that compute in fp32 by design (routing scores) run in fp32 against a float64 oracle. Dispatch
-is also checked against its invariants (permutation, counts, time order), which need no oracle.
-Every backend an op has is compared (Triton under TRITON_INTERPRET=1), with kernel outputs
-poisoned (NaN / sentinel) before they run, so an element a kernel forgets to write fails.
+Inputs are fresh random numbers on deliberately awkward shapes: empty segments first, in the
+middle and last, one-token segments, prime sizes, empty experts, top_k = 2, capacity. Every
+backend an op has is compared (Triton under TRITON_INTERPRET=1), with kernel outputs poisoned
+(NaN / sentinel) before they run, so an element a kernel forgets to write fails.
 """
 from __future__ import annotations
 
@@ -18,9 +17,8 @@ import torch
 import mos_kernels as mk
 import oracles
 from mos_kernels._alloc import poisoned_outputs
-from oracles import generator, increasing_times, randn
-from tests.kernel_cases import (LENGTH_IDS, LENGTHS, assert_matches, backends, check_forward_backward, jagged,
-                                precision, routed)
+from oracles import generator, randn
+from tests.kernel_cases import assert_matches, backends, check_forward_backward, jagged, precision, routed
 from tolerances import assert_close
 
 
@@ -28,64 +26,6 @@ from tolerances import assert_close
 def _poison_kernel_outputs():
     with poisoned_outputs():
         yield
-
-
-# ---- sessionize -------------------------------------------------------------------------------
-
-def assert_same_sessions(got: mk.Sessions, expected):
-    so, se, eso = expected
-    assert torch.equal(got.session_offsets.cpu(), so), (got.session_offsets, so)
-    assert torch.equal(got.session_example.cpu(), se), (got.session_example, se)
-    assert torch.equal(got.example_session_offsets.cpu(), eso), (got.example_session_offsets, eso)
-    assert got.num_sessions == se.numel()
-
-
-@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-@pytest.mark.parametrize("session_len", [1, 3, 4, 64])
-def test_sessionize_fixed_matches_oracle(lengths, session_len, device):
-    """Fixed sessions are chunks aligned to the newest item (newest full, oldest shorter)."""
-    offsets = oracles.offsets_of(lengths)
-    got = mk.sessionize(offsets.to(device), mode="fixed", session_len=session_len)
-    assert_same_sessions(got, oracles.sessionize(offsets, mode="fixed", session_len=session_len))
-
-
-def test_sessionize_fixed_newest_session_is_full(device):
-    """Length 10, session_len 4: sessions [0,2) [2,6) [6,10)."""
-    got = mk.sessionize(torch.tensor([0, 10], device=device), mode="fixed", session_len=4)
-    assert got.session_offsets.cpu().tolist() == [0, 2, 6, 10]
-
-
-def test_sessionize_no_examples(device):
-    """B = 0 (offsets [0]) gives no sessions and an [1] per-example offsets tensor."""
-    got = mk.sessionize(torch.zeros(1, dtype=torch.int64, device=device), mode="fixed", session_len=3)
-    assert got.session_offsets.cpu().tolist() == [0] and got.num_sessions == 0
-    assert got.example_session_offsets.cpu().tolist() == [0]
-
-
-@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-@pytest.mark.parametrize("max_session_len", [1, 2, 3, 64])
-@pytest.mark.parametrize("time_dtype", [torch.float64, torch.int64])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sessionize_gap_matches_oracle(lengths, max_session_len, time_dtype, seed, device):
-    """Gap sessions: a new session where the step exceeds gap_seconds (equal does not), then
-    chunks of max_session_len from every session's start."""
-    gen = generator(seed)
-    offsets = oracles.offsets_of(lengths)
-    times = increasing_times(gen, lengths, 100.0).to(time_dtype)
-    got = mk.sessionize(offsets.to(device), mode="gap", timestamps=times.to(device), gap_seconds=100.0,
-                        max_session_len=max_session_len)
-    expected = oracles.sessionize(offsets, mode="gap", timestamps=times, gap_seconds=100.0,
-                                  max_session_len=max_session_len)
-    assert_same_sessions(got, expected)
-
-
-def test_sessionize_gap_hand_case(device):
-    """Gaps [_, 5, 100(=gap), 101, 0] with max_session_len 2: sessions [0,2) [2,3) [3,5)."""
-    times = torch.tensor([0.0, 5.0, 105.0, 206.0, 206.0], device=device)
-    got = mk.sessionize(torch.tensor([0, 5], device=device), mode="gap", timestamps=times,
-                        gap_seconds=100.0, max_session_len=2)
-    # 0,5,105 are one gap-session (5 and 100 do not exceed 100), split [0,2) [2,3); 206,206 another.
-    assert got.session_offsets.cpu().tolist() == [0, 2, 3, 5]
 
 
 # ---- grouped_linear ---------------------------------------------------------------------------
@@ -344,54 +284,3 @@ def test_jagged_self_attention_keeps_float64_precision(backend, device):
     got = mk.jagged_self_attention(q, k, v, offsets, num_heads=2, backend=backend)
     expected = oracles.jagged_self_attention(q.cpu(), k.cpu(), v.cpu(), offsets.cpu(), num_heads=2)
     assert_matches(got, expected, "float64")
-
-
-# ---- jagged helpers ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-@pytest.mark.parametrize("trailing", [(), (2, 3)], ids=["2d", "4d"])
-@pytest.mark.parametrize("padding_value", [0.0, -7.5])
-def test_jagged_padded_round_trip(lengths, trailing, padding_value, device):
-    """jagged_to_padded and padded_to_jagged equal their oracles, and their round trip gives the
-    input back bit for bit; padding cells hold padding_value."""
-    gen = generator(18)
-    offsets = oracles.offsets_of(lengths).to(device)
-    values = randn(gen, sum(lengths), 4, *trailing, device=device)
-    max_len = max(lengths) + 2
-    padded = mk.jagged_to_padded(values, offsets, max_len, padding_value)
-    assert torch.equal(padded.cpu(), oracles.jagged_to_padded(values.cpu(), offsets.cpu(), max_len, padding_value))
-    lengths_t = torch.tensor(lengths, device=device)
-    back, back_offsets = mk.padded_to_jagged(padded, lengths_t)
-    ref_values, ref_offsets = oracles.padded_to_jagged(padded.cpu(), lengths_t.cpu())
-    assert torch.equal(back.cpu(), ref_values) and torch.equal(back_offsets.cpu(), ref_offsets)
-    assert torch.equal(back, values) and torch.equal(back_offsets, offsets)
-
-
-@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-def test_jagged_padded_gradients(lengths, device):
-    """Gradients of both conversions equal the oracles' (float64)."""
-    gen = generator(19)
-    offsets = oracles.offsets_of(lengths).to(device)
-    max_len = max(lengths) + 1
-    check_forward_backward(lambda values: mk.jagged_to_padded(values, offsets, max_len),
-                           lambda values: oracles.jagged_to_padded(values, offsets, max_len),
-                           {"values": randn(gen, sum(lengths), 3, device=device)},
-                           kind="float64", grad_kind="float64", gen=gen)
-    lengths_t = torch.tensor(lengths, device=device)
-    check_forward_backward(lambda padded: mk.padded_to_jagged(padded, lengths_t)[0],
-                           lambda padded: oracles.padded_to_jagged(padded, lengths_t)[0],
-                           {"padded": randn(gen, len(lengths), max_len, 3, device=device)},
-                           kind="float64", grad_kind="float64", gen=gen)
-
-
-@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-def test_segment_ids_and_positions(lengths, device):
-    """segment_ids, positions_in_segment, lengths_from_offsets, offsets_from_lengths by loops."""
-    offsets = oracles.offsets_of(lengths).to(device)
-    seg = [g for g, n in enumerate(lengths) for _ in range(n)]
-    pos = [j for n in lengths for j in range(n)]
-    assert mk.segment_ids(offsets).cpu().tolist() == seg
-    assert mk.segment_ids(offsets, sum(lengths)).cpu().tolist() == seg
-    assert mk.positions_in_segment(offsets).cpu().tolist() == pos
-    assert mk.lengths_from_offsets(offsets).cpu().tolist() == lengths
-    assert torch.equal(mk.offsets_from_lengths(torch.tensor(lengths, device=device, dtype=torch.int32)), offsets)
