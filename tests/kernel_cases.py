@@ -14,7 +14,7 @@ import mos_kernels as mk
 from mos_kernels.backend import IMPLEMENTED
 from mos_kernels.theme_route import normalized
 from tests import oracles
-from tests.oracles import randn
+from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
 ON_GPU = os.environ.get("MOS_TEST_DEVICE", "cpu") == "cuda"
@@ -182,3 +182,12 @@ def routed(lengths, gen, top_k, capacity, device, num_themes=3):
     """A real dispatch over `lengths` (sessions of 2, random themes, gates not 1)."""
     themes, gate, so, se = dispatch_inputs(lengths, 2, num_themes, top_k, "random", gen, device)
     return run_dispatch(themes, gate, so, se, len(lengths), num_themes, capacity)
+
+
+def float64_attention_inputs(device):
+    """Tokens, queries and key/value weights in float64 over segments [0, 9, 4, 1]."""
+    gen = generator(17)
+    lengths, dim = [0, 9, 4, 1], 6
+    return (randn(gen, sum(lengths), dim, device=device), randn(gen, len(lengths), dim, device=device),
+            randn(gen, 2, dim, dim, device=device), randn(gen, 2, dim, dim, device=device),
+            oracles.offsets_of(lengths).to(device))
