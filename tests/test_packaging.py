@@ -76,7 +76,7 @@ def test_the_triton_interpreter_deprecation_warning_alone_is_filtered(tmp_path):
     filters = project()["tool"]["pytest"]["ini_options"]["filterwarnings"]
     assert len(filters) == 1 and re.fullmatch(r"ignore:Conversion of an array.*:DeprecationWarning:triton\.\S+", filters[0])
     # An interpreted kernel test warns without the filter (here overridden by -W) and not with it.
-    test = "tests/test_ops_reference.py::test_session_pool_empty_sessions_are_zero"
+    test = "tests/ops/test_session_pool_route.py::test_session_pool_empty_sessions_are_zero"
     outputs = []
     for extra in ([], ["-W", "default::DeprecationWarning"]):
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "--benchmark-disable", "-k",

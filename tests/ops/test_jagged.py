@@ -1,0 +1,63 @@
+"""The jagged helpers: jagged_to_padded and padded_to_jagged (values and gradients), segment_ids,
+positions_in_segment, lengths_from_offsets, offsets_from_lengths, against the loop oracles
+(tests/oracles.py) on awkward lengths. Bad arguments: test_bad_input.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mos_kernels as mk
+from tests import oracles
+from tests.kernel_cases import LENGTH_IDS, LENGTHS, check_forward_backward
+from tests.oracles import generator, randn
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+@pytest.mark.parametrize("trailing", [(), (2, 3)], ids=["2d", "4d"])
+@pytest.mark.parametrize("padding_value", [0.0, -7.5])
+def test_jagged_padded_round_trip(lengths, trailing, padding_value, device):
+    """jagged_to_padded and padded_to_jagged equal their oracles, and their round trip gives the
+    input back bit for bit; padding cells hold padding_value."""
+    gen = generator(18)
+    offsets = oracles.offsets_of(lengths).to(device)
+    values = randn(gen, sum(lengths), 4, *trailing, device=device)
+    max_len = max(lengths) + 2
+    padded = mk.jagged_to_padded(values, offsets, max_len, padding_value)
+    assert torch.equal(padded.cpu(), oracles.jagged_to_padded(values.cpu(), offsets.cpu(), max_len, padding_value))
+    lengths_t = torch.tensor(lengths, device=device)
+    back, back_offsets = mk.padded_to_jagged(padded, lengths_t)
+    ref_values, ref_offsets = oracles.padded_to_jagged(padded.cpu(), lengths_t.cpu())
+    assert torch.equal(back.cpu(), ref_values) and torch.equal(back_offsets.cpu(), ref_offsets)
+    assert torch.equal(back, values) and torch.equal(back_offsets, offsets)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+def test_jagged_padded_gradients(lengths, device):
+    """Gradients of both conversions equal the oracles' (float64)."""
+    gen = generator(19)
+    offsets = oracles.offsets_of(lengths).to(device)
+    max_len = max(lengths) + 1
+    check_forward_backward(lambda values: mk.jagged_to_padded(values, offsets, max_len),
+                           lambda values: oracles.jagged_to_padded(values, offsets, max_len),
+                           {"values": randn(gen, sum(lengths), 3, device=device)},
+                           kind="float64", grad_kind="float64", gen=gen)
+    lengths_t = torch.tensor(lengths, device=device)
+    check_forward_backward(lambda padded: mk.padded_to_jagged(padded, lengths_t)[0],
+                           lambda padded: oracles.padded_to_jagged(padded, lengths_t)[0],
+                           {"padded": randn(gen, len(lengths), max_len, 3, device=device)},
+                           kind="float64", grad_kind="float64", gen=gen)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
+def test_segment_ids_and_positions(lengths, device):
+    """segment_ids, positions_in_segment, lengths_from_offsets, offsets_from_lengths by loops."""
+    offsets = oracles.offsets_of(lengths).to(device)
+    seg = [g for g, n in enumerate(lengths) for _ in range(n)]
+    pos = [j for n in lengths for j in range(n)]
+    assert mk.segment_ids(offsets).cpu().tolist() == seg
+    assert mk.segment_ids(offsets, sum(lengths)).cpu().tolist() == seg
+    assert mk.positions_in_segment(offsets).cpu().tolist() == pos
+    assert mk.lengths_from_offsets(offsets).cpu().tolist() == lengths
+    assert torch.equal(mk.offsets_from_lengths(torch.tensor(lengths, device=device, dtype=torch.int32)), offsets)
+

@@ -1,0 +1,132 @@
+"""jagged_self_attention: causal or full attention within each jagged segment, against the loop
+oracle (tests/oracles.py) on awkward lengths, its max_len bound, the reference's length-bucketed
+padding (_padded_attention.py), gradcheck, FLOPs counted on the jagged lengths, opcheck of the
+reference, and float64 precision. Kernel outputs are poisoned before they run
+(tests/ops/conftest.py). The Triton kernel against the reference in fp32 / fp16 / bf16, its
+opcheck and FLOP formula: test_attention_triton.py; bad arguments: test_bad_input.py; strided
+views: test_hostile_inputs.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mos_kernels as mk
+from tests import oracles
+from tests.kernel_cases import (assert_matches, backends, check_forward_backward, float64_attention_inputs, jagged,
+                                precision)
+from tests.oracles import generator, randn
+from tests.tolerances import assert_close
+
+
+SELF_ATTENTION_LENGTHS = [[1], [0], [7], [0, 5, 0, 7, 1, 0], [3, 11, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("backend", backends("jagged_self_attention"))
+@pytest.mark.parametrize("lengths", SELF_ATTENTION_LENGTHS, ids=str)
+@pytest.mark.parametrize("num_heads", [1, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_jagged_self_attention_matches_oracle(lengths, num_heads, causal, backend, device):
+    """Per segment and head, row i attends to rows j <= i (causal) or all rows of its segment;
+    fp32 against the float64 oracle, forward and backward (q, k, v)."""
+    gen = generator(len(lengths) * 3 + num_heads)
+    total, dim = sum(lengths), 6
+    inputs = {name: randn(gen, total, dim, dtype=torch.float32, device=device) for name in ("q", "k", "v")}
+    offsets = oracles.offsets_of(lengths).to(device)
+    check_forward_backward(
+        lambda q, k, v: mk.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, causal=causal,
+                                                 backend=backend),
+        lambda q, k, v: oracles.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, causal=causal),
+        inputs, kind="attention", grad_kind="attention_grad", gen=gen)
+
+
+@pytest.mark.parametrize("backend", backends("jagged_self_attention"))
+def test_jagged_self_attention_max_len_bound(backend, device):
+    """A max_len bound above the longest segment changes nothing (padding is masked)."""
+    gen = generator(16)
+    q, k, v = (randn(gen, 12, 4, dtype=torch.float32, device=device) for _ in range(3))
+    offsets = torch.tensor([0, 0, 5, 12], device=device)
+    assert_close(mk.jagged_self_attention(q, k, v, offsets, num_heads=2, max_len=20, backend=backend),
+                 mk.jagged_self_attention(q, k, v, offsets, num_heads=2, backend=backend), "attention")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("one_bucket", [False, True], ids=["length_buckets", "one_bucket"])
+def test_padded_attention_matches_oracle_on_long_uneven_segments(causal, one_bucket):
+    """The reference's two paddings (length buckets on the CPU, one bucket padded to max_len
+    elsewhere) against the float64 oracle, forward and the written-out backward, on segments
+    that share buckets (9 and 10 pad to 10, 33 and 40 to 40), empty ones and a single row."""
+    from mos_kernels._padded_attention import padded_attention_backward, padded_attention_forward
+    lengths = [0, 9, 10, 17, 33, 1, 40, 0, 3]
+    gen = generator(44)
+    q, k, v, g_out = (randn(gen, sum(lengths), 8, dtype=torch.float32) for _ in range(4))
+    offsets = oracles.offsets_of(lengths)
+    got = padded_attention_forward(q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket)
+    got_grads = padded_attention_backward(g_out, q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = oracles.jagged_self_attention(*leaves, offsets, num_heads=2, causal=causal)
+    expected_grads = torch.autograd.grad(expected, leaves, g_out.double())
+    assert_matches(got, expected, "attention")
+    for name, g, e in zip("qkv", got_grads, expected_grads):
+        assert_matches(g, e, "attention_grad", msg=name)
+
+
+def test_bucket_lengths_pad_by_less_than_a_quarter():
+    """Every length fits its bucket with under 25 % padding, and 1..1000 take few buckets."""
+    from mos_kernels._padded_attention import bucket_length
+    lengths = torch.arange(0, 5001)
+    padded = bucket_length(lengths)
+    assert padded[0] == 0 and bool((padded >= lengths).all())
+    assert bool((padded[1:] < 1.25 * lengths[1:]).all()), int((padded[1:] / lengths[1:]).argmax()) + 1
+    assert torch.unique(padded[1:1001]).numel() <= 40
+
+
+def test_jagged_self_attention_reference_gradcheck():
+    """float64 finite differences through the reference custom op (its backward is written out)."""
+    gen = generator(45)
+    offsets = oracles.offsets_of([3, 0, 5, 1])
+    q, k, v = (randn(gen, 9, 4, dtype=torch.float64).requires_grad_() for _ in range(3))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: mk.jagged_self_attention(q, k, v, offsets, num_heads=2, backend="reference"), (q, k, v))
+
+
+def test_jagged_self_attention_reference_counts_jagged_flops():
+    """FLOP counters see the jagged pairs (4·d forward, 10·d backward per causal pair), not the
+    padding of the reference's dense products."""
+    from torch.utils.flop_counter import FlopCounterMode
+    lengths, dim = [30, 2, 0, 7], 8
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    q, k, v = (torch.randn(sum(lengths), dim, requires_grad=True) for _ in range(3))
+    offsets = oracles.offsets_of(lengths)
+    with FlopCounterMode(display=False) as forward:
+        out = mk.jagged_self_attention(q, k, v, offsets, num_heads=2, backend="reference")
+    with FlopCounterMode(display=False) as backward:
+        out.sum().backward()
+    assert forward.get_total_flops() == 4 * dim * pairs
+    assert backward.get_total_flops() == 10 * dim * pairs
+
+
+@pytest.mark.parametrize("max_len", [None, 12])
+def test_opcheck_jagged_self_attention_reference(max_len):
+    """Schema, fake tensor and autograd registration of the reference custom op."""
+    gen = generator(46)
+    q, k, v = (randn(gen, 12, 4, dtype=torch.float32).requires_grad_() for _ in range(3))
+    offsets = oracles.offsets_of([5, 0, 7])
+    torch.library.opcheck(torch.ops.mos.jagged_self_attention_reference.default, (q, k, v, offsets, 2, max_len, True))
+
+
+def test_jagged_self_attention_max_len_too_small_is_refused():
+    q = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="max_len"):
+        mk.jagged_self_attention(q, q, q, torch.tensor([0, 5, 6]), num_heads=2, max_len=4, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference"])   # the kernels compute in fp32 at most
+def test_jagged_self_attention_keeps_float64_precision(backend, device):
+    """Run in float64, the reference agrees with the float64 oracle to float64 precision."""
+    tokens, _, w_key, w_value, offsets = float64_attention_inputs(device)
+    q, k, v = tokens, tokens @ w_key[0], tokens @ w_value[0]
+    got = mk.jagged_self_attention(q, k, v, offsets, num_heads=2, backend=backend)
+    expected = oracles.jagged_self_attention(q.cpu(), k.cpu(), v.cpu(), offsets.cpu(), num_heads=2)
+    assert_matches(got, expected, "float64")
+
