@@ -1,7 +1,7 @@
 """Loop oracles: a second, obviously correct implementation of every mos_kernels op.
 
 Each one is written as plain Python loops over examples, sessions, segments, experts and heads,
-straight from the wording of mos-spec.md and kernels.md, with no vectorised index tricks, so a
+straight from the ops' docstrings (what each computes, the jagged layout), with no vectorised index tricks, so a
 bug in the vectorised reference (or in a kernel) cannot be copied here. They are slow on
 purpose and meant for the small awkward shapes of the tests. Float ops use ordinary autograd,
 so gradients of the oracle are the oracle of the gradients. Offsets and indices come and go as

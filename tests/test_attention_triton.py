@@ -1,4 +1,4 @@
-"""Triton kernels II against the reference: grouped_linear, expert_target_attention,
+"""The attention and grouped-GEMM Triton kernels against the reference: grouped_linear, expert_target_attention,
 jagged_self_attention, forward and backward (every input and parameter), and the fused layer.
 
 On the CPU these run under TRITON_INTERPRET=1 in fp32 and fp16 (the interpreter's bf16 is

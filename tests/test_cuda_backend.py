@@ -1,5 +1,5 @@
-"""The CUDA C++ extension (csrc/) beyond the kernel comparisons of test_kernel_backends.py:
-every .cu compiles for sm_90 with nvcc (against the CPU torch headers, as kernels.md says), the
+"""The CUDA C++ extension (csrc/) beyond the kernel comparisons of tests/ops:
+every .cu compiles for sm_90 with nvcc (against the CPU torch headers: nvcc needs no GPU), the
 sources are all built, the constants agree with the Python side, errors name their argument,
 and "auto" picks what the recorded benchmarks measured faster.
 

@@ -1,8 +1,8 @@
 """GPU-only checks: large token counts and bitwise determinism (the GPU check script runs these).
 
-Skipped on machines without CUDA. The same comparisons as test_kernel_backends.py, at sizes the
-interpreter cannot reach (up to 4M tokens), in fp32, fp16 and bf16. The kernels I ops run on
-both kernel backends (`kernel_backend`: Triton and the CUDA extension).
+Skipped on machines without CUDA. The same comparisons as tests/ops, at sizes the
+interpreter cannot reach (up to 4M tokens), in fp32, fp16 and bf16. The pooling, dispatch and
+gather ops run on both kernel backends (`kernel_backend`: Triton and the CUDA extension).
 """
 from __future__ import annotations
 
@@ -152,8 +152,8 @@ def test_bitwise_deterministic(dtype, kernel_backend):
         assert torch.equal(a, b), f"output {i} differs between two identical runs"
 
 
-# ----------------------------------------------------------------------------- kernels II
-# The issue's target point (B = 256, L = 1000 ± 50 %, d = 64, K = 8 themes) for the ops whose
+# ----------------------------------------------------------------------------- attention and grouped GEMM
+# The benchmarks' target point (B = 256, L = 1000 ± 50 %, d = 64, K = 8 themes) for the ops whose
 # reference fits in memory there; self-attention against the padded reference at B = 64, L = 512
 # (the reference pads every theme subsequence to the longest: [K·B, H, L, L] scores).
 

@@ -1,7 +1,7 @@
 """MoSLayer end to end: every option combination runs with finite outputs and gradients (also on
 empty sequences and an all-empty batch), padded input equals jagged input, each expert reads
-what mos-spec.md step 5 says (checked against the oracles), no cross-talk between examples, the
-router learns from the task loss alone, and the auxiliary losses are what step 3 defines.
+what its expert is defined to read (checked against the oracles), no cross-talk between examples, the
+router learns from the task loss alone, and the auxiliary losses are what the layer defines (codebook, commitment, load balance).
 """
 from __future__ import annotations
 
