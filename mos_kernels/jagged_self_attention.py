@@ -269,7 +269,7 @@ def longest_bucket(max_len: Optional[int]) -> int:
     return next((bucket for bucket in LONGEST_BUCKETS if max_len <= bucket), 0)
 
 
-# Held by the sm_90 compile check (compile_check.py) over every configuration `attention_tiles`
+# Held by the sm_90 compile check (tools/compile_check.py) over every configuration `attention_tiles`
 # launches: at least 8 resident warps per SM, and no spill except for fp32 heads wider than 64,
 # where even 16-row tiles of three TF32 products do not fit in registers (correct, slower; the
 # layer's heads are 16 to 64 wide).

@@ -244,7 +244,7 @@ def _pool_route_bwd(g_pooled_ptr, pooled_ptr, g_scores_ptr, g_probs_ptr, g_gate_
 # 32 sessions take 165 registers at K = 8 and spill at fp32, d = 256, K = 64; 16 take 96.
 NUM_WARPS = 4
 NUM_STAGES = 3
-# Held by the sm_90 compile check (compile_check.py) over every configuration `pool_route_blocks`
+# Held by the sm_90 compile check (tools/compile_check.py) over every configuration `pool_route_blocks`
 # launches, as resident warps per SM: the forward keeps 3 programs (12 warps) at its heaviest
 # (fp32 rows, K = 64 routed, top-8), 5 or more at K <= 8 in 16 bits; the backward keeps 2 at
 # top-8 (its K-wide softmax and gate tiles), 4 or more at top-1.
@@ -253,7 +253,7 @@ MIN_WARPS_PER_SM = {"_pool_route_fwd": 12, "_pool_route_bwd": 8}
 
 def pool_route_blocks(dim: int, num_themes: int, backward: bool = False) -> dict:
     """The constexpr block sizes a launch uses for width `dim` and K = `num_themes` (0: pool only)."""
-    block_d = max(triton.next_power_of_2(dim), 16)     # 16: the smallest block compile_check lists
+    block_d = max(triton.next_power_of_2(dim), 16)     # 16: the smallest block tools/compile_configs.py lists
     # An fp32 [BLOCK_S, BLOCK_D] tile takes BLOCK_S * BLOCK_D / 128 registers per thread (4 warps).
     block_s = (4096 if not backward else 2048) // max(block_d, 128)
     if dim % 16 and not backward:

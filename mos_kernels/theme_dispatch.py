@@ -275,7 +275,7 @@ _FILL_CELLS = 1024    # at most this many (token row, choice) cells per fill til
 _GATE_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-# Held by the sm_90 compile check (compile_check.py) over every configuration the block rules
+# Held by the sm_90 compile check (tools/compile_check.py) over every configuration the block rules
 # below launch, as resident warps per SM: the count scans with 16 warps or more in flight; the
 # fill gets 8 at the widest pair tiles (top_k 32 and 64: 1024 (row, choice) cells a tile), 36 to
 # 64 at top_k <= 2.
@@ -283,7 +283,7 @@ MIN_WARPS_PER_SM = {"_dispatch_count": 16, "_dispatch_fill": 8}
 
 
 def count_blocks(num_themes: int) -> Tuple[int, int]:
-    """(BLOCK_S, BLOCK_K) of the count for K themes; compile_check lists the same. The step
+    """(BLOCK_S, BLOCK_K) of the count for K themes; tools/compile_configs.py lists the same. The step
     holds a fixed number of cells, so few themes scan many sessions per step (fewer dependent
     steps for long examples) and many themes stay in registers."""
     block_k = max(triton.next_power_of_2(num_themes), 2)
@@ -291,7 +291,7 @@ def count_blocks(num_themes: int) -> Tuple[int, int]:
 
 
 def fill_blocks(top_k: int) -> Tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_T, BLOCK_J) of the fill for top_k choices; compile_check lists the same.
+    """(BLOCK_S, BLOCK_T, BLOCK_J) of the fill for top_k choices; tools/compile_configs.py lists the same.
     A tile holds 128 rows, fewer for top_k > 8 (at most 1024 (row, choice) cells), at least 32
     (the histogram needs a bin per lane)."""
     block_j = max(triton.next_power_of_2(top_k), 1)

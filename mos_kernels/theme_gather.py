@@ -29,7 +29,7 @@ _MAX_BLOCK_R = 256
 _ELEMENTS_PER_THREAD = 32    # a [BLOCK_R, BLOCK_D] fp32 tile is 32 registers a thread: no spills
 
 
-# Held by the sm_90 compile check (compile_check.py) over every configuration `row_blocks`
+# Held by the sm_90 compile check (tools/compile_check.py) over every configuration `row_blocks`
 # launches, as resident warps per SM: a copy kernel whose programs each wait on an index load
 # before their row loads needs many in flight. From d = 16 on every launch keeps 32 or more (half
 # the SM); rows of at most 8 elements run 1- and 2-warp programs with 20 to 28.

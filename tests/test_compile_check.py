@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from mos_kernels.compile_check import programs_per_sm, resource_errors
+from tools.compile_check import programs_per_sm, resource_errors
 
 ON_GPU_RUN = os.environ.get("MOS_TEST_DEVICE") == "cuda"
 COMPILE_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -21,7 +21,7 @@ COMPILE_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 @pytest.mark.skipif(ON_GPU_RUN, reason="the GPU run compiles the kernels for real")
 def test_every_kernel_compiles_for_sm90():
-    done = subprocess.run([sys.executable, "-m", "mos_kernels.compile_check", "--jobs", "2"], env=COMPILE_ENV,
+    done = subprocess.run([sys.executable, "-m", "tools.compile_check", "--jobs", "2"], env=COMPILE_ENV,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "configurations of 14 kernels compiled to sm_90" in done.stdout
@@ -81,7 +81,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mos_kernels import compile_check
+from tools import compile_check
 import toy_kernels
 
 out = {}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mos_kernels as mk
-from mos_kernels import compile_check
+from tools import compile_check
 from mos_kernels._alloc import poisoned_outputs
 from mos_kernels.expert_target_attention import attention_blocks
 from mos_kernels.jagged_self_attention import LONGEST_BUCKETS, attention_tiles, longest_bucket

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import mos_kernels as mk
-from mos_kernels import compile_check
+from tools import compile_check
 from mos_kernels.backend import IMPLEMENTED
 from tests.conftest import require_cuda_ext
 from tests.kernel_cases import ON_GPU, random_values
@@ -59,7 +59,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mos_kernels import compile_check
+from tools import compile_check
 import toy_kernels
 
 found = {}

@@ -29,7 +29,7 @@ def _torch_dtype(name: str):
 
 
 def _pool_route_configs() -> List[Config]:
-    from .session_pool import NUM_STAGES, NUM_WARPS, pool_route_blocks   # what a launch uses
+    from mos_kernels.session_pool import NUM_STAGES, NUM_WARPS, pool_route_blocks   # what a launch uses
 
     out = []
     for (dtype, ptr), block_d in itertools.product(DTYPES.items(), POOL_BLOCK_D):
@@ -54,7 +54,7 @@ def _pool_route_configs() -> List[Config]:
 
 
 def _dispatch_configs() -> List[Config]:
-    from .theme_dispatch import count_blocks, fill_blocks
+    from mos_kernels.theme_dispatch import count_blocks, fill_blocks
 
     out = []
     count_sig = {"themes_ptr": "*i64", "session_offsets_ptr": "*i64", "example_session_offsets_ptr": "*i64",
@@ -75,7 +75,7 @@ def _dispatch_configs() -> List[Config]:
 
 
 def _gather_configs() -> List[Config]:
-    from .theme_gather import row_blocks
+    from mos_kernels.theme_gather import row_blocks
 
     out = []
     # Every width the rows can have maps to one of these row blocks (next_power_of_2(d), d >= 1).
@@ -117,7 +117,7 @@ def _optional(name: str, present: bool, ptr: str, sig: Dict[str, str], const: Di
 
 
 def _grouped_mm_configs() -> List[Config]:
-    from .grouped_linear import _block
+    from mos_kernels.grouped_linear import _block
 
     mm_blocks = sorted({_block(2 ** i) for i in range(16)})   # the block of every width the op takes
     out = []
@@ -172,7 +172,7 @@ def _grouped_mm_configs() -> List[Config]:
 
 
 def _target_attention_configs() -> List[Config]:
-    from .expert_target_attention import attention_blocks
+    from mos_kernels.expert_target_attention import attention_blocks
 
     out = []
     switches = ((False, False), (True, False), (True, True))    # (HAS_INDEX, HAS_GATE)
@@ -206,7 +206,7 @@ def _target_attention_configs() -> List[Config]:
 
 
 def _self_attention_configs() -> List[Config]:
-    from .jagged_self_attention import LONGEST_BUCKETS, attention_tiles
+    from mos_kernels.jagged_self_attention import LONGEST_BUCKETS, attention_tiles
 
     out = []
     plans = [(dtype, block_dh, True) for dtype in ("bf16", "fp32") for block_dh in HEAD_BLOCKS]

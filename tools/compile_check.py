@@ -16,7 +16,7 @@ spill to local memory unless the kernel's module lists it in SPILLS_ALLOWED, and
 resident warps per SM its module declares in MIN_WARPS_PER_SM. The variant any launch can get
 (no alignment known) is compiled once per kernel and dtype (every one with --every-unaligned).
 
-    python -m mos_kernels.compile_check [--jobs N] [--list] [--kernel NAME] [--resources] [--every-unaligned]
+    python -m tools.compile_check [--jobs N] [--list] [--kernel NAME] [--resources] [--every-unaligned]
 
 Must run with TRITON_INTERPRET unset (the tests start it in a subprocess).
 """
@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Tuple
 
-from .compile_configs import KERNEL_MODULES, LAUNCH_OPTIONS, Config, all_configs
+from tools.compile_configs import KERNEL_MODULES, LAUNCH_OPTIONS, Config, all_configs
 
 def _kernels():
     # Modules by path: the package re-exports functions under the same names.

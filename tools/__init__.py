@@ -1,0 +1,1 @@
+"""Developer tools that check the package without being part of it (not installed with it)."""
