@@ -212,7 +212,7 @@ def grouped_linear_case(batch: Batch, gather: bool = False) -> Case:
     num_rows, d, num_themes = c["T"], c["d"], c["K"]
     d_out = QKV_WIDTH * d
     e = batch.values.element_size()
-    expert_offsets = dispatch.theme_offsets[::c["B"]]
+    expert_offsets = dispatch.expert_offsets
     max_rows = int((expert_offsets[1:] - expert_offsets[:-1]).max())     # the reference pads to it
     x = batch.values if gather else batch.randn(num_rows, d, seed=41)
     weight = batch.randn(num_themes, d, d_out, seed=42, scale=d ** -0.5)

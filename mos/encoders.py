@@ -16,7 +16,7 @@ from torch import nn
 
 import mos_kernels as mk
 from mos_kernels.backend import op_backends
-from mos_kernels.jagged import segment_ids
+from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, segment_ids
 
 
 def _expert_weight(num_experts: int, d_in: int, d_out: int) -> nn.Parameter:
@@ -28,13 +28,6 @@ def _expert_weight(num_experts: int, d_in: int, d_out: int) -> nn.Parameter:
 def _expert_bias(num_experts: int, d_in: int, d_out: int) -> nn.Parameter:
     bound = 1.0 / math.sqrt(d_in)
     return nn.Parameter(torch.empty(num_experts, d_out).uniform_(-bound, bound))
-
-
-def _expert_offsets(segment_offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
-    num_examples = (segment_offsets.numel() - 1) // num_experts
-    if num_examples == 0:
-        return segment_offsets.new_zeros(num_experts + 1)
-    return segment_offsets[::num_examples]
 
 
 def _nonempty(segment_offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -91,7 +84,7 @@ class TransformerEncoder(nn.Module):
         rows = tokens if gather_index is None else mk.theme_gather(
             tokens, gather_index, row_gate, inverse_index=inverse_index,
             backend=self.backends["theme_gather"])
-        expert_offsets = _expert_offsets(segment_offsets, self.num_experts)
+        expert_offsets = jagged_expert_offsets(segment_offsets, self.num_experts)
         expert = segment_ids(expert_offsets, rows.shape[0])
         for block in self.layers:
             rows = block(rows, expert, expert_offsets, segment_offsets, self.num_heads, max_len,

@@ -41,7 +41,7 @@ from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, c
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .grouped_linear import dot_precision, grouped_linear
-from .jagged import segment_ids
+from .jagged import expert_offsets, segment_ids
 from .theme_gather import inverse_of, theme_gather
 
 
@@ -86,10 +86,9 @@ def expert_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: to
                                                      gather_index, row_gate, inverse_index, num_heads)[0]
     rows = tokens if gather_index is None else theme_gather(tokens, gather_index, row_gate,
                                                             inverse_index=inverse_index, backend="reference")
-    num_examples = query.shape[0] // num_experts
-    expert_offsets = segment_offsets[::num_examples] if num_examples else segment_offsets.new_zeros(num_experts + 1)
-    keys = grouped_linear(rows, w_key, b_key, expert_offsets, backend="reference")
-    values = grouped_linear(rows, w_value, b_value, expert_offsets, backend="reference")
+    experts = expert_offsets(segment_offsets, num_experts)
+    keys = grouped_linear(rows, w_key, b_key, experts, backend="reference")
+    values = grouped_linear(rows, w_value, b_value, experts, backend="reference")
     return _segment_attention(query, keys, values, segment_offsets, num_heads)
 
 

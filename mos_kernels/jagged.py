@@ -81,6 +81,16 @@ def padded_to_jagged(padded: torch.Tensor, lengths: torch.Tensor):
     return padded[mask], offsets_from_lengths(lengths)
 
 
+def expert_offsets(segment_offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E+1] int64: expert e's contiguous block of rows in a layout whose segments are ordered
+    expert-major (segment e*B + b is example b of expert e, as `theme_dispatch` builds them), from
+    segment_offsets [E*B+1]. With no examples every block is empty."""
+    num_examples = (segment_offsets.numel() - 1) // num_experts
+    if num_examples == 0:
+        return segment_offsets.new_zeros(num_experts + 1)
+    return segment_offsets[::num_examples]
+
+
 def segment_blocks(offsets: torch.Tensor, block: int, num_rows: int):
     """The `block`-row tiles that cover every segment, for kernels with one program per tile.
 

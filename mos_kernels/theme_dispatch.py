@@ -31,7 +31,7 @@ from ._alloc import new_output
 from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, reads_data
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
-from .jagged import counts_of, offsets_from_lengths, segment_ids
+from .jagged import counts_of, expert_offsets, offsets_from_lengths, segment_ids
 from .session_blocks import session_block
 
 
@@ -48,9 +48,7 @@ class Dispatch:
     @property
     def expert_offsets(self) -> torch.Tensor:
         """[K+1] int64, expert k's contiguous block of rows."""
-        if self.num_examples == 0:
-            return self.theme_offsets.new_zeros(self.num_themes + 1)
-        return self.theme_offsets[::self.num_examples]
+        return expert_offsets(self.theme_offsets, self.num_themes)
 
     @property
     def segment_lengths(self) -> torch.Tensor:

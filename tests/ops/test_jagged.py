@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mos_kernels as mk
+from mos_kernels import jagged as mk_jagged
 from tests import oracles
 from tests.kernel_cases import LENGTH_IDS, LENGTHS, check_forward_backward
 from tests.oracles import generator, randn
@@ -61,3 +62,10 @@ def test_segment_ids_and_positions(lengths, device):
     assert mk.lengths_from_offsets(offsets).cpu().tolist() == lengths
     assert torch.equal(mk.offsets_from_lengths(torch.tensor(lengths, device=device, dtype=torch.int32)), offsets)
 
+
+
+def test_expert_offsets_take_every_bth_segment_boundary():
+    """Expert e owns segments e*B .. e*B+B-1 (expert-major), so its rows are one block."""
+    segment_offsets = torch.tensor([0, 2, 2, 5, 6, 6, 9])       # E = 3 experts, B = 2 examples
+    assert mk_jagged.expert_offsets(segment_offsets, 3).tolist() == [0, 2, 6, 9]
+    assert mk_jagged.expert_offsets(torch.tensor([0]), 4).tolist() == [0, 0, 0, 0, 0]   # no examples
