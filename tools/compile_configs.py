@@ -116,6 +116,23 @@ def _optional(name: str, present: bool, ptr: str, sig: Dict[str, str], const: Di
         const[name] = None
 
 
+def _grouped_mm_config(dtype: str, blocks, transpose_w: bool, a_index: bool, gate: bool, bias: bool,
+                       out_index: bool, out_ptr: str = None) -> Config:
+    """One `_grouped_mm` launch: value dtype, (BLOCK_N, BLOCK_K), W read transposed or not, the
+    optional operands present; out_ptr when the output's dtype is not the rows'."""
+    ptr = DTYPES[dtype]
+    sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": out_ptr or ptr, "tile_expert_ptr": "*i64", "tile_start_ptr": "*i64",
+           "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32", "stride_a": "i32",
+           "stride_out": "i32"}
+    const = {"TRANSPOSE_W": transpose_w, "A_INDEX": a_index, "HAS_GATE": gate, "HAS_BIAS": bias,
+             "OUT_INDEX": out_index, "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": blocks[0],
+             "BLOCK_K": blocks[1]}
+    for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr), ("bias_ptr", bias, ptr),
+                             ("out_index_ptr", out_index, "*i64")):
+        _optional(name, present, p, sig, const)
+    return "_grouped_mm", sig, const
+
+
 def _grouped_mm_configs() -> List[Config]:
     from mos_kernels.grouped_linear import _block
 
@@ -127,33 +144,15 @@ def _grouped_mm_configs() -> List[Config]:
     plans = [("bf16", (64, 64), switches) for switches in forward if switches != forward[-1]]
     plans += [(dtype, blocks, forward[-1]) for dtype in ("bf16", "fp32")
               for blocks in itertools.product(mm_blocks, mm_blocks)] + [("fp16", (64, 64), forward[-1])]
-    for dtype, (block_n, block_k), (a_index, gate, bias, out_index) in plans:
-        ptr = DTYPES[dtype]
-        sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "tile_expert_ptr": "*i64", "tile_start_ptr": "*i64",
-               "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32", "stride_a": "i32",
-               "stride_out": "i32"}
-        const = {"TRANSPOSE_W": False, "A_INDEX": a_index, "HAS_GATE": gate, "HAS_BIAS": bias, "OUT_INDEX": out_index,
-                 "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
-                                 ("bias_ptr", bias, ptr), ("out_index_ptr", out_index, "*i64")):
-            _optional(name, present, p, sig, const)
-        out.append(("_grouped_mm", sig, const))
+    for dtype, blocks, switches in plans:
+        out.append(_grouped_mm_config(dtype, blocks, False, *switches))
     # The input gradient: W[e] read transposed, rows read through the scatter index or not, stored
     # in fp32 when the forward gathered (the caller sums them per token).
-    for dtype, (block_n, block_k), a_index in itertools.product(
-            ("bf16", "fp16", "fp32"), itertools.product(mm_blocks, mm_blocks), (False, True)):
-        if dtype == "fp16" and (block_n, block_k) != (64, 64):
-            continue
-        ptr = DTYPES[dtype]
-        sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": "*fp32" if a_index else ptr, "tile_expert_ptr": "*i64",
-               "tile_start_ptr": "*i64", "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32",
-               "stride_a": "i32", "stride_out": "i32"}
-        const = {"TRANSPOSE_W": True, "A_INDEX": a_index, "HAS_GATE": False, "HAS_BIAS": False, "OUT_INDEX": False,
-                 "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", False, ptr),
-                                 ("bias_ptr", False, ptr), ("out_index_ptr", False, "*i64")):
-            _optional(name, present, p, sig, const)
-        out.append(("_grouped_mm", sig, const))
+    for dtype, blocks, a_index in itertools.product(("bf16", "fp16", "fp32"), itertools.product(mm_blocks, mm_blocks),
+                                                     (False, True)):
+        if dtype != "fp16" or blocks == (64, 64):
+            out.append(_grouped_mm_config(dtype, blocks, True, a_index, False, False, False,
+                                          out_ptr="*fp32" if a_index else None))
     grad = [(a, g, o) for a, g in ((False, False), (True, False), (True, True)) for o in (False, True)]
     plans = [("bf16", (64, 64), switches) for switches in grad if switches != grad[-1]]
     plans += [(dtype, blocks, grad[-1]) for dtype in ("bf16", "fp32")
