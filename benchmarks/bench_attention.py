@@ -13,7 +13,7 @@ Ops (rows of DIR/bench_attention.csv):
   jagged_self_attention    causal attention inside every theme subsequence (the theme-major layout)
   dense_attention   causal SDPA over every whole sequence, padded to the longest: what MoS replaces
   dense_attention_varlen  the same attention without padding (torch's varlen flash attention)
-  grouped_linear[_gather] the experts' grouped linear, d -> 3d (rows gathered inside the op or not)
+  grouped_linear    the experts' grouped linear, d -> 3d, over the theme-major rows
   layer             MoSLayer (target-attention experts) forward + backward, parameters included
   mos_transformer   MoSLayer(encoder="transformer", global_scope="sessions"), Triton
   dense_transformer one pre-LN causal transformer layer (SDPA) over the padded whole sequences
@@ -82,7 +82,6 @@ OP_PROVIDERS = {
     "dense_attention": ("sdpa",),
     "dense_attention_varlen": ("varlen_attn",),
     "grouped_linear": COMPARED,
-    "grouped_linear_gather": COMPARED,
     "mos_transformer": ("triton",),
     "dense_transformer": ("sdpa",),
 }
@@ -203,50 +202,38 @@ def jagged_self_attention_case(batch: Batch) -> Case:
         grad_inputs=(0, 1, 2), grad_outputs=(0,))
 
 
-def grouped_linear_case(batch: Batch, gather: bool = False) -> Case:
+def grouped_linear_case(batch: Batch) -> Case:
     """The experts' grouped linear at the query-key-value projection's shape, d -> 3d, over the
-    theme-major rows: plain rows (already gathered), or with `gather` the tokens gathered and
-    gated inside the op (the first layer). Differentiated: the rows (or tokens), the weight, the
-    bias, and for the gather the gate."""
+    theme-major rows (already gathered). Differentiated: the rows, the weight, the bias."""
     c, dispatch = batch.columns, batch.dispatch
     num_rows, d, num_themes = c["T"], c["d"], c["K"]
     d_out = QKV_WIDTH * d
     e = batch.values.element_size()
     expert_offsets = dispatch.expert_offsets
     max_rows = int((expert_offsets[1:] - expert_offsets[:-1]).max())     # the reference pads to it
-    x = batch.values if gather else batch.randn(num_rows, d, seed=41)
+    x = batch.randn(num_rows, d, seed=41)
     weight = batch.randn(num_themes, d, d_out, seed=42, scale=d ** -0.5)
     bias = batch.randn(num_themes, d_out, seed=43)
-    inputs = (x, weight, bias) + ((dispatch.row_gate.detach().to(batch.dtype),) if gather else ())
+    inputs = (x, weight, bias)
 
-    def run(backend, x, weight, bias, gate=None):
-        index = dict(gather_index=dispatch.gather_index, row_gate=gate) if gather else {}
+    def run(backend, x, weight, bias):
         if backend == "fused":
-            return (fused_grouped_linear(x, weight, bias, expert_offsets, max_rows=max_rows, **index),)
-        if gather:
-            index["inverse_index"] = dispatch.inverse_index
-        return (mk.grouped_linear(x, weight, bias, expert_offsets, max_rows=max_rows, backend=backend, **index),)
+            return (fused_grouped_linear(x, weight, bias, expert_offsets, max_rows=max_rows),)
+        return (mk.grouped_linear(x, weight, bias, expert_offsets, max_rows=max_rows, backend=backend),)
 
     weights = num_themes * d * d_out * e + num_themes * d_out * e
-    # The gather reads an int64 index and a gate per row; its backward writes the gates' gradient
-    # and sums the rows' gradients into the tokens (T·d·e more, top-1 routing: T' = T).
-    gathered = (num_rows * (8 + e), num_rows * (e + d * e)) if gather else (0, 0)
     return Case(
-        op="grouped_linear_gather" if gather else "grouped_linear", kernels=(), run=run, inputs=inputs,
+        op="grouped_linear", kernels=(), run=run, inputs=inputs,
         dtype=batch.dtype, shape=c,
         bytes={
             # read the rows N·d·e, the weight and bias, the offsets (K+1)·8; write N·d_out·e
-            "fwd": num_rows * d * e + weights + (num_themes + 1) * 8 + num_rows * d_out * e + gathered[0],
+            "fwd": num_rows * d * e + weights + (num_themes + 1) * 8 + num_rows * d_out * e,
             # read the output gradient N·d_out·e, the rows and the weight; write the rows' and the
             # weight's and bias's gradients
-            "bwd": num_rows * d_out * e + 2 * num_rows * d * e + 2 * weights + (num_themes + 1) * 8 + sum(gathered),
+            "bwd": num_rows * d_out * e + 2 * num_rows * d * e + 2 * weights + (num_themes + 1) * 8,
         },
         flops={"fwd": 2 * num_rows * d * d_out, "bwd": 4 * num_rows * d * d_out},
         grad_inputs=tuple(range(len(inputs))), grad_outputs=(0,))
-
-
-def grouped_linear_gather_case(batch: Batch) -> Case:
-    return grouped_linear_case(batch, gather=True)
 
 
 def _padded_sequences(batch: Batch, dim: int, seed: int) -> torch.Tensor:
@@ -344,7 +331,7 @@ CASE_BUILDERS: Dict[str, Callable[[Batch], Case]] = {
     "layer": layer_case, "expert_target_attention": expert_target_attention_case,
     "jagged_self_attention": jagged_self_attention_case,
     "dense_attention": dense_attention_case, "dense_attention_varlen": dense_attention_varlen_case,
-    "grouped_linear": grouped_linear_case, "grouped_linear_gather": grouped_linear_gather_case,
+    "grouped_linear": grouped_linear_case,
     "mos_transformer": mos_transformer_case, "dense_transformer": dense_transformer_case,
 }
 

@@ -2,19 +2,14 @@
 
 x [N, d_in], weight [E, d_in, d_out], bias [E, d_out] or None, expert_offsets [E+1]:
 rows expert_offsets[e]:expert_offsets[e+1] are multiplied by weight[e] (y = x @ W + b).
-Optionally the rows are gathered on the way in and scattered on the way out:
-  gather_index [N] (+ row_gate [N]): row r is x[gather_index[r]] * row_gate[r] (x is then [T, d_in]);
-  scatter_index [N], a permutation of 0..N-1: y row r is stored at out[scatter_index[r]].
 
-Reference: theme_gather, then one product per expert's block on the CPU, or on other devices the
-blocks padded to [E, max_rows, d_in] and one batched GEMM (no read-back of the offsets), then
-index_copy: obviously correct; its copies and padding are what the kernels remove.
+Reference: one product per expert's block on the CPU, or on other devices the blocks padded to
+[E, max_rows, d_in] and one batched GEMM (no read-back of the offsets): obviously correct; its
+padding is what the kernels remove.
 Triton: `_grouped_mm`, one program per (tile of BLOCK_M rows of one expert, BLOCK_N output
-columns), the gather fused into the operand loads and the scatter into the stores; the input
-gradient is the same kernel on the transposed weight; `_grouped_mm_weight_grad` reduces each
-expert's rows in a fixed number of splits into fp32 partials that one sum adds up in a fixed
-order (deterministic, no atomics). The gradient of the gathered tokens is the gather's own
-backward (`theme_scatter`, a gather-sum over the inverse index). Index arithmetic is 64-bit
+columns); the input gradient is the same kernel on the transposed weight;
+`_grouped_mm_weight_grad` reduces each expert's rows in a fixed number of splits into fp32
+partials that one sum adds up in a fixed order (deterministic, no atomics). Index arithmetic is 64-bit
 (program ids and strides widened first): a row index times a stride passes 2^31 once an
 operand holds more than 2^31 elements.
 Custom ops mos::grouped_linear and mos::grouped_linear_backward, with FLOP formulas.
@@ -29,21 +24,17 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from .checks import FLOAT_DTYPES, check_offsets, check_tensor, reads_data
+from .checks import FLOAT_DTYPES, check_offsets, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .jagged import max_segment_length, positions_in_segment, segment_blocks, segment_ids
-from .theme_gather import _check_index, inverse_of, theme_gather
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    expert_offsets: torch.Tensor, *, max_rows: Optional[int] = None,
-                   gather_index: Optional[torch.Tensor] = None, row_gate: Optional[torch.Tensor] = None,
-                   inverse_index: Optional[torch.Tensor] = None, scatter_index: Optional[torch.Tensor] = None,
                    backend: str = "auto") -> torch.Tensor:
     """[N, d_out]. max_rows: a bound on the longest block (the reference pads to it; read back
-    from the device when None). inverse_index: as in `theme_gather` (built, with a sync, when the
-    Triton backward of a gather needs it and none is given)."""
+    from the device when None)."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
     num_experts, d_in, d_out = weight.shape
@@ -54,38 +45,14 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         check_tensor("bias", bias, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
         if tuple(bias.shape) != (num_experts, d_out):
             raise ValueError(f"bias: expected shape {(num_experts, d_out)}, got {tuple(bias.shape)}")
-    if gather_index is None:
-        if row_gate is not None or inverse_index is not None:
-            raise ValueError("row_gate, inverse_index: expected None when gather_index is None (they describe a gather)")
-        num_rows = x.shape[0]
-    else:
-        num_rows = gather_index.numel()
-        _check_index(gather_index, row_gate, inverse_index, x.device, x.shape[0], num_rows)
-    check_offsets("expert_offsets", expert_offsets, total=num_rows, device=x.device)
+    check_offsets("expert_offsets", expert_offsets, total=x.shape[0], device=x.device)
     if expert_offsets.numel() != num_experts + 1:
         raise ValueError(f"expert_offsets: expected {num_experts + 1} entries (E+1), got {expert_offsets.numel()}")
-    if scatter_index is not None:
-        _check_permutation("scatter_index", scatter_index, num_rows, x.device)
     if resolve_backend(backend, x, "grouped_linear") == "triton":
-        if gather_index is not None and inverse_index is None and x.requires_grad:
-            inverse_index = inverse_of(gather_index, x.shape[0])
-        return torch.ops.mos.grouped_linear(x, weight, bias, expert_offsets, gather_index, row_gate, inverse_index,
-                                            scatter_index)
-    if gather_index is not None:
-        x = theme_gather(x, gather_index, row_gate, backend="reference")
+        return torch.ops.mos.grouped_linear(x, weight, bias, expert_offsets)
     if max_rows is None:
         max_rows = max_segment_length(expert_offsets)
-    y = torch.ops.mos.grouped_linear_reference(x, weight, bias, expert_offsets, max_rows)
-    return y if scatter_index is None else torch.empty_like(y).index_copy(0, scatter_index, y)
-
-
-def _check_permutation(name, index, num_rows, device):
-    check_tensor(name, index, ndim=1, dtypes=(torch.int64,), device=device)
-    if index.numel() != num_rows:
-        raise ValueError(f"{name}: expected {num_rows} entries (one per row), got {index.numel()}")
-    if reads_data() and num_rows:
-        if not torch.equal(torch.sort(index).values, torch.arange(num_rows, device=device)):
-            raise ValueError(f"{name}: expected a permutation of 0..{num_rows - 1} (every output row written once)")
+    return torch.ops.mos.grouped_linear_reference(x, weight, bias, expert_offsets, max_rows)
 
 
 def _expert_blocks(expert_offsets):
@@ -176,12 +143,10 @@ _grouped_linear_reference_op.register_autograd(_reference_backward, setup_contex
 # ----------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
-def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_index_ptr, tile_expert_ptr,
-                tile_start_ptr, offsets_ptr, num_experts, k_dim, n_dim, stride_a, stride_out,
-                TRANSPOSE_W: tl.constexpr, A_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                OUT_INDEX: tl.constexpr,
+def _grouped_mm(a_ptr, w_ptr, bias_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts, k_dim,
+                n_dim, stride_a, stride_out, TRANSPOSE_W: tl.constexpr, HAS_BIAS: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[dst(r)] = gate[r] * a[src(r)] @ W[e] (+ b[e]) for the BLOCK_M rows of one tile of expert e.
+    """out[r] = a[r] @ W[e] (+ b[e]) for the BLOCK_M rows of one tile of expert e.
     Consecutive programs take the column blocks of one row tile, which then comes from L2."""
     pid = tl.program_id(0).to(tl.int64)    # 64-bit index arithmetic (module docstring)
     k_wide, n_wide = tl.cast(k_dim, tl.int64), tl.cast(n_dim, tl.int64)
@@ -191,9 +156,6 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
     if expert < num_experts:
         rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
         row_ok = rows < tl.load(offsets_ptr + expert + 1)
-        src = rows
-        if A_INDEX:
-            src = tl.load(a_index_ptr + rows, mask=row_ok, other=0)
         cols = (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_dim
         w_base = w_ptr + expert * k_wide * n_wide
@@ -201,7 +163,8 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
         for k0 in range(0, k_dim, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < k_dim
-            a = tl.load(a_ptr + src[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
             # A compile-time layout of W[e] (dense [d_in, d_out], read as is or transposed) lets the
             # compiler see which axis is contiguous and load it in 16-byte vectors; with run-time
             # strides every element needed its own 64-bit address (sm_90, bf16 64x64x64 tiles: 204
@@ -214,24 +177,17 @@ def _grouped_mm(a_ptr, a_index_ptr, gate_ptr, w_ptr, bias_ptr, out_ptr, out_inde
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             # The weight is rounded to the rows' dtype first, as the reference does.
             acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
-        if HAS_GATE:
-            acc = acc * tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert * n_dim + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        dst = rows
-        if OUT_INDEX:
-            dst = tl.load(out_index_ptr + rows, mask=row_ok, other=0)
-        tl.store(out_ptr + dst[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _grouped_mm_weight_grad(a_ptr, a_index_ptr, gate_ptr, g_ptr, g_index_ptr, offsets_ptr, dw_ptr, db_ptr,
-                            k_dim, n_dim, stride_a, stride_g, splits,
-                            A_INDEX: tl.constexpr, HAS_GATE: tl.constexpr, G_INDEX: tl.constexpr,
+def _grouped_mm_weight_grad(a_ptr, g_ptr, offsets_ptr, dw_ptr, db_ptr, k_dim, n_dim, stride_a, stride_g, splits,
                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
-    """Partial sums over split s of expert e's rows: dW[e, s] = sum_r (gate a)[r]^T g[r], db[e, s] = sum_r g[r]."""
+    """Partial sums over split s of expert e's rows: dW[e, s] = sum_r a[r]^T g[r], db[e, s] = sum_r g[r]."""
     pid = tl.program_id(0).to(tl.int64)    # e * splits + s; 64-bit index arithmetic (module docstring)
     expert = pid // splits
     first = tl.load(offsets_ptr + expert)
@@ -248,17 +204,8 @@ def _grouped_mm_weight_grad(a_ptr, a_index_ptr, gate_ptr, g_ptr, g_index_ptr, of
     for r0 in range(lo, hi, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
-        src = rows
-        if A_INDEX:
-            src = tl.load(a_index_ptr + rows, mask=row_ok, other=0)
-        a = tl.load(a_ptr + src[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_GATE:
-            gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * gate[:, None]).to(a.dtype)
-        dst = rows
-        if G_INDEX:
-            dst = tl.load(g_index_ptr + rows, mask=row_ok, other=0)
-        g = tl.load(g_ptr + dst[:, None] * stride_g + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(tl.trans(a), g.to(a.dtype), input_precision=PRECISION)
         col_sum += tl.sum(g.to(tl.float32), axis=0)
     tl.store(dw_ptr + (pid * k_dim + ks[:, None]) * n_dim + cols[None, :], acc, mask=k_ok[:, None] & col_ok[None, :])
@@ -291,30 +238,25 @@ def _splits(num_rows: int, num_experts: int) -> int:
 
 # ----------------------------------------------------------------------------- custom ops
 
-def _launch_grouped_mm(a, weight, bias, expert_offsets, a_index, gate, out_index, num_rows: int, transpose: bool,
-                       out_dtype=None):
-    """[num_rows, n] in out_dtype (default a's): row r = gate[r] * a[a_index[r]] @ W[e] (W[e]^T if
-    transpose) + b[e], stored at out_index[r]; a_index / gate / out_index None mean the identity / 1 /
-    the identity."""
+def _launch_grouped_mm(a, weight, bias, expert_offsets, transpose: bool):
+    """[N, n] in a's dtype: row r = a[r] @ W[e] (W[e]^T if transpose) + b[e]."""
     num_experts, d_in, d_out = weight.shape
+    num_rows = a.shape[0]
     k_dim, n_dim = (d_out, d_in) if transpose else (d_in, d_out)
-    out = new_output((num_rows, n_dim), dtype=out_dtype or a.dtype, device=a.device)
+    out = new_output((num_rows, n_dim), dtype=a.dtype, device=a.device)
     if num_rows and n_dim:
         tile_expert, tile_start = segment_blocks(expert_offsets, BLOCK_M, num_rows)
         block_n = _block(n_dim)
         grid = (tile_expert.numel() * triton.cdiv(n_dim, block_n),)
-        _grouped_mm[grid](a, a_index, gate, weight, bias, out, out_index,
-                          tile_expert, tile_start, expert_offsets, num_experts, k_dim, n_dim, a.stride(0),
-                          out.stride(0), TRANSPOSE_W=transpose, A_INDEX=a_index is not None,
-                          HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
-                          OUT_INDEX=out_index is not None, PRECISION=dot_precision(a.dtype), BLOCK_M=BLOCK_M,
-                          BLOCK_N=block_n, BLOCK_K=_block(k_dim))
+        _grouped_mm[grid](a, weight, bias, out, tile_expert, tile_start, expert_offsets, num_experts, k_dim, n_dim,
+                          a.stride(0), out.stride(0), TRANSPOSE_W=transpose, HAS_BIAS=bias is not None,
+                          PRECISION=dot_precision(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=_block(k_dim))
     return out
 
 
-def _launch_weight_grad(a, a_index, gate, grad, grad_index, expert_offsets, num_experts: int):
-    """(dW [E, d_in, d_out], db [E, d_out]) in fp32: sums over each expert's rows of
-    (gate a[a_index])^T grad[grad_index] and of grad[grad_index]."""
+def _launch_weight_grad(a, grad, expert_offsets, num_experts: int):
+    """(dW [E, d_in, d_out], db [E, d_out]) in fp32: sums over each expert's rows of a^T grad and
+    of grad."""
     d_in, d_out = a.shape[1], grad.shape[1]
     splits = _splits(grad.shape[0], num_experts)
     dw = new_output((num_experts * splits, d_in, d_out), dtype=torch.float32, device=a.device)
@@ -322,10 +264,8 @@ def _launch_weight_grad(a, a_index, gate, grad, grad_index, expert_offsets, num_
     if num_experts and d_in and d_out:
         block_k, block_n = _block(d_in), _block(d_out)
         grid = (num_experts * splits, triton.cdiv(d_in, block_k), triton.cdiv(d_out, block_n))
-        _grouped_mm_weight_grad[grid](a, a_index, gate, grad, grad_index, expert_offsets, dw, db, d_in, d_out,
-                                      a.stride(0), grad.stride(0), splits, A_INDEX=a_index is not None,
-                                      HAS_GATE=gate is not None, G_INDEX=grad_index is not None,
-                                      PRECISION=dot_precision(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        _grouped_mm_weight_grad[grid](a, grad, expert_offsets, dw, db, d_in, d_out, a.stride(0), grad.stride(0),
+                                      splits, PRECISION=dot_precision(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                                       BLOCK_K=block_k)
     # Each expert's partials are added in one fixed order: the same bits on every run.
     return dw.view(num_experts, splits, d_in, d_out).sum(1), db.view(num_experts, splits, d_out).sum(1)
@@ -333,68 +273,43 @@ def _launch_weight_grad(a, a_index, gate, grad, grad_index, expert_offsets, num_
 
 @kernel_op("mos::grouped_linear")
 def _grouped_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       expert_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
-                       row_gate: Optional[torch.Tensor], inverse_index: Optional[torch.Tensor],
-                       scatter_index: Optional[torch.Tensor]) -> torch.Tensor:
-    num_rows = x.shape[0] if gather_index is None else gather_index.numel()
-    return _launch_grouped_mm(x, weight, bias, expert_offsets, gather_index, row_gate, scatter_index, num_rows,
-                              transpose=False)
+                       expert_offsets: torch.Tensor) -> torch.Tensor:
+    return _launch_grouped_mm(x, weight, bias, expert_offsets, transpose=False)
 
 
 @_grouped_linear_op.register_fake
-def _(x, weight, bias, expert_offsets, gather_index, row_gate, inverse_index, scatter_index):
-    num_rows = x.shape[0] if gather_index is None else gather_index.shape[0]
-    return x.new_empty((num_rows, weight.shape[2]))
+def _(x, weight, bias, expert_offsets):
+    return x.new_empty((x.shape[0], weight.shape[2]))
 
 
 @kernel_op("mos::grouped_linear_backward")
 def _grouped_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                expert_offsets: torch.Tensor, gather_index: Optional[torch.Tensor],
-                                row_gate: Optional[torch.Tensor], scatter_index: Optional[torch.Tensor]
-                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gradient of every gathered, gated row in row order [N, d_in], dW fp32, db fp32). The rows'
-    gradient stays fp32 behind a gather: it is summed per token and dotted with the tokens for the
-    gate's gradient, each rounded once to the output dtype afterwards."""
-    g_rows = _launch_grouped_mm(grad, weight, None, expert_offsets, scatter_index, None, None, grad.shape[0],
-                                transpose=True, out_dtype=torch.float32 if gather_index is not None else None)
-    g_weight, g_bias = _launch_weight_grad(x, gather_index, row_gate, grad, scatter_index, expert_offsets,
-                                           weight.shape[0])
-    return g_rows, g_weight, g_bias
+                                expert_offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gradient of the rows [N, d_in] in their dtype, dW fp32, db fp32)."""
+    g_x = _launch_grouped_mm(grad, weight, None, expert_offsets, transpose=True)
+    g_weight, g_bias = _launch_weight_grad(x, grad, expert_offsets, weight.shape[0])
+    return g_x, g_weight, g_bias
 
 
 @_grouped_linear_backward_op.register_fake
-def _(grad, x, weight, expert_offsets, gather_index, row_gate, scatter_index):
+def _(grad, x, weight, expert_offsets):
     num_experts, d_in, d_out = weight.shape
-    rows_dtype = torch.float32 if gather_index is not None else grad.dtype
-    return (grad.new_empty((grad.shape[0], d_in), dtype=rows_dtype),
+    return (grad.new_empty((grad.shape[0], d_in)),
             grad.new_empty((num_experts, d_in, d_out), dtype=torch.float32),
             grad.new_empty((num_experts, d_out), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, expert_offsets, gather_index, row_gate, inverse_index, scatter_index = inputs
-    ctx.save_for_backward(x, weight, expert_offsets, gather_index, row_gate, inverse_index, scatter_index)
+    x, weight, bias, expert_offsets = inputs
+    ctx.save_for_backward(x, weight, expert_offsets)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
-    x, weight, expert_offsets, gather_index, row_gate, inverse_index, scatter_index = ctx.saved_tensors
-    need_x, _, _, _, _, need_gate, _, _ = ctx.needs_input_grad
-    g_rows, g_weight, g_bias = torch.ops.mos.grouped_linear_backward(grad, x, weight, expert_offsets, gather_index,
-                                                                     row_gate, scatter_index)
-    g_x = g_gate = None
-    if gather_index is None:
-        g_x = g_rows
-    else:
-        # The gather's own backward: a gather-sum over the inverse index, no atomics.
-        if need_x:
-            if inverse_index is None:
-                raise ValueError("inverse_index: expected a tensor to differentiate x through gather_index, got None")
-            g_x = torch.ops.mos.theme_scatter(g_rows, gather_index, row_gate, inverse_index).to(x.dtype)
-        if need_gate:
-            g_gate = torch.ops.mos.row_dot(g_rows, x, gather_index, row_gate.dtype)
+    x, weight, expert_offsets = ctx.saved_tensors
+    g_x, g_weight, g_bias = torch.ops.mos.grouped_linear_backward(grad, x, weight, expert_offsets)
     g_bias = None if ctx.bias_dtype is None else g_bias.to(ctx.bias_dtype)
-    return g_x, g_weight.to(weight.dtype), g_bias, None, None, g_gate, None, None
+    return g_x, g_weight.to(weight.dtype), g_bias, None
 
 
 _grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)

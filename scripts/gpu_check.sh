@@ -165,7 +165,7 @@ if [ "$require_ext" = 1 ] && [ "$kernel_providers" = reference,triton ]; then
 fi
 
 phase compiled "${MOS_COMPILED_BUDGET:-90}" $PY -m benchmarks.bench_attention --out "$OUT_DIR" --plan targets \
-  --dtype bf16 --ops layer,expert_target_attention,grouped_linear,grouped_linear_gather \
+  --dtype bf16 --ops layer,expert_target_attention,grouped_linear \
   --providers reference,compiled_fused,compiled "${BENCH_TIMING[@]}"
 phase compiled_kernels "${MOS_COMPILED_KERNELS_BUDGET:-40}" $PY -m benchmarks.bench_kernels --out "$OUT_DIR" \
   --plan targets --dtype bf16 --providers reference,compiled "${BENCH_TIMING[@]}"

@@ -24,7 +24,6 @@ from tolerances import assert_close  # noqa: E402
 KINDS = {
     "expert_target_attention": ("attention", "attention_grad"),      # folded scores: dot products re-associated
     "grouped_linear": ("attention", "attention_grad"),        # GEMM chains, another summation order
-    "grouped_linear_gather": ("attention", "attention_grad"),
     "layer": ("layer", "layer"),                              # the whole layer: several chains in a row
 }
 

@@ -246,8 +246,8 @@ def test_grouped_linear_large(dtype):
     results = []
     for backend, run_dtype in (("triton", dtype), ("reference", torch.float32)):
         x, w, b = _leaves([values, weight, bias], dtype, run_dtype)
-        out = mk.grouped_linear(x, w, b, dispatch.expert_offsets, gather_index=dispatch.gather_index,
-                                inverse_index=dispatch.inverse_index, backend=backend)
+        rows = mk.theme_gather(x, dispatch.gather_index, inverse_index=dispatch.inverse_index, backend=backend)
+        out = mk.grouped_linear(rows, w, b, dispatch.expert_offsets, backend=backend)
         (out.float() * _cotangent(out.shape, dtype, 5)).sum().backward()
         results.append([out, x.grad, w.grad, b.grad])
     for name, got, want in zip(("out", "x", "weight", "bias"), *results):
@@ -265,8 +265,8 @@ def test_kernels_ii_bitwise_deterministic(dtype):
     def run():
         x = values.detach().requires_grad_()
         w = weight.detach().requires_grad_()
-        qkv = mk.grouped_linear(x, w, None, dispatch.expert_offsets, gather_index=dispatch.gather_index,
-                                inverse_index=dispatch.inverse_index, backend="triton")
+        rows = mk.theme_gather(x, dispatch.gather_index, inverse_index=dispatch.inverse_index, backend="triton")
+        qkv = mk.grouped_linear(rows, w, None, dispatch.expert_offsets, backend="triton")
         q, k, v = qkv.split(64, dim=1)
         rows = mk.jagged_self_attention(q, k, v, dispatch.theme_offsets, num_heads=2, backend="triton")
         out = mk.expert_target_attention(rows, query, w[:, :, :64].contiguous(), None, w[:, :, 64:128].contiguous(),

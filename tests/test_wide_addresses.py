@@ -8,7 +8,7 @@ On the CPU, without 4 GB of memory:
 - the ops read rows past 2^31 elements of an input that is only reserved: the OS maps a page on
   first touch, so a 4.3 GB tensor of which a few rows are written costs a few pages. That covers
   every op that reads token rows through an index (gather, the gate's gradient, the gathered
-  GEMM and attention), on every backend.
+  attention), on every backend.
 At full size on the GPU: tests/test_kernels_gpu.py (the gather's output and its backward).
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _index_and_gate():
 
 
 def _ops_reading_through_an_index():
-    return [(op, backend) for op in ("theme_gather", "grouped_linear", "expert_target_attention")
+    return [(op, backend) for op in ("theme_gather", "expert_target_attention")
             for backend in IMPLEMENTED[op]]
 
 
@@ -154,8 +154,5 @@ def _run_op(op, tokens, index, gate, backend):
     # Two experts over the gathered rows; small weights keep fp16 attention scores moderate.
     weights = random_values(2 * WIDE_DIM, WIDE_DIM, torch.float16, "cpu", seed=3).view(2, WIDE_DIM, WIDE_DIM) * 0.05
     offsets = torch.tensor([0, 2, index.numel()])
-    if op == "grouped_linear":
-        return mk.grouped_linear(tokens, weights[:, :, :16], weights[:, 0, :16], offsets, gather_index=index,
-                                 row_gate=gate, backend=backend)
     return mk.expert_target_attention(tokens, weights[:, 1], weights, None, weights.flip(0), None, offsets,
                                       num_heads=4, gather_index=index, row_gate=gate, backend=backend)

@@ -116,20 +116,16 @@ def _optional(name: str, present: bool, ptr: str, sig: Dict[str, str], const: Di
         const[name] = None
 
 
-def _grouped_mm_config(dtype: str, blocks, transpose_w: bool, a_index: bool, gate: bool, bias: bool,
-                       out_index: bool, out_ptr: str = None) -> Config:
-    """One `_grouped_mm` launch: value dtype, (BLOCK_N, BLOCK_K), W read transposed or not, the
-    optional operands present; out_ptr when the output's dtype is not the rows'."""
+def _grouped_mm_config(dtype: str, blocks, transpose_w: bool, bias: bool) -> Config:
+    """One `_grouped_mm` launch: value dtype, (BLOCK_N, BLOCK_K), W read transposed or not, a bias
+    or not."""
     ptr = DTYPES[dtype]
-    sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": out_ptr or ptr, "tile_expert_ptr": "*i64", "tile_start_ptr": "*i64",
+    sig = {"a_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "tile_expert_ptr": "*i64", "tile_start_ptr": "*i64",
            "offsets_ptr": "*i64", "num_experts": "i32", "k_dim": "i32", "n_dim": "i32", "stride_a": "i32",
            "stride_out": "i32"}
-    const = {"TRANSPOSE_W": transpose_w, "A_INDEX": a_index, "HAS_GATE": gate, "HAS_BIAS": bias,
-             "OUT_INDEX": out_index, "PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": blocks[0],
-             "BLOCK_K": blocks[1]}
-    for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr), ("bias_ptr", bias, ptr),
-                             ("out_index_ptr", out_index, "*i64")):
-        _optional(name, present, p, sig, const)
+    const = {"TRANSPOSE_W": transpose_w, "HAS_BIAS": bias, "PRECISION": PRECISION[dtype], "BLOCK_M": 64,
+             "BLOCK_N": blocks[0], "BLOCK_K": blocks[1]}
+    _optional("bias_ptr", bias, ptr, sig, const)
     return "_grouped_mm", sig, const
 
 
@@ -137,35 +133,21 @@ def _grouped_mm_configs() -> List[Config]:
     from mos_kernels.grouped_linear import _block
 
     mm_blocks = sorted({_block(2 ** i) for i in range(16)})   # the block of every width the op takes
-    out = []
-    # (A_INDEX, HAS_GATE): a gate comes with a gather; the input gradient reads through the scatter.
-    forward = [(a, g, b, o) for a, g in ((False, False), (True, False), (True, True))
-               for b in (False, True) for o in (False, True)]
-    plans = [("bf16", (64, 64), switches) for switches in forward if switches != forward[-1]]
-    plans += [(dtype, blocks, forward[-1]) for dtype in ("bf16", "fp32")
-              for blocks in itertools.product(mm_blocks, mm_blocks)] + [("fp16", (64, 64), forward[-1])]
-    for dtype, blocks, switches in plans:
-        out.append(_grouped_mm_config(dtype, blocks, False, *switches))
-    # The input gradient: W[e] read transposed, rows read through the scatter index or not, stored
-    # in fp32 when the forward gathered (the caller sums them per token).
-    for dtype, blocks, a_index in itertools.product(("bf16", "fp16", "fp32"), itertools.product(mm_blocks, mm_blocks),
-                                                     (False, True)):
+    every_block = list(itertools.product(mm_blocks, mm_blocks))
+    # The forward: without a bias in bf16 at the target width's blocks, with one everywhere.
+    plans = [("bf16", (64, 64), False)] + [(dtype, blocks, True) for dtype in ("bf16", "fp32")
+                                           for blocks in every_block] + [("fp16", (64, 64), True)]
+    out = [_grouped_mm_config(dtype, blocks, False, bias) for dtype, blocks, bias in plans]
+    # The input gradient: W[e] read transposed, no bias.
+    for dtype, blocks in itertools.product(("bf16", "fp16", "fp32"), every_block):
         if dtype != "fp16" or blocks == (64, 64):
-            out.append(_grouped_mm_config(dtype, blocks, True, a_index, False, False, False,
-                                          out_ptr="*fp32" if a_index else None))
-    grad = [(a, g, o) for a, g in ((False, False), (True, False), (True, True)) for o in (False, True)]
-    plans = [("bf16", (64, 64), switches) for switches in grad if switches != grad[-1]]
-    plans += [(dtype, blocks, grad[-1]) for dtype in ("bf16", "fp32")
-              for blocks in itertools.product(mm_blocks, mm_blocks)] + [("fp16", (64, 64), grad[-1])]
-    for dtype, (block_n, block_k), (a_index, gate, g_index) in plans:
+            out.append(_grouped_mm_config(dtype, blocks, True, False))
+    plans = [(dtype, blocks) for dtype in ("bf16", "fp32") for blocks in every_block] + [("fp16", (64, 64))]
+    for dtype, (block_n, block_k) in plans:
         ptr = DTYPES[dtype]
         sig = {"a_ptr": ptr, "g_ptr": ptr, "offsets_ptr": "*i64", "dw_ptr": "*fp32", "db_ptr": "*fp32",
                "k_dim": "i32", "n_dim": "i32", "stride_a": "i32", "stride_g": "i32", "splits": "i32"}
-        const = {"A_INDEX": a_index, "HAS_GATE": gate, "G_INDEX": g_index, "PRECISION": PRECISION[dtype],
-                 "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        for name, present, p in (("a_index_ptr", a_index, "*i64"), ("gate_ptr", gate, ptr),
-                                 ("g_index_ptr", g_index, "*i64")):
-            _optional(name, present, p, sig, const)
+        const = {"PRECISION": PRECISION[dtype], "BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k}
         out.append(("_grouped_mm_weight_grad", sig, const))
     return out
 
