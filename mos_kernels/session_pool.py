@@ -28,8 +28,8 @@ from .checks import check_offsets, check_values
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
-from .theme_route import (NORM_EPS, Routing, _theme_route_reference, check_routing_args, normalized,
-                          straight_through_gate)
+from .theme_route import (NORM_EPS, Routing, check_routing_args, normalized, straight_through_gate,
+                          theme_route_reference)
 
 
 def session_pool(values: torch.Tensor, session_offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -53,7 +53,7 @@ def session_pool_route(values: torch.Tensor, session_offsets: torch.Tensor, prot
     chosen = resolve_backend(backend, values, "session_pool_route")
     if chosen == "reference":
         pooled = _session_pool_reference(values, session_offsets)
-        return pooled, _theme_route_reference(pooled, prototypes, temperature, top_k)
+        return pooled, theme_route_reference(pooled, prototypes, temperature, top_k)
     unit_prototypes = normalized(prototypes)   # autograd through the normalisation stays in PyTorch
     if chosen == "cuda":   # its operator keeps the earlier schema, without the gate
         pooled, scores, probs, themes = kernel_ops(chosen).session_pool_route(

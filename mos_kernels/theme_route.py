@@ -31,7 +31,7 @@ def theme_route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: 
     check_values("pooled", pooled)
     check_routing_args("pooled", pooled, prototypes, temperature, top_k)
     resolve_backend(backend, pooled, "theme_route")
-    return _theme_route_reference(pooled, prototypes, temperature, top_k)
+    return theme_route_reference(pooled, prototypes, temperature, top_k)
 
 
 def check_routing_args(rows_name: str, rows: torch.Tensor, prototypes: torch.Tensor, temperature: float,
@@ -56,7 +56,9 @@ def normalized(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=NORM_EPS)
 
 
-def _theme_route_reference(pooled, prototypes, temperature, top_k) -> Routing:
+def theme_route_reference(pooled, prototypes, temperature, top_k) -> Routing:
+    """The routing itself, without checks or backend choice (session_pool_route's reference
+    routes with it too)."""
     scores = normalized(pooled) @ normalized(prototypes).t() / temperature
     probs = torch.softmax(scores, dim=-1)
     # A stable descending sort breaks ties towards the lower theme index, like the kernel.
