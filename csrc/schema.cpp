@@ -1,13 +1,13 @@
 // The operator schemas of the mos_cuda library, shared by the CUDA build and the CPU
 // emulation. They match the Triton custom ops mos::* one for one, so the Python side swaps the
 // namespace and reuses the same fake tensors, autograd and FLOP formulas
-// (mos_kernels/cuda_ops.py); except session_pool_route(_backward): the Triton op also returns
-// the gate and its backward the prototypes' gradient, cuda_ops.py adds those here in PyTorch.
+// (mos_kernels/cuda_registration.py); except session_pool_route(_backward): the Triton op also returns
+// the gate and its backward the prototypes' gradient, cuda_registration.py adds those here in PyTorch.
 #include <torch/library.h>
 
 TORCH_LIBRARY(mos_cuda, m) {
   // Fake tensors, autograd and FLOP formulas are registered from Python, in this module.
-  m.set_python_module("mos_kernels.cuda_ops");
+  m.set_python_module("mos_kernels.cuda_registration");
   m.def("session_pool_route(Tensor values, Tensor session_offsets, Tensor prototypes, float inv_temperature, "
         "SymInt top_k) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("session_pool_route_backward(Tensor g_pooled, Tensor g_scores, Tensor g_probs, Tensor values, "

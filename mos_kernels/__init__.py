@@ -5,6 +5,7 @@ Every op takes `backend=`: "reference" (pure PyTorch, the correctness oracle), "
 (fastest available for the tensors' device). Data layout: jagged values [N, ...]
 with int64 offsets [G+1] (`jagged.py`: group g owns rows offsets[g] : offsets[g+1]).
 """
+from .backend import on_cuda_load as _on_cuda_load
 from .checks import data_checks
 from .expert_target_attention import expert_target_attention
 from .grouped_linear import grouped_linear
@@ -23,3 +24,11 @@ __all__ = [
     "positions_in_segment", "segment_ids", "session_pool", "session_pool_route", "sessionize", "theme_dispatch", "theme_gather",
     "theme_route", "theme_scatter",
 ]
+
+
+def _register_cuda_python_side() -> None:
+    # Imported only once the extension is loaded: registering needs its operators to exist.
+    from . import cuda_registration  # noqa: F401
+
+
+_on_cuda_load(_register_cuda_python_side)

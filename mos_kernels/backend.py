@@ -52,17 +52,36 @@ def kernel_ops(backend: str):
     return torch.ops.mos
 
 
+# What runs once the extension's operators are loaded: the package adds their Python side
+# (cuda_registration), which imports the op modules, so neither this module nor cuda_ops imports it.
+_on_cuda_load = []
+
+
+def on_cuda_load(hook) -> None:
+    """Runs `hook` (once) when `cuda_ext_reason` has loaded the operators."""
+    _on_cuda_load.append(hook)
+
+
+# cuda_ops is imported inside the functions: `python -m mos_kernels.cuda_ops` runs it as a script,
+# which must not find it imported already by the package.
 # Evaluated once, eagerly, when torch.compile traces a call: loading (or building) a library is
 # nothing to trace, and its answer does not change within a process.
 @torch.compiler.assume_constant_result
 def cuda_ext_reason() -> str | None:
     """None when backend "cuda" can run here, else why not (builds the extension on first use)."""
-    from . import cuda_ops
-    return cuda_ops.unavailable_reason()
+    from .cuda_ops import unavailable_reason
+
+    reason = unavailable_reason()
+    while reason is None and _on_cuda_load:
+        _on_cuda_load.pop(0)()
+    return reason
 
 
 def cuda_emulating() -> bool:
-    return os.environ.get("MOS_CUDA_EMULATE", "0") == "1"
+    """MOS_CUDA_EMULATE=1: backend "cuda" runs the CPU emulation of the kernels."""
+    from .cuda_ops import emulating
+
+    return emulating()
 
 
 def triton_available() -> bool:

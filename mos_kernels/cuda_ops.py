@@ -1,11 +1,11 @@
-"""The CUDA C++ backend (`backend="cuda"`): loading the extension and its Python side.
+"""The CUDA C++ backend (`backend="cuda"`): loading the extension.
 
 The kernels live in `csrc/` at the top of the repository and register the operators
 `torch.ops.mos_cuda.*`, the same schemas as the Triton custom ops `torch.ops.mos.*` except
-session_pool_route(_backward), which keep an earlier one (no gate output; the prototypes' gradient is a GEMM here). This module
-gives them the Python side those have: fake tensors (torch.compile), autograd (the backward ops
-of the same namespace) and FLOP formulas, reusing the Triton modules' functions where the
-schemas agree.
+session_pool_route(_backward), which keep an earlier one (no gate output; the prototypes' gradient is a GEMM
+there). Their Python side (fake tensors, autograd, FLOP formulas) is `cuda_registration`, run
+once `backend.cuda_ext_reason` has loaded them: this module imports nothing of the package, so
+the imports go one way.
 
 Where the operators come from, first found wins:
   1. `mos_kernels._C`, built by `pip install --no-build-isolation -e .` where torch has CUDA;
@@ -19,16 +19,12 @@ Where the operators come from, first found wins:
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
-
-from .backend import cuda_emulating as emulating
 
 # The sources: the copy a wheel carries (setup.py puts csrc/ into mos_kernels/csrc/ when it builds
 # one), else the checkout's csrc/ (a source tree or an editable install).
@@ -37,6 +33,11 @@ CHECKOUT_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CSRC = PACKAGED_CSRC if (PACKAGED_CSRC / "schema.cpp").is_file() else CHECKOUT_CSRC
 CUDA_SOURCES = ("schema.cpp", "session_pool.cu", "theme_dispatch.cu", "theme_gather.cu")
 EMULATION_SOURCES = ("schema.cpp", "emulated.cpp")
+
+
+def emulating() -> bool:
+    """MOS_CUDA_EMULATE=1: backend "cuda" runs the CPU emulation of the kernels."""
+    return os.environ.get("MOS_CUDA_EMULATE", "0") == "1"
 
 
 # Our device flags; setup.py repeats them (it cannot import the package), a test keeps them equal.
@@ -65,10 +66,7 @@ def _build(emulate: bool, verbose: bool) -> None:
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
     """Loads the operators once; returns None, or why they cannot be had here."""
-    reason = _load_library()
-    if reason is None:
-        _register_python_side()
-    return reason
+    return _load_library()
 
 
 def _load_library() -> Optional[str]:
@@ -104,90 +102,6 @@ def _missing_sources(sources) -> Optional[str]:
 def unavailable_reason() -> Optional[str]:
     """None when backend "cuda" can run here, else why not (building the extension if needed)."""
     return _load()
-
-
-_registered = False
-
-
-def _register_python_side() -> None:
-    """Once per process: fakes, autograd and FLOP formulas of the loaded torch.ops.mos_cuda."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    # The package re-exports functions under these module names: take the modules themselves.
-    session_pool, theme_dispatch, theme_gather = (
-        importlib.import_module(f"{__package__}.{name}") for name in ("session_pool", "theme_dispatch", "theme_gather"))
-    lib = "mos_cuda"
-    fakes = {
-        "session_pool_route": _pool_route_fake,
-        "session_pool_route_backward": _pool_route_backward_fake,
-        "theme_dispatch": theme_dispatch.dispatch_fake,
-        "theme_gather": theme_gather.gather_fake,
-        "theme_scatter": theme_gather.scatter_fake,
-        "row_dot": theme_gather.row_dot_fake,
-    }
-    for name, fake in fakes.items():
-        torch.library.register_fake(f"{lib}::{name}", fake)
-    torch.library.register_autograd(f"{lib}::session_pool_route", _pool_route_backward,
-                                    setup_context=_pool_route_setup_context)
-    torch.library.register_autograd(f"{lib}::theme_dispatch", theme_dispatch.dispatch_backward,
-                                    setup_context=theme_dispatch.dispatch_setup_context)
-    torch.library.register_autograd(f"{lib}::theme_gather", theme_gather.gather_backward_for(lib),
-                                    setup_context=theme_gather.setup_context)
-    torch.library.register_autograd(f"{lib}::theme_scatter", theme_gather.scatter_backward_for(lib),
-                                    setup_context=theme_gather.setup_context)
-    # The Triton modules' formulas are already wrapped for shapes by their own registration: raw here.
-    register_flop_formula(torch.ops.mos_cuda.session_pool_route, get_raw=True)(session_pool.pool_route_flops)
-    register_flop_formula([torch.ops.mos_cuda.theme_gather, torch.ops.mos_cuda.theme_scatter], get_raw=True)(
-        theme_gather.gate_flops)
-
-
-# session_pool_route keeps its earlier schema here (the Triton op also returns the gate, and its
-# backward the prototypes' gradient): pooled, scores, probs, themes; the backward returns the
-# values' gradient and the scores' gradient through the softmax.
-def _pool_route_fake(values, session_offsets, prototypes, inv_temperature, top_k):
-    num_sessions = session_offsets.shape[0] - 1
-    scores = values.new_empty((num_sessions, prototypes.shape[0]), dtype=torch.float32)
-    return (values.new_empty((num_sessions, values.shape[1])), scores, torch.empty_like(scores),
-            values.new_empty((num_sessions, top_k), dtype=torch.int64))
-
-
-def _pool_route_backward_fake(g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets,
-                              inv_temperature):
-    return values.new_empty(values.shape), probs.new_empty((pooled.shape[0], prototypes.shape[0]))
-
-
-def _pool_route_setup_context(ctx, inputs, output):
-    values, session_offsets, prototypes, inv_temperature, _ = inputs
-    pooled, _, probs, _ = output
-    ctx.save_for_backward(values, session_offsets, prototypes, pooled, probs)
-    ctx.inv_temperature = inv_temperature
-
-
-def _pool_route_backward(ctx, g_pooled, g_scores, g_probs, _g_themes):
-    from .theme_route import normalized
-
-    values, session_offsets, prototypes, pooled, probs = ctx.saved_tensors
-    g_values, g_scores_total = torch.ops.mos_cuda.session_pool_route_backward(
-        g_pooled, g_scores, g_probs, values, pooled, probs, prototypes, session_offsets, ctx.inv_temperature)
-    # One small GEMM over sessions for the prototypes: deterministic, no atomics.
-    g_prototypes = (g_scores_total.t() @ normalized(pooled)) * ctx.inv_temperature
-    return g_values, None, g_prototypes, None, None
-
-
-def _operators_loaded() -> bool:
-    try:
-        torch.ops.mos_cuda.session_pool_route   # noqa: B018  (raises if the library is not loaded)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-# Someone loaded the operators without us (`import mos_kernels._C`, or torch importing this
-# module for a fake kernel, as schema.cpp's set_python_module asks): give them their Python side.
-if _operators_loaded():
-    _register_python_side()
 
 
 def main(argv=None) -> int:

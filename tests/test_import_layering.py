@@ -1,0 +1,120 @@
+"""The imports of mos_kernels go one way: no cycle among its modules (function-level imports
+included), no op module reaching into another op module's private names or private modules, and
+mos/ using only the kernels' public names.
+
+Read from the source (ast), so a lazy import inside a function counts as much as a top-level one.
+The package's __init__ is the top of the house (it imports every op to re-export it) and is left
+out of the graph.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, Iterator, List, Set, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "mos_kernels"
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+# The modules that hold an op (its public function, reference, kernels, custom ops).
+OP_MODULES = {"session_pool", "sessionize", "theme_route", "theme_dispatch", "theme_gather", "grouped_linear",
+              "expert_target_attention", "jagged_self_attention"}
+# Private modules that belong to one op; the other private modules (_alloc, _layout) serve every op.
+PRIVATE_MODULE_OWNER = {"_padded_attention": "jagged_self_attention"}
+
+
+def _imports(path: Path, package: str) -> Iterator[Tuple[str, List[str], int]]:
+    """(imported module of `package`, the names taken from it, line) for every import in the file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == package and len(parts) > 1:
+                    yield parts[1], [], node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 1 and path.parent.name == package:
+                base = node.module
+            elif node.level == 0 and node.module and node.module.split(".")[0] == package:
+                base = ".".join(node.module.split(".")[1:]) or None
+            else:
+                continue
+            names = [alias.name for alias in node.names]
+            if base is None:       # from . import a, b: the names are modules
+                for name in names:
+                    yield name, [], node.lineno
+            else:
+                yield base.split(".")[0], names, node.lineno
+
+
+def _graph() -> Dict[str, Set[str]]:
+    graph = {}
+    for module in MODULES:
+        graph[module] = {target for target, _, _ in _imports(PACKAGE / f"{module}.py", "mos_kernels")
+                         if target in MODULES and target != module}
+    return graph
+
+
+def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    """One cycle of the graph as a path (first == last), or []."""
+    state: Dict[str, int] = {}          # 1: on the current path, 2: done
+    path: List[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_the_kernel_modules():
+    cycle = _cycle(_graph())
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_import_by_name_string():
+    """importlib.import_module would hide an edge from the graph above."""
+    for module in MODULES:
+        assert "import_module" not in (PACKAGE / f"{module}.py").read_text(), f"{module} imports by a name string"
+
+
+def test_op_modules_take_no_private_name_of_another_op_module():
+    wrong = []
+    for module in MODULES:
+        for target, names, line in _imports(PACKAGE / f"{module}.py", "mos_kernels"):
+            if target == module:
+                continue
+            owner = PRIVATE_MODULE_OWNER.get(target)
+            if owner is not None and module != owner:
+                wrong.append(f"{module}.py:{line} imports {target}, private to {owner}")
+            if target in OP_MODULES and module in OP_MODULES:
+                wrong += [f"{module}.py:{line} imports {target}.{name}" for name in names if name.startswith("_")]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_mos_takes_only_public_kernel_names():
+    wrong = []
+    for path in sorted((REPO / "mos").rglob("*.py")):
+        for target, names, line in _imports(path, "mos_kernels"):
+            private = [name for name in names if name.startswith("_")]
+            if target.startswith("_") or private:
+                wrong.append(f"{path.relative_to(REPO)}:{line} imports mos_kernels.{target} {private}")
+    assert not wrong, "\n".join(wrong)
