@@ -40,9 +40,10 @@ from ._alloc import new_output
 from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
 from ._layout import kernel_op
 from .backend import resolve_backend
-from .grouped_linear import dot_precision, grouped_linear
+from .grouped_linear import grouped_linear
 from .jagged import expert_offsets, segment_ids
 from .theme_gather import inverse_of, theme_gather
+from .triton_helpers import dot_precision, segment_bounds
 
 
 def expert_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: torch.Tensor,
@@ -115,6 +116,18 @@ def _segment_attention(query, keys, values, segment_offsets, num_heads):
 # Per segment the heads are the rows of [BLOCK_H, BLOCK_D] tiles (BLOCK_H >= 16 for tl.dot;
 # rows past num_heads stay zero and are never stored). Everything is computed in fp32, index
 # arithmetic in int64 (segment id and widths widened first: a row times the width can pass 2^31).
+
+@triton.jit
+def _segment_prologue(g, offsets_ptr, num_examples, dim, head_dim, num_heads, BLOCK_D: tl.constexpr,
+                      BLOCK_H: tl.constexpr):
+    """Segment g's expert, first and end row, the widths widened to int64, and the columns and
+    heads of its [BLOCK_H, BLOCK_D] tiles with their masks."""
+    dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
+    start, end = segment_bounds(offsets_ptr, g)
+    cols = tl.arange(0, BLOCK_D)
+    heads = tl.arange(0, BLOCK_H)
+    return g // num_examples, start, end, dim, head_dim, cols, cols < dim, heads, heads < num_heads
+
 
 @triton.jit
 def _head_fold(vec_ptr, w_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
@@ -194,14 +207,8 @@ def _target_attention_fwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_H: tl.constexpr, NUM_STAGES: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
-    dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
-    expert = g // num_examples
-    start = tl.load(offsets_ptr + g)
-    end = tl.load(offsets_ptr + g + 1)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < dim
-    heads = tl.arange(0, BLOCK_H)
-    head_ok = heads < num_heads
+    expert, start, end, dim, head_dim, cols, col_ok, heads, head_ok = _segment_prologue(
+        g, offsets_ptr, num_examples, dim, head_dim, num_heads, BLOCK_D, BLOCK_H)
     qf = _head_fold(query_ptr, w_key_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
                     BLOCK_H, BLOCK_D)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -239,14 +246,8 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                           NUM_STAGES: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
-    dim, head_dim = tl.cast(dim, tl.int64), tl.cast(head_dim, tl.int64)
-    expert = g // num_examples
-    start = tl.load(offsets_ptr + g)
-    end = tl.load(offsets_ptr + g + 1)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < dim
-    heads = tl.arange(0, BLOCK_H)
-    head_ok = heads < num_heads
+    expert, start, end, dim, head_dim, cols, col_ok, heads, head_ok = _segment_prologue(
+        g, offsets_ptr, num_examples, dim, head_dim, num_heads, BLOCK_D, BLOCK_H)
     hd_mask = head_ok[:, None] & col_ok[None, :]
     qf = _head_fold(query_ptr, w_key_ptr, g, expert, dim, num_heads, head_dim, scale, heads, cols, col_ok,
                     BLOCK_H, BLOCK_D)

@@ -28,6 +28,7 @@ from .checks import FLOAT_DTYPES, check_offsets, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .jagged import max_segment_length, positions_in_segment, segment_blocks, segment_ids
+from .triton_helpers import dot_precision, segment_bounds
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -190,8 +191,7 @@ def _grouped_mm_weight_grad(a_ptr, g_ptr, offsets_ptr, dw_ptr, db_ptr, k_dim, n_
     """Partial sums over split s of expert e's rows: dW[e, s] = sum_r a[r]^T g[r], db[e, s] = sum_r g[r]."""
     pid = tl.program_id(0).to(tl.int64)    # e * splits + s; 64-bit index arithmetic (module docstring)
     expert = pid // splits
-    first = tl.load(offsets_ptr + expert)
-    last = tl.load(offsets_ptr + expert + 1)
+    first, last = segment_bounds(offsets_ptr, expert)
     chunk = (last - first + splits - 1) // splits
     lo = first + (pid % splits) * chunk
     hi = tl.minimum(lo + chunk, last)
@@ -222,13 +222,6 @@ MIN_WARPS_PER_SM = {"_grouped_mm": 8, "_grouped_mm_weight_grad": 8}
 def _block(width: int) -> int:
     """Column / reduction block: tl.dot needs >= 16; 64 keeps a tile in registers for any width."""
     return min(max(triton.next_power_of_2(width), 16), 64)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """The tl.dot precision of fp32 inputs: "tf32x3" (three TF32 products, fp32 accuracy on the
-    tensor cores; plain TF32 would miss the fp32 tolerances, and "ieee" runs on the FMA units and
-    compiles several times slower). fp16/bf16 inputs multiply natively whatever this says."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _splits(num_rows: int, num_experts: int) -> int:

@@ -33,9 +33,9 @@ from ._alloc import new_output
 from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
-from .grouped_linear import dot_precision
 from ._padded_attention import padded_attention_backward, padded_attention_forward
 from .jagged import max_segment_length, segment_blocks
+from .triton_helpers import dot_precision, segment_bounds
 
 
 def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor, *,
@@ -119,23 +119,49 @@ _jagged_self_attention_reference.register_autograd(_reference_backward, setup_co
 # an operand holds more than 2^31 elements.
 
 @triton.jit
+def _work_tile(pid, num_programs, LAST_FIRST: tl.constexpr):
+    """The work tile of program `pid`; LAST_FIRST takes the tiles in reverse order (causal: a
+    segment's later query tiles see more keys, so they start first and the tail balances)."""
+    tile = pid
+    if LAST_FIRST:
+        tile = num_programs - 1 - pid
+    return tile
+
+
+@triton.jit
+def _head_columns(head, head_dim, BLOCK_DH: tl.constexpr):
+    """(the head's columns of a [N, d] row, which of the BLOCK_DH of them are real)."""
+    return head * head_dim + tl.arange(0, BLOCK_DH), tl.arange(0, BLOCK_DH) < head_dim
+
+
+@triton.jit
+def _load_head(ptr, rows, row_ok, stride, dcols, d_ok):
+    """[rows, the head's columns] of a row-major operand, zeros past the segment and head_dim."""
+    return tl.load(ptr + rows[:, None] * stride + dcols[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _visible(allowed, rows, keys, CAUSAL: tl.constexpr):
+    """`allowed`, and when causal only keys at or before the query row."""
+    if CAUSAL:
+        allowed = allowed & (keys[None, :] <= rows[:, None])
+    return allowed
+
+
+@triton.jit
 def _self_attention_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_segment_ptr, tile_start_ptr, offsets_ptr,
                         num_segments, num_heads, head_dim, stride_q, stride_k, stride_v, stride_out, scale,
                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
-    tile = tl.program_id(0)
-    if CAUSAL:     # a segment's later query tiles see more keys: start them first (tail balance)
-        tile = tl.num_programs(0) - 1 - tile
+    tile = _work_tile(tl.program_id(0), tl.num_programs(0), CAUSAL)
     head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
-        seg_start = tl.load(offsets_ptr + segment)
-        seg_end = tl.load(offsets_ptr + segment + 1)
+        seg_start, seg_end = segment_bounds(offsets_ptr, segment)
         rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
         row_ok = rows < seg_end
-        dcols = head * head_dim + tl.arange(0, BLOCK_DH)
-        d_ok = tl.arange(0, BLOCK_DH) < head_dim
-        q = tl.load(q_ptr + rows[:, None] * stride_q + dcols[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        dcols, d_ok = _head_columns(head, head_dim, BLOCK_DH)
+        q = _load_head(q_ptr, rows, row_ok, stride_q, dcols, d_ok)
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         denom = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DH], dtype=tl.float32)
@@ -145,18 +171,14 @@ def _self_attention_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tile_segment_ptr,
         for k0 in range(seg_start, hi, BLOCK_N):
             keys = k0 + tl.arange(0, BLOCK_N)
             key_ok = keys < seg_end
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + keys[:, None] * stride_k + dcols[None, :], mask=kv_mask, other=0.0)
+            k = _load_head(k_ptr, keys, key_ok, stride_k, dcols, d_ok)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            allowed = key_ok[None, :]
-            if CAUSAL:
-                allowed = allowed & (keys[None, :] <= rows[:, None])
-            s = tl.where(allowed, s, float("-inf"))
+            s = tl.where(_visible(key_ok[None, :], rows, keys, CAUSAL), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
             denom = denom * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + keys[:, None] * stride_v + dcols[None, :], mask=kv_mask, other=0.0)
+            v = _load_head(v_ptr, keys, key_ok, stride_v, dcols, d_ok)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         out = acc / denom[:, None]
@@ -179,11 +201,10 @@ def _self_attention_bwd_kv(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g
         k_start = tl.load(tile_start_ptr + tile)
         keys = k_start + tl.arange(0, BLOCK_N)
         key_ok = keys < seg_end
-        dcols = head * head_dim + tl.arange(0, BLOCK_DH)
-        d_ok = tl.arange(0, BLOCK_DH) < head_dim
+        dcols, d_ok = _head_columns(head, head_dim, BLOCK_DH)
         kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + keys[:, None] * stride_k + dcols[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + keys[:, None] * stride_v + dcols[None, :], mask=kv_mask, other=0.0)
+        k = _load_head(k_ptr, keys, key_ok, stride_k, dcols, d_ok)
+        v = _load_head(v_ptr, keys, key_ok, stride_v, dcols, d_ok)
         g_k = tl.zeros([BLOCK_N, BLOCK_DH], dtype=tl.float32)
         g_v = tl.zeros([BLOCK_N, BLOCK_DH], dtype=tl.float32)
         lo = tl.load(offsets_ptr + segment)
@@ -192,15 +213,13 @@ def _self_attention_bwd_kv(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g
         for q0 in range(lo, seg_end, BLOCK_M):
             rows = q0 + tl.arange(0, BLOCK_M)
             row_ok = rows < seg_end
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + rows[:, None] * stride_q + dcols[None, :], mask=q_mask, other=0.0)
-            g_o = tl.load(g_out_ptr + rows[:, None] * num_heads * head_dim + dcols[None, :], mask=q_mask, other=0.0)
+            q = _load_head(q_ptr, rows, row_ok, stride_q, dcols, d_ok)
+            g_o = tl.load(g_out_ptr + rows[:, None] * num_heads * head_dim + dcols[None, :],
+                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(lse_ptr + rows * num_heads + head, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + rows * num_heads + head, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale          # [BLOCK_M, BLOCK_N]
-            allowed = row_ok[:, None] & key_ok[None, :]
-            if CAUSAL:
-                allowed = allowed & (keys[None, :] <= rows[:, None])
+            allowed = _visible(row_ok[:, None] & key_ok[None, :], rows, keys, CAUSAL)
             p = tl.exp(tl.where(allowed, s - lse[:, None], float("-inf")))
             g_v += tl.dot(tl.trans(p.to(g_o.dtype)), g_o, input_precision=PRECISION)
             dp = tl.dot(g_o, tl.trans(v), input_precision=PRECISION)
@@ -218,21 +237,17 @@ def _self_attention_bwd_q(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g_
                           stride_v, scale,
                           CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
-    tile = tl.program_id(0)
-    if CAUSAL:     # a segment's later query tiles see more keys: start them first (tail balance)
-        tile = tl.num_programs(0) - 1 - tile
+    tile = _work_tile(tl.program_id(0), tl.num_programs(0), CAUSAL)
     head = tl.program_id(1).to(tl.int64)    # 64-bit index arithmetic (see above)
     segment = tl.load(tile_segment_ptr + tile)
     if segment < num_segments:
-        seg_start = tl.load(offsets_ptr + segment)
-        seg_end = tl.load(offsets_ptr + segment + 1)
+        seg_start, seg_end = segment_bounds(offsets_ptr, segment)
         q_start = tl.load(tile_start_ptr + tile)
         rows = q_start + tl.arange(0, BLOCK_M)
         row_ok = rows < seg_end
-        dcols = head * head_dim + tl.arange(0, BLOCK_DH)
-        d_ok = tl.arange(0, BLOCK_DH) < head_dim
+        dcols, d_ok = _head_columns(head, head_dim, BLOCK_DH)
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + rows[:, None] * stride_q + dcols[None, :], mask=q_mask, other=0.0)
+        q = _load_head(q_ptr, rows, row_ok, stride_q, dcols, d_ok)
         g_o = tl.load(g_out_ptr + rows[:, None] * num_heads * head_dim + dcols[None, :], mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + rows * num_heads + head, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + rows * num_heads + head, mask=row_ok, other=0.0)
@@ -243,13 +258,10 @@ def _self_attention_bwd_q(q_ptr, k_ptr, v_ptr, g_out_ptr, lse_ptr, delta_ptr, g_
         for k0 in range(seg_start, hi, BLOCK_N):
             keys = k0 + tl.arange(0, BLOCK_N)
             key_ok = keys < seg_end
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + keys[:, None] * stride_k + dcols[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + keys[:, None] * stride_v + dcols[None, :], mask=kv_mask, other=0.0)
+            k = _load_head(k_ptr, keys, key_ok, stride_k, dcols, d_ok)
+            v = _load_head(v_ptr, keys, key_ok, stride_v, dcols, d_ok)
+            allowed = _visible(row_ok[:, None] & key_ok[None, :], rows, keys, CAUSAL)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            allowed = row_ok[:, None] & key_ok[None, :]
-            if CAUSAL:
-                allowed = allowed & (keys[None, :] <= rows[:, None])
             p = tl.exp(tl.where(allowed, s - lse[:, None], float("-inf")))
             dp = tl.dot(g_o, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None]) * scale

@@ -102,7 +102,7 @@ def _gather_configs() -> List[Config]:
 # loads and epilogue terms. So: every block shape in bf16 and fp32 with every switch on, every
 # launchable combination of switches in bf16 at the blocks of the target width (d = 64), and
 # fp16 (lowered like bf16) at those blocks with every switch on.
-PRECISION = {"fp32": "tf32x3", "fp16": "tf32", "bf16": "tf32"}   # grouped_linear.dot_precision
+PRECISION = {"fp32": "tf32x3", "fp16": "tf32", "bf16": "tf32"}   # triton_helpers.dot_precision
 ATTENTION_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16); 32-row tiles above 128
 HEAD_BLOCKS = (16, 32, 64, 128, 256)         # max(next_power_of_2(head_dim), 16)
 
