@@ -96,3 +96,23 @@ def check_offsets(name: str, offsets, total: Optional[int] = None, device=None) 
                 f"offsets[{i + 1}]={int(offsets[i + 1])}")
     if total is not None and int(offsets[-1]) != total:
         raise ValueError(f"{name}: expected offsets[-1] == {total} (the number of rows), got {int(offsets[-1])}")
+
+
+def check_gather_index(gather_index, row_gate, inverse_index, device, num_tokens: int, num_rows: int) -> None:
+    """A gather of num_rows rows from num_tokens tokens: gather_index [num_rows] int64 in range,
+    row_gate [num_rows] or None, inverse_index [num_tokens, m] int64 or None (`theme_gather`)."""
+    check_tensor("gather_index", gather_index, ndim=1, dtypes=(torch.int64,), device=device)
+    if gather_index.numel() != num_rows:
+        raise ValueError(f"gather_index: expected {num_rows} entries (one per row), got {gather_index.numel()}")
+    if row_gate is not None:
+        check_tensor("row_gate", row_gate, ndim=1, dtypes=FLOAT_DTYPES, device=device)
+        if row_gate.numel() != num_rows:
+            raise ValueError(f"row_gate: expected {num_rows} entries like gather_index, got {row_gate.numel()}")
+    if inverse_index is not None:
+        check_tensor("inverse_index", inverse_index, ndim=2, dtypes=(torch.int64,), device=device)
+        if inverse_index.shape[0] != num_tokens:
+            raise ValueError(f"inverse_index: expected {num_tokens} rows (one per token), got {inverse_index.shape[0]}")
+    if reads_data() and num_rows:
+        lo, hi = int(gather_index.min()), int(gather_index.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"gather_index: expected values in [0, {num_tokens - 1}], got min {lo}, max {hi}")

@@ -5,7 +5,8 @@ multi-head attention of query[g] over expert e's key and value projections of th
 rows, rows = tokens[gather_index] * row_gate (tokens themselves without gather_index). Empty
 segments give zeros.
 
-Reference: vectorised PyTorch (theme_gather, grouped_linear, a segment softmax with index_add):
+Reference: vectorised PyTorch (the references of theme_gather and grouped_linear, a segment
+softmax with index_add):
 the oracle of the kernels.
 
 Triton: the key projection is folded into the query. Per head h, with q_h the head's slice of
@@ -37,12 +38,12 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, check_values
+from .checks import FLOAT_DTYPES, check_gather_index, check_offsets, check_positive, check_tensor, check_values
 from ._layout import kernel_op
 from .backend import resolve_backend
-from .grouped_linear import grouped_linear
+from .grouped_linear import grouped_linear_reference
 from .jagged import expert_offsets, segment_ids
-from .theme_gather import inverse_of, theme_gather
+from .theme_gather import inverse_of, theme_gather_reference
 from .triton_helpers import dot_precision, segment_bounds
 
 
@@ -56,41 +57,54 @@ def expert_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: to
     segment_offsets [E*B+1] over the rows tokens[gather_index] * row_gate (tokens themselves when
     gather_index is None; inverse_index as in `theme_gather`).
     Returns [E*B, d]: per head, softmax(q·k/√dh) weighted values."""
-    check_values("tokens", tokens)
-    dim = tokens.shape[1]
-    check_tensor("query", query, ndim=2, dtypes=FLOAT_DTYPES, device=tokens.device)
-    check_tensor("w_key", w_key, ndim=3, dtypes=FLOAT_DTYPES, device=tokens.device)
+    _check_args(tokens, query, w_key, b_key, w_value, b_value, segment_offsets, num_heads, gather_index, row_gate,
+                inverse_index)
     num_experts = w_key.shape[0]
-    if num_experts < 1 or query.shape[0] % num_experts or query.shape[1] != dim:
-        raise ValueError(f"query: expected shape [E*B, {dim}] with E={num_experts} (from w_key), "
-                         f"got {tuple(query.shape)}")
-    check_positive("num_heads", num_heads)
-    if dim % num_heads:
-        raise ValueError(f"num_heads: expected a divisor of d={dim}, got {num_heads}")
-    num_rows = tokens.shape[0] if gather_index is None else gather_index.numel()
-    check_offsets("segment_offsets", segment_offsets, total=num_rows, device=tokens.device)
-    if segment_offsets.numel() != query.shape[0] + 1:
-        raise ValueError(f"segment_offsets: expected {query.shape[0] + 1} entries (one segment per query row), "
-                         f"got {segment_offsets.numel()}")
-    if row_gate is not None and gather_index is None:
-        raise ValueError("row_gate: expected None when gather_index is None (a gate scales gathered rows)")
     if resolve_backend(backend, tokens, "expert_target_attention") == "triton":
-        for name, t, shape in (("w_value", w_value, (num_experts, dim, dim)), ("w_key", w_key, (num_experts, dim, dim)),
-                               ("b_key", b_key, (num_experts, dim)), ("b_value", b_value, (num_experts, dim))):
-            if t is not None and tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
         if num_heads > MAX_HEADS:
             raise ValueError(f"num_heads: expected at most {MAX_HEADS} for backend 'triton', got {num_heads}")
         if gather_index is not None and inverse_index is None and tokens.requires_grad:
             inverse_index = inverse_of(gather_index, tokens.shape[0])
         return torch.ops.mos.expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, segment_offsets,
                                                      gather_index, row_gate, inverse_index, num_heads)[0]
-    rows = tokens if gather_index is None else theme_gather(tokens, gather_index, row_gate,
-                                                            inverse_index=inverse_index, backend="reference")
+    rows = tokens if gather_index is None else theme_gather_reference(tokens, gather_index, row_gate)
     experts = expert_offsets(segment_offsets, num_experts)
-    keys = grouped_linear(rows, w_key, b_key, experts, backend="reference")
-    values = grouped_linear(rows, w_value, b_value, experts, backend="reference")
+    keys = grouped_linear_reference(rows, w_key, b_key, experts)
+    values = grouped_linear_reference(rows, w_value, b_value, experts)
     return _segment_attention(query, keys, values, segment_offsets, num_heads)
+
+
+def _check_args(tokens, query, w_key, b_key, w_value, b_value, segment_offsets, num_heads, gather_index, row_gate,
+                inverse_index):
+    """Once, at the entry, for every backend (the reference composes the other ops' references,
+    which check nothing)."""
+    check_values("tokens", tokens)
+    dim = tokens.shape[1]
+    check_tensor("query", query, ndim=2, dtypes=FLOAT_DTYPES, device=tokens.device)
+    for name, t, ndim in (("w_key", w_key, 3), ("w_value", w_value, 3), ("b_key", b_key, 2), ("b_value", b_value, 2)):
+        if t is not None:
+            check_tensor(name, t, ndim=ndim, dtypes=FLOAT_DTYPES, device=tokens.device)
+    num_experts = w_key.shape[0]
+    if num_experts < 1 or query.shape[0] % num_experts or query.shape[1] != dim:
+        raise ValueError(f"query: expected shape [E*B, {dim}] with E={num_experts} (from w_key), "
+                         f"got {tuple(query.shape)}")
+    for name, t, shape in (("w_value", w_value, (num_experts, dim, dim)), ("w_key", w_key, (num_experts, dim, dim)),
+                           ("b_key", b_key, (num_experts, dim)), ("b_value", b_value, (num_experts, dim))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    check_positive("num_heads", num_heads)
+    if dim % num_heads:
+        raise ValueError(f"num_heads: expected a divisor of d={dim}, got {num_heads}")
+    if row_gate is not None and gather_index is None:
+        raise ValueError("row_gate: expected None when gather_index is None (a gate scales gathered rows)")
+    num_rows = tokens.shape[0]
+    if gather_index is not None:
+        num_rows = gather_index.numel()
+        check_gather_index(gather_index, row_gate, inverse_index, tokens.device, tokens.shape[0], num_rows)
+    check_offsets("segment_offsets", segment_offsets, total=num_rows, device=tokens.device)
+    if segment_offsets.numel() != query.shape[0] + 1:
+        raise ValueError(f"segment_offsets: expected {query.shape[0] + 1} entries (one segment per query row), "
+                         f"got {segment_offsets.numel()}")
 
 
 def _segment_attention(query, keys, values, segment_offsets, num_heads):

@@ -51,6 +51,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         raise ValueError(f"expert_offsets: expected {num_experts + 1} entries (E+1), got {expert_offsets.numel()}")
     if resolve_backend(backend, x, "grouped_linear") == "triton":
         return torch.ops.mos.grouped_linear(x, weight, bias, expert_offsets)
+    return grouped_linear_reference(x, weight, bias, expert_offsets, max_rows)
+
+
+def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             expert_offsets: torch.Tensor, max_rows: Optional[int] = None) -> torch.Tensor:
+    """The reference without checks or backend choice (other ops' references compose it)."""
     if max_rows is None:
         max_rows = max_segment_length(expert_offsets)
     return torch.ops.mos.grouped_linear_reference(x, weight, bias, expert_offsets, max_rows)

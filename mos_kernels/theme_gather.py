@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from .checks import FLOAT_DTYPES, check_tensor, check_values, reads_data
+from .checks import check_gather_index, check_values
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 
@@ -47,24 +47,6 @@ def row_blocks(dim: int, dtype: torch.dtype):
     block_r = max(min(_BYTES_PER_PROGRAM // (block_d * itemsize), _MAX_BLOCK_R), 1)
     num_warps = min(max(block_r * block_d // (32 * _ELEMENTS_PER_THREAD), 1), 8)
     return block_r, block_d, num_warps
-
-
-def _check_index(gather_index, row_gate, inverse_index, device, num_tokens: int, num_rows: int):
-    check_tensor("gather_index", gather_index, ndim=1, dtypes=(torch.int64,), device=device)
-    if gather_index.numel() != num_rows:
-        raise ValueError(f"gather_index: expected {num_rows} entries (one per row), got {gather_index.numel()}")
-    if row_gate is not None:
-        check_tensor("row_gate", row_gate, ndim=1, dtypes=FLOAT_DTYPES, device=device)
-        if row_gate.numel() != num_rows:
-            raise ValueError(f"row_gate: expected {num_rows} entries like gather_index, got {row_gate.numel()}")
-    if inverse_index is not None:
-        check_tensor("inverse_index", inverse_index, ndim=2, dtypes=(torch.int64,), device=device)
-        if inverse_index.shape[0] != num_tokens:
-            raise ValueError(f"inverse_index: expected {num_tokens} rows (one per token), got {inverse_index.shape[0]}")
-    if reads_data() and num_rows:
-        lo, hi = int(gather_index.min()), int(gather_index.max())
-        if lo < 0 or hi >= num_tokens:
-            raise ValueError(f"gather_index: expected values in [0, {num_tokens - 1}], got min {lo}, max {hi}")
 
 
 def inverse_of_unique(gather_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -97,14 +79,13 @@ def theme_gather(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Opt
     inverse_index: see the module docstring; built here (one sync) when the Triton path needs it.
     """
     check_values("values", values)
-    _check_index(gather_index, row_gate, inverse_index, values.device, values.shape[0], gather_index.numel())
+    check_gather_index(gather_index, row_gate, inverse_index, values.device, values.shape[0], gather_index.numel())
     chosen = resolve_backend(backend, values, "theme_gather")
     if chosen != "reference":
         if inverse_index is None:
             inverse_index = inverse_of(gather_index, values.shape[0])
         return kernel_ops(chosen).theme_gather(values, gather_index, row_gate, inverse_index)
-    rows = values.index_select(0, gather_index)
-    return rows if row_gate is None else rows * row_gate[:, None].to(rows.dtype)
+    return theme_gather_reference(values, gather_index, row_gate)
 
 
 def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor] = None, *,
@@ -112,12 +93,25 @@ def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Opti
                   backend: str = "auto") -> torch.Tensor:
     """rows [T', d] -> [num_tokens, d]: every row, scaled by its gate, added to its source token."""
     check_values("rows", rows)
-    _check_index(gather_index, row_gate, inverse_index, rows.device, num_tokens, rows.shape[0])
+    check_gather_index(gather_index, row_gate, inverse_index, rows.device, num_tokens, rows.shape[0])
     chosen = resolve_backend(backend, rows, "theme_scatter")
     if chosen != "reference":
         if inverse_index is None:
             inverse_index = inverse_of(gather_index, num_tokens)
         return kernel_ops(chosen).theme_scatter(rows, gather_index, row_gate, inverse_index)
+    return theme_scatter_reference(rows, gather_index, row_gate, num_tokens)
+
+
+# The references without checks or backend choice: other ops' references compose them.
+
+def theme_gather_reference(values: torch.Tensor, gather_index: torch.Tensor,
+                           row_gate: Optional[torch.Tensor]) -> torch.Tensor:
+    rows = values.index_select(0, gather_index)
+    return rows if row_gate is None else rows * row_gate[:, None].to(rows.dtype)
+
+
+def theme_scatter_reference(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor],
+                            num_tokens: int) -> torch.Tensor:
     scaled = rows if row_gate is None else rows * row_gate[:, None].to(rows.dtype)
     return rows.new_zeros((num_tokens, rows.shape[1])).index_add(0, gather_index, scaled)
 
