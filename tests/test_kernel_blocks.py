@@ -14,8 +14,8 @@ import torch
 import mos_kernels as mk
 from tools import compile_check
 from mos_kernels._alloc import poisoned_outputs
-from mos_kernels.expert_target_attention import attention_blocks
-from mos_kernels.jagged_self_attention import LONGEST_BUCKETS, attention_tiles, longest_bucket
+from mos_kernels.expert_target_attention_kernels import attention_blocks
+from mos_kernels.jagged_self_attention_kernels import LONGEST_BUCKETS, attention_tiles, longest_bucket
 from mos_kernels.theme_gather import inverse_of, row_blocks
 from tests.kernel_cases import DTYPES, random_values
 from tests.tolerances import assert_close

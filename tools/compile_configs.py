@@ -16,8 +16,8 @@ DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 POOL_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16)
 POOL_THEME_BLOCKS = ((2, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # max(next_power_of_2(K), 2)
 
-KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear", "expert_target_attention",
-                  "jagged_self_attention")
+KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear",
+                  "expert_target_attention_kernels", "jagged_self_attention_kernels")
 Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
 LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
 
@@ -153,7 +153,7 @@ def _grouped_mm_configs() -> List[Config]:
 
 
 def _target_attention_configs() -> List[Config]:
-    from mos_kernels.expert_target_attention import attention_blocks
+    from mos_kernels.expert_target_attention_kernels import attention_blocks
 
     out = []
     switches = ((False, False), (True, False), (True, True))    # (HAS_INDEX, HAS_GATE)
@@ -187,7 +187,7 @@ def _target_attention_configs() -> List[Config]:
 
 
 def _self_attention_configs() -> List[Config]:
-    from mos_kernels.jagged_self_attention import LONGEST_BUCKETS, attention_tiles
+    from mos_kernels.jagged_self_attention_kernels import LONGEST_BUCKETS, attention_tiles
 
     out = []
     plans = [(dtype, block_dh, True) for dtype in ("bf16", "fp32") for block_dh in HEAD_BLOCKS]
