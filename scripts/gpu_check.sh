@@ -22,7 +22,7 @@
 #   kernels_cuda  the extension against Triton, if it was built only after the kernels phase
 #   compiled  the compiled_fused and compiled baselines of the layer, target attention and
 #             grouped linear, then of pooling+routing, dispatch, gather and scatter
-#   tests     the rest of the GPU test coverage: layer, backends, registration, compile, reference ops
+#   tests     the rest of the GPU test coverage: layer, backends, compile, the ops
 # Rows are appended per provider, so a cut phase keeps what it timed. OUT_DIR gets 7 files:
 # environment.txt, build.log, run.log (every phase's output), phases.log (one line per phase,
 # with pytest's counts), the two CSVs and summary.txt, which an EXIT trap writes even when the
@@ -172,5 +172,5 @@ phase compiled_kernels "${MOS_COMPILED_KERNELS_BUDGET:-40}" $PY -m benchmarks.be
 
 # test_cuda_backend.py's nvcc check is CI's (the build above compiled the same files for this card).
 phase tests "${MOS_TESTS_BUDGET:-400}" "${pytest_gpu[@]}" \
-  tests/test_layer.py tests/test_kernel_backends.py tests/test_cuda_backend.py tests/test_kernels_registration.py \
+  tests/test_layer.py tests/test_kernel_backends.py tests/test_cuda_backend.py \
   tests/test_layer_compile.py tests/ops

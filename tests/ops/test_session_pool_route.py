@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
@@ -387,3 +388,17 @@ def test_opcheck_session_pool_route(device, kernel_backend):
     torch.library.opcheck(ops.session_pool_route.default,
                           (values, sessions.session_offsets, prototypes[:0].detach(), 1.0, 0))
 
+
+
+def test_flop_formula_matches_a_hand_count(device, kernel_backend):
+    """The registered operator's FLOP formula (torch.ops.mos: Triton, torch.ops.mos_cuda: the CUDA
+    extension, on the CPU its emulation) against a hand count."""
+    ops = kernel_ops(kernel_backend)
+    dim, num_themes, top_k = 12, 3, 2
+    sessions, values, prototypes, themes = opcheck_inputs(device, dim, num_themes, top_k)
+    num_tokens, num_sessions = values.shape[0], sessions.num_sessions
+    with FlopCounterMode(display=False) as counter:
+        ops.session_pool_route(values, sessions.session_offsets, prototypes.detach(), 5.0, top_k)
+    # sum T*d, divide S*d, normalise 3*S*d, K dot products 2*K*d per session
+    expected = num_tokens * dim + num_sessions * dim + num_sessions * (3 * dim + 2 * num_themes * dim)
+    assert counter.get_total_flops() == expected

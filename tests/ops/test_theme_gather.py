@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
@@ -194,3 +195,22 @@ def test_opcheck_gather_scatter(gated, device, kernel_backend):
     rows = random_values(index.numel(), values.shape[1], torch.float32, device).requires_grad_()
     torch.library.opcheck(ops.theme_scatter.default, (rows, index, row_gate, inverse))
 
+
+
+def test_flop_formulas_match_a_hand_count(device, kernel_backend):
+    """Both registered operators (torch.ops.mos: Triton, torch.ops.mos_cuda: the CUDA extension, on
+    the CPU its emulation): one multiply by the gate per element, nothing without a gate."""
+    ops = kernel_ops(kernel_backend)
+    dim, num_themes, top_k = 12, 3, 2
+    sessions, values, _, themes = opcheck_inputs(device, dim, num_themes, top_k)
+    dispatch = mk.theme_dispatch(themes, torch.rand(themes.shape, device=device), sessions.session_offsets,
+                                 sessions.session_example, num_examples=4, num_themes=num_themes,
+                                 backend="reference")
+    rows = dispatch.gather_index.numel()
+    for op, data in ((ops.theme_gather, values), (ops.theme_scatter, random_values(rows, dim, torch.float32, device))):
+        with FlopCounterMode(display=False) as counter:
+            op(data.detach(), dispatch.gather_index, dispatch.row_gate.detach(), dispatch.inverse_index)
+        assert counter.get_total_flops() == rows * dim          # one multiply by the gate per element
+        with FlopCounterMode(display=False) as counter:
+            op(data.detach(), dispatch.gather_index, None, dispatch.inverse_index)
+        assert counter.get_total_flops() == 0                   # pure data movement
