@@ -2,7 +2,8 @@
 
 The first part builds inputs for the kernel-backend comparisons (a kernel against the
 reference, in fp32 / fp16 / bf16); the second the float64 cases and the helpers that compare
-an op with its loop oracle (tests/oracles.py), forward and backward.
+an op with its loop oracle (tests/oracles.py), forward and backward; the third compares a
+Triton kernel with the reference in the kernel's dtype, forward and backward.
 """
 from __future__ import annotations
 
@@ -191,3 +192,52 @@ def float64_attention_inputs(device):
     return (randn(gen, sum(lengths), dim, device=device), randn(gen, len(lengths), dim, device=device),
             randn(gen, 2, dim, dim, device=device), randn(gen, 2, dim, dim, device=device),
             oracles.offsets_of(lengths).to(device))
+
+
+# ---- A kernel against the reference, in the kernel's dtype ------------------------------------
+# The reference runs on fp32 copies of the same (dtype-representable) inputs; cotangents are
+# representable in the kernel's dtype too, so the kernel sees exactly the reference's numbers and
+# differs from it by its own roundings only.
+
+def fresh_leaves(tensors, dtype=None):
+    """Fresh leaves requiring grad (None stays None), optionally upcast to `dtype`."""
+    return {name: None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
+            for name, t in tensors.items()}
+
+
+def output_and_grads(fn, leaves, dtype, seed=9):
+    """Output and the gradient of every leaf for one random cotangent representable in `dtype`."""
+    out = fn(**leaves)
+    gen = torch.Generator().manual_seed(seed)
+    cotangent = torch.randn(out.shape, generator=gen).to(dtype).to(device=out.device, dtype=torch.float32)
+    if not out.requires_grad:     # the reference's output on no rows at all is a constant
+        return out, {name: torch.zeros_like(t) for name, t in leaves.items() if t is not None}
+    (out.float() * cotangent).sum().backward()
+    return out, {name: t.grad for name, t in leaves.items() if t is not None}
+
+
+def compare_to_reference(fn_triton, fn_reference, inputs, dtype, kind, grad_kind):
+    """fn(**leaves) on `inputs` in `dtype` (Triton) and on fp32 copies (reference)."""
+    out, grads = output_and_grads(fn_triton, fresh_leaves(inputs), dtype)
+    ref, ref_grads = output_and_grads(fn_reference, fresh_leaves(inputs, torch.float32), dtype)
+    assert out.dtype == dtype
+    assert_close(out.float(), ref, kind, dtype=dtype, msg="output")
+    for name, grad in grads.items():
+        assert grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(grad).all(), f"gradient of {name} is not finite"
+        assert_close(grad.float(), ref_grads[name], grad_kind, dtype=dtype, msg=f"gradient of {name}")
+    return out
+
+
+def attention_kinds(dtype):
+    """(output kind, gradient kind): fp32 gradients of a softmax subtract nearly equal terms."""
+    return ("attention", "attention_grad" if dtype == torch.float32 else "attention")
+
+
+def reference_dispatch(lengths, num_themes, top_k, capacity, device, session_len=2):
+    """The reference dispatch of random themes (gates in [0.5, 1.5)) over sessions of `lengths`."""
+    _, sessions = make_sessions(lengths, session_len, device)
+    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
+    gate = torch.rand(themes.shape, generator=torch.Generator().manual_seed(4)).to(device) + 0.5
+    return mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
+                             num_examples=len(lengths), num_themes=num_themes, capacity=capacity, backend="reference")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from tests import oracles
-from tests.kernel_cases import (assert_matches, backends, check_forward_backward, float64_attention_inputs, jagged,
-                                precision)
+from tests.kernel_cases import (DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
+                                compare_to_reference, float64_attention_inputs, jagged, precision, random_values)
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
@@ -130,3 +131,59 @@ def test_jagged_self_attention_keeps_float64_precision(backend, device):
     expected = oracles.jagged_self_attention(q.cpu(), k.cpu(), v.cpu(), offsets.cpu(), num_heads=2)
     assert_matches(got, expected, "float64")
 
+
+# ---- the Triton kernel against the reference in fp32 / fp16 / bf16 --------------------------------
+
+SELF_SEGMENTS = {"one_token": [1], "empty": [0], "mixed": [0, 5, 0, 70, 1, 0], "primes": [3, 11, 2],
+                 "two_blocks_and_more": [130]}
+
+
+@pytest.mark.parametrize("case", list(SELF_SEGMENTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim,num_heads", [(6, 3), (32, 2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_jagged_self_attention(case, dtype, dim, num_heads, causal, device):
+    """Every row and the gradients of q, k and v; q, k and v are column slices of one [N, 3d]
+    projection (read in place through their row stride)."""
+    lengths = SELF_SEGMENTS[case]
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    inputs = {"qkv": random_values(sum(lengths), 3 * dim, dtype, device)}
+
+    def run(backend):
+        def fn(qkv):
+            q, k, v = qkv.split(dim, dim=1)
+            return mk.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, causal=causal, backend=backend)
+        return fn
+
+    compare_to_reference(run("triton"), run("reference"), inputs, dtype, *attention_kinds(dtype))
+
+
+# ---- operator registration: opcheck, FLOP formula ---------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_opcheck_jagged_self_attention(causal, device):
+    qkv = random_values(19, 24, torch.float32, device)
+    q, k, v = (t.requires_grad_() for t in qkv.clone().split(8, dim=1))
+    offsets = torch.tensor([0, 5, 5, 16, 19], device=device)
+    torch.library.opcheck(torch.ops.mos.jagged_self_attention.default, (q, k, v, offsets, 2, causal))
+
+
+def test_opcheck_jagged_self_attention_backward(device):
+    """The backward kernel is a custom op too (no autograd of its own): schema, fake, tracing."""
+    q, k, v = random_values(19, 24, torch.float32, device).split(8, dim=1)
+    offsets = torch.tensor([0, 5, 5, 16, 19], device=device)
+    out, lse = torch.ops.mos.jagged_self_attention(q, k, v, offsets, 2, True)
+    torch.library.opcheck(torch.ops.mos.jagged_self_attention_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, offsets, 2, True))
+
+
+def test_flop_formula_jagged_self_attention(device):
+    """FlopCounterMode counts the kernel: 4·d per (query, key) pair, the jagged count sum L(L+1)/2
+    causal."""
+    lengths, dim, heads = [5, 0, 11], 8, 2
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    x = random_values(16, dim, torch.float32, device)
+    for causal, pairs in ((True, 15 + 66), (False, 25 + 121)):
+        with FlopCounterMode(display=False) as counter:
+            torch.ops.mos.jagged_self_attention(x, x, x, offsets, heads, causal)
+        assert counter.get_total_flops() == 4 * dim * pairs
