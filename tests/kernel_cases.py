@@ -241,3 +241,36 @@ def reference_dispatch(lengths, num_themes, top_k, capacity, device, session_len
     gate = torch.rand(themes.shape, generator=torch.Generator().manual_seed(4)).to(device) + 0.5
     return mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
                              num_examples=len(lengths), num_themes=num_themes, capacity=capacity, backend="reference")
+
+
+# ---- The block sizes a kernel launches with ---------------------------------------------------
+
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def is_compiled(kernel, ptr_arg, dtype, wanted):
+    """Whether compile_check lists a configuration of `kernel` whose pointer `ptr_arg` has `dtype`
+    and whose constexprs include `wanted`."""
+    from tools import compile_check
+
+    return any(sig[ptr_arg] == POINTER_TYPES[dtype] and all(const.get(k) == v for k, v in wanted.items())
+               for name, sig, const in compile_check.all_configs() if name == kernel)
+
+
+def _grads_for_cotangent(fn, inputs, dtype, seed=3):
+    """Output and gradients for one random cotangent representable in `dtype` (the kernel's)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out = fn(**leaves)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    (out.float() * cotangent.to(device=out.device, dtype=torch.float32)).sum().backward()
+    return out, {k: v.grad for k, v in leaves.items()}
+
+
+def compare_in_dtype(triton_fn, reference_fn, inputs, dtype, kind):
+    """The Triton op in `dtype` against the reference on fp32 copies of the same inputs."""
+    out, grads = _grads_for_cotangent(triton_fn, inputs, dtype)
+    ref, ref_grads = _grads_for_cotangent(reference_fn, {k: v.float() for k, v in inputs.items()}, dtype)
+    assert_close(out.float(), ref, kind, dtype=dtype, msg="output")
+    for name, grad in grads.items():
+        assert_close(grad.float(), ref_grads[name], kind if kind != "attention" or dtype != torch.float32
+                     else "attention_grad", dtype=dtype, msg=f"gradient of {name}")

@@ -14,10 +14,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
+from mos_kernels.expert_target_attention import attention_blocks
+from mos_kernels.theme_gather import inverse_of
 from tests import oracles
-from tests.kernel_cases import (DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
-                                compare_to_reference, float64_attention_inputs, fresh_leaves, random_values,
-                                reference_dispatch, routed)
+from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
+                                compare_in_dtype, compare_to_reference, float64_attention_inputs, fresh_leaves,
+                                is_compiled, random_values, reference_dispatch, routed)
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
@@ -240,3 +242,53 @@ def test_flop_formula_expert_target_attention(device):
         torch.ops.mos.expert_target_attention(t["tokens"], t["query"], t["w_key"], None, t["w_value"], None, offsets,
                                               None, None, None, heads)
     assert counter.get_total_flops() == 4 * 16 * heads * dim + 4 * 3 * dim * dim
+
+
+# ---- block sizes: the rule, its compiled configurations, each choice against the reference ----
+
+@pytest.mark.parametrize("dim,dtype,backward,expected", [
+    (64, torch.bfloat16, False, (32, 64, 4, 3)), (64, torch.bfloat16, True, (16, 64, 4, 3)),
+    (128, torch.bfloat16, True, (16, 128, 4, 3)), (256, torch.bfloat16, True, (16, 256, 8, 3)),
+    (64, torch.float32, False, (32, 64, 4, 3)), (128, torch.float32, False, (16, 128, 4, 3)),
+    (256, torch.float32, False, (16, 256, 8, 3)), (128, torch.float32, True, (16, 128, 8, 3)),
+    (6, torch.float16, False, (32, 16, 4, 3))])
+def test_target_attention_blocks(dim, dtype, backward, expected):
+    assert attention_blocks(dim, dtype, backward) == expected
+
+
+def test_every_target_attention_block_is_compiled():
+    for dtype in ALL_DTYPES:
+        for dim in (16, 32, 64, 128, 256) if dtype != torch.float16 else (64,):
+            for kernel, backward in (("_target_attention_fwd", False), ("_target_attention_bwd", True)):
+                block_t, block_d, warps, stages = attention_blocks(dim, dtype, backward)
+                wanted = {"BLOCK_T": block_t, "BLOCK_D": block_d, "NUM_STAGES": stages, "num_warps": warps,
+                          "num_stages": stages}
+                assert is_compiled(kernel, "tokens_ptr", dtype, wanted), (kernel, dtype, dim)
+
+
+@pytest.mark.parametrize("dim,num_heads", [(16, 1), (64, 4), (256, 16)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", [[0, 3, 16, 0], [0, 95, 33, 130]], ids=["short", "long"])
+def test_target_attention_blocks_against_reference(dim, num_heads, dtype, lengths, device):
+    """Gathered, gated rows over short and long segments (partial, whole and several tiles of
+    the forward's 32 / 16 rows and the backward's 16), with empty ones, at every width rule."""
+    num_experts, num_tokens = 2, 150
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    gen = torch.Generator().manual_seed(5)
+    index = torch.randint(0, num_tokens, (sum(lengths),), generator=gen).to(device)
+    inverse = inverse_of(index, num_tokens)
+    inputs = {"tokens": random_values(num_tokens, dim, dtype, device),
+              "query": random_values(len(lengths), dim, dtype, device, seed=1),
+              "w_key": random_values(num_experts * dim, dim, dtype, device, seed=2).view(num_experts, dim, dim)
+              / math.sqrt(dim),
+              "w_value": random_values(num_experts * dim, dim, dtype, device, seed=4).view(num_experts, dim, dim)
+              / math.sqrt(dim),
+              "gate": (torch.rand(sum(lengths), generator=gen) + 0.5).to(device=device, dtype=dtype)}
+
+    def run(backend):
+        def fn(tokens, query, w_key, w_value, gate):
+            return mk.expert_target_attention(tokens, query, w_key, None, w_value, None, offsets, num_heads=num_heads,
+                                              gather_index=index, row_gate=gate, inverse_index=inverse,
+                                              backend=backend)
+        return fn
+    compare_in_dtype(run("triton"), run("reference"), inputs, dtype, "attention")

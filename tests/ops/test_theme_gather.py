@@ -16,10 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
+from mos_kernels.theme_gather import inverse_of, row_blocks
 from tests import oracles
-from tests.kernel_cases import (ALL_DTYPES, LENGTH_IDS, LENGTHS, SHAPES, assert_matches, backends,
-                                check_forward_backward, make_sessions, opcheck_inputs, precision, random_themes,
-                                random_values, routed, skip_interpreted_bf16, upcast)
+from tests.kernel_cases import (ALL_DTYPES, DTYPES, LENGTH_IDS, LENGTHS, SHAPES, assert_matches, backends,
+                                check_forward_backward, compare_in_dtype, is_compiled, make_sessions, opcheck_inputs,
+                                precision, random_themes, random_values, routed, skip_interpreted_bf16, upcast)
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
@@ -214,3 +215,53 @@ def test_flop_formulas_match_a_hand_count(device, kernel_backend):
         with FlopCounterMode(display=False) as counter:
             op(data.detach(), dispatch.gather_index, None, dispatch.inverse_index)
         assert counter.get_total_flops() == 0                   # pure data movement
+
+
+# ---- row blocks: the rule, its compiled configurations, each choice against the reference ----
+
+@pytest.mark.parametrize("dim,dtype,expected", [
+    (64, torch.bfloat16, (128, 64, 8)), (256, torch.float32, (16, 256, 4)), (64, torch.float32, (64, 64, 4)),
+    (16, torch.float16, (256, 16, 4)), (256, torch.bfloat16, (32, 256, 8)), (100, torch.float16, (64, 128, 8))])
+def test_row_blocks(dim, dtype, expected):
+    assert row_blocks(dim, dtype) == expected
+
+
+def test_every_row_block_is_compiled():
+    """~16 KB a program at most, powers of two, 32 tile elements a thread, and compile_check
+    compiles exactly what the wrappers launch at every supported width."""
+    for dtype in ALL_DTYPES:
+        for dim in range(9, 257):
+            block_r, block_d, warps = row_blocks(dim, dtype)
+            assert block_r & (block_r - 1) == 0 and block_d >= dim
+            assert block_r * block_d * dtype.itemsize <= 16384
+            assert block_r * block_d <= 32 * 32 * warps
+            wanted = {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": warps}
+            for kernel, arg in (("_gather_rows", "out_ptr"), ("_scatter_rows", "out_ptr"), ("_row_dot", "a_ptr")):
+                assert is_compiled(kernel, arg, dtype, wanted), (kernel, dtype, dim)
+
+
+@pytest.mark.parametrize("dim", [16, 64, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_rows", [0, 1, 300])
+def test_gather_scatter_blocks(dim, dtype, num_rows, device):
+    """Several programs and a partial last one at every width's rows per program (256, 128 and
+    16-32 rows): gather and scatter with a gate, and both gradients."""
+    num_tokens = 260
+    gen = torch.Generator().manual_seed(1)
+    index = torch.randint(0, num_tokens, (num_rows,), generator=gen).to(device)
+    inverse = inverse_of(index, num_tokens)
+    inputs = {"values": random_values(num_tokens, dim, dtype, device),
+              "gate": (torch.rand(num_rows, generator=gen) + 0.5).to(device=device, dtype=dtype)}
+    rows = {"rows": random_values(num_rows, dim, dtype, device, seed=2), "gate": inputs["gate"]}
+    for backend in ("triton", "reference"):
+        assert mk.theme_gather(inputs["values"], index, inputs["gate"], inverse_index=inverse, backend=backend).shape \
+            == (num_rows, dim)
+
+    def gather(backend):
+        return lambda values, gate: mk.theme_gather(values, index, gate, inverse_index=inverse, backend=backend)
+
+    def scatter(backend):
+        return lambda rows, gate: mk.theme_scatter(rows, index, gate, num_tokens=num_tokens, inverse_index=inverse,
+                                                   backend=backend)
+    compare_in_dtype(gather("triton"), gather("reference"), inputs, dtype, "reduction")
+    compare_in_dtype(scatter("triton"), scatter("reference"), rows, dtype, "reduction")
