@@ -1,12 +1,15 @@
-"""Config loading: defaults < YAML file < --set, types, and errors that name the dotted key."""
+"""Config loading: defaults < YAML file < --set, types, and errors that name the dotted key; MoSConfig
+refusing bad option values by name."""
+import math
 import re
 from pathlib import Path
 
 import pytest
 
 from mos.cli import main
-from mos.config import RunConfig
+from mos.config import MoSConfig, RunConfig
 from mos.config_io import config_to_dict, dump_yaml, load_run_config
+from tests.input_cases import named
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +179,32 @@ def test_unknown_model_name_is_refused_naming_the_choices():
         RunConfig(models=("backbone", "mos_typo"))
     with pytest.raises(ValueError, match=r"models\[\].*got 'nope'"):
         load_run_config(None, ["models=[nope]"])
+
+
+CONFIG_CASES = {
+    "num_themes_0": (dict(num_themes=0), "MoSConfig.num_themes"),
+    "num_themes_negative": (dict(num_themes=-2), "MoSConfig.num_themes"),
+    "top_k_above_K": (dict(num_themes=3, top_k=4), "MoSConfig.top_k"),
+    "top_k_0": (dict(top_k=0), "MoSConfig.top_k"),
+    "fusion_sum": (dict(fusion="sum"), "MoSConfig.fusion"),
+    "encoder_lstm": (dict(encoder="lstm"), "MoSConfig.encoder"),
+    "readout_max": (dict(readout="max"), "MoSConfig.readout"),
+    "global_scope_items": (dict(global_scope="items"), "MoSConfig.global_scope"),
+    "session_mode_daily": (dict(session_mode="daily"), "MoSConfig.session_mode"),
+    "backend_rocm": (dict(backend="rocm"), "MoSConfig.backend"),
+    "capacity_0": (dict(capacity=0), "MoSConfig.capacity"),
+    "session_len_0": (dict(session_len=0), "MoSConfig.session_len"),
+    "temperature_0": (dict(temperature=0.0), "MoSConfig.temperature"),
+    "gap_seconds_negative": (dict(gap_seconds=-1.0), "MoSConfig.gap_seconds"),
+    "heads_not_dividing_dim": (dict(dim=10, num_heads=4), "MoSConfig.dim"),
+    "negative_aux_weight": (dict(codebook_weight=-0.5), "MoSConfig.codebook_weight"),
+    "nan_aux_weight": (dict(load_balance_weight=math.nan), "MoSConfig.load_balance_weight"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_config_rejects_bad_options(case):
+    """MoSConfig refuses unknown or out-of-range option values, naming the field."""
+    options, name = CONFIG_CASES[case]
+    with pytest.raises(ValueError, match=named(name.replace(".", r"\."))):
+        MoSConfig(**options)
