@@ -1,13 +1,17 @@
-"""expert_target_attention: bad arguments refused by name.
+"""expert_target_attention on unusual input: bad arguments refused by name, and strided views of
+every tensor argument giving the dense answer (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import DIM, named
+from tests.input_cases import (DIM, NUM_THEMES, STRIDED_DIM, STRIDED_LENGTHS, check_strided_views, named,
+                               strided_gather_args, strided_layout, strided_params)
+from tests.kernel_cases import random_values
 
 
 def _attention(**kw):
@@ -35,3 +39,31 @@ def test_op_rejects_bad_input(case):
     fn, error, name = BAD_INPUT[case]
     with pytest.raises(error, match=named(name)):
         fn()
+
+
+# ---- strided views of every tensor argument (tests/input_cases.py) ---------------------------
+
+def _target_attention_case(device):
+    tokens, gather_index, row_gate, inverse_index, _ = strided_gather_args(device, rows=False)
+    _, _, _, _, d = strided_layout(device)
+    weights = {name: random_values(NUM_THEMES * STRIDED_DIM, STRIDED_DIM, torch.float32, device, seed).view(NUM_THEMES, STRIDED_DIM, STRIDED_DIM)
+               for seed, name in enumerate(("w_key", "w_value"), start=2)}
+    biases = {name: random_values(NUM_THEMES, STRIDED_DIM, torch.float32, device, seed)
+              for seed, name in enumerate(("b_key", "b_value"), start=4)}
+
+    def run(backend, tokens, query, w_key, b_key, w_value, b_value, segment_offsets, gather_index, row_gate,
+            inverse_index):
+        return (mk.expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, segment_offsets,
+                                           num_heads=2, gather_index=gather_index, row_gate=row_gate,
+                                           inverse_index=inverse_index, backend=backend),)
+    return run, dict(tokens=tokens, query=random_values(NUM_THEMES * len(STRIDED_LENGTHS), STRIDED_DIM, torch.float32, device, 6),
+                     **weights, **biases, segment_offsets=d.theme_offsets, gather_index=gather_index,
+                     row_gate=row_gate, inverse_index=inverse_index)
+
+
+STRIDED_CASES = {"expert_target_attention": _target_attention_case}
+
+
+@pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
+def test_strided_views_give_the_dense_answer(op, backend, device):
+    check_strided_views(op, STRIDED_CASES[op], backend, device)

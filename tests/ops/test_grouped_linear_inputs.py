@@ -1,4 +1,5 @@
-"""grouped_linear: bad arguments refused by name.
+"""grouped_linear on unusual input: bad arguments refused by name, and strided views of every
+tensor argument giving the dense answer (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import DIM, named
+from tests.input_cases import (DIM, NUM_THEMES, STRIDED_DIM, check_strided_views, named, strided_gather_args,
+                               strided_layout, strided_params)
+from tests.kernel_cases import random_values
 
 
 BAD_INPUT = {
@@ -32,3 +35,27 @@ def test_op_rejects_bad_input(case):
     fn, error, name = BAD_INPUT[case]
     with pytest.raises(error, match=named(name)):
         fn()
+
+
+# ---- strided views of every tensor argument (tests/input_cases.py) ---------------------------
+
+def _grouped_linear_case(device):
+    x, gather_index, row_gate, inverse_index, _ = strided_gather_args(device, rows=False)
+    _, _, _, _, d = strided_layout(device)
+    gen = torch.Generator().manual_seed(5)
+
+    def run(backend, x, weight, bias, expert_offsets, gather_index, row_gate, inverse_index, scatter_index):
+        return (mk.grouped_linear(x, weight, bias, expert_offsets, gather_index=gather_index, row_gate=row_gate,
+                                  inverse_index=inverse_index, scatter_index=scatter_index, backend=backend),)
+    return run, dict(x=x, weight=random_values(NUM_THEMES * STRIDED_DIM, 6, torch.float32, device, 2).view(NUM_THEMES, STRIDED_DIM, 6),
+                     bias=random_values(NUM_THEMES, 6, torch.float32, device, 3), expert_offsets=d.expert_offsets,
+                     gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index,
+                     scatter_index=torch.randperm(gather_index.numel(), generator=gen).to(device))
+
+
+STRIDED_CASES = {"grouped_linear": _grouped_linear_case}
+
+
+@pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
+def test_strided_views_give_the_dense_answer(op, backend, device):
+    check_strided_views(op, STRIDED_CASES[op], backend, device)

@@ -1,4 +1,5 @@
-"""jagged_self_attention: bad arguments refused by name.
+"""jagged_self_attention on unusual input: bad arguments refused by name, and strided views of
+every tensor argument giving the dense answer (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import DIM, named
+from tests.input_cases import DIM, STRIDED_DIM, check_strided_views, named, strided_layout, strided_params
+from tests.kernel_cases import random_values
 
 
 BAD_INPUT = {
@@ -26,3 +28,23 @@ def test_op_rejects_bad_input(case):
     fn, error, name = BAD_INPUT[case]
     with pytest.raises(error, match=named(name)):
         fn()
+
+
+# ---- strided views of every tensor argument (tests/input_cases.py) ---------------------------
+
+def _self_attention_case(device):
+    offsets, _, _, _, _ = strided_layout(device)
+    qkv = {name: random_values(int(offsets[-1]), STRIDED_DIM, torch.float32, device, seed)
+           for seed, name in enumerate("qkv")}
+
+    def run(backend, q, k, v, segment_offsets):
+        return (mk.jagged_self_attention(q, k, v, segment_offsets, num_heads=2, backend=backend),)
+    return run, dict(**qkv, segment_offsets=offsets)
+
+
+STRIDED_CASES = {"jagged_self_attention": _self_attention_case}
+
+
+@pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
+def test_strided_views_give_the_dense_answer(op, backend, device):
+    check_strided_views(op, STRIDED_CASES[op], backend, device)

@@ -1,13 +1,17 @@
-"""session_pool_route (and session_pool, theme_route): bad arguments refused by name.
+"""session_pool_route, session_pool and theme_route on unusual input: bad arguments refused by name,
+and strided views of every tensor argument giving the dense answer (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import DIM, call_session_pool_route, call_theme_route, named
+from tests.input_cases import (DIM, NUM_THEMES, STRIDED_DIM, TOP_K, call_session_pool_route, call_theme_route,
+                               check_strided_views, named, strided_layout, strided_params)
+from tests.kernel_cases import random_values
 
 
 BAD_INPUT = {
@@ -43,7 +47,46 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("case", BAD_INPUT)
 def test_op_rejects_bad_input(case):
-    """session_pool_route refuses a bad argument by name."""
+    """session_pool_route, session_pool or theme_route refuses a bad argument by name."""
     fn, error, name = BAD_INPUT[case]
     with pytest.raises(error, match=named(name)):
         fn()
+
+
+# ---- strided views of every tensor argument (tests/input_cases.py) ---------------------------
+
+def _pool_case(device):
+    _, sessions, _, _, _ = strided_layout(device)
+    values = random_values(int(sessions.session_offsets[-1]), STRIDED_DIM, torch.float32, device)
+
+    def run(backend, values, session_offsets):
+        return (mk.session_pool(values, session_offsets, backend=backend),)
+    return run, dict(values=values, session_offsets=sessions.session_offsets)
+
+
+def _pool_route_case(device):
+    _, sessions, _, _, _ = strided_layout(device)
+    values = random_values(int(sessions.session_offsets[-1]), STRIDED_DIM, torch.float32, device)
+
+    def run(backend, values, session_offsets, prototypes):
+        pooled, r = mk.session_pool_route(values, session_offsets, prototypes, temperature=0.5, top_k=TOP_K,
+                                          backend=backend)
+        return pooled, r.scores, r.probs, r.themes, r.gate
+    return run, dict(values=values, session_offsets=sessions.session_offsets,
+                     prototypes=random_values(NUM_THEMES, STRIDED_DIM, torch.float32, device, seed=1))
+
+
+def _route_case(device):
+    def run(backend, pooled, prototypes):
+        r = mk.theme_route(pooled, prototypes, temperature=0.5, top_k=TOP_K, backend=backend)
+        return r.scores, r.probs, r.themes, r.gate
+    return run, dict(pooled=random_values(6, STRIDED_DIM, torch.float32, device),
+                     prototypes=random_values(NUM_THEMES, STRIDED_DIM, torch.float32, device, seed=1))
+
+
+STRIDED_CASES = {"session_pool": _pool_case, "session_pool_route": _pool_route_case, "theme_route": _route_case}
+
+
+@pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
+def test_strided_views_give_the_dense_answer(op, backend, device):
+    check_strided_views(op, STRIDED_CASES[op], backend, device)

@@ -1,4 +1,5 @@
-"""sessionize: bad arguments refused by name.
+"""sessionize on unusual input: bad arguments refused by name, and strided views of every tensor
+argument giving the dense answer (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import named
+from tests.input_cases import STRIDED_LENGTHS, check_strided_views, named, strided_params
 
 
 BAD_INPUT = {
@@ -29,3 +30,24 @@ def test_op_rejects_bad_input(case):
     fn, error, name = BAD_INPUT[case]
     with pytest.raises(error, match=named(name)):
         fn()
+
+
+# ---- strided views of every tensor argument (tests/input_cases.py) ---------------------------
+
+def _sessionize_case(device):
+    offsets = mk.offsets_from_lengths(torch.tensor(STRIDED_LENGTHS, device=device))
+    # A pause longer than gap_seconds before every third event.
+    gaps = torch.where(torch.arange(int(offsets[-1]), device=device) % 3 == 0, 5000.0, 1.0)
+
+    def run(backend, offsets, timestamps):
+        s = mk.sessionize(offsets, mode="gap", timestamps=timestamps, gap_seconds=1800.0, max_session_len=4)
+        return s.session_offsets, s.session_example, s.example_session_offsets
+    return run, dict(offsets=offsets, timestamps=torch.cumsum(gaps, 0))
+
+
+STRIDED_CASES = {"sessionize": _sessionize_case}
+
+
+@pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
+def test_strided_views_give_the_dense_answer(op, backend, device):
+    check_strided_views(op, STRIDED_CASES[op], backend, device)

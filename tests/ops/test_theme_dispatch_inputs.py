@@ -1,4 +1,5 @@
-"""theme_dispatch: bad arguments refused by name.
+"""theme_dispatch on unusual input: bad arguments refused by name, and strided views of every
+tensor argument giving the dense answer (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import named
+from tests.input_cases import NUM_THEMES, STRIDED_LENGTHS, check_strided_views, named, strided_layout, strided_params
 
 
 def _dispatch(themes=None, gate=None, session_offsets=None, session_example=None, **kw):
@@ -52,3 +53,24 @@ def test_op_rejects_bad_input(case):
     fn, error, name = BAD_INPUT[case]
     with pytest.raises(error, match=named(name)):
         fn()
+
+
+# ---- strided views of every tensor argument (tests/input_cases.py) ---------------------------
+
+def _dispatch_case(device):
+    _, sessions, themes, gate, _ = strided_layout(device)
+
+    def run(backend, themes, gate, session_offsets, session_example):
+        d = mk.theme_dispatch(themes, gate, session_offsets, session_example, num_examples=len(STRIDED_LENGTHS),
+                              num_themes=NUM_THEMES, backend=backend)
+        return d.gather_index, d.row_gate, d.inverse_index, d.theme_offsets
+    return run, dict(themes=themes, gate=gate, session_offsets=sessions.session_offsets,
+                     session_example=sessions.session_example)
+
+
+STRIDED_CASES = {"theme_dispatch": _dispatch_case}
+
+
+@pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
+def test_strided_views_give_the_dense_answer(op, backend, device):
+    check_strided_views(op, STRIDED_CASES[op], backend, device)

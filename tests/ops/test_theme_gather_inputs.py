@@ -1,13 +1,15 @@
-"""theme_gather and theme_scatter: bad arguments refused by name.
+"""theme_gather and theme_scatter on unusual input: bad arguments refused by name, and strided views
+of every tensor argument giving the dense answer (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import DIM, named
+from tests.input_cases import DIM, check_strided_views, named, strided_gather_args, strided_params
 
 
 BAD_INPUT = {
@@ -29,7 +31,34 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("case", BAD_INPUT)
 def test_op_rejects_bad_input(case):
-    """theme_gather refuses a bad argument by name."""
+    """theme_gather or theme_scatter refuses a bad argument by name."""
     fn, error, name = BAD_INPUT[case]
     with pytest.raises(error, match=named(name)):
         fn()
+
+
+# ---- strided views of every tensor argument (tests/input_cases.py) ---------------------------
+
+def _gather_case(device):
+    values, gather_index, row_gate, inverse_index, _ = strided_gather_args(device, rows=False)
+
+    def run(backend, values, gather_index, row_gate, inverse_index):
+        return (mk.theme_gather(values, gather_index, row_gate, inverse_index=inverse_index, backend=backend),)
+    return run, dict(values=values, gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index)
+
+
+def _scatter_case(device):
+    rows, gather_index, row_gate, inverse_index, num_tokens = strided_gather_args(device, rows=True)
+
+    def run(backend, rows, gather_index, row_gate, inverse_index):
+        return (mk.theme_scatter(rows, gather_index, row_gate, num_tokens=num_tokens, inverse_index=inverse_index,
+                                 backend=backend),)
+    return run, dict(rows=rows, gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index)
+
+
+STRIDED_CASES = {"theme_gather": _gather_case, "theme_scatter": _scatter_case}
+
+
+@pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
+def test_strided_views_give_the_dense_answer(op, backend, device):
+    check_strided_views(op, STRIDED_CASES[op], backend, device)
