@@ -159,3 +159,58 @@ def check_strided_views(op, make_case, backend, device):
     _, grads = _outputs_and_grads(run, backend, tensors, loss="sum")
     for arg, want in expected_grads.items():
         _assert_same(grads[arg], want, backend, f"{op}[{backend}] grad of {arg} from an expanded gradient")
+
+
+# ---- rows past 2^31 elements --------------------------------------------------------------------
+# The ops read rows past 2^31 elements of an input that is only reserved: the OS maps a page on
+# first touch, so a 4.3 GB tensor of which a few rows are written costs a few pages. That covers
+# every op that reads token rows through an index (gather, the gate's gradient, the gathered GEMM
+# and attention), on every backend, on the CPU. (The kernels' compiled address arithmetic:
+# tests/test_wide_addresses.py; at full size on the GPU: tests/ops/test_theme_gather_gpu.py.)
+
+# Rows of a reserved fp16 input: WIDE_ROWS x WIDE_DIM = 2^31 + 8,192 elements, so its last rows
+# start past 2^31 (the widest row the attention kernels take is 256).
+WIDE_ROWS, WIDE_DIM = 8_388_640, 256
+TOUCHED = [0, 5, WIDE_ROWS - 40, WIDE_ROWS - 1]     # the last two past 2^31 elements
+
+
+def reserved_tokens():
+    """[WIDE_ROWS, WIDE_DIM] fp16 of which only the TOUCHED rows are written (random values)."""
+    tokens = torch.empty(WIDE_ROWS, WIDE_DIM, dtype=torch.float16)
+    tokens[TOUCHED] = random_values(len(TOUCHED), WIDE_DIM, torch.float16, "cpu")
+    return tokens
+
+
+def index_and_gate():
+    index = torch.tensor(TOUCHED[::-1] + TOUCHED[2:])
+    # Gates exact in fp16: the reference rounds the gate to the rows' dtype, the kernels do not.
+    gate = torch.tensor([0.5, 1.25, -2.0, 0.75, 1.5, -0.25]).requires_grad_()
+    return index, gate
+
+
+def two_experts(index):
+    """fp16 weights of two experts over the gathered rows, and the experts' row offsets; small
+    weights keep fp16 attention scores moderate."""
+    weights = random_values(2 * WIDE_DIM, WIDE_DIM, torch.float16, "cpu", seed=3).view(2, WIDE_DIM, WIDE_DIM) * 0.05
+    return weights, torch.tensor([0, 2, index.numel()])
+
+
+def check_rows_past_2_to_31(op, read_rows, backend):
+    """read_rows(tokens, index, gate, backend) on the gathered rows of a reserved 4.3 GB input equals
+    it on a dense copy of those rows (forward, and the gate's gradient, which reads the rows again)."""
+    if backend == "cuda":
+        require_cuda_ext()
+    tokens = reserved_tokens()
+    index, gate = index_and_gate()
+    small = tokens[index].clone()
+    small_index = torch.arange(index.numel())
+    small_gate = gate.detach().clone().requires_grad_()
+    # The reserved rows were never written: a data check would read all 4.3 GB of them.
+    with mk.data_checks(False):
+        out = read_rows(tokens, index, gate, backend)
+        expected = read_rows(small, small_index, small_gate, backend)
+    assert torch.equal(out, expected), f"{op}[{backend}]: rows past 2^31 elements read wrong"
+    weight = random_values(out.shape[0], out.shape[1], torch.float32, "cpu", seed=4)
+    (out.float() * weight).sum().backward()
+    (expected.float() * weight).sum().backward()
+    assert_close(gate.grad, small_gate.grad, "reduction", msg=f"{op}[{backend}] gate gradient")

@@ -1,5 +1,6 @@
-"""grouped_linear on unusual input: bad arguments refused by name, and strided views of every
-tensor argument giving the dense answer (tests/input_cases.py says how).
+"""grouped_linear on unusual input: bad arguments refused by name, and strided views of every tensor
+argument giving the dense answer, and rows past 2^31 elements of an input read right through an
+index (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import (DIM, NUM_THEMES, STRIDED_DIM, check_strided_views, named, strided_gather_args,
-                               strided_layout, strided_params)
-from tests.kernel_cases import random_values
+from mos_kernels.backend import IMPLEMENTED
+from tests.input_cases import (DIM, NUM_THEMES, STRIDED_DIM, check_rows_past_2_to_31, check_strided_views, named,
+                               strided_gather_args, strided_layout, strided_params, two_experts)
+from tests.kernel_cases import ON_GPU, random_values
 
 
 BAD_INPUT = {
@@ -47,7 +49,8 @@ def _grouped_linear_case(device):
     def run(backend, x, weight, bias, expert_offsets, gather_index, row_gate, inverse_index, scatter_index):
         return (mk.grouped_linear(x, weight, bias, expert_offsets, gather_index=gather_index, row_gate=row_gate,
                                   inverse_index=inverse_index, scatter_index=scatter_index, backend=backend),)
-    return run, dict(x=x, weight=random_values(NUM_THEMES * STRIDED_DIM, 6, torch.float32, device, 2).view(NUM_THEMES, STRIDED_DIM, 6),
+    weight = random_values(NUM_THEMES * STRIDED_DIM, 6, torch.float32, device, 2).view(NUM_THEMES, STRIDED_DIM, 6)
+    return run, dict(x=x, weight=weight,
                      bias=random_values(NUM_THEMES, 6, torch.float32, device, 3), expert_offsets=d.expert_offsets,
                      gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index,
                      scatter_index=torch.randperm(gather_index.numel(), generator=gen).to(device))
@@ -59,3 +62,18 @@ STRIDED_CASES = {"grouped_linear": _grouped_linear_case}
 @pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
 def test_strided_views_give_the_dense_answer(op, backend, device):
     check_strided_views(op, STRIDED_CASES[op], backend, device)
+
+
+# ---- rows past 2^31 elements, read through an index (tests/input_cases.py) ------------------
+
+def _read_rows(tokens, index, gate, backend):
+    weights, offsets = two_experts(index)
+    return mk.grouped_linear(tokens, weights[:, :, :16], weights[:, 0, :16], offsets, gather_index=index,
+                             row_gate=gate, backend=backend)
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU memory trick; the GPU run allocates for real")
+@pytest.mark.parametrize("op,backend", [("grouped_linear", backend)
+                                        for backend in IMPLEMENTED["grouped_linear"]])
+def test_rows_past_2_to_31_elements_read_through_an_index(op, backend):
+    check_rows_past_2_to_31(op, _read_rows, backend)

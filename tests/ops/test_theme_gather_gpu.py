@@ -65,5 +65,5 @@ def check_gather_past(num_rows, dim, backend, device="cuda"):
 
 
 def test_gather_scatter_past_2_to_31_elements(kernel_backend):
-    """Addresses past 2^31 elements, computed in 64 bits (on the CPU: tests/test_wide_addresses.py)."""
+    """Addresses past 2^31 elements, computed in 64 bits (on the CPU: tests/ops/test_theme_gather_inputs.py)."""
     check_gather_past(WIDE_ROWS, WIDE_DIM, kernel_backend)

@@ -1,5 +1,6 @@
-"""theme_gather and theme_scatter on unusual input: bad arguments refused by name, and strided views
-of every tensor argument giving the dense answer (tests/input_cases.py says how).
+"""theme_gather and theme_scatter on unusual input: bad arguments refused by name, and strided views of
+every tensor argument giving the dense answer, and rows past 2^31 elements of an input read right
+through an index (tests/input_cases.py says how).
 """
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 import mos_kernels as mk
-from tests.input_cases import DIM, check_strided_views, named, strided_gather_args, strided_params
+from mos_kernels.backend import IMPLEMENTED
+from tests.input_cases import (DIM, check_rows_past_2_to_31, check_strided_views, named, strided_gather_args,
+                               strided_params)
+from tests.kernel_cases import ON_GPU
 
 
 BAD_INPUT = {
@@ -62,3 +66,15 @@ STRIDED_CASES = {"theme_gather": _gather_case, "theme_scatter": _scatter_case}
 @pytest.mark.parametrize("op,backend", strided_params(STRIDED_CASES))
 def test_strided_views_give_the_dense_answer(op, backend, device):
     check_strided_views(op, STRIDED_CASES[op], backend, device)
+
+
+# ---- rows past 2^31 elements, read through an index (tests/input_cases.py) ------------------
+
+def _read_rows(tokens, index, gate, backend):
+    return mk.theme_gather(tokens, index, gate, backend=backend)
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU memory trick; the GPU run allocates for real")
+@pytest.mark.parametrize("op,backend", [("theme_gather", backend) for backend in IMPLEMENTED["theme_gather"]])
+def test_rows_past_2_to_31_elements_read_through_an_index(op, backend):
+    check_rows_past_2_to_31(op, _read_rows, backend)
