@@ -2,8 +2,10 @@
 segment, against the loop oracle (tests/oracles.py) on awkward segments, over a real dispatch,
 with empty segments (never NaN) and in float64 (the reference keeps its precision). Kernel
 outputs are poisoned before they run (tests/ops/conftest.py). The Triton kernel against the
-reference in fp32 / fp16 / bf16, its opcheck and FLOP formula: test_attention_triton.py; bad
-arguments: test_bad_input.py; strided views: test_hostile_inputs.py.
+reference in fp32 / fp16 / bf16, the key bias's fold, its opcheck and FLOP formula; the
+block-size rule, its compiled configurations and each block against the reference. Bad
+arguments, strided views, rows past 2^31 elements: test_expert_target_attention_inputs.py; the
+target point on the GPU: test_expert_target_attention_gpu.py.
 """
 from __future__ import annotations
 
@@ -156,8 +158,9 @@ def test_expert_target_attention(case, dtype, dim, num_heads, bias, device):
     num_experts, lengths = TARGET_SEGMENTS[case]
     offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
     inputs = _target_inputs(num_experts, len(lengths), sum(lengths), dim, dtype, device, bias)
-    out = compare_to_reference(_target_attention(offsets, num_heads, "triton"), _target_attention(offsets, num_heads, "reference"),
-                   inputs, dtype, *attention_kinds(dtype))
+    out = compare_to_reference(_target_attention(offsets, num_heads, "triton"),
+                               _target_attention(offsets, num_heads, "reference"), inputs, dtype,
+                               *attention_kinds(dtype))
     empty = torch.tensor(lengths, device=device) == 0
     assert torch.equal(out[empty], torch.zeros_like(out[empty])), "empty segments must give exact zeros"
 
@@ -165,7 +168,7 @@ def test_expert_target_attention(case, dtype, dim, num_heads, bias, device):
 @pytest.mark.parametrize("lengths", [[0, 5, 0, 17, 3, 0], [40, 41, 97]], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
-def test_expert_target_attention_overreference_dispatch(lengths, dtype, top_k, capacity, device):
+def test_expert_target_attention_triton_over_dispatch(lengths, dtype, top_k, capacity, device):
     """Theme experts read the dispatched rows through gather_index and row_gate, fused into the
     loads: same as the reference, the gate's gradient included."""
     num_themes, dim = 3, 16
@@ -174,7 +177,8 @@ def test_expert_target_attention_overreference_dispatch(lengths, dtype, top_k, c
     inputs["gate"] = dispatch.row_gate.detach().to(dtype)
     kwargs = dict(gather_index=dispatch.gather_index, inverse_index=dispatch.inverse_index)
     compare_to_reference(_target_attention(dispatch.theme_offsets, 2, "triton", **kwargs),
-             _target_attention(dispatch.theme_offsets, 2, "reference", **kwargs), inputs, dtype, *attention_kinds(dtype))
+                         _target_attention(dispatch.theme_offsets, 2, "reference", **kwargs), inputs, dtype,
+                         *attention_kinds(dtype))
 
 
 def test_key_bias_folds_away(device):

@@ -2,8 +2,8 @@
 (tests/oracles.py) on awkward blocks (empty experts first, in the middle and last, one row,
 prime sizes), forward and backward, with and without bias, and its max_rows bound. Kernel outputs
 are poisoned before they run (tests/ops/conftest.py). The Triton kernel against the reference in
-fp32 / fp16 / bf16, its opcheck and FLOP formula: test_attention_triton.py; bad arguments:
-test_bad_input.py; strided views: test_hostile_inputs.py.
+fp32 / fp16 / bf16, its opcheck and FLOP formula. Bad arguments, strided views, rows past 2^31
+elements: test_grouped_linear_inputs.py; the target point on the GPU: test_grouped_linear_gpu.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The jagged helpers: jagged_to_padded and padded_to_jagged (values and gradients), segment_ids,
 positions_in_segment, lengths_from_offsets, offsets_from_lengths, against the loop oracles
-(tests/oracles.py) on awkward lengths. Bad arguments: test_bad_input.py.
+(tests/oracles.py) on awkward lengths; and the conversions' bad arguments, refused by name.
 """
 from __future__ import annotations
 

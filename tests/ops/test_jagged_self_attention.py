@@ -3,8 +3,9 @@ oracle (tests/oracles.py) on awkward lengths, its max_len bound, the reference's
 padding (_padded_attention.py), gradcheck, FLOPs counted on the jagged lengths, opcheck of the
 reference, and float64 precision. Kernel outputs are poisoned before they run
 (tests/ops/conftest.py). The Triton kernel against the reference in fp32 / fp16 / bf16, its
-opcheck and FLOP formula: test_attention_triton.py; bad arguments: test_bad_input.py; strided
-views: test_hostile_inputs.py.
+opcheck and FLOP formula; the tile-size rule and length buckets, their compiled configurations
+and each tile against the reference. Bad arguments and strided views:
+test_jagged_self_attention_inputs.py; B = 64, L = 512 on the GPU: test_jagged_self_attention_gpu.py.
 """
 from __future__ import annotations
 

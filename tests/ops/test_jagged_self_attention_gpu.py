@@ -25,4 +25,5 @@ def test_jagged_self_attention_large(dtype):
         (out.float() * cotangent(out.shape, dtype, 4)).sum().backward()
         results.append((out, qkv.grad))
     for name, got, want in zip(("out", "qkv gradient"), *results):
-        assert relative_error(got, want) < RELATIVE_ERROR[dtype], f"{name}: relative error {relative_error(got, want):.2e}"
+        error = relative_error(got, want)
+        assert error < RELATIVE_ERROR[dtype], f"{name}: relative error {error:.2e}"

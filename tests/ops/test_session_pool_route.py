@@ -5,9 +5,9 @@ routing (themes, gate, probabilities, scores), the fused op, and the router's gr
 dispatch and gather; every kernel backend against the reference: the common shapes, many themes
 (one program's per-theme loop at K = 33 and 64), uneven sessions (one long session among short
 and empty ones in a block), the norm floor, the straight-through gate and its gradient, bitwise
-repeatability; and the operator registration (opcheck). Kernel outputs are poisoned before they
-run (tests/ops/conftest.py). Bad arguments: test_bad_input.py; strided views:
-test_hostile_inputs.py; 4M tokens on the GPU: test_kernels_gpu.py.
+repeatability; and the operator registration (opcheck, FLOP formula). Kernel outputs are
+poisoned before they run (tests/ops/conftest.py). Bad arguments and strided views:
+test_session_pool_route_inputs.py; 4M tokens on the GPU: test_session_pool_route_gpu.py.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Against the loop oracle (tests/oracles.py) in float64 on awkward lengths, and on
 (hypothesis); against its invariants (a permutation for top_k = 1, counts by theme and example,
 time order in every segment), which need no oracle; every kernel backend against the reference,
 bit for bit, with the gate's gradient; and the operator registration (opcheck). Kernel outputs
-are poisoned before they run (tests/ops/conftest.py). Bad arguments: test_bad_input.py; strided
-views: test_hostile_inputs.py; 4M tokens on the GPU: test_kernels_gpu.py.
+are poisoned before they run (tests/ops/conftest.py). Bad arguments and strided views:
+test_theme_dispatch_inputs.py; 4M tokens on the GPU: test_theme_dispatch_gpu.py.
 """
 from __future__ import annotations
 

@@ -3,10 +3,11 @@
 Against the loop oracle (tests/oracles.py) in float64 over a real dispatch on awkward lengths,
 gated and not: scatter with repeated indices, scatter as the adjoint of gather, gather exact in
 every dtype; every kernel backend against the reference in fp32 / fp16 / bf16, rows spanning
-whole chunks, and gather building the inverse index itself; and the operator registration
-(opcheck). Kernel outputs are poisoned before they run (tests/ops/conftest.py). Bad arguments:
-test_bad_input.py; strided views: test_hostile_inputs.py; row blocks: test_kernel_blocks.py;
-rows past 2^31 elements: test_wide_addresses.py; 4M tokens on the GPU: test_kernels_gpu.py.
+whole chunks, and gather building the inverse index itself; the operator registration (opcheck)
+and FLOP formulas; the row-block rule, its compiled configurations and each block against the
+reference. Kernel outputs are poisoned before they run (tests/ops/conftest.py). Bad arguments,
+strided views, rows past 2^31 elements: test_theme_gather_inputs.py; 4M tokens and an output
+past 2^31 elements on the GPU: test_theme_gather_gpu.py.
 """
 from __future__ import annotations
 
