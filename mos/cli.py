@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--data", required=True, metavar="LOG", help="the log to score (.csv, .tsv, .parquet)")
     scoring.add_argument("--out", required=True, metavar="FILE", help="where the scores go (CSV; - for stdout)")
     scoring.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                         help="override a key of the checkpoint's config, e.g. data.user_column=uid")
+                         help="override a key of the checkpoint's config, e.g. data.logs.user_column=uid")
     return parser
 
 

@@ -120,7 +120,7 @@ def load_data(run_cfg: RunConfig, group: Optional[distributed.Group] = None) -> 
     group = group or distributed.single("cpu")
     say = _printer(group)
     if cfg.source == "synthetic":
-        dataset = synthetic.generate(cfg)
+        dataset = synthetic.generate(cfg.synthetic, cfg.seed)
         data = Data(dataset, split_by_user(dataset, cfg.valid_fraction, cfg.test_fraction, cfg.seed))
     else:
         with distributed.main_first(group):   # rank 0 fills the MovieLens cache, the others read it

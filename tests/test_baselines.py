@@ -9,7 +9,7 @@ from mos.baselines import DSelectK, ExpertChoice, GShard
 from mos.baselines.dselect_k import smooth_step
 from mos.config import ModelConfig, MoEConfig, MoSConfig
 from mos.data import synthetic
-from mos.config import DataConfig
+from mos.data.config import SyntheticConfig
 from mos.model import CTRModel
 
 
@@ -19,7 +19,7 @@ def _config(kind="gshard", **moe):
 
 @pytest.fixture(scope="module")
 def batch():
-    data = synthetic.generate(DataConfig(num_users=40, num_items=60))
+    data = synthetic.generate(SyntheticConfig(num_users=40, num_items=60))
     return next(data.batches(24)), data
 
 

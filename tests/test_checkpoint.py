@@ -10,14 +10,15 @@ import torch
 
 from mos import checkpoint, train
 from mos.config import DataConfig, ModelConfig, MoSConfig, RunConfig, TrainConfig
+from mos.data.config import SyntheticConfig
 
 # Fields of a run record that measure the clock, not the computation.
 TIMING = ("epoch_seconds", "seconds_per_epoch")
 
 
 def tiny_config(out_dir, **train_fields) -> RunConfig:
-    data = DataConfig(num_users=60, num_items=60, num_interests=4, interests_per_user=(2, 3),
-                      sessions_per_user=(3, 5), session_length=(2, 4), targets_per_user=4)
+    data = DataConfig(synthetic=SyntheticConfig(num_users=60, num_items=60, num_interests=4, interests_per_user=(2, 3),
+                                                sessions_per_user=(3, 5), session_length=(2, 4), targets_per_user=4))
     model = ModelConfig(mos=MoSConfig(dim=16, num_heads=2, num_themes=4, session_mode="gap"), mlp_hidden=(16,))
     fields = dict(batch_size=32, max_epochs=3, patience=3, seeds=(0,), progress="none", quiet=True,
                   out_dir=str(out_dir))

@@ -176,3 +176,28 @@ def test_unknown_model_name_is_refused_naming_the_choices():
         RunConfig(models=("backbone", "mos_typo"))
     with pytest.raises(ValueError, match=r"models\[\].*got 'nope'"):
         load_run_config(None, ["models=[nope]"])
+
+
+def test_moved_keys_name_where_they_moved(tmp_path):
+    """A key of an earlier layout is refused, naming its new place: in a file, in --set, as a keyword."""
+    with pytest.raises(ValueError, match=r"'data\.num_users' moved to 'data\.synthetic\.num_users'"):
+        load_run_config(write(tmp_path, "data:\n  num_users: 40\n"), [])
+    with pytest.raises(ValueError, match=r"--set data\.user_column=uid: 'data\.user_column' moved to "
+                                         r"'data\.logs\.user_column'"):
+        load_run_config(None, ["data.user_column=uid"])
+    with pytest.raises(ValueError, match=r"'data\.noise' moved to 'data\.synthetic\.noise'"):
+        load_run_config(None, ["data={noise: 0.2}"])
+    from mos.config import DataConfig
+    with pytest.raises(TypeError, match=r"DataConfig\.num_items: moved to data\.synthetic\.num_items"):
+        DataConfig(num_items=5)
+
+
+def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
+    """Checkpoints keep the configuration tree they were written with: its moved keys move."""
+    old = config_to_dict(RunConfig())
+    data = old["data"]
+    data.update(data.pop("synthetic"), **data.pop("logs"))
+    data["num_users"], data["user_column"] = 40, "uid"
+    cfg = load_run_config(None, [], base=old)
+    assert (cfg.data.synthetic.num_users, cfg.data.logs.user_column) == (40, "uid")
+    assert load_run_config(None, [], base=config_to_dict(cfg)) == cfg

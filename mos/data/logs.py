@@ -1,6 +1,6 @@
 """Your own interaction log (CSV, TSV or Parquet) as a `CTRDataset`, split by time.
 
-The file has one row per event. Columns (names are `DataConfig` fields): a user id and an item
+The file has one row per event. Columns (names are `LogConfig` fields, `data.logs.*`): a user id and an item
 id (required), a timestamp (seconds as a number, or an ISO-8601 date; without the column the
 file's row order is the time order), and optionally a 0/1 label, a rating and a category.
 
@@ -12,7 +12,7 @@ timestamp, label and rating parse. Every other row is counted under the first re
 with a few examples (line number and value), in the `LogReport` that `load_log` returns and
 training prints: nothing is dropped silently. A file with no usable row stops with the reasons.
 The report also warns about input that loads but is probably wrong (`mos.data.checks`):
-timestamps in milliseconds or microseconds, and exact duplicate rows (`data.drop_duplicates`
+timestamps in milliseconds or microseconds, and exact duplicate rows (`data.logs.drop_duplicates`
 drops them, counted like refused rows).
 
 Order and vocabularies. Events are sorted by user, then timestamp; ties keep the file's order.
@@ -50,7 +50,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mos.config import LOG_FORMATS, DataConfig
+from mos.data.config import LOG_FORMATS, DataConfig, LogConfig
 from mos.data import checks
 from mos.data.dataset import CTRDataset
 from mos.data.log_files import read_columns
@@ -137,29 +137,30 @@ def load_log(path, cfg: DataConfig, vocabulary: Optional[Vocabulary] = None) -> 
         raise InputError(f"data.source: expected a log file ending in {', '.join(LOG_FORMATS)}, got {str(path)!r}")
     if not path.is_file():
         raise FileNotFoundError(f"data.source: no such file {str(path)!r}")
-    wanted = {role: getattr(cfg, f"{role}_column") for role in _ROLES}
+    options = cfg.logs
+    wanted = {role: getattr(options, f"{role}_column") for role in _ROLES}
     header, columns, fields, line = read_columns(path, kind, wanted)
     report = LogReport(path=str(path), rows=len(line))
-    label_source = _label_source(cfg, header, scoring=vocabulary is not None)
-    report.label_source = {"label": f"column {cfg.label_column!r}",
-                           "rating": f"{cfg.rating_column!r} >= {cfg.rating_threshold:g}",
-                           "sampled": f"{cfg.negatives} sampled negative(s) per event",
+    label_source = _label_source(options, header, scoring=vocabulary is not None)
+    report.label_source = {"label": f"column {options.label_column!r}",
+                           "rating": f"{options.rating_column!r} >= {options.rating_threshold:g}",
+                           "sampled": f"{options.negatives} sampled negative(s) per event",
                            "none": "nowhere (no label or rating column; scores only)"}[label_source]
     report.has_timestamps = "time" in columns
     report.has_labels = label_source != "none"
     known = None if vocabulary is None else set(vocabulary.items)
-    events = _parse_rows(columns, fields, len(header), line, cfg, label_source, report, known)
+    events = _parse_rows(columns, fields, len(header), line, options, label_source, report, known)
     if report.has_timestamps:
-        checks.warn_time_unit(events["time"], cfg.time_column, report.warnings)
-    events = checks.duplicate_rows(events, [getattr(cfg, f"{role}_column") for role in columns], cfg, report)
+        checks.warn_time_unit(events["time"], options.time_column, report.warnings)
+    events = checks.duplicate_rows(events, [getattr(options, f"{role}_column") for role in columns], options, report)
     return _build(events, cfg, label_source, report, vocabulary)
 
 
-# Each role's column name is the DataConfig field `<role>_column`.
+# Each role's column name is the LogConfig field `<role>_column`.
 _ROLES = ("user", "item", "time", "label", "rating", "category")
 
 
-def _label_source(cfg: DataConfig, header: list, scoring: bool) -> str:
+def _label_source(cfg: LogConfig, header: list, scoring: bool) -> str:
     """Where the labels come from; when scoring, "none" where the log has no labels to read."""
     if cfg.label_source == "auto" or (scoring and cfg.label_source == "sampled"):
         if cfg.label_column in header:
@@ -170,12 +171,12 @@ def _label_source(cfg: DataConfig, header: list, scoring: bool) -> str:
     if cfg.label_source != "sampled":
         column = getattr(cfg, f"{cfg.label_source}_column")
         if column not in header:
-            raise InputError(f"data.{cfg.label_source}_column: label_source is {cfg.label_source!r}, so the log "
+            raise InputError(f"data.logs.{cfg.label_source}_column: label_source is {cfg.label_source!r}, so the log "
                              f"needs a column {column!r}; got columns {header}")
     return cfg.label_source
 
 
-def _parse_rows(columns: dict, fields: np.ndarray, width: int, line: np.ndarray, cfg: DataConfig,
+def _parse_rows(columns: dict, fields: np.ndarray, width: int, line: np.ndarray, cfg: LogConfig,
                 label_source: str, report: LogReport, known_items: Optional[set] = None) -> dict:
     """The usable rows as arrays (file order); refused rows go into `report`. With `known_items`
     (scoring), rows whose item is not among them are refused too."""
@@ -315,21 +316,22 @@ def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport,
     order = np.lexsort((events["time"], user))
     user, item, time, label, line = (user[order], item[order], events["time"][order], events["label"][order],
                                      events["line"][order])
-    if cfg.history == "positive" and label_source == "none":
-        raise InputError(f"data.history: 'positive' keeps only positive events in histories, but {report.path} "
-                         f"has no {cfg.label_column!r} or {cfg.rating_column!r} column to tell them apart")
-    in_history = label == 1 if cfg.history == "positive" else np.ones(len(item), dtype=bool)
+    options = cfg.logs
+    if options.history == "positive" and label_source == "none":
+        raise InputError(f"data.logs.history: 'positive' keeps only positive events in histories, but {report.path} "
+                         f"has no {options.label_column!r} or {options.rating_column!r} column to tell them apart")
+    in_history = label == 1 if options.history == "positive" else np.ones(len(item), dtype=bool)
     user_offsets = np.zeros(len(users) + 1, dtype=np.int64)
     user_offsets[1:] = np.cumsum(np.bincount(user[in_history], minlength=len(users)))
     # History events before row r (all users before, then this user's): where r's history ends.
     hist_end = np.cumsum(in_history) - in_history
-    is_sample = hist_end - user_offsets[user] >= cfg.min_history
+    is_sample = hist_end - user_offsets[user] >= options.min_history
     if (~is_sample).any():
-        report.notes.append(f"{int((~is_sample).sum())} events have fewer than min_history={cfg.min_history} "
+        report.notes.append(f"{int((~is_sample).sum())} events have fewer than min_history={options.min_history} "
                             f"history events before them: history only, not samples")
     rows = np.flatnonzero(is_sample)
     if not len(rows):
-        raise InputError(f"data.min_history: no event of {report.path} has min_history={cfg.min_history} "
+        raise InputError(f"data.logs.min_history: no event of {report.path} has min_history={options.min_history} "
                          f"history events before it, so there is no sample")
     part = _time_split(user[rows], cfg.valid_fraction, cfg.test_fraction)
 
@@ -385,7 +387,7 @@ def _sample_negatives(user: np.ndarray, item: np.ndarray, rows: np.ndarray, num_
     # The first row of every (user, item) pair, sorted by pair: a candidate j for row r is seen
     # when the pair (user[r], j) has a first row <= r.
     pair, first = np.unique(user * (num_items + 1) + item, return_index=True)
-    owner = np.repeat(rows, cfg.negatives)
+    owner = np.repeat(rows, cfg.logs.negatives)
     drawn = np.zeros(len(owner), dtype=np.int64)
     todo = np.arange(len(owner))
     for _ in range(_NEGATIVE_DRAWS):
@@ -400,7 +402,7 @@ def _sample_negatives(user: np.ndarray, item: np.ndarray, rows: np.ndarray, num_
     if len(todo):
         report.notes.append(f"{len(todo)} sampled negatives dropped: their users had interacted with almost "
                             f"every item ({_NEGATIVE_DRAWS} draws found none they had not)")
-    return drawn.reshape(len(rows), cfg.negatives)
+    return drawn.reshape(len(rows), cfg.logs.negatives)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
