@@ -15,6 +15,7 @@ from mos_kernels.checks import check_choice, check_positive
 from mos_kernels.backend import BACKENDS
 
 from mos.data.config import DataConfig
+from mos.moved_options import refuse_moved
 from mos.variants import VARIANTS
 
 
@@ -22,6 +23,35 @@ EXPERT_KINDS = ("global", "short", "themes")
 FUSIONS = ("residual", "concat", "gate")
 
 
+@dataclass
+class MoSAblation:
+    """Options that exist to take the layer apart (the ablations of mos/variants.py): the defaults
+    are the layer; every other value removes or weakens one of its parts."""
+
+    router: str = "learned"          # "learned" prototypes, or "random" themes
+    routing_unit: str = "session"    # route whole "session"s, or every "token" alone
+    experts: tuple = EXPERT_KINDS    # which kinds run; drop one to measure what it adds
+    # The VQ and load-balance losses see the pooled sessions detached: they move the prototypes,
+    # never the item embeddings that the target, the global expert and the head share. The task
+    # loss still reaches the embeddings through the routing gate. False undoes that choice.
+    vq_detach_tokens: bool = True
+    # The short-term and theme experts and the router read the tokens and the target detached:
+    # only the global expert's path (as in the backbone) trains the embeddings. Boosted training
+    # (`model.mos_training`) sets it itself; true under joint training is an ablation.
+    extras_detach_inputs: bool = False
+
+    def __post_init__(self):
+        check_choice("MoSAblation.router", self.router, ("learned", "random"))
+        check_choice("MoSAblation.routing_unit", self.routing_unit, ("session", "token"))
+        self.experts = tuple(self.experts)
+        for kind in self.experts:
+            check_choice("MoSAblation.experts[]", kind, EXPERT_KINDS)
+        if not self.experts or len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"MoSAblation.experts: expected a non-empty list of distinct kinds from "
+                             f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
+
+
+@refuse_moved("model.mos")
 @dataclass
 class MoSConfig:
     """Options of `mos.MoSLayer`: sessions, routing, dispatch, the experts and their fusion."""
@@ -34,15 +64,12 @@ class MoSConfig:
     gap_seconds: float = 1800.0      # "gap" mode: a gap longer than this starts a new session
     max_session_len: int = 64        # "gap" mode: longer sessions are split
     # Step 3, routing.
-    router: str = "learned"          # "learned" prototypes, or "random" themes (an ablation)
-    routing_unit: str = "session"    # route whole "session"s, or every "token" alone (an ablation)
     num_themes: int = 8              # K, number of learned themes (theme experts)
     temperature: float = 0.1         # tau in z = cos(h, c) / tau
     top_k: int = 1                   # themes each session joins
     # Step 4, dispatch.
     capacity: Optional[int] = None   # keep at most this many most recent tokens per theme subsequence
     # Step 5, experts.
-    experts: tuple = ("global", "short", "themes")   # which kinds run; drop one for an ablation
     encoder: str = "target_attention"  # "target_attention" | "transformer"
     num_layers: int = 1              # transformer layers per expert
     readout: str = "target"          # transformer readout: "target" attention | "last" token | "mean"
@@ -57,34 +84,23 @@ class MoSConfig:
     commitment_weight: float = 0.25
     codebook_weight: float = 1.0
     load_balance_weight: float = 0.01
-    # The VQ and load-balance losses see the pooled sessions detached: they move the prototypes,
-    # never the item embeddings that the target, the global expert and the head share. The task
-    # loss still reaches the embeddings through the routing gate.
-    vq_detach_tokens: bool = True
-    # The short-term and theme experts and the router read the tokens and the target detached:
-    # only the global expert's path (as in the backbone) trains the embeddings.
-    extras_detach_inputs: bool = False
     dropout: float = 0.0             # on the fused output ("residual": on the other experts' term) and transformer blocks
     backend: str = "auto"            # kernel backend: "auto" | "reference" | "triton" | "cuda"
     # Check the inputs' data (finite values, monotone offsets, time order) on every forward:
     # one pass over the inputs and a device sync. Turn off in production once the pipeline is trusted.
     validate_inputs: bool = True
+    # Options for ablations only, apart so that the layer's own options come first.
+    ablation: MoSAblation = field(default_factory=MoSAblation)
 
     def __post_init__(self):
+        if isinstance(self.ablation, dict):
+            self.ablation = MoSAblation(**self.ablation)
         check_positive("MoSConfig.dim", self.dim)
         check_positive("MoSConfig.num_heads", self.num_heads)
         if self.dim % self.num_heads:
             raise ValueError(
                 f"MoSConfig.dim: expected a multiple of num_heads={self.num_heads}, got {self.dim}")
         check_choice("MoSConfig.session_mode", self.session_mode, ("fixed", "gap"))
-        check_choice("MoSConfig.router", self.router, ("learned", "random"))
-        check_choice("MoSConfig.routing_unit", self.routing_unit, ("session", "token"))
-        self.experts = tuple(self.experts)
-        for kind in self.experts:
-            check_choice("MoSConfig.experts[]", kind, EXPERT_KINDS)
-        if not self.experts or len(set(self.experts)) != len(self.experts):
-            raise ValueError(f"MoSConfig.experts: expected a non-empty list of distinct kinds from "
-                             f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
         check_positive("MoSConfig.session_len", self.session_len)
         check_positive("MoSConfig.gap_seconds", self.gap_seconds)
         check_positive("MoSConfig.max_session_len", self.max_session_len)
@@ -160,9 +176,10 @@ class ModelConfig:
         check_choice("model.kind", self.kind, MODEL_KINDS)
         check_choice("model.mos_training", self.mos_training, MOS_TRAININGS)
         if self.kind == "mos" and self.mos_training == "boosted" and (
-                self.mos.fusion != "residual" or "global" not in self.mos.experts):
+                self.mos.fusion != "residual" or "global" not in self.mos.ablation.experts):
             raise ValueError(f"model.mos_training: expected 'joint' when the MoS layer has no residual fusion over a "
-                             f"global expert (fusion={self.mos.fusion!r}, experts={list(self.mos.experts)}), got 'boosted'")
+                             f"global expert (fusion={self.mos.fusion!r}, ablation.experts="
+                             f"{list(self.mos.ablation.experts)}), got 'boosted'")
         self.mlp_hidden = tuple(self.mlp_hidden)
         for width in self.mlp_hidden:
             check_positive("model.mlp_hidden[]", width)

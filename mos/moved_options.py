@@ -14,11 +14,13 @@ _SYNTHETIC = ("num_users", "num_items", "num_interests", "interests_per_user", "
               "label_taste", "label_share", "label_recent", "label_bias")
 _LOGS = ("user_column", "item_column", "time_column", "label_column", "rating_column", "category_column",
          "label_source", "rating_threshold", "negatives", "history", "min_history", "drop_duplicates")
+_ABLATION = ("router", "routing_unit", "experts", "vq_detach_tokens", "extras_detach_inputs")
 
 # Old dotted key -> the dotted key it moved to.
 MOVED = {
     **{f"data.{name}": f"data.synthetic.{name}" for name in _SYNTHETIC},
     **{f"data.{name}": f"data.logs.{name}" for name in _LOGS},
+    **{f"model.mos.{name}": f"model.mos.ablation.{name}" for name in _ABLATION},
 }
 
 

@@ -64,8 +64,8 @@ def test_yaml_round_trip_through_file(tmp_path):
 @pytest.mark.parametrize("overrides,field,value", [
     (["model.mos.fusion=concat", "model.mos_training=joint"], "mos.fusion", "concat"),
     (["model.mos.fusion=residual"], "mos.fusion", "residual"),
-    (["model.mos.vq_detach_tokens=false"], "mos.vq_detach_tokens", False),
-    (["model.mos.extras_detach_inputs=true"], "mos.extras_detach_inputs", True),
+    (["model.mos.ablation.vq_detach_tokens=false"], "mos.ablation.vq_detach_tokens", False),
+    (["model.mos.ablation.extras_detach_inputs=true"], "mos.ablation.extras_detach_inputs", True),
     (["model.mos_training=joint"], "mos_training", "joint"),
 ])
 def test_design_options_round_trip(tmp_path, overrides, field, value):
@@ -80,11 +80,11 @@ def test_design_options_round_trip(tmp_path, overrides, field, value):
 
 def test_design_option_defaults():
     model = RunConfig().model
-    assert (model.mos.fusion, model.mos.vq_detach_tokens, model.mos_training) == ("residual", True, "boosted")
+    assert (model.mos.fusion, model.mos.ablation.vq_detach_tokens, model.mos_training) == ("residual", True, "boosted")
 
 
 def test_boosted_training_needs_a_residual_fusion_over_a_global_expert():
-    for override in ("model.mos.fusion=concat", "model.mos.experts=[short,themes]"):
+    for override in ("model.mos.fusion=concat", "model.mos.ablation.experts=[short,themes]"):
         with pytest.raises(ValueError, match=r"model\.mos_training: expected 'joint' when the MoS layer has no "
                                              r"residual fusion over a global expert .* got 'boosted'"):
             load_run_config(None, [override])
@@ -187,9 +187,17 @@ def test_moved_keys_name_where_they_moved(tmp_path):
         load_run_config(None, ["data.user_column=uid"])
     with pytest.raises(ValueError, match=r"'data\.noise' moved to 'data\.synthetic\.noise'"):
         load_run_config(None, ["data={noise: 0.2}"])
-    from mos.config import DataConfig
+    with pytest.raises(ValueError, match=r"'model\.mos\.router' moved to 'model\.mos\.ablation\.router'"):
+        load_run_config(write(tmp_path, "model:\n  mos:\n    router: random\n"), [])
+    with pytest.raises(ValueError, match=r"'model\.mos\.experts' moved to 'model\.mos\.ablation\.experts'"):
+        load_run_config(None, ["model.mos.experts=[global]"])
+    from mos.config import DataConfig, MoSConfig
+    from mos.layer import MoSLayer
     with pytest.raises(TypeError, match=r"DataConfig\.num_items: moved to data\.synthetic\.num_items"):
         DataConfig(num_items=5)
+    with pytest.raises(TypeError, match=r"MoSConfig\.router: moved to model\.mos\.ablation\.router"):
+        MoSLayer(router="random")
+    assert MoSConfig(ablation={"router": "random"}).ablation.router == "random"
 
 
 def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
@@ -198,6 +206,8 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     data = old["data"]
     data.update(data.pop("synthetic"), **data.pop("logs"))
     data["num_users"], data["user_column"] = 40, "uid"
+    old["model"]["mos"].update(old["model"]["mos"].pop("ablation"), router="random")
     cfg = load_run_config(None, [], base=old)
     assert (cfg.data.synthetic.num_users, cfg.data.logs.user_column) == (40, "uid")
+    assert cfg.model.mos.ablation.router == "random"
     assert load_run_config(None, [], base=config_to_dict(cfg)) == cfg

@@ -291,7 +291,8 @@ def test_layer_kernels_match_reference_on_gpu(dtype, encoder, kernel_backend):
     # Half precision: random routing drawn from the same seed in every run, so that no session
     # flips theme on a near-tie between runs (that would compare different computations).
     half = dtype != torch.float32
-    config = dict(dim=64, num_heads=2, num_themes=8, encoder=encoder, router="random" if half else "learned")
+    config = dict(dim=64, num_heads=2, num_themes=8, encoder=encoder,
+                  ablation={"router": "random" if half else "learned"})
     torch.manual_seed(0)
     exact = live_extras(MoSLayer(MoSConfig(backend="reference", **config))).cuda()
     gen = torch.Generator(device="cuda").manual_seed(7)

@@ -261,7 +261,7 @@ def test_load_balance_is_one_when_uniform(device):
 
 
 def test_aux_stop_gradients(device):
-    """With the tokens reaching the VQ losses (vq_detach_tokens=False): commitment moves the
+    """With the tokens reaching the VQ losses (ablation.vq_detach_tokens=False): commitment moves the
     session vectors only (prototypes stopped), codebook the prototypes only (session vectors
     stopped), load balance both."""
     values, target, offsets, times = batch(MIXED, 10, device)
@@ -273,7 +273,7 @@ def test_aux_stop_gradients(device):
 
 
 def test_detached_tokens_take_no_gradient_from_aux_losses(device):
-    """vq_detach_tokens=True (the default): no auxiliary loss sends any gradient to the tokens
+    """ablation.vq_detach_tokens=True (the default): no auxiliary loss sends any gradient to the tokens
     (the item embeddings), and the codebook and load-balance losses still move the prototypes."""
     values, target, offsets, times = batch(MIXED, 10, device)
     for name, moves_prototypes in (("commitment", False), ("codebook", True), ("load_balance", True)):
@@ -286,7 +286,7 @@ def _aux_gradients(device, name, values, target, offsets, times, *, detach):
     """|grad| summed over the tokens and over the prototypes of aux loss `name` alone."""
     weights = dict(commitment_weight=0.0, codebook_weight=0.0, load_balance_weight=0.0)
     weights[f"{name}_weight"] = 1.0
-    layer = make_layer(device, vq_detach_tokens=detach, **weights)
+    layer = make_layer(device, ablation={"vq_detach_tokens": detach}, **weights)
     leaf = values.clone().requires_grad_()
     run(layer, leaf, target, offsets, times).aux_loss.backward()
     value_grad = 0.0 if leaf.grad is None else float(leaf.grad.abs().sum())
@@ -299,7 +299,7 @@ def _aux_gradients(device, name, values, target, offsets, times, *, detach):
 def test_residual_fusion_starts_as_the_global_expert(experts, encoder, readout, device):
     """fusion="residual" at initialisation: the output is exactly the global expert's (the other
     experts' projection is zero), and that projection still gets a gradient, so it learns."""
-    layer = make_layer(device, live=False, encoder=encoder, readout=readout, experts=experts)
+    layer = make_layer(device, live=False, encoder=encoder, readout=readout, ablation={"experts": experts})
     values, target, offsets, times = batch(MIXED, 16, device)
     out = run(layer, values, target, offsets, times)
     alone = layer.global_expert(values, target, offsets)[0]
