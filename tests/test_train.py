@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mos import train
+from mos import run_state, train
 from mos.config import ModelConfig, MoSConfig, RunConfig, TrainConfig
 from mos.data.batch import Batch
 
@@ -205,7 +205,7 @@ def test_boosted_mos_carries_its_backbone_step_for_step(encoder):
         model = CTRModel(ModelConfig(kind=kind, mos=mos_cfg, mos_training=training), data.num_items,
                          data.num_categories)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        state = train._RunState(epoch_shuffle=torch.Generator().get_state())
+        state = run_state.RunState(epoch_shuffle=torch.Generator().get_state())
         for batch in batches:
             train._train_step(model, optimizer, batch, state)
         with torch.no_grad():
