@@ -86,38 +86,16 @@ def generate(cfg: SyntheticConfig, seed: int = 0, *, return_truth: bool = False)
     item_interest, item_taste, pool_items, popularity = _make_items(cfg, rng)
     interests, weights, user_taste = _make_users(cfg, rng)
     session_user, session_slot, session_len = _make_sessions(cfg, rng, weights)
-    num_users, max_held = weights.shape
-
-    # Item choice weights of every (user, held interest) row, by popularity and the user's taste.
-    held = interests >= 0
-    row_interest = np.where(held, interests, 0)          # padding rows get weight 0 below
-    row_pool = pool_items[row_interest]                                           # [U, M, P]
-    affinity = np.einsum("umpd,umd->ump", item_taste[row_pool], user_taste)
-    pick_weights = popularity[row_interest] * np.exp(cfg.taste_concentration * affinity) * held[:, :, None]
-
-    event_session = np.repeat(np.arange(len(session_user)), session_len)
-    event_user = session_user[event_session]
-    event_slot = session_slot[event_session]
-    event_interest = interests[event_user, event_slot]
-    noise = rng.random(len(event_session)) < cfg.noise
-    item = np.empty(len(event_session), dtype=np.int64)
-    rows = event_user[~noise] * max_held + event_slot[~noise]
-    item[~noise] = row_pool.reshape(-1, row_pool.shape[-1])[
-        rows, _draw(pick_weights.reshape(-1, pick_weights.shape[-1]), rows, rng)]
-    item[noise] = rng.integers(1, cfg.num_items + 1, size=int(noise.sum()))
-    true_interest = np.where(noise, -1, event_interest)
+    num_users = len(weights)
+    event_user, event_slot, item, noise = _make_events(cfg, rng, item_taste, pool_items, popularity, interests,
+                                                       user_taste, session_user, session_slot, session_len)
+    true_interest = np.where(noise, -1, interests[event_user, event_slot])
 
     session_offsets = np.concatenate([[0], np.cumsum(session_len)])
     events_per_user = np.bincount(event_user, minlength=num_users)
     user_offsets = np.concatenate([[0], np.cumsum(events_per_user)])
     timestamps = _make_times(cfg, rng, session_offsets, user_offsets)
-
-    sample_user = np.repeat(np.arange(num_users), cfg.targets_per_user)
-    own = rng.random(len(sample_user)) < cfg.target_own_interest
-    own_interest = interests[sample_user, _draw(weights, sample_user, rng)]
-    any_interest = rng.integers(0, cfg.num_interests, size=len(sample_user))
-    target_interest = np.where(own, own_interest, any_interest)
-    target_item = pool_items[target_interest, _draw(popularity, target_interest, rng)]
+    sample_user, target_interest, target_item = _make_targets(cfg, rng, interests, weights, pool_items, popularity)
 
     score = _label_score(cfg, item_taste, interests, session_user, session_slot, event_user, event_slot,
                          item, noise, sample_user, target_item, target_interest)
@@ -206,6 +184,40 @@ def _make_sessions(cfg: SyntheticConfig, rng: np.random.Generator, weights: np.n
     shortest, longest = cfg.session_length
     session_len = rng.integers(shortest, longest + 1, size=len(session_user))
     return session_user, slots[kept], session_len
+
+
+def _make_events(cfg: SyntheticConfig, rng: np.random.Generator, item_taste, pool_items, popularity, interests,
+                 user_taste, session_user, session_slot, session_len):
+    """Per event, in user then time order: its user, held-interest slot, item and whether it is noise."""
+    max_held = interests.shape[1]
+    # Item choice weights of every (user, held interest) row, by popularity and the user's taste.
+    held = interests >= 0
+    row_interest = np.where(held, interests, 0)          # padding rows get weight 0 below
+    row_pool = pool_items[row_interest]                                           # [U, M, P]
+    affinity = np.einsum("umpd,umd->ump", item_taste[row_pool], user_taste)
+    pick_weights = popularity[row_interest] * np.exp(cfg.taste_concentration * affinity) * held[:, :, None]
+
+    event_session = np.repeat(np.arange(len(session_user)), session_len)
+    event_user = session_user[event_session]
+    event_slot = session_slot[event_session]
+    noise = rng.random(len(event_session)) < cfg.noise
+    item = np.empty(len(event_session), dtype=np.int64)
+    rows = event_user[~noise] * max_held + event_slot[~noise]
+    item[~noise] = row_pool.reshape(-1, row_pool.shape[-1])[
+        rows, _draw(pick_weights.reshape(-1, pick_weights.shape[-1]), rows, rng)]
+    item[noise] = rng.integers(1, cfg.num_items + 1, size=int(noise.sum()))
+    return event_user, event_slot, item, noise
+
+
+def _make_targets(cfg: SyntheticConfig, rng: np.random.Generator, interests, weights, pool_items, popularity):
+    """Per sample, users in order: its user, the target's interest and the target item."""
+    sample_user = np.repeat(np.arange(len(weights)), cfg.targets_per_user)
+    own = rng.random(len(sample_user)) < cfg.target_own_interest
+    own_interest = interests[sample_user, _draw(weights, sample_user, rng)]
+    any_interest = rng.integers(0, cfg.num_interests, size=len(sample_user))
+    target_interest = np.where(own, own_interest, any_interest)
+    target_item = pool_items[target_interest, _draw(popularity, target_interest, rng)]
+    return sample_user, target_interest, target_item
 
 
 def _make_times(cfg: SyntheticConfig, rng: np.random.Generator, session_offsets: np.ndarray,
