@@ -8,6 +8,7 @@ written by another number of processes or with another configuration.
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -18,6 +19,7 @@ import torch
 from mos import checkpoint, distributed
 from mos.config import RunConfig
 from mos.config_io import config_to_dict
+from mos.moved_options import migrate
 from mos.variants import variant_config
 
 # Options that change how a run looks, not what it computes: a resumed run may differ in them.
@@ -108,7 +110,9 @@ def resume_point(path, run_cfg: RunConfig, kind: str, seed: int, group, say) -> 
                          f"{group.world_size}; resume with the same number (each rank's data share and RNG "
                          f"state depend on it)")
     now = config_to_dict(replace(run_cfg, model=variant_config(run_cfg.model, kind)))
-    changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in config_changes(saved["config"], now)
+    # A checkpoint written before an option moved names it by its old key: compare at the new place.
+    written = migrate(copy.deepcopy(saved["config"]))
+    changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in config_changes(written, now)
                if not key.startswith(RESUMABLE_CHANGES)]
     if changed:
         raise ValueError(f"train.resume: {path} was written with another configuration ({'; '.join(changed)}); "

@@ -159,6 +159,22 @@ def test_resume_refuses_a_changed_configuration_or_a_damaged_file(tmp_path, monk
         train.run(replace(changed, train=replace(changed.train, lr=cfg.train.lr)))
 
 
+def test_a_checkpoint_of_an_earlier_config_layout_resumes(tmp_path, monkeypatch, capsys):
+    """A checkpoint keeps the configuration tree it was written with; keys that moved since are
+    compared at their new place, so the same run resumes (here: is found finished)."""
+    cfg = tiny_config(tmp_path, max_epochs=1)
+    monkeypatch.setattr(train, "CTRModel", _Tiny)
+    train.run(replace(cfg, models=("backbone",)))
+    path = tmp_path / "checkpoints" / "backbone-seed0.pt"
+    saved = checkpoint.load(path)
+    data, mos = saved["config"]["data"], saved["config"]["model"]["mos"]
+    data.update(data.pop("synthetic"), **data.pop("logs"))
+    mos.update(mos.pop("ablation"))
+    checkpoint.save(path, saved)
+    train.run(replace(cfg, models=("backbone",), train=replace(cfg.train, resume=True)))
+    assert "finished before" in capsys.readouterr().out
+
+
 class _Tiny(torch.nn.Module):
     """A CTR model of one logit per target item: enough to write checkpoints quickly."""
 
