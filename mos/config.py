@@ -68,7 +68,8 @@ class MoSConfig:
     temperature: float = 0.1         # tau in z = cos(h, c) / tau
     top_k: int = 1                   # themes each session joins
     # Step 4, dispatch.
-    capacity: Optional[int] = None   # keep at most this many most recent tokens per theme subsequence
+    # Keep at most this many most recent tokens per (example, theme) subsequence; None: all.
+    max_theme_tokens: Optional[int] = None
     # Step 5, experts.
     encoder: str = "target_attention"  # "target_attention" | "transformer"
     num_layers: int = 1              # transformer layers per expert
@@ -110,8 +111,8 @@ class MoSConfig:
         if self.top_k > self.num_themes:
             raise ValueError(
                 f"MoSConfig.top_k: expected at most num_themes={self.num_themes}, got {self.top_k}")
-        if self.capacity is not None:
-            check_positive("MoSConfig.capacity", self.capacity)
+        if self.max_theme_tokens is not None:
+            check_positive("MoSConfig.max_theme_tokens", self.max_theme_tokens)
         check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer"))
         check_positive("MoSConfig.num_layers", self.num_layers)
         check_choice("MoSConfig.readout", self.readout, ("target", "last", "mean"))

@@ -170,11 +170,12 @@ class MoSLayer(nn.Module):
             pooled, routing = None, _random_routing(units.num_sessions, cfg.num_themes, cfg.top_k, values)
             aux = _no_aux(values)
         dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
-                                     num_examples=num_examples, num_themes=cfg.num_themes, capacity=cfg.capacity,
+                                     num_examples=num_examples, num_themes=cfg.num_themes,
+                                     max_theme_tokens=cfg.max_theme_tokens,
                                      num_tokens=values.shape[0], example_session_offsets=units.example_session_offsets,
                                      backend=self.backends["theme_dispatch"])
         # A theme subsequence is never longer than its example.
-        theme_len = max_len if cfg.capacity is None else min(max_len, cfg.capacity)
+        theme_len = max_len if cfg.max_theme_tokens is None else min(max_len, cfg.max_theme_tokens)
         e_theme = self.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,
                                      row_gate=dispatch.row_gate, inverse_index=dispatch.inverse_index,
                                      max_len=theme_len)

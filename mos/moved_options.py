@@ -21,6 +21,8 @@ MOVED = {
     **{f"data.{name}": f"data.synthetic.{name}" for name in _SYNTHETIC},
     **{f"data.{name}": f"data.logs.{name}" for name in _LOGS},
     **{f"model.mos.{name}": f"model.mos.ablation.{name}" for name in _ABLATION},
+    # "Capacity" is the MoE baselines' word (expert_choice's capacity_factor: examples per expert).
+    "model.mos.capacity": "model.mos.max_theme_tokens",
 }
 
 

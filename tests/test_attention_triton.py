@@ -65,12 +65,13 @@ def _kinds(dtype):
     return ("attention", "attention_grad" if dtype == torch.float32 else "attention")
 
 
-def _dispatch(lengths, num_themes, top_k, capacity, device, session_len=2):
+def _dispatch(lengths, num_themes, top_k, max_theme_tokens, device, session_len=2):
     _, sessions = make_sessions(lengths, session_len, device)
     themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
     gate = torch.rand(themes.shape, generator=torch.Generator().manual_seed(4)).to(device) + 0.5
     return mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
-                             num_examples=len(lengths), num_themes=num_themes, capacity=capacity, backend="reference")
+                             num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens,
+                             backend="reference")
 
 
 # ----------------------------------------------------------------------------- grouped_linear
@@ -178,12 +179,12 @@ def test_expert_target_attention(case, dtype, dim, num_heads, bias, device):
 
 @pytest.mark.parametrize("lengths", [[0, 5, 0, 17, 3, 0], [40, 41, 97]], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
-def test_expert_target_attention_over_dispatch(lengths, dtype, top_k, capacity, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 3)])
+def test_expert_target_attention_over_dispatch(lengths, dtype, top_k, max_theme_tokens, device):
     """Theme experts read the dispatched rows through gather_index and row_gate, fused into the
     loads: same as the reference, the gate's gradient included."""
     num_themes, dim = 3, 16
-    dispatch = _dispatch(lengths, num_themes, top_k, capacity, device)
+    dispatch = _dispatch(lengths, num_themes, top_k, max_theme_tokens, device)
     inputs = _target_inputs(num_themes, num_themes * len(lengths), sum(lengths), dim, dtype, device, True)
     inputs["gate"] = dispatch.row_gate.detach().to(dtype)
     kwargs = dict(gather_index=dispatch.gather_index, inverse_index=dispatch.inverse_index)
@@ -332,9 +333,9 @@ def test_flop_formulas(device):
 
 LAYER_OPTIONS = [
     dict(encoder="target_attention"),
-    dict(encoder="target_attention", top_k=2, capacity=3, global_scope="sessions", fusion="gate"),
+    dict(encoder="target_attention", top_k=2, max_theme_tokens=3, global_scope="sessions", fusion="gate"),
     dict(encoder="transformer", readout="target"),
-    dict(encoder="transformer", readout="last", top_k=2, capacity=3),
+    dict(encoder="transformer", readout="last", top_k=2, max_theme_tokens=3),
     dict(encoder="transformer", readout="mean", num_layers=2, global_scope="sessions"),
 ]
 

@@ -192,7 +192,7 @@ CONFIG_CASES = {
     "global_scope_items": (dict(global_scope="items"), "MoSConfig.global_scope"),
     "session_mode_daily": (dict(session_mode="daily"), "MoSConfig.session_mode"),
     "backend_rocm": (dict(backend="rocm"), "MoSConfig.backend"),
-    "capacity_0": (dict(capacity=0), "MoSConfig.capacity"),
+    "max_theme_tokens_0": (dict(max_theme_tokens=0), "MoSConfig.max_theme_tokens"),
     "session_len_0": (dict(session_len=0), "MoSConfig.session_len"),
     "temperature_0": (dict(temperature=0.0), "MoSConfig.temperature"),
     "gap_seconds_negative": (dict(gap_seconds=-1.0), "MoSConfig.gap_seconds"),
@@ -295,7 +295,7 @@ OP_CASES = {
     "dispatch_examples_unordered": (lambda: _dispatch(session_example=torch.tensor([1, 0, 1])), ValueError,
                                     "session_example"),
     "dispatch_num_themes_0": (lambda: _dispatch(num_themes=0), ValueError, "num_themes"),
-    "dispatch_capacity_0": (lambda: _dispatch(capacity=0), ValueError, "capacity"),
+    "dispatch_max_theme_tokens_0": (lambda: _dispatch(max_theme_tokens=0), ValueError, "max_theme_tokens"),
     "dispatch_example_session_offsets_count": (
         lambda: _dispatch(example_session_offsets=torch.tensor([0, 2, 2, 3])), ValueError, "example_session_offsets"),
     "dispatch_example_session_offsets_wrong": (

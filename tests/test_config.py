@@ -29,15 +29,15 @@ def test_precedence_defaults_file_overrides(tmp_path):
 
 
 def test_override_values_are_typed():
-    cfg = load_run_config(None, ["train.seeds=[0,1,2]", "model.mos.capacity=null", "train.lr=1",
+    cfg = load_run_config(None, ["train.seeds=[0,1,2]", "model.mos.max_theme_tokens=null", "train.lr=1",
                                  "model.mos.temperature=3e-1", "models=[mos]", "model.use_category=false"])
     assert cfg.train.seeds == (0, 1, 2)
-    assert cfg.model.mos.capacity is None
+    assert cfg.model.mos.max_theme_tokens is None
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.model.mos.temperature == 0.3    # PyYAML reads 3e-1 as a string; float fields take it
     assert cfg.models == ("mos",)
     assert cfg.model.use_category is False
-    assert load_run_config(None, ["model.mos.capacity=16"]).model.mos.capacity == 16
+    assert load_run_config(None, ["model.mos.max_theme_tokens=16"]).model.mos.max_theme_tokens == 16
 
 
 def test_later_overrides_win_and_sections_merge(tmp_path):
@@ -54,7 +54,7 @@ def test_empty_sections_keep_defaults(tmp_path):
 
 def test_yaml_round_trip_through_file(tmp_path):
     cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=gate", "model.mos_training=joint",
-                                 "model.mos.capacity=5"])
+                                 "model.mos.max_theme_tokens=5"])
     dumped = dump_yaml(cfg)
     assert "seeds: [3, 4]" in dumped            # lists inline, as a person writes them
     assert config_to_dict(cfg)["train"]["seeds"] == [3, 4]   # JSON-ready: tuples become lists
@@ -119,7 +119,7 @@ def test_unknown_key_in_override_names_dotted_key():
     ("train.batch_size=true", r"train\.batch_size: expected an int, got True"),
     ("train.lr=fast", r"train\.lr: expected a number, got 'fast'"),
     ("train.seeds=0", r"train\.seeds: expected a list, got 0"),
-    ("model.mos.capacity=[1]", r"model\.mos\.capacity: expected an int or null"),
+    ("model.mos.max_theme_tokens=[1]", r"model\.mos\.max_theme_tokens: expected an int or null"),
     ("model.mos=3", r"model\.mos: expected a mapping"),
 ])
 def test_wrong_type_names_key_expected_and_given(override, expected):
@@ -197,6 +197,10 @@ def test_moved_keys_name_where_they_moved(tmp_path):
         DataConfig(num_items=5)
     with pytest.raises(TypeError, match=r"MoSConfig\.router: moved to model\.mos\.ablation\.router"):
         MoSLayer(router="random")
+    with pytest.raises(ValueError, match=r"'model\.mos\.capacity' moved to 'model\.mos\.max_theme_tokens'"):
+        load_run_config(None, ["model.mos.capacity=8"])
+    with pytest.raises(TypeError, match=r"MoSConfig\.capacity: renamed max_theme_tokens"):
+        MoSConfig(capacity=8)
     assert MoSConfig(ablation={"router": "random"}).ablation.router == "random"
 
 
@@ -207,7 +211,9 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     data.update(data.pop("synthetic"), **data.pop("logs"))
     data["num_users"], data["user_column"] = 40, "uid"
     old["model"]["mos"].update(old["model"]["mos"].pop("ablation"), router="random")
+    old["model"]["mos"]["capacity"] = 5
+    del old["model"]["mos"]["max_theme_tokens"]
     cfg = load_run_config(None, [], base=old)
     assert (cfg.data.synthetic.num_users, cfg.data.logs.user_column) == (40, "uid")
-    assert cfg.model.mos.ablation.router == "random"
+    assert (cfg.model.mos.ablation.router, cfg.model.mos.max_theme_tokens) == ("random", 5)
     assert load_run_config(None, [], base=config_to_dict(cfg)) == cfg

@@ -26,11 +26,12 @@ def _poison():
 
 
 @pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, 3)])
-def test_layer_equals_reference(encoder, top_k, capacity, device, kernel_backend):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, 3)])
+def test_layer_equals_reference(encoder, top_k, max_theme_tokens, device, kernel_backend):
     from mos import MoSConfig, MoSLayer
 
-    config = dict(dim=16, num_heads=2, num_themes=4, session_len=3, encoder=encoder, top_k=top_k, capacity=capacity)
+    config = dict(dim=16, num_heads=2, num_themes=4, session_len=3, encoder=encoder, top_k=top_k,
+                  max_theme_tokens=max_theme_tokens)
     torch.manual_seed(0)
     reference = live_extras(MoSLayer(MoSConfig(backend="reference", **config))).to(device)
     kernel_layer = MoSLayer(MoSConfig(backend=kernel_backend, **config)).to(device)

@@ -64,14 +64,14 @@ def assert_finite_grads(layer, *inputs):
 @pytest.mark.parametrize("fusion", ["residual", "concat", "gate"])
 @pytest.mark.parametrize("session_mode", ["fixed", "gap"])
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("capacity", [None, 3])
-def test_all_options_finite(encoder, readout, global_scope, fusion, session_mode, top_k, capacity, device):
+@pytest.mark.parametrize("max_theme_tokens", [None, 3])
+def test_all_options_finite(encoder, readout, global_scope, fusion, session_mode, top_k, max_theme_tokens, device):
     """Every option combination: [B, d] finite output and finite aux losses; every parameter gets
     a finite gradient from output + aux loss on a batch with empty sequences, and the theme
-    subsequences hold T * top_k tokens (fewer, none above capacity, with a capacity); an
+    subsequences hold T * top_k tokens (fewer, none above max_theme_tokens, with that cap); an
     all-empty batch also gives finite outputs and gradients."""
     layer = make_layer(device, encoder=encoder, readout=readout, global_scope=global_scope, fusion=fusion,
-                       session_mode=session_mode, top_k=top_k, capacity=capacity)
+                       session_mode=session_mode, top_k=top_k, max_theme_tokens=max_theme_tokens)
     for lengths in (MIXED, ALL_EMPTY):
         layer.zero_grad(set_to_none=True)
         values, target, offsets, times = batch(lengths, 1, device)
@@ -88,21 +88,21 @@ def test_all_options_finite(encoder, readout, global_scope, fusion, session_mode
             missing = [name for name, p in layer.named_parameters() if p.grad is None]
             assert not missing, f"parameters without a gradient: {missing}"
             dispatched = int(out.routing.tokens_per_theme.sum())
-            if capacity is None:
+            if max_theme_tokens is None:
                 assert dispatched == sum(lengths) * top_k
             else:
                 assert dispatched < sum(lengths) * top_k
-                assert int(out.routing.segment_lengths.max()) <= capacity
+                assert int(out.routing.segment_lengths.max()) <= max_theme_tokens
 
 
 @pytest.mark.parametrize("encoder,readout", ENCODER_READOUT)
 @pytest.mark.parametrize("session_mode", ["fixed", "gap"])
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, 3)])
-def test_padded_input_equals_jagged(encoder, readout, session_mode, top_k, capacity, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, 3)])
+def test_padded_input_equals_jagged(encoder, readout, session_mode, top_k, max_theme_tokens, device):
     """Padded values [B, L, d] + lengths (+ timestamps [B, L]) give bit for bit the output of the
     jagged input; padding cells (garbage values, times going back) are never read."""
     layer = make_layer(device, encoder=encoder, readout=readout, session_mode=session_mode, top_k=top_k,
-                       capacity=capacity)
+                       max_theme_tokens=max_theme_tokens)
     values, target, offsets, times = batch(MIXED, 3, device)
     width = max(MIXED) + 2
     padded = 1e3 * randn(generator(4), len(MIXED), width, DIM, dtype=torch.float32, device=device)
@@ -135,14 +135,14 @@ def record_calls(module):
 @pytest.mark.parametrize("session_mode", ["fixed", "gap"])
 @pytest.mark.parametrize("short_sessions", [1, 2, 10])
 @pytest.mark.parametrize("global_scope", ["tokens", "sessions"])
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, 3)])
-def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_scope, top_k, capacity, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, 3)])
+def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_scope, top_k, max_theme_tokens, device):
     """Wiring, against the oracles: the theme experts read the oracle dispatch of the reported
     routing; the short-term expert reads each example's tokens of its last `short_sessions`
     sessions; the global expert reads all tokens, or the oracle session means
     (global_scope="sessions") with one segment of sessions per example."""
     layer = make_layer(device, session_mode=session_mode, short_sessions=short_sessions, global_scope=global_scope,
-                       top_k=top_k, capacity=capacity)
+                       top_k=top_k, max_theme_tokens=max_theme_tokens)
     theme_calls, global_calls, short_calls = (record_calls(m) for m in
                                               (layer.theme_experts, layer.global_expert, layer.short_expert))
     values, target, offsets, times = batch(MIXED, 16, device)
@@ -155,7 +155,7 @@ def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_sc
     (theme,) = theme_calls
     index, _, theme_offsets, _ = oracles.theme_dispatch(out.routing.themes.cpu(), torch.ones(out.routing.themes.shape),
                                                         so, se, num_examples=len(MIXED), num_themes=3,
-                                                        capacity=capacity)
+                                                        max_theme_tokens=max_theme_tokens)
     assert theme["tokens"] is values
     assert torch.equal(theme["gather_index"].cpu(), index)
     assert torch.equal(theme["segment_offsets"].cpu(), theme_offsets)
@@ -182,11 +182,11 @@ def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_sc
 
 CROSS_TALK_OPTIONS = [
     dict(encoder="target_attention"),
-    dict(encoder="target_attention", session_mode="gap", top_k=2, capacity=3, fusion="gate",
+    dict(encoder="target_attention", session_mode="gap", top_k=2, max_theme_tokens=3, fusion="gate",
          global_scope="sessions"),
-    dict(encoder="transformer", readout="target", top_k=2, capacity=2),
+    dict(encoder="transformer", readout="target", top_k=2, max_theme_tokens=2),
     dict(encoder="transformer", readout="last", session_mode="gap", global_scope="sessions"),
-    dict(encoder="transformer", readout="mean", fusion="gate", capacity=3, short_sessions=2),
+    dict(encoder="transformer", readout="mean", fusion="gate", max_theme_tokens=3, short_sessions=2),
 ]
 
 
