@@ -174,15 +174,15 @@ def dispatch_inputs(lengths, session_len, num_themes, top_k, pattern, gen, devic
     return themes.to(device), gate.to(device), so.to(device), se.to(device)
 
 
-def run_dispatch(themes, gate, so, se, num_examples, num_themes, capacity, backend="reference"):
+def run_dispatch(themes, gate, so, se, num_examples, num_themes, max_theme_tokens, backend="reference"):
     return mk.theme_dispatch(themes, gate, so, se, num_examples=num_examples, num_themes=num_themes,
-                             capacity=capacity, backend=backend)
+                             max_theme_tokens=max_theme_tokens, backend=backend)
 
 
-def routed(lengths, gen, top_k, capacity, device, num_themes=3):
+def routed(lengths, gen, top_k, max_theme_tokens, device, num_themes=3):
     """A real dispatch over `lengths` (sessions of 2, random themes, gates not 1)."""
     themes, gate, so, se = dispatch_inputs(lengths, 2, num_themes, top_k, "random", gen, device)
-    return run_dispatch(themes, gate, so, se, len(lengths), num_themes, capacity)
+    return run_dispatch(themes, gate, so, se, len(lengths), num_themes, max_theme_tokens)
 
 
 def float64_attention_inputs(device):
@@ -234,13 +234,14 @@ def attention_kinds(dtype):
     return ("attention", "attention_grad" if dtype == torch.float32 else "attention")
 
 
-def reference_dispatch(lengths, num_themes, top_k, capacity, device, session_len=2):
+def reference_dispatch(lengths, num_themes, top_k, max_theme_tokens, device, session_len=2):
     """The reference dispatch of random themes (gates in [0.5, 1.5)) over sessions of `lengths`."""
     _, sessions = make_sessions(lengths, session_len, device)
     themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
     gate = torch.rand(themes.shape, generator=torch.Generator().manual_seed(4)).to(device) + 0.5
     return mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
-                             num_examples=len(lengths), num_themes=num_themes, capacity=capacity, backend="reference")
+                             num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens,
+                             backend="reference")
 
 
 # ---- The block sizes a kernel launches with ---------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))   # `benchmarks` is not an installed package
 
-from benchmarks import harness, tables  # noqa: E402
+from benchmarks import harness, machine, tables  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists() or sys.platform != "linux",
                                 reason="the fake python reads its parent from /proc")
@@ -42,7 +42,7 @@ echo "fake: $*"
 
 
 def _rows():
-    env = harness.Environment(card="NVIDIA H200", device="cuda", peak_bw=4.3e12, peak_source="table", timing="t",
+    env = machine.Environment(card="NVIDIA H200", device="cuda", peak_bw=4.3e12, peak_source="table", timing="t",
                               date="d", torch="t", triton="t", python="p", git_commit="unknown", note="")
     shape = dict(B=256, L=1000, T=256000, S=32000, rows=256000, d=64, K=8, top_k=1)
     return [harness.make_row(env, op="layer", provider=p, mode="fwd+bwd", dtype=torch.bfloat16, shape=shape,

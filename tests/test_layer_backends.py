@@ -2,7 +2,7 @@
 forward and backward; each op's own comparisons are in tests/ops/.
 
 One test, test_layer_equals_reference, over three kinds of case: the small configurations
-(encoder, top-k, capacity) on both kernel backends; every option of the layer (global scope,
+(encoder, top-k, max_theme_tokens) on both kernel backends; every option of the layer (global scope,
 fusion, readouts, two layers) on Triton; and, on a CUDA device only, the layer at B = 64,
 L = 256 in fp32 / fp16 / bf16 on both kernel backends. On the CPU Triton runs under
 TRITON_INTERPRET=1 and the CUDA extension's kernel code under its emulation (MOS_CUDA_EMULATE=1);
@@ -48,9 +48,9 @@ def test_layer_all_empty_batch_is_finite(encoder, device):
 
 LAYER_OPTIONS = [
     dict(encoder="target_attention"),
-    dict(encoder="target_attention", top_k=2, capacity=3, global_scope="sessions", fusion="gate"),
+    dict(encoder="target_attention", top_k=2, max_theme_tokens=3, global_scope="sessions", fusion="gate"),
     dict(encoder="transformer", readout="target"),
-    dict(encoder="transformer", readout="last", top_k=2, capacity=3),
+    dict(encoder="transformer", readout="last", top_k=2, max_theme_tokens=3),
     dict(encoder="transformer", readout="mean", num_layers=2, global_scope="sessions"),
 ]
 
@@ -67,8 +67,8 @@ def _gpu_scale(dtype, encoder, backend):
 
 
 CASES = (
-    [_small(dict(encoder=encoder, top_k=top_k, capacity=capacity), [0, 9, 1, 14, 0], backend)
-     for encoder in ("target_attention", "transformer") for top_k, capacity in ((1, None), (2, 3))
+    [_small(dict(encoder=encoder, top_k=top_k, max_theme_tokens=max_theme_tokens), [0, 9, 1, 14, 0], backend)
+     for encoder in ("target_attention", "transformer") for top_k, max_theme_tokens in ((1, None), (2, 3))
      for backend in ("triton", "cuda")]
     + [_small(options, [0, 9, 1, 14, 0, 30], "triton") for options in LAYER_OPTIONS]
     + [_gpu_scale(dtype, encoder, backend) for dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -130,7 +130,8 @@ def _check_at_gpu_scale(dtype, encoder, backend):
     # Half precision: random routing drawn from the same seed in every run, so that no session
     # flips theme on a near-tie between runs (that would compare different computations).
     half = dtype != torch.float32
-    config = dict(dim=64, num_heads=2, num_themes=8, encoder=encoder, router="random" if half else "learned")
+    config = dict(dim=64, num_heads=2, num_themes=8, encoder=encoder,
+                  ablation={"router": "random" if half else "learned"})
     torch.manual_seed(0)
     exact = live_extras(MoSLayer(MoSConfig(backend="reference", **config))).cuda()
     gen = torch.Generator(device="cuda").manual_seed(7)

@@ -64,13 +64,13 @@ def test_expert_target_attention_matches_oracle(num_experts, lengths, num_heads,
 
 @pytest.mark.parametrize("backend", backends("expert_target_attention"))
 @pytest.mark.parametrize("lengths", [[0, 5, 0, 7, 1, 0], [13], [3, 11, 2, 7, 5]], ids=str)
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 2)])
-def test_expert_target_attention_over_dispatch(lengths, top_k, capacity, backend, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 2)])
+def test_expert_target_attention_over_dispatch(lengths, top_k, max_theme_tokens, backend, device):
     """Theme experts read the dispatched rows through gather_index and row_gate: same as the
     oracle, including the gradient of the gate."""
     gen = generator(14)
     num_themes, dim = 3, 4
-    d = routed(lengths, gen, top_k, capacity, device, num_themes)
+    d = routed(lengths, gen, top_k, max_theme_tokens, device, num_themes)
     index, theme_offsets, total = d.gather_index, d.theme_offsets, sum(lengths)
     inputs = {"tokens": randn(gen, total, dim, dtype=torch.float32, device=device),
               "query": randn(gen, num_themes * len(lengths), dim, dtype=torch.float32, device=device),
@@ -167,12 +167,12 @@ def test_expert_target_attention(case, dtype, dim, num_heads, bias, device):
 
 @pytest.mark.parametrize("lengths", [[0, 5, 0, 17, 3, 0], [40, 41, 97]], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
-def test_expert_target_attention_triton_over_dispatch(lengths, dtype, top_k, capacity, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 3)])
+def test_expert_target_attention_triton_over_dispatch(lengths, dtype, top_k, max_theme_tokens, device):
     """Theme experts read the dispatched rows through gather_index and row_gate, fused into the
     loads: same as the reference, the gate's gradient included."""
     num_themes, dim = 3, 16
-    dispatch = reference_dispatch(lengths, num_themes, top_k, capacity, device)
+    dispatch = reference_dispatch(lengths, num_themes, top_k, max_theme_tokens, device)
     inputs = _target_inputs(num_themes, num_themes * len(lengths), sum(lengths), dim, dtype, device, True)
     inputs["gate"] = dispatch.row_gate.detach().to(dtype)
     kwargs = dict(gather_index=dispatch.gather_index, inverse_index=dispatch.inverse_index)

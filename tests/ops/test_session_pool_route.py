@@ -199,8 +199,8 @@ def test_routed_row_gate_is_one_forward(top_k, backend, device):
 
 
 @pytest.mark.parametrize("backend", backends("session_pool_route"))
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 2)])
-def test_router_gradient_through_gather(top_k, capacity, backend, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 2)])
+def test_router_gradient_through_gather(top_k, max_theme_tokens, backend, device):
     """Straight-through: a loss on the gathered theme rows alone gives the prototypes (and the
     pooled tokens) a nonzero gradient, equal to the loop pipeline's
     (pool -> route -> dispatch -> gather)."""
@@ -213,14 +213,14 @@ def test_router_gradient_through_gather(top_k, capacity, backend, device):
     def pipeline(values, prototypes):
         _, r = mk.session_pool_route(values, so.to(device), prototypes, temperature=0.5, top_k=top_k,
                                      backend=backend)
-        d = run_dispatch(r.themes, r.gate, so.to(device), se.to(device), len(lengths), num_themes, capacity)
+        d = run_dispatch(r.themes, r.gate, so.to(device), se.to(device), len(lengths), num_themes, max_theme_tokens)
         return mk.theme_gather(values, d.gather_index, d.row_gate)
 
     def oracle(values, prototypes):
         pooled = oracles.session_pool(values, so)
         themes, gate, _, _ = oracles.theme_route(pooled, prototypes, temperature=0.5, top_k=top_k)
         index, row_gate, _, _ = oracles.theme_dispatch(themes, gate, so, se, num_examples=len(lengths),
-                                                       num_themes=num_themes, capacity=capacity)
+                                                       num_themes=num_themes, max_theme_tokens=max_theme_tokens)
         return oracles.theme_gather(values, index, row_gate)
 
     check_forward_backward(pipeline, oracle, {"values": values, "prototypes": prototypes},

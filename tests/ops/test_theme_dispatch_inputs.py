@@ -33,7 +33,7 @@ BAD_INPUT = {
     "dispatch_examples_unordered": (lambda: _dispatch(session_example=torch.tensor([1, 0, 1])), ValueError,
                                     "session_example"),
     "dispatch_num_themes_0": (lambda: _dispatch(num_themes=0), ValueError, "num_themes"),
-    "dispatch_capacity_0": (lambda: _dispatch(capacity=0), ValueError, "capacity"),
+    "dispatch_max_theme_tokens_0": (lambda: _dispatch(max_theme_tokens=0), ValueError, "max_theme_tokens"),
     "dispatch_example_session_offsets_count": (
         lambda: _dispatch(example_session_offsets=torch.tensor([0, 2, 2, 3])), ValueError, "example_session_offsets"),
     "dispatch_example_session_offsets_wrong": (

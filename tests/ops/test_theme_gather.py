@@ -28,21 +28,21 @@ from tests.tolerances import assert_close
 
 # ---- against the loop oracle ------------------------------------------------------------------
 
-def routed_index(lengths, gen, top_k, capacity, device):
+def routed_index(lengths, gen, top_k, max_theme_tokens, device):
     """gather_index, row_gate and T of a real dispatch (K = 3) over `lengths`."""
-    d = routed(lengths, gen, top_k, capacity, device)
+    d = routed(lengths, gen, top_k, max_theme_tokens, device)
     return d.gather_index, d.row_gate.detach(), sum(lengths)
 
 
 @pytest.mark.parametrize("backend", backends("theme_gather"))
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 3)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_theme_gather_scatter_match_oracle(lengths, top_k, capacity, gated, backend, device):
+def test_theme_gather_scatter_match_oracle(lengths, top_k, max_theme_tokens, gated, backend, device):
     """gather and scatter, forward and backward (values/rows and the gate)."""
     gen = generator(10 + top_k)
     dtype, kind = precision(backend)
-    index, gate, total = routed_index(lengths, gen, top_k, capacity, device)
+    index, gate, total = routed_index(lengths, gen, top_k, max_theme_tokens, device)
     gate = gate.to(dtype)
     values = randn(gen, total, 5, dtype=dtype, device=device)
     rows = randn(gen, index.numel(), 5, dtype=dtype, device=device)
@@ -78,12 +78,12 @@ def test_theme_scatter_repeated_index_matches_oracle(seed, backend, device):
 
 
 @pytest.mark.parametrize("backend", backends("theme_scatter"))
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 1)])
-def test_theme_scatter_is_adjoint_of_gather(top_k, capacity, backend, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 1)])
+def test_theme_scatter_is_adjoint_of_gather(top_k, max_theme_tokens, backend, device):
     """<gather(x), y> == <x, scatter(y)> with the same index and gate."""
     gen = generator(11)
     dtype, kind = precision(backend)
-    index, gate, total = routed_index([4, 0, 9, 1], gen, top_k, capacity, device)
+    index, gate, total = routed_index([4, 0, 9, 1], gen, top_k, max_theme_tokens, device)
     x, y = randn(gen, total, 6, dtype=dtype, device=device), randn(gen, index.numel(), 6, dtype=dtype, device=device)
     lhs = (mk.theme_gather(x, index, gate.to(dtype), backend=backend).double() * y.double()).sum()
     rhs = (x.double() * mk.theme_scatter(y, index, gate.to(dtype), num_tokens=total, backend=backend).double()).sum()
@@ -106,23 +106,24 @@ def test_theme_gather_is_exact(dtype, backend, device):
 
 # ---- kernel backends against the reference ----------------------------------------------------
 
-def _dispatch_for(lengths, session_len, num_themes, top_k, device, capacity=None):
+def _dispatch_for(lengths, session_len, num_themes, top_k, device, max_theme_tokens=None):
     _, sessions = make_sessions(lengths, session_len, device)
     themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
     gate = torch.rand(themes.shape, device=device) + 0.5
     return mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
-                             num_examples=len(lengths), num_themes=num_themes, capacity=capacity,
+                             num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens,
                              backend="reference")
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["gather", "scatter"])
-@pytest.mark.parametrize("top_k,capacity,gated", [(1, None, True), (2, None, True), (2, 3, True), (1, None, False)])
-def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device, kernel_backend):
+@pytest.mark.parametrize("top_k,max_theme_tokens,gated",
+                         [(1, None, True), (2, None, True), (2, 3, True), (1, None, False)])
+def test_gather_and_scatter(shape, dtype, op, top_k, max_theme_tokens, gated, device, kernel_backend):
     skip_interpreted_bf16(kernel_backend, dtype)
     lengths, session_len = SHAPES[shape]
-    dispatch = _dispatch_for(lengths, session_len, 3, top_k, device, capacity)
+    dispatch = _dispatch_for(lengths, session_len, 3, top_k, device, max_theme_tokens)
     num_tokens, dim = dispatch.inverse_index.shape[0], 19
     num_in = num_tokens if op == "gather" else dispatch.gather_index.numel()
     num_out = dispatch.gather_index.numel() if op == "gather" else num_tokens
