@@ -14,7 +14,7 @@ from typing import Optional
 from mos_kernels.checks import check_choice, check_positive
 from mos_kernels.backend import BACKENDS
 
-from mos.data.config import DataConfig
+from mos.data.config import DataConfig, config_section
 from mos.moved_options import refuse_moved
 from mos.variants import VARIANTS
 
@@ -41,13 +41,13 @@ class MoSAblation:
     extras_detach_inputs: bool = False
 
     def __post_init__(self):
-        check_choice("MoSAblation.router", self.router, ("learned", "random"))
-        check_choice("MoSAblation.routing_unit", self.routing_unit, ("session", "token"))
+        check_choice("MoSConfig.ablation.router", self.router, ("learned", "random"))
+        check_choice("MoSConfig.ablation.routing_unit", self.routing_unit, ("session", "token"))
         self.experts = tuple(self.experts)
         for kind in self.experts:
-            check_choice("MoSAblation.experts[]", kind, EXPERT_KINDS)
+            check_choice("MoSConfig.ablation.experts[]", kind, EXPERT_KINDS)
         if not self.experts or len(set(self.experts)) != len(self.experts):
-            raise ValueError(f"MoSAblation.experts: expected a non-empty list of distinct kinds from "
+            raise ValueError(f"MoSConfig.ablation.experts: expected a non-empty list of distinct kinds from "
                              f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
 
 
@@ -94,8 +94,7 @@ class MoSConfig:
     ablation: MoSAblation = field(default_factory=MoSAblation)
 
     def __post_init__(self):
-        if isinstance(self.ablation, dict):
-            self.ablation = MoSAblation(**self.ablation)
+        self.ablation = config_section("MoSConfig.ablation", self.ablation, MoSAblation)
         check_positive("MoSConfig.dim", self.dim)
         check_positive("MoSConfig.num_heads", self.num_heads)
         if self.dim % self.num_heads:

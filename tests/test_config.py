@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mos.cli import main
-from mos.config import MoSConfig, RunConfig
+from mos.config import DataConfig, MoSConfig, RunConfig
 from mos.config_io import config_to_dict, dump_yaml, load_run_config
 from tests.input_cases import named
 
@@ -199,6 +199,11 @@ CONFIG_CASES = {
     "heads_not_dividing_dim": (dict(dim=10, num_heads=4), "MoSConfig.dim"),
     "negative_aux_weight": (dict(codebook_weight=-0.5), "MoSConfig.codebook_weight"),
     "nan_aux_weight": (dict(load_balance_weight=math.nan), "MoSConfig.load_balance_weight"),
+    "ablation_router_kmeans": (dict(ablation=dict(router="kmeans")), "MoSConfig.ablation.router"),
+    "ablation_routing_unit_item": (dict(ablation=dict(routing_unit="item")), "MoSConfig.ablation.routing_unit"),
+    "ablation_expert_unknown": (dict(ablation=dict(experts=("global", "long"))), "MoSConfig.ablation.experts"),
+    "ablation_experts_empty": (dict(ablation=dict(experts=())), "MoSConfig.ablation.experts"),
+    "ablation_experts_repeated": (dict(ablation=dict(experts=("short", "short"))), "MoSConfig.ablation.experts"),
 }
 
 
@@ -208,6 +213,26 @@ def test_config_rejects_bad_options(case):
     options, name = CONFIG_CASES[case]
     with pytest.raises(ValueError, match=named(name.replace(".", r"\."))):
         MoSConfig(**options)
+
+
+SECTION_CASES = {
+    "ablation_none": (lambda: MoSConfig(ablation=None), r"MoSConfig\.ablation: expected a MoSAblation .*got NoneType"),
+    "ablation_string": (lambda: MoSConfig(ablation="random"), r"MoSConfig\.ablation: expected a MoSAblation"),
+    "ablation_unknown_key": (lambda: MoSConfig(ablation={"routers": "random"}),
+                             r"MoSConfig\.ablation: unknown option\(s\) \['routers'\]; expected some of \['router'"),
+    "synthetic_none": (lambda: DataConfig(synthetic=None), r"data\.synthetic: expected a SyntheticConfig"),
+    "logs_string": (lambda: DataConfig(logs="x"), r"data\.logs: expected a LogConfig .*got str 'x'"),
+    "logs_unknown_key": (lambda: DataConfig(logs={"user_col": "u"}), r"data\.logs: unknown option\(s\) \['user_col'\]"),
+}
+
+
+@pytest.mark.parametrize("case", SECTION_CASES)
+def test_config_sections_refuse_what_is_not_a_section(case):
+    """A nested section given as something other than its dataclass or a dict of its fields, or
+    with a key it has not, is refused at once, naming the section (not later, at first use)."""
+    build, message = SECTION_CASES[case]
+    with pytest.raises(TypeError, match=message):
+        build()
 
 
 def test_moved_keys_name_where_they_moved(tmp_path):

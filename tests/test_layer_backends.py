@@ -1,10 +1,11 @@
 """The layer on each kernel backend (Triton, CUDA C++) against the layer on the reference,
 forward and backward; each op's own comparisons are in tests/ops/.
 
-One test, test_layer_equals_reference, over three kinds of case: the small configurations
-(encoder, top-k, max_theme_tokens) on both kernel backends; every option of the layer (global scope,
-fusion, readouts, two layers) on Triton; and, on a CUDA device only, the layer at B = 64,
-L = 256 in fp32 / fp16 / bf16 on both kernel backends. On the CPU Triton runs under
+test_layer_equals_reference is the one comparison of the whole layer with its reference, over
+three kinds of case: the small configurations (encoder, top-k, max_theme_tokens) on both kernel
+backends; every option of the layer (global scope, fusion, readouts, two layers) on Triton; and,
+on a CUDA device only, the layer at B = 64, L = 256 in fp32 / fp16 / bf16 on both kernel backends.
+test_layer_all_empty_batch_is_finite runs a batch without history. On the CPU Triton runs under
 TRITON_INTERPRET=1 and the CUDA extension's kernel code under its emulation (MOS_CUDA_EMULATE=1);
 the GPU check script runs the same file with MOS_TEST_DEVICE=cuda. Outputs are poisoned with NaN /
 a sentinel before every kernel, so an element a kernel fails to write cannot pass.

@@ -6,6 +6,7 @@ stay at the top of `data`. Values are checked in `__post_init__`, each error nam
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -13,6 +14,23 @@ from typing import Optional
 from mos_kernels.checks import check_choice, check_positive
 
 from mos.moved_options import refuse_moved
+
+
+def config_section(name: str, value, cls):
+    """`value` as the nested section `name` of a config: a `cls` as it is, a dict of its fields
+    built into one (what YAML gives). Raises TypeError naming `name` for any other value and for
+    a key `cls` has not, listing the keys it has."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise TypeError(f"{name}: unknown option(s) {unknown}; expected some of {known}")
+        return cls(**value)
+    raise TypeError(f"{name}: expected a {cls.__name__} or a dict of its fields, got {type(value).__name__} "
+                    f"{value!r}")
+
 
 LOG_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}   # log file suffix -> reader
 LABEL_SOURCES = ("auto", "label", "rating", "sampled")
@@ -120,10 +138,8 @@ class DataConfig:
     logs: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
-        if isinstance(self.synthetic, dict):
-            self.synthetic = SyntheticConfig(**self.synthetic)
-        if isinstance(self.logs, dict):
-            self.logs = LogConfig(**self.logs)
+        self.synthetic = config_section("data.synthetic", self.synthetic, SyntheticConfig)
+        self.logs = config_section("data.logs", self.logs, LogConfig)
         if self.source not in ("synthetic", "movielens") and not any(
                 self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
             raise ValueError(f"data.source: expected 'synthetic', 'movielens' or a path to a log ending in "
