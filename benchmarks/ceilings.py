@@ -4,7 +4,7 @@ Prints the card, the versions, which optional torch features the benchmarks' bas
 here (a baseline whose feature is missing becomes an error row saying so), and on CUDA the two
 ceilings measured on this card: a 1 GiB device-to-device copy (bytes read + written per second)
 and an 8192^3 bf16 matrix product on random data (zeros run faster than real data), both timed
-with do_bench. The floors in the CSVs use the table `harness.PEAK_BANDWIDTH`; these say whether
+with do_bench. The floors in the CSVs use the table `machine.PEAK_BANDWIDTH`; these say whether
 the card matches it today.
 """
 from __future__ import annotations

@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks.harness import DTYPES, Case, Environment, Provider, Timer, comma_subset, free_memory, make_row
-from benchmarks.harness import progress_line, run_case
+from benchmarks.harness import DTYPES, Case, Provider, comma_subset, make_row, progress_line, run_case
+from benchmarks.machine import Environment, Timer, free_memory
 from benchmarks.tables import CsvSink, Target, describe_error, print_table, print_targets
 
 # One planned case: (op, shape, dtype). A shape is the bench's own dataclass; `shape.columns`

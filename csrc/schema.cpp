@@ -14,7 +14,7 @@ TORCH_LIBRARY(mos_cuda, m) {
         "Tensor pooled, Tensor probs, Tensor prototypes, Tensor session_offsets, float inv_temperature) "
         "-> (Tensor, Tensor)");
   m.def("theme_dispatch(Tensor themes, Tensor gate, Tensor session_offsets, Tensor session_example, "
-        "Tensor example_session_offsets, SymInt num_tokens, SymInt num_themes, SymInt capacity) "
+        "Tensor example_session_offsets, SymInt num_tokens, SymInt num_themes, SymInt max_theme_tokens) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("theme_gather(Tensor values, Tensor gather_index, Tensor? row_gate, Tensor inverse_index) -> Tensor");
   m.def("theme_scatter(Tensor rows, Tensor gather_index, Tensor? row_gate, Tensor inverse_index) -> Tensor");

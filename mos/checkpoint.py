@@ -7,7 +7,7 @@ the new one; a crash while writing leaves only the temporary file, which `load` 
 `load` checks the length and the digest as well, so a file damaged later (a copy cut short, a
 bad disk) raises `CheckpointError` instead of being loaded as if it were complete.
 
-What a checkpoint holds is the training loop's business (`mos.train`); here it is a dict of
+What a checkpoint holds is the training loop's business (`mos.run_state`); here it is a dict of
 tensors, numbers, strings, lists and dicts, read back with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ from mos.train import run
 _TRAIN_EPILOG = """\
 precedence: built-in defaults < --config file < --set overrides (left to right).
 --set values are YAML, so types come out right:
-  --set train.seeds=[0,1,2] model.mos.num_themes=16 model.mos.capacity=null
+  --set train.seeds=[0,1,2] model.mos.num_themes=16 model.mos.max_theme_tokens=null
   --set models=[mos] train.progress=bar
 results: one JSON line per (model, seed) appended to <train.out_dir>/results.jsonl,
 and a table of test AUC / GAUC / LogLoss (mean ± std over seeds) on stdout.
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--data", required=True, metavar="LOG", help="the log to score (.csv, .tsv, .parquet)")
     scoring.add_argument("--out", required=True, metavar="FILE", help="where the scores go (CSV; - for stdout)")
     scoring.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                         help="override a key of the checkpoint's config, e.g. data.user_column=uid")
+                         help="override a key of the checkpoint's config, e.g. data.logs.user_column=uid")
     return parser
 
 

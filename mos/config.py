@@ -1,19 +1,21 @@
-"""Configuration dataclasses for the MoS layer, the CTR model, the data and training.
+"""Configuration dataclasses for the MoS layer, the CTR model, training and the whole run (the
+data's, `DataConfig`, live in mos/data/config.py).
 
 Defaults live here; a YAML file overrides them and `--set key=value` overrides the file
-(`load_run_config`). Every choice the spec marks [ours] is an option here, documented in the
+(`load_run_config`). Every choice the README marks [ours] is an option here, documented in the
 README's option table. Values are checked in `__post_init__` so a bad option fails at once with
 the field's name, what was expected and what came.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from mos_kernels.checks import check_choice, check_positive
 from mos_kernels.backend import BACKENDS
 
+from mos.data.config import DataConfig, config_section
+from mos.moved_options import refuse_moved
 from mos.variants import VARIANTS
 
 
@@ -21,6 +23,35 @@ EXPERT_KINDS = ("global", "short", "themes")
 FUSIONS = ("residual", "concat", "gate")
 
 
+@dataclass
+class MoSAblation:
+    """Options that exist to take the layer apart (the ablations of mos/variants.py): the defaults
+    are the layer; every other value removes or weakens one of its parts."""
+
+    router: str = "learned"          # "learned" prototypes, or "random" themes
+    routing_unit: str = "session"    # route whole "session"s, or every "token" alone
+    experts: tuple = EXPERT_KINDS    # which kinds run; drop one to measure what it adds
+    # The VQ and load-balance losses see the pooled sessions detached: they move the prototypes,
+    # never the item embeddings that the target, the global expert and the head share. The task
+    # loss still reaches the embeddings through the routing gate. False undoes that choice.
+    vq_detach_tokens: bool = True
+    # The short-term and theme experts and the router read the tokens and the target detached:
+    # only the global expert's path (as in the backbone) trains the embeddings. Boosted training
+    # (`model.mos_training`) sets it itself; true under joint training is an ablation.
+    extras_detach_inputs: bool = False
+
+    def __post_init__(self):
+        check_choice("MoSConfig.ablation.router", self.router, ("learned", "random"))
+        check_choice("MoSConfig.ablation.routing_unit", self.routing_unit, ("session", "token"))
+        self.experts = tuple(self.experts)
+        for kind in self.experts:
+            check_choice("MoSConfig.ablation.experts[]", kind, EXPERT_KINDS)
+        if not self.experts or len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"MoSConfig.ablation.experts: expected a non-empty list of distinct kinds from "
+                             f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
+
+
+@refuse_moved("model.mos")
 @dataclass
 class MoSConfig:
     """Options of `mos.MoSLayer`: sessions, routing, dispatch, the experts and their fusion."""
@@ -33,15 +64,13 @@ class MoSConfig:
     gap_seconds: float = 1800.0      # "gap" mode: a gap longer than this starts a new session
     max_session_len: int = 64        # "gap" mode: longer sessions are split
     # Step 3, routing.
-    router: str = "learned"          # "learned" prototypes, or "random" themes (an ablation)
-    routing_unit: str = "session"    # route whole "session"s, or every "token" alone (an ablation)
     num_themes: int = 8              # K, number of learned themes (theme experts)
     temperature: float = 0.1         # tau in z = cos(h, c) / tau
     top_k: int = 1                   # themes each session joins
     # Step 4, dispatch.
-    capacity: Optional[int] = None   # keep at most this many most recent tokens per theme subsequence
+    # Keep at most this many most recent tokens per (example, theme) subsequence; None: all.
+    max_theme_tokens: Optional[int] = None
     # Step 5, experts.
-    experts: tuple = ("global", "short", "themes")   # which kinds run; drop one for an ablation
     encoder: str = "target_attention"  # "target_attention" | "transformer"
     num_layers: int = 1              # transformer layers per expert
     readout: str = "target"          # transformer readout: "target" attention | "last" token | "mean"
@@ -56,34 +85,22 @@ class MoSConfig:
     commitment_weight: float = 0.25
     codebook_weight: float = 1.0
     load_balance_weight: float = 0.01
-    # The VQ and load-balance losses see the pooled sessions detached: they move the prototypes,
-    # never the item embeddings that the target, the global expert and the head share. The task
-    # loss still reaches the embeddings through the routing gate.
-    vq_detach_tokens: bool = True
-    # The short-term and theme experts and the router read the tokens and the target detached:
-    # only the global expert's path (as in the backbone) trains the embeddings.
-    extras_detach_inputs: bool = False
     dropout: float = 0.0             # on the fused output ("residual": on the other experts' term) and transformer blocks
     backend: str = "auto"            # kernel backend: "auto" | "reference" | "triton" | "cuda"
     # Check the inputs' data (finite values, monotone offsets, time order) on every forward:
     # one pass over the inputs and a device sync. Turn off in production once the pipeline is trusted.
     validate_inputs: bool = True
+    # Options for ablations only, apart so that the layer's own options come first.
+    ablation: MoSAblation = field(default_factory=MoSAblation)
 
     def __post_init__(self):
+        self.ablation = config_section("MoSConfig.ablation", self.ablation, MoSAblation)
         check_positive("MoSConfig.dim", self.dim)
         check_positive("MoSConfig.num_heads", self.num_heads)
         if self.dim % self.num_heads:
             raise ValueError(
                 f"MoSConfig.dim: expected a multiple of num_heads={self.num_heads}, got {self.dim}")
         check_choice("MoSConfig.session_mode", self.session_mode, ("fixed", "gap"))
-        check_choice("MoSConfig.router", self.router, ("learned", "random"))
-        check_choice("MoSConfig.routing_unit", self.routing_unit, ("session", "token"))
-        self.experts = tuple(self.experts)
-        for kind in self.experts:
-            check_choice("MoSConfig.experts[]", kind, EXPERT_KINDS)
-        if not self.experts or len(set(self.experts)) != len(self.experts):
-            raise ValueError(f"MoSConfig.experts: expected a non-empty list of distinct kinds from "
-                             f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
         check_positive("MoSConfig.session_len", self.session_len)
         check_positive("MoSConfig.gap_seconds", self.gap_seconds)
         check_positive("MoSConfig.max_session_len", self.max_session_len)
@@ -93,8 +110,8 @@ class MoSConfig:
         if self.top_k > self.num_themes:
             raise ValueError(
                 f"MoSConfig.top_k: expected at most num_themes={self.num_themes}, got {self.top_k}")
-        if self.capacity is not None:
-            check_positive("MoSConfig.capacity", self.capacity)
+        if self.max_theme_tokens is not None:
+            check_positive("MoSConfig.max_theme_tokens", self.max_theme_tokens)
         check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer"))
         check_positive("MoSConfig.num_layers", self.num_layers)
         check_choice("MoSConfig.readout", self.readout, ("target", "last", "mean"))
@@ -159,111 +176,13 @@ class ModelConfig:
         check_choice("model.kind", self.kind, MODEL_KINDS)
         check_choice("model.mos_training", self.mos_training, MOS_TRAININGS)
         if self.kind == "mos" and self.mos_training == "boosted" and (
-                self.mos.fusion != "residual" or "global" not in self.mos.experts):
+                self.mos.fusion != "residual" or "global" not in self.mos.ablation.experts):
             raise ValueError(f"model.mos_training: expected 'joint' when the MoS layer has no residual fusion over a "
-                             f"global expert (fusion={self.mos.fusion!r}, experts={list(self.mos.experts)}), got 'boosted'")
+                             f"global expert (fusion={self.mos.fusion!r}, ablation.experts="
+                             f"{list(self.mos.ablation.experts)}), got 'boosted'")
         self.mlp_hidden = tuple(self.mlp_hidden)
         for width in self.mlp_hidden:
             check_positive("model.mlp_hidden[]", width)
-
-
-LOG_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}   # log file suffix -> reader
-LABEL_SOURCES = ("auto", "label", "rating", "sampled")
-
-
-@dataclass
-class DataConfig:
-    """Which data to train on: the embedded synthetic generator, MovieLens-100k or your own log.
-
-    The synthetic fields below apply to "synthetic" only; the log fields to "movielens" (whose
-    columns are fixed) and to a log file (mos/data/logs.py documents the rules).
-    """
-
-    source: str = "synthetic"            # "synthetic" | "movielens" | a path to a .csv, .tsv or .parquet log
-    num_users: int = 3000
-    num_items: int = 1000
-    num_interests: int = 12
-    interests_per_user: tuple = (2, 4)   # inclusive range
-    sessions_per_user: tuple = (6, 16)   # inclusive range
-    session_length: tuple = (3, 10)      # inclusive range of items per session
-    targets_per_user: int = 6
-    noise: float = 0.1                   # probability that a history event is a random item
-    seed: int = 0                        # generator seed (data is fixed across training seeds)
-    valid_fraction: float = 0.1          # of users (synthetic), of each user's newest samples (logs)
-    test_fraction: float = 0.1           # of users (synthetic), of each user's newest samples (logs)
-    max_history: Optional[int] = None    # newest history events a sample shows the model; null: all
-    # Synthetic generator details (mos/data/synthetic.py documents the process and the label rule).
-    taste_dim: int = 4                   # width of the latent item taste vectors
-    taste_concentration: float = 3.0     # how strongly a user's picks follow their own taste inside an interest
-    popularity_exponent: float = 1.0     # Zipf exponent of item popularity inside an interest pool
-    event_gap_mean: float = 60.0         # seconds between events of one session (exponential, capped < 1800)
-    session_gap_mean: float = 86400.0    # seconds between sessions beyond a fixed 1 h (exponential)
-    target_own_interest: float = 0.5     # probability that a target comes from one of the user's interests
-    # Label logit = taste*sim + share*share + recent*recent - bias. Set once from the positive
-    # rate (0.32 at these defaults), never from model results.
-    label_taste: float = 4.0
-    label_share: float = 3.0
-    label_recent: float = 1.0
-    label_bias: float = 2.0
-    # Interaction logs: column names, labels, samples.
-    user_column: str = "user_id"
-    item_column: str = "item_id"
-    time_column: str = "timestamp"       # seconds or ISO-8601; without it the row order is the time order
-    label_column: str = "label"          # 0/1
-    rating_column: str = "rating"
-    category_column: str = "category"    # optional
-    # Labels: the "label" column, "rating" >= rating_threshold, "sampled" negatives, or "auto":
-    # the first of those the file's columns allow.
-    label_source: str = "auto"
-    rating_threshold: float = 4.0
-    negatives: int = 1                   # "sampled": negatives drawn per event
-    history: str = "all"                 # history events: "all" or only "positive" ones
-    min_history: int = 1                 # history events an event needs before it to become a sample
-    drop_duplicates: bool = False        # drop rows repeating an earlier row in every column read (else: a warning)
-
-    def __post_init__(self):
-        if self.source not in ("synthetic", "movielens") and not any(
-                self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
-            raise ValueError(f"data.source: expected 'synthetic', 'movielens' or a path to a log ending in "
-                             f"{', '.join(LOG_FORMATS)}, got {self.source!r}")
-        if self.source not in ("synthetic", "movielens") and not os.path.isfile(self.source):
-            raise ValueError(f"data.source: expected an existing log file, got {self.source!r} (no such file)")
-        check_choice("data.label_source", self.label_source, LABEL_SOURCES)
-        check_choice("data.history", self.history, ("all", "positive"))
-        check_positive("data.negatives", self.negatives)
-        if self.max_history is not None:
-            check_positive("data.max_history", self.max_history)
-        if isinstance(self.min_history, bool) or not isinstance(self.min_history, int) or self.min_history < 0:
-            raise ValueError(f"data.min_history: expected an int >= 0, got {self.min_history!r}")
-        for name in ("user_column", "item_column", "time_column", "label_column", "rating_column", "category_column"):
-            if not getattr(self, name):
-                raise ValueError(f"data.{name}: expected a column name, got an empty string")
-        self.interests_per_user = tuple(self.interests_per_user)
-        self.sessions_per_user = tuple(self.sessions_per_user)
-        self.session_length = tuple(self.session_length)
-        for name in ("num_users", "num_items", "num_interests", "targets_per_user", "taste_dim",
-                     "event_gap_mean", "session_gap_mean"):
-            check_positive(f"data.{name}", getattr(self, name))
-        for name in ("interests_per_user", "sessions_per_user", "session_length"):
-            bounds = getattr(self, name)
-            if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
-                raise ValueError(f"data.{name}: expected an inclusive range (lo, hi) with 1 <= lo <= hi, got {bounds!r}")
-        # Session hopping needs a second interest to hop to.
-        lo, hi = self.interests_per_user
-        if lo < 2 or hi > self.num_interests:
-            raise ValueError(f"data.interests_per_user: expected 2 <= lo <= hi <= num_interests="
-                             f"{self.num_interests}, got {self.interests_per_user!r}")
-        if self.num_items < self.num_interests:
-            raise ValueError(f"data.num_items: expected at least num_interests={self.num_interests} "
-                             f"(one item per interest pool), got {self.num_items}")
-        for name in ("noise", "target_own_interest", "valid_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise ValueError(f"data.{name}: expected a number in [0, 1], got {value!r}")
-        for name in ("taste_concentration", "popularity_exponent"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"data.{name}: expected a number >= 0, got {value!r}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Optional
 import yaml
 
 from mos.config import RunConfig
+from mos.moved_options import migrate, moved_key
 
 _PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 _CHECKOUT_CONFIGS = Path(__file__).parent.parent / "configs"
@@ -26,7 +27,8 @@ def load_run_config(path: Optional[str], overrides: list[str], base: Optional[di
     """The run config from the defaults, then the YAML file at `path` (if any; a shipped config's
     name such as "default" also works) or the config tree `base` (a checkpoint's), then `overrides`."""
     if base is not None:
-        tree, where = copy.deepcopy(base), "the checkpoint's configuration"
+        # A checkpoint written before an option moved keeps the old key: move it, not refuse it.
+        tree, where = migrate(copy.deepcopy(base)), "the checkpoint's configuration"
     else:
         path = config_path(path) if path else None
         tree, where = (_read_yaml(path) if path else {}), f"config file {path}"
@@ -117,6 +119,9 @@ def _sections(cls) -> dict:
 
 
 def _unknown_key(key: str, cls, where: str) -> ValueError:
+    new = moved_key(key)
+    if new is not None:
+        return ValueError(f"{where}: '{key}' moved to '{new}'")
     level = key.rpartition(".")[0]
     scope = f"under '{level}'" if level else "at the top level"
     valid = ", ".join(_sections(cls))

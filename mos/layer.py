@@ -73,26 +73,26 @@ class MoSLayer(nn.Module):
         # Only the experts that run own parameters (DDP refuses parameters that get no gradient).
         # The global expert is built first: it then draws the same initial weights as a backbone
         # encoder built at the same point of the random stream (`CTRModel` relies on it).
-        if "global" in cfg.experts:
+        if "global" in cfg.ablation.experts:
             self.global_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
-        if "themes" in cfg.experts:
+        if "themes" in cfg.ablation.experts:
             self.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, d), dim=-1))
             self.theme_experts = make_encoder(cfg.encoder, d, cfg.num_heads, cfg.num_themes, **encoder)
             self.theme_query = nn.Linear(d, d)
-        if "short" in cfg.experts:
+        if "short" in cfg.ablation.experts:
             self.short_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
         if cfg.fusion == "residual":
-            extras = len([kind for kind in cfg.experts if kind != "global"])
+            extras = len([kind for kind in cfg.ablation.experts if kind != "global"])
             if extras:
                 # Zero at initialisation: the layer's output is then exactly the global expert's.
                 self.extras_out = nn.Linear(extras * d, d)
                 nn.init.zeros_(self.extras_out.weight)
                 nn.init.zeros_(self.extras_out.bias)
         elif cfg.fusion == "gate":
-            self.fusion_gate = nn.Linear(d, len(cfg.experts))
+            self.fusion_gate = nn.Linear(d, len(cfg.ablation.experts))
             self.out = nn.Linear(d, d)
         else:
-            self.out = nn.Linear(len(cfg.experts) * d, d)
+            self.out = nn.Linear(len(cfg.ablation.experts) * d, d)
 
     def forward(self, values: torch.Tensor, target: torch.Tensor, offsets: Optional[torch.Tensor] = None, *,
                 lengths: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
@@ -102,7 +102,7 @@ class MoSLayer(nn.Module):
             values, offsets, timestamps = _as_jagged(values, offsets, lengths, timestamps)
             check_values("values", values, dim=cfg.dim)
             check_values("target", target, dim=cfg.dim)
-            if "themes" in cfg.experts:
+            if "themes" in cfg.ablation.experts:
                 # The router's parameters get the inputs' check: a NaN or inf prototype (after a
                 # diverged step, say) makes every routing score and theme weight NaN.
                 check_finite("prototypes", self.prototypes)
@@ -127,18 +127,19 @@ class MoSLayer(nn.Module):
         pooled = None
         # The other experts (and the router) may read the inputs detached: then the embeddings
         # are shaped by the global expert's path alone, as in the backbone.
-        x_values, x_target = (values.detach(), target.detach()) if cfg.extras_detach_inputs else (values, target)
-        if "themes" in cfg.experts:
+        detach = cfg.ablation.extras_detach_inputs
+        x_values, x_target = (values.detach(), target.detach()) if detach else (values, target)
+        if "themes" in cfg.ablation.experts:
             pooled, outputs["themes"], aux, info = self._theme_experts(x_values, x_target, offsets, sessions, max_len)
-        if "global" in cfg.experts:
+        if "global" in cfg.ablation.experts:
             if cfg.global_scope == "tokens":
                 outputs["global"] = self.global_expert(values, target, offsets, max_len=max_len)[0]
             else:
-                if pooled is None or cfg.routing_unit != "session" or cfg.extras_detach_inputs:
+                if pooled is None or cfg.ablation.routing_unit != "session" or detach:
                     pooled = mk.session_pool(values, sessions.session_offsets,
                                              backend=self.backends["session_pool"])
                 outputs["global"] = self.global_expert(pooled, target, sessions.example_session_offsets)[0]
-        if "short" in cfg.experts:
+        if "short" in cfg.ablation.experts:
             short_index, short_offsets = _recent_sessions(offsets, sessions, cfg.short_sessions)
             outputs["short"] = self.short_expert(x_values, x_target, short_offsets, gather_index=short_index,
                                                  inverse_index=inverse_of_unique(short_index, values.shape[0]),
@@ -157,23 +158,24 @@ class MoSLayer(nn.Module):
         """Steps 2-4 and the theme half of 5-6: route, dispatch, run the K experts, summarise."""
         cfg = self.config
         num_examples = offsets.numel() - 1
-        units = sessions if cfg.routing_unit == "session" else _token_sessions(offsets, values.shape[0])
-        if cfg.router == "learned":
+        units = sessions if cfg.ablation.routing_unit == "session" else _token_sessions(offsets, values.shape[0])
+        if cfg.ablation.router == "learned":
             pooled, routing = mk.session_pool_route(values, units.session_offsets, self.prototypes,
                                                     temperature=cfg.temperature, top_k=cfg.top_k,
                                                     backend=self.backends["session_pool_route"])
             # The auxiliary losses only train: an evaluating layer does not spend work on them.
-            aux = (_aux_losses(pooled, self.prototypes, routing, cfg.temperature, cfg.vq_detach_tokens)
+            aux = (_aux_losses(pooled, self.prototypes, routing, cfg.temperature, cfg.ablation.vq_detach_tokens)
                    if self.training else _no_aux(values))
         else:
             pooled, routing = None, _random_routing(units.num_sessions, cfg.num_themes, cfg.top_k, values)
             aux = _no_aux(values)
         dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
-                                     num_examples=num_examples, num_themes=cfg.num_themes, capacity=cfg.capacity,
+                                     num_examples=num_examples, num_themes=cfg.num_themes,
+                                     max_theme_tokens=cfg.max_theme_tokens,
                                      num_tokens=values.shape[0], example_session_offsets=units.example_session_offsets,
                                      backend=self.backends["theme_dispatch"])
         # A theme subsequence is never longer than its example.
-        theme_len = max_len if cfg.capacity is None else min(max_len, cfg.capacity)
+        theme_len = max_len if cfg.max_theme_tokens is None else min(max_len, cfg.max_theme_tokens)
         e_theme = self.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,
                                      row_gate=dispatch.row_gate, inverse_index=dispatch.inverse_index,
                                      max_len=theme_len)
@@ -195,14 +197,14 @@ class MoSLayer(nn.Module):
 
     def _extras(self, outputs: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """The residual fusion's term of the experts other than the global one (None if none run)."""
-        extras = [outputs[kind] for kind in self.config.experts if kind != "global"]
+        extras = [outputs[kind] for kind in self.config.ablation.experts if kind != "global"]
         if not extras:
             return None
         return F.dropout(self.extras_out(torch.cat(extras, dim=1)), self.config.dropout, self.training)
 
     def _fuse(self, target, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The "concat" and "gate" fusions."""
-        expert_outputs = [outputs[kind] for kind in self.config.experts]
+        expert_outputs = [outputs[kind] for kind in self.config.ablation.experts]
         if self.config.fusion == "concat":
             fused = self.out(torch.cat(expert_outputs, dim=1))
         else:

@@ -59,7 +59,8 @@ class CTRModel(nn.Module):
         self.boosted = config.kind == "mos" and config.mos_training == "boosted"
         if config.kind == "mos":
             # Boosted: the other experts read the embeddings detached (only the backbone's loss shapes them).
-            self.encoder = MoSLayer(replace(mos_cfg, extras_detach_inputs=True) if self.boosted else mos_cfg)
+            detached = replace(mos_cfg, ablation=replace(mos_cfg.ablation, extras_detach_inputs=True))
+            self.encoder = MoSLayer(detached if self.boosted else mos_cfg)
         elif config.kind == "backbone":
             self.encoder = make_encoder(mos_cfg.encoder, dim, mos_cfg.num_heads, 1, num_layers=mos_cfg.num_layers,
                                         readout=mos_cfg.readout, dropout=mos_cfg.dropout, backend=mos_cfg.backend)

@@ -3,10 +3,10 @@
 The checkpoint (`<out_dir>/checkpoints/<model>-seed<seed>.pt`, written by `mos train`) holds the
 run's configuration, its best weights (those its test metrics were measured with) and, for a
 model trained on a log, how that log's items were numbered. The log to score is read with the
-same column names, label rules and history options (`--set data.*` changes them) and the same
+same column names, label rules and history options (`--set data.logs.*` changes them) and the same
 checks as a training log (`mos.data.logs`, scoring mode): its report goes to stderr, rows naming
 an item the model never saw are refused and counted. Every event with at least
-`data.min_history` earlier events of its user in the log is scored: the predicted probability
+`data.logs.min_history` earlier events of its user in the log is scored: the predicted probability
 that the user clicks the event's item, given those earlier events (the newest
 `data.max_history`). The CSV, in the log's row order: the line in the log, the user and item
 ids, the label where the log has labels, and the score.
@@ -63,7 +63,7 @@ def predict(checkpoint_path, source: str, out, overrides: list[str] = ()) -> int
     outputs = predictions(model, log.dataset, batch_size=run_cfg.train.batch_size, device=device,
                           max_history=cfg.max_history)
     scores = torch.sigmoid(torch.cat([out["logits"] for out in outputs])).tolist()
-    return _write(out, log, scores, (cfg.user_column, cfg.item_column, cfg.label_column))
+    return _write(out, log, scores, (cfg.logs.user_column, cfg.logs.item_column, cfg.logs.label_column))
 
 
 def _write(out, log: logs.LogData, scores: list, columns: tuple) -> int:

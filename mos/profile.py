@@ -37,7 +37,7 @@ MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
 
 def quick_overrides() -> List[str]:
     """`--quick`: a tiny run of every part, for tests and a first look (seconds, not minutes)."""
-    return ["data.num_users=160", "data.num_items=120", "train.seeds=[0]", "train.max_epochs=1",
+    return ["data.synthetic.num_users=160", "data.synthetic.num_items=120", "train.seeds=[0]", "train.max_epochs=1",
             "train.batch_size=64", "profile.flop_batch_size=32", "profile.lengths=[40,80]",
             "profile.length_examples=2", "profile.heatmap_users=2"]
 

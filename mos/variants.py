@@ -18,22 +18,23 @@ VARIANTS: Dict[str, dict] = {
     "dselect_k": {"kind": "dselect_k"},
     "expert_choice": {"kind": "expert_choice"},
     "mos": {"kind": "mos"},
-    "mos_no_global": {"kind": "mos", "mos_training": "joint", "mos": {"experts": ("short", "themes")}},
-    "mos_no_short": {"kind": "mos", "mos": {"experts": ("global", "themes")}},
-    "mos_no_themes": {"kind": "mos", "mos": {"experts": ("global", "short")}},
-    "mos_random_routing": {"kind": "mos", "mos": {"router": "random"}},
-    "mos_token_routing": {"kind": "mos", "mos": {"routing_unit": "token"}},
+    "mos_no_global": {"kind": "mos", "mos_training": "joint", "mos": {"ablation": {"experts": ("short", "themes")}}},
+    "mos_no_short": {"kind": "mos", "mos": {"ablation": {"experts": ("global", "themes")}}},
+    "mos_no_themes": {"kind": "mos", "mos": {"ablation": {"experts": ("global", "short")}}},
+    "mos_random_routing": {"kind": "mos", "mos": {"ablation": {"router": "random"}}},
+    "mos_token_routing": {"kind": "mos", "mos": {"ablation": {"routing_unit": "token"}}},
     "mos_global_sessions": {"kind": "mos", "mos": {"global_scope": "sessions"}},
     # The design choices that keep MoS at least as good as its backbone, each undone alone.
     "mos_joint": {"kind": "mos", "mos_training": "joint"},
     "mos_concat_fusion": {"kind": "mos", "mos_training": "joint", "mos": {"fusion": "concat"}},
-    "mos_vq_to_embeddings": {"kind": "mos", "mos_training": "joint", "mos": {"vq_detach_tokens": False}},
+    "mos_vq_to_embeddings": {"kind": "mos", "mos_training": "joint",
+                             "mos": {"ablation": {"vq_detach_tokens": False}}},
     "mos_no_aux_losses": {"kind": "mos", "mos": {"commitment_weight": 0.0, "codebook_weight": 0.0,
                                                  "load_balance_weight": 0.0}},
     "mos_joint_extras_dropout": {"kind": "mos", "mos_training": "joint", "mos": {"dropout": 0.2}},
     # All undone: the layer as it was first reconstructed.
     "mos_concat_vq_to_embeddings": {"kind": "mos", "mos_training": "joint",
-                                    "mos": {"fusion": "concat", "vq_detach_tokens": False}},
+                                    "mos": {"fusion": "concat", "ablation": {"vq_detach_tokens": False}}},
 }
 
 
@@ -41,6 +42,11 @@ def variant_config(base: ModelConfig, name: str) -> ModelConfig:
     """`base` with variant `name`'s overrides (the dataclass checks run again)."""
     if name not in VARIANTS:
         raise ValueError(f"models[]: expected one of {list(VARIANTS)}, got {name!r}")
-    overrides = dict(VARIANTS[name])
-    mos_overrides = overrides.pop("mos", {})
-    return replace(base, mos=replace(base.mos, **mos_overrides), **overrides)
+    return _overridden(base, VARIANTS[name])
+
+
+def _overridden(section, overrides: dict):
+    """`section` with `overrides`; a dict value overrides the nested section of that name."""
+    changes = {name: _overridden(getattr(section, name), value) if isinstance(value, dict) else value
+               for name, value in overrides.items()}
+    return replace(section, **changes)

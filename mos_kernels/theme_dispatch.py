@@ -14,7 +14,7 @@ Triton: a stable counting sort in two integer passes, no atomics, deterministic:
      (segment start + rank - session start), so a token row t goes to base + t; the fill finds
      each row's session from the block's session starts (a histogram, no per-row search) and
      writes the row's token, its gate and the inverse index.
-Sizes: without `capacity` T' = T * top_k is known up front (no sync); with it the kept row
+Sizes: without `max_theme_tokens` T' = T * top_k is known up front (no sync); with it the kept row
 count is read back from the device once (documented sync).
 CUDA C++: the same counting sort as torch.ops.mos_cuda.theme_dispatch (csrc/mos/theme_dispatch.h).
 """
@@ -58,13 +58,13 @@ class Dispatch:
 
 def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: torch.Tensor,
                    session_example: torch.Tensor, *, num_examples: int, num_themes: int,
-                   capacity: Optional[int] = None, num_tokens: Optional[int] = None,
+                   max_theme_tokens: Optional[int] = None, num_tokens: Optional[int] = None,
                    example_session_offsets: Optional[torch.Tensor] = None, backend: str = "auto") -> Dispatch:
     """Route every token of session s to themes[s, :] with gate[s, :].
 
     themes [S, top_k] int64 (distinct in each row), gate [S, top_k] float, session_offsets
     [S+1] int64, session_example [S] int64. Sessions must be ordered by example (as
-    `sessionize` makes them). capacity: keep at most this many most recent tokens per
+    `sessionize` makes them). max_theme_tokens: keep at most this many most recent tokens per
     (theme, example) subsequence. num_tokens: T (= session_offsets[-1]); pass it to avoid
     reading it back from the device. example_session_offsets: [B+1] int64, example b owns
     sessions o[b]:o[b+1] (`Sessions.example_session_offsets`); built from session_example when
@@ -87,8 +87,8 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
     check_positive("num_themes", num_themes)
     if num_examples < 0:
         raise ValueError(f"num_examples: expected a count >= 0, got {num_examples}")
-    if capacity is not None:
-        check_positive("capacity", capacity)
+    if max_theme_tokens is not None:
+        check_positive("max_theme_tokens", max_theme_tokens)
     if reads_data() and num_sessions:
         _check_routing_data(themes, session_example, num_examples, num_themes)
     if num_tokens is None:
@@ -100,7 +100,7 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
     chosen = resolve_backend(backend, themes, "theme_dispatch")
     if chosen == "reference":
         gather_index, row_gate, inverse_index, theme_offsets = _theme_dispatch_reference(
-            themes, gate, session_offsets, session_example, num_examples, num_themes, capacity, num_tokens)
+            themes, gate, session_offsets, session_example, num_examples, num_themes, max_theme_tokens, num_tokens)
     else:
         if num_tokens * top_k >= 2 ** 31:
             raise ValueError(f"num_tokens: expected num_tokens * top_k < 2^31 theme rows (backend {chosen!r} "
@@ -109,7 +109,7 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
             example_session_offsets = offsets_from_lengths(counts_of(session_example, num_examples))
         gather_index, row_gate, inverse_index, theme_offsets = kernel_ops(chosen).theme_dispatch(
             themes, gate, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
-            capacity or 0)
+            max_theme_tokens or 0)
     return Dispatch(gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index,
                     theme_offsets=theme_offsets, num_examples=num_examples, num_themes=num_themes)
 
@@ -151,19 +151,19 @@ def _check_example_session_offsets(offsets, session_example, num_examples):
                              f"{int(built[b])}")
 
 
-def _theme_dispatch_reference(themes, gate, session_offsets, session_example, num_examples, num_themes, capacity,
-                              num_tokens):
+def _theme_dispatch_reference(themes, gate, session_offsets, session_example, num_examples, num_themes,
+                              max_theme_tokens, num_tokens):
     top_k = themes.shape[1]
     token_session = segment_ids(session_offsets, num_tokens)
     # Candidate rows in (token, choice) order: stable sorting by segment key keeps time order.
     key = (themes[token_session] * num_examples + session_example[token_session, None]).reshape(-1)
     order = torch.sort(key, stable=True).indices
     counts = counts_of(key, num_themes * num_examples)
-    if capacity is not None:
+    if max_theme_tokens is not None:
         ends = offsets_from_lengths(counts)[1:]
         rank_from_end = ends[key[order]] - 1 - torch.arange(order.numel(), device=order.device)
-        order = order[rank_from_end < capacity]
-        counts = counts.clamp_max(capacity)
+        order = order[rank_from_end < max_theme_tokens]
+        counts = counts.clamp_max(max_theme_tokens)
     inverse_index = torch.full((num_tokens * top_k,), -1, dtype=torch.int64, device=themes.device)
     inverse_index[order] = torch.arange(order.numel(), device=order.device)
     token = torch.div(order, top_k, rounding_mode="floor")
@@ -222,8 +222,8 @@ def _session_in_block(starts, s_ok, row0, BLOCK_T: tl.constexpr):
 @triton.jit
 def _dispatch_fill(themes_ptr, gate_ptr, session_offsets_ptr, session_example_ptr, rank_ptr, counts_ptr,
                    theme_offsets_ptr, gather_index_ptr, row_gate_ptr, inverse_ptr, num_sessions, num_examples,
-                   top_k, capacity, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
-                   HAS_CAPACITY: tl.constexpr):
+                   top_k, max_theme_tokens, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+                   HAS_MAX_THEME_TOKENS: tl.constexpr):
     """One program per block of BLOCK_S sessions (`session_blocks`). Token row t of session s
     goes, for choice j, to dest = base[s, j] + t. (session, choice) pairs and (row, choice)
     tiles are flat vectors, pair p = (p // BLOCK_J, p % BLOCK_J): 1-D gathers, and the tile
@@ -238,11 +238,11 @@ def _dispatch_fill(themes_ptr, gate_ptr, session_offsets_ptr, session_example_pt
     key = tl.load(themes_ptr + pair_index, mask=pair_ok, other=0) * num_examples + example
     # first_kept: the token row of rank 0 in the segment (rank <= session start: the ranks
     # count earlier rows of the same example). Capacity keeps the newest rows: the oldest
-    # count - capacity ranks are dropped.
+    # count - max_theme_tokens ranks are dropped.
     first_kept = (tl.load(session_offsets_ptr + session, mask=pair_ok, other=0).to(tl.int32)
                   - tl.load(rank_ptr + pair_index, mask=pair_ok, other=0))
-    if HAS_CAPACITY:
-        first_kept += tl.maximum(tl.load(counts_ptr + key, mask=pair_ok, other=0) - capacity, 0)
+    if HAS_MAX_THEME_TOKENS:
+        first_kept += tl.maximum(tl.load(counts_ptr + key, mask=pair_ok, other=0) - max_theme_tokens, 0)
     base = tl.load(theme_offsets_ptr + key, mask=pair_ok, other=0).to(tl.int32) - first_kept
     gate = tl.load(gate_ptr + pair_index, mask=pair_ok, other=0)
     cell = tl.arange(0, BLOCK_T * BLOCK_J)
@@ -257,7 +257,7 @@ def _dispatch_fill(themes_ptr, gate_ptr, session_offsets_ptr, session_example_pt
         dest = tl.gather(base, at, axis=0) + rows.to(tl.int32)
         valid = (rows < last) & (cell_choice < top_k)
         keep = valid
-        if HAS_CAPACITY:
+        if HAS_MAX_THEME_TOKENS:
             keep = valid & (rows.to(tl.int32) >= tl.gather(first_kept, at, axis=0))
         tl.store(gather_index_ptr + dest, rows, mask=keep)
         tl.store(row_gate_ptr + dest, tl.gather(gate, at, axis=0), mask=keep)
@@ -296,9 +296,9 @@ def fill_blocks(top_k: int) -> Tuple[int, int, int]:
     return _FILL_BLOCK_S, max(min(_FILL_ROWS, _FILL_CELLS // block_j), 32), block_j
 
 
-def _segment_starts(counts: torch.Tensor, capacity: int) -> torch.Tensor:
-    """theme_offsets [K*B+1] int64 from the int32 segment sizes, capped by the capacity."""
-    kept = counts.clamp_max(capacity) if capacity else counts
+def _segment_starts(counts: torch.Tensor, max_theme_tokens: int) -> torch.Tensor:
+    """theme_offsets [K*B+1] int64 from the int32 segment sizes, capped at max_theme_tokens."""
+    kept = counts.clamp_max(max_theme_tokens) if max_theme_tokens else counts
     offsets = torch.zeros(kept.numel() + 1, dtype=torch.int64, device=kept.device)
     torch.cumsum(kept, 0, dtype=torch.int64, out=offsets[1:])
     return offsets
@@ -307,8 +307,9 @@ def _segment_starts(counts: torch.Tensor, capacity: int) -> torch.Tensor:
 @kernel_op("mos::theme_dispatch")
 def _theme_dispatch_op(themes: torch.Tensor, gate: torch.Tensor, session_offsets: torch.Tensor,
                        session_example: torch.Tensor, example_session_offsets: torch.Tensor, num_tokens: int,
-                       num_themes: int, capacity: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """capacity 0 = unlimited. Returns gather_index [T'] int64, row_gate [T'] (gate's dtype),
+                       num_themes: int, max_theme_tokens: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """max_theme_tokens 0 = unlimited. Returns gather_index [T'] int64, row_gate [T'] (gate's dtype),
     inverse_index [T, top_k] int64, theme_offsets [K*B+1] int64."""
     num_sessions, top_k = themes.shape
     num_examples = example_session_offsets.numel() - 1
@@ -320,8 +321,8 @@ def _theme_dispatch_op(themes: torch.Tensor, gate: torch.Tensor, session_offsets
         _dispatch_count[(num_examples,)](
             themes, session_offsets, example_session_offsets, rank, counts, num_examples, num_themes, top_k,
             BLOCK_S=block_s, BLOCK_K=block_k)
-    theme_offsets = _segment_starts(counts, capacity)
-    num_rows = int(theme_offsets[-1]) if capacity else num_tokens * top_k   # the documented sync
+    theme_offsets = _segment_starts(counts, max_theme_tokens)
+    num_rows = int(theme_offsets[-1]) if max_theme_tokens else num_tokens * top_k   # the documented sync
     gather_index = new_output(num_rows, dtype=torch.int64, device=device)
     row_gate = new_output(num_rows, dtype=gate.dtype, device=device)
     inverse_index = new_output((num_tokens, top_k), dtype=torch.int64, device=device)
@@ -330,17 +331,17 @@ def _theme_dispatch_op(themes: torch.Tensor, gate: torch.Tensor, session_offsets
         bits = _GATE_BITS[gate.element_size()]
         _dispatch_fill[(triton.cdiv(num_sessions, block_s),)](
             themes, gate.view(bits), session_offsets, session_example, rank, counts, theme_offsets,
-            gather_index, row_gate.view(bits), inverse_index, num_sessions, num_examples, top_k, capacity,
-            BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_J=block_j, HAS_CAPACITY=capacity > 0)
+            gather_index, row_gate.view(bits), inverse_index, num_sessions, num_examples, top_k, max_theme_tokens,
+            BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_J=block_j, HAS_MAX_THEME_TOKENS=max_theme_tokens > 0)
     return gather_index, row_gate, inverse_index, theme_offsets
 
 
 @_theme_dispatch_op.register_fake
 def dispatch_fake(themes, gate, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
-                  capacity):
+                  max_theme_tokens):
     top_k = themes.shape[1]
     num_examples = example_session_offsets.shape[0] - 1
-    num_rows = torch.library.get_ctx().new_dynamic_size() if capacity else num_tokens * top_k
+    num_rows = torch.library.get_ctx().new_dynamic_size() if max_theme_tokens else num_tokens * top_k
     new = themes.new_empty
     return (new(num_rows), gate.new_empty(num_rows), new((num_tokens, top_k)), new(num_themes * num_examples + 1))
 

@@ -16,13 +16,16 @@
 #             target point, no torch.compile providers)
 #   kernels   pooling+routing, dispatch, gather, scatter at their target point (reference,
 #             triton, and cuda once built)
-#   tests_gpu GPU tests: large shapes and bitwise determinism in fp32/fp16/bf16 on both kernel
-#             backends, then the attention kernels (MOS_REQUIRE_CUDA_EXT=1 once built; without
-#             the extension its tests are deselected, since each worker would try to build it)
+#   tests_gpu the GPU-scale tests (tests/ops/*_gpu.py and the layer on every backend,
+#             tests/test_layer_backends.py): large shapes and bitwise determinism in fp32/fp16/bf16
+#             on both kernel backends, then the attention and grouped-linear kernels' tests
+#             (MOS_REQUIRE_CUDA_EXT=1 once built; without the extension its tests are deselected,
+#             since each worker would try to build it)
 #   kernels_cuda  the extension against Triton, if it was built only after the kernels phase
 #   compiled  the compiled_fused and compiled baselines of the layer, target attention and
 #             grouped linear, then of pooling+routing, dispatch, gather and scatter
-#   tests     the rest of the GPU test coverage: layer, backends, registration, compile, reference ops
+#   tests     the rest of the GPU test coverage (not marked `gpu`): layer, CUDA backend, compile,
+#             the other ops' tests
 # Rows are appended per provider, so a cut phase keeps what it timed. OUT_DIR gets 7 files:
 # environment.txt, build.log, run.log (every phase's output), phases.log (one line per phase,
 # with pytest's counts), the two CSVs and summary.txt, which an EXIT trap writes even when the
@@ -156,7 +159,12 @@ fi
 pytest_gpu=(env MOS_TEST_DEVICE=cuda MOS_REQUIRE_CUDA_EXT=$require_ext $PY -m pytest -q -n 8 -p no:cacheprovider
             --benchmark-disable -k "not compiles_for_sm90$not_cuda")
 
-phase tests_gpu "${MOS_TESTS_GPU_BUDGET:-90}" "${pytest_gpu[@]}" tests/test_kernels_gpu.py tests/test_attention_triton.py
+# Named files, not `-m gpu tests/ops`: selecting by marker would make each worker collect every op
+# test first, and the attention and grouped-linear kernels' own tests belong in this guaranteed phase.
+attention_tests=(tests/ops/test_grouped_linear.py tests/ops/test_expert_target_attention.py
+                 tests/ops/test_jagged_self_attention.py)
+phase tests_gpu "${MOS_TESTS_GPU_BUDGET:-90}" "${pytest_gpu[@]}" tests/ops/*_gpu.py tests/test_layer_backends.py \
+  "${attention_tests[@]}"
 
 # Built after the kernels phase: the extension's rows now, against Triton's.
 if [ "$require_ext" = 1 ] && [ "$kernel_providers" = reference,triton ]; then
@@ -171,6 +179,5 @@ phase compiled_kernels "${MOS_COMPILED_KERNELS_BUDGET:-40}" $PY -m benchmarks.be
   --plan targets --dtype bf16 --providers reference,compiled "${BENCH_TIMING[@]}"
 
 # test_cuda_backend.py's nvcc check is CI's (the build above compiled the same files for this card).
-phase tests "${MOS_TESTS_BUDGET:-400}" "${pytest_gpu[@]}" \
-  tests/test_layer.py tests/test_kernel_backends.py tests/test_cuda_backend.py tests/test_kernels_registration.py \
-  tests/test_layer_compile.py tests/ops
+phase tests "${MOS_TESTS_BUDGET:-400}" "${pytest_gpu[@]}" -m "not gpu" "${attention_tests[@]/#/--ignore=}" \
+  tests/test_layer.py tests/test_cuda_backend.py tests/test_layer_compile.py tests/ops

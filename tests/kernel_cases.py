@@ -2,7 +2,8 @@
 
 The first part builds inputs for the kernel-backend comparisons (a kernel against the
 reference, in fp32 / fp16 / bf16); the second the float64 cases and the helpers that compare
-an op with its loop oracle (tests/oracles.py), forward and backward.
+an op with its loop oracle (tests/oracles.py), forward and backward; the third compares a
+Triton kernel with the reference in the kernel's dtype, forward and backward.
 """
 from __future__ import annotations
 
@@ -173,15 +174,15 @@ def dispatch_inputs(lengths, session_len, num_themes, top_k, pattern, gen, devic
     return themes.to(device), gate.to(device), so.to(device), se.to(device)
 
 
-def run_dispatch(themes, gate, so, se, num_examples, num_themes, capacity, backend="reference"):
+def run_dispatch(themes, gate, so, se, num_examples, num_themes, max_theme_tokens, backend="reference"):
     return mk.theme_dispatch(themes, gate, so, se, num_examples=num_examples, num_themes=num_themes,
-                             capacity=capacity, backend=backend)
+                             max_theme_tokens=max_theme_tokens, backend=backend)
 
 
-def routed(lengths, gen, top_k, capacity, device, num_themes=3):
+def routed(lengths, gen, top_k, max_theme_tokens, device, num_themes=3):
     """A real dispatch over `lengths` (sessions of 2, random themes, gates not 1)."""
     themes, gate, so, se = dispatch_inputs(lengths, 2, num_themes, top_k, "random", gen, device)
-    return run_dispatch(themes, gate, so, se, len(lengths), num_themes, capacity)
+    return run_dispatch(themes, gate, so, se, len(lengths), num_themes, max_theme_tokens)
 
 
 def float64_attention_inputs(device):
@@ -191,3 +192,86 @@ def float64_attention_inputs(device):
     return (randn(gen, sum(lengths), dim, device=device), randn(gen, len(lengths), dim, device=device),
             randn(gen, 2, dim, dim, device=device), randn(gen, 2, dim, dim, device=device),
             oracles.offsets_of(lengths).to(device))
+
+
+# ---- A kernel against the reference, in the kernel's dtype ------------------------------------
+# The reference runs on fp32 copies of the same (dtype-representable) inputs; cotangents are
+# representable in the kernel's dtype too, so the kernel sees exactly the reference's numbers and
+# differs from it by its own roundings only.
+
+def fresh_leaves(tensors, dtype=None):
+    """Fresh leaves requiring grad (None stays None), optionally upcast to `dtype`."""
+    return {name: None if t is None else t.detach().to(dtype or t.dtype).requires_grad_()
+            for name, t in tensors.items()}
+
+
+def output_and_grads(fn, leaves, dtype, seed=9):
+    """Output and the gradient of every leaf for one random cotangent representable in `dtype`."""
+    out = fn(**leaves)
+    gen = torch.Generator().manual_seed(seed)
+    cotangent = torch.randn(out.shape, generator=gen).to(dtype).to(device=out.device, dtype=torch.float32)
+    if not out.requires_grad:     # the reference's output on no rows at all is a constant
+        return out, {name: torch.zeros_like(t) for name, t in leaves.items() if t is not None}
+    (out.float() * cotangent).sum().backward()
+    return out, {name: t.grad for name, t in leaves.items() if t is not None}
+
+
+def compare_to_reference(fn_triton, fn_reference, inputs, dtype, kind, grad_kind):
+    """fn(**leaves) on `inputs` in `dtype` (Triton) and on fp32 copies (reference)."""
+    out, grads = output_and_grads(fn_triton, fresh_leaves(inputs), dtype)
+    ref, ref_grads = output_and_grads(fn_reference, fresh_leaves(inputs, torch.float32), dtype)
+    assert out.dtype == dtype
+    assert_close(out.float(), ref, kind, dtype=dtype, msg="output")
+    for name, grad in grads.items():
+        assert grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(grad).all(), f"gradient of {name} is not finite"
+        assert_close(grad.float(), ref_grads[name], grad_kind, dtype=dtype, msg=f"gradient of {name}")
+    return out
+
+
+def attention_kinds(dtype):
+    """(output kind, gradient kind): fp32 gradients of a softmax subtract nearly equal terms."""
+    return ("attention", "attention_grad" if dtype == torch.float32 else "attention")
+
+
+def reference_dispatch(lengths, num_themes, top_k, max_theme_tokens, device, session_len=2):
+    """The reference dispatch of random themes (gates in [0.5, 1.5)) over sessions of `lengths`."""
+    _, sessions = make_sessions(lengths, session_len, device)
+    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
+    gate = torch.rand(themes.shape, generator=torch.Generator().manual_seed(4)).to(device) + 0.5
+    return mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
+                             num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens,
+                             backend="reference")
+
+
+# ---- The block sizes a kernel launches with ---------------------------------------------------
+
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def is_compiled(kernel, ptr_arg, dtype, wanted):
+    """Whether compile_check lists a configuration of `kernel` whose pointer `ptr_arg` has `dtype`
+    and whose constexprs include `wanted`."""
+    from tools import compile_check
+
+    return any(sig[ptr_arg] == POINTER_TYPES[dtype] and all(const.get(k) == v for k, v in wanted.items())
+               for name, sig, const in compile_check.all_configs() if name == kernel)
+
+
+def _grads_for_cotangent(fn, inputs, dtype, seed=3):
+    """Output and gradients for one random cotangent representable in `dtype` (the kernel's)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out = fn(**leaves)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    (out.float() * cotangent.to(device=out.device, dtype=torch.float32)).sum().backward()
+    return out, {k: v.grad for k, v in leaves.items()}
+
+
+def compare_in_dtype(triton_fn, reference_fn, inputs, dtype, kind):
+    """The Triton op in `dtype` against the reference on fp32 copies of the same inputs."""
+    out, grads = _grads_for_cotangent(triton_fn, inputs, dtype)
+    ref, ref_grads = _grads_for_cotangent(reference_fn, {k: v.float() for k, v in inputs.items()}, dtype)
+    assert_close(out.float(), ref, kind, dtype=dtype, msg="output")
+    for name, grad in grads.items():
+        assert_close(grad.float(), ref_grads[name], kind if kind != "attention" or dtype != torch.float32
+                     else "attention_grad", dtype=dtype, msg=f"gradient of {name}")

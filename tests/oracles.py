@@ -118,12 +118,12 @@ def theme_route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: 
 
 def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: torch.Tensor,
                    session_example: torch.Tensor, *, num_examples: int, num_themes: int,
-                   capacity: Optional[int] = None):
+                   max_theme_tokens: Optional[int] = None):
     """-> (gather_index [T'], row_gate [T'], theme_offsets [K*B+1], inverse_index [T, top_k]).
 
-    Segment k*B + b: example b's tokens whose session chose theme k, in time order; with a
-    capacity only the newest `capacity` of them. inverse_index[t, j] is the row holding token t
-    for its session's j-th choice, -1 if capacity dropped it.
+    Segment k*B + b: example b's tokens whose session chose theme k, in time order; with
+    max_theme_tokens only the newest `max_theme_tokens` of them. inverse_index[t, j] is the row
+    holding token t for its session's j-th choice, -1 if max_theme_tokens dropped it.
     """
     o = [int(x) for x in session_offsets]
     chosen = [[int(k) for k in row] for row in themes]
@@ -140,8 +140,8 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
                 j = chosen[s].index(k)
                 for t in range(o[s], o[s + 1]):
                     rows.append((t, j, gate[s, j]))
-            if capacity is not None:
-                rows = rows[max(len(rows) - capacity, 0):]
+            if max_theme_tokens is not None:
+                rows = rows[max(len(rows) - max_theme_tokens, 0):]
             for t, j, g in rows:
                 inverse[t][j] = len(index)
                 index.append(t)

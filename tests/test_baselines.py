@@ -9,7 +9,7 @@ from mos.baselines import DSelectK, ExpertChoice, GShard
 from mos.baselines.dselect_k import smooth_step
 from mos.config import ModelConfig, MoEConfig, MoSConfig
 from mos.data import synthetic
-from mos.config import DataConfig
+from mos.data.config import SyntheticConfig
 from mos.model import CTRModel
 
 
@@ -19,7 +19,7 @@ def _config(kind="gshard", **moe):
 
 @pytest.fixture(scope="module")
 def batch():
-    data = synthetic.generate(DataConfig(num_users=40, num_items=60))
+    data = synthetic.generate(SyntheticConfig(num_users=40, num_items=60))
     return next(data.batches(24)), data
 
 
@@ -107,12 +107,12 @@ def test_mos_starts_as_its_backbone(encoder, batch):
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_vq_losses_and_the_embedding_table(detach, batch):
-    """vq_detach_tokens=True: the auxiliary losses alone send no gradient to the item or
+    """ablation.vq_detach_tokens=True: the auxiliary losses alone send no gradient to the item or
     category embedding tables (they train the prototypes); False: they do."""
     batch, data = batch
     torch.manual_seed(0)
     # Joint training: boosted training detaches every input of the router from the embeddings anyway.
-    model = CTRModel(ModelConfig(kind="mos", mos=MoSConfig(dim=16, num_heads=2, vq_detach_tokens=detach),
+    model = CTRModel(ModelConfig(kind="mos", mos=MoSConfig(dim=16, num_heads=2, ablation={"vq_detach_tokens": detach}),
                                  mos_training="joint"), data.num_items, data.num_categories)
     model(batch).aux_loss.backward()
     tables = (model.item_embedding.weight.grad, model.category_embedding.weight.grad)

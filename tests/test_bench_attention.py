@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
-from benchmarks import bench_attention, cuda_graph, harness, tables  # noqa: E402
+from benchmarks import bench_attention, cuda_graph, harness, machine, tables  # noqa: E402
 
 
 def test_bench_attention_quick_run(tmp_path, capsys, device):
@@ -59,7 +59,7 @@ def test_full_plan_puts_the_targets_first():
 
 
 def _row(op, provider, mode, median, **point):
-    env = harness.Environment(card="cpu", device="cpu", peak_bw=None, peak_source="none", timing="t", date="d",
+    env = machine.Environment(card="cpu", device="cpu", peak_bw=None, peak_source="none", timing="t", date="d",
                               torch="t", triton="t", python="p", git_commit="unknown", note="")
     shape = dict(B=1, L=point.get("L", 2), T=3, S=1, rows=3, d=4, K=2, top_k=1)
     return harness.make_row(env, op=op, provider=provider, mode=mode, dtype=torch.float32, shape=shape,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
-from benchmarks import attention_baselines, bench_attention, harness, providers_fused  # noqa: E402
+from benchmarks import attention_baselines, attention_cases, bench_attention, harness, providers_fused  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 # Tolerance kinds (tests/tolerances.py) of the outputs and of the input gradients.
@@ -33,7 +33,7 @@ def test_compiled_fused_matches_the_reference(op, device):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        case = bench_attention.build_case(op, bench_attention.QUICK, torch.float32, device)
+        case = attention_cases.build_case(op, bench_attention.QUICK, torch.float32, device)
         run = {name: harness.mode_callable(case, harness.provider_callable(
             case, bench_attention.ALL_PROVIDERS[name], compile_backend="eager"), "fwd+bwd")()
                for name in ("reference", "compiled_fused")}
@@ -50,7 +50,7 @@ def test_compiled_fused_matches_the_reference(op, device):
 
 def test_quick_batch_has_the_awkward_segments(device):
     """The comparison above must meet empty histories and empty theme segments."""
-    batch = bench_attention.build_batch(bench_attention.QUICK, torch.float32, device)
+    batch = attention_cases.build_batch(bench_attention.QUICK, torch.float32, device)
     assert (batch.offsets[1:] == batch.offsets[:-1]).any(), "expected an empty history"
     assert (batch.dispatch.segment_lengths == 0).any(), "expected an empty theme segment"
 

@@ -12,13 +12,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
-from benchmarks import bench_attention, bench_kernels, ceilings, cuda_graph, harness  # noqa: E402
+from benchmarks import bench_attention, bench_kernels, ceilings, cuda_graph, harness, machine  # noqa: E402
 
 CUDA = torch.device("cuda")   # a device object only: nothing below runs on it
 
 
 def test_graph_time_on_cpu_is_empty_with_its_reason():
-    assert cuda_graph.graph_time(lambda: None, torch.device("cpu"), harness.Timer()) == (None, cuda_graph.CPU_REASON)
+    assert cuda_graph.graph_time(lambda: None, torch.device("cpu"), machine.Timer()) == (None, cuda_graph.CPU_REASON)
 
 
 def test_graph_time_replays_what_it_captured(monkeypatch):
@@ -44,7 +44,7 @@ def test_graph_capture_failure_is_the_reason(monkeypatch):
 
     monkeypatch.setattr(cuda_graph, "capture", capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    median, note = cuda_graph.graph_time(lambda: None, CUDA, harness.Timer())
+    median, note = cuda_graph.graph_time(lambda: None, CUDA, machine.Timer())
     assert median is None
     assert note == "graph capture failed: RuntimeError: operation not permitted when stream is capturing"
 
@@ -63,8 +63,8 @@ def test_graph_replay_failure_says_so_and_that_the_device_is_unwell(monkeypatch)
 
 def test_rows_are_emitted_per_provider_with_the_speedups_known_then(device):
     case = bench_kernels.build_case("session_pool_route", bench_kernels.QUICK, torch.float32, device)
-    timer = harness.Timer(rep_ms=5, warmup_ms=2, cpu_reps=1)
-    env = harness.Environment.detect(device, timer)
+    timer = machine.Timer(rep_ms=5, warmup_ms=2, cpu_reps=1)
+    env = machine.Environment.detect(device, timer)
     batches = []
     providers = [harness.PROVIDERS["triton"], harness.PROVIDERS["reference"]]
     rows = harness.run_case(case, providers, env, timer, emit=lambda batch: batches.append([dict(r) for r in batch]))

@@ -19,7 +19,7 @@ pytest.importorskip("pytest_benchmark")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
-from benchmarks import bench_kernels, harness, tables  # noqa: E402
+from benchmarks import bench_kernels, harness, machine, tables  # noqa: E402
 from conftest import require_cuda_ext  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_bench_kernels_quick_run(tmp_path, capsys, device, one_thread):
 # ----------------------------------------------------------------------------- harness bookkeeping
 
 def _row(op="theme_gather", **values):
-    env = harness.Environment(card="cpu", device="cpu", peak_bw=None, peak_source="none", timing="t", date="d",
+    env = machine.Environment(card="cpu", device="cpu", peak_bw=None, peak_source="none", timing="t", date="d",
                               torch="t", triton="t", python="p", git_commit="unknown", note="")
     shape = dict(B=1, L=2, T=3, S=1, rows=3, d=4, K=2, top_k=1)
     return harness.make_row(env, op=op, provider="triton", mode="fwd", dtype=torch.float32, shape=shape,
@@ -147,8 +147,8 @@ def test_targets_pass_and_miss():
 
 def test_failed_compile_is_a_row_not_a_crash(device, one_thread):
     case = bench_kernels.build_case("theme_gather", bench_kernels.QUICK, torch.float32, device)
-    timer = harness.Timer(rep_ms=5, warmup_ms=2, cpu_reps=1)
-    env = harness.Environment.detect(device, timer)
+    timer = machine.Timer(rep_ms=5, warmup_ms=2, cpu_reps=1)
+    env = machine.Environment.detect(device, timer)
     providers = [harness.PROVIDERS["compiled"], harness.PROVIDERS["reference"]]
     rows = harness.run_case(case, providers, env, timer, compile_backend="no_such_backend")
     by_provider = {(r["provider"], r["mode"]): r for r in rows}

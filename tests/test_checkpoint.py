@@ -10,14 +10,15 @@ import torch
 
 from mos import checkpoint, train
 from mos.config import DataConfig, ModelConfig, MoSConfig, RunConfig, TrainConfig
+from mos.data.config import SyntheticConfig
 
 # Fields of a run record that measure the clock, not the computation.
 TIMING = ("epoch_seconds", "seconds_per_epoch")
 
 
 def tiny_config(out_dir, **train_fields) -> RunConfig:
-    data = DataConfig(num_users=60, num_items=60, num_interests=4, interests_per_user=(2, 3),
-                      sessions_per_user=(3, 5), session_length=(2, 4), targets_per_user=4)
+    data = DataConfig(synthetic=SyntheticConfig(num_users=60, num_items=60, num_interests=4, interests_per_user=(2, 3),
+                                                sessions_per_user=(3, 5), session_length=(2, 4), targets_per_user=4))
     model = ModelConfig(mos=MoSConfig(dim=16, num_heads=2, num_themes=4, session_mode="gap"), mlp_hidden=(16,))
     fields = dict(batch_size=32, max_epochs=3, patience=3, seeds=(0,), progress="none", quiet=True,
                   out_dir=str(out_dir))
@@ -156,6 +157,22 @@ def test_resume_refuses_a_changed_configuration_or_a_damaged_file(tmp_path, monk
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(checkpoint.CheckpointError, match="cut short"):
         train.run(replace(changed, train=replace(changed.train, lr=cfg.train.lr)))
+
+
+def test_a_checkpoint_of_an_earlier_config_layout_resumes(tmp_path, monkeypatch, capsys):
+    """A checkpoint keeps the configuration tree it was written with; keys that moved since are
+    compared at their new place, so the same run resumes (here: is found finished)."""
+    cfg = tiny_config(tmp_path, max_epochs=1)
+    monkeypatch.setattr(train, "CTRModel", _Tiny)
+    train.run(replace(cfg, models=("backbone",)))
+    path = tmp_path / "checkpoints" / "backbone-seed0.pt"
+    saved = checkpoint.load(path)
+    data, mos = saved["config"]["data"], saved["config"]["model"]["mos"]
+    data.update(data.pop("synthetic"), **data.pop("logs"))
+    mos.update(mos.pop("ablation"))
+    checkpoint.save(path, saved)
+    train.run(replace(cfg, models=("backbone",), train=replace(cfg.train, resume=True)))
+    assert "finished before" in capsys.readouterr().out
 
 
 class _Tiny(torch.nn.Module):

@@ -1,12 +1,15 @@
-"""Config loading: defaults < YAML file < --set, types, and errors that name the dotted key."""
+"""Config loading: defaults < YAML file < --set, types, and errors that name the dotted key; MoSConfig
+refusing bad option values by name."""
+import math
 import re
 from pathlib import Path
 
 import pytest
 
 from mos.cli import main
-from mos.config import RunConfig
+from mos.config import DataConfig, MoSConfig, RunConfig
 from mos.config_io import config_to_dict, dump_yaml, load_run_config
+from tests.input_cases import named
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,15 +32,15 @@ def test_precedence_defaults_file_overrides(tmp_path):
 
 
 def test_override_values_are_typed():
-    cfg = load_run_config(None, ["train.seeds=[0,1,2]", "model.mos.capacity=null", "train.lr=1",
+    cfg = load_run_config(None, ["train.seeds=[0,1,2]", "model.mos.max_theme_tokens=null", "train.lr=1",
                                  "model.mos.temperature=3e-1", "models=[mos]", "model.use_category=false"])
     assert cfg.train.seeds == (0, 1, 2)
-    assert cfg.model.mos.capacity is None
+    assert cfg.model.mos.max_theme_tokens is None
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.model.mos.temperature == 0.3    # PyYAML reads 3e-1 as a string; float fields take it
     assert cfg.models == ("mos",)
     assert cfg.model.use_category is False
-    assert load_run_config(None, ["model.mos.capacity=16"]).model.mos.capacity == 16
+    assert load_run_config(None, ["model.mos.max_theme_tokens=16"]).model.mos.max_theme_tokens == 16
 
 
 def test_later_overrides_win_and_sections_merge(tmp_path):
@@ -54,7 +57,7 @@ def test_empty_sections_keep_defaults(tmp_path):
 
 def test_yaml_round_trip_through_file(tmp_path):
     cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=gate", "model.mos_training=joint",
-                                 "model.mos.capacity=5"])
+                                 "model.mos.max_theme_tokens=5"])
     dumped = dump_yaml(cfg)
     assert "seeds: [3, 4]" in dumped            # lists inline, as a person writes them
     assert config_to_dict(cfg)["train"]["seeds"] == [3, 4]   # JSON-ready: tuples become lists
@@ -64,8 +67,8 @@ def test_yaml_round_trip_through_file(tmp_path):
 @pytest.mark.parametrize("overrides,field,value", [
     (["model.mos.fusion=concat", "model.mos_training=joint"], "mos.fusion", "concat"),
     (["model.mos.fusion=residual"], "mos.fusion", "residual"),
-    (["model.mos.vq_detach_tokens=false"], "mos.vq_detach_tokens", False),
-    (["model.mos.extras_detach_inputs=true"], "mos.extras_detach_inputs", True),
+    (["model.mos.ablation.vq_detach_tokens=false"], "mos.ablation.vq_detach_tokens", False),
+    (["model.mos.ablation.extras_detach_inputs=true"], "mos.ablation.extras_detach_inputs", True),
     (["model.mos_training=joint"], "mos_training", "joint"),
 ])
 def test_design_options_round_trip(tmp_path, overrides, field, value):
@@ -80,11 +83,11 @@ def test_design_options_round_trip(tmp_path, overrides, field, value):
 
 def test_design_option_defaults():
     model = RunConfig().model
-    assert (model.mos.fusion, model.mos.vq_detach_tokens, model.mos_training) == ("residual", True, "boosted")
+    assert (model.mos.fusion, model.mos.ablation.vq_detach_tokens, model.mos_training) == ("residual", True, "boosted")
 
 
 def test_boosted_training_needs_a_residual_fusion_over_a_global_expert():
-    for override in ("model.mos.fusion=concat", "model.mos.experts=[short,themes]"):
+    for override in ("model.mos.fusion=concat", "model.mos.ablation.experts=[short,themes]"):
         with pytest.raises(ValueError, match=r"model\.mos_training: expected 'joint' when the MoS layer has no "
                                              r"residual fusion over a global expert .* got 'boosted'"):
             load_run_config(None, [override])
@@ -119,7 +122,7 @@ def test_unknown_key_in_override_names_dotted_key():
     ("train.batch_size=true", r"train\.batch_size: expected an int, got True"),
     ("train.lr=fast", r"train\.lr: expected a number, got 'fast'"),
     ("train.seeds=0", r"train\.seeds: expected a list, got 0"),
-    ("model.mos.capacity=[1]", r"model\.mos\.capacity: expected an int or null"),
+    ("model.mos.max_theme_tokens=[1]", r"model\.mos\.max_theme_tokens: expected an int or null"),
     ("model.mos=3", r"model\.mos: expected a mapping"),
 ])
 def test_wrong_type_names_key_expected_and_given(override, expected):
@@ -176,3 +179,98 @@ def test_unknown_model_name_is_refused_naming_the_choices():
         RunConfig(models=("backbone", "mos_typo"))
     with pytest.raises(ValueError, match=r"models\[\].*got 'nope'"):
         load_run_config(None, ["models=[nope]"])
+
+
+CONFIG_CASES = {
+    "num_themes_0": (dict(num_themes=0), "MoSConfig.num_themes"),
+    "num_themes_negative": (dict(num_themes=-2), "MoSConfig.num_themes"),
+    "top_k_above_K": (dict(num_themes=3, top_k=4), "MoSConfig.top_k"),
+    "top_k_0": (dict(top_k=0), "MoSConfig.top_k"),
+    "fusion_sum": (dict(fusion="sum"), "MoSConfig.fusion"),
+    "encoder_lstm": (dict(encoder="lstm"), "MoSConfig.encoder"),
+    "readout_max": (dict(readout="max"), "MoSConfig.readout"),
+    "global_scope_items": (dict(global_scope="items"), "MoSConfig.global_scope"),
+    "session_mode_daily": (dict(session_mode="daily"), "MoSConfig.session_mode"),
+    "backend_rocm": (dict(backend="rocm"), "MoSConfig.backend"),
+    "max_theme_tokens_0": (dict(max_theme_tokens=0), "MoSConfig.max_theme_tokens"),
+    "session_len_0": (dict(session_len=0), "MoSConfig.session_len"),
+    "temperature_0": (dict(temperature=0.0), "MoSConfig.temperature"),
+    "gap_seconds_negative": (dict(gap_seconds=-1.0), "MoSConfig.gap_seconds"),
+    "heads_not_dividing_dim": (dict(dim=10, num_heads=4), "MoSConfig.dim"),
+    "negative_aux_weight": (dict(codebook_weight=-0.5), "MoSConfig.codebook_weight"),
+    "nan_aux_weight": (dict(load_balance_weight=math.nan), "MoSConfig.load_balance_weight"),
+    "ablation_router_kmeans": (dict(ablation=dict(router="kmeans")), "MoSConfig.ablation.router"),
+    "ablation_routing_unit_item": (dict(ablation=dict(routing_unit="item")), "MoSConfig.ablation.routing_unit"),
+    "ablation_expert_unknown": (dict(ablation=dict(experts=("global", "long"))), "MoSConfig.ablation.experts"),
+    "ablation_experts_empty": (dict(ablation=dict(experts=())), "MoSConfig.ablation.experts"),
+    "ablation_experts_repeated": (dict(ablation=dict(experts=("short", "short"))), "MoSConfig.ablation.experts"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_config_rejects_bad_options(case):
+    """MoSConfig refuses unknown or out-of-range option values, naming the field."""
+    options, name = CONFIG_CASES[case]
+    with pytest.raises(ValueError, match=named(name.replace(".", r"\."))):
+        MoSConfig(**options)
+
+
+SECTION_CASES = {
+    "ablation_none": (lambda: MoSConfig(ablation=None), r"MoSConfig\.ablation: expected a MoSAblation .*got NoneType"),
+    "ablation_string": (lambda: MoSConfig(ablation="random"), r"MoSConfig\.ablation: expected a MoSAblation"),
+    "ablation_unknown_key": (lambda: MoSConfig(ablation={"routers": "random"}),
+                             r"MoSConfig\.ablation: unknown option\(s\) \['routers'\]; expected some of \['router'"),
+    "synthetic_none": (lambda: DataConfig(synthetic=None), r"data\.synthetic: expected a SyntheticConfig"),
+    "logs_string": (lambda: DataConfig(logs="x"), r"data\.logs: expected a LogConfig .*got str 'x'"),
+    "logs_unknown_key": (lambda: DataConfig(logs={"user_col": "u"}), r"data\.logs: unknown option\(s\) \['user_col'\]"),
+}
+
+
+@pytest.mark.parametrize("case", SECTION_CASES)
+def test_config_sections_refuse_what_is_not_a_section(case):
+    """A nested section given as something other than its dataclass or a dict of its fields, or
+    with a key it has not, is refused at once, naming the section (not later, at first use)."""
+    build, message = SECTION_CASES[case]
+    with pytest.raises(TypeError, match=message):
+        build()
+
+
+def test_moved_keys_name_where_they_moved(tmp_path):
+    """A key of an earlier layout is refused, naming its new place: in a file, in --set, as a keyword."""
+    with pytest.raises(ValueError, match=r"'data\.num_users' moved to 'data\.synthetic\.num_users'"):
+        load_run_config(write(tmp_path, "data:\n  num_users: 40\n"), [])
+    with pytest.raises(ValueError, match=r"--set data\.user_column=uid: 'data\.user_column' moved to "
+                                         r"'data\.logs\.user_column'"):
+        load_run_config(None, ["data.user_column=uid"])
+    with pytest.raises(ValueError, match=r"'data\.noise' moved to 'data\.synthetic\.noise'"):
+        load_run_config(None, ["data={noise: 0.2}"])
+    with pytest.raises(ValueError, match=r"'model\.mos\.router' moved to 'model\.mos\.ablation\.router'"):
+        load_run_config(write(tmp_path, "model:\n  mos:\n    router: random\n"), [])
+    with pytest.raises(ValueError, match=r"'model\.mos\.experts' moved to 'model\.mos\.ablation\.experts'"):
+        load_run_config(None, ["model.mos.experts=[global]"])
+    from mos.config import DataConfig, MoSConfig
+    from mos.layer import MoSLayer
+    with pytest.raises(TypeError, match=r"DataConfig\.num_items: moved to data\.synthetic\.num_items"):
+        DataConfig(num_items=5)
+    with pytest.raises(TypeError, match=r"MoSConfig\.router: moved to model\.mos\.ablation\.router"):
+        MoSLayer(router="random")
+    with pytest.raises(ValueError, match=r"'model\.mos\.capacity' moved to 'model\.mos\.max_theme_tokens'"):
+        load_run_config(None, ["model.mos.capacity=8"])
+    with pytest.raises(TypeError, match=r"MoSConfig\.capacity: renamed max_theme_tokens"):
+        MoSConfig(capacity=8)
+    assert MoSConfig(ablation={"router": "random"}).ablation.router == "random"
+
+
+def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
+    """Checkpoints keep the configuration tree they were written with: its moved keys move."""
+    old = config_to_dict(RunConfig())
+    data = old["data"]
+    data.update(data.pop("synthetic"), **data.pop("logs"))
+    data["num_users"], data["user_column"] = 40, "uid"
+    old["model"]["mos"].update(old["model"]["mos"].pop("ablation"), router="random")
+    old["model"]["mos"]["capacity"] = 5
+    del old["model"]["mos"]["max_theme_tokens"]
+    cfg = load_run_config(None, [], base=old)
+    assert (cfg.data.synthetic.num_users, cfg.data.logs.user_column) == (40, "uid")
+    assert (cfg.model.mos.ablation.router, cfg.model.mos.max_theme_tokens) == ("random", 5)
+    assert load_run_config(None, [], base=config_to_dict(cfg)) == cfg

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mos.config import DataConfig
+from mos.data.config import SyntheticConfig
 from mos.data.batch import Batch
 from mos.data.dataset import CTRDataset, split_by_user
 from mos.data.stats import format_statistics, session_statistics
@@ -33,7 +33,7 @@ def _hand_dataset() -> CTRDataset:
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return generate(DataConfig(num_users=80, num_items=120, num_interests=5, seed=1))
+    return generate(SyntheticConfig(num_users=80, num_items=120, num_interests=5), seed=1)
 
 
 def _loop_histories(ds, order, max_history):

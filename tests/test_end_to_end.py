@@ -11,7 +11,7 @@ def test_training_lowers_the_loss_and_beats_chance(tmp_path, capsys):
     """Backbone and MoS, a small synthetic set, a few epochs: the loss falls and test AUC is clearly
     above 0.5 (the label depends on the history; the oracle score reaches AUC 0.83)."""
     rc = main(["train", "--config", "configs/default.yaml", "--quiet", "--set",
-               "data.num_users=800", "data.num_items=300", "train.seeds=[0]", "train.max_epochs=8",
+               "data.synthetic.num_users=800", "data.synthetic.num_items=300", "train.seeds=[0]", "train.max_epochs=8",
                "train.patience=8", "train.batch_size=128", f"train.out_dir={tmp_path}"])
     assert rc == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

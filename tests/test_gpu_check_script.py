@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))   # `benchmarks` is not an installed package
 
-from benchmarks import harness, tables  # noqa: E402
+from benchmarks import harness, machine, tables  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists() or sys.platform != "linux",
                                 reason="the fake python reads its parent from /proc")
@@ -42,7 +42,7 @@ echo "fake: $*"
 
 
 def _rows():
-    env = harness.Environment(card="NVIDIA H200", device="cuda", peak_bw=4.3e12, peak_source="table", timing="t",
+    env = machine.Environment(card="NVIDIA H200", device="cuda", peak_bw=4.3e12, peak_source="table", timing="t",
                               date="d", torch="t", triton="t", python="p", git_commit="unknown", note="")
     shape = dict(B=256, L=1000, T=256000, S=32000, rows=256000, d=64, K=8, top_k=1)
     return [harness.make_row(env, op="layer", provider=p, mode="fwd+bwd", dtype=torch.bfloat16, shape=shape,
@@ -112,7 +112,10 @@ def test_full_run_order_failures_and_test_selection(tmp_path):
     attention = [c for c in calls if "bench_attention" in c]
     assert "compiled" not in attention[0] and "compiled_fused,compiled" in attention[1], "torch.compile last"
     tests = [c for c in calls if "-m pytest" in c]
-    assert tests[0].split()[-2:] == ["tests/test_kernels_gpu.py", "tests/test_attention_triton.py"]
+    first, rest = tests[0].split(), tests[1].split()
+    assert "tests/ops/test_theme_dispatch_gpu.py" in first and "tests/test_layer_backends.py" in first, "GPU scale"
+    assert "tests/ops/test_expert_target_attention.py" in first, "the attention kernels in the guaranteed phase"
+    assert "--ignore=tests/ops/test_expert_target_attention.py" in rest and rest[-1] == "tests/ops", "not twice"
     assert all("not cuda" in c and "install" not in c for c in tests), "no extension: its tests deselected"
     assert not any("pip" in c for c in calls), "the check installs nothing"
     _assert_summarized(done.stdout, out)

@@ -64,14 +64,14 @@ def assert_finite_grads(layer, *inputs):
 @pytest.mark.parametrize("fusion", ["residual", "concat", "gate"])
 @pytest.mark.parametrize("session_mode", ["fixed", "gap"])
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("capacity", [None, 3])
-def test_all_options_finite(encoder, readout, global_scope, fusion, session_mode, top_k, capacity, device):
+@pytest.mark.parametrize("max_theme_tokens", [None, 3])
+def test_all_options_finite(encoder, readout, global_scope, fusion, session_mode, top_k, max_theme_tokens, device):
     """Every option combination: [B, d] finite output and finite aux losses; every parameter gets
     a finite gradient from output + aux loss on a batch with empty sequences, and the theme
-    subsequences hold T * top_k tokens (fewer, none above capacity, with a capacity); an
+    subsequences hold T * top_k tokens (fewer, none above max_theme_tokens, with that cap); an
     all-empty batch also gives finite outputs and gradients."""
     layer = make_layer(device, encoder=encoder, readout=readout, global_scope=global_scope, fusion=fusion,
-                       session_mode=session_mode, top_k=top_k, capacity=capacity)
+                       session_mode=session_mode, top_k=top_k, max_theme_tokens=max_theme_tokens)
     for lengths in (MIXED, ALL_EMPTY):
         layer.zero_grad(set_to_none=True)
         values, target, offsets, times = batch(lengths, 1, device)
@@ -88,21 +88,21 @@ def test_all_options_finite(encoder, readout, global_scope, fusion, session_mode
             missing = [name for name, p in layer.named_parameters() if p.grad is None]
             assert not missing, f"parameters without a gradient: {missing}"
             dispatched = int(out.routing.tokens_per_theme.sum())
-            if capacity is None:
+            if max_theme_tokens is None:
                 assert dispatched == sum(lengths) * top_k
             else:
                 assert dispatched < sum(lengths) * top_k
-                assert int(out.routing.segment_lengths.max()) <= capacity
+                assert int(out.routing.segment_lengths.max()) <= max_theme_tokens
 
 
 @pytest.mark.parametrize("encoder,readout", ENCODER_READOUT)
 @pytest.mark.parametrize("session_mode", ["fixed", "gap"])
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, 3)])
-def test_padded_input_equals_jagged(encoder, readout, session_mode, top_k, capacity, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, 3)])
+def test_padded_input_equals_jagged(encoder, readout, session_mode, top_k, max_theme_tokens, device):
     """Padded values [B, L, d] + lengths (+ timestamps [B, L]) give bit for bit the output of the
     jagged input; padding cells (garbage values, times going back) are never read."""
     layer = make_layer(device, encoder=encoder, readout=readout, session_mode=session_mode, top_k=top_k,
-                       capacity=capacity)
+                       max_theme_tokens=max_theme_tokens)
     values, target, offsets, times = batch(MIXED, 3, device)
     width = max(MIXED) + 2
     padded = 1e3 * randn(generator(4), len(MIXED), width, DIM, dtype=torch.float32, device=device)
@@ -135,14 +135,14 @@ def record_calls(module):
 @pytest.mark.parametrize("session_mode", ["fixed", "gap"])
 @pytest.mark.parametrize("short_sessions", [1, 2, 10])
 @pytest.mark.parametrize("global_scope", ["tokens", "sessions"])
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, 3)])
-def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_scope, top_k, capacity, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, 3)])
+def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_scope, top_k, max_theme_tokens, device):
     """Wiring, against the oracles: the theme experts read the oracle dispatch of the reported
     routing; the short-term expert reads each example's tokens of its last `short_sessions`
     sessions; the global expert reads all tokens, or the oracle session means
     (global_scope="sessions") with one segment of sessions per example."""
     layer = make_layer(device, session_mode=session_mode, short_sessions=short_sessions, global_scope=global_scope,
-                       top_k=top_k, capacity=capacity)
+                       top_k=top_k, max_theme_tokens=max_theme_tokens)
     theme_calls, global_calls, short_calls = (record_calls(m) for m in
                                               (layer.theme_experts, layer.global_expert, layer.short_expert))
     values, target, offsets, times = batch(MIXED, 16, device)
@@ -155,7 +155,7 @@ def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_sc
     (theme,) = theme_calls
     index, _, theme_offsets, _ = oracles.theme_dispatch(out.routing.themes.cpu(), torch.ones(out.routing.themes.shape),
                                                         so, se, num_examples=len(MIXED), num_themes=3,
-                                                        capacity=capacity)
+                                                        max_theme_tokens=max_theme_tokens)
     assert theme["tokens"] is values
     assert torch.equal(theme["gather_index"].cpu(), index)
     assert torch.equal(theme["segment_offsets"].cpu(), theme_offsets)
@@ -182,11 +182,11 @@ def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_sc
 
 CROSS_TALK_OPTIONS = [
     dict(encoder="target_attention"),
-    dict(encoder="target_attention", session_mode="gap", top_k=2, capacity=3, fusion="gate",
+    dict(encoder="target_attention", session_mode="gap", top_k=2, max_theme_tokens=3, fusion="gate",
          global_scope="sessions"),
-    dict(encoder="transformer", readout="target", top_k=2, capacity=2),
+    dict(encoder="transformer", readout="target", top_k=2, max_theme_tokens=2),
     dict(encoder="transformer", readout="last", session_mode="gap", global_scope="sessions"),
-    dict(encoder="transformer", readout="mean", fusion="gate", capacity=3, short_sessions=2),
+    dict(encoder="transformer", readout="mean", fusion="gate", max_theme_tokens=3, short_sessions=2),
 ]
 
 
@@ -261,7 +261,7 @@ def test_load_balance_is_one_when_uniform(device):
 
 
 def test_aux_stop_gradients(device):
-    """With the tokens reaching the VQ losses (vq_detach_tokens=False): commitment moves the
+    """With the tokens reaching the VQ losses (ablation.vq_detach_tokens=False): commitment moves the
     session vectors only (prototypes stopped), codebook the prototypes only (session vectors
     stopped), load balance both."""
     values, target, offsets, times = batch(MIXED, 10, device)
@@ -273,7 +273,7 @@ def test_aux_stop_gradients(device):
 
 
 def test_detached_tokens_take_no_gradient_from_aux_losses(device):
-    """vq_detach_tokens=True (the default): no auxiliary loss sends any gradient to the tokens
+    """ablation.vq_detach_tokens=True (the default): no auxiliary loss sends any gradient to the tokens
     (the item embeddings), and the codebook and load-balance losses still move the prototypes."""
     values, target, offsets, times = batch(MIXED, 10, device)
     for name, moves_prototypes in (("commitment", False), ("codebook", True), ("load_balance", True)):
@@ -286,7 +286,7 @@ def _aux_gradients(device, name, values, target, offsets, times, *, detach):
     """|grad| summed over the tokens and over the prototypes of aux loss `name` alone."""
     weights = dict(commitment_weight=0.0, codebook_weight=0.0, load_balance_weight=0.0)
     weights[f"{name}_weight"] = 1.0
-    layer = make_layer(device, vq_detach_tokens=detach, **weights)
+    layer = make_layer(device, ablation={"vq_detach_tokens": detach}, **weights)
     leaf = values.clone().requires_grad_()
     run(layer, leaf, target, offsets, times).aux_loss.backward()
     value_grad = 0.0 if leaf.grad is None else float(leaf.grad.abs().sum())
@@ -299,7 +299,7 @@ def _aux_gradients(device, name, values, target, offsets, times, *, detach):
 def test_residual_fusion_starts_as_the_global_expert(experts, encoder, readout, device):
     """fusion="residual" at initialisation: the output is exactly the global expert's (the other
     experts' projection is zero), and that projection still gets a gradient, so it learns."""
-    layer = make_layer(device, live=False, encoder=encoder, readout=readout, experts=experts)
+    layer = make_layer(device, live=False, encoder=encoder, readout=readout, ablation={"experts": experts})
     values, target, offsets, times = batch(MIXED, 16, device)
     out = run(layer, values, target, offsets, times)
     alone = layer.global_expert(values, target, offsets)[0]

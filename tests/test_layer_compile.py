@@ -25,10 +25,10 @@ from tests.tolerances import assert_close
 # which torch.compile specialises on).
 BATCHES = ([0, 9, 2, 14, 0], [5, 30, 2, 7, 11, 3, 0])
 # Tracing the layer takes tens of seconds on a CPU: two configurations between them take every
-# data-dependent path (gap sessions, top-2 routing, capacity, session-scope global expert; the
+# data-dependent path (gap sessions, top-2 routing, max_theme_tokens, session-scope global expert; the
 # transformer's grouped projections and self-attention).
 OPTIONS = [
-    dict(encoder="target_attention", session_mode="gap", top_k=2, capacity=3, global_scope="sessions"),
+    dict(encoder="target_attention", session_mode="gap", top_k=2, max_theme_tokens=3, global_scope="sessions"),
     dict(encoder="transformer", readout="target"),
 ]
 

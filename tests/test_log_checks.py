@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mos.config import DataConfig
+from mos.data.config import DataConfig, LogConfig, SyntheticConfig
 from mos.data.logs import load_log
 from mos.errors import InputError
 
@@ -77,7 +77,7 @@ def test_a_byte_order_mark_is_stripped_and_other_encodings_are_named(tmp_path):
 
 def test_a_header_read_as_one_column_names_the_delimiter(tmp_path):
     write(tmp_path / "log.csv", rows(), delimiter="\t")
-    with pytest.raises(InputError, match=r"data.user_column: .*\(one column: the header is separated by tabs, not by ','\)"):
+    with pytest.raises(InputError, match=r"data.logs.user_column: .*\(one column: the header is separated by tabs, not by ','\)"):
         load_log(tmp_path / "log.csv", DataConfig())
 
 
@@ -100,10 +100,10 @@ def test_exact_duplicate_rows_are_counted_and_optionally_dropped(tmp_path):
     assert kept.report.warnings == [
         "3 rows repeat an earlier row in every column read ('user_id', 'item_id', 'timestamp', 'label'), e.g. "
         "line 20 = line 4; line 21 = line 4; line 22 = line 9: duplicates are kept and count twice; "
-        "data.drop_duplicates=true drops them"]
+        "data.logs.drop_duplicates=true drops them"]
     assert kept.report.used == 21
-    dropped = load_log(path, DataConfig(drop_duplicates=True))
-    reason = "repeats an earlier row in every column read ('user_id', 'item_id', 'timestamp', 'label'; data.drop_duplicates)"
+    dropped = load_log(path, DataConfig(logs=LogConfig(drop_duplicates=True)))
+    reason = "repeats an earlier row in every column read ('user_id', 'item_id', 'timestamp', 'label'; data.logs.drop_duplicates)"
     assert dropped.report.refused[reason] == {"count": 3, "examples": ["line 20: 'same as line 4'",
                                                                      "line 21: 'same as line 4'",
                                                                      "line 22: 'same as line 9'"]}
@@ -117,9 +117,9 @@ def test_exact_duplicate_rows_are_counted_and_optionally_dropped(tmp_path):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("no_user_column", "data.user_column: expected a column 'user_id' in"),
+    ("no_user_column", "data.logs.user_column: expected a column 'user_id' in"),
     ("empty", "is empty (0 bytes)"),
-    ("no_sample", "data.min_history: no event of"),
+    ("no_sample", "data.logs.min_history: no event of"),
     ("all_positive", "data.source: expected train samples of both classes (labels 0 and 1), got"),
 ])
 def test_data_errors_are_one_line_and_exit_code_2(tmp_path, case, expected):
@@ -174,7 +174,7 @@ def test_splits_are_checked_before_training():
     from mos.data.checks import check_splits
     from mos.data.synthetic import generate
 
-    train, valid, test = (generate(DataConfig(num_users=20, num_items=40, num_interests=4)),) * 3
+    train, valid, test = (generate(SyntheticConfig(num_users=20, num_items=40, num_interests=4)),) * 3
     check_splits((train, valid, test), DataConfig())
     one_class = valid.subset(valid.label == 1)
     with pytest.raises(InputError, match=r"data.valid_fraction: expected validation samples of both classes .*"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mos.cli import main
-from mos.config import DataConfig
+from mos.data.config import DataConfig, LogConfig
 from mos.data.logs import load_log
 
 HEADER = ["user_id", "item_id", "timestamp", "rating", "category"]
@@ -70,8 +70,8 @@ def test_tsv_parquet_and_renamed_columns_load_the_same(tmp_path):
     import pyarrow.parquet as pq
 
     names = ["uid", "iid", "when", "stars", "genre"]
-    cfg = DataConfig(user_column="uid", item_column="iid", time_column="when", rating_column="stars",
-                     category_column="genre")
+    cfg = DataConfig(logs=LogConfig(user_column="uid", item_column="iid", time_column="when", rating_column="stars",
+                                    category_column="genre"))
     tsv = load_log(write(tmp_path / "log.tsv", ROWS, names, "\t"), cfg)
     # Parquet with native types: integer times, float ratings.
     table = pa.table({"uid": [r[0] for r in ROWS], "iid": [r[1] for r in ROWS],
@@ -133,10 +133,10 @@ def test_a_file_with_no_usable_row_stops_with_the_reasons(tmp_path):
 
 def test_missing_columns_and_files_are_named(tmp_path):
     path = write(tmp_path / "log.csv", [["a", "1"]], ["user", "item_id"])
-    with pytest.raises(ValueError, match=r"data.user_column: expected a column 'user_id' in .*got columns \['user', 'item_id'\]"):
+    with pytest.raises(ValueError, match=r"data.logs.user_column: expected a column 'user_id' in .*got columns \['user', 'item_id'\]"):
         load_log(path, DataConfig())
-    with pytest.raises(ValueError, match="data.label_column: label_source is 'label', so the log needs a column 'label'"):
-        load_log(write(tmp_path / "ok.csv", ROWS), DataConfig(label_source="label"))
+    with pytest.raises(ValueError, match="data.logs.label_column: label_source is 'label', so the log needs a column 'label'"):
+        load_log(write(tmp_path / "ok.csv", ROWS), DataConfig(logs=LogConfig(label_source="label")))
     with pytest.raises(FileNotFoundError, match="data.source: no such file"):
         load_log(tmp_path / "absent.csv", DataConfig())
     with pytest.raises(ValueError, match=r"data.source: expected 'synthetic', 'movielens' or a path to a log ending in "
@@ -155,14 +155,14 @@ def test_label_column_iso_dates_and_positive_only_histories(tmp_path):
     assert log.dataset.timestamps.tolist() == [1704067200 + 300 * k for k in range(4)]
     # Items w, x, y, z -> 1, 2, 3, 4. "all": the unclicked y stays in later histories.
     assert histories(log.dataset) == [(0, [2], 3, 0.0), (0, [2, 3], 4, 1.0), (0, [2, 3, 4], 1, 1.0)]
-    positive = load_log(path, DataConfig(history="positive", valid_fraction=0, test_fraction=0))
+    positive = load_log(path, DataConfig(logs=LogConfig(history="positive"), valid_fraction=0, test_fraction=0))
     assert positive.dataset.item_ids.tolist() == [2, 4, 1]
     assert histories(positive.dataset) == [(0, [2], 3, 0.0), (0, [2], 4, 1.0), (0, [2, 4], 1, 1.0)]
 
 
 def test_without_timestamps_the_row_order_is_the_time_order(tmp_path):
     rows = [["a", "i3"], ["b", "i1"], ["a", "i1"], ["a", "i2"]]
-    log = load_log(write(tmp_path / "log.csv", rows, ["user_id", "item_id"]), DataConfig(negatives=1))
+    log = load_log(write(tmp_path / "log.csv", rows, ["user_id", "item_id"]), DataConfig(logs=LogConfig(negatives=1)))
     assert not log.report.has_timestamps and "row order is the time order" in log.report.format()
     assert log.dataset.item_ids.tolist() == [3, 1, 2, 1]
     assert log.dataset.timestamps.tolist() == [0, 2, 3, 1]
@@ -173,13 +173,13 @@ def test_sampled_negatives_are_seeded_and_never_an_item_seen_by_then(tmp_path):
     rng = np.random.default_rng(0)
     rows = [[f"u{u}", f"i{rng.integers(0, 30)}", str(t), "x"] for u in range(6) for t in range(40)]
     path = write(tmp_path / "log.csv", rows, ["user_id", "item_id", "timestamp", "category"])
-    cfg = DataConfig(negatives=3, seed=5)
+    cfg = DataConfig(logs=LogConfig(negatives=3), seed=5)
     log = load_log(path, cfg)
     ds = log.dataset
     assert "3 sampled negative(s) per event" in log.report.format()
     again = load_log(path, cfg).dataset
     assert torch.equal(ds.target_item, again.target_item)
-    other = load_log(path, DataConfig(negatives=3, seed=6)).dataset
+    other = load_log(path, DataConfig(logs=LogConfig(negatives=3), seed=6)).dataset
     assert not torch.equal(ds.target_item, other.target_item)
     negatives = 0
     for user, history, target, label in histories(ds):

@@ -82,7 +82,7 @@ def test_target_verdict():
 def test_quick_profile_on_the_long_setting(tmp_path, capsys):
     """The long-history configuration runs end to end at toy size, and its title names it."""
     args = ["profile", "--quick", "--config", "configs/profile_long.yaml", "--quiet",
-            "--set", "models=[backbone,mos]", "data.num_users=40", f"train.out_dir={tmp_path}"]
+            "--set", "models=[backbone,mos]", "data.synthetic.num_users=40", f"train.out_dir={tmp_path}"]
     assert main(args) == 0
     report = (tmp_path / "profile.md").read_text()
     assert report.startswith("## synthetic, long") and "| mos |" in report

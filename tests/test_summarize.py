@@ -13,13 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # `benchmarks` is not an installed package
 
-from benchmarks import harness, summarize, tables  # noqa: E402
+from benchmarks import harness, machine, summarize, tables  # noqa: E402
 
 SHAPE = dict(B=256, L=1000, T=256000, S=32000, rows=256000, d=64, K=8, top_k=1)
 
 
 def _row(op, provider, mode, median_ms, **values):
-    env = harness.Environment(card="NVIDIA H200", device="cuda", peak_bw=4.3e12, peak_source="table", timing="t",
+    env = machine.Environment(card="NVIDIA H200", device="cuda", peak_bw=4.3e12, peak_source="table", timing="t",
                               date="d", torch="t", triton="t", python="p", git_commit="unknown", note="")
     return harness.make_row(env, op=op, provider=provider, mode=mode, dtype=torch.bfloat16, shape=SHAPE,
                             median_ms=median_ms, **values)

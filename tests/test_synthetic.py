@@ -5,22 +5,23 @@ import numpy as np
 import pytest
 import torch
 
-from mos.config import DataConfig
+from mos.data.config import SyntheticConfig
 from mos.data.stats import session_statistics
 from mos.data.synthetic import generate
 from mos.metrics import auc, session_majority
 
-SMALL = DataConfig(num_users=150, num_items=200, num_interests=6, seed=3)
+SMALL = SyntheticConfig(num_users=150, num_items=200, num_interests=6)
+SEED = 3
 
 
 @pytest.fixture(scope="module")
 def small():
-    return generate(SMALL, return_truth=True)
+    return generate(SMALL, SEED, return_truth=True)
 
 
 @pytest.fixture(scope="module")
 def default():
-    return generate(DataConfig(), return_truth=True)
+    return generate(SyntheticConfig(), return_truth=True)
 
 
 def _tensors(ds):
@@ -28,10 +29,10 @@ def _tensors(ds):
 
 
 def test_same_seed_same_data_other_seed_other_data(small):
-    again = generate(SMALL)
+    again = generate(SMALL, SEED)
     for name, value in _tensors(small[0]).items():
         assert torch.equal(value, getattr(again, name)), name
-    other = generate(DataConfig(**{**vars(SMALL), "seed": 4}))
+    other = generate(SMALL, 4)
     assert not torch.equal(other.label, small[0].label)
     assert not torch.equal(other.timestamps[:100], small[0].timestamps[:100])
 
@@ -125,7 +126,7 @@ def test_score_follows_the_documented_rule(small):
 
 def test_labels_depend_on_the_history(default):
     ds, truth = default
-    cfg = DataConfig()
+    cfg = SyntheticConfig()
     assert auc(ds.label, truth.score) > 0.75
     # The session-level terms (share, recent) from the session record, without the item tastes.
     num_users = ds.num_users
@@ -155,9 +156,9 @@ def test_statistics_show_session_hopping(default):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="data.interests_per_user"):
-        DataConfig(interests_per_user=(1, 3))
-    with pytest.raises(ValueError, match="data.session_length"):
-        DataConfig(session_length=(5, 2))
-    with pytest.raises(ValueError, match="data.noise"):
-        DataConfig(noise=1.5)
+    with pytest.raises(ValueError, match="data.synthetic.interests_per_user"):
+        SyntheticConfig(interests_per_user=(1, 3))
+    with pytest.raises(ValueError, match="data.synthetic.session_length"):
+        SyntheticConfig(session_length=(5, 2))
+    with pytest.raises(ValueError, match="data.synthetic.noise"):
+        SyntheticConfig(noise=1.5)

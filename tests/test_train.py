@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mos import train
+from mos import run_state, train
 from mos.config import ModelConfig, MoSConfig, RunConfig, TrainConfig
 from mos.data.batch import Batch
 
@@ -166,7 +166,7 @@ def test_the_progress_bar_raises_no_warning(splits, capsys):
 
 def test_run_appends_json_lines_and_prints_the_table(splits, monkeypatch, tmp_path, capsys):
     data = FakeData(8, 9)
-    monkeypatch.setattr(train.synthetic, "generate", lambda cfg: data)
+    monkeypatch.setattr(train.synthetic, "generate", lambda cfg, seed: data)
     monkeypatch.setattr(train, "split_by_user", lambda ds, valid, test, seed: splits)
     monkeypatch.setattr(train.stats, "session_statistics", lambda ds, gap_seconds: {"sessions": 2})
     monkeypatch.setattr(train.stats, "format_statistics", lambda stats: f"statistics {stats}")
@@ -193,10 +193,10 @@ def test_boosted_mos_carries_its_backbone_step_for_step(encoder):
     exactly the backbone's gradients), while its MoS candidate has moved away from it; a joint
     MoS model's prediction has not stayed on the backbone's."""
     from mos.data import synthetic
-    from mos.config import DataConfig
+    from mos.data.config import SyntheticConfig
     from mos.model import CTRModel
 
-    data = synthetic.generate(DataConfig(num_users=40, num_items=60))
+    data = synthetic.generate(SyntheticConfig(num_users=40, num_items=60))
     batches = list(data.batches(16))[:4]
     mos_cfg = MoSConfig(dim=16, num_heads=2, encoder=encoder, session_mode="gap")
     predictions = {}
@@ -205,7 +205,7 @@ def test_boosted_mos_carries_its_backbone_step_for_step(encoder):
         model = CTRModel(ModelConfig(kind=kind, mos=mos_cfg, mos_training=training), data.num_items,
                          data.num_categories)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        state = train._RunState(epoch_shuffle=torch.Generator().get_state())
+        state = run_state.RunState(epoch_shuffle=torch.Generator().get_state())
         for batch in batches:
             train._train_step(model, optimizer, batch, state)
         with torch.no_grad():
@@ -221,10 +221,10 @@ def test_boosted_mos_serves_the_candidate_validation_prefers():
     """`evaluate(choose=True)` serves the candidate with the higher validation AUC and reports
     that candidate's metrics; without `choose` the serving choice is left as it is."""
     from mos.data import synthetic
-    from mos.config import DataConfig
+    from mos.data.config import SyntheticConfig
     from mos.model import CTRModel
 
-    data = synthetic.generate(DataConfig(num_users=40, num_items=60))
+    data = synthetic.generate(SyntheticConfig(num_users=40, num_items=60))
     torch.manual_seed(0)
     model = CTRModel(ModelConfig(mos=MoSConfig(dim=16, num_heads=2)), data.num_items, data.num_categories)
     with torch.no_grad():

@@ -63,14 +63,14 @@ def _dispatch_configs() -> List[Config]:
         block_s, block_k = count_blocks(num_themes)
         out.append(("_dispatch_count", count_sig, {"BLOCK_S": block_s, "BLOCK_K": block_k}))
     # The fill copies the gate's bits: one kernel per width (bf16/fp16, fp32, fp64).
-    for gate, top_k, capacity in itertools.product(("*i16", "*i32", "*i64"), (1, 2, 4, 8, 16, 32, 64), (False, True)):
+    for gate, top_k, capped in itertools.product(("*i16", "*i32", "*i64"), (1, 2, 4, 8, 16, 32, 64), (False, True)):
         block_s, block_t, block_j = fill_blocks(top_k)   # any other top_k <= 64 launches one of these
         sig = {"themes_ptr": "*i64", "gate_ptr": gate, "session_offsets_ptr": "*i64", "session_example_ptr": "*i64",
                "rank_ptr": "*i32", "counts_ptr": "*i32", "theme_offsets_ptr": "*i64", "gather_index_ptr": "*i64",
                "row_gate_ptr": gate, "inverse_ptr": "*i64", "num_sessions": "i32", "num_examples": "i32",
-               "top_k": "i32", "capacity": "i32"}
+               "top_k": "i32", "max_theme_tokens": "i32"}
         out.append(("_dispatch_fill", sig, {"BLOCK_S": block_s, "BLOCK_T": block_t, "BLOCK_J": block_j,
-                                            "HAS_CAPACITY": capacity}))
+                                            "HAS_MAX_THEME_TOKENS": capped}))
     return out
 
 

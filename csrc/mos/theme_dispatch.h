@@ -2,9 +2,9 @@
 //
 //   CountItems    (example b, theme k) -> walks b's sessions in time order: the rank of every
 //                 (session, choice) of theme k inside segment (k, b), and the segment's size
-//   (host)        exclusive prefix sum of the sizes (capped by the capacity) -> segment starts
+//   (host)        exclusive prefix sum of the sizes (capped at max_theme_tokens) -> segment starts
 //   SessionItems  session s -> the base of each of its choices (token row t goes to base + t),
-//                 the first row a capacity keeps, and the session of each of its token rows
+//                 the first row max_theme_tokens keeps, and the session of each of its token rows
 //   FillItems     token row t -> its destination row for every choice, the gather index,
 //                 the row's gate (copied bit for bit) and the inverse index
 // Integer only, no atomics: the layout is deterministic and identical to the reference's
@@ -51,20 +51,21 @@ struct SessionItems {
   const int64_t* session_example;   // [S]
   const int32_t* rank;              // [S, top_k]
   const int32_t* counts;            // [K*B] uncapped segment sizes
-  const int64_t* theme_offsets;     // [K*B+1] segment starts after the capacity
+  const int64_t* theme_offsets;     // [K*B+1] segment starts after the max_theme_tokens cap
   int32_t* base;                    // [S, top_k] out: destination of token row t = base + t
-  int32_t* first_kept;              // [S, top_k] out: the first token row the capacity keeps
+  int32_t* first_kept;              // [S, top_k] out: the first token row max_theme_tokens keeps
   int32_t* token_session;           // [T] out: the session of every token row
-  int64_t num_examples, top_k, capacity;   // capacity 0: keep every row
+  int64_t num_examples, top_k, max_theme_tokens;   // max_theme_tokens 0: keep every row
 
   MOS_HD void operator()(int64_t s) const {
     const int64_t start = session_offsets[s], end = session_offsets[s + 1];
     for (int64_t j = 0; j < top_k; ++j) {
       const int64_t key = themes[s * top_k + j] * num_examples + session_example[s];
       // The token row of rank 0 in the segment (rank <= start: ranks count earlier rows of the
-      // example); a capacity keeps the newest rows, dropping the oldest count - capacity ranks.
+      // example); max_theme_tokens keeps the newest rows, dropping the oldest count - max_theme_tokens ranks.
       int32_t kept_from = static_cast<int32_t>(start) - rank[s * top_k + j];
-      if (capacity > 0 && counts[key] > capacity) kept_from += counts[key] - static_cast<int32_t>(capacity);
+      if (max_theme_tokens > 0 && counts[key] > max_theme_tokens)
+        kept_from += counts[key] - static_cast<int32_t>(max_theme_tokens);
       first_kept[s * top_k + j] = kept_from;
       base[s * top_k + j] = static_cast<int32_t>(theme_offsets[key]) - kept_from;
     }

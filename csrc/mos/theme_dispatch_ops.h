@@ -30,7 +30,7 @@ void by_gate_width(const char* op, const at::Tensor& gate, F&& f) {
 inline void check_dispatch_inputs(const char* op, const at::Tensor& themes, const at::Tensor& gate,
                                   const at::Tensor& session_offsets, const at::Tensor& session_example,
                                   const at::Tensor& example_session_offsets, int64_t num_tokens, int64_t num_themes,
-                                  int64_t capacity) {
+                                  int64_t max_theme_tokens) {
   check_index(op, "themes", themes, themes, 2);
   check_device(op, "gate", gate, themes);
   check_dim(op, "gate", gate, 2);
@@ -49,17 +49,17 @@ inline void check_dispatch_inputs(const char* op, const at::Tensor& themes, cons
   TORCH_CHECK(num_tokens >= 0, op, ": num_tokens: expected >= 0, got ", num_tokens);
   TORCH_CHECK(num_tokens * top_k < (int64_t{1} << 31), op, ": num_tokens: expected num_tokens * top_k < 2^31 ",
               "(rows are counted in 32 bits), got ", num_tokens, " * ", top_k);
-  TORCH_CHECK(capacity >= 0, op, ": capacity: expected >= 0 (0: unlimited), got ", capacity);
+  TORCH_CHECK(max_theme_tokens >= 0, op, ": max_theme_tokens: expected >= 0 (0: unlimited), got ", max_theme_tokens);
 }
 
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> theme_dispatch(
     const at::Tensor& themes_in, const at::Tensor& gate_in, const at::Tensor& session_offsets_in,
     const at::Tensor& session_example_in, const at::Tensor& example_session_offsets_in, int64_t num_tokens,
-    int64_t num_themes, int64_t capacity) {
+    int64_t num_themes, int64_t max_theme_tokens) {
   constexpr const char* op = "mos_cuda::theme_dispatch";
   check_dispatch_inputs(op, themes_in, gate_in, session_offsets_in, session_example_in, example_session_offsets_in,
-                        num_tokens, num_themes, capacity);
+                        num_tokens, num_themes, max_theme_tokens);
   const int64_t num_sessions = themes_in.size(0), top_k = themes_in.size(1);
   typename Exec::Guard guard(themes_in.device());
   const at::Tensor themes = themes_in.contiguous(), gate = gate_in.contiguous();
@@ -77,13 +77,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> theme_dispatch(
             CountItems{themes.const_data_ptr<int64_t>(), session_offsets.const_data_ptr<int64_t>(),
                        example_session_offsets.const_data_ptr<int64_t>(), rank.mutable_data_ptr<int32_t>(),
                        counts.mutable_data_ptr<int32_t>(), num_examples, num_themes, top_k});
-  const at::Tensor kept = capacity > 0 ? counts.clamp_max(capacity) : counts;
+  const at::Tensor kept = max_theme_tokens > 0 ? counts.clamp_max(max_theme_tokens) : counts;
   at::Tensor theme_offsets = at::zeros({num_themes * num_examples + 1}, index);
   at::Tensor segment_ends = theme_offsets.narrow(0, 1, num_themes * num_examples);
   at::cumsum_out(segment_ends, kept, 0, at::kLong);
-  // Without a capacity every (token, choice) is a row: the size is known without a sync.
+  // Without max_theme_tokens every (token, choice) is a row: the size is known without a sync.
   // With one, the kept row count is read back once (the documented sync).
-  const int64_t num_rows = capacity > 0 ? theme_offsets[-1].item<int64_t>() : num_tokens * top_k;
+  const int64_t num_rows = max_theme_tokens > 0 ? theme_offsets[-1].item<int64_t>() : num_tokens * top_k;
 
   at::Tensor base = new_output({num_sessions, top_k}, index32);
   at::Tensor first_kept = new_output({num_sessions, top_k}, index32);
@@ -92,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> theme_dispatch(
                                        session_example.const_data_ptr<int64_t>(), rank.const_data_ptr<int32_t>(),
                                        counts.const_data_ptr<int32_t>(), theme_offsets.const_data_ptr<int64_t>(),
                                        base.mutable_data_ptr<int32_t>(), first_kept.mutable_data_ptr<int32_t>(),
-                                       token_session.mutable_data_ptr<int32_t>(), num_examples, top_k, capacity});
+                                       token_session.mutable_data_ptr<int32_t>(), num_examples, top_k,
+                                       max_theme_tokens});
 
   at::Tensor gather_index = new_output({num_rows}, index);
   at::Tensor row_gate = new_output({num_rows}, gate.options());

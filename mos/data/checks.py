@@ -4,14 +4,14 @@ check that runs before any training.
 Warnings go into the log's report (printed before training): timestamps that look like
 milliseconds, microseconds or nanoseconds read as seconds (every gap between events then looks
 1000 times too long, so every session holds one event), and rows that repeat an earlier row in
-every column read (kept and counted, or dropped with `data.drop_duplicates`). Without a
+every column read (kept and counted, or dropped with `data.logs.drop_duplicates`). Without a
 timestamp column each row is its own moment, so no row repeats another.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from mos.config import DataConfig
+from mos.data.config import DataConfig, LogConfig
 from mos.errors import InputError
 
 # (smallest median, unit, units per second): seconds since 1970 pass 1e11 only in the year 5138,
@@ -35,7 +35,7 @@ def warn_time_unit(seconds: np.ndarray, column: str, warnings: list) -> None:
             return
 
 
-def duplicate_rows(events: dict, columns: list, cfg: DataConfig, report) -> dict:
+def duplicate_rows(events: dict, columns: list, cfg: LogConfig, report) -> dict:
     """Count the rows that repeat an earlier one in every column read (`columns` names them);
     warn about them, or refuse them when `cfg.drop_duplicates`. Returns the events kept."""
     fields = [events[name] for name in ("user", "item", "time", "value", "category") if events[name] is not None]
@@ -51,9 +51,9 @@ def duplicate_rows(events: dict, columns: list, cfg: DataConfig, report) -> dict
         pairs = "; ".join(f"line {a} = line {b}" for a, b in zip(lines[:_EXAMPLES], earlier[:_EXAMPLES]))
         report.warnings.append(
             f"{len(lines)} rows repeat an earlier row in every column read ({read}), e.g. {pairs}: duplicates are "
-            f"kept and count twice; data.drop_duplicates=true drops them")
+            f"kept and count twice; data.logs.drop_duplicates=true drops them")
         return events
-    report.refuse(f"repeats an earlier row in every column read ({read}; data.drop_duplicates)", lines,
+    report.refuse(f"repeats an earlier row in every column read ({read}; data.logs.drop_duplicates)", lines,
                   [f"same as line {b}" for b in earlier[:_EXAMPLES]])
     report.used -= len(lines)
     return {name: None if value is None else value[~repeat] for name, value in events.items()}
@@ -71,6 +71,6 @@ def check_splits(splits: tuple, cfg: DataConfig) -> None:
                              f"{cfg.valid_fraction}, test_fraction={cfg.test_fraction} of {of})")
         positives = int(split.label.sum())
         if name != "test" and positives in (0, len(split)):
-            hint = "; data.label_source=sampled draws negatives" if positives and cfg.source != "synthetic" else ""
+            hint = "; data.logs.label_source=sampled draws negatives" if positives and cfg.source != "synthetic" else ""
             raise InputError(f"{option}: expected {name} samples of both classes (labels 0 and 1), got "
                              f"{len(split)} samples all labelled {int(positives > 0)}{hint}")

@@ -50,7 +50,7 @@ def _present(header: list, wanted: dict, path: Path, delimiter: str = "") -> dic
     """Role -> column index of the wanted columns the header has; the ids are required."""
     for role in ("user", "item"):
         if wanted[role] not in header:
-            raise InputError(f"data.{role}_column: expected a column {wanted[role]!r} in {path}, got columns "
+            raise InputError(f"data.logs.{role}_column: expected a column {wanted[role]!r} in {path}, got columns "
                              f"{header}{_delimiter_hint(header, delimiter)}")
     return {role: header.index(name) for role, name in wanted.items() if name in header}
 

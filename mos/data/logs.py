@@ -1,18 +1,19 @@
 """Your own interaction log (CSV, TSV or Parquet) as a `CTRDataset`, split by time.
 
-The file has one row per event. Columns (names are `DataConfig` fields): a user id and an item
+The file has one row per event. Columns (names are `LogConfig` fields, `data.logs.*`): a user id and an item
 id (required), a timestamp (seconds as a number, or an ISO-8601 date; without the column the
 file's row order is the time order), and optionally a 0/1 label, a rating and a category.
 
 The file. `mos.data.log_files` checks it before reading a row (empty, a binary file under a text
-suffix or the reverse, the id columns missing) and strips a UTF-8 byte-order mark.
+suffix or the reverse, the id columns missing) and strips a UTF-8 byte-order mark;
+`mos.data.log_rows` parses the rows' values and counts the refused ones.
 
 Rows. A row is used when it has a value in every column read, its ids are not empty, and its
 timestamp, label and rating parse. Every other row is counted under the first reason it fails,
 with a few examples (line number and value), in the `LogReport` that `load_log` returns and
 training prints: nothing is dropped silently. A file with no usable row stops with the reasons.
 The report also warns about input that loads but is probably wrong (`mos.data.checks`):
-timestamps in milliseconds or microseconds, and exact duplicate rows (`data.drop_duplicates`
+timestamps in milliseconds or microseconds, and exact duplicate rows (`data.logs.drop_duplicates`
 drops them, counted like refused rows).
 
 Order and vocabularies. Events are sorted by user, then timestamp; ties keep the file's order.
@@ -42,61 +43,21 @@ trained model numbers them, rows with an item it never saw are refused, and ever
 """
 from __future__ import annotations
 
-import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from mos.config import LOG_FORMATS, DataConfig
+from mos.data.config import LOG_FORMATS, DataConfig, LogConfig
 from mos.data import checks
 from mos.data.dataset import CTRDataset
 from mos.data.log_files import read_columns
+from mos.data.log_rows import LogReport, parse_rows
 from mos.errors import InputError
 
-_EXAMPLES = 3                 # examples kept per reason a row was refused
 _NEGATIVE_DRAWS = 100         # rounds of redrawing a sampled negative the user had already seen
-
-
-@dataclass
-class LogReport:
-    """What loading a log found: rows read and used, refused rows by reason, the choices made."""
-
-    path: str
-    rows: int = 0
-    used: int = 0
-    refused: dict = field(default_factory=dict)     # reason -> {"count": n, "examples": [...]}
-    notes: list = field(default_factory=list)       # counted decisions that kept the row
-    warnings: list = field(default_factory=list)    # what is probably wrong with the input, though it loads
-    has_timestamps: bool = True
-    has_labels: bool = True                         # False: read for scoring from a log without labels
-    label_source: str = ""
-    users: int = 0
-    items: int = 0
-    categories: int = 0
-    samples: int = 0
-    positive_rate: float = float("nan")
-
-    def refuse(self, reason: str, lines: np.ndarray, values: list) -> None:
-        self.refused[reason] = {
-            "count": len(lines),
-            "examples": [f"line {line}: {'(empty)' if value is None else repr(value)}"
-                         for line, value in zip(lines[:_EXAMPLES], values[:_EXAMPLES])],
-        }
-
-    def format(self) -> str:
-        lines = [f"log {self.path}: {self.rows} rows, {self.used} used, {self.rows - self.used} refused"]
-        for reason, entry in self.refused.items():
-            lines.append(f"  refused {entry['count']}: {reason} (e.g. {'; '.join(entry['examples'])})")
-        lines += [f"  note: {note}" for note in self.notes]
-        lines += [f"  WARNING: {warning}" for warning in self.warnings]
-        time = "timestamps" if self.has_timestamps else "no timestamp column: the file's row order is the time order"
-        positive = f", {self.positive_rate:.3f} positive" if self.has_labels else ""
-        lines.append(f"  {self.users} users, {self.items} items, {self.categories} categories, {time}; "
-                     f"labels from {self.label_source}: {self.samples} samples{positive}")
-        return "\n".join(lines)
 
 
 @dataclass
@@ -137,29 +98,30 @@ def load_log(path, cfg: DataConfig, vocabulary: Optional[Vocabulary] = None) -> 
         raise InputError(f"data.source: expected a log file ending in {', '.join(LOG_FORMATS)}, got {str(path)!r}")
     if not path.is_file():
         raise FileNotFoundError(f"data.source: no such file {str(path)!r}")
-    wanted = {role: getattr(cfg, f"{role}_column") for role in _ROLES}
+    options = cfg.logs
+    wanted = {role: getattr(options, f"{role}_column") for role in _ROLES}
     header, columns, fields, line = read_columns(path, kind, wanted)
     report = LogReport(path=str(path), rows=len(line))
-    label_source = _label_source(cfg, header, scoring=vocabulary is not None)
-    report.label_source = {"label": f"column {cfg.label_column!r}",
-                           "rating": f"{cfg.rating_column!r} >= {cfg.rating_threshold:g}",
-                           "sampled": f"{cfg.negatives} sampled negative(s) per event",
+    label_source = _label_source(options, header, scoring=vocabulary is not None)
+    report.label_source = {"label": f"column {options.label_column!r}",
+                           "rating": f"{options.rating_column!r} >= {options.rating_threshold:g}",
+                           "sampled": f"{options.negatives} sampled negative(s) per event",
                            "none": "nowhere (no label or rating column; scores only)"}[label_source]
     report.has_timestamps = "time" in columns
     report.has_labels = label_source != "none"
     known = None if vocabulary is None else set(vocabulary.items)
-    events = _parse_rows(columns, fields, len(header), line, cfg, label_source, report, known)
+    events = parse_rows(columns, fields, len(header), line, options, label_source, report, known)
     if report.has_timestamps:
-        checks.warn_time_unit(events["time"], cfg.time_column, report.warnings)
-    events = checks.duplicate_rows(events, [getattr(cfg, f"{role}_column") for role in columns], cfg, report)
+        checks.warn_time_unit(events["time"], options.time_column, report.warnings)
+    events = checks.duplicate_rows(events, [getattr(options, f"{role}_column") for role in columns], options, report)
     return _build(events, cfg, label_source, report, vocabulary)
 
 
-# Each role's column name is the DataConfig field `<role>_column`.
+# Each role's column name is the LogConfig field `<role>_column`.
 _ROLES = ("user", "item", "time", "label", "rating", "category")
 
 
-def _label_source(cfg: DataConfig, header: list, scoring: bool) -> str:
+def _label_source(cfg: LogConfig, header: list, scoring: bool) -> str:
     """Where the labels come from; when scoring, "none" where the log has no labels to read."""
     if cfg.label_source == "auto" or (scoring and cfg.label_source == "sampled"):
         if cfg.label_column in header:
@@ -170,111 +132,9 @@ def _label_source(cfg: DataConfig, header: list, scoring: bool) -> str:
     if cfg.label_source != "sampled":
         column = getattr(cfg, f"{cfg.label_source}_column")
         if column not in header:
-            raise InputError(f"data.{cfg.label_source}_column: label_source is {cfg.label_source!r}, so the log "
+            raise InputError(f"data.logs.{cfg.label_source}_column: label_source is {cfg.label_source!r}, so the log "
                              f"needs a column {column!r}; got columns {header}")
     return cfg.label_source
-
-
-def _parse_rows(columns: dict, fields: np.ndarray, width: int, line: np.ndarray, cfg: DataConfig,
-                label_source: str, report: LogReport, known_items: Optional[set] = None) -> dict:
-    """The usable rows as arrays (file order); refused rows go into `report`. With `known_items`
-    (scoring), rows whose item is not among them are refused too."""
-    num_rows = len(line)
-    refused = np.zeros(num_rows, dtype=bool)
-
-    def refuse(reason: str, bad: np.ndarray, values) -> None:
-        new = bad & ~refused
-        if new.any():
-            at = np.flatnonzero(new)
-            report.refuse(reason, line[at], [values[i] for i in at[:_EXAMPLES]])
-            refused[new] = True
-
-    refuse(f"expected {width} fields (as in the header), got another number", fields != width,
-           [f"{n} fields" for n in fields])
-    read = [role for role in ("user", "item", "time", "category") if role in columns]
-    if label_source in ("label", "rating"):
-        read.append(label_source)
-    for role in read:
-        values = columns[role]
-        refuse(f"no value in column {getattr(cfg, f'{role}_column')!r}",
-               np.array([value is None for value in values], dtype=bool), values)
-    if "time" in columns:
-        seconds, ok = _parse(columns["time"], refused, _as_seconds, np.int64)
-        refuse(f"column {cfg.time_column!r} is not seconds or an ISO-8601 date", ~ok, columns["time"])
-    else:
-        seconds = np.arange(num_rows, dtype=np.int64)
-    # Sampled negatives come later, so every event is a positive; unlabelled scoring data gets 0.
-    label = np.full(num_rows, label_source == "sampled", dtype=np.float32)
-    value = label.astype(np.float64)     # what tells two rows apart besides ids and time
-    if label_source == "label":
-        label, ok = _parse(columns["label"], refused, _as_label, np.float32)
-        refuse(f"column {cfg.label_column!r} is not 0 or 1", ~ok, columns["label"])
-        value = label.astype(np.float64)
-    elif label_source == "rating":
-        value, ok = _parse(columns["rating"], refused, _as_number, np.float64)
-        refuse(f"column {cfg.rating_column!r} is not a number", ~ok, columns["rating"])
-        label = (value >= cfg.rating_threshold).astype(np.float32)
-    if known_items is not None:
-        refuse(f"column {cfg.item_column!r} names an item the model never saw in training (it has no embedding)",
-               np.array([item not in known_items for item in columns["item"]], dtype=bool), columns["item"])
-    used = ~refused
-    report.used = int(used.sum())
-    if not report.used:
-        reasons = "; ".join(f"{entry['count']} {reason}" for reason, entry in report.refused.items()) or "no rows"
-        raise InputError(f"data.source: no usable row in {report.path} ({reasons})")
-
-    def kept(role):
-        return np.array([str(value) for value, keep in zip(columns[role], used) if keep], dtype=str)
-
-    return {"user": kept("user"), "item": kept("item"), "category": kept("category") if "category" in columns else None,
-            "time": seconds[used], "label": label[used], "value": value[used], "line": line[used]}
-
-
-def _parse(values: list, skip: np.ndarray, convert, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """`convert` of every value (None: it does not parse) and whether each parsed; rows in `skip`
-    are not parsed (ok stays True)."""
-    out = np.zeros(len(values), dtype=dtype)
-    ok = np.ones(len(values), dtype=bool)
-    for i, value in enumerate(values):
-        if skip[i]:
-            continue
-        number = convert(value)
-        if number is None:
-            ok[i] = False
-        else:
-            out[i] = number
-    return out, ok
-
-
-def _as_number(value):
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if np.isfinite(number) else None
-
-
-def _as_seconds(value):
-    if isinstance(value, datetime.datetime):
-        moment = value
-    else:
-        number = None if isinstance(value, bool) else _as_number(value)
-        if number is not None:
-            return int(np.floor(number))
-        try:
-            moment = datetime.datetime.fromisoformat(str(value))
-        except ValueError:
-            return None
-    if moment.tzinfo is None:   # a date without a zone is read as UTC, the same on every machine
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return int(np.floor(moment.timestamp()))
-
-
-_LABELS = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "false": 0.0, "true": 1.0}
-
-
-def _as_label(value):
-    return _LABELS.get(str(value).strip().lower())
 
 
 def _number(events: dict, report: LogReport, vocabulary: Optional[Vocabulary]):
@@ -315,21 +175,22 @@ def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport,
     order = np.lexsort((events["time"], user))
     user, item, time, label, line = (user[order], item[order], events["time"][order], events["label"][order],
                                      events["line"][order])
-    if cfg.history == "positive" and label_source == "none":
-        raise InputError(f"data.history: 'positive' keeps only positive events in histories, but {report.path} "
-                         f"has no {cfg.label_column!r} or {cfg.rating_column!r} column to tell them apart")
-    in_history = label == 1 if cfg.history == "positive" else np.ones(len(item), dtype=bool)
+    options = cfg.logs
+    if options.history == "positive" and label_source == "none":
+        raise InputError(f"data.logs.history: 'positive' keeps only positive events in histories, but {report.path} "
+                         f"has no {options.label_column!r} or {options.rating_column!r} column to tell them apart")
+    in_history = label == 1 if options.history == "positive" else np.ones(len(item), dtype=bool)
     user_offsets = np.zeros(len(users) + 1, dtype=np.int64)
     user_offsets[1:] = np.cumsum(np.bincount(user[in_history], minlength=len(users)))
     # History events before row r (all users before, then this user's): where r's history ends.
     hist_end = np.cumsum(in_history) - in_history
-    is_sample = hist_end - user_offsets[user] >= cfg.min_history
+    is_sample = hist_end - user_offsets[user] >= options.min_history
     if (~is_sample).any():
-        report.notes.append(f"{int((~is_sample).sum())} events have fewer than min_history={cfg.min_history} "
+        report.notes.append(f"{int((~is_sample).sum())} events have fewer than min_history={options.min_history} "
                             f"history events before them: history only, not samples")
     rows = np.flatnonzero(is_sample)
     if not len(rows):
-        raise InputError(f"data.min_history: no event of {report.path} has min_history={cfg.min_history} "
+        raise InputError(f"data.logs.min_history: no event of {report.path} has min_history={options.min_history} "
                          f"history events before it, so there is no sample")
     part = _time_split(user[rows], cfg.valid_fraction, cfg.test_fraction)
 
@@ -385,7 +246,7 @@ def _sample_negatives(user: np.ndarray, item: np.ndarray, rows: np.ndarray, num_
     # The first row of every (user, item) pair, sorted by pair: a candidate j for row r is seen
     # when the pair (user[r], j) has a first row <= r.
     pair, first = np.unique(user * (num_items + 1) + item, return_index=True)
-    owner = np.repeat(rows, cfg.negatives)
+    owner = np.repeat(rows, cfg.logs.negatives)
     drawn = np.zeros(len(owner), dtype=np.int64)
     todo = np.arange(len(owner))
     for _ in range(_NEGATIVE_DRAWS):
@@ -400,7 +261,7 @@ def _sample_negatives(user: np.ndarray, item: np.ndarray, rows: np.ndarray, num_
     if len(todo):
         report.notes.append(f"{len(todo)} sampled negatives dropped: their users had interacted with almost "
                             f"every item ({_NEGATIVE_DRAWS} draws found none they had not)")
-    return drawn.reshape(len(rows), cfg.negatives)
+    return drawn.reshape(len(rows), cfg.logs.negatives)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

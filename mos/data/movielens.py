@@ -10,7 +10,7 @@ renamed into place, so an interrupted fetch never leaves a half-written cache.
 The cached log has the columns `user_id`, `item_id`, `rating`, `timestamp` (seconds) and
 `category`: the movie's genres joined by "|" ("Animation|Children's|Comedy"), so the category
 keeps all of them rather than one picked out of several. `load` reads it with `mos.data.logs`:
-label rating >= `data.rating_threshold` (4 by default), split by time, gap sessions possible.
+label rating >= `data.logs.rating_threshold` (4 by default), split by time, gap sessions possible.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from mos.config import DataConfig
+from mos.data.config import DataConfig
 from mos.data.logs import LogData, Vocabulary, load_log
 
 WHEEL = "recbole==1.2.1"
@@ -75,7 +75,7 @@ def load(cfg: DataConfig, vocabulary: Optional[Vocabulary] = None) -> LogData:
     (`vocabulary`: read for scoring, as `load_log` does)."""
     columns = dict(user_column="user_id", item_column="item_id", time_column="timestamp",
                    rating_column="rating", category_column="category")
-    return load_log(fetch(), replace(cfg, source=str(log_path()), **columns), vocabulary)
+    return load_log(fetch(), replace(cfg, source=str(log_path()), logs=replace(cfg.logs, **columns)), vocabulary)
 
 
 def _download_wheel(directory: Path) -> Path:

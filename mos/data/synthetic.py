@@ -1,7 +1,7 @@
 """The embedded synthetic CTR data: a session-hopping generator and its ground truth.
 
-Generative process (all draws from one `numpy.random.Generator(cfg.seed)`; the fields named are
-those of `mos.config.DataConfig`):
+Generative process (all draws from one `numpy.random.Generator(seed)`, `data.seed`; the fields
+named are those of `mos.data.config.SyntheticConfig`, `data.synthetic` in a config file):
 
 Items. Ids 1..num_items (0 is padding). Every item belongs to one of `num_interests` latent
 interests; the pools differ in size by at most one item. An item's observable category is its
@@ -43,9 +43,9 @@ Label. y ~ Bernoulli(sigmoid(score)) with, for a target item t of interest k,
 Noise events never enter `sim`. The label thus rewards finding the sessions on the target's
 interest (`sim` needs their items, not the rest of the history), how often the user comes back to
 it, and whether it is the current one. Defaults (4, 3, 1, 2) were set once from the positive rate
-alone (0.32 at the default DataConfig), before any model was trained.
+alone (0.32 at the default SyntheticConfig), before any model was trained.
 
-`generate(cfg)` returns a `CTRDataset`; `generate(cfg, return_truth=True)` also returns the
+`generate(cfg, seed)` returns a `CTRDataset`; `generate(cfg, seed, return_truth=True)` also returns the
 `SyntheticTruth` (sessions, user interests, tastes, the label score) that the tests and the
 routing metrics read.
 """
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mos.config import DataConfig
+from mos.data.config import SyntheticConfig
 from mos.data.dataset import CTRDataset
 
 _EPOCH = 1_704_067_200               # 2024-01-01 00:00:00 UTC
@@ -80,44 +80,22 @@ class SyntheticTruth:
     score: torch.Tensor              # [N] float64 label logit of every sample
 
 
-def generate(cfg: DataConfig, *, return_truth: bool = False):
-    """The synthetic dataset of `cfg` (and its `SyntheticTruth` when `return_truth`)."""
-    rng = np.random.default_rng(cfg.seed)
+def generate(cfg: SyntheticConfig, seed: int = 0, *, return_truth: bool = False):
+    """The synthetic dataset of `cfg` drawn from `seed` (and its `SyntheticTruth` when `return_truth`)."""
+    rng = np.random.default_rng(seed)
     item_interest, item_taste, pool_items, popularity = _make_items(cfg, rng)
     interests, weights, user_taste = _make_users(cfg, rng)
     session_user, session_slot, session_len = _make_sessions(cfg, rng, weights)
-    num_users, max_held = weights.shape
-
-    # Item choice weights of every (user, held interest) row, by popularity and the user's taste.
-    held = interests >= 0
-    row_interest = np.where(held, interests, 0)          # padding rows get weight 0 below
-    row_pool = pool_items[row_interest]                                           # [U, M, P]
-    affinity = np.einsum("umpd,umd->ump", item_taste[row_pool], user_taste)
-    pick_weights = popularity[row_interest] * np.exp(cfg.taste_concentration * affinity) * held[:, :, None]
-
-    event_session = np.repeat(np.arange(len(session_user)), session_len)
-    event_user = session_user[event_session]
-    event_slot = session_slot[event_session]
-    event_interest = interests[event_user, event_slot]
-    noise = rng.random(len(event_session)) < cfg.noise
-    item = np.empty(len(event_session), dtype=np.int64)
-    rows = event_user[~noise] * max_held + event_slot[~noise]
-    item[~noise] = row_pool.reshape(-1, row_pool.shape[-1])[
-        rows, _draw(pick_weights.reshape(-1, pick_weights.shape[-1]), rows, rng)]
-    item[noise] = rng.integers(1, cfg.num_items + 1, size=int(noise.sum()))
-    true_interest = np.where(noise, -1, event_interest)
+    num_users = len(weights)
+    event_user, event_slot, item, noise = _make_events(cfg, rng, item_taste, pool_items, popularity, interests,
+                                                       user_taste, session_user, session_slot, session_len)
+    true_interest = np.where(noise, -1, interests[event_user, event_slot])
 
     session_offsets = np.concatenate([[0], np.cumsum(session_len)])
     events_per_user = np.bincount(event_user, minlength=num_users)
     user_offsets = np.concatenate([[0], np.cumsum(events_per_user)])
     timestamps = _make_times(cfg, rng, session_offsets, user_offsets)
-
-    sample_user = np.repeat(np.arange(num_users), cfg.targets_per_user)
-    own = rng.random(len(sample_user)) < cfg.target_own_interest
-    own_interest = interests[sample_user, _draw(weights, sample_user, rng)]
-    any_interest = rng.integers(0, cfg.num_interests, size=len(sample_user))
-    target_interest = np.where(own, own_interest, any_interest)
-    target_item = pool_items[target_interest, _draw(popularity, target_interest, rng)]
+    sample_user, target_interest, target_item = _make_targets(cfg, rng, interests, weights, pool_items, popularity)
 
     score = _label_score(cfg, item_taste, interests, session_user, session_slot, event_user, event_slot,
                          item, noise, sample_user, target_item, target_interest)
@@ -153,7 +131,7 @@ def generate(cfg: DataConfig, *, return_truth: bool = False):
     return ds, truth
 
 
-def _make_items(cfg: DataConfig, rng: np.random.Generator):
+def _make_items(cfg: SyntheticConfig, rng: np.random.Generator):
     """Interest, taste and the per-interest pools [K, P] (item ids by popularity rank, 0 padded)."""
     n, k = cfg.num_items, cfg.num_interests
     item_interest = np.full(n + 1, -1, dtype=np.int64)
@@ -172,7 +150,7 @@ def _make_items(cfg: DataConfig, rng: np.random.Generator):
     return item_interest, item_taste, pool_items, popularity
 
 
-def _make_users(cfg: DataConfig, rng: np.random.Generator):
+def _make_users(cfg: SyntheticConfig, rng: np.random.Generator):
     """Held interests [U, M] (-1 padded), Dirichlet weights [U, M] and taste directions [U, M, D]."""
     lo, hi = cfg.interests_per_user
     count = rng.integers(lo, hi + 1, size=cfg.num_users)
@@ -185,7 +163,7 @@ def _make_users(cfg: DataConfig, rng: np.random.Generator):
     return interests, weights, user_taste
 
 
-def _make_sessions(cfg: DataConfig, rng: np.random.Generator, weights: np.ndarray):
+def _make_sessions(cfg: SyntheticConfig, rng: np.random.Generator, weights: np.ndarray):
     """Per session, in user then time order: its user, its held-interest slot and its length."""
     num_users = len(weights)
     fewest, most = cfg.sessions_per_user
@@ -208,7 +186,41 @@ def _make_sessions(cfg: DataConfig, rng: np.random.Generator, weights: np.ndarra
     return session_user, slots[kept], session_len
 
 
-def _make_times(cfg: DataConfig, rng: np.random.Generator, session_offsets: np.ndarray,
+def _make_events(cfg: SyntheticConfig, rng: np.random.Generator, item_taste, pool_items, popularity, interests,
+                 user_taste, session_user, session_slot, session_len):
+    """Per event, in user then time order: its user, held-interest slot, item and whether it is noise."""
+    max_held = interests.shape[1]
+    # Item choice weights of every (user, held interest) row, by popularity and the user's taste.
+    held = interests >= 0
+    row_interest = np.where(held, interests, 0)          # padding rows get weight 0 below
+    row_pool = pool_items[row_interest]                                           # [U, M, P]
+    affinity = np.einsum("umpd,umd->ump", item_taste[row_pool], user_taste)
+    pick_weights = popularity[row_interest] * np.exp(cfg.taste_concentration * affinity) * held[:, :, None]
+
+    event_session = np.repeat(np.arange(len(session_user)), session_len)
+    event_user = session_user[event_session]
+    event_slot = session_slot[event_session]
+    noise = rng.random(len(event_session)) < cfg.noise
+    item = np.empty(len(event_session), dtype=np.int64)
+    rows = event_user[~noise] * max_held + event_slot[~noise]
+    item[~noise] = row_pool.reshape(-1, row_pool.shape[-1])[
+        rows, _draw(pick_weights.reshape(-1, pick_weights.shape[-1]), rows, rng)]
+    item[noise] = rng.integers(1, cfg.num_items + 1, size=int(noise.sum()))
+    return event_user, event_slot, item, noise
+
+
+def _make_targets(cfg: SyntheticConfig, rng: np.random.Generator, interests, weights, pool_items, popularity):
+    """Per sample, users in order: its user, the target's interest and the target item."""
+    sample_user = np.repeat(np.arange(len(weights)), cfg.targets_per_user)
+    own = rng.random(len(sample_user)) < cfg.target_own_interest
+    own_interest = interests[sample_user, _draw(weights, sample_user, rng)]
+    any_interest = rng.integers(0, cfg.num_interests, size=len(sample_user))
+    target_interest = np.where(own, own_interest, any_interest)
+    target_item = pool_items[target_interest, _draw(popularity, target_interest, rng)]
+    return sample_user, target_interest, target_item
+
+
+def _make_times(cfg: SyntheticConfig, rng: np.random.Generator, session_offsets: np.ndarray,
                 user_offsets: np.ndarray) -> np.ndarray:
     """Int64 timestamps: each event's gap to its predecessor, summed inside each user."""
     num_events = int(session_offsets[-1])

@@ -2,8 +2,10 @@
 segment, against the loop oracle (tests/oracles.py) on awkward segments, over a real dispatch,
 with empty segments (never NaN) and in float64 (the reference keeps its precision). Kernel
 outputs are poisoned before they run (tests/ops/conftest.py). The Triton kernel against the
-reference in fp32 / fp16 / bf16, its opcheck and FLOP formula: test_attention_triton.py; bad
-arguments: test_bad_input.py; strided views: test_hostile_inputs.py.
+reference in fp32 / fp16 / bf16, the key bias's fold, its opcheck and FLOP formula; the
+block-size rule, its compiled configurations and each block against the reference. Bad
+arguments, strided views, rows past 2^31 elements: test_expert_target_attention_inputs.py; the
+target point on the GPU: test_expert_target_attention_gpu.py.
 """
 from __future__ import annotations
 
@@ -11,12 +13,17 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
+from mos_kernels.expert_target_attention_kernels import attention_blocks
+from mos_kernels.theme_gather import inverse_of
 from tests import oracles
-from tests.kernel_cases import (assert_matches, backends, check_forward_backward, float64_attention_inputs, precision,
-                                routed)
+from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
+                                compare_in_dtype, compare_to_reference, float64_attention_inputs, fresh_leaves,
+                                is_compiled, random_values, reference_dispatch, routed)
 from tests.oracles import generator, randn
+from tests.tolerances import assert_close
 
 
 ATTENTION_SEGMENTS = [  # (E, segment lengths of the E*B segments)
@@ -57,13 +64,13 @@ def test_expert_target_attention_matches_oracle(num_experts, lengths, num_heads,
 
 @pytest.mark.parametrize("backend", backends("expert_target_attention"))
 @pytest.mark.parametrize("lengths", [[0, 5, 0, 7, 1, 0], [13], [3, 11, 2, 7, 5]], ids=str)
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 2)])
-def test_expert_target_attention_over_dispatch(lengths, top_k, capacity, backend, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 2)])
+def test_expert_target_attention_over_dispatch(lengths, top_k, max_theme_tokens, backend, device):
     """Theme experts read the dispatched rows through gather_index and row_gate: same as the
     oracle, including the gradient of the gate."""
     gen = generator(14)
     num_themes, dim = 3, 4
-    d = routed(lengths, gen, top_k, capacity, device, num_themes)
+    d = routed(lengths, gen, top_k, max_theme_tokens, device, num_themes)
     index, theme_offsets, total = d.gather_index, d.theme_offsets, sum(lengths)
     inputs = {"tokens": randn(gen, total, dim, dtype=torch.float32, device=device),
               "query": randn(gen, num_themes * len(lengths), dim, dtype=torch.float32, device=device),
@@ -113,3 +120,179 @@ def test_expert_target_attention_keeps_float64_precision(backend, device):
                                                offsets.cpu(), num_heads=2)
     assert_matches(got, expected, "float64")
 
+
+# ---- the Triton kernel against the reference in fp32 / fp16 / bf16 --------------------------------
+
+TARGET_SEGMENTS = {  # E, segment lengths of the E*B segments
+    "one_expert_long": (1, [70]),
+    "empty_first_middle_last": (2, [0, 3, 1, 0, 66, 0]),
+    "all_empty": (2, [0, 0, 0, 0]),
+    "three_experts": (3, [2, 0, 1, 0, 11, 5]),
+}
+
+
+def _target_inputs(num_experts, num_segments, num_tokens, dim, dtype, device, bias):
+    return {"tokens": random_values(num_tokens, dim, dtype, device),
+            "query": random_values(num_segments, dim, dtype, device, seed=1),
+            "w_key": random_values(num_experts * dim, dim, dtype, device, seed=2).view(num_experts, dim, dim)
+            / math.sqrt(dim),
+            "b_key": random_values(num_experts, dim, dtype, device, seed=3) if bias else None,
+            "w_value": random_values(num_experts * dim, dim, dtype, device, seed=4).view(num_experts, dim, dim),
+            "b_value": random_values(num_experts, dim, dtype, device, seed=5) if bias else None}
+
+
+def _target_attention(offsets, num_heads, backend, **dispatch):
+    def fn(tokens, query, w_key, b_key, w_value, b_value, gate=None):
+        return mk.expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, offsets, num_heads=num_heads,
+                                          row_gate=gate, backend=backend, **dispatch)
+    return fn
+
+
+@pytest.mark.parametrize("case", list(TARGET_SEGMENTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim,num_heads", [(6, 3), (32, 4), (16, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_expert_target_attention(case, dtype, dim, num_heads, bias, device):
+    """Every segment's output and the gradients of tokens, query and all four projections; empty
+    segments give exact zeros."""
+    num_experts, lengths = TARGET_SEGMENTS[case]
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    inputs = _target_inputs(num_experts, len(lengths), sum(lengths), dim, dtype, device, bias)
+    out = compare_to_reference(_target_attention(offsets, num_heads, "triton"),
+                               _target_attention(offsets, num_heads, "reference"), inputs, dtype,
+                               *attention_kinds(dtype))
+    empty = torch.tensor(lengths, device=device) == 0
+    assert torch.equal(out[empty], torch.zeros_like(out[empty])), "empty segments must give exact zeros"
+
+
+@pytest.mark.parametrize("lengths", [[0, 5, 0, 17, 3, 0], [40, 41, 97]], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 3)])
+def test_expert_target_attention_triton_over_dispatch(lengths, dtype, top_k, max_theme_tokens, device):
+    """Theme experts read the dispatched rows through gather_index and row_gate, fused into the
+    loads: same as the reference, the gate's gradient included."""
+    num_themes, dim = 3, 16
+    dispatch = reference_dispatch(lengths, num_themes, top_k, max_theme_tokens, device)
+    inputs = _target_inputs(num_themes, num_themes * len(lengths), sum(lengths), dim, dtype, device, True)
+    inputs["gate"] = dispatch.row_gate.detach().to(dtype)
+    kwargs = dict(gather_index=dispatch.gather_index, inverse_index=dispatch.inverse_index)
+    compare_to_reference(_target_attention(dispatch.theme_offsets, 2, "triton", **kwargs),
+                         _target_attention(dispatch.theme_offsets, 2, "reference", **kwargs), inputs, dtype,
+                         *attention_kinds(dtype))
+
+
+def test_key_bias_folds_away(device):
+    """The fold (module docstring): b_k adds b_k . q to every score of a segment, which the
+    softmax cancels. The Triton output does not depend on b_k at all, its gradient is exactly
+    zero, and it equals the reference, which projects the keys with the bias."""
+    lengths = [4, 0, 9]
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    inputs = _target_inputs(1, 3, 13, 8, torch.float32, device, True)
+    leaves = fresh_leaves(inputs)
+    out = _target_attention(offsets, 2, "triton")(**leaves)
+    shifted = dict(leaves, b_key=leaves["b_key"].detach() * 100)
+    assert torch.equal(_target_attention(offsets, 2, "triton")(**shifted), out)
+    assert_close(out, _target_attention(offsets, 2, "reference")(**shifted), "attention")
+    out.square().sum().backward()
+    assert torch.equal(leaves["b_key"].grad, torch.zeros_like(leaves["b_key"]))
+
+
+def test_expert_target_attention_rejects_too_many_heads(device):
+    inputs = _target_inputs(1, 1, 3, 32, torch.float32, device, False)
+    with pytest.raises(ValueError, match="num_heads"):
+        _target_attention(torch.tensor([0, 3], device=device), 32, "triton")(**inputs)
+
+
+# ---- operator registration: opcheck, FLOP formula ---------------------------------------------
+
+def _registration_inputs(device):
+    dispatch = reference_dispatch([5, 0, 11, 3], 3, 2, None, device)
+    inputs = _target_inputs(3, 12, 19, 8, torch.float32, device, True)
+    return dispatch, {k: v.requires_grad_() for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("gathered", [True, False])
+def test_opcheck_expert_target_attention(gathered, device):
+    dispatch, t = _registration_inputs(device)
+    if gathered:
+        gate = dispatch.row_gate.detach().float().requires_grad_()
+        args = (t["tokens"], t["query"], t["w_key"], t["b_key"], t["w_value"], t["b_value"], dispatch.theme_offsets,
+                dispatch.gather_index, gate, dispatch.inverse_index, 2)
+    else:
+        offsets = torch.tensor([0, 0, 4, 4, 9, 9, 10, 12, 12, 12, 19, 19, 19], device=device)
+        args = (t["tokens"], t["query"], t["w_key"], None, t["w_value"], None, offsets, None, None, None, 2)
+    torch.library.opcheck(torch.ops.mos.expert_target_attention.default, args)
+
+
+def test_opcheck_expert_target_attention_backward(device):
+    """The backward kernel is a custom op too (no autograd of its own): schema, fake, tracing."""
+    dispatch, t = _registration_inputs(device)
+    tokens, query, w_key, w_value = (t[k].detach() for k in ("tokens", "query", "w_key", "w_value"))
+    gate = dispatch.row_gate.detach().float()
+    out, pooled, lse = torch.ops.mos.expert_target_attention(tokens, query, w_key, None, w_value, None,
+                                                            dispatch.theme_offsets, dispatch.gather_index, gate,
+                                                            dispatch.inverse_index, 2)
+    torch.library.opcheck(torch.ops.mos.expert_target_attention_backward.default,
+                          (torch.randn_like(out), tokens, query, w_key, w_value, dispatch.theme_offsets,
+                           dispatch.gather_index, gate, pooled, lse, 2))
+
+
+def test_flop_formula_expert_target_attention(device):
+    """FlopCounterMode counts the kernel: 4·N·H·d + 4·G·d²."""
+    lengths, dim, heads = [5, 0, 11], 8, 2
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    t = _target_inputs(1, 3, 16, dim, torch.float32, device, False)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.mos.expert_target_attention(t["tokens"], t["query"], t["w_key"], None, t["w_value"], None, offsets,
+                                              None, None, None, heads)
+    assert counter.get_total_flops() == 4 * 16 * heads * dim + 4 * 3 * dim * dim
+
+
+# ---- block sizes: the rule, its compiled configurations, each choice against the reference ----
+
+@pytest.mark.parametrize("dim,dtype,backward,expected", [
+    (64, torch.bfloat16, False, (32, 64, 4, 3)), (64, torch.bfloat16, True, (16, 64, 4, 3)),
+    (128, torch.bfloat16, True, (16, 128, 4, 3)), (256, torch.bfloat16, True, (16, 256, 8, 3)),
+    (64, torch.float32, False, (32, 64, 4, 3)), (128, torch.float32, False, (16, 128, 4, 3)),
+    (256, torch.float32, False, (16, 256, 8, 3)), (128, torch.float32, True, (16, 128, 8, 3)),
+    (6, torch.float16, False, (32, 16, 4, 3))])
+def test_target_attention_blocks(dim, dtype, backward, expected):
+    assert attention_blocks(dim, dtype, backward) == expected
+
+
+def test_every_target_attention_block_is_compiled():
+    for dtype in ALL_DTYPES:
+        for dim in (16, 32, 64, 128, 256) if dtype != torch.float16 else (64,):
+            for kernel, backward in (("_target_attention_fwd", False), ("_target_attention_bwd", True)):
+                block_t, block_d, warps, stages = attention_blocks(dim, dtype, backward)
+                wanted = {"BLOCK_T": block_t, "BLOCK_D": block_d, "NUM_STAGES": stages, "num_warps": warps,
+                          "num_stages": stages}
+                assert is_compiled(kernel, "tokens_ptr", dtype, wanted), (kernel, dtype, dim)
+
+
+@pytest.mark.parametrize("dim,num_heads", [(16, 1), (64, 4), (256, 16)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", [[0, 3, 16, 0], [0, 95, 33, 130]], ids=["short", "long"])
+def test_target_attention_blocks_against_reference(dim, num_heads, dtype, lengths, device):
+    """Gathered, gated rows over short and long segments (partial, whole and several tiles of
+    the forward's 32 / 16 rows and the backward's 16), with empty ones, at every width rule."""
+    num_experts, num_tokens = 2, 150
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    gen = torch.Generator().manual_seed(5)
+    index = torch.randint(0, num_tokens, (sum(lengths),), generator=gen).to(device)
+    inverse = inverse_of(index, num_tokens)
+    inputs = {"tokens": random_values(num_tokens, dim, dtype, device),
+              "query": random_values(len(lengths), dim, dtype, device, seed=1),
+              "w_key": random_values(num_experts * dim, dim, dtype, device, seed=2).view(num_experts, dim, dim)
+              / math.sqrt(dim),
+              "w_value": random_values(num_experts * dim, dim, dtype, device, seed=4).view(num_experts, dim, dim)
+              / math.sqrt(dim),
+              "gate": (torch.rand(sum(lengths), generator=gen) + 0.5).to(device=device, dtype=dtype)}
+
+    def run(backend):
+        def fn(tokens, query, w_key, w_value, gate):
+            return mk.expert_target_attention(tokens, query, w_key, None, w_value, None, offsets, num_heads=num_heads,
+                                              gather_index=index, row_gate=gate, inverse_index=inverse,
+                                              backend=backend)
+        return fn
+    compare_in_dtype(run("triton"), run("reference"), inputs, dtype, "attention")

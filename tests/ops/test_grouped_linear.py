@@ -2,17 +2,21 @@
 (tests/oracles.py) on awkward blocks (empty experts first, in the middle and last, one row,
 prime sizes), forward and backward, with and without bias, and its max_rows bound. Kernel outputs
 are poisoned before they run (tests/ops/conftest.py). The Triton kernel against the reference in
-fp32 / fp16 / bf16, its opcheck and FLOP formula: test_attention_triton.py; bad arguments:
-test_bad_input.py; strided views: test_hostile_inputs.py.
+fp32 / fp16 / bf16, its opcheck and FLOP formula. Bad arguments, strided views, rows past 2^31
+elements: test_grouped_linear_inputs.py; the target point on the GPU: test_grouped_linear_gpu.py.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from tests import oracles
-from tests.kernel_cases import backends, check_forward_backward, precision
+from tests.kernel_cases import (DTYPES, backends, check_forward_backward, compare_to_reference, precision,
+                                random_values)
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
@@ -51,3 +55,76 @@ def test_grouped_linear_max_rows_bound(backend, device):
     assert_close(mk.grouped_linear(x, w, b, offsets, max_rows=16, backend=backend),
                  mk.grouped_linear(x, w, b, offsets, backend=backend), kind)
 
+
+# ---- the Triton kernel against the reference in fp32 / fp16 / bf16 --------------------------------
+
+BACKEND_BLOCKS = {"one_expert": [13], "empty_experts": [0, 5, 0, 70, 1, 0], "all_empty": [0, 0], "primes": [3, 11, 2]}
+
+
+@pytest.mark.parametrize("blocks", list(BACKEND_BLOCKS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d_in,d_out", [(7, 5), (33, 70)])
+@pytest.mark.parametrize("variant", ["plain", "no_bias"])
+def test_grouped_linear(blocks, dtype, d_in, d_out, variant, device):
+    lengths = BACKEND_BLOCKS[blocks]
+    num_rows, num_experts = sum(lengths), len(lengths)
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    inputs = {"x": random_values(num_rows, d_in, dtype, device),
+              "weight": random_values(num_experts * d_in, d_out, dtype, device, seed=1).view(num_experts, d_in, d_out)
+              / math.sqrt(d_in),
+              "bias": None if variant == "no_bias" else random_values(num_experts, d_out, dtype, device, seed=2)}
+
+    def run(backend):
+        return lambda x, weight, bias: mk.grouped_linear(x, weight, bias, offsets, backend=backend)
+
+    # Every output and gradient is an fp32 sum rounded once to the dtype.
+    compare_to_reference(run("triton"), run("reference"), inputs, dtype, "reduction", "reduction")
+
+
+def test_grouped_linear_weight_grad_splits_rows(device):
+    """Experts with more rows than one program reduces (several fp32 partials per expert, added
+    in a fixed order) give the weight and bias gradients of a float64 oracle to fp32 accuracy
+    (relative to the norm: sums of thousands of terms cancel in single entries)."""
+    from mos_kernels.grouped_linear import _launch_weight_grad, _splits
+
+    lengths = [4100, 0, 3000]
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    x = random_values(sum(lengths), 16, torch.float32, device)
+    grad = random_values(sum(lengths), 16, torch.float32, device, seed=1)
+    assert _splits(sum(lengths), 3) > 1
+    dw, db = _launch_weight_grad(x, grad, offsets, 3)
+    for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        for got, want in ((dw[e], x[lo:hi].double().t() @ grad[lo:hi].double()),
+                          (db[e], grad[lo:hi].double().sum(0))):
+            rel = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+            assert rel < 1e-6, f"expert {e}: relative error {rel:.2e}"
+
+
+# ---- operator registration: opcheck, FLOP formula ---------------------------------------------
+
+def test_opcheck_grouped_linear(device):
+    x = random_values(19, 8, torch.float32, device).requires_grad_()
+    weight = random_values(24, 5, torch.float32, device, seed=1).view(3, 8, 5).requires_grad_()
+    bias = random_values(3, 5, torch.float32, device, seed=2).requires_grad_()
+    args = (x, weight, bias, torch.tensor([0, 7, 7, 19], device=device))
+    torch.library.opcheck(torch.ops.mos.grouped_linear.default, args)
+
+
+def test_opcheck_grouped_linear_backward(device):
+    """The backward kernel is a custom op too (no autograd of its own): schema, fake, tracing."""
+    x = random_values(19, 8, torch.float32, device)
+    weight = random_values(24, 5, torch.float32, device, seed=1).view(3, 8, 5)
+    torch.library.opcheck(torch.ops.mos.grouped_linear_backward.default,
+                          (random_values(19, 5, torch.float32, device, seed=2), x, weight,
+                           torch.tensor([0, 7, 7, 19], device=device)))
+
+
+def test_flop_formula_grouped_linear(device):
+    """FlopCounterMode counts the kernel: 2·N·d_in·d_out per grouped GEMM."""
+    lengths, dim = [5, 0, 11], 8
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    x = random_values(16, dim, torch.float32, device)
+    weight = random_values(3 * dim, 6, torch.float32, device).view(3, dim, 6)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.mos.grouped_linear(x, weight, None, offsets)
+    assert counter.get_total_flops() == 2 * 16 * dim * 6

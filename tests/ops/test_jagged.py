@@ -1,6 +1,6 @@
 """The jagged helpers: jagged_to_padded and padded_to_jagged (values and gradients), segment_ids,
 positions_in_segment, lengths_from_offsets, offsets_from_lengths, against the loop oracles
-(tests/oracles.py) on awkward lengths. Bad arguments: test_bad_input.py.
+(tests/oracles.py) on awkward lengths; and the conversions' bad arguments, refused by name.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import mos_kernels as mk
 from mos_kernels import jagged as mk_jagged
 from tests import oracles
 from tests.kernel_cases import LENGTH_IDS, LENGTHS, check_forward_backward
+from tests.input_cases import DIM, named
 from tests.oracles import generator, randn
 
 
@@ -69,3 +70,23 @@ def test_expert_offsets_take_every_bth_segment_boundary():
     segment_offsets = torch.tensor([0, 2, 2, 5, 6, 6, 9])       # E = 3 experts, B = 2 examples
     assert mk_jagged.expert_offsets(segment_offsets, 3).tolist() == [0, 2, 6, 9]
     assert mk_jagged.expert_offsets(torch.tensor([0]), 4).tolist() == [0, 0, 0, 0, 0]   # no examples
+
+
+# ---- bad arguments, refused by name ------------------------------------------------------------
+
+BAD_INPUT = {
+    # name: (call, exception, argument named)
+    "to_padded_max_len_too_small": (lambda: mk.jagged_to_padded(torch.randn(5, DIM), torch.tensor([0, 4, 5]), 3),
+                                    ValueError, "max_len"),
+    "to_jagged_lengths_past_width": (lambda: mk.padded_to_jagged(torch.randn(2, 3, DIM), torch.tensor([4, 0])),
+                                     ValueError, "lengths"),
+    "to_jagged_1d": (lambda: mk.padded_to_jagged(torch.randn(3), torch.tensor([1, 1, 1])), ValueError, "padded"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_op_rejects_bad_input(case):
+    """jagged_to_padded / padded_to_jagged refuses a bad argument by name."""
+    fn, error, name = BAD_INPUT[case]
+    with pytest.raises(error, match=named(name)):
+        fn()

@@ -3,18 +3,22 @@ oracle (tests/oracles.py) on awkward lengths, its max_len bound, the reference's
 padding (_padded_attention.py), gradcheck, FLOPs counted on the jagged lengths, opcheck of the
 reference, and float64 precision. Kernel outputs are poisoned before they run
 (tests/ops/conftest.py). The Triton kernel against the reference in fp32 / fp16 / bf16, its
-opcheck and FLOP formula: test_attention_triton.py; bad arguments: test_bad_input.py; strided
-views: test_hostile_inputs.py.
+opcheck and FLOP formula; the tile-size rule and length buckets, their compiled configurations
+and each tile against the reference. Bad arguments and strided views:
+test_jagged_self_attention_inputs.py; B = 64, L = 512 on the GPU: test_jagged_self_attention_gpu.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
+from mos_kernels.jagged_self_attention_kernels import LONGEST_BUCKETS, attention_tiles, longest_bucket
 from tests import oracles
-from tests.kernel_cases import (assert_matches, backends, check_forward_backward, float64_attention_inputs, jagged,
-                                precision)
+from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
+                                compare_in_dtype, compare_to_reference, float64_attention_inputs, is_compiled, jagged,
+                                precision, random_values)
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
@@ -130,3 +134,110 @@ def test_jagged_self_attention_keeps_float64_precision(backend, device):
     expected = oracles.jagged_self_attention(q.cpu(), k.cpu(), v.cpu(), offsets.cpu(), num_heads=2)
     assert_matches(got, expected, "float64")
 
+
+# ---- the Triton kernel against the reference in fp32 / fp16 / bf16 --------------------------------
+
+SELF_SEGMENTS = {"one_token": [1], "empty": [0], "mixed": [0, 5, 0, 70, 1, 0], "primes": [3, 11, 2],
+                 "two_blocks_and_more": [130]}
+
+
+@pytest.mark.parametrize("case", list(SELF_SEGMENTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim,num_heads", [(6, 3), (32, 2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_jagged_self_attention(case, dtype, dim, num_heads, causal, device):
+    """Every row and the gradients of q, k and v; q, k and v are column slices of one [N, 3d]
+    projection (read in place through their row stride)."""
+    lengths = SELF_SEGMENTS[case]
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    inputs = {"qkv": random_values(sum(lengths), 3 * dim, dtype, device)}
+
+    def run(backend):
+        def fn(qkv):
+            q, k, v = qkv.split(dim, dim=1)
+            return mk.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, causal=causal, backend=backend)
+        return fn
+
+    compare_to_reference(run("triton"), run("reference"), inputs, dtype, *attention_kinds(dtype))
+
+
+# ---- operator registration: opcheck, FLOP formula ---------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_opcheck_jagged_self_attention(causal, device):
+    qkv = random_values(19, 24, torch.float32, device)
+    q, k, v = (t.requires_grad_() for t in qkv.clone().split(8, dim=1))
+    offsets = torch.tensor([0, 5, 5, 16, 19], device=device)
+    torch.library.opcheck(torch.ops.mos.jagged_self_attention.default, (q, k, v, offsets, 2, causal))
+
+
+def test_opcheck_jagged_self_attention_backward(device):
+    """The backward kernel is a custom op too (no autograd of its own): schema, fake, tracing."""
+    q, k, v = random_values(19, 24, torch.float32, device).split(8, dim=1)
+    offsets = torch.tensor([0, 5, 5, 16, 19], device=device)
+    out, lse = torch.ops.mos.jagged_self_attention(q, k, v, offsets, 2, True)
+    torch.library.opcheck(torch.ops.mos.jagged_self_attention_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, offsets, 2, True))
+
+
+def test_flop_formula_jagged_self_attention(device):
+    """FlopCounterMode counts the kernel: 4·d per (query, key) pair, the jagged count sum L(L+1)/2
+    causal."""
+    lengths, dim, heads = [5, 0, 11], 8, 2
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    x = random_values(16, dim, torch.float32, device)
+    for causal, pairs in ((True, 15 + 66), (False, 25 + 121)):
+        with FlopCounterMode(display=False) as counter:
+            torch.ops.mos.jagged_self_attention(x, x, x, offsets, heads, causal)
+        assert counter.get_total_flops() == 4 * dim * pairs
+
+
+# ---- tile sizes: the rule, its compiled configurations, each choice against the reference ----
+
+@pytest.mark.parametrize("max_len,bucket", [(None, 0), (0, 16), (1, 16), (16, 16), (17, 32), (32, 32), (33, 64),
+                                            (64, 64), (65, 0), (5000, 0)])
+def test_longest_bucket(max_len, bucket):
+    assert longest_bucket(max_len) == bucket
+
+
+@pytest.mark.parametrize("longest,head_dim,dtype,expected", [
+    (0, 32, torch.bfloat16, (64, 64, 32, 4, 3)), (64, 64, torch.bfloat16, (64, 64, 64, 4, 3)),
+    (32, 32, torch.bfloat16, (32, 32, 32, 4, 3)), (16, 64, torch.bfloat16, (16, 16, 64, 2, 3)),
+    (0, 128, torch.float16, (32, 32, 128, 4, 3)), (0, 256, torch.bfloat16, (16, 16, 256, 4, 3)),
+    (16, 128, torch.bfloat16, (16, 16, 128, 2, 3)), (0, 128, torch.float32, (16, 16, 128, 4, 2)),
+    (0, 32, torch.float32, (16, 16, 32, 2, 2)), (32, 64, torch.float32, (16, 16, 64, 4, 2)),
+    (0, 8, torch.bfloat16, (64, 64, 16, 4, 3))])
+def test_self_attention_tiles(longest, head_dim, dtype, expected):
+    assert attention_tiles(longest, head_dim, dtype) == expected
+
+
+def test_every_self_attention_tile_is_compiled():
+    for dtype in ALL_DTYPES:
+        for head_dim in (16, 32, 64, 128, 256) if dtype != torch.float16 else (64,):
+            for longest in (0,) + LONGEST_BUCKETS:
+                block_m, block_n, block_dh, warps, stages = attention_tiles(longest, head_dim, dtype)
+                assert block_m == block_n and block_m in (16, 32, 64) and warps in (2, 4) and stages in (2, 3)
+                wanted = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DH": block_dh, "num_warps": warps,
+                          "num_stages": stages}
+                for kernel in ("_self_attention_fwd", "_self_attention_bwd_kv", "_self_attention_bwd_q"):
+                    assert is_compiled(kernel, "q_ptr", dtype, wanted), (kernel, dtype, head_dim, longest)
+
+
+@pytest.mark.parametrize("dim,num_heads", [(32, 2), (64, 1), (256, 1)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths,max_len", [([0, 16, 1, 0, 9], 16), ([31, 0, 17], 32), ([0, 64, 5], 64),
+                                             ([130, 0, 3, 70], None)], ids=["16", "32", "64", "long"])
+def test_self_attention_tiles_against_reference(dim, num_heads, dtype, lengths, max_len, device):
+    """Each tile size the rule picks (16 / 32 / 64 rows, and the width caps), causal, with
+    empty segments; q, k, v column slices of one projection."""
+    if dim == 256 and max_len is None:
+        lengths = [40, 0, 3]            # the interpreter is slow at this width; 16-row tiles all the same
+    offsets = mk.offsets_from_lengths(torch.tensor(lengths, device=device))
+    inputs = {"qkv": random_values(sum(lengths), 3 * dim, dtype, device)}
+
+    def run(backend):
+        def fn(qkv):
+            q, k, v = qkv.split(dim, dim=1)
+            return mk.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, max_len=max_len, backend=backend)
+        return fn
+    compare_in_dtype(run("triton"), run("reference"), inputs, dtype, "attention")

@@ -5,14 +5,15 @@ routing (themes, gate, probabilities, scores), the fused op, and the router's gr
 dispatch and gather; every kernel backend against the reference: the common shapes, many themes
 (one program's per-theme loop at K = 33 and 64), uneven sessions (one long session among short
 and empty ones in a block), the norm floor, the straight-through gate and its gradient, bitwise
-repeatability; and the operator registration (opcheck). Kernel outputs are poisoned before they
-run (tests/ops/conftest.py). Bad arguments: test_bad_input.py; strided views:
-test_hostile_inputs.py; 4M tokens on the GPU: test_kernels_gpu.py.
+repeatability; and the operator registration (opcheck, FLOP formula). Kernel outputs are
+poisoned before they run (tests/ops/conftest.py). Bad arguments and strided views:
+test_session_pool_route_inputs.py; 4M tokens on the GPU: test_session_pool_route_gpu.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
@@ -198,8 +199,8 @@ def test_routed_row_gate_is_one_forward(top_k, backend, device):
 
 
 @pytest.mark.parametrize("backend", backends("session_pool_route"))
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 2)])
-def test_router_gradient_through_gather(top_k, capacity, backend, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 2)])
+def test_router_gradient_through_gather(top_k, max_theme_tokens, backend, device):
     """Straight-through: a loss on the gathered theme rows alone gives the prototypes (and the
     pooled tokens) a nonzero gradient, equal to the loop pipeline's
     (pool -> route -> dispatch -> gather)."""
@@ -212,14 +213,14 @@ def test_router_gradient_through_gather(top_k, capacity, backend, device):
     def pipeline(values, prototypes):
         _, r = mk.session_pool_route(values, so.to(device), prototypes, temperature=0.5, top_k=top_k,
                                      backend=backend)
-        d = run_dispatch(r.themes, r.gate, so.to(device), se.to(device), len(lengths), num_themes, capacity)
+        d = run_dispatch(r.themes, r.gate, so.to(device), se.to(device), len(lengths), num_themes, max_theme_tokens)
         return mk.theme_gather(values, d.gather_index, d.row_gate)
 
     def oracle(values, prototypes):
         pooled = oracles.session_pool(values, so)
         themes, gate, _, _ = oracles.theme_route(pooled, prototypes, temperature=0.5, top_k=top_k)
         index, row_gate, _, _ = oracles.theme_dispatch(themes, gate, so, se, num_examples=len(lengths),
-                                                       num_themes=num_themes, capacity=capacity)
+                                                       num_themes=num_themes, max_theme_tokens=max_theme_tokens)
         return oracles.theme_gather(values, index, row_gate)
 
     check_forward_backward(pipeline, oracle, {"values": values, "prototypes": prototypes},
@@ -387,3 +388,17 @@ def test_opcheck_session_pool_route(device, kernel_backend):
     torch.library.opcheck(ops.session_pool_route.default,
                           (values, sessions.session_offsets, prototypes[:0].detach(), 1.0, 0))
 
+
+
+def test_flop_formula_matches_a_hand_count(device, kernel_backend):
+    """The registered operator's FLOP formula (torch.ops.mos: Triton, torch.ops.mos_cuda: the CUDA
+    extension, on the CPU its emulation) against a hand count."""
+    ops = kernel_ops(kernel_backend)
+    dim, num_themes, top_k = 12, 3, 2
+    sessions, values, prototypes, themes = opcheck_inputs(device, dim, num_themes, top_k)
+    num_tokens, num_sessions = values.shape[0], sessions.num_sessions
+    with FlopCounterMode(display=False) as counter:
+        ops.session_pool_route(values, sessions.session_offsets, prototypes.detach(), 5.0, top_k)
+    # sum T*d, divide S*d, normalise 3*S*d, K dot products 2*K*d per session
+    expected = num_tokens * dim + num_sessions * dim + num_sessions * (3 * dim + 2 * num_themes * dim)
+    assert counter.get_total_flops() == expected

@@ -1,6 +1,6 @@
 """sessionize: jagged sequences cut into sessions, fixed-length (aligned to the newest item) or by
 time gaps, against the loop oracle (tests/oracles.py) on awkward lengths and by hand. Bad
-arguments: test_bad_input.py; strided views: test_hostile_inputs.py.
+arguments and strided views: test_sessionize_inputs.py.
 """
 from __future__ import annotations
 

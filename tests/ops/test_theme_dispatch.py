@@ -4,8 +4,8 @@ Against the loop oracle (tests/oracles.py) in float64 on awkward lengths, and on
 (hypothesis); against its invariants (a permutation for top_k = 1, counts by theme and example,
 time order in every segment), which need no oracle; every kernel backend against the reference,
 bit for bit, with the gate's gradient; and the operator registration (opcheck). Kernel outputs
-are poisoned before they run (tests/ops/conftest.py). Bad arguments: test_bad_input.py; strided
-views: test_hostile_inputs.py; 4M tokens on the GPU: test_kernels_gpu.py.
+are poisoned before they run (tests/ops/conftest.py). Bad arguments and strided views:
+test_theme_dispatch_inputs.py; 4M tokens on the GPU: test_theme_dispatch_gpu.py.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from tests.oracles import generator, randn
 @pytest.mark.parametrize("backend", backends("theme_dispatch"))
 @pytest.mark.parametrize("case", LENGTH_IDS)
 @pytest.mark.parametrize("num_themes,top_k,pattern", DISPATCH_CASES)
-@pytest.mark.parametrize("capacity", [None, 1, 3])
-def test_theme_dispatch_matches_oracle(case, num_themes, top_k, pattern, capacity, backend, device):
+@pytest.mark.parametrize("max_theme_tokens", [None, 1, 3])
+def test_theme_dispatch_matches_oracle(case, num_themes, top_k, pattern, max_theme_tokens, backend, device):
     """gather_index, theme_offsets, inverse_index, expert_offsets and row_gate equal the loop
     oracle's, and the gate's gradient is the sum of its rows' cotangents."""
     lengths, session_len = LENGTHS[case], SESSION_LEN[case]
@@ -39,11 +39,11 @@ def test_theme_dispatch_matches_oracle(case, num_themes, top_k, pattern, capacit
     themes, gate, so, se = dispatch_inputs(lengths, session_len, num_themes, top_k, pattern, gen, device)
     gate = gate.requires_grad_()
     b = len(lengths)
-    got = run_dispatch(themes, gate, so, se, b, num_themes, capacity, backend)
+    got = run_dispatch(themes, gate, so, se, b, num_themes, max_theme_tokens, backend)
     ref_gate = gate.detach().cpu().requires_grad_()
     index, row_gate, theme_offsets, inverse = oracles.theme_dispatch(themes.cpu(), ref_gate, so.cpu(), se.cpu(),
                                                                      num_examples=b, num_themes=num_themes,
-                                                                     capacity=capacity)
+                                                                     max_theme_tokens=max_theme_tokens)
     assert torch.equal(got.gather_index.cpu(), index)
     assert torch.equal(got.theme_offsets.cpu(), theme_offsets)
     assert torch.equal(got.inverse_index.cpu(), inverse)
@@ -59,18 +59,18 @@ def test_theme_dispatch_matches_oracle(case, num_themes, top_k, pattern, capacit
 @pytest.mark.parametrize("backend", backends("theme_dispatch"))
 @settings(max_examples=20, deadline=None)
 @given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=5), session_len=st.integers(1, 4),
-       num_themes=st.integers(1, 4), top_k=st.integers(1, 2), capacity=st.one_of(st.none(), st.integers(1, 4)),
+       num_themes=st.integers(1, 4), top_k=st.integers(1, 2), max_theme_tokens=st.one_of(st.none(), st.integers(1, 4)),
        seed=st.integers(0, 2**16))
-def test_theme_dispatch_sweep(backend, lengths, session_len, num_themes, top_k, capacity, seed):
+def test_theme_dispatch_sweep(backend, lengths, session_len, num_themes, top_k, max_theme_tokens, seed):
     """Random shapes: dispatch equals the oracle (on the test device; hypothesis takes no fixtures)."""
     top_k = min(top_k, num_themes)
     gen = generator(seed)
     themes, gate, so, se = dispatch_inputs(lengths, session_len, num_themes, top_k, "random", gen, "cpu")
     device = os.environ.get("MOS_TEST_DEVICE", "cpu")
     got = run_dispatch(themes.to(device), gate.to(device), so.to(device), se.to(device), len(lengths), num_themes,
-                       capacity, backend)
+                       max_theme_tokens, backend)
     index, row_gate, theme_offsets, inverse = oracles.theme_dispatch(
-        themes, gate, so, se, num_examples=len(lengths), num_themes=num_themes, capacity=capacity)
+        themes, gate, so, se, num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens)
     assert torch.equal(got.gather_index.cpu(), index)
     assert torch.equal(got.theme_offsets.cpu(), theme_offsets)
     assert torch.equal(got.inverse_index.cpu(), inverse)
@@ -87,7 +87,7 @@ def _segments(dispatch):
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
 @pytest.mark.parametrize("num_themes,top_k,pattern", DISPATCH_CASES)
 def test_theme_dispatch_invariants(lengths, num_themes, top_k, pattern, backend, device):
-    """Without capacity: every token appears top_k times, once per chosen theme (top_k = 1: a
+    """Without max_theme_tokens: every token appears top_k times, once per chosen theme (top_k = 1: a
     permutation, inverse checked, and inverse_index is that inverse); theme_offsets' steps count
     the tokens of (theme, example); every segment keeps time order; expert_offsets =
     theme_offsets[::B]."""
@@ -127,15 +127,15 @@ def test_theme_dispatch_invariants(lengths, num_themes, top_k, pattern, backend,
 
 
 @pytest.mark.parametrize("backend", backends("theme_dispatch"))
-@pytest.mark.parametrize("capacity", [1, 2, 5])
-def test_theme_dispatch_capacity_keeps_newest(capacity, backend, device):
+@pytest.mark.parametrize("max_theme_tokens", [1, 2, 5])
+def test_theme_dispatch_max_theme_tokens_keeps_newest(max_theme_tokens, backend, device):
     """Capacity keeps the newest tokens of each subsequence: one example, sessions of 2 tokens
     alternating themes 0,1,0,1 -> theme 0 holds tokens 0,1,4,5, theme 1 holds 2,3,6,7."""
     so = torch.tensor([0, 2, 4, 6, 8], device=device)
     se = torch.zeros(4, dtype=torch.int64, device=device)
     themes = torch.tensor([[0], [1], [0], [1]], device=device)
-    got = run_dispatch(themes, torch.ones(4, 1, device=device), so, se, 1, 2, capacity, backend)
-    expected = [[0, 1, 4, 5][-capacity:], [2, 3, 6, 7][-capacity:]]
+    got = run_dispatch(themes, torch.ones(4, 1, device=device), so, se, 1, 2, max_theme_tokens, backend)
+    expected = [[0, 1, 4, 5][-max_theme_tokens:], [2, 3, 6, 7][-max_theme_tokens:]]
     assert _segments(got) == expected
 
 
@@ -154,14 +154,14 @@ def test_theme_dispatch_no_examples(backend, device):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 2), (16, 1), (5, 5), (40, 2)])
-@pytest.mark.parametrize("capacity", [None, 1, 5])
-def test_theme_dispatch_is_identical(shape, num_themes, top_k, capacity, device, kernel_backend):
+@pytest.mark.parametrize("max_theme_tokens", [None, 1, 5])
+def test_theme_dispatch_is_identical(shape, num_themes, top_k, max_theme_tokens, device, kernel_backend):
     lengths, session_len = SHAPES[shape]
     _, sessions = make_sessions(lengths, session_len, device)
     themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
     gate = torch.rand(themes.shape, device=device)
     args = (themes, gate, sessions.session_offsets, sessions.session_example)
-    kwargs = dict(num_examples=len(lengths), num_themes=num_themes, capacity=capacity)
+    kwargs = dict(num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens)
     ref = mk.theme_dispatch(*args, backend="reference", **kwargs)
     out = mk.theme_dispatch(*args, backend=kernel_backend, **kwargs)
     for name in ("gather_index", "row_gate", "inverse_index", "theme_offsets"):
@@ -199,8 +199,8 @@ DISPATCH_LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(DISPATCH_LAYOUTS))
 @pytest.mark.parametrize("num_themes,top_k", [(8, 8), (9, 3), (2, 1), (64, 2), (20, 12)])
-@pytest.mark.parametrize("capacity", [None, 2, 50])
-def test_dispatch_given_example_session_offsets_matches_reference(layout, num_themes, top_k, capacity, device,
+@pytest.mark.parametrize("max_theme_tokens", [None, 2, 50])
+def test_dispatch_given_example_session_offsets_matches_reference(layout, num_themes, top_k, max_theme_tokens, device,
                                                                   kernel_backend):
     """Sessions.example_session_offsets given or built from session_example: the same Dispatch
     (and gate gradient) as the reference, bit for bit."""
@@ -209,7 +209,7 @@ def test_dispatch_given_example_session_offsets_matches_reference(layout, num_th
     themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
     gate = torch.rand(themes.shape, device=device)
     args = (themes, gate, sessions.session_offsets, sessions.session_example)
-    kwargs = dict(num_examples=len(lengths), num_themes=num_themes, capacity=capacity)
+    kwargs = dict(num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens)
     ref = _dispatch_both(args, kwargs, "reference")
     built = _dispatch_both(args, kwargs, kernel_backend)
     given = _dispatch_both(args, dict(kwargs, example_session_offsets=sessions.example_session_offsets),
@@ -220,8 +220,8 @@ def test_dispatch_given_example_session_offsets_matches_reference(layout, num_th
         assert torch.equal(g, r), name
 
 
-@pytest.mark.parametrize("capacity", [None, 1])
-def test_dispatch_empty_sessions_and_themes(capacity, device, kernel_backend):
+@pytest.mark.parametrize("max_theme_tokens", [None, 1])
+def test_dispatch_empty_sessions_and_themes(max_theme_tokens, device, kernel_backend):
     """Empty sessions (repeated offsets) inside a block, examples without sessions, themes no
     session chose, and a float64 gate: equal to the reference."""
     so = torch.tensor([0, 3, 3, 3, 7, 7, 12, 12], device=device)
@@ -229,7 +229,7 @@ def test_dispatch_empty_sessions_and_themes(capacity, device, kernel_backend):
     themes = torch.tensor([[4, 0], [1, 4], [0, 2], [4, 1], [2, 4], [0, 1], [4, 0]], device=device)
     gate = torch.rand(themes.shape, dtype=torch.float64, device=device)
     eso = torch.tensor([0, 0, 4, 4, 7, 7], device=device)
-    kwargs = dict(num_examples=5, num_themes=6, capacity=capacity)
+    kwargs = dict(num_examples=5, num_themes=6, max_theme_tokens=max_theme_tokens)
     ref = _dispatch_both((themes, gate, so, se), kwargs, "reference")
     got = _dispatch_both((themes, gate, so, se), dict(kwargs, example_session_offsets=eso), kernel_backend)
     for r, g in zip(ref, got):
@@ -242,7 +242,8 @@ def test_dispatch_is_bitwise_deterministic(device, kernel_backend):
     themes = random_themes(sessions.num_sessions, 8, 4, device)
     gate = torch.rand(themes.shape, device=device).to(torch.bfloat16)
     args = (themes, gate, sessions.session_offsets, sessions.session_example)
-    kwargs = dict(num_examples=4, num_themes=8, capacity=40, example_session_offsets=sessions.example_session_offsets)
+    kwargs = dict(num_examples=4, num_themes=8, max_theme_tokens=40,
+                  example_session_offsets=sessions.example_session_offsets)
     first, second = _dispatch_both(args, kwargs, kernel_backend), _dispatch_both(args, kwargs, kernel_backend)
     for a, b in zip(first, second):
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
@@ -261,9 +262,9 @@ def test_dispatch_refuses_rows_past_32_bits(device, kernel_backend):
 
 # ---- operator registration --------------------------------------------------------------------
 
-@pytest.mark.parametrize("capacity", [0, 2])
+@pytest.mark.parametrize("max_theme_tokens", [0, 2])
 @pytest.mark.parametrize("gate_dtype", [torch.float32, torch.float64])
-def test_opcheck_theme_dispatch(capacity, gate_dtype, device, kernel_backend):
+def test_opcheck_theme_dispatch(max_theme_tokens, gate_dtype, device, kernel_backend):
     """Schema, fake and autograd: the gate's gradient comes through the op's registered backward."""
     sessions, _, _, themes = opcheck_inputs(device)
     gate = torch.rand(themes.shape, dtype=gate_dtype, device=device).requires_grad_()
@@ -271,6 +272,7 @@ def test_opcheck_theme_dispatch(capacity, gate_dtype, device, kernel_backend):
     # opcheck's AOT test adds every output into one sum that starts as the int64 gather_index and
     # cannot take the float row_gate; test_layer_compile.py traces the op forward and backward.
     torch.library.opcheck(kernel_ops(kernel_backend).theme_dispatch.default,
-                          (themes, gate, sessions.session_offsets, sessions.session_example, eso, 19, 3, capacity),
+                          (themes, gate, sessions.session_offsets, sessions.session_example, eso, 19, 3,
+                           max_theme_tokens),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

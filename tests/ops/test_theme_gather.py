@@ -3,43 +3,46 @@
 Against the loop oracle (tests/oracles.py) in float64 over a real dispatch on awkward lengths,
 gated and not: scatter with repeated indices, scatter as the adjoint of gather, gather exact in
 every dtype; every kernel backend against the reference in fp32 / fp16 / bf16, rows spanning
-whole chunks, and gather building the inverse index itself; and the operator registration
-(opcheck). Kernel outputs are poisoned before they run (tests/ops/conftest.py). Bad arguments:
-test_bad_input.py; strided views: test_hostile_inputs.py; row blocks: test_kernel_blocks.py;
-rows past 2^31 elements: test_wide_addresses.py; 4M tokens on the GPU: test_kernels_gpu.py.
+whole chunks, and gather building the inverse index itself; the operator registration (opcheck)
+and FLOP formulas; the row-block rule, its compiled configurations and each block against the
+reference. Kernel outputs are poisoned before they run (tests/ops/conftest.py). Bad arguments,
+strided views, rows past 2^31 elements: test_theme_gather_inputs.py; 4M tokens and an output
+past 2^31 elements on the GPU: test_theme_gather_gpu.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
+from mos_kernels.theme_gather import inverse_of, row_blocks
 from tests import oracles
-from tests.kernel_cases import (ALL_DTYPES, LENGTH_IDS, LENGTHS, SHAPES, assert_matches, backends,
-                                check_forward_backward, make_sessions, opcheck_inputs, precision, random_themes,
-                                random_values, routed, skip_interpreted_bf16, upcast)
+from tests.kernel_cases import (ALL_DTYPES, DTYPES, LENGTH_IDS, LENGTHS, SHAPES, assert_matches, backends,
+                                check_forward_backward, compare_in_dtype, is_compiled, make_sessions, opcheck_inputs,
+                                precision, random_themes, random_values, routed, skip_interpreted_bf16, upcast)
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
 
 # ---- against the loop oracle ------------------------------------------------------------------
 
-def routed_index(lengths, gen, top_k, capacity, device):
+def routed_index(lengths, gen, top_k, max_theme_tokens, device):
     """gather_index, row_gate and T of a real dispatch (K = 3) over `lengths`."""
-    d = routed(lengths, gen, top_k, capacity, device)
+    d = routed(lengths, gen, top_k, max_theme_tokens, device)
     return d.gather_index, d.row_gate.detach(), sum(lengths)
 
 
 @pytest.mark.parametrize("backend", backends("theme_gather"))
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTH_IDS)
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 3)])
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 3)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_theme_gather_scatter_match_oracle(lengths, top_k, capacity, gated, backend, device):
+def test_theme_gather_scatter_match_oracle(lengths, top_k, max_theme_tokens, gated, backend, device):
     """gather and scatter, forward and backward (values/rows and the gate)."""
     gen = generator(10 + top_k)
     dtype, kind = precision(backend)
-    index, gate, total = routed_index(lengths, gen, top_k, capacity, device)
+    index, gate, total = routed_index(lengths, gen, top_k, max_theme_tokens, device)
     gate = gate.to(dtype)
     values = randn(gen, total, 5, dtype=dtype, device=device)
     rows = randn(gen, index.numel(), 5, dtype=dtype, device=device)
@@ -75,12 +78,12 @@ def test_theme_scatter_repeated_index_matches_oracle(seed, backend, device):
 
 
 @pytest.mark.parametrize("backend", backends("theme_scatter"))
-@pytest.mark.parametrize("top_k,capacity", [(1, None), (2, None), (2, 1)])
-def test_theme_scatter_is_adjoint_of_gather(top_k, capacity, backend, device):
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 1)])
+def test_theme_scatter_is_adjoint_of_gather(top_k, max_theme_tokens, backend, device):
     """<gather(x), y> == <x, scatter(y)> with the same index and gate."""
     gen = generator(11)
     dtype, kind = precision(backend)
-    index, gate, total = routed_index([4, 0, 9, 1], gen, top_k, capacity, device)
+    index, gate, total = routed_index([4, 0, 9, 1], gen, top_k, max_theme_tokens, device)
     x, y = randn(gen, total, 6, dtype=dtype, device=device), randn(gen, index.numel(), 6, dtype=dtype, device=device)
     lhs = (mk.theme_gather(x, index, gate.to(dtype), backend=backend).double() * y.double()).sum()
     rhs = (x.double() * mk.theme_scatter(y, index, gate.to(dtype), num_tokens=total, backend=backend).double()).sum()
@@ -103,23 +106,24 @@ def test_theme_gather_is_exact(dtype, backend, device):
 
 # ---- kernel backends against the reference ----------------------------------------------------
 
-def _dispatch_for(lengths, session_len, num_themes, top_k, device, capacity=None):
+def _dispatch_for(lengths, session_len, num_themes, top_k, device, max_theme_tokens=None):
     _, sessions = make_sessions(lengths, session_len, device)
     themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
     gate = torch.rand(themes.shape, device=device) + 0.5
     return mk.theme_dispatch(themes, gate, sessions.session_offsets, sessions.session_example,
-                             num_examples=len(lengths), num_themes=num_themes, capacity=capacity,
+                             num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens,
                              backend="reference")
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["gather", "scatter"])
-@pytest.mark.parametrize("top_k,capacity,gated", [(1, None, True), (2, None, True), (2, 3, True), (1, None, False)])
-def test_gather_and_scatter(shape, dtype, op, top_k, capacity, gated, device, kernel_backend):
+@pytest.mark.parametrize("top_k,max_theme_tokens,gated",
+                         [(1, None, True), (2, None, True), (2, 3, True), (1, None, False)])
+def test_gather_and_scatter(shape, dtype, op, top_k, max_theme_tokens, gated, device, kernel_backend):
     skip_interpreted_bf16(kernel_backend, dtype)
     lengths, session_len = SHAPES[shape]
-    dispatch = _dispatch_for(lengths, session_len, 3, top_k, device, capacity)
+    dispatch = _dispatch_for(lengths, session_len, 3, top_k, device, max_theme_tokens)
     num_tokens, dim = dispatch.inverse_index.shape[0], 19
     num_in = num_tokens if op == "gather" else dispatch.gather_index.numel()
     num_out = dispatch.gather_index.numel() if op == "gather" else num_tokens
@@ -194,3 +198,72 @@ def test_opcheck_gather_scatter(gated, device, kernel_backend):
     rows = random_values(index.numel(), values.shape[1], torch.float32, device).requires_grad_()
     torch.library.opcheck(ops.theme_scatter.default, (rows, index, row_gate, inverse))
 
+
+
+def test_flop_formulas_match_a_hand_count(device, kernel_backend):
+    """Both registered operators (torch.ops.mos: Triton, torch.ops.mos_cuda: the CUDA extension, on
+    the CPU its emulation): one multiply by the gate per element, nothing without a gate."""
+    ops = kernel_ops(kernel_backend)
+    dim, num_themes, top_k = 12, 3, 2
+    sessions, values, _, themes = opcheck_inputs(device, dim, num_themes, top_k)
+    dispatch = mk.theme_dispatch(themes, torch.rand(themes.shape, device=device), sessions.session_offsets,
+                                 sessions.session_example, num_examples=4, num_themes=num_themes,
+                                 backend="reference")
+    rows = dispatch.gather_index.numel()
+    for op, data in ((ops.theme_gather, values), (ops.theme_scatter, random_values(rows, dim, torch.float32, device))):
+        with FlopCounterMode(display=False) as counter:
+            op(data.detach(), dispatch.gather_index, dispatch.row_gate.detach(), dispatch.inverse_index)
+        assert counter.get_total_flops() == rows * dim          # one multiply by the gate per element
+        with FlopCounterMode(display=False) as counter:
+            op(data.detach(), dispatch.gather_index, None, dispatch.inverse_index)
+        assert counter.get_total_flops() == 0                   # pure data movement
+
+
+# ---- row blocks: the rule, its compiled configurations, each choice against the reference ----
+
+@pytest.mark.parametrize("dim,dtype,expected", [
+    (64, torch.bfloat16, (128, 64, 8)), (256, torch.float32, (16, 256, 4)), (64, torch.float32, (64, 64, 4)),
+    (16, torch.float16, (256, 16, 4)), (256, torch.bfloat16, (32, 256, 8)), (100, torch.float16, (64, 128, 8))])
+def test_row_blocks(dim, dtype, expected):
+    assert row_blocks(dim, dtype) == expected
+
+
+def test_every_row_block_is_compiled():
+    """~16 KB a program at most, powers of two, 32 tile elements a thread, and compile_check
+    compiles exactly what the wrappers launch at every supported width."""
+    for dtype in ALL_DTYPES:
+        for dim in range(9, 257):
+            block_r, block_d, warps = row_blocks(dim, dtype)
+            assert block_r & (block_r - 1) == 0 and block_d >= dim
+            assert block_r * block_d * dtype.itemsize <= 16384
+            assert block_r * block_d <= 32 * 32 * warps
+            wanted = {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": warps}
+            for kernel, arg in (("_gather_rows", "out_ptr"), ("_scatter_rows", "out_ptr"), ("_row_dot", "a_ptr")):
+                assert is_compiled(kernel, arg, dtype, wanted), (kernel, dtype, dim)
+
+
+@pytest.mark.parametrize("dim", [16, 64, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_rows", [0, 1, 300])
+def test_gather_scatter_blocks(dim, dtype, num_rows, device):
+    """Several programs and a partial last one at every width's rows per program (256, 128 and
+    16-32 rows): gather and scatter with a gate, and both gradients."""
+    num_tokens = 260
+    gen = torch.Generator().manual_seed(1)
+    index = torch.randint(0, num_tokens, (num_rows,), generator=gen).to(device)
+    inverse = inverse_of(index, num_tokens)
+    inputs = {"values": random_values(num_tokens, dim, dtype, device),
+              "gate": (torch.rand(num_rows, generator=gen) + 0.5).to(device=device, dtype=dtype)}
+    rows = {"rows": random_values(num_rows, dim, dtype, device, seed=2), "gate": inputs["gate"]}
+    for backend in ("triton", "reference"):
+        assert mk.theme_gather(inputs["values"], index, inputs["gate"], inverse_index=inverse, backend=backend).shape \
+            == (num_rows, dim)
+
+    def gather(backend):
+        return lambda values, gate: mk.theme_gather(values, index, gate, inverse_index=inverse, backend=backend)
+
+    def scatter(backend):
+        return lambda rows, gate: mk.theme_scatter(rows, index, gate, num_tokens=num_tokens, inverse_index=inverse,
+                                                   backend=backend)
+    compare_in_dtype(gather("triton"), gather("reference"), inputs, dtype, "reduction")
+    compare_in_dtype(scatter("triton"), scatter("reference"), rows, dtype, "reduction")

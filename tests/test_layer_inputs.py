@@ -1,0 +1,171 @@
+"""MoSLayer on bad input fails at once, naming the argument the caller passed (the message starts
+with it: tests/input_cases.py); each op's own cases are in tests/ops/test_<op>_inputs.py, the
+config's in tests/test_config.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mos import MoSLayer
+from mos.config import MoSConfig
+from tests.conftest import require_cuda_ext
+from tests.input_cases import DIM, call_session_pool_route, call_theme_route, named, with_value_at
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    return MoSLayer(MoSConfig(dim=DIM, num_heads=2, num_themes=3, session_len=2, session_mode="gap",
+                              gap_seconds=10.0))
+
+
+def good_batch():
+    """Two examples of lengths 3 and 2, with times non-decreasing inside each example."""
+    values = torch.randn(5, DIM)
+    target = torch.randn(2, DIM)
+    offsets = torch.tensor([0, 3, 5])
+    timestamps = torch.tensor([0.0, 5.0, 50.0, 1.0, 2.0])
+    return dict(values=values, target=target, offsets=offsets, timestamps=timestamps)
+
+
+def call(layer, values, target, offsets=None, **kwargs):
+    return layer(values, target, offsets, **kwargs)
+
+
+def test_good_batch_runs(layer):
+    """The batch the cases below spoil is itself accepted (so each failure is the spoiled part)."""
+    out = call(layer, **good_batch())
+    assert torch.isfinite(out.output).all()
+
+
+LAYER_CASES = {
+    # name: (change to good_batch, exception, argument named)
+    "float_offsets": (lambda b: b.update(offsets=b["offsets"].float()), TypeError, "offsets"),
+    "int32_offsets": (lambda b: b.update(offsets=b["offsets"].int()), TypeError, "offsets"),
+    "int_values": (lambda b: b.update(values=b["values"].long()), TypeError, "values"),
+    "int_target": (lambda b: b.update(target=b["target"].long()), TypeError, "target"),
+    "values_1d": (lambda b: b.update(values=b["values"].reshape(-1)), ValueError, "values"),
+    "values_4d": (lambda b: b.update(values=b["values"].reshape(1, 1, 5, DIM)), ValueError, "values"),
+    "values_wrong_width": (lambda b: b.update(values=torch.randn(5, DIM + 1)), ValueError, "values"),
+    "target_1d": (lambda b: b.update(target=b["target"].reshape(-1)), ValueError, "target"),
+    "target_wrong_width": (lambda b: b.update(target=torch.randn(2, DIM + 2)), ValueError, "target"),
+    "offsets_2d": (lambda b: b.update(offsets=b["offsets"].view(1, 3)), ValueError, "offsets"),
+    "offsets_not_monotone": (lambda b: b.update(offsets=torch.tensor([0, 4, 3, 5]), target=torch.randn(3, DIM)),
+                             ValueError, "offsets"),
+    "offsets_short_of_T": (lambda b: b.update(offsets=torch.tensor([0, 3, 4])), ValueError, "offsets"),
+    "offsets_past_T": (lambda b: b.update(offsets=torch.tensor([0, 3, 6])), ValueError, "offsets"),
+    "offsets_not_from_0": (lambda b: b.update(offsets=torch.tensor([1, 3, 5])), ValueError, "offsets"),
+    "offsets_missing": (lambda b: b.update(offsets=None), ValueError, "offsets"),
+    "offsets_empty": (lambda b: b.update(offsets=torch.zeros(0, dtype=torch.int64), target=torch.randn(0, DIM)),
+                      ValueError, "offsets"),
+    "lengths_with_jagged": (lambda b: b.update(lengths=torch.tensor([3, 2])), ValueError, "lengths"),
+    "timestamps_back_in_time": (lambda b: b.update(timestamps=torch.tensor([0.0, 5.0, 4.0, 1.0, 2.0])),
+                                ValueError, "timestamps"),
+    "timestamps_missing_for_gap": (lambda b: b.update(timestamps=None), ValueError, "timestamps"),
+    "timestamps_wrong_length": (lambda b: b.update(timestamps=torch.arange(4.0)), ValueError, "timestamps"),
+    "timestamps_2d_with_jagged": (lambda b: b.update(timestamps=torch.arange(5.0).view(5, 1)), ValueError,
+                                  "timestamps"),
+    "nan_values": (lambda b: b.update(values=with_value_at(b["values"], (2, 1), math.nan)), ValueError, "values"),
+    "inf_values": (lambda b: b.update(values=with_value_at(b["values"], (4, 0), -math.inf)), ValueError, "values"),
+    "nan_target": (lambda b: b.update(target=with_value_at(b["target"], (1, 3), math.nan)), ValueError, "target"),
+    "inf_target": (lambda b: b.update(target=with_value_at(b["target"], (0, 0), math.inf)), ValueError, "target"),
+    "target_rows_mismatch": (lambda b: b.update(target=torch.randn(3, DIM)), ValueError, "target"),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_rejects_bad_jagged_input(case, layer):
+    """MoSLayer on a spoiled jagged batch raises, naming the spoiled argument."""
+    spoil, error, name = LAYER_CASES[case]
+    batch = good_batch()
+    spoil(batch)
+    with pytest.raises(error, match=named(name)):
+        call(layer, **batch)
+
+
+@pytest.mark.parametrize("offsets", [[0, 3, 4], [0, 3, 6]], ids=["short_of_T", "past_T"])
+def test_fixed_mode_offsets_not_ending_at_T(offsets):
+    """Without timestamps to trip over first, offsets that do not end at T are still refused as
+    `offsets` (not as an internal tensor such as session_offsets)."""
+    torch.manual_seed(0)
+    layer = MoSLayer(MoSConfig(dim=DIM, num_heads=2, num_themes=3, session_len=2))
+    with pytest.raises(ValueError, match=named("offsets")):
+        layer(torch.randn(5, DIM), torch.randn(2, DIM), torch.tensor(offsets))
+
+
+def padded_batch():
+    values = torch.randn(2, 4, DIM)
+    return dict(values=values, target=torch.randn(2, DIM), lengths=torch.tensor([3, 2]),
+                timestamps=torch.tensor([[0.0, 5.0, 50.0, 0.0], [1.0, 2.0, 0.0, 0.0]]))
+
+
+PADDED_CASES = {
+    "lengths_missing": (lambda b: b.update(lengths=None), ValueError, "lengths"),
+    "lengths_negative": (lambda b: b.update(lengths=torch.tensor([3, -1])), ValueError, "lengths"),
+    "lengths_past_width": (lambda b: b.update(lengths=torch.tensor([5, 2])), ValueError, "lengths"),
+    "lengths_float": (lambda b: b.update(lengths=torch.tensor([3.0, 2.0])), TypeError, "lengths"),
+    "lengths_wrong_count": (lambda b: b.update(lengths=torch.tensor([3, 2, 1])), ValueError, "lengths"),
+    "offsets_with_padded": (lambda b: b.update(offsets=torch.tensor([0, 3, 5])), ValueError, "offsets"),
+    "timestamps_wrong_shape": (lambda b: b.update(timestamps=torch.zeros(2, 3)), ValueError, "timestamps"),
+    "timestamps_back_in_time": (lambda b: b.update(timestamps=torch.tensor([[0.0, 5.0, 50.0, 0.0],
+                                                                            [2.0, 1.0, 0.0, 0.0]])),
+                                ValueError, "timestamps"),
+    "nan_in_a_sequence": (lambda b: b.update(values=with_value_at(b["values"], (1, 1, 2), math.nan)), ValueError,
+                          "values"),
+}
+
+
+@pytest.mark.parametrize("case", PADDED_CASES)
+def test_layer_rejects_bad_padded_input(case, layer):
+    """MoSLayer on a spoiled padded batch [B, L, d] + lengths raises, naming the argument."""
+    spoil, error, name = PADDED_CASES[case]
+    batch = padded_batch()
+    call(layer, **batch)  # the unspoiled batch is accepted
+    spoil(batch)
+    with pytest.raises(error, match=named(name)):
+        call(layer, **batch)
+
+
+def test_wrong_device_names_the_argument(layer):
+    """Offsets on another device than values are refused by name (needs a second device)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the CPU has no second device to mismatch")
+    batch = good_batch()
+    batch["offsets"] = batch["offsets"].cuda()
+    with pytest.raises(ValueError, match=named("offsets")):
+        call(layer, **batch)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_non_finite_prototypes_are_refused(backend, value):
+    """The router's parameters get the inputs' finiteness check, by name, on every backend (layer
+    and ops); with the data checks switched off the layer does not look (validate_inputs)."""
+    if backend == "cuda":
+        require_cuda_ext()
+    spoiled = with_value_at(torch.randn(3, DIM), (1, 2), value)
+    with pytest.raises(ValueError, match=named("prototypes") + ": expected finite values, got NaN or inf"):
+        call_session_pool_route(prototypes=spoiled, backend=backend)
+    if backend == "reference":   # theme_route has the reference alone
+        with pytest.raises(ValueError, match=named("prototypes")):
+            call_theme_route(prototypes=spoiled)
+    torch.manual_seed(0)
+    config = dict(dim=DIM, num_heads=2, num_themes=3, session_len=2, backend=backend)
+    layer = MoSLayer(MoSConfig(**config))
+    with torch.no_grad():
+        layer.prototypes[1, 2] = value
+    with pytest.raises(ValueError, match=named("prototypes")):
+        call(layer, **good_batch())
+    if backend == "reference":   # unchecked NaN scores are the caller's risk; the reference is safe with them
+        unchecked = MoSLayer(MoSConfig(**config, validate_inputs=False))
+        unchecked.load_state_dict(layer.state_dict())
+        call(unchecked, **good_batch())
+
+
+def test_layer_overrides_with_config():
+    """MoSLayer(config, **overrides) is ambiguous and refused."""
+    with pytest.raises(ValueError, match=named("overrides")):
+        MoSLayer(MoSConfig(dim=DIM, num_heads=2), num_themes=2)
