@@ -6,10 +6,10 @@ index copies, all eager), and its target attention projects keys and values for 
 ratio over it partly measures the algorithm. This provider gives torch.compile the algorithm
 the kernels run, so that a ratio over it measures the kernels:
 
-  fused_target_attention  the key projection folded into the query (mos_kernels/expert_target_attention.py
+  fused_target_attention  the key projection folded into the query (mos_kernels/expert_target_attention_kernels.py
                           derives it): per row a score and an accumulation per head, one value
                           projection per segment; segment softmax by scatter_reduce / index_add
-  fused_grouped_linear    the rows gathered and gated, then one grouped GEMM: bf16 on CUDA by
+  fused_grouped_linear    one grouped GEMM over the expert-major rows: bf16 on CUDA by
                           torch.nn.functional.grouped_mm (else torch._grouped_mm), other dtypes
                           and devices by the reference's padded batched GEMM as plain ops
   fuse_layer              a MoSLayer whose target-attention experts run fused_target_attention
@@ -85,11 +85,10 @@ def grouped_gemm_path(rows: torch.Tensor) -> str:
 
 
 def fused_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         expert_offsets: torch.Tensor, *, max_rows: int, gather_index: Optional[torch.Tensor] = None,
-                         row_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[N, d_out]: what mk.grouped_linear returns (no scatter), by one grouped GEMM. max_rows:
-    the longest expert block (the padded path pads to it)."""
-    rows = gathered(x, gather_index, row_gate)
+                         expert_offsets: torch.Tensor, *, max_rows: int) -> torch.Tensor:
+    """[N, d_out]: what mk.grouped_linear returns, by one grouped GEMM. max_rows: the longest
+    expert block (the padded path pads to it)."""
+    rows = x
     expert = segment_ids(expert_offsets, rows.shape[0])
     if grouped_gemm_path(rows) == "grouped_mm":
         grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm

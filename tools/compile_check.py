@@ -234,6 +234,34 @@ def resource_errors(name: str, resources: Dict[str, int], floors: Dict[str, int]
     return errors
 
 
+def judge(configs, aligned, plain, *, show_resources=False):
+    """[(kernel, constexprs, error)]: every failure of the compiled configurations. aligned: each
+    configuration's compile_one(aligned=True) result, in order; plain: the unaligned variants'
+    errors by repr(configuration). Judged against the kernels' MIN_WARPS_PER_SM and SPILLS_ALLOWED."""
+    floors, spills_allowed = declared("MIN_WARPS_PER_SM"), declared("SPILLS_ALLOWED")
+    failures, spilled = [], set()
+    for (name, signature, constexprs), (_, _, aligned_error, resources) in zip(configs, aligned):
+        errors = [aligned_error] if aligned_error else []
+        error = plain.get(repr((name, signature, constexprs)), "")
+        if error and error != aligned_error:
+            errors.append(f"unaligned variant: {error}")
+        if resources:
+            key = spill_key(name, signature, constexprs)
+            if resources["spill_stores"] or resources["spill_loads"]:
+                spilled.add(key)
+            errors += resource_errors(name, resources, floors, key in spills_allowed)
+            if show_resources:
+                print(f"{name} {key[1]} {constexprs}: {resources['registers']} regs, {resources['spill_stores']}/"
+                      f"{resources['spill_loads']} B spilled, {resources['shared']} B shared, "
+                      f"{resources['num_warps']} warps, {resources['programs_per_sm']} programs/SM")
+        failures += [(name, constexprs, e) for e in errors]
+    compiled = {spill_key(*config) for config in configs}
+    # The allowance stays exact: a listed configuration that no longer spills must leave the list.
+    failures += [(key[0], {"dtype": key[1], "width": key[2]}, "in SPILLS_ALLOWED but compiles without spilling")
+                 for key in sorted(set(spills_allowed) & compiled - spilled, key=repr)]
+    return failures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -264,7 +292,6 @@ def main(argv=None) -> int:
         for name, _, constexprs in configs:
             print(name, constexprs)
         return 0
-    floors, spills_allowed = declared("MIN_WARPS_PER_SM"), declared("SPILLS_ALLOWED")
     start = time.perf_counter()
     # Every configuration as launched on aligned tensors at widths divisible by 16 (the usual case,
     # whose registers, spills and occupancy are judged), and the variant any launch can get
@@ -276,26 +303,7 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         aligned = list(pool.map(functools.partial(compile_one, aligned=True), configs))
         plain = {repr(config): result[2] for config, result in zip(unaligned, pool.map(compile_one, unaligned))}
-    failures, spilled = [], set()
-    for (name, signature, constexprs), (_, _, aligned_error, resources) in zip(configs, aligned):
-        errors = [aligned_error] if aligned_error else []
-        error = plain.get(repr((name, signature, constexprs)), "")
-        if error and error != aligned_error:
-            errors.append(f"unaligned variant: {error}")
-        if resources:
-            key = spill_key(name, signature, constexprs)
-            if resources["spill_stores"] or resources["spill_loads"]:
-                spilled.add(key)
-            errors += resource_errors(name, resources, floors, key in spills_allowed)
-            if args.resources:
-                print(f"{name} {key[1]} {constexprs}: {resources['registers']} regs, {resources['spill_stores']}/"
-                      f"{resources['spill_loads']} B spilled, {resources['shared']} B shared, "
-                      f"{resources['num_warps']} warps, {resources['programs_per_sm']} programs/SM")
-        failures += [(name, constexprs, e) for e in errors]
-    compiled = {spill_key(*config) for config in configs}
-    # The allowance stays exact: a listed configuration that no longer spills must leave the list.
-    failures += [(key[0], {"dtype": key[1], "width": key[2]}, "in SPILLS_ALLOWED but compiles without spilling")
-                 for key in sorted(set(spills_allowed) & compiled - spilled, key=repr)]
+    failures = judge(configs, aligned, plain, show_resources=args.resources)
     for name, constexprs, error in failures:
         print(f"FAIL {name} {constexprs}: {error}", file=sys.stderr)
     failed = len({repr(f[:2]) for f in failures})
