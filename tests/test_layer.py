@@ -136,7 +136,7 @@ def record_calls(module):
 @pytest.mark.parametrize("short_sessions", [1, 2, 10])
 @pytest.mark.parametrize("global_scope", ["tokens", "sessions"])
 @pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, 3)])
-def test_experts_read_what_the_spec_says(session_mode, short_sessions, global_scope, top_k, max_theme_tokens, device):
+def test_experts_read_the_oracle_inputs(session_mode, short_sessions, global_scope, top_k, max_theme_tokens, device):
     """Wiring, against the oracles: the theme experts read the oracle dispatch of the reported
     routing; the short-term expert reads each example's tokens of its last `short_sessions`
     sessions; the global expert reads all tokens, or the oracle session means
