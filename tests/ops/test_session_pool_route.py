@@ -1,7 +1,7 @@
-"""session_pool_route (and session_pool, theme_route): session means and their routing to themes.
+"""session_pool_route (and session_pool): session means and their routing to themes.
 
-Against the loop oracle (tests/oracles.py) in float64 on awkward lengths: the pooling, the
-routing (themes, gate, probabilities, scores), the fused op, and the router's gradient through
+Against the loop oracle (tests/oracles.py) in float64 on awkward lengths: the pooling, the fused
+op (pooling and routing: themes, gate, probabilities, scores), and the router's gradient through
 dispatch and gather; every kernel backend against the reference: the common shapes, many themes
 (one program's per-theme loop at K = 33 and 64), uneven sessions (one long session among short
 and empty ones in a block), the norm floor, the straight-through gate and its gradient, bitwise
@@ -94,65 +94,6 @@ def test_session_pool_low_precision(dtype, backend, device):
     got = mk.session_pool(low, session_offsets, backend=backend)
     assert got.dtype == dtype
     assert_matches(got, oracles.session_pool(low.double().cpu(), session_offsets), "reduction")
-
-
-ROUTE_CASES = [  # (sessions, K, top_k)
-    (0, 3, 1), (1, 1, 1), (13, 1, 1), (13, 3, 1), (7, 5, 2), (29, 2, 2), (11, 7, 3),
-]
-
-
-@pytest.mark.parametrize("backend", backends("theme_route"))
-@pytest.mark.parametrize("num_sessions,num_themes,top_k", ROUTE_CASES)
-@pytest.mark.parametrize("temperature", [0.1, 0.7])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_theme_route_matches_oracle(num_sessions, num_themes, top_k, temperature, seed, backend, device):
-    """Chosen themes (best first), cosine scores / temperature, softmax probabilities and the
-    straight-through gate, forward and backward (fp32 by design: Routing says scores are fp32)."""
-    gen = generator(seed)
-    inputs = {"pooled": randn(gen, num_sessions, 6, dtype=torch.float32, device=device),
-              "prototypes": randn(gen, num_themes, 6, dtype=torch.float32, device=device)}
-    got = mk.theme_route(inputs["pooled"], inputs["prototypes"], temperature=temperature, top_k=top_k,
-                         backend=backend)
-    expected = oracles.theme_route(inputs["pooled"].double().cpu(), inputs["prototypes"].double().cpu(),
-                                   temperature=temperature, top_k=top_k)
-    assert torch.equal(got.themes.cpu(), expected[0])
-
-    def route(pooled, prototypes):
-        r = mk.theme_route(pooled, prototypes, temperature=temperature, top_k=top_k, backend=backend)
-        return r.gate, r.probs, r.scores
-
-    def oracle(pooled, prototypes):
-        return oracles.theme_route(pooled, prototypes, temperature=temperature, top_k=top_k)[1:]
-
-    check_forward_backward(route, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)
-
-
-@pytest.mark.parametrize("backend", backends("theme_route"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_theme_route_gate_is_exactly_one_forward(dtype, backend, device):
-    """The forward gate is hard: exactly 1 for every chosen theme (the router's straight-through gate), so gating a row
-    moves it without changing a bit."""
-    gen = generator(5)
-    pooled = randn(gen, 200, 8, dtype=dtype, device=device).requires_grad_()
-    prototypes = randn(gen, 6, 8, dtype=dtype, device=device).requires_grad_()
-    gate = mk.theme_route(pooled, prototypes, top_k=2, backend=backend).gate
-    off = gate != 1
-    assert not off.any(), (f"{int(off.sum())} of {gate.numel()} gates differ from 1, e.g. "
-                           f"1 - {(1 - gate[off][0].double()).item():.3g}")
-
-
-@pytest.mark.parametrize("backend", backends("theme_route"))
-def test_theme_route_zero_session_scores_zero(backend, device):
-    """A zero session vector scores 0 for every theme (uniform probabilities) and keeps finite
-    gradients."""
-    gen = generator(6)
-    pooled = torch.cat([torch.zeros(1, 4), randn(gen, 2, 4, dtype=torch.float32)]).to(device).requires_grad_()
-    prototypes = randn(gen, 3, 4, dtype=torch.float32, device=device).requires_grad_()
-    r = mk.theme_route(pooled, prototypes, backend=backend)
-    assert torch.equal(r.scores[0], torch.zeros(3, device=device))
-    assert_close(r.probs[0], torch.full((3,), 1 / 3, device=device), "reduction")
-    (r.gate.sum() + r.probs[:, 0].sum()).backward()
-    assert torch.isfinite(pooled.grad).all() and torch.isfinite(prototypes.grad).all()
 
 
 @pytest.mark.parametrize("backend", backends("session_pool_route"))
