@@ -88,18 +88,17 @@ def fused_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                          expert_offsets: torch.Tensor, *, max_rows: int) -> torch.Tensor:
     """[N, d_out]: what mk.grouped_linear returns, by one grouped GEMM. max_rows: the longest
     expert block (the padded path pads to it)."""
-    rows = x
-    expert = segment_ids(expert_offsets, rows.shape[0])
-    if grouped_gemm_path(rows) == "grouped_mm":
+    expert = segment_ids(expert_offsets, x.shape[0])
+    if grouped_gemm_path(x) == "grouped_mm":
         grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
         # offs: the end of every expert's block, int32.
-        y = grouped_mm(rows, weight.to(rows.dtype), offs=expert_offsets[1:].to(torch.int32))
+        y = grouped_mm(x, weight.to(x.dtype), offs=expert_offsets[1:].to(torch.int32))
     else:
         # The reference's GPU algorithm (mos_kernels/grouped_linear.py), here as plain ops rather
         # than inside its custom op, so the compiler sees and fuses the copies around the GEMM.
-        pos = positions_in_segment(expert_offsets, rows.shape[0])
-        padded = rows.new_zeros((weight.shape[0], max_rows, rows.shape[1])).index_put((expert, pos), rows)
-        y = torch.bmm(padded, weight.to(rows.dtype))[expert, pos]
+        pos = positions_in_segment(expert_offsets, x.shape[0])
+        padded = x.new_zeros((weight.shape[0], max_rows, x.shape[1])).index_put((expert, pos), x)
+        y = torch.bmm(padded, weight.to(x.dtype))[expert, pos]
     return y if bias is None else y + bias.to(y.dtype)[expert]
 
 

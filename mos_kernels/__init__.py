@@ -27,8 +27,11 @@ __all__ = [
 
 
 def _register_cuda_python_side() -> None:
-    # Imported only once the extension is loaded: registering needs its operators to exist.
-    from . import cuda_registration  # noqa: F401
+    # Imported only once the extension is loaded: registering needs its operators to exist. The
+    # call, not the import, registers: the module may have been imported earlier, before them.
+    from . import cuda_registration
+
+    cuda_registration.register_python_side()
 
 
 _on_cuda_load(_register_cuda_python_side)

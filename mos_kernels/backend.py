@@ -73,7 +73,8 @@ def cuda_ext_reason() -> str | None:
 
     reason = unavailable_reason()
     while reason is None and _on_cuda_load:
-        _on_cuda_load.pop(0)()
+        _on_cuda_load[0]()          # a hook that raises stays, to run again on the next call
+        _on_cuda_load.pop(0)
     return reason
 
 

@@ -2,10 +2,11 @@
 (torch.compile), autograd (the backward ops of the same namespace) and FLOP formulas, reusing
 the Triton op modules' functions where the schemas agree.
 
-Imported once the operators are loaded, never before: by the package's hook when backend "cuda"
-has loaded them (`backend.on_cuda_load`), or by torch when someone else did (`import
-mos_kernels._C`) and a fake kernel is wanted, as schema.cpp's set_python_module asks. It imports
-the op modules; nothing of the package imports it, so the imports go one way.
+`register_python_side` runs once the operators are loaded: the package's hook calls it when
+backend "cuda" has loaded them (`backend.on_cuda_load`); importing this module after someone else
+loaded them (`import mos_kernels._C`; schema.cpp's set_python_module names this module for the
+fakes) registers too. It imports the op modules and only the package's load hook imports it, so
+the imports go one way.
 """
 from __future__ import annotations
 

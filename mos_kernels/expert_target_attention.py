@@ -67,7 +67,7 @@ def _check_args(tokens, query, w_key, b_key, w_value, b_value, segment_offsets, 
     dim = tokens.shape[1]
     check_tensor("query", query, ndim=2, dtypes=FLOAT_DTYPES, device=tokens.device)
     for name, t, ndim in (("w_key", w_key, 3), ("w_value", w_value, 3), ("b_key", b_key, 2), ("b_value", b_value, 2)):
-        if t is not None:
+        if t is not None or name.startswith("w_"):      # the biases are optional, the weights are not
             check_tensor(name, t, ndim=ndim, dtypes=FLOAT_DTYPES, device=tokens.device)
     num_experts = w_key.shape[0]
     if num_experts < 1 or query.shape[0] % num_experts or query.shape[1] != dim:

@@ -11,8 +11,8 @@ gate) and `_pool_route_bwd` (it also gives the prototypes' gradient), registered
 mos::session_pool_route and mos::session_pool_route_backward, with a FLOP formula.
 CUDA C++: torch.ops.mos_cuda.session_pool_route(_backward) (csrc/mos/session_pool.h) keep the
 earlier schemas (no gate output; the backward returns the scores' gradient and the prototypes'
-gradient is one GEMM); cuda_ops.py gives them their fakes and autograd formula and shares this
-module's FLOP formula.
+gradient is one GEMM); cuda_registration.py gives them their fakes and autograd formula and
+shares this module's FLOP formula.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import csv
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,32 @@ def test_every_source_is_built():
     on_disk = {p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp")}
     assert on_disk == set(cuda_ops.CUDA_SOURCES) | set(cuda_ops.EMULATION_SOURCES)
     assert set(cuda_ops.CUDA_SOURCES) >= {p for p in on_disk if p.endswith(".cu")}
+
+
+def test_schema_names_the_module_that_registers_the_fakes():
+    """torch looks for the operators' fakes in the module schema.cpp names: it must be the one
+    that registers them (an extension built from an older schema.cpp needs a rebuild)."""
+    from mos_kernels import cuda_registration
+
+    named = re.search(r'set_python_module\("([\w.]+)"\)', (CSRC / "schema.cpp").read_text()).group(1)
+    assert named == cuda_registration.__name__
+
+
+def test_python_side_registers_whatever_the_import_order():
+    """Fakes and autograd register when the operators load, even if cuda_registration was imported
+    before them (its import alone registers nothing then): a fresh process imports it first."""
+    require_cuda_ext()
+    code = ("import torch, mos_kernels.cuda_registration as registration\n"
+            "from mos_kernels.backend import cuda_ext_reason\n"
+            "before = registration._registered\n"
+            "assert cuda_ext_reason() is None, cuda_ext_reason()\n"
+            "has = torch._C._dispatch_has_kernel_for_dispatch_key\n"
+            "print(before, registration._registered, has('mos_cuda::theme_gather', 'Autograd'),"
+            " has('mos_cuda::theme_gather', 'Meta'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=CSRC.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split()[-4:] == ["False", "True", "True", "True"], done.stdout
 
 
 def test_norm_eps_matches_python():

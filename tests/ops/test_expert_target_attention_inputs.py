@@ -33,6 +33,10 @@ BAD_INPUT = {
                                  "segment_offsets"),
     "attention_gate_without_index": (lambda: _attention(row_gate=torch.ones(5)), ValueError, "row_gate"),
     "attention_nan_tokens": (lambda: _attention(tokens=torch.full((5, DIM), math.nan)), ValueError, "tokens"),
+    "attention_no_key_weight": (lambda: _attention(w_key=None), TypeError, "w_key"),
+    "attention_no_value_weight": (lambda: _attention(w_value=None), TypeError, "w_value"),
+    "attention_int_value_bias": (lambda: _attention(b_value=torch.ones(2, DIM, dtype=torch.int64)), TypeError,
+                                 "b_value"),
 }
 
 
