@@ -152,16 +152,23 @@ def test_theme_dispatch_no_examples(backend, device):
 
 # ---- kernel backends against the reference ----------------------------------------------------
 
+
+def _random_dispatch(lengths, session_len, num_themes, top_k, max_theme_tokens, device):
+    """Sessions of `lengths`, random themes and gates in [0, 1): (sessions, theme_dispatch's
+    positional arguments, its keyword arguments)."""
+    _, sessions = make_sessions(lengths, session_len, device)
+    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
+    gate = torch.rand(themes.shape, device=device)
+    args = (themes, gate, sessions.session_offsets, sessions.session_example)
+    return sessions, args, dict(num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("num_themes,top_k", [(1, 1), (3, 2), (16, 1), (5, 5), (40, 2)])
 @pytest.mark.parametrize("max_theme_tokens", [None, 1, 5])
 def test_theme_dispatch_is_identical(shape, num_themes, top_k, max_theme_tokens, device, kernel_backend):
     lengths, session_len = SHAPES[shape]
-    _, sessions = make_sessions(lengths, session_len, device)
-    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
-    gate = torch.rand(themes.shape, device=device)
-    args = (themes, gate, sessions.session_offsets, sessions.session_example)
-    kwargs = dict(num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens)
+    _, args, kwargs = _random_dispatch(lengths, session_len, num_themes, top_k, max_theme_tokens, device)
     ref = mk.theme_dispatch(*args, backend="reference", **kwargs)
     out = mk.theme_dispatch(*args, backend=kernel_backend, **kwargs)
     for name in ("gather_index", "row_gate", "inverse_index", "theme_offsets"):
@@ -205,11 +212,7 @@ def test_dispatch_given_example_session_offsets_matches_reference(layout, num_th
     """Sessions.example_session_offsets given or built from session_example: the same Dispatch
     (and gate gradient) as the reference, bit for bit."""
     lengths, session_len = DISPATCH_LAYOUTS[layout]
-    _, sessions = make_sessions(lengths, session_len, device)
-    themes = random_themes(sessions.num_sessions, num_themes, top_k, device)
-    gate = torch.rand(themes.shape, device=device)
-    args = (themes, gate, sessions.session_offsets, sessions.session_example)
-    kwargs = dict(num_examples=len(lengths), num_themes=num_themes, max_theme_tokens=max_theme_tokens)
+    sessions, args, kwargs = _random_dispatch(lengths, session_len, num_themes, top_k, max_theme_tokens, device)
     ref = _dispatch_both(args, kwargs, "reference")
     built = _dispatch_both(args, kwargs, kernel_backend)
     given = _dispatch_both(args, dict(kwargs, example_session_offsets=sessions.example_session_offsets),
