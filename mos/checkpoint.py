@@ -1,9 +1,10 @@
 """Training checkpoints on disk: written atomically, verified when read.
 
 A checkpoint file is `MAGIC`, the payload's length and sha256, then the payload (the bytes of
-`torch.save`). `save` writes a temporary file beside the target, flushes it to the disk and
-renames it over the target, so the target always holds one whole checkpoint, the old one or
-the new one; a crash while writing leaves only the temporary file, which `load` never reads.
+`torch.save`). `save` writes it with `mos.files.write_atomic` (a unique temporary file beside the
+target, flushed and renamed over it), so the target always holds one whole checkpoint, the old
+one or the new one, even with several writers; a crash while writing leaves only a temporary
+file, which `load` never reads.
 `load` checks the length and the digest as well, so a file damaged later (a copy cut short, a
 bad disk) raises `CheckpointError` instead of being loaded as if it were complete.
 
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from mos.files import write_atomic
 
 MAGIC = b"MOS-CKPT-1\n"
 _HEADER = struct.Struct("<Q32s")   # payload length, sha256 of the payload
@@ -30,25 +32,11 @@ class CheckpointError(RuntimeError):
 
 
 def save(path, state: dict) -> None:
-    """Write `state` to `path` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `state` to `path` atomically (`mos.files.write_atomic`)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as stream:
-        stream.write(MAGIC + _HEADER.pack(len(payload), hashlib.sha256(payload).digest()))
-        stream.write(payload)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-    # The rename itself is durable only once the directory entry is on disk.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomic(path, MAGIC + _HEADER.pack(len(payload), hashlib.sha256(payload).digest()) + payload)
 
 
 def load(path) -> Optional[dict]:

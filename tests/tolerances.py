@@ -46,3 +46,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, *, dty
     """`dtype`: the precision the computation ran in (default: expected's dtype), which sets the tolerance."""
     atol, rtol = tolerance(kind, dtype or expected.dtype, gpu=actual.is_cuda)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
+# Statistical checks: a Monte Carlo estimate against the quantity it estimates, with the reason
+# for each relative error allowed.
+STATISTICAL = {
+    # A standard error against the spread of the statistic over R simulated replications: the
+    # sample SD of R draws has relative error ~1/sqrt(2R) (0.05 at R = 200); three of those.
+    "se_calibration": 0.15,
+    # An expected AUC by Monte Carlo over label redraws against its closed form: the redraws'
+    # own standard error (~0.2/sqrt(R) absolute at R = 2000), four of those.
+    "expected_auc": 0.02,
+}

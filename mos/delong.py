@@ -1,0 +1,120 @@
+"""DeLong's covariance of correlated AUCs, and its user-clustered form.
+
+Source: E. R. DeLong, D. M. DeLong, D. L. Clarke-Pearson, "Comparing the areas under two or more
+correlated receiver operating characteristic curves: a nonparametric approach", Biometrics 44
+(1988); placements from midranks as in X. Sun, W. Xu, "Fast implementation of DeLong's
+algorithm", IEEE Signal Processing Letters 21 (2014).
+
+For score vector k over the same N examples (m positives, n negatives) the placement of a
+positive i is V10[k, i] = the share of negatives it outscores (ties 1/2), of a negative j
+V01[k, j] = the share of positives that outscore it; AUC_k is the mean of either. DeLong's
+covariance is Cov = S10 / m + S01 / n, S10 and S01 the sample covariances (over positives,
+over negatives) of the placements. Any linear contrast c of the AUCs (a paired difference, a
+difference of means over seeds) has variance c' Cov c.
+
+Examples that share a user are not independent (one history, several targets). With `groups`
+the covariance is the cluster-robust ("sandwich") form of the same linearisation: each example's
+influence (V10 - AUC) / m or (V01 - AUC) / n is summed per group, and
+Cov = G / (G - 1) * sum over groups of the outer products of those sums. Without groups it is
+DeLong's own estimate.
+
+Everything is float64 numpy; inputs may be tensors or arrays. Errors name the argument.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class AUCDifference:
+    """A paired comparison of two score vectors on the same examples."""
+
+    auc_a: float
+    auc_b: float
+    difference: float     # auc_a - auc_b
+    se: float             # DeLong standard error of the difference (user-clustered with groups)
+
+
+def delong_covariance(labels, scores, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """(AUCs [K], covariance [K, K]) of the K score vectors `scores` [K, N] (or one [N]) against
+    `labels` [N] in {0, 1}; `groups` [N] (user ids, say) gives the cluster-robust covariance.
+
+    Raises ValueError naming the argument for a shape mismatch, non-finite scores, labels
+    outside {0, 1}, fewer than two examples of either class, or fewer than two groups."""
+    y = _as_numpy("labels", labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels: expected a 1-D array, got shape {y.shape}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels: expected values in {{0, 1}}, got {y[~np.isin(y, (0, 1))][0].item()!r}")
+    y = y.astype(bool)
+    s = _as_numpy("scores", scores).astype(np.float64)
+    s = s[None, :] if s.ndim == 1 else s
+    if s.ndim != 2 or s.shape[1] != y.size:
+        raise ValueError(f"scores: expected [K, {y.size}] or [{y.size}] (one score per label), got {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores: expected finite values, got NaN or inf")
+    m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        raise ValueError(f"labels: expected at least two examples of each class, got {m} positives and {n} negatives")
+    v10, v01 = placements(y, s)
+    aucs = v10.mean(axis=1)
+    if groups is None:
+        return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    g = _as_numpy("groups", groups)
+    if g.shape != y.shape:
+        raise ValueError(f"groups: expected [{y.size}] (one group per label), got {g.shape}")
+    _, group = np.unique(g, return_inverse=True)
+    num_groups = int(group.max()) + 1
+    if num_groups < 2:
+        raise ValueError(f"groups: expected at least two distinct groups, got {num_groups}")
+    influence = np.empty_like(s)
+    influence[:, y] = (v10 - aucs[:, None]) / m
+    influence[:, ~y] = (v01 - aucs[:, None]) / n
+    per_group = np.stack([np.bincount(group.reshape(-1), weights=row, minlength=num_groups) for row in influence])
+    return aucs, per_group @ per_group.T * num_groups / (num_groups - 1)
+
+
+def auc_difference(labels, scores_a, scores_b, groups=None) -> AUCDifference:
+    """AUC of `scores_a` minus that of `scores_b` on the same `labels`, with DeLong's standard
+    error of the difference (cluster-robust by `groups` when given). See `delong_covariance`."""
+    a, b = _as_numpy("scores_a", scores_a), _as_numpy("scores_b", scores_b)
+    if a.shape != b.shape:
+        raise ValueError(f"scores_b: expected the shape of scores_a {a.shape}, got {b.shape}")
+    aucs, cov = delong_covariance(labels, np.stack([a, b]), groups)
+    variance = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
+    return AUCDifference(float(aucs[0]), float(aucs[1]), float(aucs[0] - aucs[1]), float(np.sqrt(max(variance, 0.0))))
+
+
+def placements(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's placements of boolean `labels` [N] under `scores` [K, N]: V10 [K, m] of the
+    positives and V01 [K, n] of the negatives, from midranks (ties count 1/2)."""
+    positive = labels.astype(bool)
+    m, n = int(positive.sum()), int((~positive).sum())
+    v10 = np.empty((scores.shape[0], m))
+    v01 = np.empty((scores.shape[0], n))
+    for k, row in enumerate(scores):
+        overall = midranks(row)
+        # A positive's rank among all minus its rank among positives = negatives below it (ties 1/2).
+        v10[k] = (overall[positive] - midranks(row[positive])) / n
+        v01[k] = 1.0 - (overall[~positive] - midranks(row[~positive])) / m
+    return v10, v01
+
+
+def midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of `x`, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    return (last - (counts - 1) / 2.0)[inverse.reshape(-1)]
+
+
+def _as_numpy(name: str, x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        x = (x.double() if x.is_floating_point() else x).numpy()
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name}: expected an array or tensor, got {type(x).__name__}") from err

@@ -1,0 +1,49 @@
+"""Writing a file whole: a unique temporary file beside the target, flushed to the disk, renamed
+over the target, the directory entry synced.
+
+Readers see the old file or the new one, never part of one; a crash while writing leaves only a
+temporary file (named `.<target>.<random>.tmp`, which no reader opens). Concurrent writers to one
+path never collide: each has its own temporary file, and the last rename wins whole.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, IO, Union
+
+# The process's umask, read once (setting it is the only way to read it): mkstemp creates its
+# file readable by the owner alone, and the target should get the permissions open() would give.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def write_atomic(path: Union[str, Path], write: Union[str, bytes, Callable[[IO], None]], *, binary: bool = False) -> None:
+    """Write `write` (text, bytes, or a function writing into the open stream) to `path`
+    atomically; `binary` opens the stream in binary mode for a function (bytes always are)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    binary = binary or isinstance(write, bytes)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(handle, 0o666 & ~_UMASK)
+        with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as stream:
+            if callable(write):
+                write(stream)
+            else:
+                stream.write(write)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    # The rename itself is durable only once the directory entry is on disk.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
