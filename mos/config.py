@@ -37,7 +37,7 @@ class MoSAblation:
     vq_detach_tokens: bool = True
     # The short-term and theme experts and the router read the tokens and the target detached:
     # only the global expert's path (as in the backbone) trains the embeddings. Boosted training
-    # (`model.mos_training`) sets it itself; true under joint training is an ablation.
+    # (`model.training`) sets it itself; true under joint training is an ablation.
     extras_detach_inputs: bool = False
 
     def __post_init__(self):
@@ -151,38 +151,68 @@ class MoEConfig:
                 raise ValueError(f"model.moe.{name}: expected a number >= 0, got {getattr(self, name)!r}")
 
 
-MODEL_KINDS = ("mos", "backbone", "gshard", "dselect_k", "expert_choice")
-MOS_TRAININGS = ("boosted", "joint")
+MODEL_KINDS = ("mos", "backbone", "gshard", "dselect_k", "expert_choice", "stacked_backbone")
+# Kinds built as the backbone plus a correction: MoS (its global expert is the backbone), the
+# sample-level MoE baselines and the stacking control (a second plain encoder as the correction).
+STACKED_KINDS = ("mos", "gshard", "dselect_k", "expert_choice", "stacked_backbone")
+TRAININGS = ("boosted", "joint")
+RECENCIES = ("sessions", "none")
 
 
+@refuse_moved("model")
 @dataclass
 class ModelConfig:
-    """The CTR model around the sequence encoder: embeddings, encoder, MLP head."""
+    """The CTR model around the sequence encoder: embeddings, encoder, MLP head.
+
+    Every kind but "backbone" is the backbone encoder plus a correction: MoS's other experts,
+    a sample-level MoE over copies of the encoder (gshard, dselect_k, expert_choice: the backbone
+    is their shared expert) or a second plain encoder ("stacked_backbone", the control that shows
+    what stacking alone gives). Each correction enters as a zero-initialised term added to the
+    backbone's user vector, so every kind starts as the backbone."""
 
     kind: str = "mos"                # one of MODEL_KINDS; "backbone" = one encoder over the whole sequence
     mos: MoSConfig = field(default_factory=MoSConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     use_category: bool = True        # add a category embedding to every item embedding
+    # Width of the free item-ID embedding, projected to `mos.dim` and added to the category's;
+    # None: `mos.dim`, no projection. A narrow ID leaves less to memorise per item.
+    item_id_dim: Optional[int] = None
+    # Order information every encoder gets: "sessions" adds to each history event an embedding of
+    # how many sessions ago it happened (0 = the newest session; 1, 2, 3, 4-7, 8-15, ... in log2
+    # buckets), sessions cut as `mos.session_mode` cuts them; "none" leaves the events unordered.
+    recency: str = "sessions"
     mlp_hidden: tuple = (64, 32)     # hidden widths of the MLP head on [t ; u ; t*u]
-    # How a MoS model is trained. "boosted": its backbone part (embeddings, global expert, head)
-    # is trained by the backbone's own loss, so it follows the backbone model step for step; the
-    # other experts fit a correction on top of it (their loss does not reach the backbone part,
-    # they read the embeddings detached), and each validation keeps the correction only if it
-    # raises the validation AUC. Needs the residual fusion and a global expert. "joint": one loss
-    # trains every part together.
-    mos_training: str = "boosted"
+    # How a stacked kind is trained. "boosted" (`mos.boosting`): the backbone part (embeddings,
+    # backbone encoder, head) is trained by the backbone's own loss, so it follows the backbone
+    # model step for step; the correction fits on top of it, reading the embeddings detached, by
+    # a second loss through the frozen head; early stopping watches the backbone candidate, and
+    # the correction is served only if its validation gain exceeds its standard error. Needs the
+    # residual fusion and a global expert for MoS. "joint": one loss trains every part together.
+    training: str = "boosted"
 
     def __post_init__(self):
         check_choice("model.kind", self.kind, MODEL_KINDS)
-        check_choice("model.mos_training", self.mos_training, MOS_TRAININGS)
-        if self.kind == "mos" and self.mos_training == "boosted" and (
-                self.mos.fusion != "residual" or "global" not in self.mos.ablation.experts):
-            raise ValueError(f"model.mos_training: expected 'joint' when the MoS layer has no residual fusion over a "
-                             f"global expert (fusion={self.mos.fusion!r}, ablation.experts="
+        check_choice("model.training", self.training, TRAININGS)
+        check_choice("model.recency", self.recency, RECENCIES)
+        if self.item_id_dim is not None:
+            check_positive("model.item_id_dim", self.item_id_dim)
+        if self.kind == "mos" and self.training == "boosted" and (
+                self.mos.fusion != "residual" or "global" not in self.mos.ablation.experts
+                or len(self.mos.ablation.experts) < 2):
+            raise ValueError(f"model.training: expected 'joint' when the MoS layer has no residual fusion over a "
+                             f"global expert and another (fusion={self.mos.fusion!r}, ablation.experts="
                              f"{list(self.mos.ablation.experts)}), got 'boosted'")
         self.mlp_hidden = tuple(self.mlp_hidden)
         for width in self.mlp_hidden:
             check_positive("model.mlp_hidden[]", width)
+
+    @property
+    def stacked(self) -> bool:
+        return self.kind in STACKED_KINDS
+
+    @property
+    def boosted(self) -> bool:
+        return self.stacked and self.training == "boosted"
 
 
 @dataclass

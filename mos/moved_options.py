@@ -23,7 +23,17 @@ MOVED = {
     **{f"model.mos.{name}": f"model.mos.ablation.{name}" for name in _ABLATION},
     # "Capacity" is the MoE baselines' word (expert_choice's capacity_factor: examples per expert).
     "model.mos.capacity": "model.mos.max_theme_tokens",
+    # Boosted training now applies to every stacked kind, not to MoS alone.
+    "model.mos_training": "model.training",
 }
+
+
+# Options added later, with the value that gives the behaviour of a tree written before they
+# existed (an earlier checkpoint's model had no recency embedding).
+ADDED = {"model.recency": "none"}
+
+# State-dict keys of an earlier model layout -> their names now (prefix renames).
+RENAMED_STATE = {"head.": "head.mlp.", "serve_extras": "serve_correction"}
 
 
 def moved_key(key: str):
@@ -60,7 +70,15 @@ def _where_now(section: str, new: str) -> str:
 
 def migrate(tree: dict) -> dict:
     """A config tree written before the moves (a checkpoint's) with every moved key at its new
-    place; `tree` is changed in place and returned."""
+    place and every option added since at the value of the time; `tree` is changed in place and
+    returned."""
+    for key, value in ADDED.items():
+        *path, leaf = key.split(".")
+        node = tree
+        for name in path:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node and _written_before(node):
+            node[leaf] = value
     for old, new in MOVED.items():
         *path, leaf = old.split(".")
         node = tree
@@ -75,3 +93,20 @@ def migrate(tree: dict) -> dict:
             target = target.setdefault(name, {})
         target[new_leaf] = value
     return tree
+
+
+def _written_before(model_section: dict) -> bool:
+    """A model section written before the options of `ADDED` existed: it still says mos_training."""
+    return "mos_training" in model_section
+
+
+def migrate_state_dict(state: dict) -> dict:
+    """A model state dict of an earlier layout with its keys renamed as they are now (a new dict)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in RENAMED_STATE.items():
+            if key.startswith(old) and not key.startswith(new):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out

@@ -26,6 +26,7 @@ from mos.config_io import load_run_config
 from mos.data import logs, movielens
 from mos.errors import InputError
 from mos.evaluation import predictions
+from mos.moved_options import migrate_state_dict
 from mos.model import CTRModel
 from mos.distributed import check_machine
 from mos.train import sessions_for
@@ -58,7 +59,7 @@ def predict(checkpoint_path, source: str, out, overrides: list[str] = ()) -> int
 
     device = torch.device(run_cfg.train.device)
     model = CTRModel(run_cfg.model, log.dataset.num_items, log.dataset.num_categories)
-    model.load_state_dict(saved["run"]["best_state"] or saved["model"])
+    model.load_state_dict(migrate_state_dict(saved["run"]["best_state"] or saved["model"]))
     model.to(device)
     outputs = predictions(model, log.dataset, batch_size=run_cfg.train.batch_size, device=device,
                           max_history=cfg.max_history)

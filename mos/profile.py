@@ -114,8 +114,10 @@ def _fingerprint(run_cfg: RunConfig, name: str, seed: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-# The encoder options every model kind reads; the other MoSConfig fields shape MoS alone.
+# The encoder options every model kind reads (the session options cut the sessions the recency
+# embedding counts); the other MoSConfig fields shape MoS alone.
 _SHARED_ENCODER_FIELDS = ("dim", "num_heads", "encoder", "num_layers", "readout", "dropout", "backend",
+                          "session_mode", "session_len", "gap_seconds", "max_session_len",
                           "validate_inputs")
 
 
@@ -125,7 +127,8 @@ def _model_key(model_cfg) -> dict:
     key = config_to_dict(model_cfg)
     if model_cfg.kind != "mos":
         key["mos"] = {name: key["mos"][name] for name in _SHARED_ENCODER_FIELDS}
-        del key["mos_training"]
+    if not model_cfg.stacked:
+        del key["training"]
     if model_cfg.kind not in MOE_BASELINES:
         del key["moe"]
     return key
@@ -172,7 +175,7 @@ def summarize(records: List[dict]) -> List[dict]:
         # A best epoch at the epoch cap means the budget, not early stopping, ended the run.
         row["best_at_cap"] = sum(r["best_epoch"] == r["config"]["train"]["max_epochs"] for r in runs)
         # Boosted MoS: in how many seeds validation chose to serve the other experts' correction.
-        served = [r["test"].get("serves_extras") for r in runs]
+        served = [r["test"].get("serves_correction") for r in runs]
         row["serves_correction"] = None if None in served else sum(served)
         row["seconds_per_epoch"] = statistics.fmean(r["seconds_per_epoch"] for r in runs)
         row["theme_tokens"] = runs[0]["test"].get("theme_tokens")

@@ -19,7 +19,7 @@ import torch
 from mos import checkpoint, distributed
 from mos.config import RunConfig
 from mos.config_io import config_to_dict
-from mos.moved_options import migrate
+from mos.moved_options import migrate, migrate_state_dict
 from mos.variants import variant_config
 
 # Options that change how a run looks, not what it computes: a resumed run may differ in them.
@@ -44,19 +44,22 @@ class RunState:
     valid_auc: list = field(default_factory=list)
     best_epoch: int = 0
     best_valid: Optional[dict] = None
+    best_auc: Optional[float] = None     # the watched validation AUC of the best epoch
     best_state: Optional[dict] = None
 
     def stopped(self, patience: int) -> bool:
         return len(self.train_loss) - self.best_epoch >= patience
 
-    def validated(self, epoch: int, valid: dict, model) -> bool:
-        """Record epoch `epoch`'s validation metrics; keep the model's weights when their AUC is the
-        best so far. Returns whether it is."""
-        self.valid_auc.append(valid["auc"])
+    def validated(self, epoch: int, valid: dict, model, watched: str = "auc") -> bool:
+        """Record epoch `epoch`'s validation metrics; keep the model's weights when the AUC early
+        stopping watches (`watched`: "auc" of the served prediction, or "backbone" for a boosted
+        model's backbone candidate) is the best so far. Returns whether it is."""
+        auc = valid["auc"] if watched == "auc" else (valid["candidate_auc"] or {}).get(watched)
+        self.valid_auc.append(auc)
         # The first epoch always counts as the best so far, so a NaN AUC still leaves weights to restore.
-        improved = self.best_state is None or valid["auc"] > self.best_valid["auc"]
+        improved = self.best_state is None or (auc is not None and (self.best_auc is None or auc > self.best_auc))
         if improved:
-            self.best_epoch, self.best_valid = epoch, valid
+            self.best_epoch, self.best_valid, self.best_auc = epoch, valid, auc
             self.best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         return improved
 
@@ -93,10 +96,15 @@ def save(path, group, kind, seed, run_config, model, optimizer, state: RunState,
 
 def restore(saved: dict, model, optimizer, rank: int) -> RunState:
     """Load a checkpoint's model, optimizer and this rank's RNG state; returns its run state."""
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(migrate_state_dict(saved["model"]))
     optimizer.load_state_dict(saved["optimizer"])
     _set_rng_state(saved["rng"][rank])
-    return RunState(**saved["run"])
+    run = dict(saved["run"])
+    if run.get("best_state") is not None:
+        run["best_state"] = migrate_state_dict(run["best_state"])
+    if "best_auc" not in run and run.get("best_valid"):      # written before early stopping named its AUC
+        run["best_auc"] = run["best_valid"]["auc"]
+    return RunState(**run)
 
 
 def resume_point(path, run_cfg: RunConfig, kind: str, seed: int, group, say) -> Optional[dict]:

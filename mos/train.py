@@ -32,7 +32,8 @@ from mos.config import RunConfig
 from mos.config_io import config_to_dict
 from mos.data import checks, logs, movielens, stats, synthetic
 from mos.data.dataset import CTRDataset, split_by_user
-from mos.evaluation import evaluate
+from mos import boosting
+from mos.evaluation import SplitPredictions, predict_split, save_predictions, split_metrics
 from mos.model import CTRModel, training_loss
 from mos.report import metric_text, summary_table
 from mos.run_state import RunState
@@ -153,7 +154,7 @@ def _repeatable(train):
 @_repeatable
 def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str, inspect=None,
               group: Optional[distributed.Group] = None, checkpoint_path=None, resume_from=None,
-              vocabulary: Optional[dict] = None) -> dict:
+              vocabulary: Optional[dict] = None, predictions_path=None) -> dict:
     """Train model `kind` with `seed` on `splits` = (train, valid, test); returns the run record.
 
     `progress` is "bar", "none" or "auto" (a bar only on an interactive terminal outside CI).
@@ -161,7 +162,13 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
     record (the profiler measures FLOPs this way). `group`: this process's rank (one process
     when None). `checkpoint_path`: where the run's state is saved after every epoch, every
     `train.checkpoint_every` steps and at the end; `resume_from`: a state saved there, to continue;
-    `vocabulary`: how a log's items are numbered, kept in the checkpoint for `mos predict`.
+    `vocabulary`: how a log's items are numbered, kept in the checkpoint for `mos predict`;
+    `predictions_path`: an .npz for every validation and test example's prediction (each
+    candidate's too), so that paired tests can be run on them later.
+
+    A boosted stacked kind stops early on its backbone candidate's validation AUC (so its
+    backbone part trains exactly as the backbone model), then, with the best epoch's weights,
+    chooses once which candidate to serve (`mos.boosting.choose_correction`, on validation).
     """
     train_set, valid_set, test_set = splits
     cfg = run_cfg.train
@@ -177,8 +184,9 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
         state = run_state.restore(resume_from, model, optimizer, group.rank)
     trained = distributed.wrap(model, group)
     run_config = config_to_dict(replace(run_cfg, model=model_cfg))
-    eval_args = dict(batch_size=cfg.batch_size, device=device, num_themes=model_cfg.mos.num_themes,
-                     max_history=run_cfg.data.max_history, group=group)
+    predict_args = dict(batch_size=cfg.batch_size, device=device, max_history=run_cfg.data.max_history, group=group)
+    num_themes = model_cfg.mos.num_themes
+    watched = "backbone" if model_cfg.boosted else "auc"
     quiet = cfg.quiet or not group.is_main
     show_bar = group.is_main and _show_bar(progress)
 
@@ -191,25 +199,58 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
         _train_epoch(trained, optimizer, train_set, shuffle, state, run_cfg, group, save,
                      desc=f"{kind} seed {seed} epoch {epoch}", show_bar=show_bar)
         loss, bce, aux = state.close_epoch(group, len(train_set))
-        valid = evaluate(model, valid_set, choose=True, **eval_args)
-        improved = state.validated(epoch, valid, model)
+        valid = split_metrics(predict_split(model, valid_set, **predict_args), num_themes, model)
+        improved = state.validated(epoch, valid, model, watched)
         if not quiet:
             print(f"{kind} seed {seed} epoch {epoch}/{cfg.max_epochs}: train loss {loss:.4f} (BCE {bce:.4f})  "
-                  f"valid AUC {metric_text(valid, 'auc')}  {state.epoch_seconds[-1]:.1f}s wall"
+                  f"valid AUC {_valid_text(valid)}  {state.epoch_seconds[-1]:.1f}s wall"
                   f"{'  *' if improved else ''}",
                   file=sys.stderr, flush=True)
         state.epoch_shuffle = shuffle.get_state()
         save()
 
     model.load_state_dict(state.best_state)
-    test = evaluate(model, test_set, **eval_args)
+    valid_pred = predict_split(model, valid_set, **predict_args)
+    selection = None
+    if model_cfg.boosted:
+        selection = _select(model, valid_pred)
+        valid_pred = valid_pred.served(selection["serve_correction"])
+    valid = split_metrics(valid_pred, num_themes, model)
+    test_pred = predict_split(model, test_set, **predict_args)
+    test = split_metrics(test_pred, num_themes, model)
     if not quiet:
-        print(f"{kind} seed {seed}: best epoch {state.best_epoch}, test AUC {metric_text(test, 'auc')}  "
+        chosen = ("" if selection is None else
+                  f"serves the {'corrected' if selection['serve_correction'] else 'backbone'} candidate "
+                  f"(validation gain {selection['gain']:+.4f}, SE {selection['se']:.4f}); ")
+        print(f"{kind} seed {seed}: best epoch {state.best_epoch}, {chosen}test AUC {metric_text(test, 'auc')}  "
               f"GAUC {metric_text(test, 'gauc')}  LogLoss {test['logloss']:.4f}", file=sys.stderr, flush=True)
+    if predictions_path is not None and group.is_main:
+        save_predictions(predictions_path, valid=valid_pred, test=test_pred)
     record = {**(inspect(model) if inspect is not None else {}),
-              **_record(kind, seed, state, test, model, group), "config": run_config}
+              **_record(kind, seed, state, valid, test, selection, model, group), "config": run_config}
     save(record)
     return record
+
+
+def _select(model, valid: SplitPredictions) -> dict:
+    """Serve the corrected candidate of a boosted model iff its validation gain exceeds its
+    user-clustered standard error (`mos.boosting.choose_correction`); the decision's numbers."""
+    try:
+        choice = boosting.choose_correction(valid.labels, valid.candidates["backbone"], valid.candidates["corrected"],
+                                            groups=valid.users)
+    except ValueError as err:     # AUC undefined on this validation split: nothing to prefer the correction on
+        model.serve(False)
+        return {"serve_correction": False, "backbone_auc": None, "corrected_auc": None, "gain": 0.0, "se": 0.0,
+                "reason": str(err)}
+    model.serve(choice.serve_correction)
+    return asdict(choice)
+
+
+def _valid_text(valid: dict) -> str:
+    """The served AUC, or both candidates' for a boosted model (whose backbone AUC stops early)."""
+    if valid.get("candidate_auc"):
+        return " ".join(f"{name} {auc:.4f}" for name, auc in valid["candidate_auc"].items())
+    return metric_text(valid, "auc")
 
 
 def _train_epoch(trained, optimizer, train_set, shuffle, state: RunState, run_cfg: RunConfig, group, save, *,
@@ -237,8 +278,9 @@ def _train_epoch(trained, optimizer, train_set, shuffle, state: RunState, run_cf
         state.seconds += time.perf_counter() - start
 
 
-def _record(kind: str, seed: int, state: RunState, test: dict, model, group) -> dict:
-    """The finished run's record: its curves, best validation, test metrics and weights' digests."""
+def _record(kind: str, seed: int, state: RunState, valid: dict, test: dict, selection, model, group) -> dict:
+    """The finished run's record: its curves, the served candidate's validation and test metrics
+    at the best epoch, the candidate choice (boosted kinds) and the weights' digests."""
     return {
         "model": kind,
         "seed": seed,
@@ -250,8 +292,9 @@ def _record(kind: str, seed: int, state: RunState, test: dict, model, group) -> 
         "train_bce": state.train_bce,
         "train_aux": state.train_aux,
         "valid_auc_curve": state.valid_auc,
-        "valid": state.best_valid,
+        "valid": valid,
         "test": test,
+        "selection": selection,
         "params": sum(p.numel() for p in model.parameters()),
         "processes": group.world_size,
         # One per rank, all equal: the tested weights, comparable across runs and resumes.

@@ -89,19 +89,27 @@ def test_dselect_k_needs_a_power_of_two():
         DSelectK(_config(kind="dselect_k", num_experts=6))
 
 
-@pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
-def test_mos_starts_as_its_backbone(encoder, batch):
-    """Built from the same seed, the MoS model (residual fusion) and the backbone model give the
-    same logits before any training: same embeddings, head and encoder, the other experts' term
-    zero. With the concat fusion they do not (the contrast shows the test can fail)."""
+STACKED_CASES = [("mos", "target_attention"), ("mos", "transformer"), ("gshard", "target_attention"),
+                 ("dselect_k", "target_attention"), ("expert_choice", "target_attention"),
+                 ("stacked_backbone", "target_attention"), ("stacked_backbone", "transformer")]
+
+
+@pytest.mark.parametrize("kind, encoder", STACKED_CASES)
+@pytest.mark.parametrize("training", ["boosted", "joint"])
+def test_every_stacked_kind_starts_as_its_backbone(kind, encoder, training, batch):
+    """Built from the same seed, a stacked model (MoS with the residual fusion, an MoE baseline,
+    the stacking control) and the backbone model give the same logits before any training: same
+    embeddings, head and backbone encoder, the correction's term zero. MoS with the concat
+    fusion does not (the contrast shows the test can fail)."""
     batch, data = batch
     logits = {}
-    for kind, fusion in (("backbone", "residual"), ("mos", "residual"), ("mos", "concat")):
+    for name, fusion, how in (("backbone", "residual", "boosted"), (kind, "residual", training),
+                              ("mos", "concat", "joint")):
         torch.manual_seed(5)
-        config = ModelConfig(kind=kind, mos=MoSConfig(dim=16, num_heads=2, encoder=encoder, fusion=fusion),
-                             mos_training="boosted" if fusion == "residual" else "joint")
-        logits[kind, fusion] = CTRModel(config, data.num_items, data.num_categories)(batch).logits
-    assert torch.equal(logits["mos", "residual"], logits["backbone", "residual"])
+        config = ModelConfig(kind=name, mos=MoSConfig(dim=16, num_heads=2, encoder=encoder, fusion=fusion,
+                                                      session_mode="gap"), training=how, item_id_dim=8)
+        logits[name, fusion] = CTRModel(config, data.num_items, data.num_categories)(batch).logits
+    assert torch.equal(logits[kind, "residual"], logits["backbone", "residual"])
     assert not torch.allclose(logits["mos", "concat"], logits["backbone", "residual"])
 
 
@@ -113,7 +121,7 @@ def test_vq_losses_and_the_embedding_table(detach, batch):
     torch.manual_seed(0)
     # Joint training: boosted training detaches every input of the router from the embeddings anyway.
     model = CTRModel(ModelConfig(kind="mos", mos=MoSConfig(dim=16, num_heads=2, ablation={"vq_detach_tokens": detach}),
-                                 mos_training="joint"), data.num_items, data.num_categories)
+                                 training="joint"), data.num_items, data.num_categories)
     model(batch).aux_loss.backward()
     tables = (model.item_embedding.weight.grad, model.category_embedding.weight.grad)
     moved = [0.0 if g is None else float(g.abs().sum()) for g in tables]

@@ -56,7 +56,7 @@ def test_empty_sections_keep_defaults(tmp_path):
 
 
 def test_yaml_round_trip_through_file(tmp_path):
-    cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=gate", "model.mos_training=joint",
+    cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=gate", "model.training=joint",
                                  "model.mos.max_theme_tokens=5"])
     dumped = dump_yaml(cfg)
     assert "seeds: [3, 4]" in dumped            # lists inline, as a person writes them
@@ -65,11 +65,13 @@ def test_yaml_round_trip_through_file(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,field,value", [
-    (["model.mos.fusion=concat", "model.mos_training=joint"], "mos.fusion", "concat"),
+    (["model.mos.fusion=concat", "model.training=joint"], "mos.fusion", "concat"),
     (["model.mos.fusion=residual"], "mos.fusion", "residual"),
     (["model.mos.ablation.vq_detach_tokens=false"], "mos.ablation.vq_detach_tokens", False),
     (["model.mos.ablation.extras_detach_inputs=true"], "mos.ablation.extras_detach_inputs", True),
-    (["model.mos_training=joint"], "mos_training", "joint"),
+    (["model.training=joint"], "training", "joint"),
+    (["model.recency=none"], "recency", "none"),
+    (["model.item_id_dim=8"], "item_id_dim", 8),
 ])
 def test_design_options_round_trip(tmp_path, overrides, field, value):
     """The options that keep MoS at least as good as its backbone: --set, then YAML and back."""
@@ -83,13 +85,14 @@ def test_design_options_round_trip(tmp_path, overrides, field, value):
 
 def test_design_option_defaults():
     model = RunConfig().model
-    assert (model.mos.fusion, model.mos.ablation.vq_detach_tokens, model.mos_training) == ("residual", True, "boosted")
+    assert (model.mos.fusion, model.mos.ablation.vq_detach_tokens, model.training) == ("residual", True, "boosted")
 
 
 def test_boosted_training_needs_a_residual_fusion_over_a_global_expert():
-    for override in ("model.mos.fusion=concat", "model.mos.ablation.experts=[short,themes]"):
-        with pytest.raises(ValueError, match=r"model\.mos_training: expected 'joint' when the MoS layer has no "
-                                             r"residual fusion over a global expert .* got 'boosted'"):
+    for override in ("model.mos.fusion=concat", "model.mos.ablation.experts=[short,themes]",
+                     "model.mos.ablation.experts=[global]"):
+        with pytest.raises(ValueError, match=r"model\.training: expected 'joint' when the MoS layer has no "
+                                             r"residual fusion over a global expert and another .* got 'boosted'"):
             load_run_config(None, [override])
 
 
@@ -258,6 +261,11 @@ def test_moved_keys_name_where_they_moved(tmp_path):
         load_run_config(None, ["model.mos.capacity=8"])
     with pytest.raises(TypeError, match=r"MoSConfig\.capacity: renamed max_theme_tokens"):
         MoSConfig(capacity=8)
+    with pytest.raises(ValueError, match=r"'model\.mos_training' moved to 'model\.training'"):
+        load_run_config(None, ["model.mos_training=joint"])
+    from mos.config import ModelConfig
+    with pytest.raises(TypeError, match=r"ModelConfig\.mos_training: renamed training \(model\.training\)"):
+        ModelConfig(mos_training="joint")
     assert MoSConfig(ablation={"router": "random"}).ablation.router == "random"
 
 
@@ -270,7 +278,11 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     old["model"]["mos"].update(old["model"]["mos"].pop("ablation"), router="random")
     old["model"]["mos"]["capacity"] = 5
     del old["model"]["mos"]["max_theme_tokens"]
+    old["model"]["mos_training"] = old["model"].pop("training")
+    del old["model"]["recency"], old["model"]["item_id_dim"]
     cfg = load_run_config(None, [], base=old)
     assert (cfg.data.synthetic.num_users, cfg.data.logs.user_column) == (40, "uid")
+    # Options added since take the value that gives the model of the time: no recency embedding.
+    assert (cfg.model.training, cfg.model.recency, cfg.model.item_id_dim) == ("boosted", "none", None)
     assert (cfg.model.mos.ablation.router, cfg.model.mos.max_theme_tokens) == ("random", 5)
     assert load_run_config(None, [], base=config_to_dict(cfg)) == cfg

@@ -1,6 +1,7 @@
-"""CTRModel (mos/model.py) on unusual input: every model (backbone, the MoE baselines, MoS) on
-every backend takes an empty batch, B = 0. (Each op's unusual inputs: tests/ops/test_<op>_inputs.py.)
-"""
+"""CTRModel (mos/model.py): every model (backbone, the MoE baselines, the stacking control, MoS)
+on every backend takes an empty batch, B = 0 (each op's unusual inputs:
+tests/ops/test_<op>_inputs.py); the inputs every kind shares: recency buckets, a narrow item ID,
+an earlier layout's weights."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def _empty_batch(device):
 
 @pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
-@pytest.mark.parametrize("kind", ["backbone", "gshard", "dselect_k", "expert_choice", "mos"])
+@pytest.mark.parametrize("kind", ["backbone", "gshard", "dselect_k", "expert_choice", "stacked_backbone", "mos"])
 def test_empty_batch_gives_finite_outputs_and_zero_loss(kind, backend, encoder, device):
     """B = 0: no logits, every auxiliary value finite, the auxiliary loss exactly 0 (an average over
     no examples is taken as 0, not torch's 0/0), and its backward finite."""
@@ -40,3 +41,58 @@ def test_empty_batch_gives_finite_outputs_and_zero_loss(kind, backend, encoder, 
         loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_recency_buckets_count_sessions_back_from_the_newest():
+    """Two examples cut at 1-h gaps: 11 sessions of one event, and 3 sessions (the newest of
+    two events). Sessions ago 0, 1, 2-3, 4-7, 8-15 give buckets 0, 1, 2, 3, 4."""
+    from mos.config import ModelConfig, MoSConfig
+    from mos.data.batch import Batch
+    from mos.model import CTRModel
+
+    gaps = [0] + [3600] * 10 + [0, 3600, 3600, 60]
+    times = torch.cumsum(torch.tensor(gaps), 0)
+    batch = Batch(item_ids=torch.ones(15, dtype=torch.long), category_ids=torch.ones(15, dtype=torch.long),
+                  timestamps=times, offsets=torch.tensor([0, 11, 15]), max_len=11,
+                  target_item=torch.ones(2, dtype=torch.long), target_category=torch.ones(2, dtype=torch.long),
+                  label=torch.zeros(2), user=torch.arange(2))
+    model = CTRModel(ModelConfig(kind="backbone", mos=MoSConfig(dim=8, session_mode="gap")), 5, 3)
+    ago = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 2, 1, 0, 0]
+    want = [4, 4, 4, 3, 3, 3, 3, 2, 2, 1, 0, 2, 1, 0, 0]
+    assert model.recency_bucket(batch).tolist() == want, ago
+    # Every event gets its bucket's embedding on top of its item's and category's.
+    tokens = model.embed_history(batch)
+    plain = model.embed(batch.item_ids, batch.category_ids)
+    torch.testing.assert_close(tokens - plain, model.recency_embedding.weight[torch.tensor(want)])
+    # Without recency the events are unordered: the tokens are the plain embeddings.
+    flat = CTRModel(ModelConfig(kind="backbone", recency="none", mos=MoSConfig(dim=8, session_mode="gap")), 5, 3)
+    assert flat.recency_embedding is None and torch.equal(flat.embed_history(batch), flat.embed(batch.item_ids,
+                                                                                                  batch.category_ids))
+
+
+def test_a_narrow_item_id_is_projected_to_the_model_width():
+    from mos.config import ModelConfig, MoSConfig
+    from mos.model import CTRModel
+
+    narrow = CTRModel(ModelConfig(kind="backbone", item_id_dim=4, mos=MoSConfig(dim=16)), 100, 5)
+    assert narrow.item_embedding.weight.shape == (100, 4) and narrow.item_projection.weight.shape == (16, 4)
+    items = torch.tensor([3, 0, 7])
+    want = narrow.item_embedding(items) @ narrow.item_projection.weight.t() + narrow.category_embedding(items % 5)
+    torch.testing.assert_close(narrow.embed(items, items % 5), want)
+    full = CTRModel(ModelConfig(kind="backbone", mos=MoSConfig(dim=16)), 100, 5)
+    assert full.item_projection is None and full.item_embedding.weight.shape == (100, 16)
+
+
+def test_an_earlier_state_dict_loads_under_its_new_names():
+    """A checkpoint of the earlier layout (head.0.weight, serve_extras) loads once migrated."""
+    from mos.config import ModelConfig, MoSConfig
+    from mos.model import CTRModel
+    from mos.moved_options import migrate_state_dict
+
+    model = CTRModel(ModelConfig(recency="none", mos=MoSConfig(dim=8)), 10, 3)
+    old = {key.replace("head.mlp.", "head.").replace("serve_correction", "serve_extras"): value
+           for key, value in model.state_dict().items()}
+    assert "head.0.weight" in old and "serve_extras" in old
+    fresh = CTRModel(ModelConfig(recency="none", mos=MoSConfig(dim=8)), 10, 3)
+    fresh.load_state_dict(migrate_state_dict(old))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

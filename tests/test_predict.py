@@ -44,10 +44,10 @@ def mos(*args):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A backbone trained for two epochs on a small log through the command line."""
+    """A backbone trained for three epochs on a small log through the command line."""
     folder = tmp_path_factory.mktemp("predict")
     log = write(folder / "log.csv", log_rows())
-    code, out, err = mos("train", "--data", log, "--quiet", "--set", "models=[backbone]", "train.max_epochs=2",
+    code, out, err = mos("train", "--data", log, "--quiet", "--set", "models=[backbone]", "train.max_epochs=3",
                          "train.batch_size=32", "model.mos.dim=8", "model.mos.num_heads=1", f"train.out_dir={folder}")
     assert code == 0, err
     record = json.loads((folder / "results.jsonl").read_text().splitlines()[-1])

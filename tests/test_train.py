@@ -82,7 +82,8 @@ class FakeModel(nn.Module):
 def make_config(**train_fields) -> RunConfig:
     fields = dict(batch_size=32, lr=0.2, max_epochs=6, patience=6, progress="none", threads=0)
     fields.update(train_fields)
-    return RunConfig(model=ModelConfig(mos=MoSConfig(num_themes=4)), train=TrainConfig(**fields))
+    # Joint: the fake "mos" has one prediction, no boosted candidates.
+    return RunConfig(model=ModelConfig(mos=MoSConfig(num_themes=4), training="joint"), train=TrainConfig(**fields))
 
 
 @pytest.fixture
@@ -127,24 +128,27 @@ def test_router_purity_nmi_and_tokens_per_theme(splits):
 
 def test_early_stopping_restores_the_best_weights(splits, monkeypatch):
     valid_aucs = iter([0.6, 0.8, 0.7, 0.75, 0.9, 0.95])
-    seen = []   # (split, weights) at every evaluation
+    seen = []   # (split, weights) at every prediction of a split
 
-    def scripted_evaluate(model, dataset, **kwargs):
+    def recording_predict(model, dataset, **kwargs):
         split = "valid" if dataset is splits[1] else "test"
         seen.append((split, model.logit.weight.detach().clone()))
-        auc = next(valid_aucs) if split == "valid" else 0.5
+        return split
+
+    def scripted_metrics(split, num_themes, model=None):
+        auc = next(valid_aucs) if split == "valid" and len(seen) <= 4 else 0.5
         return {"auc": auc, "gauc": auc, "logloss": 0.5}
 
-    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(train, "predict_split", recording_predict)
+    monkeypatch.setattr(train, "split_metrics", scripted_metrics)
     record = train.train_one(make_config(patience=2, quiet=True), "backbone", 0, splits, progress="none")
     # Best at epoch 2; epochs 3 and 4 do not beat it, so training stops after epoch 4.
     assert record["epochs"] == 4 and record["best_epoch"] == 2
     assert record["valid_auc_curve"] == [0.6, 0.8, 0.7, 0.75]
-    assert record["valid"]["auc"] == 0.8
-    assert [split for split, _ in seen] == ["valid"] * 4 + ["test"]
-    tested = seen[-1][1]
-    assert torch.equal(tested, seen[1][1])            # epoch 2's weights are back
-    assert not torch.equal(tested, seen[3][1])        # not the last epoch's
+    # After training, validation and test are predicted again with the best weights.
+    assert [split for split, _ in seen] == ["valid"] * 5 + ["test"]
+    assert torch.equal(seen[-1][1], seen[1][1]) and torch.equal(seen[-2][1], seen[1][1])   # epoch 2's weights
+    assert not torch.equal(seen[-1][1], seen[3][1])        # not the last epoch's
 
 
 def test_progress_bar_choice(monkeypatch):
@@ -186,12 +190,15 @@ def test_run_appends_json_lines_and_prints_the_table(splits, monkeypatch, tmp_pa
     assert len((out_dir / "results.jsonl").read_text().splitlines()) == 8   # appended, not replaced
 
 
-@pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
-def test_boosted_mos_carries_its_backbone_step_for_step(encoder):
-    """Boosted training: after Adam steps on the same batches from the same seed, the MoS
-    model's backbone candidate equals the backbone model's prediction (its backbone part got
-    exactly the backbone's gradients), while its MoS candidate has moved away from it; a joint
-    MoS model's prediction has not stayed on the backbone's."""
+STACKED = ["mos", "gshard", "dselect_k", "expert_choice", "stacked_backbone"]
+
+
+@pytest.mark.parametrize("kind, encoder", [(kind, "target_attention") for kind in STACKED] + [("mos", "transformer")])
+def test_boosted_kinds_carry_their_backbone_step_for_step(kind, encoder):
+    """Boosted training: after Adam steps on the same batches from the same seed, every stacked
+    model's backbone candidate equals the backbone model's prediction bit for bit (its backbone
+    part got exactly the backbone's gradients), while its corrected candidate has moved away
+    from it; a jointly trained model's prediction has not stayed on the backbone's."""
     from mos.data import synthetic
     from mos.data.config import SyntheticConfig
     from mos.model import CTRModel
@@ -200,9 +207,9 @@ def test_boosted_mos_carries_its_backbone_step_for_step(encoder):
     batches = list(data.batches(16))[:4]
     mos_cfg = MoSConfig(dim=16, num_heads=2, encoder=encoder, session_mode="gap")
     predictions = {}
-    for kind, training in (("backbone", "boosted"), ("mos", "boosted"), ("mos", "joint")):
+    for name, training in (("backbone", "boosted"), (kind, "boosted"), (kind, "joint")):
         torch.manual_seed(3)
-        model = CTRModel(ModelConfig(kind=kind, mos=mos_cfg, mos_training=training), data.num_items,
+        model = CTRModel(ModelConfig(kind=name, mos=mos_cfg, training=training, item_id_dim=8), data.num_items,
                          data.num_categories)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         state = run_state.RunState(epoch_shuffle=torch.Generator().get_state())
@@ -210,42 +217,50 @@ def test_boosted_mos_carries_its_backbone_step_for_step(encoder):
             train._train_step(model, optimizer, batch, state)
         with torch.no_grad():
             out = model(batches[0])
-        predictions[kind, training] = out.candidates or {"served": out.logits}
+        predictions[name, training] = out.candidates._asdict() if out.candidates else {"served": out.logits}
     backbone = predictions["backbone", "boosted"]["served"]
-    torch.testing.assert_close(predictions["mos", "boosted"]["backbone"], backbone, rtol=0, atol=0)
-    assert not torch.allclose(predictions["mos", "boosted"]["mos"], backbone)
-    assert not torch.allclose(predictions["mos", "joint"]["served"], backbone)
+    torch.testing.assert_close(predictions[kind, "boosted"]["backbone"], backbone, rtol=0, atol=0)
+    assert not torch.allclose(predictions[kind, "boosted"]["corrected"], backbone)
+    assert not torch.allclose(predictions[kind, "joint"]["served"], backbone)
 
 
-def test_boosted_mos_serves_the_candidate_validation_prefers():
-    """`evaluate(choose=True)` serves the candidate with the higher validation AUC and reports
-    that candidate's metrics; without `choose` the serving choice is left as it is."""
-    from mos.data import synthetic
-    from mos.data.config import SyntheticConfig
+def _boosted_model(data, gain_scale: float):
     from mos.model import CTRModel
 
-    data = synthetic.generate(SyntheticConfig(num_users=40, num_items=60))
     torch.manual_seed(0)
     model = CTRModel(ModelConfig(mos=MoSConfig(dim=16, num_heads=2)), data.num_items, data.num_categories)
     with torch.no_grad():
-        model.encoder.extras_out.weight.normal_()          # make the two candidates differ
-    args = dict(batch_size=64, device=torch.device("cpu"), num_themes=8)
-    chosen = train.evaluate(model, data, choose=True, **args)
-    aucs = chosen["candidate_auc"]
-    assert aucs["mos"] != aucs["backbone"]
-    assert chosen["serves_extras"] == (aucs["mos"] >= aucs["backbone"])
-    assert chosen["auc"] == pytest.approx(max(aucs.values()))
-    model.serve(not chosen["serves_extras"])
-    kept = train.evaluate(model, data, **args)
-    assert kept["serves_extras"] != chosen["serves_extras"]
-    assert kept["auc"] == pytest.approx(min(aucs.values()))
+        model.encoder.extras_out.weight.normal_(std=gain_scale)          # make the two candidates differ
+    return model
+
+
+def test_boosted_selection_serves_the_correction_only_beyond_its_standard_error():
+    """With the best weights, `_select` compares the candidates on validation once: it serves
+    the corrected one iff its AUC gain exceeds the gain's user-clustered DeLong SE, and the
+    served prediction is then that candidate's."""
+    from mos.data import synthetic
+    from mos.data.config import SyntheticConfig
+    from mos.delong import auc_difference
+
+    data = synthetic.generate(SyntheticConfig(num_users=200, num_items=60))
+    for scale in (0.05, 3.0):
+        model = _boosted_model(data, scale)
+        pred = train.predict_split(model, data, batch_size=128, device=torch.device("cpu"))
+        choice = train._select(model, pred)
+        want = auc_difference(pred.labels, pred.candidates["corrected"], pred.candidates["backbone"], pred.users)
+        assert choice["gain"] == pytest.approx(want.difference) and choice["se"] == pytest.approx(want.se)
+        assert choice["serve_correction"] == (want.difference > want.se) == bool(model.serve_correction)
+        served = train.split_metrics(train.predict_split(model, data, batch_size=128, device=torch.device("cpu")), 8,
+                                     model)
+        assert served["auc"] == pytest.approx(choice["corrected_auc" if choice["serve_correction"] else "backbone_auc"])
+        assert served["serves_correction"] == choice["serve_correction"]
 
 
 def test_a_one_class_split_has_undefined_auc_and_gauc(splits):
     data = FakeData(32, 5)
     data.label = torch.ones(32)
-    result = train.evaluate(FakeModel(SimpleNamespace(kind="backbone"), 20, 3), data, batch_size=16, device="cpu",
-                            num_themes=4)
+    model = FakeModel(SimpleNamespace(kind="backbone"), 20, 3)
+    result = train.split_metrics(train.predict_split(model, data, batch_size=16, device="cpu"), 4)
     assert result["auc"] is None and result["gauc"] is None
     assert (result["gauc_users"], result["gauc_users_skipped"]) == (0, len(torch.unique(data.user)))
     assert result["logloss"] == pytest.approx(float(torch.log(torch.tensor(2.0))))

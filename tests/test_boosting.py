@@ -1,0 +1,104 @@
+"""`mos.boosting`, the drop-in recipe: a user's own model around `MoSLayer`, trained by
+`boosted_loss`, keeps its backbone part on the backbone's gradients alone; `choose_correction`
+serves the correction only beyond its standard error."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mos import MoSConfig, MoSLayer
+from mos.boosting import Candidates, boosted_loss, candidates, choose_correction
+from mos.delong import auc_difference
+
+
+class UserModel(nn.Module):
+    """What a user writes: their embeddings and head, MoS as the sequence encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.items = nn.Embedding(30, 16)
+        self.layer = MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=3, session_len=3, fusion="residual",
+                                        ablation={"extras_detach_inputs": True}))
+        self.head = BilinearHead(16)
+
+    def forward(self, items, offsets, target_items):
+        target = self.items(target_items)
+        out = self.layer(self.items(items), target, offsets)
+        return candidates(self.head, target, out.global_output, out.extras_output), out
+
+
+class BilinearHead(nn.Module):
+    """A head of the user's own: logits [B] from (target, user)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.bilinear = nn.Bilinear(dim, dim, 1)
+
+    def forward(self, target, user):
+        return self.bilinear(target, user).squeeze(1)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([7, 0, 4, 9])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return (torch.randint(1, 30, (int(lengths.sum()),), generator=g), offsets,
+            torch.randint(1, 30, (4,), generator=g), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: (p.grad is not None and bool(p.grad.abs().sum() > 0)) for name, p in model.named_parameters()}
+
+
+def test_each_candidate_loss_trains_only_its_own_part():
+    torch.manual_seed(0)
+    model = UserModel()
+    with torch.no_grad():
+        model.layer.extras_out.weight.normal_()       # a correction that is not zero yet
+    items, offsets, targets, label = _inputs()
+    cands, out = model(items, offsets, targets)
+    backbone_part = ("items.", "layer.global_expert.", "head.")
+    moved = _grads(model, nn.functional.binary_cross_entropy_with_logits(cands.backbone, label))
+    assert {n for n, m in moved.items() if m} and all(n.startswith(backbone_part) for n, m in moved.items() if m)
+    cands, out = model(items, offsets, targets)
+    moved = _grads(model, nn.functional.binary_cross_entropy_with_logits(cands.corrected, label))
+    assert moved["layer.extras_out.weight"] and moved["layer.theme_experts.w_value"]
+    assert not any(m for n, m in moved.items() if n.startswith(backbone_part))
+    cands, out = model(items, offsets, targets)
+    total = boosted_loss(cands, label, out.aux_loss)
+    want = (nn.functional.binary_cross_entropy_with_logits(cands.backbone, label)
+            + nn.functional.binary_cross_entropy_with_logits(cands.corrected, label) + out.aux_loss)
+    torch.testing.assert_close(total, want)
+
+
+def test_the_candidates_agree_while_the_correction_is_zero():
+    torch.manual_seed(1)
+    model = UserModel()
+    items, offsets, targets, _ = _inputs(1)
+    cands, _ = model(items, offsets, targets)
+    assert torch.equal(cands.backbone, cands.corrected)
+
+
+def test_the_correction_is_served_only_when_its_gain_exceeds_its_standard_error():
+    rng = np.random.default_rng(0)
+    n = 3000
+    users = np.repeat(np.arange(500), 6)
+    signal = rng.normal(size=n)
+    labels = (signal + rng.normal(size=n) > 0).astype(int)
+    backbone = signal + 1.5 * rng.normal(size=n)
+    for corrected, served in ((backbone + 1e-3 * rng.normal(size=n), False),    # a gain inside its noise
+                              (signal + 0.5 * rng.normal(size=n), True),         # a clear gain
+                              (backbone - 0.5 * signal, False)):                  # a loss
+        choice = choose_correction(labels, backbone, corrected, groups=users)
+        d = auc_difference(labels, corrected, backbone, users)
+        assert (choice.gain, choice.se) == (d.difference, d.se)
+        assert choice.serve_correction == served == (d.difference > d.se)
+        assert (choice.backbone_auc, choice.corrected_auc) == (d.auc_b, d.auc_a)
+
+
+def test_a_layer_without_the_residual_parts_is_refused():
+    with pytest.raises(ValueError, match=r"extras_output: expected the residual fusion's two parts"):
+        candidates(nn.Identity(), torch.zeros(2, 4), torch.zeros(2, 4), None)
+    assert isinstance(Candidates(torch.zeros(1), torch.zeros(1)), tuple)
