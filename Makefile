@@ -1,15 +1,21 @@
 # Two commands do all set-up on a fresh machine:
-#   make run   - the FLOPs-versus-accuracy profile on the embedded synthetic data, default and long
-#                histories (MoS, ablations, baselines)
-#   make test  - the whole test suite (Triton kernels under the CPU interpreter)
+#   make run     - the main job: MoS against its backbone, the stacking control and three MoE
+#                  baselines on the embedded synthetic data, five seeds, paired statistics
+#                  (about 20 minutes on 2 idle cores)
+#   make test    - the whole test suite (Triton kernels under the CPU interpreter)
 # Each creates .venv with the pinned versions (requirements/ci.txt) when it is missing.
+#   make profile - the full study: each model's options chosen on a validation grid, on the
+#                  default and the long synthetic settings and on MovieLens-100k (30 and 200
+#                  events); resumable, several hours (README, "The full study")
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean
+JOBS ?= 2
+
+.PHONY: run profile test venv clean
 
 venv: $(STAMP)
 
@@ -21,8 +27,15 @@ $(STAMP): requirements/ci.txt pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m mos profile --config configs/profile.yaml
-	$(PY) -m mos profile --config configs/profile_long.yaml
+	$(PY) -m mos profile --config configs/profile.yaml --no-tuning --jobs $(JOBS)
+
+profile: $(STAMP)
+	$(PY) -m mos profile --config configs/profile.yaml --jobs $(JOBS)
+	$(PY) -m mos profile --config configs/profile_long.yaml --jobs $(JOBS)
+	$(PY) -m mos profile --config configs/profile_movielens.yaml --jobs $(JOBS)
+	$(PY) -m mos profile --config configs/profile_movielens.yaml --jobs $(JOBS) \
+		--set data.max_history=200 train.out_dir=runs/profile_movielens_200 \
+		"profile.setting=MovieLens-100k, newest 200 ratings"
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q --benchmark-disable

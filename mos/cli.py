@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Optional
 
@@ -18,7 +19,7 @@ from mos.config_io import dump_yaml, load_run_config
 from mos.data.movielens import MovieLensUnavailable
 from mos.errors import InputError
 from mos.predict import predict
-from mos.profile import profile, quick_overrides
+from mos.profiling import profile, quick_overrides
 from mos.train import run
 
 _TRAIN_EPILOG = """\
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(profile)
     _add_data_option(profile)
     profile.add_argument("--quick", action="store_true", help="tiny sizes, one seed, one epoch (a smoke run)")
+    profile.add_argument("--jobs", type=int, default=1, metavar="N",
+                         help="train N runs at once, each in its own process with one thread (default 1); "
+                              "the numbers equal a serial run's with train.threads=1")
+    profile.add_argument("--no-tuning", action="store_true",
+                         help="skip profile.grid: every model runs with its profile.per_model options")
     profile.add_argument("--report-only", action="store_true",
                          help="train nothing: report the finished runs in <out_dir>/runs/ and name the missing ones")
     scoring = commands.add_parser(
@@ -101,8 +107,11 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 _PROFILE_EPILOG = """\
 models: any of the variants in mos/variants.py, e.g.
-  --set "models=[backbone,gshard,dselect_k,expert_choice,mos,mos_no_global]"
-resumable: a run whose configuration has not changed is read from <out_dir>/runs/ again."""
+  --set "models=[backbone,stacked_backbone,gshard,dselect_k,expert_choice,mos,mos_no_short]"
+options: profile.per_model gives a model its own options; profile.grid lists option sets tried
+on profile.tuning_seeds, the best on validation is kept (configs/profile.yaml shows both).
+resumable: a run whose configuration has not changed is read from <out_dir>/runs/ again, so an
+interrupted profile continues where it stopped; --report-only trains nothing."""
 
 
 _PREDICT_EPILOG = """\
@@ -111,7 +120,9 @@ A row naming an item the model never saw is refused and counted in the report (s
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = "python -m mos " + shlex.join(argv)
     try:
         if args.command == "predict":
             rows = predict(args.checkpoint, args.data, args.out, args.overrides)
@@ -138,7 +149,8 @@ def _train_or_profile(args: argparse.Namespace) -> int:
         print(dump_yaml(run_cfg), end="")
         return 0
     if args.command == "profile":
-        profile(run_cfg, report_only=args.report_only)
+        profile(run_cfg, report_only=args.report_only, jobs=args.jobs, tune=not args.no_tuning,
+                command=args.command_line)
     else:
         run(run_cfg)
     return 0

@@ -248,15 +248,30 @@ class TrainConfig:
         check_choice("train.progress", self.progress, ("auto", "bar", "none"))
 
 
+# The option keys a profile may set per model: what a model is and how it trains, never the
+# data, the seeds or where and how loudly a run writes.
+PER_MODEL_PREFIXES = ("model.", "train.")
+PER_MODEL_FIXED = ("model.kind", "train.seeds", "train.out_dir", "train.device", "train.threads", "train.progress",
+                   "train.quiet", "train.resume", "train.checkpoint_every")
+
+
 @dataclass
 class ProfileConfig:
-    """`python -m mos profile`: what is measured besides the training runs."""
+    """`python -m mos profile`: what is measured besides the training runs, each model's own
+    options and the validation grid they are chosen from."""
 
     setting: str = "synthetic data"          # the data setting's name, the title of profile.md
     flop_batch_size: int = 256               # test examples the FLOPs per example are counted on
     lengths: tuple = (100, 250, 500, 1000, 2000)   # L of the FLOPs-versus-length plot
     length_examples: int = 8                 # examples per length in that plot
     heatmap_users: int = 4                   # users in the session-similarity heatmap
+    # Model name -> {dotted key: value} for that model's runs (the options chosen on validation
+    # by an earlier study, say), e.g. {gshard: {model.moe.num_experts: 8}}.
+    per_model: dict = field(default_factory=dict)
+    # Model name -> a list of option sets ({dotted key: value}) tried on `tuning_seeds`; the set
+    # with the best mean validation AUC is used for that model's runs on `train.seeds`.
+    grid: dict = field(default_factory=dict)
+    tuning_seeds: tuple = ()
 
     def __post_init__(self):
         check_positive("profile.flop_batch_size", self.flop_batch_size)
@@ -265,6 +280,32 @@ class ProfileConfig:
             check_positive("profile.lengths[]", length)
         check_positive("profile.length_examples", self.length_examples)
         check_positive("profile.heatmap_users", self.heatmap_users)
+        self.tuning_seeds = tuple(self.tuning_seeds)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.tuning_seeds):
+            raise ValueError(f"profile.tuning_seeds: expected a list of ints, got {list(self.tuning_seeds)}")
+        if self.grid and not self.tuning_seeds:
+            raise ValueError("profile.tuning_seeds: expected at least one seed to try profile.grid's options on, got none")
+        for section in ("per_model", "grid"):
+            value = getattr(self, section)
+            if not isinstance(value, dict):
+                raise TypeError(f"profile.{section}: expected a mapping of model names, got {type(value).__name__}")
+            for name, options in value.items():
+                check_choice(f"profile.{section} key", name, tuple(VARIANTS))
+                sets = options if section == "grid" else [options]
+                if section == "grid" and (not isinstance(options, list) or not options):
+                    raise TypeError(f"profile.grid.{name}: expected a non-empty list of option sets, got {options!r}")
+                for index, option_set in enumerate(sets):
+                    where = f"profile.{section}.{name}" + (f"[{index}]" if section == "grid" else "")
+                    _check_option_set(where, option_set)
+
+
+def _check_option_set(where: str, options) -> None:
+    if not isinstance(options, dict):
+        raise TypeError(f"{where}: expected a mapping of dotted keys to values, got {type(options).__name__}")
+    for key in options:
+        if not isinstance(key, str) or not key.startswith(PER_MODEL_PREFIXES) or key in PER_MODEL_FIXED:
+            raise ValueError(f"{where}: expected keys under {list(PER_MODEL_PREFIXES)} other than "
+                             f"{list(PER_MODEL_FIXED)}, got {key!r}")
 
 
 @dataclass

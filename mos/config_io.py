@@ -42,6 +42,19 @@ def load_run_config(path: Optional[str], overrides: list[str], base: Optional[di
     return _build(RunConfig, tree, "")
 
 
+def with_options(run_cfg: RunConfig, options: dict, where: str) -> RunConfig:
+    """`run_cfg` with `options` ({dotted key: value}, as `--set` gives them) applied and every
+    section's checks run again; an error names `where` and the key."""
+    tree = config_to_dict(run_cfg)
+    for key, value in options.items():
+        _check_path(RunConfig, key, f"{where}: {key}")
+        _set_dotted(tree, key, value)
+    try:
+        return _build(RunConfig, tree, "")
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{where}: {err}") from err
+
+
 def shipped_configs() -> dict:
     """Name -> path of the configs that come with the package: copied into `mos/configs/` when a
     wheel is built (setup.py), read from the checkout's `configs/` in a source tree or an editable
@@ -202,7 +215,8 @@ def _dotted_message(message: str, cls, prefix: str) -> str:
     return message
 
 
-_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", tuple: "a list"}
+_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", tuple: "a list",
+               dict: "a mapping"}
 
 
 def _coerce(key: str, hint, value):
@@ -224,7 +238,7 @@ def _coerce(key: str, hint, value):
         return value
     elif hint is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
-    elif hint in (str, bool) and type(value) is hint:
+    elif hint in (str, bool, dict) and type(value) is hint:
         return value
     expected = _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
     if optional:

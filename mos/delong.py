@@ -10,7 +10,7 @@ positive i is V10[k, i] = the share of negatives it outscores (ties 1/2), of a n
 V01[k, j] = the share of positives that outscore it; AUC_k is the mean of either. DeLong's
 covariance is Cov = S10 / m + S01 / n, S10 and S01 the sample covariances (over positives,
 over negatives) of the placements. Any linear contrast c of the AUCs (a paired difference, a
-difference of means over seeds) has variance c' Cov c.
+difference of means over seeds) has variance c' Cov c (`paired_variances`).
 
 Examples that share a user are not independent (one history, several targets). With `groups`
 the covariance is the cluster-robust ("sandwich") form of the same linearisation: each example's
@@ -44,6 +44,30 @@ def delong_covariance(labels, scores, groups=None) -> tuple[np.ndarray, np.ndarr
 
     Raises ValueError naming the argument for a shape mismatch, non-finite scores, labels
     outside {0, 1}, fewer than two examples of either class, or fewer than two groups."""
+    aucs, components = _components(labels, scores, groups)
+    return aucs, _covariance(components)
+
+
+def paired_variances(labels, scores_a, scores_b, groups=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Pairs of score vectors on the same examples: `scores_a` and `scores_b` [S, N] (row s of
+    each is one pair, a seed's runs of two models, say). Returns (AUCs of a [S], AUCs of b [S],
+    the variance of each pair's difference [S], the variance of the mean difference over the
+    pairs). Each is c' Cov c for its contrast c, computed by differencing the placements first,
+    so that equal score vectors give exactly zero. Arguments and errors as `delong_covariance`."""
+    a, b = np.atleast_2d(_as_numpy("scores_a", scores_a)), np.atleast_2d(_as_numpy("scores_b", scores_b))
+    if a.shape != b.shape:
+        raise ValueError(f"scores_b: expected the shape of scores_a {a.shape}, got {b.shape}")
+    count = a.shape[0]
+    aucs, components = _components(labels, np.concatenate([a, b]), groups)
+    differences = [part[:count] - part[count:] for part in components]                  # [S, ...] each
+    per_pair = np.array([_covariance([part[i] for part in differences])[0, 0] for i in range(count)])
+    mean = _covariance([part.mean(axis=0) for part in differences])[0, 0]
+    return aucs[:count], aucs[count:], per_pair, float(mean)
+
+
+def _components(labels, scores, groups):
+    """(AUCs, the parts of the covariance): (V10 [K, m], V01 [K, n]) for DeLong's own form, or
+    (per-group sums of influence [K, G],) for the clustered one."""
     y = _as_numpy("labels", labels)
     if y.ndim != 1:
         raise ValueError(f"labels: expected a 1-D array, got shape {y.shape}")
@@ -62,7 +86,7 @@ def delong_covariance(labels, scores, groups=None) -> tuple[np.ndarray, np.ndarr
     v10, v01 = placements(y, s)
     aucs = v10.mean(axis=1)
     if groups is None:
-        return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+        return aucs, (v10, v01)
     g = _as_numpy("groups", groups)
     if g.shape != y.shape:
         raise ValueError(f"groups: expected [{y.size}] (one group per label), got {g.shape}")
@@ -74,18 +98,26 @@ def delong_covariance(labels, scores, groups=None) -> tuple[np.ndarray, np.ndarr
     influence[:, y] = (v10 - aucs[:, None]) / m
     influence[:, ~y] = (v01 - aucs[:, None]) / n
     per_group = np.stack([np.bincount(group.reshape(-1), weights=row, minlength=num_groups) for row in influence])
-    return aucs, per_group @ per_group.T * num_groups / (num_groups - 1)
+    return aucs, (per_group,)
+
+
+def _covariance(components) -> np.ndarray:
+    """DeLong's S10 / m + S01 / n from (V10, V01), or the sandwich G / (G - 1) sum of outer
+    products from (per-group influence sums,); each part [K, ...] (K may be 1)."""
+    if len(components) == 2:
+        v10, v01 = (np.atleast_2d(part) for part in components)
+        return np.atleast_2d(np.cov(v10)) / v10.shape[1] + np.atleast_2d(np.cov(v01)) / v01.shape[1]
+    per_group = np.atleast_2d(components[0])
+    num_groups = per_group.shape[1]
+    return per_group @ per_group.T * num_groups / (num_groups - 1)
 
 
 def auc_difference(labels, scores_a, scores_b, groups=None) -> AUCDifference:
     """AUC of `scores_a` minus that of `scores_b` on the same `labels`, with DeLong's standard
     error of the difference (cluster-robust by `groups` when given). See `delong_covariance`."""
-    a, b = _as_numpy("scores_a", scores_a), _as_numpy("scores_b", scores_b)
-    if a.shape != b.shape:
-        raise ValueError(f"scores_b: expected the shape of scores_a {a.shape}, got {b.shape}")
-    aucs, cov = delong_covariance(labels, np.stack([a, b]), groups)
-    variance = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
-    return AUCDifference(float(aucs[0]), float(aucs[1]), float(aucs[0] - aucs[1]), float(np.sqrt(max(variance, 0.0))))
+    auc_a, auc_b, (variance,), _ = paired_variances(labels, scores_a, scores_b, groups)
+    return AUCDifference(float(auc_a[0]), float(auc_b[0]), float(auc_a[0] - auc_b[0]),
+                         float(np.sqrt(max(variance, 0.0))))
 
 
 def placements(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

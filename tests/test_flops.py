@@ -5,7 +5,7 @@ import torch
 from mos.config import ModelConfig, MoSConfig
 from mos.flops import count_flops, fvcore_forward_flops
 from mos.model import CTRModel
-from mos.profile import synthetic_batch
+from mos.profiling.measures import synthetic_batch
 from mos.variants import VARIANTS, variant_config
 
 DIM, LENGTH, EXAMPLES = 16, 24, 4

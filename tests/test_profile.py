@@ -1,108 +1,212 @@
-"""`python -m mos profile --quick`: the table, the CSV/JSON, the three PNGs, and resuming."""
+"""`python -m mos profile --quick`: the tables, the files and figures, the saved predictions,
+resuming, the validation grid, parallel runs (equal to serial ones; a killed job loses and
+doubles nothing), and the verdict's rules."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 
 from mos.cli import main
+from mos.metrics import auc
+from mos.profiling.paired import Comparison
+from mos.profiling.tables import verdict
+
+MODELS = "models=[backbone,stacked_backbone,gshard,mos]"
+
+
+def _quick(tmp_path, *extra, config="configs/default.yaml"):
+    return ["profile", "--quick", "--config", config, "--quiet", "--set", MODELS, f"train.out_dir={tmp_path}", *extra]
+
+
+def _records(folder):
+    return {p.stem: json.loads(p.read_text())["record"] for p in sorted((folder / "runs").glob("*.json"))}
 
 
 @pytest.mark.slow
 def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
-    args = ["profile", "--quick", "--config", "configs/default.yaml", "--quiet",
-            "--set", "models=[backbone,gshard,mos]", f"train.out_dir={tmp_path}"]
-    assert main(args) == 0
+    assert main(_quick(tmp_path)) == 0
     out = capsys.readouterr()
-    assert "| backbone |" in out.out and "| gshard |" in out.out and "| mos |" in out.out
-    assert "target" in out.out
+    for section in ("### Models", "### References", "### Paired comparisons", "### Verdict",
+                    "### Options chosen on validation", "| mos vs backbone |", "| Bayes |", "| share LR |"):
+        assert section in out.out, section
     # Toy models cost well under a GFLOP: the table says MFLOPs; one seed shows no "± 0.0000".
     assert "| MFLOPs/ex (fwd) |" in out.out and "± 0.0000" not in out.out and "wall s/epoch" in out.out
-    for name in ("profile.md", "profile.csv", "profile.json", "auc_vs_flops.png", "flops_vs_length.png",
+    for name in ("profile.md", "profile.csv", "paired.csv", "profile.json", "auc_vs_flops.png", "flops_vs_length.png",
                  "session_similarity.png"):
         path = tmp_path / name
         assert path.exists() and path.stat().st_size > 0, name
     assert (tmp_path / "auc_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert {r["model"] for r in saved["rows"]} == {"backbone", "stacked_backbone", "gshard", "mos"}
+    assert all(r["gflops"] > 0 and r["train_gflops"] > r["gflops"] for r in saved["rows"])
+    assert saved["provenance"]["command"].endswith(f"train.out_dir={tmp_path}")
+    assert "Commit " in (tmp_path / "profile.md").read_text()
+    # Every run's predictions are beside its record, and reproduce its test AUC.
+    for run_id, record in _records(tmp_path).items():
+        with np.load(tmp_path / "runs" / f"{run_id}.npz") as npz:
+            assert auc(npz["test_labels"], npz["test_logits"]) == pytest.approx(record["test"]["auc"], abs=1e-12)
+            assert len(npz["valid_logits"]) == record["valid"]["examples"]
+            if record["model"] != "backbone":
+                assert {"test_backbone", "test_corrected"} <= set(npz.files)
+
+    assert main(_quick(tmp_path)) == 0                       # a second run reads every finished run back
+    err = capsys.readouterr().err
+    assert "4 runs: 4 finished before, 0 to train" in err
+
+
+@pytest.mark.slow
+def test_parallel_runs_equal_serial_ones(tmp_path):
+    """--jobs 2 (one thread per run) gives the records and predictions of a serial run with one
+    thread, number for number."""
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main(_quick(serial, "train.seeds=[0,1]", "train.threads=1")) == 0
+    assert main(_quick(parallel, "train.seeds=[0,1]") + ["--jobs", "2"]) == 0
+    a, b = _records(serial), _records(parallel)
+    assert set(a) == set(b) and len(a) == 8
+    for run_id in a:
+        assert a[run_id]["parameter_digests"] == b[run_id]["parameter_digests"]
+        assert a[run_id]["test"] == b[run_id]["test"] and a[run_id]["valid"] == b[run_id]["valid"]
+        with np.load(serial / "runs" / f"{run_id}.npz") as x, np.load(parallel / "runs" / f"{run_id}.npz") as y:
+            assert all(np.array_equal(x[name], y[name]) for name in x.files)
+
+
+@pytest.mark.slow
+def test_a_killed_parallel_profile_loses_and_doubles_nothing(tmp_path):
+    """Kill the whole job (its workers too) once the first runs are written: what is on disk is
+    whole, and the rerun trains only the missing runs, ending with one record per run."""
+    args = [sys.executable, "-m", "mos", *_quick(tmp_path, "train.seeds=[0,1,2]"), "--jobs", "2"]
+    job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env={**os.environ, "CI": "1"})
+    deadline = time.time() + 300
+    while len(list((tmp_path / "runs").glob("*.json"))) < 2 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    finished = _records(tmp_path)
+    assert job.returncode == -signal.SIGKILL and 2 <= len(finished) < 12
+    for run_id in finished:                       # every record on disk is whole, its predictions beside it
+        assert (tmp_path / "runs" / f"{run_id}.npz").exists()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "CI": "1"})
+    assert done.returncode == 0, done.stderr
+    assert f"12 runs: {len(finished)} finished before, {12 - len(finished)} to train" in done.stderr
+    records = _records(tmp_path)
+    assert len(records) == 12 and len({(r["model"], r["seed"]) for r in records.values()}) == 12
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.suffix not in (".json", ".npz")]
+
+
+@pytest.mark.slow
+def test_the_grid_keeps_the_option_set_best_on_validation(tmp_path, capsys):
+    grid = "profile.grid={gshard: [{model.moe.num_experts: 2}, {model.moe.num_experts: 4}], mos: [{model.mos.num_themes: 2}, {model.mos.num_themes: 4}]}"
+    assert main(_quick(tmp_path, grid, "profile.tuning_seeds=[0,1]", "profile.per_model={gshard: {model.moe.top_k: 1}}")) == 0
+    tuning = json.loads((tmp_path / "profile.json").read_text())["tuning"]
+    assert len(tuning) == 4 and all(row["seeds"] == 2 for row in tuning)
     rows = json.loads((tmp_path / "profile.json").read_text())["rows"]
-    assert {r["model"] for r in rows} == {"backbone", "gshard", "mos"}
-    assert all(r["gflops"] > 0 and r["train_gflops"] > r["gflops"] for r in rows)
+    for model in ("gshard", "mos"):
+        tried = [row for row in tuning if row["model"] == model]
+        best = max(tried, key=lambda row: row["valid_auc_mean"])
+        assert [row["chosen"] for row in tried].count(True) == 1 and best["chosen"]
+        used = next(row for row in rows if row["model"] == model)["options"]
+        assert used == best["options"]
+    assert next(row for row in rows if row["model"] == "gshard")["options"]["model.moe.top_k"] == 1
+    assert "| gshard | moe.num_experts=2, moe.top_k=1 | 2 |" in (tmp_path / "profile.md").read_text()
+    # The chosen set's seed-0 run is the tuning run: the final stage trains nothing new for it.
+    assert "4 runs: 2 finished before, 2 to train" in capsys.readouterr().err
 
-    assert main(args) == 0                       # a second run reads every finished run back
-    assert out.err.count("training") == 3
-    assert capsys.readouterr().err.count("cached") == 3
 
-
-def test_changed_config_is_recomputed(tmp_path, capsys):
-    from mos.profile import _fingerprint
+def test_a_grid_key_of_no_option_is_refused_by_name():
     from mos.config_io import load_run_config
 
-    a = load_run_config("configs/default.yaml", [f"train.out_dir={tmp_path}"])
-    b = load_run_config("configs/default.yaml", [f"train.out_dir={tmp_path}/other", "train.progress=none"])
+    with pytest.raises(ValueError, match=r"profile\.grid\.gshard\[0\]: expected keys under \['model\.', 'train\.'\]"):
+        load_run_config(None, ["profile.grid={gshard: [{data.seed: 1}]}", "profile.tuning_seeds=[0]"])
+    with pytest.raises(ValueError, match=r"profile\.tuning_seeds: expected at least one seed"):
+        load_run_config(None, ["profile.grid={gshard: [{model.moe.top_k: 1}]}"])
+    with pytest.raises(ValueError, match=r"profile\.per_model key: expected one of"):
+        load_run_config(None, ["profile.per_model={gshrd: {model.moe.top_k: 1}}"])
+
+
+def test_changed_config_is_recomputed():
+    from mos.config_io import load_run_config
+    from mos.profiling.runs import fingerprint
+
+    a = load_run_config("configs/default.yaml", ["train.out_dir=/a"])
+    b = load_run_config("configs/default.yaml", ["train.out_dir=/b", "train.progress=none", "train.threads=1"])
     c = load_run_config("configs/default.yaml", ["train.lr=0.01"])
-    assert _fingerprint(a, "mos", 0) == _fingerprint(b, "mos", 0)     # where and how loudly: same run
-    assert _fingerprint(a, "mos", 0) != _fingerprint(c, "mos", 0)     # what it computes: another run
-    assert _fingerprint(a, "mos", 0) != _fingerprint(a, "mos", 1)
-    # A MoS-only option leaves the other kinds' runs valid; an encoder option every kind reads does not.
-    fusion = load_run_config("configs/default.yaml", ["model.mos.temperature=0.5"])
-    dim = load_run_config("configs/default.yaml", ["model.mos.dim=16"])
+    assert fingerprint(a, "mos", 0) == fingerprint(b, "mos", 0)     # where and how loudly: same run
+    assert fingerprint(a, "mos", 0) != fingerprint(c, "mos", 0)     # what it computes: another run
+    assert fingerprint(a, "mos", 0) != fingerprint(a, "mos", 1)
+    # A MoS-only option leaves the other kinds' runs valid; an option every kind reads does not.
+    temperature = load_run_config("configs/default.yaml", ["model.mos.temperature=0.5"])
+    gap = load_run_config("configs/default.yaml", ["model.mos.gap_seconds=600"])     # recency's sessions
     moe = load_run_config("configs/default.yaml", ["model.moe.num_experts=8"])
-    assert _fingerprint(a, "mos", 0) != _fingerprint(fusion, "mos", 0)
-    assert _fingerprint(a, "backbone", 0) == _fingerprint(fusion, "backbone", 0)
-    assert _fingerprint(a, "gshard", 0) == _fingerprint(fusion, "gshard", 0)
-    assert _fingerprint(a, "backbone", 0) != _fingerprint(dim, "backbone", 0)
-    assert _fingerprint(a, "gshard", 0) != _fingerprint(moe, "gshard", 0)
-    assert _fingerprint(a, "mos", 0) == _fingerprint(moe, "mos", 0)
+    item = load_run_config("configs/default.yaml", ["model.item_id_dim=8"])
+    assert fingerprint(a, "mos", 0) != fingerprint(temperature, "mos", 0)
+    assert fingerprint(a, "backbone", 0) == fingerprint(temperature, "backbone", 0)
+    assert fingerprint(a, "gshard", 0) == fingerprint(temperature, "gshard", 0)
+    for name in ("backbone", "gshard", "stacked_backbone"):
+        assert fingerprint(a, name, 0) != fingerprint(gap, name, 0)
+        assert fingerprint(a, name, 0) != fingerprint(item, name, 0)
+    assert fingerprint(a, "gshard", 0) != fingerprint(moe, "gshard", 0)
+    assert fingerprint(a, "mos", 0) == fingerprint(moe, "mos", 0)
 
 
-def _row(model, auc, std, gflops, seeds=3):
-    return {"model": model, "auc_mean": auc, "auc_std": std, "gflops": gflops, "seeds": seeds}
+def _comparison(model, baseline, mean, half_width, seeds=5):
+    return Comparison(model, baseline, tuple(range(seeds)), (mean,) * seeds, (0.001,) * seeds, mean, 0.0,
+                      half_width / 1.96, half_width / 1.96, mean - half_width, mean + half_width, seeds)
 
 
-def test_target_verdict():
-    from mos.profile import target_verdict
+def _row(model, auc_mean, logloss):
+    return {"model": model, "auc_mean": auc_mean, "logloss_mean": logloss}
 
-    baselines = [_row("backbone", 0.70, 0.01, 1.0), _row("gshard", 0.70, 0.01, 2.0),
-                 _row("dselect_k", 0.69, 0.01, 2.0), _row("expert_choice", 0.71, 0.01, 2.0)]
-    holds = target_verdict(baselines + [_row("mos", 0.75, 0.01, 1.5)])
-    assert "never worse than the backbone: HOLDS" in holds
-    assert "better than the backbone and every MoE baseline: HOLDS" in holds
-    # A gap inside the spread, or more FLOPs than one MoE baseline: not better, still never worse.
-    for mos in (_row("mos", 0.715, 0.01, 1.5), _row("mos", 0.75, 0.01, 2.5)):
-        verdict = target_verdict(baselines + [mos])
-        assert "never worse than the backbone: HOLDS" in verdict
-        assert "better than the backbone and every MoE baseline: DOES NOT HOLD" in verdict
-    # The never-worse rule allows 0.002 below the backbone, no more.
-    assert "never worse than the backbone: HOLDS" in target_verdict(baselines + [_row("mos", 0.6985, 0.01, 1.5)])
-    assert "never worse than the backbone: DOES NOT HOLD" in target_verdict(
-        baselines + [_row("mos", 0.6975, 0.01, 1.5)])
-    # Without every baseline, or with one seed, nothing is claimed either way.
-    assert "not evaluated" in target_verdict(baselines[:2] + [_row("mos", 0.75, 0.01, 1.5)])
-    assert "not evaluated" in target_verdict(baselines + [_row("mos", 0.75, 0.0, 1.5, seeds=1)])
+
+def test_verdict_rules():
+    references = [{"name": "constant", "logloss": 0.60, "auc": None}, {"name": "share LR", "auc": 0.75}]
+    rows = [_row("backbone", 0.745, 0.55), _row("mos", 0.76, 0.54)]
+    text = verdict(rows, references, [_comparison("mos", "backbone", 0.004, 0.003),
+                                      _comparison("mos", "gshard", -0.001, 0.003)])
+    assert "MoS never worse than its backbone: HOLDS (+0.0040 [+0.0010, +0.0070] over 5 seeds: better)" in text
+    assert "MoS against gshard: no difference detected" in text
+    assert "Test LogLoss below the constant prediction's (0.6000): every model" in text
+    assert "Within 0.01 test AUC of the share-of-category regression (0.7500) or above: every model" in text
+    worse = verdict([_row("backbone", 0.70, 0.61)], references, [_comparison("mos", "backbone", -0.004, 0.003)])
+    assert "MoS never worse than its backbone: DOES NOT HOLD" in worse and ": worse)" in worse
+    assert "NOT backbone (0.6100)" in worse and "NOT backbone (-0.0500)" in worse
+    few = verdict(rows, references, [_comparison("mos", "backbone", 0.004, 0.003, seeds=3)])
+    assert "NOT EVALUATED" in few and "not evaluated (3 seeds, 5 needed)" in few
 
 
 @pytest.mark.slow
 def test_quick_profile_on_the_long_setting(tmp_path, capsys):
     """The long-history configuration runs end to end at toy size, and its title names it."""
-    args = ["profile", "--quick", "--config", "configs/profile_long.yaml", "--quiet",
-            "--set", "models=[backbone,mos]", "data.synthetic.num_users=40", f"train.out_dir={tmp_path}"]
+    args = _quick(tmp_path, "data.synthetic.num_users=40", config="configs/profile_long.yaml")
+    args[args.index(MODELS)] = "models=[backbone,mos]"
     assert main(args) == 0
     report = (tmp_path / "profile.md").read_text()
     assert report.startswith("## synthetic, long") and "| mos |" in report
-    assert "how to read the verdict" in report.lower()
-    rows = json.loads((tmp_path / "profile.json").read_text())["records"]
-    assert all(len(r["flops_by_length"]) == 2 for r in rows)     # the trained models' L sweep
+    assert "how to read the tables" in report.lower()
+    records = json.loads((tmp_path / "profile.json").read_text())["records"]
+    assert all(len(r["flops_by_length"]) == 2 for r in records)     # the trained models' L sweep
 
 
 @pytest.mark.slow
 def test_report_only_reports_finished_runs_and_names_missing_ones(tmp_path, capsys):
     """--report-only trains nothing: it reports the finished runs and names the missing ones,
     and with no finished run it stops with one line and exit code 2."""
-    base = ["profile", "--quick", "--config", "configs/default.yaml", "--quiet", f"train.out_dir={tmp_path}"]
-    base.insert(5, "--set")
-    assert main(base[:5] + ["--report-only"] + base[5:] + ["models=[backbone]"]) == 2
+    def args(models, *flags):
+        out = _quick(tmp_path, *flags)
+        out[out.index(MODELS)] = f"models=[{models}]"
+        return out
+
+    assert main(args("backbone") + ["--report-only"]) == 2
     assert "expected finished runs" in capsys.readouterr().err
-    assert main(base + ["models=[backbone]"]) == 0
+    assert main(args("backbone")) == 0
     capsys.readouterr()
-    assert main(base[:5] + ["--report-only"] + base[5:] + ["models=[backbone,mos]"]) == 0
-    out = capsys.readouterr()
-    assert "mos seed 0: missing" in out.err and "training" not in out.err
+    assert main(args("backbone,mos") + ["--report-only"]) == 0
+    err = capsys.readouterr().err
+    assert "1 finished before, 0 to train, 1 missing" in err
     report = (tmp_path / "profile.md").read_text()
     assert "| backbone |" in report and "| mos |" not in report and "Not run (reported without them): mos seed 0" in report

@@ -155,6 +155,13 @@ class CTRDataset:
 def split_by_user(ds: CTRDataset, valid_fraction: float, test_fraction: float,
                   seed: int) -> tuple[CTRDataset, CTRDataset, CTRDataset]:
     """(train, valid, test): disjoint sets of the users that have samples, drawn by `seed`."""
+    return tuple(ds.subset(index) for index in split_indices(ds, valid_fraction, test_fraction, seed))
+
+
+def split_indices(ds: CTRDataset, valid_fraction: float, test_fraction: float,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sample indices [N_part] int64 of `split_by_user`'s (train, valid, test), each in the
+    dataset's order (the order batches read them in)."""
     for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
             raise ValueError(f"split_by_user.{name}: expected a number in [0, 1), got {value!r}")
@@ -168,7 +175,7 @@ def split_by_user(ds: CTRDataset, valid_fraction: float, test_fraction: float,
     part[users[:num_test]] = 2
     part[users[num_test:num_test + num_valid]] = 1
     sample_part = torch.from_numpy(part)[ds.sample_user]
-    return tuple(ds.subset(sample_part == p) for p in (0, 1, 2))
+    return tuple(torch.nonzero(sample_part == p).flatten() for p in (0, 1, 2))
 
 
 def _check_length(name: str, t: torch.Tensor, expected: int, of: str) -> None:
