@@ -21,9 +21,9 @@ when its validation AUC exceeds the backbone's by more than the DeLong standard 
 paired difference (`mos.delong`). So the served model is the backbone unless the correction's
 gain is larger than its noise on validation.
 
-The rule [ours] comes from the measurement in docs/mos-quality.md: trained jointly, a MoS layer
-with more parameters than its backbone overfit earlier and fell below it; stacked this way its
-backbone part is the backbone, step for step.
+The rule [ours] comes from a measurement (docs/history/mos-quality-2026-12-01.md): trained
+jointly, a MoS layer with more parameters than its backbone overfit earlier and fell below it;
+stacked this way its backbone part is the backbone, step for step.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ AUC, restores the best weights and evaluates them on test. Under torchrun it tra
 on each rank's share of the batches (`mos.distributed`); it checkpoints its whole state
 (`mos.run_state`) so that a stopped run resumes to the same result; `mos.evaluation` computes
 the metrics of a split. `run` loads the data once, trains every model for every seed, appends one
-JSON line per run to `<out_dir>/results.jsonl` and prints the side-by-side table; rank 0 alone
+JSON line per run to `<out_dir>/results.jsonl`, keeps every validation and test prediction in
+`<out_dir>/predictions/<model>-seed<seed>.npz` and prints the side-by-side table; rank 0 alone
 prints and writes.
 """
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
                 records.append(saved["record"])
                 continue
             record = train_one(run_cfg, kind, seed, data.splits, progress=run_cfg.train.progress, group=group,
-                               checkpoint_path=path, resume_from=saved, vocabulary=data.vocabulary)
+                               checkpoint_path=path, resume_from=saved, vocabulary=data.vocabulary,
+                               predictions_path=out_dir / "predictions" / f"{kind}-seed{seed}.npz")
             if group.is_main:
                 # Written as each run ends, so an interrupted job keeps the runs it finished.
                 with results.open("a", encoding="utf-8") as stream:

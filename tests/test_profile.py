@@ -118,6 +118,11 @@ def test_the_grid_keeps_the_option_set_best_on_validation(tmp_path, capsys):
     assert "4 runs: 2 finished before, 2 to train" in capsys.readouterr().err
 
 
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert main(_quick(tmp_path) + ["--jobs", "0"]) == 2
+    assert "--jobs: expected a positive number of parallel runs, got 0" in capsys.readouterr().err
+
+
 def test_a_grid_key_of_no_option_is_refused_by_name():
     from mos.config_io import load_run_config
 

@@ -186,6 +186,12 @@ def test_run_appends_json_lines_and_prints_the_table(splits, monkeypatch, tmp_pa
     assert out.count("statistics {'sessions': 2}") == 1          # printed once, not per run
     assert "| backbone | 2 | 1.0000 ± 0.0000" in out and "| mos | 2 |" in out
 
+    # Every validation and test prediction is kept beside the records.
+    import numpy as np
+    with np.load(out_dir / "predictions" / "mos-seed1.npz") as saved:
+        assert len(saved["test_logits"]) == len(splits[2]) and len(saved["valid_labels"]) == len(splits[1])
+        assert np.array_equal(saved["test_labels"], splits[2].label.numpy())
+
     train.run(cfg)
     assert len((out_dir / "results.jsonl").read_text().splitlines()) == 8   # appended, not replaced
 

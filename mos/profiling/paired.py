@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -31,7 +31,6 @@ from mos.delong import midranks, paired_variances
 Z_95 = 1.959963984540054
 MIN_SEEDS = 5
 EXPECTED_AUC_REDRAWS = 1000
-VERDICTS = ("better", "worse", "no difference detected")
 
 
 @dataclass(frozen=True)
@@ -125,13 +124,3 @@ def expected_auc(probabilities, scores, redraws: int = EXPECTED_AUC_REDRAWS, see
     if used == 0:
         raise ValueError("probabilities: every redraw had one class only; expected AUC is undefined")
     return totals / used
-
-
-def never_worse(comparison: Comparison) -> bool:
-    """The "never worse" rule: the interval does not lie below zero (with enough seeds)."""
-    return comparison.verdict != "worse"
-
-
-def by_seed(records: Sequence[dict], scores: Dict[str, np.ndarray]) -> Dict[int, np.ndarray]:
-    """{seed: test scores} of one model's run records, given each run's scores by its run id."""
-    return {record["seed"]: scores[record["run_id"]] for record in records}

@@ -1,7 +1,7 @@
 """The profile's tables (markdown) and its verdict, as pure functions of the rows it computed."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 from mos.report import WALL_TIME_NOTE, flops_unit, format_mean_std
 
@@ -115,7 +115,3 @@ def _interval(c: Comparison) -> str:
 
 def _number(value: Optional[float], digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def tables_by_name(rows: List[dict]) -> Dict[str, dict]:
-    return {row["model"]: row for row in rows}
