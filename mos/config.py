@@ -14,7 +14,7 @@ from typing import Optional
 from mos_kernels.checks import check_choice, check_positive
 from mos_kernels.backend import BACKENDS
 
-from mos.data.config import DataConfig, config_section
+from mos.data.config import DataConfig, check_int_fields, config_section
 from mos.moved_options import refuse_moved
 from mos.variants import VARIANTS
 
@@ -95,6 +95,7 @@ class MoSConfig:
 
     def __post_init__(self):
         self.ablation = config_section("MoSConfig.ablation", self.ablation, MoSAblation)
+        check_int_fields(self, "MoSConfig")
         check_positive("MoSConfig.dim", self.dim)
         check_positive("MoSConfig.num_heads", self.num_heads)
         if self.dim % self.num_heads:
@@ -140,6 +141,7 @@ class MoEConfig:
     entropy_weight: float = 1e-3     # dselect_k: pushes each selector towards one expert
 
     def __post_init__(self):
+        check_int_fields(self, "model.moe")
         check_positive("model.moe.num_experts", self.num_experts)
         check_positive("model.moe.top_k", self.top_k)
         if self.top_k > self.num_experts:
@@ -191,6 +193,8 @@ class ModelConfig:
     training: str = "boosted"
 
     def __post_init__(self):
+        self.mlp_hidden = tuple(self.mlp_hidden)
+        check_int_fields(self, "model", ("mlp_hidden",))
         check_choice("model.kind", self.kind, MODEL_KINDS)
         check_choice("model.training", self.training, TRAININGS)
         check_choice("model.recency", self.recency, RECENCIES)
@@ -234,6 +238,8 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self):
+        self.seeds = tuple(self.seeds)
+        check_int_fields(self, "train")
         check_positive("train.batch_size", self.batch_size)
         check_positive("train.lr", self.lr)
         check_positive("train.max_epochs", self.max_epochs)
@@ -274,8 +280,9 @@ class ProfileConfig:
     tuning_seeds: tuple = ()
 
     def __post_init__(self):
-        check_positive("profile.flop_batch_size", self.flop_batch_size)
         self.lengths = tuple(self.lengths)
+        check_int_fields(self, "profile", ("lengths",))
+        check_positive("profile.flop_batch_size", self.flop_batch_size)
         for length in self.lengths:
             check_positive("profile.lengths[]", length)
         check_positive("profile.length_examples", self.length_examples)

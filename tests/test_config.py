@@ -286,3 +286,43 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     assert (cfg.model.training, cfg.model.recency, cfg.model.item_id_dim) == ("boosted", "none", None)
     assert (cfg.model.mos.ablation.router, cfg.model.mos.max_theme_tokens) == ("random", 5)
     assert load_run_config(None, [], base=config_to_dict(cfg)) == cfg
+
+
+def _int_fields():
+    """(class, field, the name its errors use) of every int option of every config dataclass."""
+    import typing
+
+    from mos.config import MoEConfig, MoSConfig, ModelConfig, ProfileConfig, TrainConfig
+    from mos.data.config import DataConfig, LogConfig, SyntheticConfig
+
+    prefixes = {MoSConfig: "MoSConfig", MoEConfig: "model.moe", ModelConfig: "model", TrainConfig: "train",
+                ProfileConfig: "profile", DataConfig: "data", SyntheticConfig: "data.synthetic", LogConfig: "data.logs"}
+    tuples = {ModelConfig: ("mlp_hidden",), ProfileConfig: ("lengths",),
+              SyntheticConfig: ("interests_per_user", "sessions_per_user", "session_length")}
+    cases = []
+    for cls, prefix in prefixes.items():
+        for name, hint in typing.get_type_hints(cls).items():
+            if hint is int or hint == typing.Optional[int]:
+                cases.append((cls, name, 2.5, f"{prefix}.{name}"))
+        for name in tuples.get(cls, ()):
+            cases.append((cls, name, (2, 3.5), f"{prefix}.{name}[]"))
+    return cases
+
+
+@pytest.mark.parametrize("cls, name, value, key", _int_fields(), ids=lambda x: getattr(x, "__name__", str(x)))
+def test_every_int_option_refuses_a_float_by_name(cls, name, value, key):
+    """An int option given 2.5 (through the Python API, where YAML's types do not help) fails
+    where the config is built, naming the field; a bool is no int either."""
+    with pytest.raises(TypeError, match=re.escape(f"{key}: expected an int, got")):
+        cls(**{name: value})
+    if not isinstance(value, tuple):
+        with pytest.raises(TypeError, match=re.escape(f"{key}: expected an int, got True (bool)")):
+            cls(**{name: True})
+
+
+def test_the_layer_refuses_non_integer_options_at_construction():
+    from mos.layer import MoSLayer
+
+    for option in ("session_len", "max_theme_tokens", "num_themes"):
+        with pytest.raises(TypeError, match=rf"MoSConfig\.{option}: expected an int, got 2\.5 \(float\)"):
+            MoSLayer(**{option: 2.5})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,6 +31,30 @@ def config_section(name: str, value, cls):
         return cls(**value)
     raise TypeError(f"{name}: expected a {cls.__name__} or a dict of its fields, got {type(value).__name__} "
                     f"{value!r}")
+
+
+def check_int_fields(obj, prefix: str, tuples: tuple = ()) -> None:
+    """Every field of the dataclass `obj` annotated `int` (or `Optional[int]`, when not None)
+    holds an int, and so does every element of the tuple fields named in `tuples`: a float such
+    as 2.5 or a bool is refused (TypeError) naming `prefix.field`, where it is built, not deep in
+    a forward pass."""
+    hints = typing.get_type_hints(type(obj))
+    for item in dataclasses.fields(obj):
+        hint = hints[item.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next(arg for arg in args if arg is not type(None)) if optional else hint
+        value = getattr(obj, item.name)
+        if base is int and not (optional and value is None):
+            require_int(f"{prefix}.{item.name}", value)
+    for name in tuples:
+        for value in getattr(obj, name):
+            require_int(f"{prefix}.{name}[]", value)
+
+
+def require_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
 
 
 LOG_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}   # log file suffix -> reader
@@ -65,6 +90,7 @@ class SyntheticConfig:
         self.interests_per_user = tuple(self.interests_per_user)
         self.sessions_per_user = tuple(self.sessions_per_user)
         self.session_length = tuple(self.session_length)
+        check_int_fields(self, "data.synthetic", ("interests_per_user", "sessions_per_user", "session_length"))
         for name in ("num_users", "num_items", "num_interests", "targets_per_user", "taste_dim",
                      "event_gap_mean", "session_gap_mean"):
             check_positive(f"data.synthetic.{name}", getattr(self, name))
@@ -112,6 +138,7 @@ class LogConfig:
     drop_duplicates: bool = False        # drop rows repeating an earlier row in every column read (else: a warning)
 
     def __post_init__(self):
+        check_int_fields(self, "data.logs")
         check_choice("data.logs.label_source", self.label_source, LABEL_SOURCES)
         check_choice("data.logs.history", self.history, ("all", "positive"))
         check_positive("data.logs.negatives", self.negatives)
@@ -140,6 +167,7 @@ class DataConfig:
     def __post_init__(self):
         self.synthetic = config_section("data.synthetic", self.synthetic, SyntheticConfig)
         self.logs = config_section("data.logs", self.logs, LogConfig)
+        check_int_fields(self, "data")
         if self.source not in ("synthetic", "movielens") and not any(
                 self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
             raise ValueError(f"data.source: expected 'synthetic', 'movielens' or a path to a log ending in "
