@@ -102,6 +102,7 @@ class MoSLayer(nn.Module):
             values, offsets, timestamps = _as_jagged(values, offsets, lengths, timestamps)
             check_values("values", values, dim=cfg.dim)
             check_values("target", target, dim=cfg.dim)
+            self._check_dtypes(values, target)
             if "themes" in cfg.ablation.experts:
                 # The router's parameters get the inputs' check: a NaN or inf prototype (after a
                 # diverged step, say) makes every routing score and theme weight NaN.
@@ -118,6 +119,19 @@ class MoSLayer(nn.Module):
         # Everything below is built by this layer from checked inputs: no second data check.
         with mk.data_checks(False):
             return self._experts_and_fusion(values, target, offsets, sessions, max_len)
+
+    def _check_dtypes(self, values: torch.Tensor, target: torch.Tensor) -> None:
+        """Outside torch.autocast (which casts per op, and is supported) the inputs must have the
+        parameters' dtype: a float64 or bfloat16 batch into a float32 layer would otherwise fail
+        deep inside an einsum without naming anything."""
+        if torch.is_autocast_enabled(values.device.type):
+            return
+        weights = next(self.parameters()).dtype
+        if values.dtype != weights:
+            raise TypeError(f"values: expected dtype {_dtype(weights)} (the layer's parameters'; cast the inputs, "
+                            f"or the layer with .to(), or run under torch.autocast), got {_dtype(values.dtype)}")
+        if target.dtype != values.dtype:
+            raise TypeError(f"target: expected dtype {_dtype(values.dtype)} (that of values), got {_dtype(target.dtype)}")
 
     def _experts_and_fusion(self, values, target, offsets, sessions, max_len) -> MoSOutput:
         cfg = self.config
@@ -211,6 +225,10 @@ class MoSLayer(nn.Module):
             gate = torch.softmax(self.fusion_gate(target), dim=1)
             fused = self.out(sum(gate[:, i:i + 1] * e for i, e in enumerate(expert_outputs)))
         return F.dropout(fused, self.config.dropout, self.training)
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _as_jagged(values, offsets, lengths, timestamps):

@@ -53,11 +53,24 @@ def sessionize(offsets: torch.Tensor, *, mode: str = "fixed", session_len: int =
         if timestamps is None:
             raise ValueError("timestamps: expected a [T] tensor of event times for mode='gap', got None")
         check_tensor("timestamps", timestamps, ndim=1, device=offsets.device)
+        if timestamps.dtype == torch.bool or timestamps.is_complex():
+            raise TypeError(f"timestamps: expected an integer or floating dtype, got "
+                            f"{str(timestamps.dtype).replace('torch.', '')}")
         if timestamps.numel() != total:
             raise ValueError(f"timestamps: expected {total} entries (one per token), got {timestamps.numel()}")
-        step = torch.zeros_like(timestamps)
-        step[1:] = timestamps[1:] - timestamps[:-1]
-        back = (step < 0) & (pos > 0)
+        if reads_data() and timestamps.is_floating_point() and timestamps.numel() and not bool(
+                torch.isfinite(timestamps).all()):
+            # NaN compares false both ways (no gap, no step back); inf is what float16 makes of
+            # epoch seconds: either would cut sessions wrongly without a word.
+            raise ValueError(f"timestamps: expected finite times, got NaN or inf (dtype "
+                             f"{str(timestamps.dtype).replace('torch.', '')}; epoch seconds need int64 or float64)")
+        # Compared, not subtracted: an unsigned step back in time would wrap to a large gap.
+        back = torch.zeros(total, dtype=torch.bool, device=offsets.device)
+        back[1:] = timestamps[1:] < timestamps[:-1]
+        back &= pos > 0
+        step = torch.zeros(total, dtype=torch.float64 if timestamps.is_floating_point() else torch.int64,
+                           device=offsets.device)
+        step[1:] = timestamps[1:].to(step.dtype) - timestamps[:-1].to(step.dtype)
         if reads_data() and bool(back.any()):
             row = int(torch.nonzero(back)[0])
             raise ValueError(

@@ -73,6 +73,22 @@ LAYER_CASES = {
     "nan_target": (lambda b: b.update(target=with_value_at(b["target"], (1, 3), math.nan)), ValueError, "target"),
     "inf_target": (lambda b: b.update(target=with_value_at(b["target"], (0, 0), math.inf)), ValueError, "target"),
     "target_rows_mismatch": (lambda b: b.update(target=torch.randn(3, DIM)), ValueError, "target"),
+    # Dtypes against the layer's float32 parameters (torch.autocast is the supported way to mix).
+    "float64_values_and_target": (lambda b: b.update(values=b["values"].double(), target=b["target"].double()),
+                                  TypeError, "values"),
+    "bfloat16_values": (lambda b: b.update(values=b["values"].bfloat16(), target=b["target"].bfloat16()),
+                        TypeError, "values"),
+    "target_dtype_unlike_values": (lambda b: b.update(target=b["target"].double()), TypeError, "target"),
+    # Timestamps in gap mode: finite, of a type that holds them, in order whatever their dtype.
+    "nan_timestamp": (lambda b: b.update(timestamps=torch.tensor([0.0, 5.0, math.nan, 1.0, 2.0])), ValueError,
+                      "timestamps"),
+    "inf_timestamp": (lambda b: b.update(timestamps=torch.tensor([0.0, 5.0, math.inf, 1.0, 2.0])), ValueError,
+                      "timestamps"),
+    "float16_epoch_seconds": (lambda b: b.update(timestamps=torch.full((5,), 1.7e9).half()), ValueError,
+                              "timestamps"),
+    "unsigned_back_in_time": (lambda b: b.update(timestamps=torch.tensor([0, 5, 4, 1, 2], dtype=torch.uint8)),
+                              ValueError, "timestamps"),
+    "bool_timestamps": (lambda b: b.update(timestamps=torch.ones(5, dtype=torch.bool)), TypeError, "timestamps"),
 }
 
 
@@ -84,6 +100,20 @@ def test_layer_rejects_bad_jagged_input(case, layer):
     spoil(batch)
     with pytest.raises(error, match=named(name)):
         call(layer, **batch)
+
+
+def test_autocast_and_every_timestamp_type_that_holds_the_times_work(layer):
+    """Under torch.autocast the layer takes inputs unlike its parameters (the reference path casts
+    per op); int32, uint8, float16 and float64 timestamps that hold the times are accepted, and
+    cut the same sessions as int64 ones."""
+    batch = good_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(layer, **{**batch, "values": batch["values"].bfloat16(), "target": batch["target"].bfloat16()})
+    assert torch.isfinite(out.output.float()).all()
+    times = torch.tensor([0, 5, 50, 1, 2])
+    want = call(layer, **{**batch, "timestamps": times}).output
+    for dtype in (torch.int32, torch.uint8, torch.float16, torch.float64):
+        torch.testing.assert_close(call(layer, **{**batch, "timestamps": times.to(dtype)}).output, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("offsets", [[0, 3, 4], [0, 3, 6]], ids=["short_of_T", "past_T"])
