@@ -121,3 +121,35 @@ def test_predict_creates_the_folder_of_out(trained, tmp_path):
     assert code == 0, err
     scores = list(csv.DictReader(out.open()))
     assert scores and all(0 < float(row["score"]) < 1 for row in scores)
+
+
+@pytest.mark.parametrize("trained_on, scored_on", [("csv", "parquet"), ("parquet", "csv")])
+def test_a_model_scores_the_same_events_from_either_file_format(tmp_path, trained_on, scored_on):
+    """Numeric ids read as text from a CSV and as integers from Parquet are one canonical id, so
+    a model trained on one format scores the same events stored in the other, number for number."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [[str(int(user[1:]) + 100), str(int(item[1:])), time, label] for user, item, time, label in log_rows()]
+    paths = {"csv": write(tmp_path / "log.csv", rows)}
+    table = pa.table({"user_id": [int(r[0]) for r in rows], "item_id": [int(r[1]) for r in rows],
+                      "timestamp": [int(r[2]) for r in rows], "label": [int(r[3]) for r in rows]})
+    pq.write_table(table, tmp_path / "log.parquet")
+    paths["parquet"] = str(tmp_path / "log.parquet")
+    out_dir = tmp_path / "run"
+    code, _, err = mos("train", "--data", paths[trained_on], "--quiet", "--set", "models=[backbone]",
+                       "train.max_epochs=1", "train.batch_size=32", "model.mos.dim=8", "model.mos.num_heads=1",
+                       f"train.out_dir={out_dir}")
+    assert code == 0, err
+    checkpoint = str(out_dir / "checkpoints" / "backbone-seed0.pt")
+    scores = {}
+    for kind in ("csv", "parquet"):
+        code, _, err = mos("predict", "--checkpoint", checkpoint, "--data", paths[kind], "--out",
+                           str(tmp_path / f"{kind}.csv"))
+        assert code == 0, err
+        assert "never saw" not in err
+        scores[kind] = read_scores(tmp_path / f"{kind}.csv")
+    assert len(scores["csv"]) == len(scores[scored_on]) > 0
+    # "line" is the file's line for a CSV (after its header) and the row number for Parquet.
+    assert [int(row.pop("line")) for row in scores["csv"]] == [int(row.pop("line")) + 1 for row in scores["parquet"]]
+    assert scores["csv"] == scores["parquet"]

@@ -5,6 +5,10 @@ Before any row is read: an empty file, a binary file (Parquet, gzip, zip) named 
 text file named `.parquet`, and a header without the id columns each stop with one `InputError`
 that says what was found. A UTF-8 byte-order mark (spreadsheet exports write one) is not part of
 the first column's name, so it is stripped. `mos.data.logs` turns the columns into a dataset.
+
+Ids (user, item, category) come out as one canonical type whatever the format: the text of the
+id, as a CSV writes it. A Parquet file's integer 17 (or integral float 17.0) is "17", so a model
+trained on a CSV log scores the same events stored as Parquet, and the reverse.
 """
 from __future__ import annotations
 
@@ -65,6 +69,21 @@ def _delimiter_hint(header: list, delimiter: str) -> str:
     return ""
 
 
+ID_ROLES = ("user", "item", "category")
+
+
+def canonical_id(value):
+    """An id as the text a CSV holds: strings stripped (empty: None), integers and integral floats
+    in decimal ("17"), anything else by str(); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _read_text(path: Path, kind: str, wanted: dict):
     delimiter = "," if kind == "csv" else "\t"
     # utf-8-sig: a byte-order mark would otherwise become part of the first column's name.
@@ -104,6 +123,7 @@ def _read_parquet(path: Path, kind: str, wanted: dict):
     columns = {}
     for role, at in index.items():
         values = table.column(header[at]).to_pylist()
-        columns[role] = [value.strip() or None if isinstance(value, str) else value for value in values]
+        convert = canonical_id if role in ID_ROLES else (lambda v: v.strip() or None if isinstance(v, str) else v)
+        columns[role] = [convert(value) for value in values]
     return (header, columns, np.full(table.num_rows, len(header), dtype=np.int64),
             np.arange(1, table.num_rows + 1, dtype=np.int64))
