@@ -1,9 +1,14 @@
-"""Writing a file whole: a unique temporary file beside the target, flushed to the disk, renamed
-over the target, the directory entry synced.
+"""Writing files so that a crash or a second writer never leaves part of one.
 
-Readers see the old file or the new one, never part of one; a crash while writing leaves only a
-temporary file (named `.<target>.<random>.tmp`, which no reader opens). Concurrent writers to one
-path never collide: each has its own temporary file, and the last rename wins whole.
+`write_atomic` writes a whole file: a unique temporary file beside the target, flushed to the
+disk, renamed over the target, the directory entry synced. Readers see the old file or the new
+one, never part of one; a crash while writing leaves only a temporary file (named
+`.<target>.<random>.tmp`, which no reader opens). Concurrent writers to one path never collide:
+each has its own temporary file, and the last rename wins whole.
+
+`append_line` adds one line to a log of lines (results.jsonl) with a single write to a file
+opened for appending: concurrent appenders never interleave within a line, and a process killed
+around it leaves the line whole or absent.
 """
 from __future__ import annotations
 
@@ -47,3 +52,17 @@ def write_atomic(path: Union[str, Path], write: Union[str, bytes, Callable[[IO],
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def append_line(path: Union[str, Path], line: str) -> None:
+    """Append `line` and a newline to `path` (created if absent) in one write(2) call, then fsync."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = os.write(handle, data)
+        if written != len(data):      # a regular file takes all of it, or the disk is full
+            raise OSError(f"{path}: wrote {written} of {len(data)} bytes of a line")
+        os.fsync(handle)
+    finally:
+        os.close(handle)

@@ -19,6 +19,7 @@ import torch
 from mos import checkpoint, distributed
 from mos.config import RunConfig
 from mos.config_io import config_to_dict
+from mos.errors import InputError
 from mos.moved_options import migrate, migrate_state_dict
 from mos.variants import variant_config
 
@@ -114,7 +115,7 @@ def resume_point(path, run_cfg: RunConfig, kind: str, seed: int, group, say) -> 
         say(f"{kind} seed {seed}: no checkpoint at {path}, starting the run")
         return None
     if saved["processes"] != group.world_size:
-        raise ValueError(f"train.resume: {path} was written by {saved['processes']} process(es), this job has "
+        raise InputError(f"train.resume: {path} was written by {saved['processes']} process(es), this job has "
                          f"{group.world_size}; resume with the same number (each rank's data share and RNG "
                          f"state depend on it)")
     now = config_to_dict(replace(run_cfg, model=variant_config(run_cfg.model, kind)))
@@ -123,7 +124,7 @@ def resume_point(path, run_cfg: RunConfig, kind: str, seed: int, group, say) -> 
     changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in config_changes(written, now)
                if not key.startswith(RESUMABLE_CHANGES)]
     if changed:
-        raise ValueError(f"train.resume: {path} was written with another configuration ({'; '.join(changed)}); "
+        raise InputError(f"train.resume: {path} was written with another configuration ({'; '.join(changed)}); "
                          f"resume with the one it was written with, or start over without --resume")
     return saved
 

@@ -28,18 +28,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mos import distributed, run_state
+from mos import boosting, distributed, run_state
 from mos.config import RunConfig
 from mos.config_io import config_to_dict
 from mos.data import checks, logs, movielens, stats, synthetic
 from mos.data.dataset import CTRDataset, split_by_user
-from mos import boosting
+from mos.errors import InputError
+from mos.files import append_line
 from mos.evaluation import SplitPredictions, predict_split, save_predictions, split_metrics
 from mos.model import CTRModel, training_loss
 from mos.report import metric_text, summary_table
 from mos.run_state import RunState
 from mos.variants import variant_config
-from mos_kernels.checks import check_choice
+from mos_kernels.checks import NonFiniteError, check_choice
 
 @dataclass
 class Data:
@@ -83,19 +84,37 @@ def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
             saved = run_state.resume_point(path, run_cfg, kind, seed, group, say) if run_cfg.train.resume else None
             if saved is not None and saved["record"] is not None:
                 say(f"{kind} seed {seed}: finished before; its record is in {results} and {path}")
-                records.append(saved["record"])
+                record = saved["record"]
+                # A job killed between the checkpoint and the append: the record goes in now, once.
+                if group.is_main and not _has_record(results, record):
+                    append_line(results, json.dumps(record))
+                records.append(record)
                 continue
             record = train_one(run_cfg, kind, seed, data.splits, progress=run_cfg.train.progress, group=group,
                                checkpoint_path=path, resume_from=saved, vocabulary=data.vocabulary,
                                predictions_path=out_dir / "predictions" / f"{kind}-seed{seed}.npz")
             if group.is_main:
                 # Written as each run ends, so an interrupted job keeps the runs it finished.
-                with results.open("a", encoding="utf-8") as stream:
-                    stream.write(json.dumps(record) + "\n")
+                append_line(results, json.dumps(record))
             records.append(record)
     say(summary_table(records))
     say(f"{len(records)} runs in {results}")
     return records
+
+
+def _has_record(results: Path, record: dict) -> bool:
+    """Whether `results` (JSON lines) holds `record`'s run: its model, seed and trained weights."""
+    if not results.exists():
+        return False
+    key = (record["model"], record["seed"], record["parameter_digests"])
+    for line in results.read_text(encoding="utf-8").splitlines():
+        try:
+            other = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (other.get("model"), other.get("seed"), other.get("parameter_digests")) == key:
+            return True
+    return False
 
 
 def sessions_for(run_cfg: RunConfig, has_timestamps: bool, say=print) -> RunConfig:
@@ -198,8 +217,13 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
 
     while len(state.train_loss) < cfg.max_epochs and not state.stopped(cfg.patience):
         epoch = len(state.train_loss) + 1
-        _train_epoch(trained, optimizer, train_set, shuffle, state, run_cfg, group, save,
-                     desc=f"{kind} seed {seed} epoch {epoch}", show_bar=show_bar)
+        try:
+            _train_epoch(trained, optimizer, train_set, shuffle, state, run_cfg, group, save,
+                         desc=f"{kind} seed {seed} epoch {epoch}", show_bar=show_bar)
+        except TrainingDiverged as err:
+            kept = f"its last checkpoint ({checkpoint_path}) is kept" if checkpoint_path else "nothing was saved"
+            raise TrainingDiverged(f"train: {kind} seed {seed} diverged in epoch {epoch}: {err}; {kept}. Try a "
+                                   f"smaller train.lr (now {cfg.lr:g})") from None
         loss, bce, aux = state.close_epoch(group, len(train_set))
         valid = split_metrics(predict_split(model, valid_set, **predict_args), num_themes, model)
         improved = state.validated(epoch, valid, model, watched)
@@ -269,7 +293,7 @@ def _train_epoch(trained, optimizer, train_set, shuffle, state: RunState, run_cf
               file=sys.stderr, leave=False, dynamic_ncols=True, disable=not show_bar) as bar:
         start = time.perf_counter()
         for batch in batches:
-            loss = _train_step(trained, optimizer, batch.to(group.device), state)
+            loss = _train_step(trained, optimizer, batch.to(group.device), state, group)
             bar.update()
             if not bar.disable:
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
@@ -304,21 +328,46 @@ def _record(kind: str, seed: int, state: RunState, valid: dict, test: dict, sele
     }
 
 
-def _train_step(model, optimizer, batch, state: RunState) -> torch.Tensor:
-    """One optimizer step on `batch`; its loss joins the sums of the epoch under way."""
+class TrainingDiverged(InputError):
+    """The loss, a gradient or a weight became NaN or inf: training stops before the step is
+    taken or saved, so the last checkpoint written is the last good state."""
+
+
+def _train_step(model, optimizer, batch, state: RunState, group: Optional[distributed.Group] = None) -> torch.Tensor:
+    """One optimizer step on `batch`; its loss joins the sums of the epoch under way. Raises
+    TrainingDiverged, before anything is saved, when the model's tokens, the loss or a gradient
+    is not finite (the step is not taken) or a weight is not after it (every rank agrees)."""
+    group = group or distributed.single("cpu")
+    step = state.step + 1
     model.train()
-    out = model(batch)
+    try:
+        out = model(batch)
+    except NonFiniteError as err:     # finite weights so large that the embeddings overflow
+        raise TrainingDiverged(f"the model's own values became non-finite at step {step} of the epoch ({err})") from None
     loss = training_loss(out, batch.label)
     bce = F.binary_cross_entropy_with_logits(out.logits.detach(), batch.label)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    parameters = [p for p in model.parameters()]
+    if not _all_finite(group, [loss.detach()] + [p.grad for p in parameters if p.grad is not None]):
+        raise TrainingDiverged(f"the loss or a gradient became non-finite at step {step} of the epoch "
+                               f"(loss {float(loss.detach()):.4g}); the step was not taken")
     optimizer.step()
+    if not _all_finite(group, [p.detach() for p in parameters]):
+        raise TrainingDiverged(f"a weight became non-finite after step {step} of the epoch")
     state.loss_sum = state.loss_sum + loss.detach()
     state.bce_sum = state.bce_sum + bce.detach()
     for name, value in out.aux.items():
         state.aux_sums[name] = state.aux_sums.get(name, 0.0) + value
     state.step += 1
     return loss.detach()    # for the progress bar: reading a tensor that needs grad as a number warns
+
+
+def _all_finite(group: distributed.Group, tensors) -> bool:
+    """Whether every tensor is finite on every rank (one flag summed over the ranks, so that all
+    of them stop together)."""
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float()
+    return float(distributed.sum_across(group, bad)) == 0.0
 
 
 def _seed_everything(seed: int) -> None:

@@ -63,10 +63,15 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[I
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf where finite values are needed (a trainer tells a diverged model
+    from bad input by this type)."""
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """No NaN or inf in t (a data check: one pass over it)."""
+    """No NaN or inf in t (a data check: one pass over it); NonFiniteError (a ValueError) names t."""
     if reads_data() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+        raise NonFiniteError(f"{name}: expected finite values, got NaN or inf")
 
 
 def check_values(name: str, t: torch.Tensor, *, dim: Optional[int] = None) -> None:

@@ -101,6 +101,30 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]
 
 
+def _save_many(path, value, count):
+    for step in range(count):
+        checkpoint.save(path, {"writer": value, "step": step, "w": torch.full((2000,), float(value))})
+
+
+def test_concurrent_saves_into_one_path_never_fail(tmp_path):
+    """Two jobs checkpointing into one out_dir (two `mos train`, or runs of a profile ending
+    together) each write a temporary file of their own: neither fails on the rename, and the
+    file left is one whole checkpoint, the last writer's."""
+    import multiprocessing
+
+    path = tmp_path / "checkpoints" / "mos-seed0.pt"
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_save_many, args=(path, value, 30)) for value in (1, 2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    saved = checkpoint.load(path)
+    assert saved["step"] == 29 and torch.equal(saved["w"], torch.full((2000,), float(saved["writer"])))
+    assert [p.name for p in path.parent.iterdir()] == ["mos-seed0.pt"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The job run straight through, and the number of training steps per epoch."""
@@ -134,6 +158,52 @@ def test_resuming_a_stopped_job_equals_an_uninterrupted_one(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+def test_a_job_killed_at_random_writes_resumes_to_the_same_records(tmp_path_factory, uninterrupted):
+    """Fault injection: the job dies at randomly drawn points, inside a file write (a
+    checkpoint's or a prediction file's rename) or at a results append; rerun with --resume, it
+    ends with the records of a job never stopped: every run once in results.jsonl, none lost,
+    none doubled, and only whole files on disk."""
+    import random
+
+    expected, expected_dir, _ = uninterrupted
+    real_replace, real_append = files.os.replace, train.append_line
+    calls = {"write": 0, "append": 0}
+
+    def counting(kind, real):
+        def call(*args):
+            calls[kind] += 1
+            return real(*args)
+        return call
+
+    with pytest.MonkeyPatch.context() as patch:       # how many writes and appends an uninterrupted job makes
+        patch.setattr(files.os, "replace", counting("write", real_replace))
+        patch.setattr(train, "append_line", counting("append", real_append))
+        train.run(tiny_config(tmp_path_factory.mktemp("count"), checkpoint_every=3))
+    rng = random.Random(0)
+    points = [("write", rng.randint(1, calls["write"])) for _ in range(3)] + [("append", 1), ("append", 2)]
+    for kind, at in points:
+        out_dir = tmp_path_factory.mktemp(f"killed-{kind}-{at}")
+        cfg = tiny_config(out_dir, checkpoint_every=3)
+        seen = []
+
+        def die_at(*args, real=real_replace if kind == "write" else real_append):
+            seen.append(1)
+            if len(seen) == at:
+                raise Stop
+            return real(*args)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(*((files.os, "replace") if kind == "write" else (train, "append_line")), die_at)
+            with pytest.raises(Stop):
+                train.run(cfg)
+        resumed = train.run(replace(cfg, train=replace(cfg.train, resume=True)))
+        assert [comparable(r) for r in resumed] == [comparable(r) for r in expected], (kind, at)
+        assert [comparable(r) for r in results(out_dir)] == [comparable(r) for r in results(expected_dir)], (kind, at)
+        leftovers = [p.name for p in out_dir.rglob("*") if p.name.endswith(".tmp")]
+        assert not leftovers, (kind, at, leftovers)
+
+
+@pytest.mark.slow
 def test_resuming_a_finished_job_trains_nothing(tmp_path, monkeypatch, uninterrupted, capsys):
     expected, expected_dir, _ = uninterrupted
     cfg = replace(tiny_config(expected_dir), train=replace(tiny_config(expected_dir).train, resume=True))
@@ -157,6 +227,20 @@ def test_resume_refuses_a_changed_configuration_or_a_damaged_file(tmp_path, monk
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(checkpoint.CheckpointError, match="cut short"):
         train.run(replace(changed, train=replace(changed.train, lr=cfg.train.lr)))
+
+
+def test_resume_with_a_changed_option_is_one_error_line_from_the_command_line(tmp_path, capsys):
+    """Like every other refusal of the command line: one `error:` line and exit code 2."""
+    from mos.cli import main
+    from mos.config_io import dump_yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_yaml(replace(tiny_config(tmp_path, max_epochs=1), models=("backbone",))))
+    assert main(["train", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--resume", "--set", "train.lr=0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mos train: error: train.resume: ") and "train.lr: 0.003 -> 0.01" in err[0]
 
 
 def test_a_checkpoint_of_an_earlier_config_layout_resumes(tmp_path, monkeypatch, capsys):

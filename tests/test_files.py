@@ -1,4 +1,6 @@
-"""`mos.files.write_atomic`: whole files only, from any number of concurrent writers."""
+"""`mos.files`: whole files only from any number of concurrent writers (`write_atomic`), whole
+lines only from concurrent appenders (`append_line`)."""
+import json
 import multiprocessing
 import os
 import stat
@@ -56,3 +58,23 @@ def test_a_failing_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         files.write_atomic(path, fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def _append_many(path, writer, count):
+    for index in range(count):
+        files.append_line(path, json.dumps({"writer": writer, "index": index, "pad": "x" * 20_000}))
+
+
+def test_concurrent_appends_never_mix_lines(tmp_path):
+    """Three processes append 30 lines of 20 kB each to one results file: every line is one
+    whole record, none lost, none doubled."""
+    path = tmp_path / "results.jsonl"
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_append_many, args=(path, writer, 30)) for writer in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted((r["writer"], r["index"]) for r in records) == [(w, i) for w in range(3) for i in range(30)]

@@ -287,3 +287,39 @@ def test_training_on_a_cpu_uses_the_deterministic_algorithms_and_gives_the_setti
     train.train_one(make_config(max_epochs=1, quiet=True), "backbone", 0, splits, progress="none")
     assert seen and all(seen)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_step_and_keeps_its_last_good_checkpoint(tmp_path):
+    """With a learning rate that diverges, training stops with one error naming the run, the
+    epoch, the step and what to try; every checkpoint it wrote holds finite weights only."""
+    from mos import checkpoint
+    from mos.data import synthetic
+    from mos.data.config import SyntheticConfig
+    from mos.data.dataset import split_by_user
+
+    data = synthetic.generate(SyntheticConfig(num_users=80, num_items=60))
+    cfg = RunConfig(model=ModelConfig(mos=MoSConfig(dim=16, num_heads=2, session_mode="gap")),
+                    train=TrainConfig(batch_size=32, lr=1e6, max_epochs=2, checkpoint_every=1, progress="none",
+                                      quiet=True, out_dir=str(tmp_path)))
+    path = tmp_path / "mos-seed0.pt"
+    with pytest.raises(train.TrainingDiverged, match=r"train: mos seed 0 diverged in epoch 1: .* at step \d+ of the "
+                                                     r"epoch .*its last checkpoint .* is kept\. Try a smaller "
+                                                     r"train\.lr \(now 1e\+06\)"):
+        train.train_one(cfg, "mos", 0, split_by_user(data, 0.2, 0.2, 0), progress="none", checkpoint_path=path)
+    saved = checkpoint.load(path)
+    assert saved is not None and saved["run"]["step"] >= 1
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+def test_a_non_finite_gradient_is_not_stepped(splits):
+    """A NaN reaching the loss stops the run before the optimizer moves any weight."""
+    model = FakeModel(SimpleNamespace(kind="backbone"), FakeData.num_items, FakeData.num_categories)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    state = run_state.RunState(epoch_shuffle=torch.Generator().get_state())
+    batch = next(splits[0].batches(8))
+    batch.label[0] = float("nan")
+    before = model.logit.weight.detach().clone()
+    with pytest.raises(train.TrainingDiverged, match=r"the loss or a gradient became non-finite at step 1 of the "
+                                                     r"epoch \(loss nan\); the step was not taken"):
+        train._train_step(model, optimizer, batch, state)
+    assert torch.equal(model.logit.weight, before) and state.step == 0
