@@ -29,9 +29,11 @@ $(STAMP): requirements/ci.txt pyproject.toml
 run: $(STAMP)
 	$(PY) -m mos profile --config configs/profile.yaml --no-tuning --jobs $(JOBS)
 
+STUDY_MODELS := models=[backbone,stacked_backbone,gshard,dselect_k,expert_choice,mos,mos_random_routing]
+
 profile: $(STAMP)
-	$(PY) -m mos profile --config configs/profile.yaml --jobs $(JOBS)
-	$(PY) -m mos profile --config configs/profile_long.yaml --jobs $(JOBS)
+	$(PY) -m mos profile --config configs/profile.yaml --jobs $(JOBS) --set "$(STUDY_MODELS)"
+	$(PY) -m mos profile --config configs/profile_long.yaml --jobs $(JOBS) --set "$(STUDY_MODELS)"
 	$(PY) -m mos profile --config configs/profile_movielens.yaml --jobs $(JOBS)
 	$(PY) -m mos profile --config configs/profile_movielens.yaml --jobs $(JOBS) \
 		--set data.max_history=200 train.out_dir=runs/profile_movielens_200 \

@@ -31,9 +31,11 @@ def _records(folder):
 def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
     assert main(_quick(tmp_path)) == 0
     out = capsys.readouterr()
-    for section in ("### Models", "### References", "### Paired comparisons", "### Verdict",
-                    "### Options chosen on validation", "| mos vs backbone |", "| Bayes |", "| share LR |"):
+    for section in ("### Models", "### References", "### Paired comparisons (test AUC)", "### Verdict",
+                    "### Paired comparisons on the validation split", "### Options chosen on validation",
+                    "| mos vs backbone |", "| Bayes |", "| share LR |"):
         assert section in out.out, section
+    assert out.out.count("| mos vs backbone |") == 2                 # on test and on validation
     # Toy models cost well under a GFLOP: the table says MFLOPs; one seed shows no "± 0.0000".
     assert "| MFLOPs/ex (fwd) |" in out.out and "± 0.0000" not in out.out and "wall s/epoch" in out.out
     for name in ("profile.md", "profile.csv", "paired.csv", "profile.json", "auc_vs_flops.png", "flops_vs_length.png",
@@ -42,6 +44,7 @@ def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
         assert path.exists() and path.stat().st_size > 0, name
     assert (tmp_path / "auc_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "profile.json").read_text())
+    assert len(saved["comparisons"]) == len(saved["valid_comparisons"]) > 0
     assert {r["model"] for r in saved["rows"]} == {"backbone", "stacked_backbone", "gshard", "mos"}
     assert all(r["gflops"] > 0 and r["train_gflops"] > r["gflops"] for r in saved["rows"])
     assert saved["provenance"]["command"].endswith(f"train.out_dir={tmp_path}")

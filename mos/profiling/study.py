@@ -85,19 +85,22 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False, jobs: int = 1, tun
         raise InputError(f"train.out_dir: expected finished runs in {store.folder} to report, got none")
 
     ordered = [records[job] for job in final if job in records]
-    test = _test_predictions(ordered, store)
+    valid, test = (_split_predictions(ordered, store, split) for split in ("valid", "test"))
     truth = _truth(run_cfg) if run_cfg.data.source == "synthetic" else None
     true_p = None if truth is None else truth["test_probabilities"]
     refs = references(data.splits, run_cfg.model.mos.gap_seconds, run_cfg.data.max_history,
                       None if truth is None else truth["logits"])
     rows = summarize(ordered, test, true_p)
     reference_rows = _reference_rows(refs, data.splits, true_p)
-    comparisons = _comparisons(ordered, test, refs, true_p)
+    comparisons = _comparisons(ordered, test, {name: ref.test for name, ref in refs.items()}, true_p)
+    valid_comparisons = _comparisons(ordered, valid, {name: ref.valid for name, ref in refs.items()}, None)
 
     origin = provenance(run_cfg, jobs, command)
     parts = [f"## {run_cfg.profile.setting}", _provenance_text(origin), "### Models", tables.model_table(rows),
              "### References", tables.reference_table(reference_rows), "### Paired comparisons (test AUC)",
              tables.paired_table(comparisons), "### Verdict", tables.verdict(rows, reference_rows, comparisons),
+             "### Paired comparisons on the validation split (where options and candidates were chosen)",
+             tables.paired_table(valid_comparisons),
              "### Options chosen on validation", tables.tuning_table(tuning_rows), tables.TARGET_RULES]
     if missing:
         parts.insert(2, "Not run (reported without them): " + ", ".join(job.describe() for job in missing) + ".")
@@ -105,10 +108,14 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False, jobs: int = 1, tun
     print(report)
     write_atomic(out_dir / "profile.md", report + "\n")
     _write_csv(out_dir / "profile.csv", [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows])
-    _write_csv(out_dir / "paired.csv", [_comparison_row(c) for c in comparisons])
+    _write_csv(out_dir / "paired.csv", [{"split": split, **_comparison_row(c)}
+                                         for split, group in (("test", comparisons), ("valid", valid_comparisons))
+                                         for c in group])
     write_atomic(out_dir / "profile.json", json.dumps(
         {"provenance": origin, "rows": rows, "references": reference_rows,
-         "comparisons": [_comparison_row(c) for c in comparisons], "tuning": tuning_rows, "records": ordered},
+         "comparisons": [_comparison_row(c) for c in comparisons],
+         "valid_comparisons": [_comparison_row(c) for c in valid_comparisons], "tuning": tuning_rows,
+         "records": ordered},
         indent=1))
     _figures(run_cfg, data, rows, ordered, out_dir)
     print(f"profile written to {out_dir}", flush=True)
@@ -148,19 +155,19 @@ def _tune(run_cfg: RunConfig, run: dict):
     return chosen, rows, missing
 
 
-def _test_predictions(records: List[dict], store: RunStore) -> dict:
-    """{"labels", "users", run id: test logits} from the runs' saved predictions; every run must
-    have scored the same examples."""
+def _split_predictions(records: List[dict], store: RunStore, split: str) -> dict:
+    """{"labels", "users", run id: logits} of one split ("valid" or "test") from the runs' saved
+    predictions; every run must have scored the same examples."""
     out = {}
     for record in records:
         with np.load(store.folder / f"{record['run_id']}.npz") as saved:
+            labels, users = saved[f"{split}_labels"], saved[f"{split}_users"]
             if "labels" not in out:
-                out["labels"], out["users"] = saved["test_labels"], saved["test_users"]
-            elif not (np.array_equal(out["labels"], saved["test_labels"])
-                      and np.array_equal(out["users"], saved["test_users"])):
-                raise InputError(f"{record['run_id']}.npz: expected the test examples of the other runs, got others "
-                                 f"(clear {store.folder} after changing the data)")
-            out[record["run_id"]] = saved["test_logits"].astype(np.float64)
+                out["labels"], out["users"] = labels, users
+            elif not (np.array_equal(out["labels"], labels) and np.array_equal(out["users"], users)):
+                raise InputError(f"{record['run_id']}.npz: expected the {split} examples of the other runs, got "
+                                 f"others (clear {store.folder} after changing the data)")
+            out[record["run_id"]] = saved[f"{split}_logits"].astype(np.float64)
     return out
 
 
@@ -224,15 +231,16 @@ def _reference_rows(refs, splits, probabilities) -> List[dict]:
     return rows
 
 
-def _comparisons(records: List[dict], test: dict, refs, probabilities) -> List[Comparison]:
-    """MoS against its backbone and each rival, every other model against the backbone (an
-    ablation against MoS too), every model against the share-of-category regression."""
+def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], probabilities) -> List[Comparison]:
+    """On one split's predictions (`_split_predictions`; `refs`: each reference's logits on it):
+    MoS against its backbone and each rival, every other model against the backbone (an ablation
+    against MoS too), every model against the share-of-category regression."""
     scores: Dict[str, Dict[int, np.ndarray]] = {}
     for record in records:
-        scores.setdefault(record["model"], {})[record["seed"]] = test[record["run_id"]]
+        scores.setdefault(record["model"], {})[record["seed"]] = split[record["run_id"]]
     seeds = sorted({record["seed"] for record in records})
     if "share LR" in refs:
-        scores["share LR"] = {seed: refs["share LR"].test for seed in seeds}
+        scores["share LR"] = {seed: refs["share LR"] for seed in seeds}
     pairs = []
     if "backbone" in scores:
         pairs += [(name, "backbone") for name in scores if name not in ("backbone", "share LR")]
@@ -241,7 +249,7 @@ def _comparisons(records: List[dict], test: dict, refs, probabilities) -> List[C
         pairs += [(name, "mos") for name in scores if name.startswith("mos_")]
     if "share LR" in scores:
         pairs += [(name, "share LR") for name in scores if name != "share LR"]
-    labels, users = test["labels"], test["users"]
+    labels, users = split["labels"], split["users"]
     return [compare(model, baseline, labels, users, scores[model], scores[baseline], probabilities)
             for model, baseline in pairs]
 
