@@ -63,9 +63,9 @@ def cuda_extension() -> dict:
 
 
 class BuildPyWithShippedFiles(build_py):
-    """Ships configs/*.yaml inside the package, as mos/configs/: they live at the top of the
+    """Ships configs/*.yaml inside the package, as mos/lab/configs/: they live at the top of the
     repository (where `make run` and the README name them), and `--config default` must find them
-    after a `pip install` too (mos/config_io.py: shipped_configs). Ships csrc/ as mos_kernels/csrc/
+    after a `pip install` too (mos/lab/config_io.py: shipped_configs). Ships csrc/ as mos_kernels/csrc/
     for the same reason: backend "cuda" builds it on first use where the wheel has no _C
     (mos_kernels/cuda_ops.py: CSRC)."""
 
@@ -78,7 +78,7 @@ class BuildPyWithShippedFiles(build_py):
         configs = sorted(Path("configs").glob("*.yaml"))
         if not configs:
             raise FileNotFoundError(f"mos: expected the shipped configs in {Path('configs').resolve()}, found none")
-        target = Path(self.build_lib) / "mos" / "configs"
+        target = Path(self.build_lib) / "mos" / "lab" / "configs"
         self.mkpath(str(target))
         for config in configs:
             self.copy_file(str(config), str(target / config.name))

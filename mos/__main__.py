@@ -1,4 +1,4 @@
-"""`python -m mos ...` is the `mos` command (see mos.cli)."""
-from mos.cli import main
+"""`python -m mos ...` is the `mos` command (see mos.lab.cli)."""
+from mos.lab.cli import main
 
 raise SystemExit(main())

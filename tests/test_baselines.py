@@ -5,12 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mos.baselines import DSelectK, ExpertChoice, GShard
-from mos.baselines.dselect_k import smooth_step
-from mos.config import ModelConfig, MoEConfig, MoSConfig
-from mos.data import synthetic
-from mos.data.config import SyntheticConfig
-from mos.model import CTRModel
+from mos.lab.baselines import DSelectK, ExpertChoice, GShard
+from mos.lab.baselines.dselect_k import smooth_step
+from mos.config import MoSConfig
+from mos.lab.config import ModelConfig, MoEConfig
+from mos.lab.data import synthetic
+from mos.lab.data.config import SyntheticConfig
+from mos.lab.model import CTRModel
 
 
 def _config(kind="gshard", **moe):

@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mos import checkpoint, files, train
-from mos.config import DataConfig, ModelConfig, MoSConfig, RunConfig, TrainConfig
-from mos.data.config import SyntheticConfig
+from mos.lab import checkpoint, files, train
+from mos.lab.data.config import DataConfig
+from mos.config import MoSConfig
+from mos.lab.config import ModelConfig, RunConfig, TrainConfig
+from mos.lab.data.config import SyntheticConfig
 
 # Fields of a run record that measure the clock, not the computation.
 TIMING = ("epoch_seconds", "seconds_per_epoch")
@@ -82,7 +84,7 @@ def test_a_damaged_or_foreign_file_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="sha256 does not match"):
         checkpoint.load(path)
     torch.save({"w": torch.zeros(3)}, path)      # a plain torch file is not a checkpoint
-    with pytest.raises(checkpoint.CheckpointError, match="expected a file written by mos.checkpoint.save"):
+    with pytest.raises(checkpoint.CheckpointError, match="expected a file written by mos.lab.checkpoint.save"):
         checkpoint.load(path)
 
 
@@ -231,8 +233,8 @@ def test_resume_refuses_a_changed_configuration_or_a_damaged_file(tmp_path, monk
 
 def test_resume_with_a_changed_option_is_one_error_line_from_the_command_line(tmp_path, capsys):
     """Like every other refusal of the command line: one `error:` line and exit code 2."""
-    from mos.cli import main
-    from mos.config_io import dump_yaml
+    from mos.lab.cli import main
+    from mos.lab.config_io import dump_yaml
 
     config = tmp_path / "tiny.yaml"
     config.write_text(dump_yaml(replace(tiny_config(tmp_path, max_epochs=1), models=("backbone",))))

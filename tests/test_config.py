@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from mos.cli import main
-from mos.config import DataConfig, MoSConfig, RunConfig
-from mos.config_io import config_to_dict, dump_yaml, load_run_config
+from mos.lab.cli import main
+from mos.lab.data.config import DataConfig
+from mos.config import MoSConfig
+from mos.lab.config import RunConfig
+from mos.lab.config_io import config_to_dict, dump_yaml, load_run_config
 from tests.input_cases import named
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,11 +253,12 @@ def test_moved_keys_name_where_they_moved(tmp_path):
         load_run_config(write(tmp_path, "model:\n  mos:\n    router: random\n"), [])
     with pytest.raises(ValueError, match=r"'model\.mos\.experts' moved to 'model\.mos\.ablation\.experts'"):
         load_run_config(None, ["model.mos.experts=[global]"])
-    from mos.config import DataConfig, MoSConfig
+    from mos.lab.data.config import DataConfig
+    from mos.config import MoSConfig
     from mos.layer import MoSLayer
     with pytest.raises(TypeError, match=r"DataConfig\.num_items: moved to data\.synthetic\.num_items"):
         DataConfig(num_items=5)
-    with pytest.raises(TypeError, match=r"MoSConfig\.router: moved to model\.mos\.ablation\.router"):
+    with pytest.raises(TypeError, match=r"MoSConfig\.router: moved to MoSConfig\.ablation\.router"):
         MoSLayer(router="random")
     with pytest.raises(ValueError, match=r"'model\.mos\.capacity' moved to 'model\.mos\.max_theme_tokens'"):
         load_run_config(None, ["model.mos.capacity=8"])
@@ -263,7 +266,7 @@ def test_moved_keys_name_where_they_moved(tmp_path):
         MoSConfig(capacity=8)
     with pytest.raises(ValueError, match=r"'model\.mos_training' moved to 'model\.training'"):
         load_run_config(None, ["model.mos_training=joint"])
-    from mos.config import ModelConfig
+    from mos.lab.config import ModelConfig
     with pytest.raises(TypeError, match=r"ModelConfig\.mos_training: renamed training \(model\.training\)"):
         ModelConfig(mos_training="joint")
     assert MoSConfig(ablation={"router": "random"}).ablation.router == "random"
@@ -292,8 +295,9 @@ def _int_fields():
     """(class, field, the name its errors use) of every int option of every config dataclass."""
     import typing
 
-    from mos.config import MoEConfig, MoSConfig, ModelConfig, ProfileConfig, TrainConfig
-    from mos.data.config import DataConfig, LogConfig, SyntheticConfig
+    from mos.config import MoSConfig
+    from mos.lab.config import MoEConfig, ModelConfig, ProfileConfig, TrainConfig
+    from mos.lab.data.config import DataConfig, LogConfig, SyntheticConfig
 
     prefixes = {MoSConfig: "MoSConfig", MoEConfig: "model.moe", ModelConfig: "model", TrainConfig: "train",
                 ProfileConfig: "profile", DataConfig: "data", SyntheticConfig: "data.synthetic", LogConfig: "data.logs"}

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from mos.data.config import SyntheticConfig
-from mos.data.batch import Batch
-from mos.data.dataset import CTRDataset, split_by_user
-from mos.data.stats import format_statistics, session_statistics
-from mos.data.synthetic import generate
+from mos.lab.data.config import SyntheticConfig
+from mos.lab.data.batch import Batch
+from mos.lab.data.dataset import CTRDataset, split_by_user
+from mos.lab.data.stats import format_statistics, session_statistics
+from mos.lab.data.synthetic import generate
 
 
 def _hand_dataset() -> CTRDataset:

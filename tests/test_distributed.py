@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mos import distributed
-from mos.config import DataConfig
-from mos.data.logs import load_log
+from mos.lab import distributed
+from mos.lab.data.config import DataConfig
+from mos.lab.data.logs import load_log
 
 
 def group(rank, world):

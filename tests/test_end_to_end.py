@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mos.cli import main
+from mos.lab.cli import main
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`mos.files`: whole files only from any number of concurrent writers (`write_atomic`), whole
+"""`mos.lab.files`: whole files only from any number of concurrent writers (`write_atomic`), whole
 lines only from concurrent appenders (`append_line`)."""
 import json
 import multiprocessing
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from mos import files
+from mos.lab import files
 
 
 def _write_many(path, marker, count):

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from mos.config import ModelConfig, MoSConfig
-from mos.flops import count_flops, fvcore_forward_flops
-from mos.model import CTRModel
-from mos.profiling.measures import synthetic_batch
-from mos.variants import VARIANTS, variant_config
+from mos.config import MoSConfig
+from mos.lab.config import ModelConfig
+from mos.lab.flops import count_flops, fvcore_forward_flops
+from mos.lab.model import CTRModel
+from mos.lab.profiling.measures import synthetic_batch
+from mos.lab.variants import VARIANTS, variant_config
 
 DIM, LENGTH, EXAMPLES = 16, 24, 4
 

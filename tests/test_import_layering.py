@@ -147,3 +147,75 @@ def test_mos_takes_only_public_kernel_names():
             if (target.startswith("_") and target != "__init__") or private:
                 wrong.append(f"{path.relative_to(REPO)}:{line} imports mos_kernels.{target} {private}")
     assert not wrong, "\n".join(wrong)
+
+
+# The layer package's files; __main__.py is the `python -m mos` command, run, never imported.
+LAYER_FILES = sorted(p for p in (REPO / "mos").glob("*.py") if p.name != "__main__.py")
+
+
+def test_the_layer_package_never_imports_the_lab():
+    """mos/*.py (the layer, its config, boosting, DeLong) import nothing of mos.lab, even lazily."""
+    wrong = []
+    for path in LAYER_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [("." * node.level) + (node.module or "")] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"{path.name}:{node.lineno} imports {name}" for name in names
+                      if name.startswith(("mos.lab", ".lab")) or name == "mos.lab"
+                      or (isinstance(node, ast.ImportFrom) and node.module in ("mos", None) and
+                          any(alias.name == "lab" for alias in node.names))]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_import_mos_loads_the_layer_and_the_kernels_only():
+    """What `import mos` brings into a fresh interpreter: the layer package and mos_kernels, no
+    lab module, no YAML, plotting or Parquet library (torch itself brings tqdm)."""
+    import subprocess
+    import sys
+
+    code = ("import mos, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('mos', 'mos_kernels', 'yaml', 'matplotlib', 'pyarrow')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = eval(done.stdout)
+    assert loaded and all(name == "mos" or name.startswith(("mos.", "mos_kernels")) or name == "mos_kernels"
+                          for name in loaded), loaded
+    assert not [name for name in loaded if name.startswith("mos.lab")], loaded
+    assert {"mos.layer", "mos.config", "mos.encoders"} <= set(loaded)
+
+
+def _package_graph(root: Path, package: str) -> Dict[str, Set[str]]:
+    """Module (dotted, under `package`) -> the modules of `package` it imports, lazily or not."""
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = here.split(".")[:len(here.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                found = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            targets |= {target for target in found if target in modules and target != name}
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycle_in_the_mos_package():
+    """Neither the layer nor the lab has an import cycle (function-level imports included); a
+    package's __init__ re-exporting its modules is not an edge back to it."""
+    graph = _package_graph(REPO / "mos", "mos")
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    cycle = _cycle(graph)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)

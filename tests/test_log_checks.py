@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from mos.data.config import DataConfig, LogConfig, SyntheticConfig
-from mos.data.logs import load_log
-from mos.errors import InputError
+from mos.lab.data.config import DataConfig, LogConfig, SyntheticConfig
+from mos.lab.data.logs import load_log
+from mos.lab.errors import InputError
 
 HEADER = ["user_id", "item_id", "timestamp", "label"]
 
@@ -143,7 +143,7 @@ def test_a_device_or_backend_this_machine_lacks_stops_before_loading(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    from mos.distributed import check_machine
+    from mos.lab.distributed import check_machine
 
     with pytest.raises(InputError, match="train.device: expected a device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu'"):
         check_machine("gpu", "auto")
@@ -171,8 +171,8 @@ def test_a_small_log_with_one_validation_sample_per_user_trains_and_says_gauc_is
 
 
 def test_splits_are_checked_before_training():
-    from mos.data.checks import check_splits
-    from mos.data.synthetic import generate
+    from mos.lab.data.checks import check_splits
+    from mos.lab.data.synthetic import generate
 
     train, valid, test = (generate(SyntheticConfig(num_users=20, num_items=40, num_interests=4)),) * 3
     check_splits((train, valid, test), DataConfig())

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mos.cli import main
-from mos.data.config import DataConfig, LogConfig
-from mos.data.logs import load_log
+from mos.lab.cli import main
+from mos.lab.data.config import DataConfig, LogConfig
+from mos.lab.data.logs import load_log
 
 HEADER = ["user_id", "item_id", "timestamp", "rating", "category"]
 # Two users, written out of time order on purpose; "b" rates items at 100 s steps.

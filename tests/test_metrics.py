@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mos.metrics import auc, gauc, logloss, routing_nmi, routing_purity, session_majority
+from mos.lab.metrics import auc, gauc, logloss, routing_nmi, routing_purity, session_majority
 
 
 def _pair_auc(labels, scores):

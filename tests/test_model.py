@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mos.config import ModelConfig, MoSConfig
-from mos.data.batch import Batch
-from mos.model import CTRModel
+from mos.config import MoSConfig
+from mos.lab.config import ModelConfig
+from mos.lab.data.batch import Batch
+from mos.lab.model import CTRModel
 from tests.conftest import require_cuda_ext
 
 
@@ -46,9 +47,10 @@ def test_empty_batch_gives_finite_outputs_and_zero_loss(kind, backend, encoder, 
 def test_recency_buckets_count_sessions_back_from_the_newest():
     """Two examples cut at 1-h gaps: 11 sessions of one event, and 3 sessions (the newest of
     two events). Sessions ago 0, 1, 2-3, 4-7, 8-15 give buckets 0, 1, 2, 3, 4."""
-    from mos.config import ModelConfig, MoSConfig
-    from mos.data.batch import Batch
-    from mos.model import CTRModel
+    from mos.config import MoSConfig
+    from mos.lab.config import ModelConfig
+    from mos.lab.data.batch import Batch
+    from mos.lab.model import CTRModel
 
     gaps = [0] + [3600] * 10 + [0, 3600, 3600, 60]
     times = torch.cumsum(torch.tensor(gaps), 0)
@@ -71,8 +73,9 @@ def test_recency_buckets_count_sessions_back_from_the_newest():
 
 
 def test_a_narrow_item_id_is_projected_to_the_model_width():
-    from mos.config import ModelConfig, MoSConfig
-    from mos.model import CTRModel
+    from mos.config import MoSConfig
+    from mos.lab.config import ModelConfig
+    from mos.lab.model import CTRModel
 
     narrow = CTRModel(ModelConfig(kind="backbone", item_id_dim=4, mos=MoSConfig(dim=16)), 100, 5)
     assert narrow.item_embedding.weight.shape == (100, 4) and narrow.item_projection.weight.shape == (16, 4)
@@ -85,9 +88,10 @@ def test_a_narrow_item_id_is_projected_to_the_model_width():
 
 def test_an_earlier_state_dict_loads_under_its_new_names():
     """A checkpoint of the earlier layout (head.0.weight, serve_extras) loads once migrated."""
-    from mos.config import ModelConfig, MoSConfig
-    from mos.model import CTRModel
-    from mos.moved_options import migrate_state_dict
+    from mos.config import MoSConfig
+    from mos.lab.config import ModelConfig
+    from mos.lab.model import CTRModel
+    from mos.lab.moved_options import migrate_state_dict
 
     model = CTRModel(ModelConfig(recency="none", mos=MoSConfig(dim=8)), 10, 3)
     old = {key.replace("head.mlp.", "head.").replace("serve_correction", "serve_extras"): value

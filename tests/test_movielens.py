@@ -7,9 +7,11 @@ import zipfile
 import pytest
 import torch
 
-from mos import train
-from mos.config import DataConfig, ModelConfig, MoSConfig, RunConfig, TrainConfig
-from mos.data import movielens
+from mos.lab import train
+from mos.lab.data.config import DataConfig
+from mos.config import MoSConfig
+from mos.lab.config import ModelConfig, RunConfig, TrainConfig
+from mos.lab.data import movielens
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_no_network_is_a_clear_error_and_leaves_no_cache(tmp_path, monkeypatch):
 
 
 def test_no_network_from_the_command_line_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
-    from mos.cli import main
+    from mos.lab.cli import main
     monkeypatch.setenv("MOS_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(movielens.subprocess, "run", fake_pip(None))
     code = main(["train", "--data", "movielens", "--set", f"train.out_dir={tmp_path / 'runs'}"])

@@ -52,7 +52,7 @@ def test_a_wheel_ships_the_configs_and_the_installed_package_finds_them(tmp_path
     wheel, = (tmp_path / "dist").glob("mos-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(path.name for path in (ROOT / "configs").glob("*.yaml"))
-    assert sorted(name.split("/")[-1] for name in names if name.startswith("mos/configs/")) == shipped
+    assert sorted(name.split("/")[-1] for name in names if name.startswith("mos/lab/configs/")) == shipped
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, timeout=300)
@@ -62,9 +62,9 @@ def test_a_wheel_ships_the_configs_and_the_installed_package_finds_them(tmp_path
         done = subprocess.run([sys.executable, "-m", "mos", "train", "--config", given, "--print-config"],
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr
-    check = subprocess.run([sys.executable, "-c", "import mos.config_io as c; print(c.shipped_configs())"],
+    check = subprocess.run([sys.executable, "-c", "import mos.lab.config_io as c; print(c.shipped_configs())"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
-    assert str(site / "mos" / "configs") in check.stdout
+    assert str(site / "mos" / "lab" / "configs") in check.stdout
     done = subprocess.run([sys.executable, "-m", "mos", "train", "--config", "nonesuch", "--print-config"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     shipped = ", ".join(sorted(path.stem for path in (ROOT / "configs").glob("*.yaml")))

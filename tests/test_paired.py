@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from mos.delong import auc_difference
-from mos.metrics import auc
-from mos.profiling.paired import MIN_SEEDS, Z_95, compare, expected_auc
+from mos.lab.metrics import auc
+from mos.lab.profiling.paired import MIN_SEEDS, Z_95, compare, expected_auc
 from tolerances import STATISTICAL
 
 

@@ -3,7 +3,7 @@ can be told apart, the similarity heatmaps say what they show and nothing is cro
 import numpy as np
 import pytest
 
-from mos import plots
+from mos.lab import plots
 
 
 def rows():

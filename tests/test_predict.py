@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from mos import metrics
-from mos.config import DataConfig
-from mos.data.logs import load_log
+from mos.lab import metrics
+from mos.lab.data.config import DataConfig
+from mos.lab.data.logs import load_log
 
 HEADER = ["user_id", "item_id", "timestamp", "label"]
 

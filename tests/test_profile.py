@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from mos.cli import main
-from mos.metrics import auc
-from mos.profiling.paired import Comparison
-from mos.profiling.tables import verdict
+from mos.lab.cli import main
+from mos.lab.metrics import auc
+from mos.lab.profiling.paired import Comparison
+from mos.lab.profiling.tables import verdict
 
 MODELS = "models=[backbone,stacked_backbone,gshard,mos]"
 
@@ -127,7 +127,7 @@ def test_jobs_must_be_positive(tmp_path, capsys):
 
 
 def test_a_grid_key_of_no_option_is_refused_by_name():
-    from mos.config_io import load_run_config
+    from mos.lab.config_io import load_run_config
 
     with pytest.raises(ValueError, match=r"profile\.grid\.gshard\[0\]: expected keys under \['model\.', 'train\.'\]"):
         load_run_config(None, ["profile.grid={gshard: [{data.seed: 1}]}", "profile.tuning_seeds=[0]"])
@@ -138,8 +138,8 @@ def test_a_grid_key_of_no_option_is_refused_by_name():
 
 
 def test_changed_config_is_recomputed():
-    from mos.config_io import load_run_config
-    from mos.profiling.runs import fingerprint
+    from mos.lab.config_io import load_run_config
+    from mos.lab.profiling.runs import fingerprint
 
     a = load_run_config("configs/default.yaml", ["train.out_dir=/a"])
     b = load_run_config("configs/default.yaml", ["train.out_dir=/b", "train.progress=none", "train.threads=1"])

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from mos.data import synthetic
-from mos.data.config import SyntheticConfig
-from mos.data.dataset import CTRDataset, split_by_user
-from mos.metrics import auc, logloss
-from mos.profiling.references import fit_logistic, history_features, references
+from mos.lab.data import synthetic
+from mos.lab.data.config import SyntheticConfig
+from mos.lab.data.dataset import CTRDataset, split_by_user
+from mos.lab.metrics import auc, logloss
+from mos.lab.profiling.references import fit_logistic, history_features, references
 
 
 def _dataset():

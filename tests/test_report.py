@@ -1,7 +1,7 @@
 """The summary table: one row per model, mean ± std over seeds, purity only where a router ran."""
 import pytest
 
-from mos.report import WALL_TIME_NOTE, flops_unit, format_mean_std, mean_std, metric_text, summary_table
+from mos.lab.report import WALL_TIME_NOTE, flops_unit, format_mean_std, mean_std, metric_text, summary_table
 
 
 def record(model, seed, auc, purity=None, epochs=4, seconds=2.0, params=12345):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from mos.data.config import SyntheticConfig
-from mos.data.stats import session_statistics
-from mos.data.synthetic import generate
-from mos.metrics import auc, session_majority
+from mos.lab.data.config import SyntheticConfig
+from mos.lab.data.stats import session_statistics
+from mos.lab.data.synthetic import generate
+from mos.lab.metrics import auc, session_majority
 
 SMALL = SyntheticConfig(num_users=150, num_items=200, num_interests=6)
 SEED = 3

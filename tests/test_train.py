@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from mos import run_state, train
-from mos.config import ModelConfig, MoSConfig, RunConfig, TrainConfig
-from mos.data.batch import Batch
+from mos.lab import run_state, train
+from mos.config import MoSConfig
+from mos.lab.config import ModelConfig, RunConfig, TrainConfig
+from mos.lab.data.batch import Batch
 
 HISTORY = 4          # events per example, two sessions of two
 INTERESTS = 3
@@ -205,9 +206,9 @@ def test_boosted_kinds_carry_their_backbone_step_for_step(kind, encoder):
     model's backbone candidate equals the backbone model's prediction bit for bit (its backbone
     part got exactly the backbone's gradients), while its corrected candidate has moved away
     from it; a jointly trained model's prediction has not stayed on the backbone's."""
-    from mos.data import synthetic
-    from mos.data.config import SyntheticConfig
-    from mos.model import CTRModel
+    from mos.lab.data import synthetic
+    from mos.lab.data.config import SyntheticConfig
+    from mos.lab.model import CTRModel
 
     data = synthetic.generate(SyntheticConfig(num_users=40, num_items=60))
     batches = list(data.batches(16))[:4]
@@ -231,7 +232,7 @@ def test_boosted_kinds_carry_their_backbone_step_for_step(kind, encoder):
 
 
 def _boosted_model(data, gain_scale: float):
-    from mos.model import CTRModel
+    from mos.lab.model import CTRModel
 
     torch.manual_seed(0)
     model = CTRModel(ModelConfig(mos=MoSConfig(dim=16, num_heads=2)), data.num_items, data.num_categories)
@@ -244,8 +245,8 @@ def test_boosted_selection_serves_the_correction_only_beyond_its_standard_error(
     """With the best weights, `_select` compares the candidates on validation once: it serves
     the corrected one iff its AUC gain exceeds the gain's user-clustered DeLong SE, and the
     served prediction is then that candidate's."""
-    from mos.data import synthetic
-    from mos.data.config import SyntheticConfig
+    from mos.lab.data import synthetic
+    from mos.lab.data.config import SyntheticConfig
     from mos.delong import auc_difference
 
     data = synthetic.generate(SyntheticConfig(num_users=200, num_items=60))
@@ -292,10 +293,10 @@ def test_training_on_a_cpu_uses_the_deterministic_algorithms_and_gives_the_setti
 def test_a_diverging_run_stops_at_its_first_non_finite_step_and_keeps_its_last_good_checkpoint(tmp_path):
     """With a learning rate that diverges, training stops with one error naming the run, the
     epoch, the step and what to try; every checkpoint it wrote holds finite weights only."""
-    from mos import checkpoint
-    from mos.data import synthetic
-    from mos.data.config import SyntheticConfig
-    from mos.data.dataset import split_by_user
+    from mos.lab import checkpoint
+    from mos.lab.data import synthetic
+    from mos.lab.data.config import SyntheticConfig
+    from mos.lab.data.dataset import split_by_user
 
     data = synthetic.generate(SyntheticConfig(num_users=80, num_items=60))
     cfg = RunConfig(model=ModelConfig(mos=MoSConfig(dim=16, num_heads=2, session_mode="gap")),

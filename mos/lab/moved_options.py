@@ -1,0 +1,112 @@
+"""Options that moved to another section: an old key is refused with the key it moved to.
+
+A config file, a `--set` or a keyword written for an earlier layout must not be silently
+ignored, nor fail with a bare "unknown key": the error names where the option lives now.
+Checkpoints written before a move still load (`migrate` moves their keys).
+"""
+from __future__ import annotations
+
+import functools
+
+from mos.config import RENAMED
+
+_SYNTHETIC = ("num_users", "num_items", "num_interests", "interests_per_user", "sessions_per_user",
+              "session_length", "targets_per_user", "noise", "taste_dim", "taste_concentration",
+              "popularity_exponent", "event_gap_mean", "session_gap_mean", "target_own_interest",
+              "label_taste", "label_share", "label_recent", "label_bias")
+_LOGS = ("user_column", "item_column", "time_column", "label_column", "rating_column", "category_column",
+         "label_source", "rating_threshold", "negatives", "history", "min_history", "drop_duplicates")
+# Old dotted key -> the dotted key it moved to. The layer's own keywords (`mos.config.RENAMED`:
+# the ablation options, "capacity", the MoE baselines' word, now max_theme_tokens) sit under
+# model.mos in a config file.
+MOVED = {
+    **{f"data.{name}": f"data.synthetic.{name}" for name in _SYNTHETIC},
+    **{f"data.{name}": f"data.logs.{name}" for name in _LOGS},
+    **{f"model.mos.{old}": f"model.mos.{new}" for old, new in RENAMED.items()},
+    # Boosted training now applies to every stacked kind, not to MoS alone.
+    "model.mos_training": "model.training",
+}
+
+
+# Options added later, with the value that gives the behaviour of a tree written before they
+# existed (an earlier checkpoint's model had no recency embedding).
+ADDED = {"model.recency": "none"}
+
+# State-dict keys of an earlier model layout -> their names now (prefix renames).
+RENAMED_STATE = {"head.": "head.mlp.", "serve_extras": "serve_correction"}
+
+
+def moved_key(key: str):
+    """The key `key` moved to, or None."""
+    return MOVED.get(key)
+
+
+def refuse_moved(section: str):
+    """Class decorator for a config dataclass at dotted `section` ("data", "model.mos"): a keyword
+    naming a field that moved out of it raises a TypeError naming the new key."""
+    def decorate(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            for name in kwargs:
+                new = MOVED.get(f"{section}.{name}")
+                if new is not None:
+                    raise TypeError(f"{cls.__name__}.{name}: {_where_now(section, new)}")
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        return cls
+    return decorate
+
+
+def _where_now(section: str, new: str) -> str:
+    parent, _, leaf = new.rpartition(".")
+    if parent == section:
+        return f"renamed {leaf} ({new})"
+    sub = parent[len(section) + 1:]
+    return f"moved to {new} (a keyword: {sub}={{{leaf!r}: ...}})"
+
+
+def migrate(tree: dict) -> dict:
+    """A config tree written before the moves (a checkpoint's) with every moved key at its new
+    place and every option added since at the value of the time; `tree` is changed in place and
+    returned."""
+    for key, value in ADDED.items():
+        *path, leaf = key.split(".")
+        node = tree
+        for name in path:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node and _written_before(node):
+            node[leaf] = value
+    for old, new in MOVED.items():
+        *path, leaf = old.split(".")
+        node = tree
+        for name in path:
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_path, new_leaf = new.split(".")
+        target = tree
+        for name in new_path:
+            target = target.setdefault(name, {})
+        target[new_leaf] = value
+    return tree
+
+
+def _written_before(model_section: dict) -> bool:
+    """A model section written before the options of `ADDED` existed: it still says mos_training."""
+    return "mos_training" in model_section
+
+
+def migrate_state_dict(state: dict) -> dict:
+    """A model state dict of an earlier layout with its keys renamed as they are now (a new dict)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in RENAMED_STATE.items():
+            if key.startswith(old) and not key.startswith(new):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out

@@ -1,0 +1,222 @@
+"""The profile's training runs: what identifies one, where it is kept, and running many of them,
+one after another or in parallel processes (`--jobs N`, one thread each).
+
+A run is a model name, a seed and that model's options ({dotted key: value}: the model's own
+`profile.per_model` options and, in the tuning stage, one option set of `profile.grid`). Its
+fingerprint hashes everything that decides its result; its files are
+`<out_dir>/runs/<name>-<fingerprint[:12]>.json` (the record) and `.npz` (every validation and
+test prediction). A finished run whose fingerprint matches is read back, never recomputed.
+Files are written whole (`mos.lab.files.write_atomic`), each by the one process that ran it, so runs
+that end together, or a job killed half-way, never lose or double a record: rerunning the
+command trains only what is missing.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from mos.lab.config import RunConfig
+from mos.lab.config_io import config_to_dict, with_options
+from mos.lab.files import write_atomic
+from mos.lab.flops import count_flops
+from mos.lab.report import metric_text
+from mos.lab.train import load_data, train_one
+from mos.lab.variants import variant_config
+
+from .measures import flops_by_length
+
+MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the profile."""
+
+    name: str                 # the model variant (`models`)
+    seed: int
+    options: tuple = ()       # sorted (dotted key, value) pairs applied to the config
+    stage: str = "final"      # "tuning" (a grid point on the tuning seeds) or "final"
+
+    @property
+    def option_dict(self) -> dict:
+        return dict(self.options)
+
+    def describe(self) -> str:
+        options = ", ".join(f"{key}={value}" for key, value in self.options)
+        return f"{self.name} seed {self.seed}" + (f" ({options})" if options else "")
+
+
+def make_job(name: str, seed: int, options: dict, stage: str = "final") -> Job:
+    return Job(name, seed, tuple(sorted((key, _hashable(value)) for key, value in options.items())), stage)
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def job_config(run_cfg: RunConfig, job: Job) -> RunConfig:
+    """The run's configuration: `run_cfg` with the job's options, its seed alone."""
+    cfg = with_options(run_cfg, job.option_dict, f"options of {job.name}") if job.options else run_cfg
+    return replace(cfg, train=replace(cfg.train, seeds=(job.seed,)))
+
+
+def fingerprint(cfg: RunConfig, name: str, seed: int) -> str:
+    """What decides a run's record: the data (a log file's size and time too), the variant's model
+    options that its kind reads, training, the seed and the FLOP measurements (not where or how
+    loudly). The code is not in it: clear `<out_dir>/runs/` after changing the code."""
+    train = replace(cfg.train, seeds=(seed,), out_dir="", progress="none", quiet=True, threads=0,
+                    checkpoint_every=0, resume=False)
+    source = cfg.data.source
+    log_file = None if source in ("synthetic", "movielens") else [os.path.getsize(source), os.path.getmtime(source)]
+    key = {"data": config_to_dict(cfg.data), "log_file": log_file,
+           "model": model_key(variant_config(cfg.model, name)), "train": config_to_dict(train),
+           "flop_batch_size": cfg.profile.flop_batch_size, "lengths": list(cfg.profile.lengths),
+           "length_examples": cfg.profile.length_examples, "variant": name, "seed": seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+# The encoder options every model kind reads (the session options cut the sessions the recency
+# embedding counts); the other MoSConfig fields shape MoS alone.
+SHARED_ENCODER_FIELDS = ("dim", "num_heads", "encoder", "num_layers", "readout", "dropout", "backend",
+                         "session_mode", "session_len", "gap_seconds", "max_session_len", "validate_inputs")
+
+
+def model_key(model_cfg) -> dict:
+    """The model options a run of this kind reads: a MoS option does not invalidate a finished
+    backbone run, nor a MoE option a MoS run."""
+    key = config_to_dict(model_cfg)
+    if model_cfg.kind != "mos":
+        key["mos"] = {name: key["mos"][name] for name in SHARED_ENCODER_FIELDS}
+    if not model_cfg.stacked:
+        del key["training"]
+    if model_cfg.kind not in MOE_BASELINES:
+        del key["moe"]
+    return key
+
+
+class RunStore:
+    """The finished runs of one profile, in `<out_dir>/runs/`."""
+
+    def __init__(self, out_dir: Path):
+        self.folder = Path(out_dir) / "runs"
+
+    def paths(self, cfg: RunConfig, job: Job) -> tuple[Path, Path, str]:
+        """(record path, predictions path, fingerprint) of `job` run with `cfg` (its job_config)."""
+        digest = fingerprint(cfg, job.name, job.seed)
+        stem = self.folder / f"{job.name}-{digest[:12]}"
+        return stem.with_suffix(".json"), stem.with_suffix(".npz"), digest
+
+    def read(self, cfg: RunConfig, job: Job) -> Optional[dict]:
+        """The finished run's record, or None (no file, another fingerprint, or no predictions)."""
+        record_path, predictions_path, digest = self.paths(cfg, job)
+        if not record_path.exists() or not predictions_path.exists():
+            return None
+        try:
+            stored = json.loads(record_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        return stored["record"] if stored.get("fingerprint") == digest else None
+
+
+def run_jobs(jobs: Sequence[Job], run_cfg: RunConfig, store: RunStore, context: "Context", *, workers: int = 1,
+             report_only: bool = False) -> tuple[Dict[Job, dict], List[Job]]:
+    """Every job's record: read back when finished, else trained (unless `report_only`): here
+    with `context`'s data, or with `workers` > 1 in that many processes of one thread each (each
+    loads the data itself). Returns (records by job, the jobs missing under `report_only`).
+    Progress goes to stderr, one line per run."""
+    configs = {job: job_config(run_cfg, job) for job in jobs}
+    records, missing, todo = {}, [], []
+    for job in jobs:
+        cached = store.read(configs[job], job)
+        if cached is not None:
+            records[job] = cached
+        elif report_only:
+            missing.append(job)
+        else:
+            todo.append(job)
+    _say(f"{len(jobs)} runs: {len(records)} finished before, {len(todo)} to train"
+         + (f", {len(missing)} missing" if missing else "") + (f", {workers} at a time" if todo and workers > 1 else ""))
+    if not todo:
+        return records, missing
+    start = time.perf_counter()
+    if workers <= 1:
+        for done, job in enumerate(todo, start=1):
+            records[job] = _train(context, configs[job], job, store)
+            _progress(done, len(todo), job, records[job], start)
+        return records, missing
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                             initargs=(run_cfg,)) as pool:
+        futures = {pool.submit(_train_in_worker, configs[job], job, store.folder): job for job in todo}
+        for done, future in enumerate(as_completed(futures), start=1):
+            job = futures[future]
+            records[job] = future.result()
+            _progress(done, len(todo), job, records[job], start)
+    return records, missing
+
+
+@dataclass
+class Context:
+    """What every run of one profile shares: the data, and the test batch FLOPs are counted on."""
+
+    splits: tuple
+    flop_batch: object
+
+    @classmethod
+    def of(cls, run_cfg: RunConfig, splits) -> "Context":
+        flop_batch = next(splits[2].batches(run_cfg.profile.flop_batch_size, max_history=run_cfg.data.max_history))
+        return cls(splits, flop_batch)
+
+
+def _train(context: Context, cfg: RunConfig, job: Job, store: RunStore) -> dict:
+    record_path, predictions_path, digest = store.paths(cfg, job)
+
+    def inspect(model):
+        return {"flops": asdict(count_flops(model, context.flop_batch.to(next(model.parameters()).device))),
+                "flops_by_length": flops_by_length(model, cfg.profile, context.splits[0])}
+
+    record = train_one(cfg, job.name, job.seed, context.splits, progress=cfg.train.progress, inspect=inspect,
+                       predictions_path=predictions_path)
+    record.update(run_id=record_path.stem, options=job.option_dict, stage=job.stage)
+    # The predictions first: a record on disk always has its predictions beside it.
+    write_atomic(record_path, json.dumps({"fingerprint": digest, "record": record}))
+    return record
+
+
+_WORKER: Optional[Context] = None
+
+
+def _start_worker(run_cfg: RunConfig) -> None:
+    """A worker process: one thread (the runs in parallel share the cores), the data loaded once,
+    its statistics not printed again."""
+    global _WORKER
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        _WORKER = Context.of(run_cfg, load_data(run_cfg).splits)
+
+
+def _train_in_worker(cfg: RunConfig, job: Job, folder: Path) -> dict:
+    store = RunStore(folder.parent)
+    return _train(_WORKER, replace(cfg, train=replace(cfg.train, quiet=True, progress="none")), job, store)
+
+
+def _progress(done: int, total: int, job: Job, record: dict, start: float) -> None:
+    elapsed = time.perf_counter() - start
+    left = elapsed / done * (total - done)
+    _say(f"[{done}/{total}] {job.describe()}: valid AUC {metric_text(record['valid'], 'auc')}, best epoch {record['best_epoch']} of "
+         f"{record['epochs']}  ({elapsed / 60:.1f} min so far, ~{left / 60:.1f} min left)")
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

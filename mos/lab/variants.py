@@ -1,0 +1,52 @@
+"""Named model variants: the baselines, MoS and its ablations, as overrides of one ModelConfig.
+
+`models: [backbone, mos, gshard, ...]` in a config names these; every variant shares the
+embeddings, the head, the encoder (`model.mos.encoder`, width, heads) and the training loop,
+so runs differ only in what the name says. (`mos.lab.config` imports this table to check
+`models`, so this module names its ModelConfig in annotations only, without importing it.)
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Dict
+
+VARIANTS: Dict[str, dict] = {
+    "backbone": {"kind": "backbone"},
+    "gshard": {"kind": "gshard"},
+    "dselect_k": {"kind": "dselect_k"},
+    "expert_choice": {"kind": "expert_choice"},
+    # The stacking control: a second plain encoder as the correction (what stacking alone gives).
+    "stacked_backbone": {"kind": "stacked_backbone"},
+    "mos": {"kind": "mos"},
+    "mos_no_global": {"kind": "mos", "training": "joint", "mos": {"ablation": {"experts": ("short", "themes")}}},
+    "mos_no_short": {"kind": "mos", "mos": {"ablation": {"experts": ("global", "themes")}}},
+    "mos_no_themes": {"kind": "mos", "mos": {"ablation": {"experts": ("global", "short")}}},
+    "mos_random_routing": {"kind": "mos", "mos": {"ablation": {"router": "random"}}},
+    "mos_token_routing": {"kind": "mos", "mos": {"ablation": {"routing_unit": "token"}}},
+    "mos_global_sessions": {"kind": "mos", "mos": {"global_scope": "sessions"}},
+    # The design choices that keep MoS at least as good as its backbone, each undone alone.
+    "mos_joint": {"kind": "mos", "training": "joint"},
+    "mos_concat_fusion": {"kind": "mos", "training": "joint", "mos": {"fusion": "concat"}},
+    "mos_vq_to_embeddings": {"kind": "mos", "training": "joint",
+                             "mos": {"ablation": {"vq_detach_tokens": False}}},
+    "mos_no_aux_losses": {"kind": "mos", "mos": {"commitment_weight": 0.0, "codebook_weight": 0.0,
+                                                 "load_balance_weight": 0.0}},
+    "mos_joint_extras_dropout": {"kind": "mos", "training": "joint", "mos": {"dropout": 0.2}},
+    # All undone: the layer as it was first reconstructed.
+    "mos_concat_vq_to_embeddings": {"kind": "mos", "training": "joint",
+                                    "mos": {"fusion": "concat", "ablation": {"vq_detach_tokens": False}}},
+}
+
+
+def variant_config(base: "ModelConfig", name: str) -> "ModelConfig":
+    """`base` with variant `name`'s overrides (the dataclass checks run again)."""
+    if name not in VARIANTS:
+        raise ValueError(f"models[]: expected one of {list(VARIANTS)}, got {name!r}")
+    return _overridden(base, VARIANTS[name])
+
+
+def _overridden(section, overrides: dict):
+    """`section` with `overrides`; a dict value overrides the nested section of that name."""
+    changes = {name: _overridden(getattr(section, name), value) if isinstance(value, dict) else value
+               for name, value in overrides.items()}
+    return replace(section, **changes)
