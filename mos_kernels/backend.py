@@ -86,7 +86,8 @@ def cuda_emulating() -> bool:
 
 
 def triton_available() -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    """Whether the triton package can be imported. Triton runs on CUDA tensors, or on CPU tensors
+    under TRITON_INTERPRET=1 (tests); without it the ops run the reference ("auto")."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -139,7 +140,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str) -> str:
                             f"{str(tensor.dtype).replace('torch.', '')} (backend='reference' computes in float64)")
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError(f"{op}: backend 'triton' needs the triton package, which is not importable")
+            raise RuntimeError(f"{op}: backend='triton' needs the triton package, which is not installed "
+                               f"(not importable); pass backend='reference' (pure PyTorch) or 'auto', or install triton")
         if not tensor.is_cuda and not interpreting():
             raise ValueError(
                 f"{op}: backend 'triton' expected CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {tensor.device}")

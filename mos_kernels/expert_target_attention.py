@@ -25,11 +25,12 @@ from ._alloc import new_output
 from .checks import FLOAT_DTYPES, check_gather_index, check_offsets, check_positive, check_tensor, check_values
 from ._layout import kernel_op
 from .backend import resolve_backend
-from .expert_target_attention_kernels import MAX_HEADS, _target_attention_bwd, _target_attention_fwd, attention_blocks
 from .grouped_linear import grouped_linear_reference
 from .jagged import expert_offsets, segment_ids
+from ._launch import dot_precision
 from .theme_gather import inverse_of, theme_gather_reference
-from .triton_helpers import dot_precision
+
+MAX_HEADS = 16   # the kernels' BLOCK_H: the heads are the rows of a tl.dot operand, which needs >= 16
 
 
 def expert_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: torch.Tensor,
@@ -126,6 +127,9 @@ def _expert_target_attention_op(tokens: torch.Tensor, query: torch.Tensor, w_key
     pooled = new_output((num_segments, num_heads, dim), dtype=torch.float32, device=tokens.device)
     lse = new_output((num_segments, num_heads), dtype=torch.float32, device=tokens.device)
     if num_segments:
+        # triton only where a kernel launches
+        from .expert_target_attention_kernels import _target_attention_fwd, attention_blocks
+
         block_t, block_d, num_warps, num_stages = attention_blocks(dim, tokens.dtype, backward=False)
         _target_attention_fwd[(num_segments,)](
             tokens, gather_index, row_gate, query, w_key, w_value, b_value, segment_offsets, out, pooled, lse,
@@ -160,6 +164,8 @@ def _expert_target_attention_backward_op(g_out: torch.Tensor, tokens: torch.Tens
     g_query = new_output((num_segments, dim), dtype=query.dtype, device=tokens.device)
     g_qf = new_output((num_segments, num_heads, dim), dtype=torch.float32, device=tokens.device)
     if num_segments:
+        from .expert_target_attention_kernels import _target_attention_bwd, attention_blocks
+
         block_t, block_d, num_warps, num_stages = attention_blocks(dim, tokens.dtype, backward=True)
         _target_attention_bwd[(num_segments,)](
             tokens, gather_index, row_gate, query, w_key, w_value, segment_offsets,

@@ -193,9 +193,6 @@ def _target_attention_bwd(tokens_ptr, index_ptr, gate_ptr, query_ptr, w_key_ptr,
                  None, False, False)
 
 
-MAX_HEADS = 16     # BLOCK_H: the heads are the rows of a tl.dot operand, which needs >= 16 of them
-
-
 # Held by the sm_90 compile check (tools/compile_check.py) over every configuration
 # `attention_blocks` launches: at least 8 resident warps per SM (one 8-warp or two 4-warp
 # programs; the pipelined row loads keep several tiles in flight per program), and no spill

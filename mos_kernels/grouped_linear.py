@@ -6,12 +6,10 @@ rows expert_offsets[e]:expert_offsets[e+1] are multiplied by weight[e] (y = x @ 
 Reference: one product per expert's block on the CPU, or on other devices the blocks padded to
 [E, max_rows, d_in] and one batched GEMM (no read-back of the offsets): obviously correct; its
 padding is what the kernels remove.
-Triton: `_grouped_mm`, one program per (tile of BLOCK_M rows of one expert, BLOCK_N output
-columns); the input gradient is the same kernel on the transposed weight;
-`_grouped_mm_weight_grad` reduces each expert's rows in a fixed number of splits into fp32
-partials that one sum adds up in a fixed order (deterministic, no atomics). Index arithmetic is 64-bit
-(program ids and strides widened first): a row index times a stride passes 2^31 once an
-operand holds more than 2^31 elements.
+Triton: `grouped_linear_kernels` (one program per tile of BLOCK_M rows of one expert and
+BLOCK_N output columns; the input gradient is the same kernel on the transposed weight, the
+weight gradient fp32 partials over a fixed number of row splits that one sum adds up in a fixed
+order: deterministic, no atomics).
 Custom ops mos::grouped_linear and mos::grouped_linear_backward, with FLOP formulas.
 """
 from __future__ import annotations
@@ -19,8 +17,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
@@ -28,7 +24,7 @@ from .checks import FLOAT_DTYPES, check_offsets, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .jagged import max_segment_length, positions_in_segment, segment_blocks, segment_ids
-from .triton_helpers import dot_precision, segment_bounds
+from ._launch import cdiv, dot_precision, next_power_of_2
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -147,87 +143,12 @@ def _reference_backward(ctx, grad):
 _grouped_linear_reference_op.register_autograd(_reference_backward, setup_context=_reference_setup_context)
 
 
-# ----------------------------------------------------------------------------- Triton kernels
-
-@triton.jit
-def _grouped_mm(a_ptr, w_ptr, bias_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts, k_dim,
-                n_dim, stride_a, stride_out, TRANSPOSE_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[r] = a[r] @ W[e] (+ b[e]) for the BLOCK_M rows of one tile of expert e.
-    Consecutive programs take the column blocks of one row tile, which then comes from L2."""
-    pid = tl.program_id(0).to(tl.int64)    # 64-bit index arithmetic (module docstring)
-    k_wide, n_wide = tl.cast(k_dim, tl.int64), tl.cast(n_dim, tl.int64)
-    num_col_blocks = tl.cdiv(n_dim, BLOCK_N)
-    tile = pid // num_col_blocks
-    expert = tl.load(tile_expert_ptr + tile)
-    if expert < num_experts:
-        rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
-        row_ok = rows < tl.load(offsets_ptr + expert + 1)
-        cols = (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_dim
-        w_base = w_ptr + expert * k_wide * n_wide
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, k_dim, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < k_dim
-            a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            # A compile-time layout of W[e] (dense [d_in, d_out], read as is or transposed) lets the
-            # compiler see which axis is contiguous and load it in 16-byte vectors; with run-time
-            # strides every element needed its own 64-bit address (sm_90, bf16 64x64x64 tiles: 204
-            # registers, now 71; fp32 spilled 64 bytes, now none).
-            if TRANSPOSE_W:
-                w_offsets = ks[:, None] + cols[None, :] * k_wide
-            else:
-                w_offsets = ks[:, None] * n_wide + cols[None, :]
-            w = tl.load(w_base + w_offsets,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            # The weight is rounded to the rows' dtype first, as the reference does.
-            acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert * n_dim + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _grouped_mm_weight_grad(a_ptr, g_ptr, offsets_ptr, dw_ptr, db_ptr, k_dim, n_dim, stride_a, stride_g, splits,
-                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
-    """Partial sums over split s of expert e's rows: dW[e, s] = sum_r a[r]^T g[r], db[e, s] = sum_r g[r]."""
-    pid = tl.program_id(0).to(tl.int64)    # e * splits + s; 64-bit index arithmetic (module docstring)
-    expert = pid // splits
-    first, last = segment_bounds(offsets_ptr, expert)
-    chunk = (last - first + splits - 1) // splits
-    lo = first + (pid % splits) * chunk
-    hi = tl.minimum(lo + chunk, last)
-    ks = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = ks < k_dim
-    col_ok = cols < n_dim
-    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    col_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for r0 in range(lo, hi, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < hi
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(tl.trans(a), g.to(a.dtype), input_precision=PRECISION)
-        col_sum += tl.sum(g.to(tl.float32), axis=0)
-    tl.store(dw_ptr + (pid * k_dim + ks[:, None]) * n_dim + cols[None, :], acc, mask=k_ok[:, None] & col_ok[None, :])
-    tl.store(db_ptr + pid * n_dim + cols, col_sum, mask=col_ok & (tl.program_id(1) == 0))
-
-
-BLOCK_M = 64
-# The sm_90 compile check holds every launchable configuration to this occupancy (resident warps
-# per SM): tensor-core tiles pipelined over the reduction axis keep an SM busy from two programs
-# of four warps on.
-MIN_WARPS_PER_SM = {"_grouped_mm": 8, "_grouped_mm_weight_grad": 8}
+BLOCK_M = 64   # rows per program of `_grouped_mm`, and per step of the weight gradient's reduction
 
 
 def _block(width: int) -> int:
     """Column / reduction block: tl.dot needs >= 16; 64 keeps a tile in registers for any width."""
-    return min(max(triton.next_power_of_2(width), 16), 64)
+    return min(max(next_power_of_2(width), 16), 64)
 
 
 def _splits(num_rows: int, num_experts: int) -> int:
@@ -239,6 +160,8 @@ def _splits(num_rows: int, num_experts: int) -> int:
 
 def _launch_grouped_mm(a, weight, bias, expert_offsets, transpose: bool):
     """[N, n] in a's dtype: row r = a[r] @ W[e] (W[e]^T if transpose) + b[e]."""
+    from .grouped_linear_kernels import _grouped_mm   # triton only where a kernel launches
+
     num_experts, d_in, d_out = weight.shape
     num_rows = a.shape[0]
     k_dim, n_dim = (d_out, d_in) if transpose else (d_in, d_out)
@@ -246,7 +169,7 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, transpose: bool):
     if num_rows and n_dim:
         tile_expert, tile_start = segment_blocks(expert_offsets, BLOCK_M, num_rows)
         block_n = _block(n_dim)
-        grid = (tile_expert.numel() * triton.cdiv(n_dim, block_n),)
+        grid = (tile_expert.numel() * cdiv(n_dim, block_n),)
         _grouped_mm[grid](a, weight, bias, out, tile_expert, tile_start, expert_offsets, num_experts, k_dim, n_dim,
                           a.stride(0), out.stride(0), TRANSPOSE_W=transpose, HAS_BIAS=bias is not None,
                           PRECISION=dot_precision(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=_block(k_dim))
@@ -256,13 +179,15 @@ def _launch_grouped_mm(a, weight, bias, expert_offsets, transpose: bool):
 def _launch_weight_grad(a, grad, expert_offsets, num_experts: int):
     """(dW [E, d_in, d_out], db [E, d_out]) in fp32: sums over each expert's rows of a^T grad and
     of grad."""
+    from .grouped_linear_kernels import _grouped_mm_weight_grad
+
     d_in, d_out = a.shape[1], grad.shape[1]
     splits = _splits(grad.shape[0], num_experts)
     dw = new_output((num_experts * splits, d_in, d_out), dtype=torch.float32, device=a.device)
     db = new_output((num_experts * splits, d_out), dtype=torch.float32, device=a.device)
     if num_experts and d_in and d_out:
         block_k, block_n = _block(d_in), _block(d_out)
-        grid = (num_experts * splits, triton.cdiv(d_in, block_k), triton.cdiv(d_out, block_n))
+        grid = (num_experts * splits, cdiv(d_in, block_k), cdiv(d_out, block_n))
         _grouped_mm_weight_grad[grid](a, grad, expert_offsets, dw, db, d_in, d_out, a.stride(0), grad.stride(0),
                                       splits, PRECISION=dot_precision(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                                       BLOCK_K=block_k)

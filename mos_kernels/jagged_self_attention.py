@@ -24,11 +24,9 @@ from ._alloc import new_output
 from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
-from .jagged_self_attention_kernels import (_self_attention_bwd_kv, _self_attention_bwd_q, _self_attention_fwd,
-                                            attention_tiles, longest_bucket)
 from ._padded_attention import padded_attention_backward, padded_attention_forward
 from .jagged import max_segment_length, segment_blocks
-from .triton_helpers import dot_precision
+from ._launch import dot_precision
 
 
 def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_offsets: torch.Tensor, *,
@@ -116,6 +114,9 @@ def _jagged_self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = new_output((num_rows, dim), dtype=q.dtype, device=q.device)
     lse = new_output((num_rows, num_heads), dtype=torch.float32, device=q.device)
     if num_rows:
+        # triton only where a kernel launches
+        from .jagged_self_attention_kernels import _self_attention_fwd, attention_tiles, longest_bucket
+
         tiles = attention_tiles(longest_bucket(max_len), head_dim, q.dtype)
         block_m, block_n, block_dh, num_warps, num_stages = tiles
         tile_segment, tile_start = segment_blocks(segment_offsets, block_m, num_rows)
@@ -143,6 +144,9 @@ def _jagged_self_attention_backward_op(g_out: torch.Tensor, q: torch.Tensor, k: 
     g_k = new_output((num_rows, dim), dtype=k.dtype, device=q.device)
     g_v = new_output((num_rows, dim), dtype=v.dtype, device=q.device)
     if num_rows:
+        from .jagged_self_attention_kernels import (_self_attention_bwd_kv, _self_attention_bwd_q, attention_tiles,
+                                                    longest_bucket)
+
         # delta_i = dout_i . out_i per head: the softmax backward's row term.
         delta = (g_out.float() * out.float()).view(num_rows, num_heads, head_dim).sum(-1)
         tiles = attention_tiles(longest_bucket(max_len), head_dim, q.dtype)

@@ -5,35 +5,27 @@ scatter: out[t]  = sum over r with gather_index[r] == t of rows[r] * row_gate[r]
 Each is the other's backward for the row data; a gate's gradient is a row-wise dot product.
 
 `inverse_index [T, m]` lists the rows that read each token (-1 for none; `Dispatch` carries
-it). With it the Triton scatter is a gather-sum in a fixed order: deterministic, no
-floating-point atomics. Reference: index_select / index_add. CUDA C++: the same three
-operators in torch.ops.mos_cuda (csrc/mos/theme_gather.h), sharing this module's fakes and
-autograd formulas (`gather_backward_for`, `scatter_backward_for`).
+it). With it the Triton scatter (`theme_gather_kernels`) is a gather-sum in a fixed order:
+deterministic, no floating-point atomics. Reference: index_select / index_add. CUDA C++: the
+same three operators in torch.ops.mos_cuda (csrc/mos/theme_gather.h), sharing this module's
+fakes and autograd formulas (`gather_backward_for`, `scatter_backward_for`).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
 from .checks import check_gather_index, check_values
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
+from ._launch import cdiv, next_power_of_2
 
 _BYTES_PER_PROGRAM = 16384   # rows a program moves: enough to hide the index -> row load chain
 _MAX_BLOCK_R = 256
 _ELEMENTS_PER_THREAD = 32    # a [BLOCK_R, BLOCK_D] fp32 tile is 32 registers a thread: no spills
-
-
-# Held by the sm_90 compile check (tools/compile_check.py) over every configuration `row_blocks`
-# launches, as resident warps per SM: a copy kernel whose programs each wait on an index load
-# before their row loads needs many in flight. From d = 16 on every launch keeps 32 or more (half
-# the SM); rows of at most 8 elements run 1- and 2-warp programs with 20 to 28.
-MIN_WARPS_PER_SM = {"_gather_rows": 16, "_scatter_rows": 16, "_row_dot": 16}
 
 
 def row_blocks(dim: int, dtype: torch.dtype):
@@ -42,7 +34,7 @@ def row_blocks(dim: int, dtype: torch.dtype):
     A program moves ~16 KB of rows (d = 64 bf16: 128 rows; d = 256 fp32: 16): short programs
     spend their time waiting on the dependent index -> row loads. The warps grow with the tile
     so each thread holds 32 elements of it (32 fp32 registers for the scatter's sum)."""
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_power_of_2(dim)
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_r = max(min(_BYTES_PER_PROGRAM // (block_d * itemsize), _MAX_BLOCK_R), 1)
     num_warps = min(max(block_r * block_d // (32 * _ELEMENTS_PER_THREAD), 1), 8)
@@ -116,65 +108,8 @@ def theme_scatter_reference(rows: torch.Tensor, gather_index: torch.Tensor, row_
     return rows.new_zeros((num_tokens, rows.shape[1])).index_add(0, gather_index, scaled)
 
 
-# ----------------------------------------------------------------------------- Triton kernels
-#
-# Row indices and widths are int64: a row index times the width passes 2^31 once a tensor holds
-# more than 2^31 elements (4 GB in fp16), and an int32 product would wrap to a wrong address.
-
-@triton.jit
-def _gather_rows(src_ptr, index_ptr, gate_ptr, out_ptr, num_rows, dim,
-                 HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    dim = tl.cast(dim, tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < num_rows
-    mask = row_ok[:, None] & (cols < dim)[None, :]
-    source = tl.load(index_ptr + rows, mask=row_ok, other=0)
-    x = tl.load(src_ptr + source[:, None] * dim + cols[None, :], mask=mask, other=0.0)
-    if HAS_GATE:
-        gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        x = x.to(tl.float32) * gate[:, None]
-    tl.store(out_ptr + rows[:, None] * dim + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scatter_rows(rows_ptr, inverse_ptr, gate_ptr, out_ptr, num_tokens, dim,
-                  SLOTS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    dim = tl.cast(dim, tl.int64)
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    token_ok = tokens < num_tokens
-    col_ok = (cols < dim)[None, :]
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    # Slots are summed in a fixed order: the result does not depend on scheduling.
-    for j in tl.static_range(SLOTS):
-        row = tl.load(inverse_ptr + tokens * SLOTS + j, mask=token_ok, other=-1)
-        has_row = row >= 0
-        x = tl.load(rows_ptr + row[:, None] * dim + cols[None, :], mask=has_row[:, None] & col_ok, other=0.0)
-        x = x.to(tl.float32)
-        if HAS_GATE:
-            x = x * tl.load(gate_ptr + row, mask=has_row, other=0.0).to(tl.float32)[:, None]
-        acc += x
-    tl.store(out_ptr + tokens[:, None] * dim + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=token_ok[:, None] & col_ok)
-
-
-@triton.jit
-def _row_dot(a_ptr, b_ptr, b_index_ptr, out_ptr, num_rows, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[r] = <a[r], b[b_index[r]]>: the gradient of a row gate."""
-    dim = tl.cast(dim, tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < num_rows
-    mask = row_ok[:, None] & (cols < dim)[None, :]
-    source = tl.load(b_index_ptr + rows, mask=row_ok, other=0)
-    a = tl.load(a_ptr + rows[:, None] * dim + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + source[:, None] * dim + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, tl.sum(a * b, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
 def _grid(n: int, block_r: int):
-    return (max(triton.cdiv(n, block_r), 1),)
+    return (max(cdiv(n, block_r), 1),)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -184,6 +119,8 @@ def _theme_gather_op(values: torch.Tensor, gather_index: torch.Tensor, row_gate:
                      inverse_index: torch.Tensor) -> torch.Tensor:
     out = new_output((gather_index.numel(), values.shape[1]), dtype=values.dtype, device=values.device)
     if out.numel():
+        from .theme_gather_kernels import _gather_rows   # triton only where a kernel launches
+
         block_r, block_d, num_warps = row_blocks(values.shape[1], values.dtype)
         _gather_rows[_grid(out.shape[0], block_r)](values, gather_index, row_gate, out, out.shape[0], values.shape[1],
                                                    HAS_GATE=row_gate is not None, BLOCK_R=block_r, BLOCK_D=block_d,
@@ -202,6 +139,8 @@ def _theme_scatter_op(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: 
     num_tokens, slots = inverse_index.shape
     out = new_output((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
     if out.numel():
+        from .theme_gather_kernels import _scatter_rows
+
         block_r, block_d, num_warps = row_blocks(rows.shape[1], rows.dtype)
         _scatter_rows[_grid(num_tokens, block_r)](rows, inverse_index, row_gate, out, num_tokens, rows.shape[1],
                                                   SLOTS=slots, HAS_GATE=row_gate is not None, BLOCK_R=block_r,
@@ -218,6 +157,8 @@ def scatter_fake(rows, gather_index, row_gate, inverse_index):
 def _row_dot_op(a: torch.Tensor, b: torch.Tensor, b_index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     out = new_output(a.shape[0], dtype=out_dtype, device=a.device)
     if out.numel():
+        from .theme_gather_kernels import _row_dot
+
         block_r, block_d, num_warps = row_blocks(a.shape[1], a.dtype)
         _row_dot[_grid(a.shape[0], block_r)](a, b, b_index, out, a.shape[0], a.shape[1], BLOCK_R=block_r,
                                              BLOCK_D=block_d, num_warps=num_warps)

@@ -1,6 +1,6 @@
 """Every configuration the kernels' launch code can produce, for the sm_90 compile check.
 
-The block sizes, warps and pipeline depths come from the rules beside each kernel (the same
+The block sizes, warps and pipeline depths come from each op's launch rules (the same
 functions its launch calls: `pool_route_blocks`, `count_blocks`, `fill_blocks`, `row_blocks`,
 `attention_blocks`, `attention_tiles`, grouped_linear's `_block`), evaluated over what the
 ops accept: every dtype, widths d <= 256, theme counts K <= 64, top_k <= 64 and every boolean
@@ -16,7 +16,8 @@ DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 POOL_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16)
 POOL_THEME_BLOCKS = ((2, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # max(next_power_of_2(K), 2)
 
-KERNEL_MODULES = ("session_pool", "theme_dispatch", "theme_gather", "grouped_linear",
+# The modules that define the @triton.jit kernels (and their MIN_WARPS_PER_SM / SPILLS_ALLOWED).
+KERNEL_MODULES = ("session_pool_kernels", "theme_dispatch_kernels", "theme_gather_kernels", "grouped_linear_kernels",
                   "expert_target_attention_kernels", "jagged_self_attention_kernels")
 Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
 LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
@@ -102,7 +103,7 @@ def _gather_configs() -> List[Config]:
 # loads and epilogue terms. So: every block shape in bf16 and fp32 with every switch on, every
 # launchable combination of switches in bf16 at the blocks of the target width (d = 64), and
 # fp16 (lowered like bf16) at those blocks with every switch on.
-PRECISION = {"fp32": "tf32x3", "fp16": "tf32", "bf16": "tf32"}   # triton_helpers.dot_precision
+PRECISION = {"fp32": "tf32x3", "fp16": "tf32", "bf16": "tf32"}   # mos_kernels._launch.dot_precision
 ATTENTION_BLOCK_D = (16, 32, 64, 128, 256)   # max(next_power_of_2(d), 16); 32-row tiles above 128
 HEAD_BLOCKS = (16, 32, 64, 128, 256)         # max(next_power_of_2(head_dim), 16)
 
