@@ -8,12 +8,12 @@ from mos.lab import plots
 
 def rows():
     """Eleven models, several close together around MoS (as the profile's are)."""
-    points = {"backbone": (3.2e-4, 0.540), "gshard": (6.4e-4, 0.594), "dselect_k": (1.2e-3, 0.543),
-              "expert_choice": (6.4e-4, 0.582), "mos": (7.0e-4, 0.445), "mos_no_global": (3.9e-4, 0.511),
-              "mos_no_short": (6.6e-4, 0.426), "mos_no_themes": (3.6e-4, 0.620),
-              "mos_random_routing": (6.9e-4, 0.525), "mos_token_routing": (7.3e-4, 0.442),
-              "mos_global_sessions": (4.5e-4, 0.448)}
-    return [{"model": name, "gflops": x, "auc_mean": y, "auc_std": 0.004} for name, (x, y) in points.items()]
+    points = {"backbone": (0.32, 0.540), "gshard": (0.64, 0.594), "dselect_k": (1.2, 0.543),
+              "expert_choice": (0.64, 0.582), "mos": (0.70, 0.445), "mos_no_global": (0.39, 0.511),
+              "mos_no_short": (0.66, 0.426), "mos_no_themes": (0.36, 0.620),
+              "mos_random_routing": (0.69, 0.525), "mos_token_routing": (0.73, 0.442),
+              "mos_global_sessions": (0.45, 0.448)}
+    return [{"model": name, "mflops": x, "auc_mean": y, "auc_std": 0.004} for name, (x, y) in points.items()]
 
 
 def drawn(fig):
@@ -27,7 +27,7 @@ def test_auc_versus_flops_names_cover_neither_mos_nor_each_other():
     renderer = drawn(fig)
     ax = fig.axes[0]
     ordered = sorted(data, key=lambda row: row["model"] != "mos")
-    markers = plots.marker_boxes(ax, [(r["gflops"] * 1e9 / 1e6, r["auc_mean"], 16 if r["model"] == "mos" else 7)
+    markers = plots.marker_boxes(ax, [(r["mflops"], r["auc_mean"], 16 if r["model"] == "mos" else 7)
                                       for r in ordered])
     names = [text for text in ax.texts]
     assert sorted(text.get_text() for text in names) == sorted(r["model"] for r in data)
@@ -43,7 +43,7 @@ def test_auc_versus_flops_names_cover_neither_mos_nor_each_other():
 
 def test_flops_versus_length_lines_differ_in_colour_or_marker_and_panels_hold_the_families():
     models = [r["model"] for r in rows()]
-    flops = {name: [1e-4 * (k + 1) * (1 + (name == "dselect_k")) for k in range(3)] for name in models}
+    flops = {name: [0.1 * (k + 1) * (1 + (name == "dselect_k")) for k in range(3)] for name in models}
     fig = plots.flops_versus_length_figure([100, 200, 400], flops)
     renderer = drawn(fig)
     panels = fig.axes[:2]
@@ -54,7 +54,7 @@ def test_flops_versus_length_lines_differ_in_colour_or_marker_and_panels_hold_th
         assert ax.get_legend().get_window_extent(renderer).y1 <= ax.get_window_extent(renderer).y0
     shown = [line.get_label() for ax in panels for line in ax.get_lines()]
     assert sorted(set(shown)) == sorted(models) and shown.count("mos") == 2
-    assert panels[0].get_ylabel() == "forward kFLOPs per example"
+    assert panels[0].get_ylabel() == "forward MFLOPs per example"
 
 
 def test_session_similarity_has_a_colour_bar_titles_and_uncropped_labels(tmp_path):

@@ -1,6 +1,7 @@
 """`python -m mos profile --quick`: the tables, the files and figures, the saved predictions,
 resuming, the validation grid, parallel runs (equal to serial ones; a killed job loses and
 doubles nothing), and the verdict's rules."""
+import csv
 import json
 import os
 import signal
@@ -46,7 +47,15 @@ def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
     saved = json.loads((tmp_path / "profile.json").read_text())
     assert len(saved["comparisons"]) == len(saved["valid_comparisons"]) > 0
     assert {r["model"] for r in saved["rows"]} == {"backbone", "stacked_backbone", "gshard", "mos"}
-    assert all(r["gflops"] > 0 and r["train_gflops"] > r["gflops"] for r in saved["rows"])
+    assert all(r["mflops"] > 0 and r["train_mflops"] > r["mflops"] for r in saved["rows"])
+    # One FLOP unit: the table's cells are the CSV's numbers (and the figures' axes say MFLOPs, test_plots).
+    with open(tmp_path / "profile.csv", newline="") as stream:
+        csv_rows = {row["model"]: row for row in csv.DictReader(stream)}
+    for row in saved["rows"]:
+        line = next(l for l in out.out.splitlines() if l.startswith(f"| {row['model']} |"))
+        cells = [cell.strip() for cell in line.split("|")]
+        assert cells[4:6] == [f"{float(csv_rows[row['model']]['mflops']):.3f}",
+                              f"{float(csv_rows[row['model']]['train_mflops']):.3f}"]
     assert saved["provenance"]["command"].endswith(f"train.out_dir={tmp_path}")
     assert "Commit " in (tmp_path / "profile.md").read_text()
     # Every run's predictions are beside its record, and reproduce its test AUC.

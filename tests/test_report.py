@@ -1,13 +1,14 @@
 """The summary table: one row per model, mean ± std over seeds, purity only where a router ran."""
 import pytest
 
-from mos.lab.report import WALL_TIME_NOTE, flops_unit, format_mean_std, mean_std, metric_text, summary_table
+from mos.lab.report import WALL_TIME_NOTE, format_mean_std, mean_std, metric_text, summary_table
 
 
-def record(model, seed, auc, purity=None, epochs=4, seconds=2.0, params=12345):
+def record(model, seed, auc, purity=None, epochs=4, seconds=2.0, params=12345, served=None):
     test = {"auc": auc, "gauc": auc - 0.1, "logloss": 0.5 + seed / 10, "purity": purity}
+    selection = None if served is None else {"serve_correction": served, "gain": 0.001, "se": 0.002}
     return {"model": model, "seed": seed, "test": test, "epochs": epochs,
-            "seconds_per_epoch": seconds, "params": params}
+            "seconds_per_epoch": seconds, "params": params, "selection": selection}
 
 
 def test_mean_std_is_over_seeds_and_zero_for_one_seed():
@@ -17,8 +18,8 @@ def test_mean_std_is_over_seeds_and_zero_for_one_seed():
 
 
 def test_summary_table_rows_and_values():
-    records = [record("backbone", 0, 0.60), record("mos", 0, 0.70, purity=0.5, epochs=3, seconds=3.0),
-               record("backbone", 1, 0.62), record("mos", 1, 0.74, purity=0.7, epochs=6, seconds=4.0)]
+    records = [record("backbone", 0, 0.60), record("mos", 0, 0.70, purity=0.5, epochs=3, seconds=3.0, served=True),
+               record("backbone", 1, 0.62), record("mos", 1, 0.74, purity=0.7, epochs=6, seconds=4.0, served=False)]
     lines = summary_table(records).split("\n\n")[0].splitlines()
     assert len(lines) == 4                       # header, rule, one row per model (the wall-time note below)
     assert lines[0].startswith("| model | seeds | test AUC | test GAUC | test LogLoss | router purity")
@@ -30,7 +31,8 @@ def test_summary_table_rows_and_values():
     assert backbone[5] == "-"                    # no router
     assert mos[2] == "0.7200 ± 0.0283" and mos[3] == "0.6200 ± 0.0283"
     assert mos[5] == "0.6000 ± 0.1414"
-    assert mos[6:] == ["4.5", "3.50", "12,345 |"]
+    # A boosted model says in how many seeds its correction was served; a plain one has none.
+    assert mos[6:] == ["4.5", "1 of 2", "3.50", "12,345 |"] and backbone[7] == "-"
 
 
 def test_summary_table_single_seed_shows_the_value_without_a_spread():
@@ -55,10 +57,6 @@ def test_epoch_time_is_labelled_wall_time_on_a_shared_machine():
     assert lines[-1] == WALL_TIME_NOTE and "other jobs may share" in WALL_TIME_NOTE
 
 
-def test_flops_read_in_the_unit_where_they_are_at_least_one():
-    assert flops_unit([3.2e5, 1.2e6]) == (1e6, "MFLOPs")
-    assert flops_unit([3.2e5, 7.1e5]) == (1e3, "kFLOPs")
-    assert flops_unit([2.5e9]) == (1e9, "GFLOPs")
-    assert flops_unit([12.0]) == (1.0, "FLOPs")
+def test_means_read_with_their_spread_over_seeds():
     assert format_mean_std(0.25, 0.01, 1) == "0.2500" and format_mean_std(0.25, 0.01, 3) == "0.2500 ± 0.0100"
     assert format_mean_std(None, None, 3) == "-"

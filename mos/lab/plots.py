@@ -1,8 +1,7 @@
 """The profiling figures (PNG, matplotlib's Agg backend: no display needed).
 
 Each figure is built by a `*_figure` function (what the tests inspect) and written by the
-function of the plot's name. FLOPs are shown in the unit in which they read at least 1
-(`mos.lab.report.flops_unit`). Legends sit outside the axes, so they never cover a point.
+function of the plot's name. FLOPs are in the profile's one unit (`mos.lab.report.FLOP_UNIT`). Legends sit outside the axes, so they never cover a point.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
-from mos.lab.report import flops_unit  # noqa: E402
+from mos.lab.report import FLOP_UNIT  # noqa: E402
 
 # Offsets (points) tried in turn for a point's name, nearest first: the first one that covers no
 # marker and no other name wins.
@@ -48,15 +47,14 @@ def _save(fig, path: Path) -> Path:
 
 
 def auc_versus_flops_figure(rows: Sequence[dict]):
-    """rows: model, gflops (forward per example), auc_mean, auc_std. Log x; MoS a red star."""
-    scale, unit = flops_unit(row["gflops"] * 1e9 for row in rows)
+    """rows: model, mflops (forward per example, in FLOP_UNIT), auc_mean, auc_std. Log x; MoS a red star."""
     fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     # MoS first: its name gets the first choice of place.
     ordered = sorted(rows, key=lambda row: _family(row["model"]) != "mos")
     points = []
     for row in ordered:
         style = _STYLE[_family(row["model"])]
-        x = row["gflops"] * 1e9 / scale
+        x = row["mflops"]
         ax.errorbar(x, row["auc_mean"], yerr=row["auc_std"] or 0.0, fmt=style["marker"], color=style["color"],
                     markersize=style["markersize"], capsize=3, zorder=3 if row["model"] == "mos" else 2)
         points.append((x, row["auc_mean"], style["markersize"]))
@@ -66,7 +64,7 @@ def auc_versus_flops_figure(rows: Sequence[dict]):
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.margins(x=0.2, y=0.15)
-    ax.set_xlabel(f"forward {unit} per example (log scale)")
+    ax.set_xlabel(f"forward {FLOP_UNIT} per example (log scale)")
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.set_title("AUC versus FLOPs")
     ax.grid(True, which="both", alpha=0.3)
@@ -114,10 +112,9 @@ def _place_names(fig, ax, points, names) -> None:
 
 
 def flops_versus_length_figure(lengths: Sequence[int], flops: Dict[str, List[float]]):
-    """flops: model -> forward GFLOPs per example at each length. Two panels, MoS in both: the
+    """flops: model -> forward FLOPs per example (in FLOP_UNIT) at each length. Two panels, MoS in both: the
     baselines, and the MoS ablations (dashed). Each line has its own colour and marker; models of
     equal cost share a line, their markers drawn over MoS's."""
-    scale, unit = flops_unit(value * 1e9 for values in flops.values() for value in values)
     present = {_family(model) for model in flops}
     panels = [(family, title) for family, title in (("baseline", "MoS and the baselines"),
                                                      ("ablation", "MoS and its ablations")) if family in present]
@@ -134,14 +131,14 @@ def flops_versus_length_figure(lengths: Sequence[int], flops: Dict[str, List[flo
             if kind not in ("mos", family):
                 continue
             main = kind == "mos"
-            ax.plot(lengths, [v * 1e9 / scale for v in values], label=model, linestyle="--" if kind == "ablation" else "-",
+            ax.plot(lengths, values, label=model, linestyle="--" if kind == "ablation" else "-",
                     marker="*" if main else next(markers), markersize=12 if main else 7, markeredgecolor="white",
                     linewidth=2.4 if main else 1.4, color="tab:red" if main else next(colors), zorder=2 if main else 3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("sequence length L (events in the history)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
-    axes[0].set_ylabel(f"forward {unit} per example")
+    axes[0].set_ylabel(f"forward {FLOP_UNIT} per example")
     fig.suptitle("How cost grows with the sequence", fontsize=11)
     return fig
 

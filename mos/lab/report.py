@@ -1,18 +1,21 @@
 """The side-by-side results table: one markdown row per model, mean ± std over seeds, and the
-formatting every results table shares (a metric that may be undefined, FLOPs in a readable unit,
-the wall-time caveat).
+formatting every results table shares (a metric that may be undefined, the FLOP unit, the
+wall-time caveat).
 
 Pure functions of the run records `mos.lab.train.train_one` returns (and `results.jsonl` holds).
 """
 from __future__ import annotations
 
 import statistics
-from typing import Iterable, Optional
+from typing import Optional
 
 # Epoch times are wall-clock on whatever machine ran them, often shared (CI, a laptop, a 2-core box).
 WALL_TIME_NOTE = ("wall s/epoch: wall-clock seconds per training epoch on this machine, which other jobs may "
                   "share: a rough guide, not a benchmark")
-_FLOP_UNITS = ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs"))
+# One unit for every FLOP count the profile shows (its table, CSV columns and figures), so numbers
+# can be compared across them: these models cost 0.1 to a few hundred MFLOPs per example.
+FLOP_UNIT = "MFLOPs"
+FLOP_SCALE = 1e6
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -41,21 +44,16 @@ def metric_text(split: dict, name: str) -> str:
     return "undefined (one class)"
 
 
-def flops_unit(flops: Iterable[float]) -> tuple[float, str]:
-    """(scale, name) of the largest unit in which the largest of `flops` reads at least 1, so a
-    small model reads 0.31 MFLOPs rather than 0.0003 GFLOPs."""
-    largest = max(flops, default=0.0)
-    return next(((scale, name) for scale, name in _FLOP_UNITS if largest >= scale), (1.0, "FLOPs"))
-
-
 def summary_table(records: list[dict]) -> str:
-    """Markdown table of test AUC, GAUC, LogLoss (mean ± std), router purity, epochs, wall s/epoch,
-    params; models in the order they first appear in `records`; the wall-time caveat below it."""
+    """Markdown table of test AUC, GAUC, LogLoss (mean ± std), router purity, epochs, the served
+    candidate (boosted models: in how many seeds the correction was served, "-" for a model that
+    has none), wall s/epoch, params; models in the order they first appear in `records`; the
+    wall-time caveat below it."""
     by_model: dict[str, list[dict]] = {}
     for record in records:
         by_model.setdefault(record["model"], []).append(record)
     header = ("model", "seeds", "test AUC", "test GAUC", "test LogLoss", "router purity",
-              "epochs", "wall s/epoch", "params")
+              "epochs", "correction served", "wall s/epoch", "params")
     rows = [header, ("---",) * len(header)]
     for model, runs in by_model.items():
         purity = [r["test"]["purity"] for r in runs if r["test"].get("purity") is not None]
@@ -67,10 +65,20 @@ def summary_table(records: list[dict]) -> str:
             _cell(runs, "logloss"),
             _pm(purity) if purity else "-",
             f"{statistics.fmean(r['epochs'] for r in runs):.1f}",
+            _served(runs),
             f"{statistics.fmean(r['seconds_per_epoch'] for r in runs):.2f}",
             f"{runs[0]['params']:,}",
         ))
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n\n" + WALL_TIME_NOTE
+
+
+def _served(runs: list[dict]) -> str:
+    """In how many seeds a boosted model served its corrected candidate: a row that repeats the
+    backbone's digit for digit then says why."""
+    choices = [r.get("selection") for r in runs]
+    if any(choice is None for choice in choices):
+        return "-"
+    return f"{sum(bool(choice['serve_correction']) for choice in choices)} of {len(runs)}"
 
 
 def _cell(runs: list[dict], name: str) -> str:

@@ -7,8 +7,9 @@ on each rank's share of the batches (`mos.lab.distributed`); it checkpoints its 
 (`mos.lab.run_state`) so that a stopped run resumes to the same result; `mos.lab.evaluation` computes
 the metrics of a split. `run` loads the data once, trains every model for every seed, appends one
 JSON line per run to `<out_dir>/results.jsonl`, keeps every validation and test prediction in
-`<out_dir>/predictions/<model>-seed<seed>.npz` and prints the side-by-side table; rank 0 alone
-prints and writes.
+`<out_dir>/predictions/<model>-seed<seed>.npz`, echoes the configuration into `<out_dir>/config.yaml`
+and each run's epochs into `<out_dir>/epochs/<model>-seed<seed>.csv`, and prints the side-by-side
+table; rank 0 alone prints and writes.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mos import boosting
-from mos.lab import distributed, run_state
+from mos.lab import distributed, run_log, run_state
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict
 from mos.lab.data import checks, logs, movielens, stats, synthetic
@@ -78,6 +79,7 @@ def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
     results = out_dir / "results.jsonl"
     if group.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        run_log.echo_config(run_cfg, out_dir)
     records = []
     for seed in run_cfg.train.seeds:
         for kind in run_cfg.models:
@@ -93,7 +95,8 @@ def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
                 continue
             record = train_one(run_cfg, kind, seed, data.splits, progress=run_cfg.train.progress, group=group,
                                checkpoint_path=path, resume_from=saved, vocabulary=data.vocabulary,
-                               predictions_path=out_dir / "predictions" / f"{kind}-seed{seed}.npz")
+                               predictions_path=out_dir / "predictions" / f"{kind}-seed{seed}.npz",
+                               epochs_path=out_dir / "epochs" / f"{kind}-seed{seed}.csv")
             if group.is_main:
                 # Written as each run ends, so an interrupted job keeps the runs it finished.
                 append_line(results, json.dumps(record))
@@ -176,7 +179,7 @@ def _repeatable(train):
 @_repeatable
 def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str, inspect=None,
               group: Optional[distributed.Group] = None, checkpoint_path=None, resume_from=None,
-              vocabulary: Optional[dict] = None, predictions_path=None) -> dict:
+              vocabulary: Optional[dict] = None, predictions_path=None, epochs_path=None) -> dict:
     """Train model `kind` with `seed` on `splits` = (train, valid, test); returns the run record.
 
     `progress` is "bar", "none" or "auto" (a bar only on an interactive terminal outside CI).
@@ -186,7 +189,8 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
     `train.checkpoint_every` steps and at the end; `resume_from`: a state saved there, to continue;
     `vocabulary`: how a log's items are numbered, kept in the checkpoint for `mos predict`;
     `predictions_path`: an .npz for every validation and test example's prediction (each
-    candidate's too), so that paired tests can be run on them later.
+    candidate's too), so that paired tests can be run on them later; `epochs_path`: a CSV of every
+    finished epoch's objective, BCE, aux terms, validation AUC and seconds (`mos.lab.run_log`).
 
     A boosted stacked kind stops early on its backbone candidate's validation AUC (so its
     backbone part trains exactly as the backbone model), then, with the best epoch's weights,
@@ -229,10 +233,10 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
         valid = split_metrics(predict_split(model, valid_set, **predict_args), num_themes, model)
         improved = state.validated(epoch, valid, model, watched)
         if not quiet:
-            print(f"{kind} seed {seed} epoch {epoch}/{cfg.max_epochs}: train loss {loss:.4f} (BCE {bce:.4f})  "
-                  f"valid AUC {_valid_text(valid)}  {state.epoch_seconds[-1]:.1f}s wall"
-                  f"{'  *' if improved else ''}",
-                  file=sys.stderr, flush=True)
+            print(run_log.epoch_line(kind, seed, epoch, cfg.max_epochs, loss, bce, aux, _valid_text(valid),
+                                     state.epoch_seconds[-1], improved), file=sys.stderr, flush=True)
+        if epochs_path is not None and group.is_main:
+            run_log.write_epochs(epochs_path, state)
         state.epoch_shuffle = shuffle.get_state()
         save()
 

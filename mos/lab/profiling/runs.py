@@ -4,8 +4,8 @@ one after another or in parallel processes (`--jobs N`, one thread each).
 A run is a model name, a seed and that model's options ({dotted key: value}: the model's own
 `profile.per_model` options and, in the tuning stage, one option set of `profile.grid`). Its
 fingerprint hashes everything that decides its result; its files are
-`<out_dir>/runs/<name>-<fingerprint[:12]>.json` (the record) and `.npz` (every validation and
-test prediction). A finished run whose fingerprint matches is read back, never recomputed.
+`<out_dir>/runs/<name>-<fingerprint[:12]>.json` (the record), `.npz` (every validation and
+test prediction) and `.epochs.csv` (the run's epochs, `mos.lab.run_log`). A finished run whose fingerprint matches is read back, never recomputed.
 Files are written whole (`mos.lab.files.write_atomic`), each by the one process that ran it, so runs
 that end together, or a job killed half-way, never lose or double a record: rerunning the
 command trains only what is missing.
@@ -187,7 +187,7 @@ def _train(context: Context, cfg: RunConfig, job: Job, store: RunStore) -> dict:
                 "flops_by_length": flops_by_length(model, cfg.profile, context.splits[0])}
 
     record = train_one(cfg, job.name, job.seed, context.splits, progress=cfg.train.progress, inspect=inspect,
-                       predictions_path=predictions_path)
+                       predictions_path=predictions_path, epochs_path=record_path.with_suffix(".epochs.csv"))
     record.update(run_id=record_path.stem, options=job.option_dict, stage=job.stage)
     # The predictions first: a record on disk always has its predictions beside it.
     write_atomic(record_path, json.dumps({"fingerprint": digest, "record": record}))

@@ -8,8 +8,9 @@ in pairs with the statistics of `mos.lab.profiling.paired`.
    synthetic data, two small regressions, a constant), the paired comparisons with their
    verdicts, the tuning table, the figures and where the numbers came from (commit, command).
 
-Written to `train.out_dir`: profile.md, profile.csv, paired.csv, profile.json, the figures and
-`runs/` (a record and an .npz of every validation and test prediction per run).
+Written to `train.out_dir`: config.yaml (the merged configuration, echoed at the start),
+profile.md, profile.csv, paired.csv, profile.json, the figures and `runs/` (per run a record, an
+.npz of every validation and test prediction and a CSV of its epochs).
 """
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from mos.lab import plots
+from mos.lab import plots, run_log
 from mos.lab.config import RunConfig
 from mos.lab.data import synthetic
 from mos.lab.data.dataset import split_indices
 from mos.lab.errors import InputError
 from mos.lab.files import write_atomic
 from mos.lab.metrics import auc, logloss
+from mos.lab.report import FLOP_SCALE
 from mos.lab.train import load_data
 
 from . import tables
@@ -67,6 +69,7 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False, jobs: int = 1, tun
         raise InputError(f"--jobs: expected a positive number of parallel runs, got {jobs}")
     out_dir = Path(run_cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_log.echo_config(run_cfg, out_dir)
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
     data = load_data(run_cfg)          # prints the data's session statistics
@@ -190,8 +193,8 @@ def summarize(records: List[dict], test: dict, probabilities=None) -> List[dict]
     rows = []
     for model, runs in by_model.items():
         row = {"model": model, "options": runs[0].get("options", {}), "seeds": len(runs), "params": runs[0]["params"]}
-        row["gflops"] = statistics.fmean(r["flops"]["forward_per_example"] for r in runs) / 1e9
-        row["train_gflops"] = statistics.fmean(r["flops"]["training_per_example"] for r in runs) / 1e9
+        row["mflops"] = statistics.fmean(r["flops"]["forward_per_example"] for r in runs) / FLOP_SCALE
+        row["train_mflops"] = statistics.fmean(r["flops"]["training_per_example"] for r in runs) / FLOP_SCALE
         row["valid_auc_mean"], row["valid_auc_std"] = _mean_std([r["valid"]["auc"] for r in runs])
         for metric in ("auc", "gauc", "logloss", "purity", "nmi"):
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r["test"][metric] for r in runs])
@@ -303,8 +306,8 @@ def _write_csv(path: Path, rows: List[dict]) -> None:
 
 def _figures(run_cfg: RunConfig, data, rows: List[dict], records: List[dict], out_dir: Path) -> None:
     plots.auc_versus_flops(rows, out_dir / "auc_vs_flops.png")
-    by_length = {row["model"]: np.mean([r["flops_by_length"] for r in records if r["model"] == row["model"]],
-                                       axis=0).tolist() for row in rows}
+    by_length = {row["model"]: (np.mean([r["flops_by_length"] for r in records if r["model"] == row["model"]],
+                                        axis=0) * 1e9 / FLOP_SCALE).tolist() for row in rows}
     plots.flops_versus_length(run_cfg.profile.lengths, by_length, out_dir / "flops_vs_length.png")
     if not data.has_timestamps:
         print("no session_similarity.png: sessions are cut at time gaps, and the log has no timestamps")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from mos.lab.report import WALL_TIME_NOTE, flops_unit, format_mean_std
+from mos.lab.report import FLOP_UNIT, WALL_TIME_NOTE, format_mean_std
 
 from .paired import MIN_SEEDS, Comparison
 
@@ -34,15 +34,14 @@ def _options(options: dict) -> str:
 
 def model_table(rows: Sequence[dict]) -> str:
     """One row per model: options, size, FLOPs, validation and test metrics over the seeds."""
-    scale, unit = flops_unit(r["train_gflops"] * 1e9 for r in rows)
-    lines = [f"| model | options | params | {unit}/ex (fwd) | {unit}/ex (train) | valid AUC | test AUC "
+    lines = [f"| model | options | params | {FLOP_UNIT}/ex (fwd) | {FLOP_UNIT}/ex (train) | valid AUC | test AUC "
              "| expected test AUC | test GAUC | test LogLoss | router purity | best / ran epochs "
              "| correction served | wall s/epoch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         served = "-" if r["serves_correction"] is None else f"{r['serves_correction']} of {r['seeds']}"
-        lines.append(f"| {r['model']} | {_options(r['options'])} | {r['params']:,} | {r['gflops'] * 1e9 / scale:.3f} "
-                     f"| {r['train_gflops'] * 1e9 / scale:.3f} | {_pm(r, 'valid_auc')} | {_pm(r, 'auc')} "
+        lines.append(f"| {r['model']} | {_options(r['options'])} | {r['params']:,} | {r['mflops']:.3f} "
+                     f"| {r['train_mflops']:.3f} | {_pm(r, 'valid_auc')} | {_pm(r, 'auc')} "
                      f"| {_pm(r, 'expected_auc')} | {_pm(r, 'gauc')} | {_pm(r, 'logloss')} | {_pm(r, 'purity', 3)} "
                      f"| {r['best_epoch']:.1f} / {r['epochs']:.1f} | {served} | {r['seconds_per_epoch']:.2f} |")
     return "\n".join(lines + ["", WALL_TIME_NOTE])

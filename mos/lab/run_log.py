@@ -1,0 +1,85 @@
+"""What a job leaves behind for a person to follow it: the merged configuration, echoed when the
+job starts and saved beside its results, and one CSV of per-epoch numbers for every run.
+
+The epoch CSV is rewritten whole from the run's state after every epoch (atomically, so a reader
+never sees half a file), so a resumed run's file holds every epoch once, before and after the
+resume alike.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+from mos.lab.config import RunConfig
+from mos.lab.config_io import dump_yaml
+from mos.lab.files import write_atomic
+
+CONFIG_FILE = "config.yaml"
+# The fixed columns of an epoch CSV; one `aux_<name>` column per auxiliary loss term follows
+# `bce` (the layer's weighted terms: load balance, commitment, ...), then the validation AUC
+# that early stopping watches and the epoch's wall-clock seconds.
+EPOCH_COLUMNS = ("epoch", "objective", "bce")
+
+
+def echo_config(run_cfg: RunConfig, out_dir: Path) -> Path:
+    """Print the merged configuration to stderr, with the run's other log lines (YAML, the form
+    `--config` reads back), and save it as `<out_dir>/config.yaml`; returns that path. Called by
+    one process (rank 0 under torchrun)."""
+    text = dump_yaml(run_cfg)
+    path = Path(out_dir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
+    print(f"configuration (saved to {path}):\n" + "".join(f"  {line}\n" for line in text.splitlines()).rstrip(),
+          file=sys.stderr, flush=True)
+    return path
+
+
+def epoch_rows(state) -> list[dict]:
+    """One dict per finished epoch of `state` (`mos.lab.run_state.RunState`): objective (the
+    loss minimised: BCE of every candidate plus the weighted aux terms), the served prediction's
+    BCE, each aux term, the watched validation AUC and the seconds."""
+    rows = []
+    for at, objective in enumerate(state.train_loss):
+        row = {"epoch": at + 1, "objective": objective, "bce": state.train_bce[at]}
+        for name, values in sorted(state.train_aux.items()):
+            row[f"aux_{name}"] = values[at]
+        row["valid_auc"] = state.valid_auc[at]
+        row["seconds"] = state.epoch_seconds[at]
+        rows.append(row)
+    return rows
+
+
+def write_epochs(path: Path, state) -> None:
+    """Write every finished epoch of `state` to the CSV at `path` (replacing it)."""
+    rows = epoch_rows(state)
+    if not rows:
+        return
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, stream.getvalue())
+
+
+def epoch_line(kind: str, seed: int, epoch: int, max_epochs: int, objective: float, bce: float, aux: dict,
+               valid_text: str, seconds: float, improved: bool) -> str:
+    """The epoch's log line. BCE first (comparable across model kinds); the auxiliary terms and
+    the objective only where the model has them, so a sum that is mostly auxiliary loss is never
+    read as the training loss."""
+    parts = [f"{kind} seed {seed} epoch {epoch}/{max_epochs}: train BCE {bce:.4f}"]
+    if aux:
+        parts.append("aux " + " ".join(f"{name} {value:.4f}" for name, value in sorted(aux.items())))
+    if aux or not math.isclose(objective, bce, rel_tol=1e-6, abs_tol=1e-9):
+        parts.append(f"objective {objective:.4f}")
+    parts.append(f"valid AUC {valid_text}")
+    parts.append(f"{seconds:.1f}s wall" + ("  *" if improved else ""))
+    return "  ".join(parts)
+
+
+def _cell(value: Optional[float]):
+    return "" if value is None else value
