@@ -7,8 +7,35 @@
 `mos.delong` compares two models' AUCs on the same examples. The CTR lab (models, baselines,
 data, training, the profile and the `python -m mos` command line) is `mos.lab`, which this
 package never imports.
-"""
-from .config import MoSAblation, MoSConfig
-from .layer import MoSLayer, MoSOutput, RoutingInfo
 
-__all__ = ["MoSAblation", "MoSConfig", "MoSLayer", "MoSOutput", "RoutingInfo"]
+The names below load on first use, so that `python -m mos --help` answers before torch is
+imported; `from mos import MoSLayer` loads the layer and `mos_kernels`, nothing else.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# Public name -> the module of this package that defines it.
+_EXPORTS = {"MoSAblation": "config", "MoSConfig": "config", "MoSLayer": "layer", "MoSOutput": "layer",
+            "RoutingInfo": "layer"}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:     # what type checkers and IDEs read; at run time __getattr__ below loads them
+    from .config import MoSAblation, MoSConfig
+    from .layer import MoSLayer, MoSOutput, RoutingInfo
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mos' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value       # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -12,6 +12,8 @@ import ast
 from pathlib import Path
 from typing import Dict, Iterator, List, Set, Tuple
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "mos_kernels"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
@@ -167,21 +169,43 @@ def test_the_layer_package_never_imports_the_lab():
     assert not wrong, "\n".join(wrong)
 
 
-def test_import_mos_loads_the_layer_and_the_kernels_only():
-    """What `import mos` brings into a fresh interpreter: the layer package and mos_kernels, no
-    lab module, no YAML, plotting or Parquet library (torch itself brings tqdm)."""
+def _loaded_after(statement: str) -> List[str]:
+    """The modules of mos, mos_kernels, torch and the lab's libraries that `statement` loads in a
+    fresh interpreter (torch itself brings tqdm, so tqdm says nothing)."""
     import subprocess
     import sys
 
-    code = ("import mos, sys; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('mos', 'mos_kernels', 'yaml', 'matplotlib', 'pyarrow')))")
+    code = (f"{statement}; import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('mos', 'mos_kernels', 'torch', 'yaml', 'matplotlib', 'pyarrow')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
-    loaded = eval(done.stdout)
-    assert loaded and all(name == "mos" or name.startswith(("mos.", "mos_kernels")) or name == "mos_kernels"
-                          for name in loaded), loaded
-    assert not [name for name in loaded if name.startswith("mos.lab")], loaded
-    assert {"mos.layer", "mos.config", "mos.encoders"} <= set(loaded)
+    return eval(done.stdout)
+
+
+def test_import_mos_loads_nothing_until_a_name_is_used():
+    """`import mos` is instant (the command line's --help and --version answer before torch loads)."""
+    assert _loaded_after("import mos; mos.__version__") == ["mos"]
+
+
+def test_the_layer_loads_the_layer_and_the_kernels_only():
+    """`from mos import MoSLayer, MoSConfig, MoSOutput` brings the layer package and mos_kernels:
+    no lab module, no YAML, plotting or Parquet library."""
+    loaded = _loaded_after("from mos import MoSConfig, MoSLayer, MoSOutput")
+    ours = [name for name in loaded if name.split(".")[0] in ("mos", "mos_kernels")]
+    assert all(name == "mos" or name.startswith(("mos.", "mos_kernels")) for name in ours), ours
+    assert not [name for name in ours if name.startswith("mos.lab")], ours
+    assert {"mos.layer", "mos.config", "mos.encoders", "mos_kernels"} <= set(ours)
+    assert not [name for name in loaded if name.split(".")[0] in ("yaml", "matplotlib", "pyarrow")], loaded
+
+
+def test_the_lazy_names_are_the_public_ones():
+    import mos
+    from mos import config, layer
+
+    assert mos.MoSLayer is layer.MoSLayer and mos.MoSConfig is config.MoSConfig
+    assert set(mos.__all__) <= set(dir(mos))
+    with pytest.raises(AttributeError, match="no attribute 'MosLayer'"):
+        mos.MosLayer
 
 
 def _package_graph(root: Path, package: str) -> Dict[str, Set[str]]:

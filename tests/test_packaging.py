@@ -44,12 +44,41 @@ def test_the_readme_says_how_to_install_for_cpu_and_for_gpu():
     assert "--config default" in section
 
 
+def test_the_metadata_installs_off_this_machine():
+    """A distribution name that is not PyPI's other "mos", triton only where it has wheels, a Python
+    floor that the dependency ranges allow, the lab's libraries in an extra, a console script that
+    resolves, and every install hint in a message naming this distribution and one of its extras."""
+    import importlib
+
+    from packaging.specifiers import SpecifierSet
+
+    table = project()["project"]
+    assert table["name"] == "mixture-of-sequence"
+    core = {Requirement(text).name: Requirement(text) for text in table["dependencies"]}
+    assert set(core) == {"torch", "numpy", "triton"}
+    linux, mac, windows = ({"sys_platform": name} for name in ("linux", "darwin", "win32"))
+    assert core["triton"].marker.evaluate(linux) and not core["triton"].marker.evaluate(mac)
+    assert not core["triton"].marker.evaluate(windows)
+    # numpy >= 2.3 needs Python 3.11: a floor of 3.10 would let pip pick a resolution that cannot exist.
+    python = SpecifierSet(table["requires-python"])
+    assert core["numpy"].specifier.contains("2.3.0") and "3.11" in python and "3.10" not in python
+    lab = {Requirement(text).name for text in table["optional-dependencies"]["lab"]}
+    assert {"pyyaml", "tqdm", "matplotlib"} <= lab
+    module, function = table["scripts"]["mos"].split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    hints = [(path, hint) for path in sorted((ROOT / "mos").rglob("*.py"))
+             for hint in re.findall(r"pip install '([^'\[]+)\[(\w+)\]'", path.read_text())]
+    assert hints, "no install hint found: the pattern is stale"
+    for path, (name, extra) in hints:
+        assert name == table["name"] and extra in table["optional-dependencies"], (path, name, extra)
+
+
 @pytest.mark.slow
 def test_a_wheel_ships_the_configs_and_the_installed_package_finds_them(tmp_path):
     env = {**os.environ, "MOS_BUILD_CUDA": "0"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(ROOT)], check=True, env=env, timeout=300, cwd=tmp_path)
-    wheel, = (tmp_path / "dist").glob("mos-*.whl")
+    wheel, = (tmp_path / "dist").glob("mixture_of_sequence-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(path.name for path in (ROOT / "configs").glob("*.yaml"))
     assert sorted(name.split("/")[-1] for name in names if name.startswith("mos/lab/configs/")) == shipped

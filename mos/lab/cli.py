@@ -5,6 +5,9 @@
 mistakes, and input the run finds unusable (`mos.lab.errors.InputError`: a log without a needed
 column, an empty file, a device this machine lacks, a damaged checkpoint), end with one line on
 stderr and exit code 2, never a traceback.
+
+Only argparse and the standard library load before the arguments are parsed, so `--help` and
+`--version` answer at once; torch, triton and the lab load when a command runs.
 """
 from __future__ import annotations
 
@@ -14,13 +17,7 @@ import shlex
 import sys
 from typing import Optional
 
-from mos.lab.checkpoint import CheckpointError
-from mos.lab.config_io import dump_yaml, load_run_config
-from mos.lab.data.movielens import MovieLensUnavailable
-from mos.lab.errors import InputError
-from mos.lab.predict import predict
-from mos.lab.profiling import profile, quick_overrides
-from mos.lab.train import run
+from mos import __version__
 
 _TRAIN_EPILOG = """\
 precedence: built-in defaults < --config file < --set overrides (left to right).
@@ -39,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mos",
         description="Mixture-of-Sequence (MoS) for long-sequence CTR prediction: train and compare "
                     "the MoS model against its single-encoder backbone.")
+    parser.add_argument("--version", action="version", version=f"mos {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train = commands.add_parser(
         "train", help="train every model in `models` for every seed and print the comparison",
@@ -105,6 +103,10 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+# What the lab needs beyond the layer's torch and numpy: the "lab" extra of the distribution.
+_LAB_LIBRARIES = ("yaml", "tqdm", "matplotlib")
+
+
 _PROFILE_EPILOG = """\
 models: any of the variants in mos/variants.py, e.g.
   --set "models=[backbone,stacked_backbone,gshard,dselect_k,expert_choice,mos,mos_no_short]"
@@ -123,6 +125,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = "python -m mos " + shlex.join(argv)
+    # Loaded after parsing: --help and argument errors need none of it.
+    try:
+        from mos.lab.checkpoint import CheckpointError
+        from mos.lab.data.movielens import MovieLensUnavailable
+        from mos.lab.errors import InputError
+        from mos.lab.predict import predict
+    except ModuleNotFoundError as err:
+        if err.name not in _LAB_LIBRARIES:
+            raise
+        print(f"mos {args.command}: error: the command line needs the lab's libraries ({err.name} is not "
+              f"installed): pip install 'mixture-of-sequence[lab]'", file=sys.stderr)
+        return 2
+
     try:
         if args.command == "predict":
             rows = predict(args.checkpoint, args.data, args.out, args.overrides)
@@ -138,6 +153,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _train_or_profile(args: argparse.Namespace) -> int:
+    from mos.lab.config_io import dump_yaml, load_run_config
+    from mos.lab.profiling import profile, quick_overrides
+    from mos.lab.train import run
+
     quick = quick_overrides() if getattr(args, "quick", False) else []
     overrides = quick + args.overrides + _flag_overrides(args)
     try:

@@ -116,7 +116,7 @@ def _read_parquet(path: Path, kind: str, wanted: dict):
         import pyarrow.parquet as parquet
     except ImportError:
         raise MissingPackage(f"data.source: reading the Parquet file {path} needs the package pyarrow, which "
-                             f"is not installed (pip install pyarrow, or pip install 'mos[parquet]')") from None
+                             f"is not installed (pip install pyarrow, or pip install 'mixture-of-sequence[parquet]')") from None
     header = list(parquet.read_schema(path).names)
     index = _present(header, wanted, path)
     table = parquet.read_table(path, columns=[header[at] for at in index.values()])
