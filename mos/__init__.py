@@ -22,6 +22,9 @@ __version__ = "0.1.0"
 _EXPORTS = {"MoSAblation": "config", "MoSConfig": "config", "MoSLayer": "layer", "MoSOutput": "layer",
             "RoutingInfo": "layer"}
 __all__ = sorted(_EXPORTS)
+# Names this package exported before the CTR lab moved to mos.lab -> where they are now.
+_MOVED = {"CTRModel": "mos.lab.model", "CTROutput": "mos.lab.model", "DataConfig": "mos.lab.data.config",
+          "ModelConfig": "mos.lab.config", "RunConfig": "mos.lab.config", "TrainConfig": "mos.lab.config"}
 
 if TYPE_CHECKING:     # what type checkers and IDEs read; at run time __getattr__ below loads them
     from .config import MoSAblation, MoSConfig
@@ -31,6 +34,8 @@ if TYPE_CHECKING:     # what type checkers and IDEs read; at run time __getattr_
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
+        if name in _MOVED:
+            raise AttributeError(f"mos.{name} is part of the CTR lab now: from {_MOVED[name]} import {name}")
         raise AttributeError(f"module 'mos' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value       # later lookups skip this function

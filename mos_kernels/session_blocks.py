@@ -20,8 +20,3 @@ def session_block(offsets_ptr, num_sessions, BLOCK_S: tl.constexpr):
     last = tl.load(offsets_ptr + tl.minimum(block + BLOCK_S, num_sessions))
     return sessions, s_ok, starts, ends, first, last
 
-
-@triton.jit
-def membership(rows, starts, ends):
-    """[BLOCK_S, BLOCK_T]: row j belongs to session i."""
-    return (rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None])

@@ -40,8 +40,9 @@ def test_a_run_leaves_its_configuration_and_epochs_behind(tmp_path, capsys):
     overrides = TINY + [f"train.out_dir={tmp_path}"]
     assert main(["train", "--config", "configs/default.yaml", "--set", *overrides]) == 0
     out, err = capsys.readouterr()
-    # The merged configuration is echoed first and saved; it reads back to the same config.
-    assert err.index("configuration (saved to") < err.index("epoch 1/2")
+    # The merged configuration is echoed before the runs (on stdout, with the data's statistics and
+    # the table: stderr keeps the epoch lines) and saved; it reads back to the same config.
+    assert out.index("examples train / valid / test") < out.index("configuration (saved to") < out.index("| model |")
     assert load_run_config(str(tmp_path / "config.yaml"), []) == load_run_config("configs/default.yaml", overrides)
     # Epoch lines: BCE first, MoS's auxiliary terms and objective apart from it.
     backbone_line = next(line for line in err.splitlines() if line.startswith("backbone seed 0 epoch 1/2"))
@@ -63,10 +64,14 @@ def test_a_run_leaves_its_configuration_and_epochs_behind(tmp_path, capsys):
     assert re.fullmatch(r"[01] of 1", [cell.strip() for cell in mos_row.split("|")][column])
 
 
-def test_a_missing_lab_library_is_one_line_naming_the_extra():
-    code = ("import sys\nsys.modules['yaml'] = None\nfrom mos.lab.cli import main\n"
-            "sys.exit(main(['train', '--print-config']))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == ("mos train: error: the command line needs the lab's libraries (yaml is not "
-                                   "installed): pip install 'mixture-of-sequence[lab]'")
+@pytest.mark.parametrize("library, command, code", [("yaml", "train", 2),
+                                                     ("matplotlib", "profile", 2), ("matplotlib", "train", 0)])
+def test_a_missing_lab_library_is_one_line_naming_the_extra(library, command, code):
+    """Training needs no plotting library; anything the command needs and lacks is one line."""
+    script = (f"import sys\nsys.modules[{library!r}] = None\nfrom mos.lab.cli import main\n"
+              f"sys.exit(main([{command!r}, '--print-config']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == code, done.stderr
+    if code:
+        assert done.stderr.strip() == (f"mos {command}: error: the command line needs the lab's libraries "
+                                       f"({library} is not installed): pip install 'mixture-of-sequence[lab]'")

@@ -85,3 +85,19 @@ def test_backend_triton_says_how_to_do_without_it():
     message = out.strip()
     assert "backend" in message and "triton" in message and "not installed" in message, message
     assert "backend='reference'" in message, message
+
+
+def test_the_lab_refuses_backend_triton_before_loading_data():
+    """A run asking for backend=triton where triton is absent stops at the machine check, with
+    one InputError, not at its first forward pass."""
+    out = _run("""
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"      # past the device check: only the missing package is left
+        from mos.lab.distributed import check_machine
+        from mos.lab.errors import InputError
+        try:
+            check_machine("cpu", "triton")
+        except InputError as err:
+            print(err)
+    """)
+    assert out.startswith("model.mos.backend: 'triton' needs the triton package, which is not installed"), out

@@ -26,7 +26,7 @@ precedence: built-in defaults < --config file < --set overrides (left to right).
   --set models=[mos] train.progress=bar
 results: one JSON line per (model, seed) appended to <train.out_dir>/results.jsonl,
 and a table of test AUC / GAUC / LogLoss (mean ± std over seeds) on stdout.
-data: --data synthetic | movielens | path/to/log.csv|.tsv|.parquet (columns: README, "Real data").
+data: --data synthetic | movielens | path/to/log.csv|.tsv|.parquet (columns: docs/lab.md, "Real data").
 more than one process: torchrun --standalone --nproc_per_node=2 -m mos train ...
 checkpoints: <train.out_dir>/checkpoints/<model>-seed<seed>.pt; --resume continues from them."""
 
@@ -108,7 +108,7 @@ _LAB_LIBRARIES = ("yaml", "tqdm", "matplotlib")
 
 
 _PROFILE_EPILOG = """\
-models: any of the variants in mos/variants.py, e.g.
+models: any of the variants in mos/lab/variants.py, e.g.
   --set "models=[backbone,stacked_backbone,gshard,dselect_k,expert_choice,mos,mos_no_short]"
 options: profile.per_model gives a model its own options; profile.grid lists option sets tried
 on profile.tuning_seeds, the best on validation is kept (configs/profile.yaml shows both).
@@ -125,12 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = "python -m mos " + shlex.join(argv)
-    # Loaded after parsing: --help and argument errors need none of it.
     try:
-        from mos.lab.checkpoint import CheckpointError
-        from mos.lab.data.movielens import MovieLensUnavailable
-        from mos.lab.errors import InputError
-        from mos.lab.predict import predict
+        return _command(args)
     except ModuleNotFoundError as err:
         if err.name not in _LAB_LIBRARIES:
             raise
@@ -138,8 +134,17 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"installed): pip install 'mixture-of-sequence[lab]'", file=sys.stderr)
         return 2
 
+
+def _command(args: argparse.Namespace) -> int:
+    # Loaded after parsing: --help and argument errors need none of it.
+    from mos.lab.checkpoint import CheckpointError
+    from mos.lab.data.movielens import MovieLensUnavailable
+    from mos.lab.errors import InputError
+
     try:
         if args.command == "predict":
+            from mos.lab.predict import predict
+
             rows = predict(args.checkpoint, args.data, args.out, args.overrides)
             print(f"{rows} scores written to {args.out}", file=sys.stderr)
             return 0
@@ -154,10 +159,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _train_or_profile(args: argparse.Namespace) -> int:
     from mos.lab.config_io import dump_yaml, load_run_config
-    from mos.lab.profiling import profile, quick_overrides
-    from mos.lab.train import run
 
-    quick = quick_overrides() if getattr(args, "quick", False) else []
+    profiling = args.command == "profile"
+    if profiling:      # the profile's figures need matplotlib; training does not
+        from mos.lab.profiling import profile, quick_overrides
+    quick = quick_overrides() if profiling and args.quick else []
     overrides = quick + args.overrides + _flag_overrides(args)
     try:
         run_cfg = load_run_config(args.config, overrides)
@@ -167,6 +173,14 @@ def _train_or_profile(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(run_cfg), end="")
         return 0
+    if profiling:
+        profile(run_cfg, report_only=args.report_only, jobs=args.jobs, tune=not args.no_tuning,
+                command=args.command_line)
+    else:
+        from mos.lab.train import run
+
+        run(run_cfg)
+    return 0
     if args.command == "profile":
         profile(run_cfg, report_only=args.report_only, jobs=args.jobs, tune=not args.no_tuning,
                 command=args.command_line)

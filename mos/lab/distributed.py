@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mos.lab.errors import InputError
-from mos_kernels.backend import cuda_emulating, interpreting
+from mos_kernels.backend import cuda_emulating, interpreting, triton_available
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ def check_machine(device_name: str, backend: str) -> None:
         raise InputError(f"model.mos.backend: {backend!r} runs its kernels on a CUDA device, but train.device is "
                          f"{device_name!r}; use model.mos.backend=auto (the reference kernels on a CPU) "
                          f"or train.device=cuda on a machine with a GPU")
+    if backend == "triton" and not triton_available():
+        raise InputError("model.mos.backend: 'triton' needs the triton package, which is not installed here "
+                         "(it has wheels for Linux only); use model.mos.backend=auto or reference")
 
 
 def device_count() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -26,22 +25,25 @@ EPOCH_COLUMNS = ("epoch", "objective", "bce")
 
 
 def echo_config(run_cfg: RunConfig, out_dir: Path) -> Path:
-    """Print the merged configuration to stderr, with the run's other log lines (YAML, the form
-    `--config` reads back), and save it as `<out_dir>/config.yaml`; returns that path. Called by
-    one process (rank 0 under torchrun)."""
+    """Print the merged configuration to stdout, with the data's statistics and the results
+    table (stderr keeps the epoch lines and a refusal's one error line), as YAML, the form
+    `--config` reads back, and save it as `<out_dir>/config.yaml`; returns that path. Called
+    by one process (rank 0 under torchrun) once the data has loaded."""
     text = dump_yaml(run_cfg)
     path = Path(out_dir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
     print(f"configuration (saved to {path}):\n" + "".join(f"  {line}\n" for line in text.splitlines()).rstrip(),
-          file=sys.stderr, flush=True)
+          flush=True)
     return path
 
 
 def epoch_rows(state) -> list[dict]:
     """One dict per finished epoch of `state` (`mos.lab.run_state.RunState`): objective (the
-    loss minimised: BCE of every candidate plus the weighted aux terms), the served prediction's
-    BCE, each aux term, the watched validation AUC and the seconds."""
+    loss minimised: BCE of every candidate plus the weighted aux terms), the BCE of the model's
+    training prediction (for a boosted kind its backbone candidate, which early stopping
+    watches: the corrected candidate is chosen only at the end), each aux term, the watched
+    validation AUC and the seconds."""
     rows = []
     for at, objective in enumerate(state.train_loss):
         row = {"epoch": at + 1, "objective": objective, "bce": state.train_bce[at]}

@@ -71,15 +71,15 @@ def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
     say = _printer(group)
     data = load_data(run_cfg, group)
     run_cfg = sessions_for(run_cfg, data.has_timestamps, say)
+    out_dir = Path(run_cfg.train.out_dir)
+    results = out_dir / "results.jsonl"
+    if group.is_main:      # the configuration the runs use, session mode as the data allows
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_log.echo_config(run_cfg, out_dir)
     if group.distributed:
         say(f"training on {group.world_size} processes ({group.device.type}), batch_size {run_cfg.train.batch_size} "
             f"per process")
 
-    out_dir = Path(run_cfg.train.out_dir)
-    results = out_dir / "results.jsonl"
-    if group.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run_log.echo_config(run_cfg, out_dir)
     records = []
     for seed in run_cfg.train.seeds:
         for kind in run_cfg.models:

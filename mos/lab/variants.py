@@ -8,7 +8,10 @@ so runs differ only in what the name says. (`mos.lab.config` imports this table 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
+
+if TYPE_CHECKING:    # for type checkers only: at run time mos.lab.config imports this module
+    from mos.lab.config import ModelConfig
 
 VARIANTS: Dict[str, dict] = {
     "backbone": {"kind": "backbone"},

@@ -69,10 +69,11 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False, jobs: int = 1, tun
         raise InputError(f"--jobs: expected a positive number of parallel runs, got {jobs}")
     out_dir = Path(run_cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_log.echo_config(run_cfg, out_dir)
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
     data = load_data(run_cfg)          # prints the data's session statistics
+    if not report_only:     # a report of finished runs keeps the configuration they were run with
+        run_log.echo_config(run_cfg, out_dir)
     store = RunStore(out_dir)
     context = Context.of(run_cfg, data.splits)
     if not tune and run_cfg.profile.grid:
@@ -208,7 +209,8 @@ def summarize(records: List[dict], test: dict, probabilities=None) -> List[dict]
         row["serves_correction"] = None if None in served else sum(served)
         row["seconds_per_epoch"] = statistics.fmean(r["seconds_per_epoch"] for r in runs)
         row["theme_tokens"] = runs[0]["test"].get("theme_tokens")
-        row["flops_by_module"] = runs[0]["flops"]["forward_by_module"]
+        row["mflops_by_module"] = {name: flops / FLOP_SCALE for name, flops in
+                                   runs[0]["flops"]["forward_by_module"].items()}
         rows.append(row)
     return rows
 
