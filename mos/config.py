@@ -87,8 +87,18 @@ FUSIONS = ("residual", "concat", "gate")
 
 @dataclass
 class MoSAblation:
-    """Options that exist to take the layer apart (the ablations of mos/variants.py): the defaults
-    are the layer; every other value removes or weakens one of its parts."""
+    """Options that exist to take the layer apart (the ablations of `mos.lab.variants`): the
+    defaults are the layer; every other value removes or weakens one of its parts.
+
+    Attributes:
+        router: "learned" prototypes, or "random" themes.
+        routing_unit: route whole "session"s, or every "token" alone.
+        experts: which expert kinds run, a tuple of "global", "short", "themes".
+        vq_detach_tokens: the VQ and load-balance losses see the session vectors detached, so
+            they train the prototypes and never the item embeddings (True).
+        extras_detach_inputs: the short-term and theme experts and the router read the tokens
+            and the target detached (boosted training sets it) (False).
+    """
 
     router: str = "learned"          # "learned" prototypes, or "random" themes
     routing_unit: str = "session"    # route whole "session"s, or every "token" alone
@@ -116,7 +126,41 @@ class MoSAblation:
 @_refuse_renamed
 @dataclass
 class MoSConfig:
-    """Options of `mos.MoSLayer`: sessions, routing, dispatch, the experts and their fusion."""
+    """Options of `mos.MoSLayer`: sessions, routing, dispatch, the experts and their fusion.
+
+    Every option is checked when the config is built: a bad one raises ValueError or TypeError
+    naming `MoSConfig.<field>`, what was expected and what came.
+
+    Attributes:
+        dim: width d of the history embeddings and of the target (32).
+        num_heads: attention heads of every expert; must divide dim (2).
+        session_mode: "fixed" (chunks of session_len, aligned to the newest event; needs no
+            timestamps) or "gap" (a pause longer than gap_seconds starts a session).
+        session_len: events per session in "fixed" mode (8).
+        gap_seconds: "gap" mode: the pause, in the timestamps' unit (seconds), that cuts (1800).
+        max_session_len: "gap" mode: longer sessions are split (64).
+        num_themes: K, the learned themes, one expert each (8).
+        temperature: tau of the routing scores cos(session, prototype) / tau (0.1).
+        top_k: themes each session joins, <= num_themes (1).
+        max_theme_tokens: keep at most this many newest tokens of each (example, theme)
+            subsequence; None keeps all.
+        encoder: every expert's encoder: "target_attention" (DIN/TWIN style) or "transformer".
+        num_layers: transformer layers per expert (1).
+        readout: the transformer's readout: "target" attention, "last" token or "mean".
+        global_scope: the global expert reads the "tokens" or the "sessions" vectors.
+        short_sessions: the short-term expert reads the last this-many sessions (1).
+        fusion: "residual" (output = global + W [short; themes], W zero at initialisation, so
+            the layer starts as its backbone), "concat" or "gate".
+        commitment_weight, codebook_weight, load_balance_weight: weights of the auxiliary losses
+            in `MoSOutput.aux_loss` (0.25, 1.0, 0.01).
+        dropout: on the fused output ("residual": on the other experts' term) and in the
+            transformer blocks (0.0).
+        backend: kernels: "auto" (the measured-faster kernels on CUDA, the reference on a CPU),
+            "reference" (pure PyTorch), "triton" or "cuda".
+        validate_inputs: check the inputs' data (finite, monotone offsets, time order) on every
+            forward, at the cost of one pass and a device sync (True).
+        ablation: `MoSAblation`, the options that take the layer apart (defaults: the layer).
+    """
 
     dim: int = 32                    # embedding width d of the tokens and of the target
     num_heads: int = 2               # attention heads of every expert

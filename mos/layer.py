@@ -27,7 +27,20 @@ from .encoders import make_encoder
 
 @dataclass
 class RoutingInfo:
-    """What the router did, for inspection and diagnostics (nothing here needs gradients)."""
+    """What the router did, for inspection and diagnostics (nothing here needs gradients).
+
+    S sessions over the batch, K themes, B examples; int64 unless said.
+
+    Attributes:
+        session_offsets: [S+1] the token rows (of the jagged `values`) of each session.
+        session_example: [S] the example each session belongs to.
+        session_theme: [S] each session's top-1 theme.
+        themes: [S, top_k] the themes each session joins, best first.
+        probs: [S, K] float, the router's softmax over the themes.
+        segment_lengths: [K, B] tokens of example b in theme k's subsequence (after
+            `max_theme_tokens`).
+        tokens_per_theme: [K] (property) tokens each theme expert read over the batch.
+    """
 
     session_offsets: torch.Tensor   # [S+1] token rows of each session
     session_example: torch.Tensor   # [S]
@@ -43,6 +56,19 @@ class RoutingInfo:
 
 @dataclass
 class MoSOutput:
+    """What `MoSLayer.forward` returns. B examples, d = `MoSConfig.dim`; the vectors in the inputs'
+    dtype, the auxiliary losses in float32 (they are computed in float32 under any input dtype).
+
+    Attributes:
+        output: [B, d] the fused user-interest vector: feed it to the CTR head.
+        aux_loss: scalar, the weighted sum of `aux`; add it to the training loss.
+        aux: the unweighted auxiliary losses by name (commitment, codebook, load_balance), scalars.
+        routing: `RoutingInfo`, or None when the layer runs no theme experts.
+        global_output, extras_output: [B, d] with `fusion="residual"` (else None): the global
+            expert's vector and the other experts' term, output = global_output + extras_output,
+            for a model that trains the two with different losses (`mos.boosting`).
+    """
+
     output: torch.Tensor             # [B, d] fused user-interest vector
     aux_loss: torch.Tensor           # scalar, the weighted sum of `aux`
     aux: Dict[str, torch.Tensor]     # unweighted auxiliary losses: commitment, codebook, load_balance
@@ -54,10 +80,17 @@ class MoSOutput:
 
 
 class MoSLayer(nn.Module):
-    """Drop-in sequence encoder: (history, target) -> one vector per example.
+    """The Mixture-of-Sequence layer (Lin et al., WWW 2026; docs/design.md says what is the
+    paper's and what is our reconstruction): a drop-in sequence encoder, (history, target) ->
+    one user-interest vector per example.
 
-    Input is jagged (`values [T, d]` + `offsets [B+1]`) or padded (`values [B, L, d]` +
-    `lengths [B]`); timestamps ([T] or [B, L]) are needed for `session_mode="gap"`.
+    It cuts each history into sessions, routes every session to one of K learned themes, runs
+    one expert per theme over that theme's sessions in time order, a global expert over the
+    whole history and a short-term expert over the last sessions, and fuses them. With the
+    default `fusion="residual"` it starts as exactly its global expert (the backbone).
+
+    Build it from a `MoSConfig` or from its fields as keywords (`MoSLayer(dim=64,
+    num_themes=8)`); a bad option raises ValueError/TypeError naming the field.
     """
 
     def __init__(self, config: Optional[MoSConfig] = None, **overrides):
@@ -97,6 +130,33 @@ class MoSLayer(nn.Module):
     def forward(self, values: torch.Tensor, target: torch.Tensor, offsets: Optional[torch.Tensor] = None, *,
                 lengths: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
                 max_len: Optional[int] = None) -> MoSOutput:
+        """Encode a batch of histories against their targets.
+
+        Args:
+            values: the item embeddings of every history event, oldest first, either jagged
+                [T, d] (example b owns rows offsets[b]:offsets[b+1]) or padded [B, L, d] (example
+                b owns rows 0:lengths[b]: padding on the right, never read). float32, float16
+                or bfloat16, the dtype of the layer's parameters (outside torch.autocast).
+            target: [B, d] the candidate item of each example, values' dtype.
+            offsets: [B+1] int64 with jagged values: starts at 0, non-decreasing, ends at T.
+            lengths: [B] int64 with padded values, 0 <= lengths[b] <= L.
+            timestamps: event times, [T] (jagged) or [B, L] (padded), any real dtype that holds
+                them (seconds; int64 for epoch seconds): needed for `session_mode="gap"`,
+                non-decreasing inside each history and finite.
+            max_len: the longest history in tokens, if the caller knows it: saves the device
+                sync of computing it (torch.compile traces through either).
+
+        Returns:
+            `MoSOutput` (output [B, d], aux_loss, aux, routing, ...).
+
+        Raises:
+            ValueError / TypeError naming the argument, what was expected and what came: a
+            wrong rank, shape, dtype or device; offsets not starting at 0, not monotone or not
+            ending at T; timestamps going back in time, NaN or inf; NaN/inf values, target or
+            prototypes (`mos_kernels.checks.NonFiniteError`). `MoSConfig.validate_inputs=False`
+            skips the data checks (each costs a pass and a sync). Empty histories are valid and
+            give finite outputs.
+        """
         cfg = self.config
         with mk.data_checks(cfg.validate_inputs):
             values, offsets, timestamps = _as_jagged(values, offsets, lengths, timestamps)

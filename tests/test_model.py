@@ -1,4 +1,4 @@
-"""CTRModel (mos/model.py): every model (backbone, the MoE baselines, the stacking control, MoS)
+"""CTRModel (mos/lab/model.py): every model (backbone, the MoE baselines, the stacking control, MoS)
 on every backend takes an empty batch, B = 0 (each op's unusual inputs:
 tests/ops/test_<op>_inputs.py); the inputs every kind shares: recency buckets, a narrow item ID,
 an earlier layout's weights."""

@@ -36,12 +36,13 @@ def test_every_dependency_has_a_tested_range_that_holds_the_pinned_versions():
         assert requirement.specifier.contains(installed), f"{requirement.name} {installed} is outside {requirement}"
 
 
-def test_the_readme_says_how_to_install_for_cpu_and_for_gpu():
+def test_the_readme_says_how_to_install_on_each_platform():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Installing"):]
+    section = readme[readme.index("## Install"):]
     section = section[:section.index("\n## ", 3)]
     assert "download.pytorch.org/whl/cpu" in section and "--no-build-isolation" in section
-    assert "--config default" in section
+    assert "macOS" in section and "Windows" in section and "mixture-of-sequence" in section
+    assert "--config default" in (ROOT / "docs" / "lab.md").read_text()
 
 
 def test_the_metadata_installs_off_this_machine():

@@ -1,4 +1,4 @@
-"""The profile's paired comparisons and decision rule (mos/profiling/paired.py) on known cases."""
+"""The profile's paired comparisons and decision rule (mos/lab/profiling/paired.py) on known cases."""
 import itertools
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The profile's reference predictions (mos/profiling/references.py): the history features by
+"""The profile's reference predictions (mos/lab/profiling/references.py): the history features by
 hand, the logistic fit's optimality, and the references on generated data."""
 import numpy as np
 import pytest

@@ -275,7 +275,7 @@ def test_a_one_class_split_has_undefined_auc_and_gauc(splits):
 
 def test_training_on_a_cpu_uses_the_deterministic_algorithms_and_gives_the_setting_back(splits, monkeypatch):
     """With more than one thread some default CPU backward kernels add in a varying order (the
-    README has the measurement); training and its evaluations run with the deterministic ones."""
+    measurement is in docs/profile.md); training and its evaluations run with the deterministic ones."""
     seen = []
 
     class Spy(FakeModel):

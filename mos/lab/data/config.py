@@ -22,7 +22,7 @@ LABEL_SOURCES = ("auto", "label", "rating", "sampled")
 
 @dataclass
 class SyntheticConfig:
-    """The embedded generator (mos/data/synthetic.py documents the process and the label rule)."""
+    """The embedded generator (mos/lab/data/synthetic.py documents the process and the label rule)."""
 
     num_users: int = 3000
     num_items: int = 1000
@@ -78,7 +78,7 @@ class SyntheticConfig:
 
 @dataclass
 class LogConfig:
-    """How an interaction log is read (mos/data/logs.py documents the rules); MovieLens-100k
+    """How an interaction log is read (mos/lab/data/logs.py documents the rules); MovieLens-100k
     reads its label and history options, its columns being fixed."""
 
     user_column: str = "user_id"
