@@ -3,6 +3,8 @@
     from mos import MoSConfig, MoSLayer
     out = MoSLayer(MoSConfig(dim=64, num_themes=8))(values, target, offsets)   # out.output: [B, 64]
 
+`mos.routing` holds the router and routing unit the layer takes as parts (`MoSLayer(router=...)`).
+
 `mos.boosting` trains a model around the layer so that it is never worse than its backbone;
 `mos.delong` compares two models' AUCs on the same examples. The CTR lab (models, baselines,
 data, training, the profile and the `python -m mos` command line) is `mos.lab`, which this
@@ -19,15 +21,16 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # Public name -> the module of this package that defines it.
-_EXPORTS = {"MoSAblation": "config", "MoSConfig": "config", "MoSLayer": "layer", "MoSOutput": "layer",
+_EXPORTS = {"MoSConfig": "config", "MoSLayer": "layer", "MoSOutput": "layer",
             "RoutingInfo": "layer"}
 __all__ = sorted(_EXPORTS)
 # Names this package exported before the CTR lab moved to mos.lab -> where they are now.
 _MOVED = {"CTRModel": "mos.lab.model", "CTROutput": "mos.lab.model", "DataConfig": "mos.lab.data.config",
-          "ModelConfig": "mos.lab.config", "RunConfig": "mos.lab.config", "TrainConfig": "mos.lab.config"}
+          "ModelConfig": "mos.lab.config", "MoSAblation": "mos.lab.config", "RunConfig": "mos.lab.config",
+          "TrainConfig": "mos.lab.config"}
 
 if TYPE_CHECKING:     # what type checkers and IDEs read; at run time __getattr__ below loads them
-    from .config import MoSAblation, MoSConfig
+    from .config import MoSConfig
     from .layer import MoSLayer, MoSOutput, RoutingInfo
 
 

@@ -3,7 +3,7 @@ its backbone, in your own model.
 
 The layer with `fusion="residual"` returns `global_output` (the global expert: the backbone
 encoder over the whole sequence) and `extras_output` (the other experts' term, zero at
-initialisation); `ablation.extras_detach_inputs=True` makes the other experts read the inputs
+initialisation); `MoSConfig.extras_detach_inputs=True` makes the other experts read the inputs
 detached. A model with a head `head(target, user) -> logits [B]` then has two candidate
 predictions per example (`candidates`):
 

@@ -2,7 +2,8 @@
 
 Values are checked in `__post_init__`, so a bad option fails at once with the field's name, what
 was expected and what came (an int option given 2.5 included). A keyword of an earlier layout
-(`capacity`, or an ablation option given at the top level) is refused naming where it lives now.
+(`capacity`, or an ablation option: the router, the routing unit and the expert set are parts
+handed to `MoSLayer`) is refused naming where it lives now.
 The CTR lab's configuration (model, training, data, profile) is `mos.lab.config`.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from mos_kernels.backend import BACKENDS
@@ -57,9 +58,18 @@ def require_int(name: str, value) -> None:
         raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
 
 
-ABLATION_FIELDS = ("router", "routing_unit", "experts", "vq_detach_tokens", "extras_detach_inputs")
-# Keywords of an earlier layout of MoSConfig -> where they live now ("ablation.x": inside `ablation`).
-RENAMED = {"capacity": "max_theme_tokens", **{name: f"ablation.{name}" for name in ABLATION_FIELDS}}
+# Keywords of an earlier layout of MoSConfig: renamed in place, or moved out of the config (the
+# ablation options are parts the CTR lab hands `MoSLayer`, not options of the layer).
+RENAMED = {"capacity": "max_theme_tokens"}
+MOVED_OUT = {
+    "router": "a MoSLayer keyword: MoSLayer(config, router=mos.routing.RandomRouter())",
+    "routing_unit": "a MoSLayer keyword: MoSLayer(config, routing_unit=mos.routing.route_tokens)",
+    "experts": "a MoSLayer keyword: MoSLayer(config, experts=('global', 'themes'))",
+    "vq_detach_tokens": "an option of the router: MoSLayer(config, router=mos.routing.LearnedRouter("
+                        "vq_detach_tokens=False))",
+    "ablation": "the options it held are MoSLayer keywords (router, routing_unit, experts) and "
+                "MoSConfig.extras_detach_inputs",
+}
 
 
 def _refuse_renamed(cls):
@@ -69,58 +79,18 @@ def _refuse_renamed(cls):
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         for name in kwargs:
-            new = RENAMED.get(name)
-            if new is not None:
-                section, _, leaf = new.rpartition(".")
-                where = (f"moved to MoSConfig.{new} (a keyword: {section}={{{leaf!r}: ...}})" if section
-                         else f"renamed {new}")
-                raise TypeError(f"{cls.__name__}.{name}: {where}")
+            if name in RENAMED:
+                raise TypeError(f"{cls.__name__}.{name}: renamed {RENAMED[name]}")
+            if name in MOVED_OUT:
+                raise TypeError(f"{cls.__name__}.{name}: moved out of the config; it is {MOVED_OUT[name]}")
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__
     return cls
 
 
-EXPERT_KINDS = ("global", "short", "themes")
-FUSIONS = ("residual", "concat", "gate")
-
-
-@dataclass
-class MoSAblation:
-    """Options that exist to take the layer apart (the ablations of `mos.lab.variants`): the
-    defaults are the layer; every other value removes or weakens one of its parts.
-
-    Attributes:
-        router: "learned" prototypes, or "random" themes.
-        routing_unit: route whole "session"s, or every "token" alone.
-        experts: which expert kinds run, a tuple of "global", "short", "themes".
-        vq_detach_tokens: the VQ and load-balance losses see the session vectors detached, so
-            they train the prototypes and never the item embeddings (True).
-        extras_detach_inputs: the short-term and theme experts and the router read the tokens
-            and the target detached (boosted training sets it) (False).
-    """
-
-    router: str = "learned"          # "learned" prototypes, or "random" themes
-    routing_unit: str = "session"    # route whole "session"s, or every "token" alone
-    experts: tuple = EXPERT_KINDS    # which kinds run; drop one to measure what it adds
-    # The VQ and load-balance losses see the pooled sessions detached: they move the prototypes,
-    # never the item embeddings that the target, the global expert and the head share. The task
-    # loss still reaches the embeddings through the routing gate. False undoes that choice.
-    vq_detach_tokens: bool = True
-    # The short-term and theme experts and the router read the tokens and the target detached:
-    # only the global expert's path (as in the backbone) trains the embeddings. Boosted training
-    # (`model.training`) sets it itself; true under joint training is an ablation.
-    extras_detach_inputs: bool = False
-
-    def __post_init__(self):
-        check_choice("MoSConfig.ablation.router", self.router, ("learned", "random"))
-        check_choice("MoSConfig.ablation.routing_unit", self.routing_unit, ("session", "token"))
-        self.experts = tuple(self.experts)
-        for kind in self.experts:
-            check_choice("MoSConfig.ablation.experts[]", kind, EXPERT_KINDS)
-        if not self.experts or len(set(self.experts)) != len(self.experts):
-            raise ValueError(f"MoSConfig.ablation.experts: expected a non-empty list of distinct kinds from "
-                             f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
+EXPERT_KINDS = ("global", "short", "themes")   # the kinds of experts MoSLayer can run
+FUSIONS = ("residual", "concat")
 
 
 @_refuse_renamed
@@ -146,11 +116,10 @@ class MoSConfig:
             subsequence; None keeps all.
         encoder: every expert's encoder: "target_attention" (DIN/TWIN style) or "transformer".
         num_layers: transformer layers per expert (1).
-        readout: the transformer's readout: "target" attention, "last" token or "mean".
         global_scope: the global expert reads the "tokens" or the "sessions" vectors.
         short_sessions: the short-term expert reads the last this-many sessions (1).
         fusion: "residual" (output = global + W [short; themes], W zero at initialisation, so
-            the layer starts as its backbone), "concat" or "gate".
+            the layer starts as its backbone) or "concat" (output = W [global; short; themes]).
         commitment_weight, codebook_weight, load_balance_weight: weights of the auxiliary losses
             in `MoSOutput.aux_loss` (0.25, 1.0, 0.01).
         dropout: on the fused output ("residual": on the other experts' term) and in the
@@ -159,7 +128,9 @@ class MoSConfig:
             "reference" (pure PyTorch), "triton" or "cuda".
         validate_inputs: check the inputs' data (finite, monotone offsets, time order) on every
             forward, at the cost of one pass and a device sync (True).
-        ablation: `MoSAblation`, the options that take the layer apart (defaults: the layer).
+        extras_detach_inputs: the short-term and theme experts and the router read the tokens
+            and the target detached, so only the global expert's path trains the embeddings:
+            boosted training (`mos.boosting`) sets it (False).
     """
 
     dim: int = 32                    # embedding width d of the tokens and of the target
@@ -179,13 +150,12 @@ class MoSConfig:
     # Step 5, experts.
     encoder: str = "target_attention"  # "target_attention" | "transformer"
     num_layers: int = 1              # transformer layers per expert
-    readout: str = "target"          # transformer readout: "target" attention | "last" token | "mean"
     global_scope: str = "tokens"     # global expert over "tokens" or over the "sessions" vectors
     short_sessions: int = 1          # short-term expert sees the last this-many sessions
     # Step 6, fusion.
     # "residual": u = e_global + W_x [e_short; e_theta] with W_x zero at initialisation, so the layer
     # starts as its backbone (the global expert) and the other experts add what they learn;
-    # "concat": u = W_o [e_global; e_short; e_theta]; "gate": a softmax gate over the three.
+    # "concat": u = W_o [e_global; e_short; e_theta].
     fusion: str = "residual"
     # Auxiliary losses (weights applied inside the layer's `aux_loss`).
     commitment_weight: float = 0.25
@@ -196,11 +166,10 @@ class MoSConfig:
     # Check the inputs' data (finite values, monotone offsets, time order) on every forward:
     # one pass over the inputs and a device sync. Turn off in production once the pipeline is trusted.
     validate_inputs: bool = True
-    # Options for ablations only, apart so that the layer's own options come first.
-    ablation: MoSAblation = field(default_factory=MoSAblation)
+    # The other experts and the router read the inputs detached (boosted training sets it).
+    extras_detach_inputs: bool = False
 
     def __post_init__(self):
-        self.ablation = config_section("MoSConfig.ablation", self.ablation, MoSAblation)
         check_int_fields(self, "MoSConfig")
         check_positive("MoSConfig.dim", self.dim)
         check_positive("MoSConfig.num_heads", self.num_heads)
@@ -221,7 +190,6 @@ class MoSConfig:
             check_positive("MoSConfig.max_theme_tokens", self.max_theme_tokens)
         check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer"))
         check_positive("MoSConfig.num_layers", self.num_layers)
-        check_choice("MoSConfig.readout", self.readout, ("target", "last", "mean"))
         check_choice("MoSConfig.global_scope", self.global_scope, ("tokens", "sessions"))
         check_positive("MoSConfig.short_sessions", self.short_sessions)
         check_choice("MoSConfig.fusion", self.fusion, FUSIONS)

@@ -64,18 +64,18 @@ class TargetAttentionEncoder(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """TransAct/BST/SASRec-style causal pre-LN transformer layers per expert, then a readout."""
+    """TransAct/BST/SASRec-style causal pre-LN transformer layers per expert, then target
+    attention over the encoded rows as the readout (so the vector depends on the candidate, as
+    in TransAct and BST)."""
 
     def __init__(self, dim: int, num_heads: int, num_experts: int = 1, num_layers: int = 1,
-                 readout: str = "target", dropout: float = 0.0, backend: str = "auto"):
+                 dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.dim, self.num_heads, self.num_experts = dim, num_heads, num_experts
         self.backends = op_backends(backend)
-        self.readout = readout
         self.dropout = dropout
         self.layers = nn.ModuleList(_ExpertBlock(dim, num_experts) for _ in range(num_layers))
-        self.target_readout = (TargetAttentionEncoder(dim, num_heads, num_experts, backend)
-                               if readout == "target" else None)
+        self.target_readout = TargetAttentionEncoder(dim, num_heads, num_experts, backend)
 
     def forward(self, tokens, target, segment_offsets, *, gather_index=None, row_gate=None, inverse_index=None,
                 max_len=None):
@@ -89,15 +89,7 @@ class TransformerEncoder(nn.Module):
         for block in self.layers:
             rows = block(rows, expert, expert_offsets, segment_offsets, self.num_heads, max_len,
                          self.dropout if self.training else 0.0, self.backends)
-        if self.readout == "target":
-            return self.target_readout(rows, target, segment_offsets, max_len=max_len)
-        num_segments = segment_offsets.numel() - 1
-        if self.readout == "mean":
-            pooled = mk.session_pool(rows, segment_offsets, backend=self.backends["session_pool"])
-        else:  # "last": the newest row of each segment; empty segments read row 0 and are masked
-            last = (segment_offsets[1:] - 1).clamp_min(0)
-            pooled = rows[last] if rows.shape[0] else rows.new_zeros((num_segments, self.dim))
-        return pooled.view(self.num_experts, -1, self.dim) * _nonempty(segment_offsets, self.num_experts)
+        return self.target_readout(rows, target, segment_offsets, max_len=max_len)
 
 
 class _ExpertBlock(nn.Module):
@@ -131,9 +123,11 @@ class _ExpertBlock(nn.Module):
 
 
 def make_encoder(kind: str, dim: int, num_heads: int, num_experts: int = 1, *, num_layers: int = 1,
-                 readout: str = "target", dropout: float = 0.0, backend: str = "auto") -> nn.Module:
+                 dropout: float = 0.0, backend: str = "auto") -> nn.Module:
+    """An encoder of `kind` ("target_attention" or "transformer") with `num_experts` parameter
+    sets. Raises ValueError naming `encoder` for another kind."""
     if kind == "target_attention":
         return TargetAttentionEncoder(dim, num_heads, num_experts, backend)
     if kind == "transformer":
-        return TransformerEncoder(dim, num_heads, num_experts, num_layers, readout, dropout, backend)
+        return TransformerEncoder(dim, num_heads, num_experts, num_layers, dropout, backend)
     raise ValueError(f"encoder: expected one of ['target_attention', 'transformer'], got {kind!r}")

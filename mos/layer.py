@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels.checks import check_finite, check_offsets, check_tensor, check_values
+from mos_kernels.checks import check_finite, check_offsets, check_values
 from mos_kernels.backend import op_backends
-from mos_kernels.jagged import counts_of, max_segment_length, offsets_from_lengths, positions_in_segment
+from mos_kernels.jagged import max_segment_length, offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
-from mos_kernels.theme_route import normalized
 
-from .config import MoSConfig
+from .config import EXPERT_KINDS, MoSConfig
 from .encoders import make_encoder
+from .inputs import as_jagged
+from .routing import LearnedRouter, no_aux, route_sessions
 
 
 @dataclass
@@ -91,41 +92,56 @@ class MoSLayer(nn.Module):
 
     Build it from a `MoSConfig` or from its fields as keywords (`MoSLayer(dim=64,
     num_themes=8)`); a bad option raises ValueError/TypeError naming the field.
+
+    The keyword-only parts replace pieces of the layer to measure what each adds (the CTR lab's
+    ablations); the defaults are the layer:
+        router: `mos.routing.LearnedRouter()`; `RandomRouter()` routes at random; any callable
+            of the router protocol in `mos.routing`.
+        routing_unit: `mos.routing.route_sessions`; `route_tokens` routes every item alone.
+        experts: the expert kinds that run, a non-empty tuple of distinct names from
+            EXPERT_KINDS ("global", "short", "themes"; all three).
     """
 
-    def __init__(self, config: Optional[MoSConfig] = None, **overrides):
+    def __init__(self, config: Optional[MoSConfig] = None, *, router: Optional[Callable] = None,
+                 routing_unit: Optional[Callable] = None, experts: Sequence[str] = EXPERT_KINDS, **overrides):
         super().__init__()
         if config is None:
             config = MoSConfig(**overrides)
         elif overrides:
             raise ValueError(f"overrides: expected none when a config is given, got {sorted(overrides)}")
+        for name, part in (("router", router), ("routing_unit", routing_unit)):
+            if part is not None and not callable(part):
+                raise TypeError(f"{name}: expected a callable (see mos.routing), got {type(part).__name__}")
         self.config = cfg = config
+        self.experts = _check_experts(experts)
+        self.router = router if router is not None else LearnedRouter()
+        self.routing_unit = routing_unit if routing_unit is not None else route_sessions
         self.backends = op_backends(cfg.backend)   # each op's backend, resolved once
         d = cfg.dim
-        encoder = dict(num_layers=cfg.num_layers, readout=cfg.readout, dropout=cfg.dropout, backend=cfg.backend)
+        encoder = dict(num_layers=cfg.num_layers, dropout=cfg.dropout, backend=cfg.backend)
         # Only the experts that run own parameters (DDP refuses parameters that get no gradient).
         # The global expert is built first: it then draws the same initial weights as a backbone
         # encoder built at the same point of the random stream (`CTRModel` relies on it).
-        if "global" in cfg.ablation.experts:
-            self.global_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
-        if "themes" in cfg.ablation.experts:
-            self.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, d), dim=-1))
-            self.theme_experts = make_encoder(cfg.encoder, d, cfg.num_heads, cfg.num_themes, **encoder)
-            self.theme_query = nn.Linear(d, d)
-        if "short" in cfg.ablation.experts:
-            self.short_expert = make_encoder(cfg.encoder, d, cfg.num_heads, 1, **encoder)
-        if cfg.fusion == "residual":
-            extras = len([kind for kind in cfg.ablation.experts if kind != "global"])
-            if extras:
-                # Zero at initialisation: the layer's output is then exactly the global expert's.
-                self.extras_out = nn.Linear(extras * d, d)
-                nn.init.zeros_(self.extras_out.weight)
-                nn.init.zeros_(self.extras_out.bias)
-        elif cfg.fusion == "gate":
-            self.fusion_gate = nn.Linear(d, len(cfg.ablation.experts))
-            self.out = nn.Linear(d, d)
-        else:
-            self.out = nn.Linear(len(cfg.ablation.experts) * d, d)
+        for kind in _BUILD_ORDER:
+            if kind in self.experts:
+                _BUILD[kind](self, cfg, encoder)
+        extras = [kind for kind in self.experts if kind != "global"]
+        if cfg.fusion == "concat":
+            self.out = nn.Linear(len(self.experts) * d, d)
+        elif extras:
+            # Zero at initialisation: the layer's output is then exactly the global expert's.
+            self.extras_out = nn.Linear(len(extras) * d, d)
+            nn.init.zeros_(self.extras_out.weight)
+            nn.init.zeros_(self.extras_out.bias)
+        paths = {**_PATHS, "global": _GLOBAL_PATHS[cfg.global_scope]}
+        self._paths = tuple((kind, paths[kind]) for kind in _RUN_ORDER if kind in self.experts)
+        self._fuse = _fusion(cfg.fusion, self.experts)
+        # The router's parameters get the inputs' check: a NaN or inf prototype (after a diverged
+        # step, say) makes every routing score and theme weight NaN.
+        self._checked_parameters = ("prototypes",) if "themes" in self.experts else ()
+        # Boosted training: the experts other than the global one read the inputs detached, so
+        # only the global expert's path (as in the backbone) trains the embeddings.
+        self._extras_inputs = torch.Tensor.detach if cfg.extras_detach_inputs else _as_given
 
     def forward(self, values: torch.Tensor, target: torch.Tensor, offsets: Optional[torch.Tensor] = None, *,
                 lengths: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
@@ -159,14 +175,12 @@ class MoSLayer(nn.Module):
         """
         cfg = self.config
         with mk.data_checks(cfg.validate_inputs):
-            values, offsets, timestamps = _as_jagged(values, offsets, lengths, timestamps)
+            values, offsets, timestamps = as_jagged(values, offsets, lengths, timestamps)
             check_values("values", values, dim=cfg.dim)
             check_values("target", target, dim=cfg.dim)
             self._check_dtypes(values, target)
-            if "themes" in cfg.ablation.experts:
-                # The router's parameters get the inputs' check: a NaN or inf prototype (after a
-                # diverged step, say) makes every routing score and theme weight NaN.
-                check_finite("prototypes", self.prototypes)
+            for name in self._checked_parameters:
+                check_finite(name, getattr(self, name))
             check_offsets("offsets", offsets, total=values.shape[0], device=values.device)
             num_examples = offsets.numel() - 1
             if target.shape[0] != num_examples:
@@ -178,7 +192,14 @@ class MoSLayer(nn.Module):
             max_len = max_segment_length(offsets)
         # Everything below is built by this layer from checked inputs: no second data check.
         with mk.data_checks(False):
-            return self._experts_and_fusion(values, target, offsets, sessions, max_len)
+            batch = _Batch(values, target, self._extras_inputs(values), self._extras_inputs(target), offsets,
+                           sessions, max_len, aux=no_aux(values))
+            outputs = {kind: path(self, batch) for kind, path in self._paths}
+            aux = batch.aux
+            aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
+                        + cfg.load_balance_weight * aux["load_balance"])
+            aux = {k: v.detach() for k, v in aux.items()}
+            return self._fuse(self, outputs, aux_loss, aux, batch.routing)
 
     def _check_dtypes(self, values: torch.Tensor, target: torch.Tensor) -> None:
         """Outside torch.autocast (which casts per op, and is supported) the inputs must have the
@@ -193,72 +214,6 @@ class MoSLayer(nn.Module):
         if target.dtype != values.dtype:
             raise TypeError(f"target: expected dtype {_dtype(values.dtype)} (that of values), got {_dtype(target.dtype)}")
 
-    def _experts_and_fusion(self, values, target, offsets, sessions, max_len) -> MoSOutput:
-        cfg = self.config
-        outputs = {}
-        aux = _no_aux(values)
-        info = None
-        pooled = None
-        # The other experts (and the router) may read the inputs detached: then the embeddings
-        # are shaped by the global expert's path alone, as in the backbone.
-        detach = cfg.ablation.extras_detach_inputs
-        x_values, x_target = (values.detach(), target.detach()) if detach else (values, target)
-        if "themes" in cfg.ablation.experts:
-            pooled, outputs["themes"], aux, info = self._theme_experts(x_values, x_target, offsets, sessions, max_len)
-        if "global" in cfg.ablation.experts:
-            if cfg.global_scope == "tokens":
-                outputs["global"] = self.global_expert(values, target, offsets, max_len=max_len)[0]
-            else:
-                if pooled is None or cfg.ablation.routing_unit != "session" or detach:
-                    pooled = mk.session_pool(values, sessions.session_offsets,
-                                             backend=self.backends["session_pool"])
-                outputs["global"] = self.global_expert(pooled, target, sessions.example_session_offsets)[0]
-        if "short" in cfg.ablation.experts:
-            short_index, short_offsets = _recent_sessions(offsets, sessions, cfg.short_sessions)
-            outputs["short"] = self.short_expert(x_values, x_target, short_offsets, gather_index=short_index,
-                                                 inverse_index=inverse_of_unique(short_index, values.shape[0]),
-                                                 max_len=max_len)[0]
-        aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
-                    + cfg.load_balance_weight * aux["load_balance"])
-        aux = {k: v.detach() for k, v in aux.items()}
-        if cfg.fusion != "residual":
-            return MoSOutput(self._fuse(target, outputs), aux_loss, aux, info)
-        base = outputs.get("global")
-        extras = self._extras(outputs)
-        output = base if extras is None else extras if base is None else base + extras
-        return MoSOutput(output, aux_loss, aux, info, base, extras)
-
-    def _theme_experts(self, values, target, offsets, sessions, max_len):
-        """Steps 2-4 and the theme half of 5-6: route, dispatch, run the K experts, summarise."""
-        cfg = self.config
-        num_examples = offsets.numel() - 1
-        units = sessions if cfg.ablation.routing_unit == "session" else _token_sessions(offsets, values.shape[0])
-        if cfg.ablation.router == "learned":
-            pooled, routing = mk.session_pool_route(values, units.session_offsets, self.prototypes,
-                                                    temperature=cfg.temperature, top_k=cfg.top_k,
-                                                    backend=self.backends["session_pool_route"])
-            # The auxiliary losses only train: an evaluating layer does not spend work on them.
-            aux = (_aux_losses(pooled, self.prototypes, routing, cfg.temperature, cfg.ablation.vq_detach_tokens)
-                   if self.training else _no_aux(values))
-        else:
-            pooled, routing = None, _random_routing(units.num_sessions, cfg.num_themes, cfg.top_k, values)
-            aux = _no_aux(values)
-        dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
-                                     num_examples=num_examples, num_themes=cfg.num_themes,
-                                     max_theme_tokens=cfg.max_theme_tokens,
-                                     num_tokens=values.shape[0], example_session_offsets=units.example_session_offsets,
-                                     backend=self.backends["theme_dispatch"])
-        # A theme subsequence is never longer than its example.
-        theme_len = max_len if cfg.max_theme_tokens is None else min(max_len, cfg.max_theme_tokens)
-        e_theme = self.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,
-                                     row_gate=dispatch.row_gate, inverse_index=dispatch.inverse_index,
-                                     max_len=theme_len)
-        segment_lengths = dispatch.segment_lengths
-        summary = self._theme_summary(e_theme, target, segment_lengths > 0)
-        info = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
-                           routing.probs.detach(), segment_lengths)
-        return pooled, summary, aux, info
-
     def _theme_summary(self, e_theme: torch.Tensor, target: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
         """Target-conditioned softmax over each example's non-empty themes; zeros if it has none."""
         logits = self.theme_query(target) @ self.prototypes.t().to(target.dtype) / math.sqrt(self.config.dim)
@@ -269,51 +224,146 @@ class MoSLayer(nn.Module):
         weights = torch.softmax(logits.float(), dim=1).to(target.dtype) * nonempty
         return torch.einsum("bk,kbd->bd", weights, e_theme)
 
-    def _extras(self, outputs: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-        """The residual fusion's term of the experts other than the global one (None if none run)."""
-        extras = [outputs[kind] for kind in self.config.ablation.experts if kind != "global"]
-        if not extras:
-            return None
-        return F.dropout(self.extras_out(torch.cat(extras, dim=1)), self.config.dropout, self.training)
 
-    def _fuse(self, target, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The "concat" and "gate" fusions."""
-        expert_outputs = [outputs[kind] for kind in self.config.ablation.experts]
-        if self.config.fusion == "concat":
-            fused = self.out(torch.cat(expert_outputs, dim=1))
-        else:
-            gate = torch.softmax(self.fusion_gate(target), dim=1)
-            fused = self.out(sum(gate[:, i:i + 1] * e for i, e in enumerate(expert_outputs)))
-        return F.dropout(fused, self.config.dropout, self.training)
+@dataclass
+class _Batch:
+    """One forward's checked inputs, and what the theme path leaves for the output."""
+
+    values: torch.Tensor          # [T, d]
+    target: torch.Tensor          # [B, d]
+    extras_values: torch.Tensor   # values as the other experts read them (maybe detached)
+    extras_target: torch.Tensor
+    offsets: torch.Tensor         # [B+1]
+    sessions: mk.Sessions
+    max_len: int
+    aux: Dict[str, torch.Tensor]
+    routing: Optional[RoutingInfo] = None
+
+
+def _check_experts(experts) -> tuple:
+    kinds = tuple(experts) if isinstance(experts, (tuple, list)) else None
+    if not kinds or len(set(kinds)) != len(kinds) or any(kind not in EXPERT_KINDS for kind in kinds):
+        raise ValueError(f"experts: expected a non-empty list of distinct kinds from {list(EXPERT_KINDS)}, "
+                         f"got {experts!r}")
+    return kinds
+
+
+def _as_given(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+# ---- the experts: what each kind builds, and its path in the forward ---------------------------
+
+def _build_global(layer: MoSLayer, cfg: MoSConfig, encoder: dict) -> None:
+    layer.global_expert = make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, 1, **encoder)
+
+
+def _build_themes(layer: MoSLayer, cfg: MoSConfig, encoder: dict) -> None:
+    layer.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, cfg.dim), dim=-1))
+    layer.theme_experts = make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, cfg.num_themes, **encoder)
+    layer.theme_query = nn.Linear(cfg.dim, cfg.dim)
+
+
+def _build_short(layer: MoSLayer, cfg: MoSConfig, encoder: dict) -> None:
+    layer.short_expert = make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, 1, **encoder)
+
+
+def _global_path(layer: MoSLayer, batch: _Batch) -> torch.Tensor:
+    """The global expert over the whole history's tokens."""
+    return layer.global_expert(batch.values, batch.target, batch.offsets, max_len=batch.max_len)[0]
+
+
+def _global_sessions_path(layer: MoSLayer, batch: _Batch) -> torch.Tensor:
+    """`global_scope="sessions"`: the global expert over the history's session vectors."""
+    sessions = batch.sessions
+    pooled = mk.session_pool(batch.values, sessions.session_offsets, backend=layer.backends["session_pool"])
+    return layer.global_expert(pooled, batch.target, sessions.example_session_offsets)[0]
+
+
+def _short_path(layer: MoSLayer, batch: _Batch) -> torch.Tensor:
+    """The short-term expert over the tokens of each example's last `short_sessions` sessions."""
+    short_index, short_offsets = _recent_sessions(batch.offsets, batch.sessions, layer.config.short_sessions)
+    num_tokens = batch.values.shape[0]
+    return layer.short_expert(batch.extras_values, batch.extras_target, short_offsets, gather_index=short_index,
+                              inverse_index=inverse_of_unique(short_index, num_tokens), max_len=batch.max_len)[0]
+
+
+def _theme_path(layer: MoSLayer, batch: _Batch) -> torch.Tensor:
+    """Steps 2-4 and the theme half of 5-6: route, dispatch, run the K experts, summarise. Leaves
+    the router's auxiliary losses and the `RoutingInfo` on `batch`."""
+    cfg = layer.config
+    values, target, offsets = batch.extras_values, batch.extras_target, batch.offsets
+    num_examples, num_tokens = offsets.numel() - 1, values.shape[0]
+    units = layer.routing_unit(offsets, batch.sessions, num_tokens)
+    _, routing, batch.aux = layer.router(values, units, layer.prototypes, temperature=cfg.temperature,
+                                         top_k=cfg.top_k, backends=layer.backends, training=layer.training)
+    dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
+                                 num_examples=num_examples, num_themes=cfg.num_themes,
+                                 max_theme_tokens=cfg.max_theme_tokens, num_tokens=num_tokens,
+                                 example_session_offsets=units.example_session_offsets,
+                                 backend=layer.backends["theme_dispatch"])
+    # A theme subsequence is never longer than its example.
+    theme_len = batch.max_len if cfg.max_theme_tokens is None else min(batch.max_len, cfg.max_theme_tokens)
+    e_theme = layer.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,
+                                  row_gate=dispatch.row_gate, inverse_index=dispatch.inverse_index,
+                                  max_len=theme_len)
+    segment_lengths = dispatch.segment_lengths
+    batch.routing = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
+                                routing.probs.detach(), segment_lengths)
+    return layer._theme_summary(e_theme, target, segment_lengths > 0)
+
+
+_BUILD = {"global": _build_global, "short": _build_short, "themes": _build_themes}
+_PATHS = {"global": _global_path, "short": _short_path, "themes": _theme_path}
+_GLOBAL_PATHS = {"tokens": _global_path, "sessions": _global_sessions_path}
+# Fixed orders, whatever order a caller names the experts in: parameters are drawn from the
+# random stream in _BUILD_ORDER (the global expert first, as a backbone's encoder would be) and
+# the paths run in _RUN_ORDER (the random router's draws come before any dropout's).
+_BUILD_ORDER = ("global", "themes", "short")
+_RUN_ORDER = ("themes", "global", "short")
+
+
+# ---- fusion -------------------------------------------------------------------------------------
+
+def _residual_fusion(layer: MoSLayer, outputs, aux_loss, aux, routing) -> MoSOutput:
+    """output = e_global + dropout(W_x [e_short; e_themes]), W_x zero at initialisation."""
+    base, extras = outputs["global"], _extras_term(layer, outputs)
+    return MoSOutput(base + extras, aux_loss, aux, routing, base, extras)
+
+
+def _global_only_fusion(layer: MoSLayer, outputs, aux_loss, aux, routing) -> MoSOutput:
+    """The residual fusion with no other expert: the global expert's vector."""
+    return MoSOutput(outputs["global"], aux_loss, aux, routing, outputs["global"], None)
+
+
+def _extras_only_fusion(layer: MoSLayer, outputs, aux_loss, aux, routing) -> MoSOutput:
+    """The residual fusion without a global expert: the other experts' term alone."""
+    extras = _extras_term(layer, outputs)
+    return MoSOutput(extras, aux_loss, aux, routing, None, extras)
+
+
+def _extras_term(layer: MoSLayer, outputs) -> torch.Tensor:
+    extras = torch.cat([outputs[kind] for kind in layer.experts if kind != "global"], dim=1)
+    return F.dropout(layer.extras_out(extras), layer.config.dropout, layer.training)
+
+
+def _concat_fusion(layer: MoSLayer, outputs, aux_loss, aux, routing) -> MoSOutput:
+    """output = dropout(W_o [e_global; e_short; e_themes])."""
+    fused = layer.out(torch.cat([outputs[kind] for kind in layer.experts], dim=1))
+    return MoSOutput(F.dropout(fused, layer.config.dropout, layer.training), aux_loss, aux, routing)
+
+
+def _fusion(fusion: str, experts: tuple):
+    """The fusion function of `fusion` for this expert set (chosen once, at construction)."""
+    if fusion == "concat":
+        return _concat_fusion
+    has_global, has_extras = "global" in experts, len(experts) > ("global" in experts)
+    return {(True, True): _residual_fusion, (True, False): _global_only_fusion,
+            (False, True): _extras_only_fusion}[has_global, has_extras]
 
 
 def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _as_jagged(values, offsets, lengths, timestamps):
-    """Accept jagged [T, d] + offsets or padded [B, L, d] + lengths; return the jagged form."""
-    check_tensor("values", values)
-    if values.dim() == 3:
-        if offsets is not None:
-            raise ValueError("offsets: expected None for padded values [B, L, d] (pass lengths), got a tensor")
-        if lengths is None:
-            raise ValueError("lengths: expected a [B] tensor with padded values [B, L, d], got None")
-        if timestamps is not None:
-            check_tensor("timestamps", timestamps, ndim=2)
-            if timestamps.shape != values.shape[:2]:
-                raise ValueError(f"timestamps: expected shape {tuple(values.shape[:2])} like padded values, "
-                                 f"got {tuple(timestamps.shape)}")
-            timestamps = mk.padded_to_jagged(timestamps[..., None], lengths)[0][:, 0]
-        values, offsets = mk.padded_to_jagged(values, lengths)
-        return values, offsets, timestamps
-    if values.dim() != 2:
-        raise ValueError(f"values: expected jagged [T, d] or padded [B, L, d], got shape {tuple(values.shape)}")
-    if offsets is None:
-        raise ValueError("offsets: expected a [B+1] int64 tensor with jagged values [T, d], got None")
-    if lengths is not None:
-        raise ValueError("lengths: expected None with jagged values (offsets say the lengths), got a tensor")
-    return values, offsets, timestamps
 
 
 def _recent_sessions(offsets: torch.Tensor, sessions: mk.Sessions, count: int):
@@ -325,44 +375,3 @@ def _recent_sessions(offsets: torch.Tensor, sessions: mk.Sessions, count: int):
     pos = positions_in_segment(short_offsets)
     index = torch.repeat_interleave(start, short_offsets[1:] - short_offsets[:-1], output_size=pos.numel()) + pos
     return index, short_offsets
-
-
-def _token_sessions(offsets: torch.Tensor, num_tokens: int) -> mk.Sessions:
-    """Every token its own session: the token-level routing ablation."""
-    example = mk.segment_ids(offsets, num_tokens)
-    return mk.Sessions(torch.arange(num_tokens + 1, device=offsets.device), example, offsets)
-
-
-def _random_routing(num_sessions: int, num_themes: int, top_k: int, like: torch.Tensor) -> mk.Routing:
-    """Uniformly random distinct themes per session, drawn anew every call (the random-routing
-    ablation): no learned router, so a constant gate of 1 and uniform probabilities."""
-    themes = torch.rand(num_sessions, num_themes, device=like.device).argsort(dim=1)[:, :top_k]
-    probs = torch.full((num_sessions, num_themes), 1.0 / num_themes, device=like.device)
-    gate = torch.ones((num_sessions, top_k), dtype=like.dtype, device=like.device)
-    return mk.Routing(themes=themes, gate=gate, probs=probs, scores=torch.zeros_like(probs))
-
-
-AUX_LOSSES = ("commitment", "codebook", "load_balance")
-
-
-def _no_aux(like: torch.Tensor) -> Dict[str, torch.Tensor]:
-    return {name: like.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
-
-
-def _aux_losses(pooled, prototypes, routing, temperature: float, detach_tokens: bool) -> Dict[str, torch.Tensor]:
-    """VQ commitment and codebook losses on the unit sphere (routing is cosine), Switch load balance.
-
-    `detach_tokens`: the pooled sessions enter detached, so the losses move the prototypes only
-    (the load balance then reads probabilities recomputed from the detached sessions)."""
-    num_sessions, num_themes = routing.probs.shape
-    h = normalized(pooled.detach() if detach_tokens else pooled)
-    units = normalized(prototypes)
-    c = units[routing.themes[:, 0]]
-    denom = max(num_sessions, 1)
-    commitment = ((h - c.detach()) ** 2).sum() / denom
-    codebook = ((h.detach() - c) ** 2).sum() / denom
-    chosen = counts_of(routing.themes.reshape(-1), num_themes).float()
-    fraction = chosen / max(routing.themes.numel(), 1)
-    probs = torch.softmax((h @ units.t()).float() / temperature, dim=1) if detach_tokens else routing.probs
-    load_balance = num_themes * (fraction * probs.sum(0) / denom).sum()
-    return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mos.lab.baselines import DSelectK, ExpertChoice, GShard
 from mos.lab.baselines.dselect_k import smooth_step
 from mos.config import MoSConfig
-from mos.lab.config import ModelConfig, MoEConfig
+from mos.lab.config import ModelConfig, MoEConfig, MoSAblation
 from mos.lab.data import synthetic
 from mos.lab.data.config import SyntheticConfig
 from mos.lab.model import CTRModel
@@ -116,13 +116,14 @@ def test_every_stacked_kind_starts_as_its_backbone(kind, encoder, training, batc
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_vq_losses_and_the_embedding_table(detach, batch):
-    """ablation.vq_detach_tokens=True: the auxiliary losses alone send no gradient to the item or
+    """model.ablation.vq_detach_tokens=True: the auxiliary losses alone send no gradient to the item or
     category embedding tables (they train the prototypes); False: they do."""
     batch, data = batch
     torch.manual_seed(0)
     # Joint training: boosted training detaches every input of the router from the embeddings anyway.
-    model = CTRModel(ModelConfig(kind="mos", mos=MoSConfig(dim=16, num_heads=2, ablation={"vq_detach_tokens": detach}),
-                                 training="joint"), data.num_items, data.num_categories)
+    model = CTRModel(ModelConfig(kind="mos", mos=MoSConfig(dim=16, num_heads=2),
+                                 ablation=MoSAblation(vq_detach_tokens=detach), training="joint"),
+                     data.num_items, data.num_categories)
     model(batch).aux_loss.backward()
     tables = (model.item_embedding.weight.grad, model.category_embedding.weight.grad)
     moved = [0.0 if g is None else float(g.abs().sum()) for g in tables]

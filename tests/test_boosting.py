@@ -18,7 +18,7 @@ class UserModel(nn.Module):
         super().__init__()
         self.items = nn.Embedding(30, 16)
         self.layer = MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=3, session_len=3, fusion="residual",
-                                        ablation={"extras_detach_inputs": True}))
+                                        extras_detach_inputs=True))
         self.head = BilinearHead(16)
 
     def forward(self, items, offsets, target_items):

@@ -253,9 +253,10 @@ def test_a_checkpoint_of_an_earlier_config_layout_resumes(tmp_path, monkeypatch,
     train.run(replace(cfg, models=("backbone",)))
     path = tmp_path / "checkpoints" / "backbone-seed0.pt"
     saved = checkpoint.load(path)
-    data, mos = saved["config"]["data"], saved["config"]["model"]["mos"]
+    data, model = saved["config"]["data"], saved["config"]["model"]
     data.update(data.pop("synthetic"), **data.pop("logs"))
-    mos.update(mos.pop("ablation"))
+    # The earliest layout: the ablation options among the layer's (model.mos).
+    model["mos"].update(model.pop("ablation"), extras_detach_inputs=model["mos"].pop("extras_detach_inputs"))
     checkpoint.save(path, saved)
     train.run(replace(cfg, models=("backbone",), train=replace(cfg.train, resume=True)))
     assert "finished before" in capsys.readouterr().out

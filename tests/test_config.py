@@ -9,7 +9,8 @@ import pytest
 from mos.lab.cli import main
 from mos.lab.data.config import DataConfig
 from mos.config import MoSConfig
-from mos.lab.config import RunConfig
+from mos.lab.config import ModelConfig, RunConfig
+from mos.layer import MoSLayer
 from mos.lab.config_io import config_to_dict, dump_yaml, load_run_config
 from tests.input_cases import named
 
@@ -58,7 +59,7 @@ def test_empty_sections_keep_defaults(tmp_path):
 
 
 def test_yaml_round_trip_through_file(tmp_path):
-    cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=gate", "model.training=joint",
+    cfg = load_run_config(None, ["train.seeds=[3,4]", "model.mos.fusion=concat", "model.training=joint",
                                  "model.mos.max_theme_tokens=5"])
     dumped = dump_yaml(cfg)
     assert "seeds: [3, 4]" in dumped            # lists inline, as a person writes them
@@ -69,8 +70,9 @@ def test_yaml_round_trip_through_file(tmp_path):
 @pytest.mark.parametrize("overrides,field,value", [
     (["model.mos.fusion=concat", "model.training=joint"], "mos.fusion", "concat"),
     (["model.mos.fusion=residual"], "mos.fusion", "residual"),
-    (["model.mos.ablation.vq_detach_tokens=false"], "mos.ablation.vq_detach_tokens", False),
-    (["model.mos.ablation.extras_detach_inputs=true"], "mos.ablation.extras_detach_inputs", True),
+    (["model.ablation.vq_detach_tokens=false"], "ablation.vq_detach_tokens", False),
+    (["model.ablation.router=random"], "ablation.router", "random"),
+    (["model.mos.extras_detach_inputs=true"], "mos.extras_detach_inputs", True),
     (["model.training=joint"], "training", "joint"),
     (["model.recency=none"], "recency", "none"),
     (["model.item_id_dim=8"], "item_id_dim", 8),
@@ -87,12 +89,12 @@ def test_design_options_round_trip(tmp_path, overrides, field, value):
 
 def test_design_option_defaults():
     model = RunConfig().model
-    assert (model.mos.fusion, model.mos.ablation.vq_detach_tokens, model.training) == ("residual", True, "boosted")
+    assert (model.mos.fusion, model.ablation.vq_detach_tokens, model.training) == ("residual", True, "boosted")
 
 
 def test_boosted_training_needs_a_residual_fusion_over_a_global_expert():
-    for override in ("model.mos.fusion=concat", "model.mos.ablation.experts=[short,themes]",
-                     "model.mos.ablation.experts=[global]"):
+    for override in ("model.mos.fusion=concat", "model.ablation.experts=[short,themes]",
+                     "model.ablation.experts=[global]"):
         with pytest.raises(ValueError, match=r"model\.training: expected 'joint' when the MoS layer has no "
                                              r"residual fusion over a global expert and another .* got 'boosted'"):
             load_run_config(None, [override])
@@ -136,7 +138,7 @@ def test_wrong_type_names_key_expected_and_given(override, expected):
 
 
 def test_post_init_checks_see_final_values_and_name_dotted_key(tmp_path):
-    with pytest.raises(ValueError, match=r"model\.mos\.fusion: expected one of \['residual', 'concat', 'gate'\], got 'sum'"):
+    with pytest.raises(ValueError, match=r"model\.mos\.fusion: expected one of \['residual', 'concat'\], got 'sum'"):
         load_run_config(None, ["model.mos.fusion=sum"])
     # Valid alone in the file, invalid once the override lands: the check runs on the merged values.
     path = write(tmp_path, "model:\n  mos:\n    num_themes: 4\n")
@@ -193,7 +195,6 @@ CONFIG_CASES = {
     "top_k_0": (dict(top_k=0), "MoSConfig.top_k"),
     "fusion_sum": (dict(fusion="sum"), "MoSConfig.fusion"),
     "encoder_lstm": (dict(encoder="lstm"), "MoSConfig.encoder"),
-    "readout_max": (dict(readout="max"), "MoSConfig.readout"),
     "global_scope_items": (dict(global_scope="items"), "MoSConfig.global_scope"),
     "session_mode_daily": (dict(session_mode="daily"), "MoSConfig.session_mode"),
     "backend_rocm": (dict(backend="rocm"), "MoSConfig.backend"),
@@ -204,11 +205,7 @@ CONFIG_CASES = {
     "heads_not_dividing_dim": (dict(dim=10, num_heads=4), "MoSConfig.dim"),
     "negative_aux_weight": (dict(codebook_weight=-0.5), "MoSConfig.codebook_weight"),
     "nan_aux_weight": (dict(load_balance_weight=math.nan), "MoSConfig.load_balance_weight"),
-    "ablation_router_kmeans": (dict(ablation=dict(router="kmeans")), "MoSConfig.ablation.router"),
-    "ablation_routing_unit_item": (dict(ablation=dict(routing_unit="item")), "MoSConfig.ablation.routing_unit"),
-    "ablation_expert_unknown": (dict(ablation=dict(experts=("global", "long"))), "MoSConfig.ablation.experts"),
-    "ablation_experts_empty": (dict(ablation=dict(experts=())), "MoSConfig.ablation.experts"),
-    "ablation_experts_repeated": (dict(ablation=dict(experts=("short", "short"))), "MoSConfig.ablation.experts"),
+    "fusion_gate": (dict(fusion="gate"), "MoSConfig.fusion"),
 }
 
 
@@ -220,11 +217,41 @@ def test_config_rejects_bad_options(case):
         MoSConfig(**options)
 
 
+ABLATION_CASES = {
+    "router_kmeans": (dict(router="kmeans"), "model.ablation.router"),
+    "routing_unit_item": (dict(routing_unit="item"), "model.ablation.routing_unit"),
+    "expert_unknown": (dict(experts=("global", "long")), "model.ablation.experts[]"),
+    "experts_empty": (dict(experts=()), "model.ablation.experts"),
+    "experts_repeated": (dict(experts=("short", "short")), "model.ablation.experts"),
+}
+
+
+@pytest.mark.parametrize("case", ABLATION_CASES)
+def test_ablation_rejects_bad_options(case):
+    """The lab's ablation section refuses unknown parts, naming the key."""
+    from mos.lab.config import MoSAblation
+    options, name = ABLATION_CASES[case]
+    with pytest.raises(ValueError, match=re.escape(name) + ":"):
+        MoSAblation(**options)
+
+
+@pytest.mark.parametrize("experts", [(), ("global", "long"), ("short", "short"), "global"])
+def test_layer_rejects_bad_expert_sets(experts):
+    """MoSLayer(experts=...) refuses an empty, unknown, repeated or non-list expert set by name."""
+    with pytest.raises(ValueError, match=r"experts: expected a non-empty list of distinct kinds"):
+        MoSLayer(experts=experts)
+
+
+@pytest.mark.parametrize("part", ["router", "routing_unit"])
+def test_layer_rejects_parts_that_are_not_callable(part):
+    with pytest.raises(TypeError, match=rf"{part}: expected a callable \(see mos\.routing\), got str"):
+        MoSLayer(**{part: "random"})
+
+
 SECTION_CASES = {
-    "ablation_none": (lambda: MoSConfig(ablation=None), r"MoSConfig\.ablation: expected a MoSAblation .*got NoneType"),
-    "ablation_string": (lambda: MoSConfig(ablation="random"), r"MoSConfig\.ablation: expected a MoSAblation"),
-    "ablation_unknown_key": (lambda: MoSConfig(ablation={"routers": "random"}),
-                             r"MoSConfig\.ablation: unknown option\(s\) \['routers'\]; expected some of \['router'"),
+    "ablation_none": (lambda: ModelConfig(ablation=None), r"model\.ablation: expected a MoSAblation .*got NoneType"),
+    "ablation_unknown_key": (lambda: ModelConfig(ablation={"routers": "random"}),
+                             r"model\.ablation: unknown option\(s\) \['routers'\]; expected some of \['router'"),
     "synthetic_none": (lambda: DataConfig(synthetic=None), r"data\.synthetic: expected a SyntheticConfig"),
     "logs_string": (lambda: DataConfig(logs="x"), r"data\.logs: expected a LogConfig .*got str 'x'"),
     "logs_unknown_key": (lambda: DataConfig(logs={"user_col": "u"}), r"data\.logs: unknown option\(s\) \['user_col'\]"),
@@ -249,17 +276,25 @@ def test_moved_keys_name_where_they_moved(tmp_path):
         load_run_config(None, ["data.user_column=uid"])
     with pytest.raises(ValueError, match=r"'data\.noise' moved to 'data\.synthetic\.noise'"):
         load_run_config(None, ["data={noise: 0.2}"])
-    with pytest.raises(ValueError, match=r"'model\.mos\.router' moved to 'model\.mos\.ablation\.router'"):
+    with pytest.raises(ValueError, match=r"'model\.mos\.router' moved to 'model\.ablation\.router'"):
         load_run_config(write(tmp_path, "model:\n  mos:\n    router: random\n"), [])
-    with pytest.raises(ValueError, match=r"'model\.mos\.experts' moved to 'model\.mos\.ablation\.experts'"):
+    with pytest.raises(ValueError, match=r"'model\.mos\.experts' moved to 'model\.ablation\.experts'"):
         load_run_config(None, ["model.mos.experts=[global]"])
+    with pytest.raises(ValueError, match=r"'model\.mos\.ablation\.router' moved to 'model\.ablation\.router'"):
+        load_run_config(None, ["model.mos.ablation.router=random"])
+    with pytest.raises(ValueError, match=r"'model\.mos\.ablation\.extras_detach_inputs' moved to "
+                                         r"'model\.mos\.extras_detach_inputs'"):
+        load_run_config(write(tmp_path, "model:\n  mos:\n    ablation:\n      extras_detach_inputs: true\n"), [])
     from mos.lab.data.config import DataConfig
     from mos.config import MoSConfig
     from mos.layer import MoSLayer
     with pytest.raises(TypeError, match=r"DataConfig\.num_items: moved to data\.synthetic\.num_items"):
         DataConfig(num_items=5)
-    with pytest.raises(TypeError, match=r"MoSConfig\.router: moved to MoSConfig\.ablation\.router"):
-        MoSLayer(router="random")
+    with pytest.raises(TypeError, match=r"MoSConfig\.vq_detach_tokens: moved out of the config; it is an option "
+                                        r"of the router: MoSLayer\(config, router=mos\.routing\.LearnedRouter"):
+        MoSLayer(vq_detach_tokens=False)
+    with pytest.raises(TypeError, match=r"MoSConfig\.ablation: moved out of the config; it is the options it held"):
+        MoSConfig(ablation={"router": "random"})
     with pytest.raises(ValueError, match=r"'model\.mos\.capacity' moved to 'model\.mos\.max_theme_tokens'"):
         load_run_config(None, ["model.mos.capacity=8"])
     with pytest.raises(TypeError, match=r"MoSConfig\.capacity: renamed max_theme_tokens"):
@@ -269,7 +304,6 @@ def test_moved_keys_name_where_they_moved(tmp_path):
     from mos.lab.config import ModelConfig
     with pytest.raises(TypeError, match=r"ModelConfig\.mos_training: renamed training \(model\.training\)"):
         ModelConfig(mos_training="joint")
-    assert MoSConfig(ablation={"router": "random"}).ablation.router == "random"
 
 
 def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
@@ -278,7 +312,7 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     data = old["data"]
     data.update(data.pop("synthetic"), **data.pop("logs"))
     data["num_users"], data["user_column"] = 40, "uid"
-    old["model"]["mos"].update(old["model"]["mos"].pop("ablation"), router="random")
+    old["model"]["mos"].update(old["model"].pop("ablation"), router="random")
     old["model"]["mos"]["capacity"] = 5
     del old["model"]["mos"]["max_theme_tokens"]
     old["model"]["mos_training"] = old["model"].pop("training")
@@ -287,7 +321,7 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     assert (cfg.data.synthetic.num_users, cfg.data.logs.user_column) == (40, "uid")
     # Options added since take the value that gives the model of the time: no recency embedding.
     assert (cfg.model.training, cfg.model.recency, cfg.model.item_id_dim) == ("boosted", "none", None)
-    assert (cfg.model.mos.ablation.router, cfg.model.mos.max_theme_tokens) == ("random", 5)
+    assert (cfg.model.ablation.router, cfg.model.mos.max_theme_tokens) == ("random", 5)
     assert load_run_config(None, [], base=config_to_dict(cfg)) == cfg
 
 

@@ -13,6 +13,7 @@ import torch
 import oracles
 from mos import MoSLayer
 from mos.config import MoSConfig
+from mos.routing import LearnedRouter
 from oracles import generator, increasing_times, randn
 from tolerances import assert_close
 
@@ -21,18 +22,18 @@ GAP = 100.0
 MIXED = [0, 7, 1, 0, 12, 5, 0]  # empty first, in the middle and last; a one-token sequence
 ALL_EMPTY = [0, 0, 0]
 
-ENCODER_READOUT = [("target_attention", "target"), ("transformer", "target"), ("transformer", "last"),
-                   ("transformer", "mean")]
+ENCODERS = ["target_attention", "transformer"]
 
 
-def make_layer(device, *, live=True, **options) -> MoSLayer:
+def make_layer(device, *, live=True, parts=None, **options) -> MoSLayer:
     """live: the residual fusion's other-experts term made nonzero (`oracles.live_extras`), so the
-    tests see every expert; live=False keeps the initial layer, which is its global expert."""
+    tests see every expert; live=False keeps the initial layer, which is its global expert.
+    parts: MoSLayer's keyword parts (router, routing_unit, experts)."""
     config = dict(dim=DIM, num_heads=2, num_themes=3, session_len=3, gap_seconds=GAP, max_session_len=4,
                   temperature=0.5)
     config.update(options)
     torch.manual_seed(0)
-    layer = MoSLayer(MoSConfig(**config))
+    layer = MoSLayer(MoSConfig(**config), **(parts or {}))
     return (oracles.live_extras(layer) if live else layer).to(device)
 
 
@@ -55,22 +56,22 @@ def assert_finite_grads(layer, *inputs):
         assert p.grad is None or torch.isfinite(p.grad).all(), f"gradient of {name} is not finite"
     for i, t in enumerate(inputs):
         if t.numel() == 0 and t.grad is None:
-            continue   # an empty input may be unused (e.g. a "last" readout of no rows): nothing to check
+            continue   # an empty input may be unused (no rows to read): nothing to check
         assert t.grad is not None and torch.isfinite(t.grad).all(), f"gradient of input {i} is not finite"
 
 
-@pytest.mark.parametrize("encoder,readout", ENCODER_READOUT)
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("global_scope", ["tokens", "sessions"])
-@pytest.mark.parametrize("fusion", ["residual", "concat", "gate"])
+@pytest.mark.parametrize("fusion", ["residual", "concat"])
 @pytest.mark.parametrize("session_mode", ["fixed", "gap"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("max_theme_tokens", [None, 3])
-def test_all_options_finite(encoder, readout, global_scope, fusion, session_mode, top_k, max_theme_tokens, device):
+def test_all_options_finite(encoder, global_scope, fusion, session_mode, top_k, max_theme_tokens, device):
     """Every option combination: [B, d] finite output and finite aux losses; every parameter gets
     a finite gradient from output + aux loss on a batch with empty sequences, and the theme
     subsequences hold T * top_k tokens (fewer, none above max_theme_tokens, with that cap); an
     all-empty batch also gives finite outputs and gradients."""
-    layer = make_layer(device, encoder=encoder, readout=readout, global_scope=global_scope, fusion=fusion,
+    layer = make_layer(device, encoder=encoder, global_scope=global_scope, fusion=fusion,
                        session_mode=session_mode, top_k=top_k, max_theme_tokens=max_theme_tokens)
     for lengths in (MIXED, ALL_EMPTY):
         layer.zero_grad(set_to_none=True)
@@ -95,13 +96,13 @@ def test_all_options_finite(encoder, readout, global_scope, fusion, session_mode
                 assert int(out.routing.segment_lengths.max()) <= max_theme_tokens
 
 
-@pytest.mark.parametrize("encoder,readout", ENCODER_READOUT)
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("session_mode", ["fixed", "gap"])
 @pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, 3)])
-def test_padded_input_equals_jagged(encoder, readout, session_mode, top_k, max_theme_tokens, device):
+def test_padded_input_equals_jagged(encoder, session_mode, top_k, max_theme_tokens, device):
     """Padded values [B, L, d] + lengths (+ timestamps [B, L]) give bit for bit the output of the
     jagged input; padding cells (garbage values, times going back) are never read."""
-    layer = make_layer(device, encoder=encoder, readout=readout, session_mode=session_mode, top_k=top_k,
+    layer = make_layer(device, encoder=encoder, session_mode=session_mode, top_k=top_k,
                        max_theme_tokens=max_theme_tokens)
     values, target, offsets, times = batch(MIXED, 3, device)
     width = max(MIXED) + 2
@@ -182,11 +183,11 @@ def test_experts_read_the_oracle_inputs(session_mode, short_sessions, global_sco
 
 CROSS_TALK_OPTIONS = [
     dict(encoder="target_attention"),
-    dict(encoder="target_attention", session_mode="gap", top_k=2, max_theme_tokens=3, fusion="gate",
+    dict(encoder="target_attention", session_mode="gap", top_k=2, max_theme_tokens=3, fusion="concat",
          global_scope="sessions"),
-    dict(encoder="transformer", readout="target", top_k=2, max_theme_tokens=2),
-    dict(encoder="transformer", readout="last", session_mode="gap", global_scope="sessions"),
-    dict(encoder="transformer", readout="mean", fusion="gate", max_theme_tokens=3, short_sessions=2),
+    dict(encoder="transformer", top_k=2, max_theme_tokens=2),
+    dict(encoder="transformer", session_mode="gap", global_scope="sessions"),
+    dict(encoder="transformer", fusion="concat", max_theme_tokens=3, short_sessions=2),
 ]
 
 
@@ -205,13 +206,13 @@ def test_no_cross_talk_between_examples(options, device):
         assert torch.equal(alone.routing.segment_lengths[:, 0], full.routing.segment_lengths[:, b])
 
 
-@pytest.mark.parametrize("encoder,readout", ENCODER_READOUT)
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_router_learns_from_task_loss_alone(encoder, readout, top_k, device):
+def test_router_learns_from_task_loss_alone(encoder, top_k, device):
     """Aux weights 0 and the theme query zeroed (so the fusion logits do not touch the
     prototypes): the prototypes still get a nonzero gradient from the task loss, through the
     straight-through gate of the dispatched rows; the aux loss is exactly 0."""
-    layer = make_layer(device, encoder=encoder, readout=readout, top_k=top_k, commitment_weight=0.0,
+    layer = make_layer(device, encoder=encoder, top_k=top_k, commitment_weight=0.0,
                        codebook_weight=0.0, load_balance_weight=0.0)
     with torch.no_grad():
         layer.theme_query.weight.zero_()
@@ -261,7 +262,7 @@ def test_load_balance_is_one_when_uniform(device):
 
 
 def test_aux_stop_gradients(device):
-    """With the tokens reaching the VQ losses (ablation.vq_detach_tokens=False): commitment moves the
+    """With the tokens reaching the VQ losses (LearnedRouter(vq_detach_tokens=False)): commitment moves the
     session vectors only (prototypes stopped), codebook the prototypes only (session vectors
     stopped), load balance both."""
     values, target, offsets, times = batch(MIXED, 10, device)
@@ -273,7 +274,7 @@ def test_aux_stop_gradients(device):
 
 
 def test_detached_tokens_take_no_gradient_from_aux_losses(device):
-    """ablation.vq_detach_tokens=True (the default): no auxiliary loss sends any gradient to the tokens
+    """LearnedRouter(vq_detach_tokens=True), the default: no auxiliary loss sends any gradient to the tokens
     (the item embeddings), and the codebook and load-balance losses still move the prototypes."""
     values, target, offsets, times = batch(MIXED, 10, device)
     for name, moves_prototypes in (("commitment", False), ("codebook", True), ("load_balance", True)):
@@ -286,7 +287,7 @@ def _aux_gradients(device, name, values, target, offsets, times, *, detach):
     """|grad| summed over the tokens and over the prototypes of aux loss `name` alone."""
     weights = dict(commitment_weight=0.0, codebook_weight=0.0, load_balance_weight=0.0)
     weights[f"{name}_weight"] = 1.0
-    layer = make_layer(device, ablation={"vq_detach_tokens": detach}, **weights)
+    layer = make_layer(device, parts=dict(router=LearnedRouter(vq_detach_tokens=detach)), **weights)
     leaf = values.clone().requires_grad_()
     run(layer, leaf, target, offsets, times).aux_loss.backward()
     value_grad = 0.0 if leaf.grad is None else float(leaf.grad.abs().sum())
@@ -295,11 +296,11 @@ def _aux_gradients(device, name, values, target, offsets, times, *, detach):
 
 
 @pytest.mark.parametrize("experts", [("global", "short", "themes"), ("global", "themes"), ("global", "short")])
-@pytest.mark.parametrize("encoder,readout", ENCODER_READOUT)
-def test_residual_fusion_starts_as_the_global_expert(experts, encoder, readout, device):
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_residual_fusion_starts_as_the_global_expert(experts, encoder, device):
     """fusion="residual" at initialisation: the output is exactly the global expert's (the other
     experts' projection is zero), and that projection still gets a gradient, so it learns."""
-    layer = make_layer(device, live=False, encoder=encoder, readout=readout, ablation={"experts": experts})
+    layer = make_layer(device, live=False, encoder=encoder, parts=dict(experts=experts))
     values, target, offsets, times = batch(MIXED, 16, device)
     out = run(layer, values, target, offsets, times)
     alone = layer.global_expert(values, target, offsets)[0]
@@ -317,12 +318,12 @@ def test_aux_losses_all_empty_batch(device):
         assert float(value) == 0.0, f"{name} = {float(value)}"
 
 
-@pytest.mark.parametrize("encoder,readout", ENCODER_READOUT)
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_all_sessions_on_one_theme(encoder, readout, top_k, device):
+def test_all_sessions_on_one_theme(encoder, top_k, device):
     """Every token along one direction u and prototype 0 = u: every session chooses theme 0
     first, the other themes (top_k = 1) are empty; output and gradients stay finite."""
-    layer = make_layer(device, encoder=encoder, readout=readout, top_k=top_k, num_themes=4)
+    layer = make_layer(device, encoder=encoder, top_k=top_k, num_themes=4)
     gen = generator(12)
     u = torch.nn.functional.normalize(randn(gen, DIM, dtype=torch.float32), dim=0).to(device)
     with torch.no_grad():
@@ -340,13 +341,13 @@ def test_all_sessions_on_one_theme(encoder, readout, top_k, device):
     assert_finite_grads(layer, values)
 
 
-@pytest.mark.parametrize("encoder,readout", ENCODER_READOUT)
-def test_single_theme_and_identical_prototypes(encoder, readout, device):
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_single_theme_and_identical_prototypes(encoder, device):
     """K = 1 (one theme expert holds every token) and K = 3 with identical prototypes (every
     score tied): finite outputs and gradients, every token dispatched once."""
     values, target, offsets, times = batch(MIXED, 14, device)
     for num_themes in (1, 3):
-        layer = make_layer(device, encoder=encoder, readout=readout, num_themes=num_themes)
+        layer = make_layer(device, encoder=encoder, num_themes=num_themes)
         with torch.no_grad():
             layer.prototypes.copy_(layer.prototypes[:1].expand_as(layer.prototypes))
         leaf = values.clone().requires_grad_()

@@ -3,7 +3,7 @@ forward and backward; each op's own comparisons are in tests/ops/.
 
 test_layer_equals_reference is the one comparison of the whole layer with its reference, over
 three kinds of case: the small configurations (encoder, top-k, max_theme_tokens) on both kernel
-backends; every option of the layer (global scope, fusion, readouts, two layers) on Triton; and,
+backends; every option of the layer (global scope, fusion, two layers) on Triton; and,
 on a CUDA device only, the layer at B = 64, L = 256 in fp32 / fp16 / bf16 on both kernel backends.
 test_layer_all_empty_batch_is_finite runs a batch without history. On the CPU Triton runs under
 TRITON_INTERPRET=1 and the CUDA extension's kernel code under its emulation (MOS_CUDA_EMULATE=1);
@@ -36,6 +36,7 @@ def test_layer_all_empty_batch_is_finite(encoder, device):
     """No history at all: every segment of every expert is empty; zeros flow, no NaN, and every
     parameter the batch reaches gets a finite gradient."""
     from mos import MoSConfig, MoSLayer
+    from mos.routing import LearnedRouter, RandomRouter
 
     torch.manual_seed(0)
     layer = MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=4, encoder=encoder, backend="triton")).to(device)
@@ -50,10 +51,10 @@ def test_layer_all_empty_batch_is_finite(encoder, device):
 
 LAYER_OPTIONS = [
     dict(encoder="target_attention"),
-    dict(encoder="target_attention", top_k=2, max_theme_tokens=3, global_scope="sessions", fusion="gate"),
-    dict(encoder="transformer", readout="target"),
-    dict(encoder="transformer", readout="last", top_k=2, max_theme_tokens=3),
-    dict(encoder="transformer", readout="mean", num_layers=2, global_scope="sessions"),
+    dict(encoder="target_attention", top_k=2, max_theme_tokens=3, global_scope="sessions", fusion="concat"),
+    dict(encoder="transformer"),
+    dict(encoder="transformer", top_k=2, max_theme_tokens=3, fusion="concat"),
+    dict(encoder="transformer", num_layers=2, global_scope="sessions"),
 ]
 
 
@@ -75,7 +76,7 @@ CASES = (
     + [_small(options, [0, 9, 1, 14, 0, 30], "triton") for options in LAYER_OPTIONS]
     # Found by tests/test_layer_fuzz.py: one example without history (no gradient reaches the
     # values on either backend; the comparison once required one).
-    + [_small(dict(encoder="transformer", readout="last", num_themes=1, session_len=1), [0], "triton")]
+    + [_small(dict(encoder="transformer", num_themes=1, session_len=1), [0], "triton")]
     + [_gpu_scale(dtype, encoder, backend) for dtype in (torch.float32, torch.float16, torch.bfloat16)
        for encoder in ("target_attention", "transformer") for backend in ("triton", "cuda")]
 )
@@ -98,14 +99,15 @@ def _check_at_gpu_scale(dtype, encoder, backend):
     inside every kernel) are at least as accurate as the reference run in the same dtype, up to
     a factor 2 for the different rounding points."""
     from mos import MoSConfig, MoSLayer
+    from mos.routing import LearnedRouter, RandomRouter
 
     # Half precision: random routing drawn from the same seed in every run, so that no session
     # flips theme on a near-tie between runs (that would compare different computations).
     half = dtype != torch.float32
-    config = dict(dim=64, num_heads=2, num_themes=8, encoder=encoder,
-                  ablation={"router": "random" if half else "learned"})
+    config = dict(dim=64, num_heads=2, num_themes=8, encoder=encoder)
+    router = RandomRouter() if half else LearnedRouter()
     torch.manual_seed(0)
-    exact = live_extras(MoSLayer(MoSConfig(backend="reference", **config))).cuda()
+    exact = live_extras(MoSLayer(MoSConfig(backend="reference", **config), router=router)).cuda()
     gen = torch.Generator(device="cuda").manual_seed(7)
     lengths = torch.randint(128, 385, (64,), device="cuda", generator=gen)
     offsets = mk.offsets_from_lengths(lengths)
@@ -113,7 +115,7 @@ def _check_at_gpu_scale(dtype, encoder, backend):
     target = torch.randn(64, 64, device="cuda", generator=gen)
 
     def run(backend, run_dtype):
-        layer = MoSLayer(MoSConfig(backend=backend, **config)).cuda()
+        layer = MoSLayer(MoSConfig(backend=backend, **config), router=router).cuda()
         layer.load_state_dict(exact.state_dict())
         layer.to(run_dtype)
         x = values.to(dtype).to(run_dtype).requires_grad_()

@@ -43,12 +43,10 @@ def layer_options(draw) -> dict:
         max_session_len=draw(st.integers(2, 8)),
         max_theme_tokens=draw(st.one_of(st.none(), st.integers(1, 5))),
         global_scope=draw(st.sampled_from(["tokens", "sessions"])),
-        fusion=draw(st.sampled_from(["residual", "concat", "gate"])),
+        fusion=draw(st.sampled_from(["residual", "concat"])),
         short_sessions=draw(st.integers(1, 3)),
         gap_seconds=10.0,
     )
-    if options["encoder"] == "transformer":
-        options["readout"] = draw(st.sampled_from(["target", "last", "mean"]))
     return options
 
 

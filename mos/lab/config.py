@@ -13,7 +13,8 @@ from typing import Optional
 
 from mos_kernels.checks import check_choice, check_positive
 
-from mos.config import MoSConfig, check_int_fields
+from mos.config import EXPERT_KINDS, MoSConfig, check_int_fields, config_section
+from mos.routing import LearnedRouter, RandomRouter, route_sessions, route_tokens
 from mos.lab.data.config import DataConfig
 from mos.lab.moved_options import refuse_moved
 from mos.lab.variants import VARIANTS
@@ -46,6 +47,43 @@ class MoEConfig:
                 raise ValueError(f"model.moe.{name}: expected a number >= 0, got {getattr(self, name)!r}")
 
 
+@dataclass
+class MoSAblation:
+    """The parts of the MoS layer an ablation swaps (`model.ablation.*`; the variants of
+    `mos.lab.variants` set them): the defaults are the layer, every other value removes or
+    weakens one of its parts. `layer_parts` turns them into the keywords `MoSLayer` takes.
+
+    Attributes:
+        router: "learned" prototypes, or "random" themes.
+        routing_unit: route whole "session"s, or every "token" alone.
+        experts: which expert kinds run, a list of "global", "short", "themes".
+        vq_detach_tokens: the learned router's VQ and load-balance losses see the session
+            vectors detached, so they train the prototypes and never the item embeddings (True).
+    """
+
+    router: str = "learned"
+    routing_unit: str = "session"
+    experts: tuple = EXPERT_KINDS
+    vq_detach_tokens: bool = True
+
+    def __post_init__(self):
+        check_choice("model.ablation.router", self.router, ("learned", "random"))
+        check_choice("model.ablation.routing_unit", self.routing_unit, ("session", "token"))
+        self.experts = tuple(self.experts)
+        for kind in self.experts:
+            check_choice("model.ablation.experts[]", kind, EXPERT_KINDS)
+        if not self.experts or len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"model.ablation.experts: expected a non-empty list of distinct kinds from "
+                             f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
+
+    def layer_parts(self) -> dict:
+        """The keywords of `MoSLayer` (router, routing_unit, experts) these options stand for."""
+        router = (LearnedRouter(vq_detach_tokens=self.vq_detach_tokens) if self.router == "learned"
+                  else RandomRouter())
+        routing_unit = route_sessions if self.routing_unit == "session" else route_tokens
+        return dict(router=router, routing_unit=routing_unit, experts=self.experts)
+
+
 MODEL_KINDS = ("mos", "backbone", "gshard", "dselect_k", "expert_choice", "stacked_backbone")
 # Kinds built as the backbone plus a correction: MoS (its global expert is the backbone), the
 # sample-level MoE baselines and the stacking control (a second plain encoder as the correction).
@@ -67,6 +105,7 @@ class ModelConfig:
 
     kind: str = "mos"                # one of MODEL_KINDS; "backbone" = one encoder over the whole sequence
     mos: MoSConfig = field(default_factory=MoSConfig)
+    ablation: MoSAblation = field(default_factory=MoSAblation)   # kind "mos" only
     moe: MoEConfig = field(default_factory=MoEConfig)
     use_category: bool = True        # add a category embedding to every item embedding
     # Width of the free item-ID embedding, projected to `mos.dim` and added to the category's;
@@ -86,6 +125,7 @@ class ModelConfig:
     training: str = "boosted"
 
     def __post_init__(self):
+        self.ablation = config_section("model.ablation", self.ablation, MoSAblation)
         self.mlp_hidden = tuple(self.mlp_hidden)
         check_int_fields(self, "model", ("mlp_hidden",))
         check_choice("model.kind", self.kind, MODEL_KINDS)
@@ -94,11 +134,11 @@ class ModelConfig:
         if self.item_id_dim is not None:
             check_positive("model.item_id_dim", self.item_id_dim)
         if self.kind == "mos" and self.training == "boosted" and (
-                self.mos.fusion != "residual" or "global" not in self.mos.ablation.experts
-                or len(self.mos.ablation.experts) < 2):
+                self.mos.fusion != "residual" or "global" not in self.ablation.experts
+                or len(self.ablation.experts) < 2):
             raise ValueError(f"model.training: expected 'joint' when the MoS layer has no residual fusion over a "
-                             f"global expert and another (fusion={self.mos.fusion!r}, ablation.experts="
-                             f"{list(self.mos.ablation.experts)}), got 'boosted'")
+                             f"global expert and another (mos.fusion={self.mos.fusion!r}, ablation.experts="
+                             f"{list(self.ablation.experts)}), got 'boosted'")
         self.mlp_hidden = tuple(self.mlp_hidden)
         for width in self.mlp_hidden:
             check_positive("model.mlp_hidden[]", width)

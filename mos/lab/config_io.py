@@ -147,7 +147,9 @@ def _check_keys(cls, tree: dict, prefix: str, where: str) -> None:
     for name, value in tree.items():
         key = f"{prefix}{name}"
         if name not in hints:
-            raise _unknown_key(key, cls, where)
+            # A section of an earlier layout: name where its first moved key lives now.
+            inner = [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else []
+            raise _unknown_key(next((k for k in inner if moved_key(k)), key), cls, where)
         if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
             _check_keys(hints[name], value, f"{key}.", where)
 
@@ -155,6 +157,8 @@ def _check_keys(cls, tree: dict, prefix: str, where: str) -> None:
 def _check_path(cls, key: str, where: str):
     """A dotted override key names a field; every part but the last names a section.
     Returns the field's type."""
+    if moved_key(key) is not None:
+        raise _unknown_key(key, cls, where)
     parts = key.split(".")
     for depth, name in enumerate(parts):
         hints = _sections(cls)

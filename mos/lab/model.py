@@ -84,8 +84,8 @@ class CTRModel(nn.Module):
         # backbone encoder, and (with the zero-initialised correction) as the same function.
         if config.kind == "mos":
             # Boosted: the other experts read the embeddings detached (only the backbone's loss shapes them).
-            detached = replace(mos_cfg, ablation=replace(mos_cfg.ablation, extras_detach_inputs=True))
-            self.encoder = MoSLayer(detached if config.boosted else mos_cfg)
+            detached = replace(mos_cfg, extras_detach_inputs=True)
+            self.encoder = MoSLayer(detached if config.boosted else mos_cfg, **config.ablation.layer_parts())
         elif config.kind == "backbone":
             self.encoder = backbone_encoder(config)
         else:

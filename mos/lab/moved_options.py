@@ -10,19 +10,25 @@ import functools
 
 from mos.config import RENAMED
 
+_ABLATION = ("router", "routing_unit", "experts", "vq_detach_tokens")
+
 _SYNTHETIC = ("num_users", "num_items", "num_interests", "interests_per_user", "sessions_per_user",
               "session_length", "targets_per_user", "noise", "taste_dim", "taste_concentration",
               "popularity_exponent", "event_gap_mean", "session_gap_mean", "target_own_interest",
               "label_taste", "label_share", "label_recent", "label_bias")
 _LOGS = ("user_column", "item_column", "time_column", "label_column", "rating_column", "category_column",
          "label_source", "rating_threshold", "negatives", "history", "min_history", "drop_duplicates")
-# Old dotted key -> the dotted key it moved to. The layer's own keywords (`mos.config.RENAMED`:
-# the ablation options, "capacity", the MoE baselines' word, now max_theme_tokens) sit under
-# model.mos in a config file.
+# Old dotted key -> the dotted key it moved to. The layer's renamed keywords (`mos.config.RENAMED`:
+# "capacity", the MoE baselines' word, now max_theme_tokens) sit under model.mos in a config
+# file; the ablation options were first at model.mos, then at model.mos.ablation, and are the
+# lab's model.ablation now (they choose the parts handed to the layer).
 MOVED = {
     **{f"data.{name}": f"data.synthetic.{name}" for name in _SYNTHETIC},
     **{f"data.{name}": f"data.logs.{name}" for name in _LOGS},
     **{f"model.mos.{old}": f"model.mos.{new}" for old, new in RENAMED.items()},
+    **{f"model.mos.{name}": f"model.ablation.{name}" for name in _ABLATION},
+    **{f"model.mos.ablation.{name}": f"model.ablation.{name}" for name in _ABLATION},
+    "model.mos.ablation.extras_detach_inputs": "model.mos.extras_detach_inputs",
     # Boosted training now applies to every stacked kind, not to MoS alone.
     "model.mos_training": "model.training",
 }

@@ -21,23 +21,23 @@ VARIANTS: Dict[str, dict] = {
     # The stacking control: a second plain encoder as the correction (what stacking alone gives).
     "stacked_backbone": {"kind": "stacked_backbone"},
     "mos": {"kind": "mos"},
-    "mos_no_global": {"kind": "mos", "training": "joint", "mos": {"ablation": {"experts": ("short", "themes")}}},
-    "mos_no_short": {"kind": "mos", "mos": {"ablation": {"experts": ("global", "themes")}}},
-    "mos_no_themes": {"kind": "mos", "mos": {"ablation": {"experts": ("global", "short")}}},
-    "mos_random_routing": {"kind": "mos", "mos": {"ablation": {"router": "random"}}},
-    "mos_token_routing": {"kind": "mos", "mos": {"ablation": {"routing_unit": "token"}}},
+    "mos_no_global": {"kind": "mos", "training": "joint", "ablation": {"experts": ("short", "themes")}},
+    "mos_no_short": {"kind": "mos", "ablation": {"experts": ("global", "themes")}},
+    "mos_no_themes": {"kind": "mos", "ablation": {"experts": ("global", "short")}},
+    "mos_random_routing": {"kind": "mos", "ablation": {"router": "random"}},
+    "mos_token_routing": {"kind": "mos", "ablation": {"routing_unit": "token"}},
     "mos_global_sessions": {"kind": "mos", "mos": {"global_scope": "sessions"}},
     # The design choices that keep MoS at least as good as its backbone, each undone alone.
     "mos_joint": {"kind": "mos", "training": "joint"},
     "mos_concat_fusion": {"kind": "mos", "training": "joint", "mos": {"fusion": "concat"}},
     "mos_vq_to_embeddings": {"kind": "mos", "training": "joint",
-                             "mos": {"ablation": {"vq_detach_tokens": False}}},
+                             "ablation": {"vq_detach_tokens": False}},
     "mos_no_aux_losses": {"kind": "mos", "mos": {"commitment_weight": 0.0, "codebook_weight": 0.0,
                                                  "load_balance_weight": 0.0}},
     "mos_joint_extras_dropout": {"kind": "mos", "training": "joint", "mos": {"dropout": 0.2}},
     # All undone: the layer as it was first reconstructed.
     "mos_concat_vq_to_embeddings": {"kind": "mos", "training": "joint",
-                                    "mos": {"fusion": "concat", "ablation": {"vq_detach_tokens": False}}},
+                                    "mos": {"fusion": "concat"}, "ablation": {"vq_detach_tokens": False}},
 }
 
 

@@ -34,8 +34,8 @@ class SampleMoE(nn.Module):
         mos_cfg, self.moe = config.mos, config.moe
         self.backends = op_backends(mos_cfg.backend)
         self.experts = make_encoder(mos_cfg.encoder, mos_cfg.dim, mos_cfg.num_heads, self.moe.num_experts,
-                                    num_layers=mos_cfg.num_layers, readout=mos_cfg.readout,
-                                    dropout=mos_cfg.dropout, backend=mos_cfg.backend)
+                                    num_layers=mos_cfg.num_layers, dropout=mos_cfg.dropout,
+                                    backend=mos_cfg.backend)
         self.gate_input = nn.Linear(2 * mos_cfg.dim, mos_cfg.dim)
 
     def gate(self, features: torch.Tensor):

@@ -89,7 +89,7 @@ def fingerprint(cfg: RunConfig, name: str, seed: int) -> str:
 
 # The encoder options every model kind reads (the session options cut the sessions the recency
 # embedding counts); the other MoSConfig fields shape MoS alone.
-SHARED_ENCODER_FIELDS = ("dim", "num_heads", "encoder", "num_layers", "readout", "dropout", "backend",
+SHARED_ENCODER_FIELDS = ("dim", "num_heads", "encoder", "num_layers", "dropout", "backend",
                          "session_mode", "session_len", "gap_seconds", "max_session_len", "validate_inputs")
 
 
@@ -99,6 +99,7 @@ def model_key(model_cfg) -> dict:
     key = config_to_dict(model_cfg)
     if model_cfg.kind != "mos":
         key["mos"] = {name: key["mos"][name] for name in SHARED_ENCODER_FIELDS}
+        del key["ablation"]
     if not model_cfg.stacked:
         del key["training"]
     if model_cfg.kind not in MOE_BASELINES:

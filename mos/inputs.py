@@ -1,0 +1,38 @@
+"""The input forms `MoSLayer.forward` accepts: jagged rows with offsets, or padded rows with lengths."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import mos_kernels as mk
+from mos_kernels.checks import check_tensor
+
+
+def as_jagged(values: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+              timestamps: Optional[torch.Tensor]):
+    """`MoSLayer.forward`'s two input forms as one: jagged values [T, d] with offsets [B+1], or
+    padded values [B, L, d] with lengths [B] (and timestamps [B, L]); returns (values [T, d],
+    offsets [B+1], timestamps [T] or None). Raises ValueError naming the argument that does not
+    fit the form values has."""
+    check_tensor("values", values)
+    if values.dim() == 3:
+        if offsets is not None:
+            raise ValueError("offsets: expected None for padded values [B, L, d] (pass lengths), got a tensor")
+        if lengths is None:
+            raise ValueError("lengths: expected a [B] tensor with padded values [B, L, d], got None")
+        if timestamps is not None:
+            check_tensor("timestamps", timestamps, ndim=2)
+            if timestamps.shape != values.shape[:2]:
+                raise ValueError(f"timestamps: expected shape {tuple(values.shape[:2])} like padded values, "
+                                 f"got {tuple(timestamps.shape)}")
+            timestamps = mk.padded_to_jagged(timestamps[..., None], lengths)[0][:, 0]
+        values, offsets = mk.padded_to_jagged(values, lengths)
+        return values, offsets, timestamps
+    if values.dim() != 2:
+        raise ValueError(f"values: expected jagged [T, d] or padded [B, L, d], got shape {tuple(values.shape)}")
+    if offsets is None:
+        raise ValueError("offsets: expected a [B+1] int64 tensor with jagged values [T, d], got None")
+    if lengths is not None:
+        raise ValueError("lengths: expected None with jagged values (offsets say the lengths), got a tensor")
+    return values, offsets, timestamps

@@ -1,0 +1,105 @@
+"""The parts of MoS's theme path a caller can swap: the router and the routing unit.
+
+`MoSLayer(router=..., routing_unit=...)` takes them; the defaults are the layer itself (learned
+prototypes routing whole sessions). Other parts exist to measure what the defaults add: the
+CTR lab's ablations (`mos.lab.variants`) hand the layer `RandomRouter()` or `route_tokens`, so
+the layer's forward runs whatever it was given and never branches on an ablation.
+
+A router is any callable `router(values, units, prototypes, *, temperature, top_k, backends,
+training) -> (pooled, routing, aux)`:
+    values: [T, d] the tokens it routes (jagged rows of the batch);
+    units: `mos_kernels.Sessions`, the routing units (rows of `values` per unit);
+    prototypes: [K, d] the layer's theme prototypes (a router may ignore them);
+    returns pooled [S, d] (the units' mean vectors, or None), a `mos_kernels.Routing` over the
+    S units, and the auxiliary losses {"commitment", "codebook", "load_balance"} as float32
+    scalars (zeros where the router has none).
+A routing unit is any callable `routing_unit(offsets, sessions, num_tokens) -> Sessions`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+import mos_kernels as mk
+from mos_kernels.jagged import counts_of
+from mos_kernels.theme_route import normalized
+
+AUX_LOSSES = ("commitment", "codebook", "load_balance")
+RouterResult = Tuple[Optional[torch.Tensor], mk.Routing, Dict[str, torch.Tensor]]
+
+
+def no_aux(like: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Every auxiliary loss as a float32 zero on `like`'s device."""
+    return {name: like.new_zeros((), dtype=torch.float32) for name in AUX_LOSSES}
+
+
+@dataclass(frozen=True)
+class LearnedRouter:
+    """The MoS router: each unit's mean vector scored against the K prototypes by cosine / tau,
+    top-k themes with a straight-through gate (`mos_kernels.session_pool_route`, pooling and
+    routing fused); in training, the VQ commitment and codebook losses and the Switch load
+    balance (docs/design.md, step 3).
+
+    Attributes:
+        vq_detach_tokens: the auxiliary losses see the pooled units detached, so they move the
+            prototypes and never the item embeddings the target, the global expert and the head
+            share (True). The task loss still reaches the embeddings through the gate.
+    """
+
+    vq_detach_tokens: bool = True
+
+    def __call__(self, values, units, prototypes, *, temperature, top_k, backends, training) -> RouterResult:
+        pooled, routing = mk.session_pool_route(values, units.session_offsets, prototypes, temperature=temperature,
+                                                top_k=top_k, backend=backends["session_pool_route"])
+        # The auxiliary losses only train: an evaluating layer does not spend work on them.
+        aux = aux_losses(pooled, prototypes, routing, temperature, self.vq_detach_tokens) if training else no_aux(values)
+        return pooled, routing, aux
+
+
+@dataclass(frozen=True)
+class RandomRouter:
+    """Uniformly random distinct themes per unit, drawn anew every call from torch's generator:
+    the control that shows what learning the routing adds. A constant gate of 1, uniform
+    probabilities, no auxiliary loss; the prototypes are not read."""
+
+    def __call__(self, values, units, prototypes, *, temperature, top_k, backends, training) -> RouterResult:
+        num_units, num_themes = units.num_sessions, prototypes.shape[0]
+        device = values.device
+        themes = torch.rand(num_units, num_themes, device=device).argsort(dim=1)[:, :top_k]
+        probs = torch.full((num_units, num_themes), 1.0 / num_themes, device=device)
+        gate = torch.ones((num_units, top_k), dtype=values.dtype, device=device)
+        routing = mk.Routing(themes=themes, gate=gate, probs=probs, scores=torch.zeros_like(probs))
+        return None, routing, no_aux(values)
+
+
+def route_sessions(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int) -> mk.Sessions:
+    """The MoS routing unit: whole sessions (the layer's `sessions` as they are)."""
+    return sessions
+
+
+def route_tokens(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int) -> mk.Sessions:
+    """Every token its own unit: what routing whole sessions adds over routing items."""
+    example = mk.segment_ids(offsets, num_tokens)
+    return mk.Sessions(torch.arange(num_tokens + 1, device=offsets.device), example, offsets)
+
+
+def aux_losses(pooled, prototypes, routing, temperature: float, detach_tokens: bool) -> Dict[str, torch.Tensor]:
+    """VQ commitment and codebook losses on the unit sphere (routing is cosine), Switch load balance
+    (Fedus et al. 2021: K * sum_k fraction_k * mean prob_k).
+
+    `detach_tokens`: the pooled units enter detached, so the losses move the prototypes only
+    (the load balance then reads probabilities recomputed from the detached units)."""
+    num_units, num_themes = routing.probs.shape
+    h = normalized(pooled.detach() if detach_tokens else pooled)
+    units = normalized(prototypes)
+    c = units[routing.themes[:, 0]]
+    denom = max(num_units, 1)
+    commitment = ((h - c.detach()) ** 2).sum() / denom
+    codebook = ((h.detach() - c) ** 2).sum() / denom
+    chosen = counts_of(routing.themes.reshape(-1), num_themes).float()
+    fraction = chosen / max(routing.themes.numel(), 1)
+    probs = torch.softmax((h @ units.t()).float() / temperature, dim=1) if detach_tokens else routing.probs
+    load_balance = num_themes * (fraction * probs.sum(0) / denom).sum()
+    return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance}

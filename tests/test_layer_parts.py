@@ -1,0 +1,113 @@
+"""The parts MoSLayer takes (router, routing unit, expert set): the layer runs what it is handed,
+and the built-in alternatives do what they say."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mos_kernels as mk
+import oracles
+from mos import MoSLayer
+from mos.routing import LearnedRouter, RandomRouter, route_sessions, route_tokens
+from oracles import generator, randn
+
+DIM = 8
+LENGTHS = [0, 7, 1, 12]
+
+
+def _batch(seed=0):
+    gen = generator(seed)
+    values = randn(gen, sum(LENGTHS), DIM, dtype=torch.float32)
+    target = randn(gen, len(LENGTHS), DIM, dtype=torch.float32)
+    return values, target, oracles.offsets_of(LENGTHS)
+
+
+def _layer(**parts):
+    torch.manual_seed(0)
+    return MoSLayer(dim=DIM, num_heads=2, num_themes=3, session_len=3, **parts)
+
+
+class LastThemeRouter(torch.nn.Module):
+    """A user's router: every unit to the last theme, with a learned scalar gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+        self.calls = 0
+
+    def forward(self, values, units, prototypes, *, temperature, top_k, backends, training):
+        self.calls += 1
+        num_units, num_themes = units.num_sessions, prototypes.shape[0]
+        themes = torch.full((num_units, 1), num_themes - 1, dtype=torch.int64)
+        gate = self.scale.expand(num_units, 1).to(values.dtype)
+        probs = torch.nn.functional.one_hot(themes[:, 0], num_themes).float()
+        routing = mk.Routing(themes=themes, gate=gate, probs=probs, scores=probs)
+        zero = values.new_zeros((), dtype=torch.float32)
+        return None, routing, {"commitment": zero, "codebook": zero, "load_balance": zero}
+
+
+def test_a_user_router_is_what_routes():
+    """A router handed to the layer decides the themes, its parameters are the layer's and get a
+    gradient from the task loss (through the gate of the dispatched rows)."""
+    router = LastThemeRouter()
+    layer = oracles.live_extras(_layer(router=router))
+    assert any(p is router.scale for p in layer.parameters())
+    values, target, offsets = _batch()
+    out = layer(values, target, offsets)
+    assert router.calls == 1
+    assert (out.routing.session_theme == 2).all() and out.routing.session_theme.numel() > 0
+    assert torch.equal(out.routing.segment_lengths[2], torch.tensor(LENGTHS))
+    assert int(out.routing.segment_lengths[:2].sum()) == 0 and float(out.aux_loss) == 0.0
+    out.output.square().sum().backward()
+    assert router.scale.grad is not None and float(router.scale.grad.abs()) > 0
+
+
+def test_random_router_draws_distinct_themes_without_learning():
+    """RandomRouter: top_k distinct themes per session, uniform probabilities, no auxiliary loss,
+    a different draw on every call (torch's generator), and the prototypes left untouched."""
+    torch.manual_seed(0)
+    layer = MoSLayer(dim=DIM, num_heads=2, num_themes=4, top_k=2, session_len=2, router=RandomRouter())
+    values, target, offsets = _batch(1)
+    first, second = layer(values, target, offsets), layer(values, target, offsets)
+    themes = first.routing.themes
+    assert themes.shape[1] == 2 and (themes[:, 0] != themes[:, 1]).all()
+    assert torch.equal(first.routing.probs, torch.full_like(first.routing.probs, 0.25))
+    assert all(float(v) == 0.0 for v in first.aux.values()) and float(first.aux_loss) == 0.0
+    assert not torch.equal(first.routing.themes, second.routing.themes)
+    (first.output.sum() + first.aux_loss).backward()
+    assert layer.prototypes.grad is None or float(layer.prototypes.grad.abs().sum()) == 0.0
+
+
+def test_routing_units():
+    """route_sessions routes the layer's sessions; route_tokens every token alone (one unit per
+    token, each in its own example)."""
+    values, target, offsets = _batch(2)
+    by_session = _layer(routing_unit=route_sessions)(values, target, offsets).routing
+    by_token = _layer(routing_unit=route_tokens)(values, target, offsets).routing
+    sessions = mk.sessionize(offsets, mode="fixed", session_len=3, num_tokens=values.shape[0])
+    assert torch.equal(by_session.session_offsets, sessions.session_offsets)
+    assert torch.equal(by_token.session_offsets, torch.arange(sum(LENGTHS) + 1))
+    assert torch.equal(by_token.session_example, mk.segment_ids(offsets, sum(LENGTHS)))
+
+
+def test_the_default_parts_are_the_layer():
+    """No parts given: a learned router over whole sessions, every expert; the same output as
+    naming those defaults."""
+    values, target, offsets = _batch(3)
+    default = oracles.live_extras(_layer())
+    named = oracles.live_extras(_layer(router=LearnedRouter(), routing_unit=route_sessions,
+                                       experts=("global", "short", "themes")))
+    assert isinstance(default.router, LearnedRouter) and default.routing_unit is route_sessions
+    assert torch.equal(default(values, target, offsets).output, named(values, target, offsets).output)
+
+
+@pytest.mark.parametrize("experts", [("themes", "global"), ("short", "global", "themes")])
+def test_expert_order_changes_nothing_but_the_concat_order(experts):
+    """Parameters are drawn in one fixed order whatever order the experts are named in: the same
+    seed gives the same weights and (residual fusion) the same output."""
+    values, target, offsets = _batch(4)
+    canonical = tuple(kind for kind in ("global", "short", "themes") if kind in experts)
+    a, b = _layer(experts=experts), _layer(experts=canonical)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert torch.equal(a(values, target, offsets).output, b(values, target, offsets).output)
