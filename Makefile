@@ -19,8 +19,11 @@ JOBS ?= 2
 
 venv: $(STAMP)
 
-$(STAMP): requirements/ci.txt pyproject.toml
+# torch first, as tools/torch_wheel.py chooses: the CPU build wherever there is no CUDA (PyPI's
+# Linux wheel is the CUDA one); requirements/ci.txt then finds its pin already satisfied.
+$(STAMP): requirements/ci.txt pyproject.toml tools/torch_wheel.py
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $$($(PY) tools/torch_wheel.py --explain)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements/ci.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	$(PY) -m mos_kernels.cuda_ops

@@ -21,8 +21,9 @@ def project():
 
 
 def test_every_dependency_has_a_tested_range_that_holds_the_pinned_versions():
-    pins = dict(line.split("==") for line in (ROOT / "requirements" / "ci.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pinned = [Requirement(line) for line in (ROOT / "requirements" / "ci.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")]
+    pins = {pin.name: str(pin.specifier).removeprefix("==") for pin in pinned}
     table = project()["project"]
     requirements = [Requirement(text) for text in table["dependencies"]]
     requirements += [Requirement(text) for extra in table["optional-dependencies"].values() for text in extra]
@@ -75,7 +76,7 @@ def test_the_metadata_installs_off_this_machine():
 
 
 @pytest.mark.slow
-def test_a_wheel_ships_the_configs_and_the_installed_package_finds_them(tmp_path):
+def test_a_wheel_ships_the_configs_and_the_sample_log_and_the_installed_package_finds_them(tmp_path):
     env = {**os.environ, "MOS_BUILD_CUDA": "0"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(ROOT)], check=True, env=env, timeout=300, cwd=tmp_path)
@@ -95,6 +96,11 @@ def test_a_wheel_ships_the_configs_and_the_installed_package_finds_them(tmp_path
     check = subprocess.run([sys.executable, "-c", "import mos.lab.config_io as c; print(c.shipped_configs())"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
     assert str(site / "mos" / "lab" / "configs") in check.stdout
+    # The sample log ships and `--data sample` names the installed copy.
+    assert "mos/lab/data/sample_log.csv" in names
+    done = subprocess.run([sys.executable, "-m", "mos", "train", "--data", "sample", "--print-config"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and f"source: {site / 'mos' / 'lab' / 'data' / 'sample_log.csv'}" in done.stdout
     done = subprocess.run([sys.executable, "-m", "mos", "train", "--config", "nonesuch", "--print-config"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     shipped = ", ".join(sorted(path.stem for path in (ROOT / "configs").glob("*.yaml")))
