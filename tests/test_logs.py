@@ -139,7 +139,7 @@ def test_missing_columns_and_files_are_named(tmp_path):
         load_log(write(tmp_path / "ok.csv", ROWS), DataConfig(logs=LogConfig(label_source="label")))
     with pytest.raises(FileNotFoundError, match="data.source: no such file"):
         load_log(tmp_path / "absent.csv", DataConfig())
-    with pytest.raises(ValueError, match=r"data.source: expected 'synthetic', 'movielens' or a path to a log ending in "
+    with pytest.raises(ValueError, match=r"data.source: expected 'synthetic', 'movielens', 'sample' or a path to a log ending in "
                                          r"\.csv, \.tsv, \.parquet, got 'log.txt'"):
         DataConfig(source="log.txt")
 

@@ -26,7 +26,7 @@ precedence: built-in defaults < --config file < --set overrides (left to right).
   --set models=[mos] train.progress=bar
 results: one JSON line per (model, seed) appended to <train.out_dir>/results.jsonl,
 and a table of test AUC / GAUC / LogLoss (mean ± std over seeds) on stdout.
-data: --data synthetic | movielens | path/to/log.csv|.tsv|.parquet (columns: docs/lab.md, "Real data").
+data: --data synthetic | movielens | sample | path/to/log.csv|.tsv|.parquet (columns: docs/lab.md, "Real data").
 more than one process: torchrun --standalone --nproc_per_node=2 -m mos train ...
 checkpoints: <train.out_dir>/checkpoints/<model>-seed<seed>.pt; --resume continues from them."""
 
@@ -89,7 +89,7 @@ def _add_config_options(command: argparse.ArgumentParser) -> None:
 
 def _add_data_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--data", metavar="SOURCE",
-                         help="synthetic, movielens or a log file path (same as data.source=SOURCE)")
+                         help="synthetic, movielens, sample (the log shipped with the lab) or a log file path (same as data.source=SOURCE)")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:

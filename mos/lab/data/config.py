@@ -7,6 +7,7 @@ stay at the top of `data`. Values are checked in `__post_init__`, each error nam
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,6 +17,9 @@ from mos.config import check_int_fields, config_section
 from mos.lab.moved_options import refuse_moved
 
 
+# The interaction log shipped with the lab (`data.source: sample`; tools/make_sample_log.py writes it).
+SAMPLE_LOG = Path(__file__).resolve().parent / "sample_log.csv"
+SOURCES = ("synthetic", "movielens", "sample")
 LOG_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}   # log file suffix -> reader
 LABEL_SOURCES = ("auto", "label", "rating", "sampled")
 
@@ -115,7 +119,9 @@ class DataConfig:
 
     `synthetic` applies to "synthetic" only, `logs` to "movielens" and to a log file."""
 
-    source: str = "synthetic"            # "synthetic" | "movielens" | a path to a .csv, .tsv or .parquet log
+    # "synthetic" | "movielens" | "sample" (the log shipped with the lab, read as the file it is) |
+    # a path to a .csv, .tsv or .parquet log
+    source: str = "synthetic"
     seed: int = 0                        # generator, split and negative-sampling seed (fixed across training seeds)
     valid_fraction: float = 0.1          # of users (synthetic), of each user's newest samples (logs)
     test_fraction: float = 0.1           # of users (synthetic), of each user's newest samples (logs)
@@ -127,9 +133,10 @@ class DataConfig:
         self.synthetic = config_section("data.synthetic", self.synthetic, SyntheticConfig)
         self.logs = config_section("data.logs", self.logs, LogConfig)
         check_int_fields(self, "data")
-        if self.source not in ("synthetic", "movielens") and not any(
-                self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
-            raise ValueError(f"data.source: expected 'synthetic', 'movielens' or a path to a log ending in "
+        if self.source == "sample":
+            self.source = str(SAMPLE_LOG)
+        if self.source not in SOURCES and not any(self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
+            raise ValueError(f"data.source: expected 'synthetic', 'movielens', 'sample' or a path to a log ending in "
                              f"{', '.join(LOG_FORMATS)}, got {self.source!r}")
         if self.source not in ("synthetic", "movielens") and not os.path.isfile(self.source):
             raise ValueError(f"data.source: expected an existing log file, got {self.source!r} (no such file)")
