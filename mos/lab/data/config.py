@@ -48,6 +48,12 @@ class SyntheticConfig:
     label_share: float = 3.0
     label_recent: float = 1.0
     label_bias: float = 2.0
+    # Options of the settings that test theme routing; their defaults give the process above,
+    # draw for draw (what they need is drawn from a second stream of the seed).
+    category_group: int = 1              # interests per observable category (1: the category names the interest)
+    taste_drift: float = 0.0             # how far a user's taste on an interest moves at each new session on it, in [0, 1]
+    label_taste_from: str = "all"        # sim reads the events of "all" the sessions on the target's interest, or the "latest"
+    label_item: float = 0.0              # weight of a per-item effect (standard normal) in the label logit
 
     def __post_init__(self):
         self.interests_per_user = tuple(self.interests_per_user)
@@ -74,6 +80,10 @@ class SyntheticConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"data.synthetic.{name}: expected a number in [0, 1], got {value!r}")
+        check_positive("data.synthetic.category_group", self.category_group)
+        if not 0 <= self.taste_drift <= 1:
+            raise ValueError(f"data.synthetic.taste_drift: expected a number in [0, 1], got {self.taste_drift!r}")
+        check_choice("data.synthetic.label_taste_from", self.label_taste_from, ("all", "latest"))
         for name in ("taste_concentration", "popularity_exponent"):
             value = getattr(self, name)
             if not value >= 0:

@@ -45,6 +45,18 @@ interest (`sim` needs their items, not the rest of the history), how often the u
 it, and whether it is the current one. Defaults (4, 3, 1, 2) were set once from the positive rate
 alone (0.32 at the default SyntheticConfig), before any model was trained.
 
+Options of the settings that test theme routing (defaults: the process above, draw for draw;
+what they draw comes from a second stream, numpy.random.default_rng([seed, 1])):
+- `category_group` g: an item's category is interest // g + 1, so with g > 1 one category covers
+  g interests and the interest of an event must be inferred from which items share its sessions.
+- `taste_drift` d in [0, 1]: the user's taste direction on an interest moves at every new session
+  on it, p_v = unit(sqrt(1 - d^2) p_{v-1} + d z_v) with z_v a random unit vector (p_0 = p_{u,k});
+  each session's items are drawn with its own p_v.
+- `label_taste_from`: "latest" makes `sim` the mean over the events of the user's LATEST session
+  on k only (0 when it holds only noise): which of the sessions on k is the newest matters, and
+  with session hopping it is rarely the newest session of the history.
+- `label_item`: adds label_item * e_t to the score, e_t a standard normal effect per item.
+
 `generate(cfg, seed)` returns a `CTRDataset`; `generate(cfg, seed, return_truth=True)` also returns the
 `SyntheticTruth` (sessions, user interests, tastes, the label score) that the tests and the
 routing metrics read.
@@ -83,12 +95,18 @@ class SyntheticTruth:
 def generate(cfg: SyntheticConfig, seed: int = 0, *, return_truth: bool = False):
     """The synthetic dataset of `cfg` drawn from `seed` (and its `SyntheticTruth` when `return_truth`)."""
     rng = np.random.default_rng(seed)
+    # The options added for the routing settings draw from a second stream, so that at their
+    # defaults every draw of the main stream, and so the data, is what it was before them.
+    side = np.random.default_rng([seed, 1])
+    item_effect = side.standard_normal(cfg.num_items + 1) * (np.arange(cfg.num_items + 1) > 0)
     item_interest, item_taste, pool_items, popularity = _make_items(cfg, rng)
     interests, weights, user_taste = _make_users(cfg, rng)
     session_user, session_slot, session_len = _make_sessions(cfg, rng, weights)
     num_users = len(weights)
+    session_taste = _drifted_tastes(cfg, side, user_taste, session_user, session_slot)
     event_user, event_slot, item, noise = _make_events(cfg, rng, item_taste, pool_items, popularity, interests,
-                                                       user_taste, session_user, session_slot, session_len)
+                                                       user_taste, session_user, session_slot, session_len,
+                                                       session_taste)
     true_interest = np.where(noise, -1, interests[event_user, event_slot])
 
     session_offsets = np.concatenate([[0], np.cumsum(session_len)])
@@ -98,21 +116,22 @@ def generate(cfg: SyntheticConfig, seed: int = 0, *, return_truth: bool = False)
     sample_user, target_interest, target_item = _make_targets(cfg, rng, interests, weights, pool_items, popularity)
 
     score = _label_score(cfg, item_taste, interests, session_user, session_slot, event_user, event_slot,
-                         item, noise, sample_user, target_item, target_interest)
+                         item, noise, sample_user, target_item, target_interest, session_offsets)
+    score = score + cfg.label_item * item_effect[target_item]
     label = rng.random(len(score)) < 1.0 / (1.0 + np.exp(-score))
 
     ds = CTRDataset(
         item_ids=_tensor(item),
-        category_ids=_tensor(item_interest[item] + 1),
+        category_ids=_tensor(item_interest[item] // cfg.category_group + 1),
         timestamps=_tensor(timestamps),
         user_offsets=_tensor(user_offsets),
         sample_user=_tensor(sample_user),
         hist_end=_tensor(user_offsets[sample_user + 1]),
         target_item=_tensor(target_item),
-        target_category=_tensor(target_interest + 1),
+        target_category=_tensor(target_interest // cfg.category_group + 1),
         label=_tensor(label.astype(np.float32)),
         num_items=cfg.num_items + 1,
-        num_categories=cfg.num_interests + 1,
+        num_categories=(cfg.num_interests - 1) // cfg.category_group + 2,
         true_interest=_tensor(true_interest),
     )
     if not return_truth:
@@ -186,25 +205,61 @@ def _make_sessions(cfg: SyntheticConfig, rng: np.random.Generator, weights: np.n
     return session_user, slots[kept], session_len
 
 
+def _drifted_tastes(cfg: SyntheticConfig, side: np.random.Generator, user_taste, session_user, session_slot):
+    """[S, D] the user's taste direction on each session's interest, or None without drift.
+
+    The v-th session of user u on its interest (v = 0, 1, ...) has taste p_v with p_0 = p_{u,k}
+    and p_v = unit(sqrt(1 - drift^2) p_{v-1} + drift z_v), z_v a random unit vector: the taste
+    moves a step at every return to the interest, so the latest session's items differ from the
+    interest's older ones."""
+    if cfg.taste_drift == 0:
+        return None
+    max_held = user_taste.shape[1]
+    key = session_user * max_held + session_slot
+    # Visit number of every session on its (user, interest): sessions are in user-time order.
+    order = np.argsort(key, kind="stable")
+    first = np.r_[True, key[order][1:] != key[order][:-1]]
+    start = np.maximum.accumulate(np.where(first, np.arange(len(key)), 0))
+    visit = np.empty(len(key), dtype=np.int64)
+    visit[order] = np.arange(len(key)) - start
+    steps = _unit(side.standard_normal((len(key), user_taste.shape[2])))
+    keep = np.sqrt(1.0 - cfg.taste_drift ** 2)
+    current = user_taste.reshape(-1, user_taste.shape[2]).copy()
+    taste = np.empty((len(key), user_taste.shape[2]))
+    for v in range(int(visit.max()) + 1 if len(key) else 0):
+        at = visit == v
+        if v:
+            current[key[at]] = _unit(keep * current[key[at]] + cfg.taste_drift * steps[at])
+        taste[at] = current[key[at]]
+    return taste
+
+
 def _make_events(cfg: SyntheticConfig, rng: np.random.Generator, item_taste, pool_items, popularity, interests,
-                 user_taste, session_user, session_slot, session_len):
+                 user_taste, session_user, session_slot, session_len, session_taste=None):
     """Per event, in user then time order: its user, held-interest slot, item and whether it is noise."""
     max_held = interests.shape[1]
-    # Item choice weights of every (user, held interest) row, by popularity and the user's taste.
-    held = interests >= 0
-    row_interest = np.where(held, interests, 0)          # padding rows get weight 0 below
-    row_pool = pool_items[row_interest]                                           # [U, M, P]
-    affinity = np.einsum("umpd,umd->ump", item_taste[row_pool], user_taste)
-    pick_weights = popularity[row_interest] * np.exp(cfg.taste_concentration * affinity) * held[:, :, None]
-
     event_session = np.repeat(np.arange(len(session_user)), session_len)
     event_user = session_user[event_session]
     event_slot = session_slot[event_session]
     noise = rng.random(len(event_session)) < cfg.noise
     item = np.empty(len(event_session), dtype=np.int64)
-    rows = event_user[~noise] * max_held + event_slot[~noise]
-    item[~noise] = row_pool.reshape(-1, row_pool.shape[-1])[
-        rows, _draw(pick_weights.reshape(-1, pick_weights.shape[-1]), rows, rng)]
+    if session_taste is None:
+        # Item choice weights of every (user, held interest) row, by popularity and the user's taste.
+        held = interests >= 0
+        row_interest = np.where(held, interests, 0)          # padding rows get weight 0 below
+        row_pool = pool_items[row_interest]                                           # [U, M, P]
+        affinity = np.einsum("umpd,umd->ump", item_taste[row_pool], user_taste)
+        pick_weights = popularity[row_interest] * np.exp(cfg.taste_concentration * affinity) * held[:, :, None]
+        row_pool, pick_weights = row_pool.reshape(-1, row_pool.shape[-1]), pick_weights.reshape(-1, row_pool.shape[-1])
+        rows = event_user[~noise] * max_held + event_slot[~noise]
+    else:
+        # Drifting taste: the weights of every session, by popularity and that session's taste.
+        session_interest = interests[session_user, session_slot]
+        row_pool = pool_items[session_interest]                                       # [S, P]
+        affinity = np.einsum("spd,sd->sp", item_taste[row_pool], session_taste)
+        pick_weights = popularity[session_interest] * np.exp(cfg.taste_concentration * affinity)
+        rows = event_session[~noise]
+    item[~noise] = row_pool[rows, _draw(pick_weights, rows, rng)]
     item[noise] = rng.integers(1, cfg.num_items + 1, size=int(noise.sum()))
     return event_user, event_slot, item, noise
 
@@ -236,13 +291,22 @@ def _make_times(cfg: SyntheticConfig, rng: np.random.Generator, session_offsets:
 
 
 def _label_score(cfg, item_taste, interests, session_user, session_slot, event_user, event_slot,
-                 item, noise, sample_user, target_item, target_interest) -> np.ndarray:
+                 item, noise, sample_user, target_item, target_interest, session_offsets) -> np.ndarray:
     """The label logit of the module docstring, for every sample."""
     num_users, max_held = interests.shape
     rows = num_users * max_held
-    # Mean taste of the non-noise events of every (user, held interest).
-    key = (event_user * max_held + event_slot)[~noise]
     taste = item_taste[item[~noise]]
+    if cfg.label_taste_from == "all":
+        # Mean taste of the non-noise events of every (user, held interest).
+        key = (event_user * max_held + event_slot)[~noise]
+    else:
+        # Mean taste of the non-noise events of the latest session on every (user, held interest).
+        session_key = session_user * max_held + session_slot
+        latest = np.full(rows, -1, dtype=np.int64)
+        np.maximum.at(latest, session_key, np.arange(len(session_key)))
+        event_session = np.repeat(np.arange(len(session_key)), np.diff(session_offsets))[~noise]
+        in_latest = latest[session_key[event_session]] == event_session
+        key, taste = session_key[event_session][in_latest], taste[in_latest]
     count = np.bincount(key, minlength=rows)
     mean_taste = np.stack([np.bincount(key, weights=taste[:, d], minlength=rows)
                            for d in range(taste.shape[1])], axis=1) / np.maximum(count, 1)[:, None]
