@@ -128,6 +128,9 @@ class MoSConfig:
             "reference" (pure PyTorch), "triton" or "cuda".
         validate_inputs: check the inputs' data (finite, monotone offsets, time order) on every
             forward, at the cost of one pass and a device sync (True).
+        theme_mass: the theme summary also sees how much of each history every theme holds,
+            log(1 + tokens), as a logit term and as a value term per theme (both zero at
+            initialisation) (False).
         extras_detach_inputs: the short-term and theme experts and the router read the tokens
             and the target detached, so only the global expert's path trains the embeddings:
             boosted training (`mos.boosting`) sets it (False).
@@ -152,6 +155,9 @@ class MoSConfig:
     num_layers: int = 1              # transformer layers per expert
     global_scope: str = "tokens"     # global expert over "tokens" or over the "sessions" vectors
     short_sessions: int = 1          # short-term expert sees the last this-many sessions
+    # The theme summary's softmax average cannot tell a theme of one session from one of twenty;
+    # the label of a CTR model often depends on that share. True adds log(1 + tokens) per theme.
+    theme_mass: bool = False
     # Step 6, fusion.
     # "residual": u = e_global + W_x [e_short; e_theta] with W_x zero at initialisation, so the layer
     # starts as its backbone (the global expert) and the other experts add what they learn;

@@ -136,6 +136,7 @@ class MoSLayer(nn.Module):
         paths = {**_PATHS, "global": _GLOBAL_PATHS[cfg.global_scope]}
         self._paths = tuple((kind, paths[kind]) for kind in _RUN_ORDER if kind in self.experts)
         self._fuse = _fusion(cfg.fusion, self.experts)
+        self._theme_mass = _with_theme_mass if cfg.theme_mass else _without_theme_mass
         # The router's parameters get the inputs' check: a NaN or inf prototype (after a diverged
         # step, say) makes every routing score and theme weight NaN.
         self._checked_parameters = ("prototypes",) if "themes" in self.experts else ()
@@ -214,10 +215,12 @@ class MoSLayer(nn.Module):
         if target.dtype != values.dtype:
             raise TypeError(f"target: expected dtype {_dtype(values.dtype)} (that of values), got {_dtype(target.dtype)}")
 
-    def _theme_summary(self, e_theme: torch.Tensor, target: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
-        """Target-conditioned softmax over each example's non-empty themes; zeros if it has none."""
+    def _theme_summary(self, e_theme: torch.Tensor, target: torch.Tensor, segment_lengths: torch.Tensor) -> torch.Tensor:
+        """Target-conditioned softmax over each example's non-empty themes; zeros if it has none.
+        e_theme [K, B, d]; segment_lengths [K, B] tokens of each (theme, example)."""
         logits = self.theme_query(target) @ self.prototypes.t().to(target.dtype) / math.sqrt(self.config.dim)
-        nonempty = nonempty.t()                                   # [B, K]
+        e_theme, logits = self._theme_mass(self, e_theme, logits, segment_lengths)
+        nonempty = (segment_lengths > 0).t()                      # [B, K]
         has_any = nonempty.any(dim=1, keepdim=True)
         # Rows with no theme get finite logits (then zero weights), so no NaN reaches the gradient.
         logits = torch.where(nonempty | ~has_any, logits, torch.full_like(logits, -math.inf))
@@ -262,6 +265,10 @@ def _build_themes(layer: MoSLayer, cfg: MoSConfig, encoder: dict) -> None:
     layer.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, cfg.dim), dim=-1))
     layer.theme_experts = make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, cfg.num_themes, **encoder)
     layer.theme_query = nn.Linear(cfg.dim, cfg.dim)
+    if cfg.theme_mass:
+        # Zero at initialisation: the layer starts as the one without theme mass.
+        layer.mass_logit = nn.Parameter(torch.zeros(()))
+        layer.mass_value = nn.Parameter(torch.zeros(cfg.num_themes, cfg.dim))
 
 
 def _build_short(layer: MoSLayer, cfg: MoSConfig, encoder: dict) -> None:
@@ -310,7 +317,21 @@ def _theme_path(layer: MoSLayer, batch: _Batch) -> torch.Tensor:
     segment_lengths = dispatch.segment_lengths
     batch.routing = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
                                 routing.probs.detach(), segment_lengths)
-    return layer._theme_summary(e_theme, target, segment_lengths > 0)
+    return layer._theme_summary(e_theme, target, segment_lengths)
+
+
+def _without_theme_mass(layer: MoSLayer, e_theme, logits, segment_lengths):
+    return e_theme, logits
+
+
+def _with_theme_mass(layer: MoSLayer, e_theme, logits, segment_lengths):
+    """`theme_mass`: how much of the history a theme holds, m = log(1 + tokens of (theme, example)),
+    enters the summary twice: as a logit term a * m (the heavier themes weigh more) and as a value
+    term m * v_k added to each theme expert's vector (so the softmax average, scale-free by
+    itself, carries the mass). a and v start at zero."""
+    mass = torch.log1p(segment_lengths.to(e_theme.dtype))                 # [K, B]
+    e_theme = e_theme + mass[:, :, None] * layer.mass_value[:, None, :].to(e_theme.dtype)
+    return e_theme, logits + layer.mass_logit.to(logits.dtype) * mass.t()
 
 
 _BUILD = {"global": _build_global, "short": _build_short, "themes": _build_themes}

@@ -302,4 +302,8 @@ def live_extras(layer, seed: int = 0):
     if out is not None:
         with torch.no_grad():
             out.weight.copy_(randn(generator(seed), *out.weight.shape, dtype=out.weight.dtype) / out.weight.shape[1] ** 0.5)
+    if getattr(layer, "mass_value", None) is not None:       # theme_mass: zero at initialisation too
+        with torch.no_grad():
+            layer.mass_value.copy_(randn(generator(seed + 1), *layer.mass_value.shape, dtype=layer.mass_value.dtype))
+            layer.mass_logit.fill_(0.5)
     return layer

@@ -311,6 +311,8 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     old = config_to_dict(RunConfig())
     data = old["data"]
     data.update(data.pop("synthetic"), **data.pop("logs"))
+    for added in ("category_group", "taste_drift", "label_taste_from", "label_item"):   # newer than that layout
+        del data[added]
     data["num_users"], data["user_column"] = 40, "uid"
     old["model"]["mos"].update(old["model"].pop("ablation"), router="random")
     old["model"]["mos"]["capacity"] = 5
@@ -364,3 +366,15 @@ def test_the_layer_refuses_non_integer_options_at_construction():
     for option in ("session_len", "max_theme_tokens", "num_themes"):
         with pytest.raises(TypeError, match=rf"MoSConfig\.{option}: expected an int, got 2\.5 \(float\)"):
             MoSLayer(**{option: 2.5})
+
+
+def test_options_added_at_their_default_are_the_defaults():
+    """A checkpoint's tree without an option added since gets that option's default, which must
+    be the dataclass default (the one that reproduces the behaviour of before)."""
+    from mos.lab.moved_options import ADDED_AT_DEFAULT
+    tree = config_to_dict(RunConfig())
+    for key, value in ADDED_AT_DEFAULT.items():
+        node = tree
+        for name in key.split("."):
+            node = node[name]
+        assert node == value, key

@@ -185,7 +185,7 @@ CROSS_TALK_OPTIONS = [
     dict(encoder="target_attention"),
     dict(encoder="target_attention", session_mode="gap", top_k=2, max_theme_tokens=3, fusion="concat",
          global_scope="sessions"),
-    dict(encoder="transformer", top_k=2, max_theme_tokens=2),
+    dict(encoder="transformer", top_k=2, max_theme_tokens=2, theme_mass=True),
     dict(encoder="transformer", session_mode="gap", global_scope="sessions"),
     dict(encoder="transformer", fusion="concat", max_theme_tokens=3, short_sessions=2),
 ]

@@ -45,6 +45,7 @@ def layer_options(draw) -> dict:
         global_scope=draw(st.sampled_from(["tokens", "sessions"])),
         fusion=draw(st.sampled_from(["residual", "concat"])),
         short_sessions=draw(st.integers(1, 3)),
+        theme_mass=draw(st.booleans()),
         gap_seconds=10.0,
     )
     return options

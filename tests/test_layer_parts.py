@@ -111,3 +111,30 @@ def test_expert_order_changes_nothing_but_the_concat_order(experts):
     assert a.state_dict().keys() == b.state_dict().keys()
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert torch.equal(a(values, target, offsets).output, b(values, target, offsets).output)
+
+
+def test_theme_mass_starts_as_the_layer_without_it_and_reads_theme_sizes():
+    """theme_mass=True: the same output as without it at initialisation (its weights are zero);
+    once they are not, an example's output changes when a theme's share of its history changes
+    although the theme's expert vector and every logit but the mass term stay the same."""
+    values, target, offsets = _batch(5)
+    plain = oracles.live_extras(_layer())
+    massed = _layer(theme_mass=True)
+    missing, unexpected = massed.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["mass_logit", "mass_value"] and not unexpected
+    assert torch.equal(massed(values, target, offsets).output, plain(values, target, offsets).output)
+    with torch.no_grad():
+        massed.mass_value.normal_()
+        massed.mass_logit.fill_(1.0)
+    out = massed(values, target, offsets)
+    assert not torch.allclose(out.output, plain(values, target, offsets).output)
+    (out.output.square().sum()).backward()
+    assert float(massed.mass_value.grad.abs().sum()) > 0 and float(massed.mass_logit.grad.abs()) > 0
+    # By hand for one example: the summary is softmax(logits + a m) . (e + m v) over non-empty themes.
+    e = torch.randn(3, 2, DIM)
+    lengths = torch.tensor([[4, 0], [1, 2], [0, 0]])
+    logits = torch.randn(2, 3)
+    e2, l2 = massed._theme_mass(massed, e, logits, lengths)
+    m = torch.log1p(lengths.float())
+    assert torch.allclose(e2, e + m[:, :, None] * massed.mass_value[:, None, :])
+    assert torch.allclose(l2, logits + 1.0 * m.t())

@@ -37,6 +37,12 @@ MOVED = {
 # Options added later, with the value that gives the behaviour of a tree written before they
 # existed (an earlier checkpoint's model had no recency embedding).
 ADDED = {"model.recency": "none"}
+# Options added later whose defaults are the behaviour of before (the generator's routing-setting
+# options draw the old data at their defaults; the layer without theme mass is the old layer):
+# a tree without them gets them at those values.
+ADDED_AT_DEFAULT = {"data.synthetic.category_group": 1, "data.synthetic.taste_drift": 0.0,
+                    "data.synthetic.label_taste_from": "all", "data.synthetic.label_item": 0.0,
+                    "model.mos.theme_mass": False}
 
 # State-dict keys of an earlier model layout -> their names now (prefix renames).
 RENAMED_STATE = {"head.": "head.mlp.", "serve_extras": "serve_correction"}
@@ -98,6 +104,13 @@ def migrate(tree: dict) -> dict:
         for name in new_path:
             target = target.setdefault(name, {})
         target[new_leaf] = value
+    for key, value in ADDED_AT_DEFAULT.items():
+        *path, leaf = key.split(".")
+        node = tree
+        for name in path:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
     return tree
 
 

@@ -27,6 +27,8 @@ VARIANTS: Dict[str, dict] = {
     "mos_random_routing": {"kind": "mos", "ablation": {"router": "random"}},
     "mos_token_routing": {"kind": "mos", "ablation": {"routing_unit": "token"}},
     "mos_global_sessions": {"kind": "mos", "mos": {"global_scope": "sessions"}},
+    # The theme summary sees how much of the history each theme holds (MoSConfig.theme_mass).
+    "mos_theme_mass": {"kind": "mos", "mos": {"theme_mass": True}},
     # The design choices that keep MoS at least as good as its backbone, each undone alone.
     "mos_joint": {"kind": "mos", "training": "joint"},
     "mos_concat_fusion": {"kind": "mos", "training": "joint", "mos": {"fusion": "concat"}},
