@@ -1,6 +1,7 @@
-"""Inputs and checks shared by the bad- and unusual-input tests (tests/ops/test_<op>_inputs.py; the
-layer's in tests/test_layer_inputs.py, the config's in tests/test_config.py): bad arguments,
-strided views of every tensor argument, rows past 2^31 elements read through an index.
+"""Inputs and checks shared by the bad- and unusual-input tests (the ops': the tables of
+tests/ops/test_<op>.py, run by tests/ops/test_contract.py; the layer's in tests/test_layer_inputs.py,
+the config's in tests/test_config.py): bad arguments, strided views of every tensor argument, rows
+past 2^31 elements read through an index.
 
 Bad input fails at once, naming the argument the caller passed. Messages start with the
 argument's name ("offsets: expected ..."), so every match is anchored at the start: an error

@@ -1,6 +1,6 @@
 """MoSLayer on bad input fails at once, naming the argument the caller passed (the message starts
-with it: tests/input_cases.py); each op's own cases are in tests/ops/test_<op>_inputs.py, the
-config's in tests/test_config.py.
+with it: tests/input_cases.py); each op's own cases are the BAD_INPUT tables of
+tests/ops/test_<op>.py (run by tests/ops/test_contract.py), the config's in tests/test_config.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """CTRModel (mos/lab/model.py): every model (backbone, the MoE baselines, the stacking control, MoS)
-on every backend takes an empty batch, B = 0 (each op's unusual inputs:
-tests/ops/test_<op>_inputs.py); the inputs every kind shares: recency buckets, a narrow item ID,
+on every backend takes an empty batch, B = 0 (each op's unusual inputs: the tables of
+tests/ops/test_<op>.py, run by tests/ops/test_contract.py); the inputs every kind shares: recency buckets, a narrow item ID,
 an earlier layout's weights."""
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Every Triton kernel's compiled IR has no 32-bit multiplication that feeds an add
 (compile_check.narrow_address_products; the CI compile step applies it to every configuration,
 this file to one per kernel, so that a failure names the kernel), and the check does find one in
 a kernel that has it. The ops that read rows through an index, on a reserved 4.3 GB input on the
-CPU: tests/ops/test_<op>_inputs.py; at full size on the GPU: tests/ops/test_theme_gather_gpu.py.
+CPU: tests/ops/test_contract.py (the ROWS_PAST_2_TO_31 tables); at full size on the GPU:
+tests/ops/test_theme_gather_gpu.py.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ with empty segments (never NaN) and in float64 (the reference keeps its precisio
 outputs are poisoned before they run (tests/ops/conftest.py). The Triton kernel against the
 reference in fp32 / fp16 / bf16, the key bias's fold, its opcheck and FLOP formula; the
 block-size rule, its compiled configurations and each block against the reference. Bad
-arguments, strided views, rows past 2^31 elements: test_expert_target_attention_inputs.py; the
-target point on the GPU: test_expert_target_attention_gpu.py.
+arguments, strided views, rows past 2^31 elements: the tables at the end, run by
+test_contract.py; the target point on the GPU: test_expert_target_attention_gpu.py.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import mos_kernels as mk
 from mos_kernels.expert_target_attention_kernels import attention_blocks
 from mos_kernels.theme_gather import inverse_of
 from tests import oracles
+from tests.input_cases import (DIM, NUM_THEMES, STRIDED_DIM, STRIDED_LENGTHS, strided_gather_args, strided_layout,
+                               two_experts)
 from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
                                 compare_in_dtype, compare_to_reference, float64_attention_inputs, fresh_leaves,
                                 is_compiled, random_values, reference_dispatch, routed)
@@ -296,3 +298,62 @@ def test_target_attention_blocks_against_reference(dim, num_heads, dtype, length
                                               backend=backend)
         return fn
     compare_in_dtype(run("triton"), run("reference"), inputs, dtype, "attention")
+
+
+# ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
+
+def _attention(**kw):
+    args = dict(tokens=torch.randn(5, DIM), query=torch.randn(4, DIM), w_key=torch.randn(2, DIM, DIM), b_key=None,
+                w_value=torch.randn(2, DIM, DIM), b_value=None, segment_offsets=torch.tensor([0, 1, 3, 3, 5]),
+                num_heads=2)
+    args.update(kw)
+    return mk.expert_target_attention(**args)
+
+
+BAD_INPUT = {
+    # name: (call, exception, argument named)
+    "attention_heads_not_dividing": (lambda: _attention(num_heads=3), ValueError, "num_heads"),
+    "attention_query_rows": (lambda: _attention(query=torch.randn(3, DIM)), ValueError, "query"),
+    "attention_segments_count": (lambda: _attention(segment_offsets=torch.tensor([0, 1, 5])), ValueError,
+                                 "segment_offsets"),
+    "attention_gate_without_index": (lambda: _attention(row_gate=torch.ones(5)), ValueError, "row_gate"),
+    "attention_nan_tokens": (lambda: _attention(tokens=torch.full((5, DIM), math.nan)), ValueError, "tokens"),
+    "attention_no_key_weight": (lambda: _attention(w_key=None), TypeError, "w_key"),
+    "attention_no_value_weight": (lambda: _attention(w_value=None), TypeError, "w_value"),
+    "attention_int_value_bias": (lambda: _attention(b_value=torch.ones(2, DIM, dtype=torch.int64)), TypeError,
+                                 "b_value"),
+}
+
+
+def _target_attention_case(device):
+    tokens, gather_index, row_gate, inverse_index, _ = strided_gather_args(device, rows=False)
+    _, _, _, _, d = strided_layout(device)
+    weights = {name: random_values(NUM_THEMES * STRIDED_DIM, STRIDED_DIM, torch.float32, device, seed)
+               .view(NUM_THEMES, STRIDED_DIM, STRIDED_DIM)
+               for seed, name in enumerate(("w_key", "w_value"), start=2)}
+    biases = {name: random_values(NUM_THEMES, STRIDED_DIM, torch.float32, device, seed)
+              for seed, name in enumerate(("b_key", "b_value"), start=4)}
+
+    def run(backend, tokens, query, w_key, b_key, w_value, b_value, segment_offsets, gather_index, row_gate,
+            inverse_index):
+        return (mk.expert_target_attention(tokens, query, w_key, b_key, w_value, b_value, segment_offsets,
+                                           num_heads=2, gather_index=gather_index, row_gate=row_gate,
+                                           inverse_index=inverse_index, backend=backend),)
+    query = random_values(NUM_THEMES * len(STRIDED_LENGTHS), STRIDED_DIM, torch.float32, device, 6)
+    return run, dict(tokens=tokens, query=query,
+                     **weights, **biases, segment_offsets=d.theme_offsets, gather_index=gather_index,
+                     row_gate=row_gate, inverse_index=inverse_index)
+
+
+STRIDED_CASES = {"expert_target_attention": _target_attention_case}
+
+
+# Rows past 2^31 elements of a reserved input, read through an index.
+
+def _read_rows(tokens, index, gate, backend):
+    weights, offsets = two_experts(index)
+    return mk.expert_target_attention(tokens, weights[:, 1], weights, None, weights.flip(0), None, offsets,
+                                      num_heads=4, gather_index=index, row_gate=gate, backend=backend)
+
+
+ROWS_PAST_2_TO_31 = {"expert_target_attention": _read_rows}

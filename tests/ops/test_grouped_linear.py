@@ -2,8 +2,8 @@
 (tests/oracles.py) on awkward blocks (empty experts first, in the middle and last, one row,
 prime sizes), forward and backward, with and without bias, and its max_rows bound. Kernel outputs
 are poisoned before they run (tests/ops/conftest.py). The Triton kernel against the reference in
-fp32 / fp16 / bf16, its opcheck and FLOP formula. Bad arguments, strided views, rows past 2^31
-elements: test_grouped_linear_inputs.py; the target point on the GPU: test_grouped_linear_gpu.py.
+fp32 / fp16 / bf16, its opcheck and FLOP formula. Bad arguments and strided views: the tables
+at the end, run by test_contract.py; the target point on the GPU: test_grouped_linear_gpu.py.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from tests import oracles
+from tests.input_cases import DIM, NUM_THEMES, STRIDED_DIM, strided_gather_args, strided_layout
 from tests.kernel_cases import (DTYPES, backends, check_forward_backward, compare_to_reference, precision,
                                 random_values)
 from tests.oracles import generator, randn
@@ -128,3 +129,36 @@ def test_flop_formula_grouped_linear(device):
     with FlopCounterMode(display=False) as counter:
         torch.ops.mos.grouped_linear(x, weight, None, offsets)
     assert counter.get_total_flops() == 2 * 16 * dim * 6
+
+
+# ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
+
+BAD_INPUT = {
+    # name: (call, exception, argument named)
+    "grouped_linear_width": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.randn(2, DIM + 1, 2), None,
+                                                       torch.tensor([0, 1, 3])), ValueError, "x"),
+    "grouped_linear_offsets_count": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.randn(2, DIM, 2), None,
+                                                               torch.tensor([0, 3])), ValueError, "expert_offsets"),
+    "grouped_linear_offsets_short": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.randn(2, DIM, 2), None,
+                                                               torch.tensor([0, 1, 2])), ValueError,
+                                     "expert_offsets"),
+    "grouped_linear_bias_shape": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.randn(2, DIM, 2),
+                                                            torch.randn(2, 3), torch.tensor([0, 1, 3])),
+                                  ValueError, "bias"),
+    "grouped_linear_weight_2d": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.randn(DIM, 2), None,
+                                                           torch.tensor([0, 3])), ValueError, "weight"),
+}
+
+
+def _grouped_linear_case(device):
+    tokens, gather_index, row_gate, _, _ = strided_gather_args(device, rows=False)
+    _, _, _, _, d = strided_layout(device)
+
+    def run(backend, x, weight, bias, expert_offsets):
+        return (mk.grouped_linear(x, weight, bias, expert_offsets, backend=backend),)
+    weight = random_values(NUM_THEMES * STRIDED_DIM, 6, torch.float32, device, 2).view(NUM_THEMES, STRIDED_DIM, 6)
+    return run, dict(x=mk.theme_gather(tokens, gather_index, row_gate, backend="reference"), weight=weight,
+                     bias=random_values(NUM_THEMES, 6, torch.float32, device, 3), expert_offsets=d.expert_offsets)
+
+
+STRIDED_CASES = {"grouped_linear": _grouped_linear_case}

@@ -1,6 +1,7 @@
 """The jagged helpers: jagged_to_padded and padded_to_jagged (values and gradients), segment_ids,
 positions_in_segment, lengths_from_offsets, offsets_from_lengths, against the loop oracles
-(tests/oracles.py) on awkward lengths; and the conversions' bad arguments, refused by name.
+(tests/oracles.py) on awkward lengths; the conversions' bad arguments are a table at the end,
+run by test_contract.py.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import mos_kernels as mk
 from mos_kernels import jagged as mk_jagged
 from tests import oracles
 from tests.kernel_cases import LENGTH_IDS, LENGTHS, check_forward_backward
-from tests.input_cases import DIM, named
+from tests.input_cases import DIM
 from tests.oracles import generator, randn
 
 
@@ -72,7 +73,7 @@ def test_expert_offsets_take_every_bth_segment_boundary():
     assert mk_jagged.expert_offsets(torch.tensor([0]), 4).tolist() == [0, 0, 0, 0, 0]   # no examples
 
 
-# ---- bad arguments, refused by name ------------------------------------------------------------
+# ---- the contract's table (test_contract.py): bad arguments, refused by name --------------------
 
 BAD_INPUT = {
     # name: (call, exception, argument named)
@@ -82,11 +83,3 @@ BAD_INPUT = {
                                      ValueError, "lengths"),
     "to_jagged_1d": (lambda: mk.padded_to_jagged(torch.randn(3), torch.tensor([1, 1, 1])), ValueError, "padded"),
 }
-
-
-@pytest.mark.parametrize("case", BAD_INPUT)
-def test_op_rejects_bad_input(case):
-    """jagged_to_padded / padded_to_jagged refuses a bad argument by name."""
-    fn, error, name = BAD_INPUT[case]
-    with pytest.raises(error, match=named(name)):
-        fn()

@@ -4,8 +4,8 @@ padding (_padded_attention.py), gradcheck, FLOPs counted on the jagged lengths, 
 reference, and float64 precision. Kernel outputs are poisoned before they run
 (tests/ops/conftest.py). The Triton kernel against the reference in fp32 / fp16 / bf16, its
 opcheck and FLOP formula; the tile-size rule and length buckets, their compiled configurations
-and each tile against the reference. Bad arguments and strided views:
-test_jagged_self_attention_inputs.py; B = 64, L = 512 on the GPU: test_jagged_self_attention_gpu.py.
+and each tile against the reference. Bad arguments and strided views: the tables at the end,
+run by test_contract.py; B = 64, L = 512 on the GPU: test_jagged_self_attention_gpu.py.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mos_kernels as mk
 from mos_kernels.jagged_self_attention_kernels import LONGEST_BUCKETS, attention_tiles, longest_bucket
 from tests import oracles
+from tests.input_cases import DIM, STRIDED_DIM, strided_layout
 from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
                                 compare_in_dtype, compare_to_reference, float64_attention_inputs, is_compiled, jagged,
                                 precision, random_values)
@@ -241,3 +242,29 @@ def test_self_attention_tiles_against_reference(dim, num_heads, dtype, lengths, 
             return mk.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, max_len=max_len, backend=backend)
         return fn
     compare_in_dtype(run("triton"), run("reference"), inputs, dtype, "attention")
+
+
+# ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
+
+BAD_INPUT = {
+    # name: (call, exception, argument named)
+    "self_attention_k_shape": (lambda: mk.jagged_self_attention(torch.randn(3, DIM), torch.randn(2, DIM),
+                                                                torch.randn(3, DIM), torch.tensor([0, 3]),
+                                                                num_heads=2), ValueError, "k"),
+    "self_attention_offsets_short": (lambda: mk.jagged_self_attention(torch.randn(3, DIM), torch.randn(3, DIM),
+                                                                      torch.randn(3, DIM), torch.tensor([0, 2]),
+                                                                      num_heads=2), ValueError, "segment_offsets"),
+}
+
+
+def _self_attention_case(device):
+    offsets, _, _, _, _ = strided_layout(device)
+    qkv = {name: random_values(int(offsets[-1]), STRIDED_DIM, torch.float32, device, seed)
+           for seed, name in enumerate("qkv")}
+
+    def run(backend, q, k, v, segment_offsets):
+        return (mk.jagged_self_attention(q, k, v, segment_offsets, num_heads=2, backend=backend),)
+    return run, dict(**qkv, segment_offsets=offsets)
+
+
+STRIDED_CASES = {"jagged_self_attention": _self_attention_case}

@@ -1,6 +1,6 @@
 """sessionize: jagged sequences cut into sessions, fixed-length (aligned to the newest item) or by
-time gaps, against the loop oracle (tests/oracles.py) on awkward lengths and by hand. Bad
-arguments and strided views: test_sessionize_inputs.py.
+time gaps, against the loop oracle (tests/oracles.py) on awkward lengths and by hand. Its bad
+arguments and strided views are the tables at the end, run by test_contract.py.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 import mos_kernels as mk
 from tests import oracles
+from tests.input_cases import STRIDED_LENGTHS
 from tests.kernel_cases import LENGTH_IDS, LENGTHS
 from tests.oracles import generator, increasing_times
 
@@ -68,3 +69,32 @@ def test_sessionize_gap_hand_case(device):
     # 0,5,105 are one gap-session (5 and 100 do not exceed 100), split [0,2) [2,3); 206,206 another.
     assert got.session_offsets.cpu().tolist() == [0, 2, 3, 5]
 
+
+# ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
+
+BAD_INPUT = {
+    # name: (call, exception, argument named)
+    "sessionize_unknown_mode": (lambda: mk.sessionize(torch.tensor([0, 3]), mode="daily"), ValueError, "mode"),
+    "sessionize_gap_without_timestamps": (lambda: mk.sessionize(torch.tensor([0, 3]), mode="gap"), ValueError,
+                                          "timestamps"),
+    "sessionize_back_in_time": (lambda: mk.sessionize(torch.tensor([0, 3]), mode="gap",
+                                                      timestamps=torch.tensor([0.0, 2.0, 1.0])),
+                                ValueError, "timestamps"),
+    "sessionize_session_len_0": (lambda: mk.sessionize(torch.tensor([0, 3]), session_len=0), ValueError,
+                                 "session_len"),
+    "sessionize_float_offsets": (lambda: mk.sessionize(torch.tensor([0.0, 3.0])), TypeError, "offsets"),
+}
+
+
+def _sessionize_case(device):
+    offsets = mk.offsets_from_lengths(torch.tensor(STRIDED_LENGTHS, device=device))
+    # A pause longer than gap_seconds before every third event.
+    gaps = torch.where(torch.arange(int(offsets[-1]), device=device) % 3 == 0, 5000.0, 1.0)
+
+    def run(backend, offsets, timestamps):
+        s = mk.sessionize(offsets, mode="gap", timestamps=timestamps, gap_seconds=1800.0, max_session_len=4)
+        return s.session_offsets, s.session_example, s.example_session_offsets
+    return run, dict(offsets=offsets, timestamps=torch.cumsum(gaps, 0))
+
+
+STRIDED_CASES = {"sessionize": _sessionize_case}

@@ -4,8 +4,8 @@ Against the loop oracle (tests/oracles.py) in float64 on awkward lengths, and on
 (hypothesis); against its invariants (a permutation for top_k = 1, counts by theme and example,
 time order in every segment), which need no oracle; every kernel backend against the reference,
 bit for bit, with the gate's gradient; and the operator registration (opcheck). Kernel outputs
-are poisoned before they run (tests/ops/conftest.py). Bad arguments and strided views:
-test_theme_dispatch_inputs.py; 4M tokens on the GPU: test_theme_dispatch_gpu.py.
+are poisoned before they run (tests/ops/conftest.py). Bad arguments and strided views: the
+tables at the end, run by test_contract.py; 4M tokens on the GPU: test_theme_dispatch_gpu.py.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
 from tests import oracles
+from tests.input_cases import NUM_THEMES, STRIDED_LENGTHS, strided_layout
 from tests.kernel_cases import (DISPATCH_CASES, LENGTH_IDS, LENGTHS, SESSION_LEN, SHAPES, assert_matches, backends,
                                 dispatch_inputs, grads_of, make_sessions, opcheck_inputs, random_themes,
                                 run_dispatch)
@@ -279,3 +280,55 @@ def test_opcheck_theme_dispatch(max_theme_tokens, gate_dtype, device, kernel_bac
                            max_theme_tokens),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
+
+# ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
+
+def _dispatch(themes=None, gate=None, session_offsets=None, session_example=None, **kw):
+    themes = torch.tensor([[0], [2], [1]]) if themes is None else themes
+    gate = torch.ones(3, 1) if gate is None else gate
+    session_offsets = torch.tensor([0, 2, 3, 6]) if session_offsets is None else session_offsets
+    session_example = torch.tensor([0, 0, 1]) if session_example is None else session_example
+    kw = {"num_examples": 2, "num_themes": 3, **kw}
+    return mk.theme_dispatch(themes, gate, session_offsets, session_example, **kw)
+
+
+BAD_INPUT = {
+    # name: (call, exception, argument named)
+    "dispatch_theme_out_of_range": (lambda: _dispatch(themes=torch.tensor([[0], [3], [1]])), ValueError, "themes"),
+    "dispatch_repeated_theme": (lambda: _dispatch(themes=torch.tensor([[0, 1], [2, 2], [1, 0]]),
+                                                  gate=torch.ones(3, 2)), ValueError, "themes"),
+    "dispatch_float_themes": (lambda: _dispatch(themes=torch.tensor([[0.0], [2.0], [1.0]])), TypeError, "themes"),
+    "dispatch_gate_shape": (lambda: _dispatch(gate=torch.ones(3, 2)), ValueError, "gate"),
+    "dispatch_session_offsets_count": (lambda: _dispatch(session_offsets=torch.tensor([0, 2, 6])), ValueError,
+                                       "session_offsets"),
+    "dispatch_example_out_of_range": (lambda: _dispatch(session_example=torch.tensor([0, 0, 2])), ValueError,
+                                      "session_example"),
+    "dispatch_examples_unordered": (lambda: _dispatch(session_example=torch.tensor([1, 0, 1])), ValueError,
+                                    "session_example"),
+    "dispatch_num_themes_0": (lambda: _dispatch(num_themes=0), ValueError, "num_themes"),
+    "dispatch_max_theme_tokens_0": (lambda: _dispatch(max_theme_tokens=0), ValueError, "max_theme_tokens"),
+    "dispatch_example_session_offsets_count": (
+        lambda: _dispatch(example_session_offsets=torch.tensor([0, 2, 2, 3])), ValueError, "example_session_offsets"),
+    "dispatch_example_session_offsets_wrong": (
+        lambda: _dispatch(example_session_offsets=torch.tensor([0, 1, 3])), ValueError, "example_session_offsets"),
+    "dispatch_example_session_offsets_total": (
+        lambda: _dispatch(example_session_offsets=torch.tensor([0, 2, 4])), ValueError, "example_session_offsets"),
+    "dispatch_example_session_offsets_float": (
+        lambda: _dispatch(example_session_offsets=torch.tensor([0.0, 2.0, 3.0])), TypeError,
+        "example_session_offsets"),
+    "dispatch_int_gate": (lambda: _dispatch(gate=torch.ones(3, 1, dtype=torch.int64)), TypeError, "gate"),
+}
+
+
+def _dispatch_case(device):
+    _, sessions, themes, gate, _ = strided_layout(device)
+
+    def run(backend, themes, gate, session_offsets, session_example):
+        d = mk.theme_dispatch(themes, gate, session_offsets, session_example, num_examples=len(STRIDED_LENGTHS),
+                              num_themes=NUM_THEMES, backend=backend)
+        return d.gather_index, d.row_gate, d.inverse_index, d.theme_offsets
+    return run, dict(themes=themes, gate=gate, session_offsets=sessions.session_offsets,
+                     session_example=sessions.session_example)
+
+
+STRIDED_CASES = {"theme_dispatch": _dispatch_case}

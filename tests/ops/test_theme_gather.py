@@ -6,10 +6,12 @@ every dtype; every kernel backend against the reference in fp32 / fp16 / bf16, r
 whole chunks, and gather building the inverse index itself; the operator registration (opcheck)
 and FLOP formulas; the row-block rule, its compiled configurations and each block against the
 reference. Kernel outputs are poisoned before they run (tests/ops/conftest.py). Bad arguments,
-strided views, rows past 2^31 elements: test_theme_gather_inputs.py; 4M tokens and an output
-past 2^31 elements on the GPU: test_theme_gather_gpu.py.
+strided views, rows past 2^31 elements: the tables at the end, run by test_contract.py; 4M tokens
+and an output past 2^31 elements on the GPU: test_theme_gather_gpu.py.
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
 from mos_kernels.theme_gather import inverse_of, row_blocks
 from tests import oracles
+from tests.input_cases import DIM, strided_gather_args
 from tests.kernel_cases import (ALL_DTYPES, DTYPES, LENGTH_IDS, LENGTHS, SHAPES, assert_matches, backends,
                                 check_forward_backward, compare_in_dtype, is_compiled, make_sessions, opcheck_inputs,
                                 precision, random_themes, random_values, routed, skip_interpreted_bf16, upcast)
@@ -267,3 +270,51 @@ def test_gather_scatter_blocks(dim, dtype, num_rows, device):
                                                    backend=backend)
     compare_in_dtype(gather("triton"), gather("reference"), inputs, dtype, "reduction")
     compare_in_dtype(scatter("triton"), scatter("reference"), rows, dtype, "reduction")
+
+
+# ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
+
+BAD_INPUT = {
+    # name: (call, exception, argument named)
+    "gather_index_out_of_range": (lambda: mk.theme_gather(torch.randn(3, DIM), torch.tensor([0, 3])), ValueError,
+                                  "gather_index"),
+    "gather_float_index": (lambda: mk.theme_gather(torch.randn(3, DIM), torch.tensor([0.0, 1.0])), TypeError,
+                           "gather_index"),
+    "gather_gate_count": (lambda: mk.theme_gather(torch.randn(3, DIM), torch.tensor([0, 1]), torch.ones(3)),
+                          ValueError, "row_gate"),
+    "gather_nan_values": (lambda: mk.theme_gather(torch.full((3, DIM), math.nan), torch.tensor([0])), ValueError,
+                          "values"),
+    "scatter_row_count": (lambda: mk.theme_scatter(torch.randn(3, DIM), torch.tensor([0, 1]), num_tokens=2),
+                          ValueError, "gather_index"),
+    "scatter_index_past_tokens": (lambda: mk.theme_scatter(torch.randn(2, DIM), torch.tensor([0, 2]), num_tokens=2),
+                                  ValueError, "gather_index"),
+}
+
+
+def _gather_case(device):
+    values, gather_index, row_gate, inverse_index, _ = strided_gather_args(device, rows=False)
+
+    def run(backend, values, gather_index, row_gate, inverse_index):
+        return (mk.theme_gather(values, gather_index, row_gate, inverse_index=inverse_index, backend=backend),)
+    return run, dict(values=values, gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index)
+
+
+def _scatter_case(device):
+    rows, gather_index, row_gate, inverse_index, num_tokens = strided_gather_args(device, rows=True)
+
+    def run(backend, rows, gather_index, row_gate, inverse_index):
+        return (mk.theme_scatter(rows, gather_index, row_gate, num_tokens=num_tokens, inverse_index=inverse_index,
+                                 backend=backend),)
+    return run, dict(rows=rows, gather_index=gather_index, row_gate=row_gate, inverse_index=inverse_index)
+
+
+STRIDED_CASES = {"theme_gather": _gather_case, "theme_scatter": _scatter_case}
+
+
+# Rows past 2^31 elements of a reserved input, read through an index.
+
+def _read_rows(tokens, index, gate, backend):
+    return mk.theme_gather(tokens, index, gate, backend=backend)
+
+
+ROWS_PAST_2_TO_31 = {"theme_gather": _read_rows}
