@@ -16,11 +16,12 @@
 #             target point, no torch.compile providers)
 #   kernels   pooling+routing, dispatch, gather, scatter at their target point (reference,
 #             triton, and cuda once built)
-#   tests_gpu the GPU-scale tests (tests/ops/*_gpu.py and the layer on every backend,
+#   tests_gpu the GPU-scale tests, marked `gpu` (-m gpu, in tests/ops and the layer's in
 #             tests/test_layer_backends.py): large shapes and bitwise determinism in fp32/fp16/bf16
-#             on both kernel backends, then the attention and grouped-linear kernels' tests
-#             (MOS_REQUIRE_CUDA_EXT=1 once built; without the extension its tests are deselected,
-#             since each worker would try to build it)
+#             on both kernel backends (MOS_REQUIRE_CUDA_EXT=1 once built; without the extension
+#             its tests are deselected, since each worker would try to build it)
+#   tests_attention  the attention and grouped-linear kernels' own tests and the layer on every
+#             backend at small sizes (the rest of those files, not marked `gpu`)
 #   kernels_cuda  the extension against Triton, if it was built only after the kernels phase
 #   compiled  the compiled_fused and compiled baselines of the layer, target attention and
 #             grouped linear, then of pooling+routing, dispatch, gather and scatter
@@ -159,12 +160,15 @@ fi
 pytest_gpu=(env MOS_TEST_DEVICE=cuda MOS_REQUIRE_CUDA_EXT=$require_ext $PY -m pytest -q -n 8 -p no:cacheprovider
             --benchmark-disable -k "not compiles_for_sm90$not_cuda")
 
-# Named files, not `-m gpu tests/ops`: selecting by marker would make each worker collect every op
-# test first, and the attention and grouped-linear kernels' own tests belong in this guaranteed phase.
+# By marker: the GPU-scale tests sit in their op's file. Collecting all of tests/ops takes a worker
+# one to two seconds (measured on the CPU), so selecting from it costs little.
+phase tests_gpu "${MOS_TESTS_GPU_BUDGET:-60}" "${pytest_gpu[@]}" -m gpu tests/ops tests/test_layer_backends.py
+# The attention and grouped-linear kernels' own tests belong in the guaranteed part of the run too,
+# before the torch.compile phases; a phase of their own, since pytest ANDs -m with the paths.
 attention_tests=(tests/ops/test_grouped_linear.py tests/ops/test_expert_target_attention.py
                  tests/ops/test_jagged_self_attention.py)
-phase tests_gpu "${MOS_TESTS_GPU_BUDGET:-90}" "${pytest_gpu[@]}" tests/ops/*_gpu.py tests/test_layer_backends.py \
-  "${attention_tests[@]}"
+phase tests_attention "${MOS_TESTS_ATTENTION_BUDGET:-40}" "${pytest_gpu[@]}" -m "not gpu" \
+  tests/test_layer_backends.py "${attention_tests[@]}"
 
 # Built after the kernels phase: the extension's rows now, against Triton's.
 if [ "$require_ext" = 1 ] && [ "$kernel_providers" = reference,triton ]; then

@@ -1,13 +1,18 @@
-"""Workloads and comparisons shared by the GPU-scale tests (tests/ops/test_<op>_gpu.py, the layer's
-in tests/test_layer_backends.py): token counts the interpreter cannot reach, on a CUDA device."""
+"""Workloads and comparisons shared by the GPU-scale tests (in tests/ops/test_<op>.py, marked `gpu`;
+the layer's in tests/test_layer_backends.py): token counts the interpreter cannot reach, on a CUDA
+device."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import mos_kernels as mk
 from tests.kernel_cases import random_themes
 
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# With `@pytest.mark.gpu` on every GPU-scale test: `-m gpu` selects them (the GPU check), and on a
+# machine without CUDA they are skipped, not failed.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def relative_error(got, want):

@@ -168,7 +168,8 @@ def check_strided_views(op, make_case, backend, device):
 # first touch, so a 4.3 GB tensor of which a few rows are written costs a few pages. That covers
 # every op that reads token rows through an index (gather, the gate's gradient, the gathered GEMM
 # and attention), on every backend, on the CPU. (The kernels' compiled address arithmetic:
-# tests/test_wide_addresses.py; at full size on the GPU: tests/ops/test_theme_gather_gpu.py.)
+# tests/test_wide_addresses.py; at full size on the GPU:
+# test_gather_scatter_past_2_to_31_elements in tests/ops/test_theme_gather.py.)
 
 # Rows of a reserved fp16 input: WIDE_ROWS x WIDE_DIM = 2^31 + 8,192 elements, so its last rows
 # start past 2^31 (the widest row the attention kernels take is 256).

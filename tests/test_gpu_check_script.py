@@ -84,7 +84,7 @@ def test_cut_run_keeps_its_deadline_summarizes_and_times_every_step(tmp_path):
     assert done.returncode == 0, f"a cut phase is no failure: {done.stdout[-2000:]}"
     assert seconds < 50, f"the run took {seconds:.1f} s of its 50 s deadline"
     assert "attention: cut at its budget (rc=124)" in phases
-    for later in ("kernels", "tests_gpu", "compiled", "compiled_kernels", "tests"):
+    for later in ("kernels", "tests_gpu", "tests_attention", "compiled", "compiled_kernels", "tests"):
         assert f"\n{later}: skipped" in phases, f"{later} should be skipped past the deadline:\n{phases}"
     assert "fake: SIGINT in bench_attention" in (out / "run.log").read_text(), "the phase must get SIGINT first"
     calls = _calls(tmp_path)
@@ -99,7 +99,8 @@ def test_full_run_order_failures_and_test_selection(tmp_path):
     phases = (out / "phases.log").read_text()
     assert done.returncode == 1, "a failed phase fails the check"
     assert "kernels: rc=3" in phases and "attention: rc=0" in phases
-    assert "tests_gpu: rc=0" in phases and "3 passed, 1 skipped" in phases, "pytest's counts are logged"
+    assert "tests_gpu: rc=0" in phases and "tests_attention: rc=0" in phases
+    assert "3 passed, 1 skipped" in phases, "pytest's counts are logged"
     assert "extension not ready" in phases
     calls = [c.split(" args=")[1] for c in _calls(tmp_path)]
     # (tmp_path holds "pytest" too: the module names are matched after -m)
@@ -107,15 +108,22 @@ def test_full_run_order_failures_and_test_selection(tmp_path):
                                     "summarize") if f"-m {name}" in c or f".{name}" in c) for c in calls]
     assert order.count("cuda_ops") == 1, "one build, in the background (its place in the log is a race)"
     foreground = [name for name in order if name != "cuda_ops"]
-    assert foreground == ["ceilings", "bench_attention", "bench_kernels", "pytest", "bench_attention", "bench_kernels",
-                          "pytest", "summarize"], foreground
+    assert foreground == ["ceilings", "bench_attention", "bench_kernels", "pytest", "pytest", "bench_attention",
+                          "bench_kernels", "pytest", "summarize"], foreground
     attention = [c for c in calls if "bench_attention" in c]
     assert "compiled" not in attention[0] and "compiled_fused,compiled" in attention[1], "torch.compile last"
     tests = [c for c in calls if "-m pytest" in c]
-    first, rest = tests[0].split(), tests[1].split()
-    assert "tests/ops/test_theme_dispatch_gpu.py" in first and "tests/test_layer_backends.py" in first, "GPU scale"
-    assert "tests/ops/test_expert_target_attention.py" in first, "the attention kernels in the guaranteed phase"
+    assert len(tests) == 3, tests
+    # GPU scale by marker, out of every op's file and the layer's
+    assert " -m gpu tests/ops tests/test_layer_backends.py" in tests[0], tests[0]
+    kernel_tests, rest = tests[1].split(), tests[2].split()
+    assert "tests/ops/test_expert_target_attention.py" in kernel_tests and "tests/test_layer_backends.py" in \
+        kernel_tests, "the attention kernels and the layer on every backend in the guaranteed part"
+    # Each test once: the `gpu` ones in the first phase, the other ones of the attention files and
+    # the layer's in the second, the rest of tests/ops in the last.
+    assert " -m not gpu " in tests[1] and " -m not gpu " in tests[2]
     assert "--ignore=tests/ops/test_expert_target_attention.py" in rest and rest[-1] == "tests/ops", "not twice"
+    assert "tests/test_layer_backends.py" not in rest and "tests/ops" not in kernel_tests
     assert all("not cuda" in c and "install" not in c for c in tests), "no extension: its tests deselected"
     assert not any("pip" in c for c in calls), "the check installs nothing"
     _assert_summarized(done.stdout, out)

@@ -5,7 +5,7 @@ Every Triton kernel's compiled IR has no 32-bit multiplication that feeds an add
 this file to one per kernel, so that a failure names the kernel), and the check does find one in
 a kernel that has it. The ops that read rows through an index, on a reserved 4.3 GB input on the
 CPU: tests/ops/test_contract.py (the ROWS_PAST_2_TO_31 tables); at full size on the GPU:
-tests/ops/test_theme_gather_gpu.py.
+test_gather_scatter_past_2_to_31_elements in tests/ops/test_theme_gather.py.
 """
 from __future__ import annotations
 

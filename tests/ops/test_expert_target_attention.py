@@ -5,7 +5,7 @@ outputs are poisoned before they run (tests/ops/conftest.py). The Triton kernel 
 reference in fp32 / fp16 / bf16, the key bias's fold, its opcheck and FLOP formula; the
 block-size rule, its compiled configurations and each block against the reference. Bad
 arguments, strided views, rows past 2^31 elements: the tables at the end, run by
-test_contract.py; the target point on the GPU: test_expert_target_attention_gpu.py.
+test_contract.py; the target point on the GPU: the tests marked gpu.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import mos_kernels as mk
 from mos_kernels.expert_target_attention_kernels import attention_blocks
 from mos_kernels.theme_gather import inverse_of
 from tests import oracles
+from tests.gpu_cases import (GPU_DTYPES, RELATIVE_ERROR, cotangent, needs_cuda, relative_error, rounded_leaves,
+                             theme_layout)
 from tests.input_cases import (DIM, NUM_THEMES, STRIDED_DIM, STRIDED_LENGTHS, strided_gather_args, strided_layout,
                                two_experts)
 from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
@@ -298,6 +300,40 @@ def test_target_attention_blocks_against_reference(dim, num_heads, dtype, length
                                               backend=backend)
         return fn
     compare_in_dtype(run("triton"), run("reference"), inputs, dtype, "attention")
+
+
+# ---- at GPU scale (marked gpu: the GPU check selects them with -m gpu; skipped without CUDA) ----
+
+def _target_attention_run(values, dispatch, params, backend, dtype, run_dtype):
+    names = sorted(params)
+    tokens, gate, *weights = rounded_leaves([values, dispatch.row_gate] + [params[k] for k in names], dtype, run_dtype)
+    p = dict(zip(names, weights))
+    out = mk.expert_target_attention(tokens, p["query"], p["w_key"], p["b_key"], p["w_value"], p["b_value"],
+                                     dispatch.theme_offsets, num_heads=2, gather_index=dispatch.gather_index,
+                                     row_gate=gate, inverse_index=dispatch.inverse_index, backend=backend)
+    (out.float() * cotangent(out.shape, dtype, 3)).sum().backward()
+    return [out, tokens.grad, gate.grad] + [p[k].grad for k in names]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_expert_target_attention_large(dtype):
+    dispatch, values = theme_layout(256, 1000, 64, torch.float32)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    params = {"query": torch.randn(8 * 256, 64, device="cuda", generator=gen),
+              "w_key": torch.randn(8, 64, 64, device="cuda", generator=gen) / 8,
+              "b_key": torch.randn(8, 64, device="cuda", generator=gen),
+              "w_value": torch.randn(8, 64, 64, device="cuda", generator=gen) / 8,
+              "b_value": torch.randn(8, 64, device="cuda", generator=gen)}
+    got = _target_attention_run(values, dispatch, params, "triton", dtype, dtype)
+    want = _target_attention_run(values, dispatch, params, "reference", dtype, torch.float32)
+    names = ["out", "tokens", "gate", "b_key", "b_value", "query", "w_key", "w_value"]
+    for name, g, w in zip(names, got, want):
+        if name == "b_key":   # exactly zero (the fold); the reference's is rounding noise
+            assert torch.equal(g, torch.zeros_like(g))
+            continue
+        assert relative_error(g, w) < RELATIVE_ERROR[dtype], f"{name}: relative error {relative_error(g, w):.2e}"
 
 
 # ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------

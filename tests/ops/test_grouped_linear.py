@@ -3,7 +3,7 @@
 prime sizes), forward and backward, with and without bias, and its max_rows bound. Kernel outputs
 are poisoned before they run (tests/ops/conftest.py). The Triton kernel against the reference in
 fp32 / fp16 / bf16, its opcheck and FLOP formula. Bad arguments and strided views: the tables
-at the end, run by test_contract.py; the target point on the GPU: test_grouped_linear_gpu.py.
+at the end, run by test_contract.py; the target point on the GPU: the tests marked gpu.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mos_kernels as mk
 from tests import oracles
+from tests.gpu_cases import (GPU_DTYPES, RELATIVE_ERROR, cotangent, needs_cuda, relative_error, rounded_leaves,
+                             theme_layout)
 from tests.input_cases import DIM, NUM_THEMES, STRIDED_DIM, strided_gather_args, strided_layout
 from tests.kernel_cases import (DTYPES, backends, check_forward_backward, compare_to_reference, precision,
                                 random_values)
@@ -129,6 +131,28 @@ def test_flop_formula_grouped_linear(device):
     with FlopCounterMode(display=False) as counter:
         torch.ops.mos.grouped_linear(x, weight, None, offsets)
     assert counter.get_total_flops() == 2 * 16 * dim * 6
+
+
+# ---- at GPU scale (marked gpu: the GPU check selects them with -m gpu; skipped without CUDA) ----
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_grouped_linear_large(dtype):
+    dispatch, values = theme_layout(256, 1000, 64, torch.float32)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    weight = torch.randn(8, 64, 192, device="cuda", generator=gen) / 8
+    bias = torch.randn(8, 192, device="cuda", generator=gen)
+    results = []
+    for backend, run_dtype in (("triton", dtype), ("reference", torch.float32)):
+        x, w, b = rounded_leaves([values, weight, bias], dtype, run_dtype)
+        rows = mk.theme_gather(x, dispatch.gather_index, inverse_index=dispatch.inverse_index, backend=backend)
+        out = mk.grouped_linear(rows, w, b, dispatch.expert_offsets, backend=backend)
+        (out.float() * cotangent(out.shape, dtype, 5)).sum().backward()
+        results.append([out, x.grad, w.grad, b.grad])
+    for name, got, want in zip(("out", "x", "weight", "bias"), *results):
+        error = relative_error(got, want)
+        assert error < RELATIVE_ERROR[dtype], f"{name}: relative error {error:.2e}"
 
 
 # ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------

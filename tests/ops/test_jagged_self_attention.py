@@ -5,7 +5,7 @@ reference, and float64 precision. Kernel outputs are poisoned before they run
 (tests/ops/conftest.py). The Triton kernel against the reference in fp32 / fp16 / bf16, its
 opcheck and FLOP formula; the tile-size rule and length buckets, their compiled configurations
 and each tile against the reference. Bad arguments and strided views: the tables at the end,
-run by test_contract.py; B = 64, L = 512 on the GPU: test_jagged_self_attention_gpu.py.
+run by test_contract.py; B = 64, L = 512 on the GPU: the tests marked gpu.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import mos_kernels as mk
 from mos_kernels.jagged_self_attention_kernels import LONGEST_BUCKETS, attention_tiles, longest_bucket
 from tests import oracles
+from tests.gpu_cases import (GPU_DTYPES, RELATIVE_ERROR, cotangent, needs_cuda, relative_error, rounded_leaves,
+                             theme_layout)
 from tests.input_cases import DIM, STRIDED_DIM, strided_layout
 from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
                                 compare_in_dtype, compare_to_reference, float64_attention_inputs, is_compiled, jagged,
@@ -242,6 +244,25 @@ def test_self_attention_tiles_against_reference(dim, num_heads, dtype, lengths, 
             return mk.jagged_self_attention(q, k, v, offsets, num_heads=num_heads, max_len=max_len, backend=backend)
         return fn
     compare_in_dtype(run("triton"), run("reference"), inputs, dtype, "attention")
+
+
+# ---- at GPU scale (marked gpu: the GPU check selects them with -m gpu; skipped without CUDA) ----
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_jagged_self_attention_large(dtype):
+    dispatch, values = theme_layout(64, 512, 192, torch.float32)
+    results = []
+    for backend, run_dtype in (("triton", dtype), ("reference", torch.float32)):
+        (qkv,) = rounded_leaves([values], dtype, run_dtype)
+        q, k, v = qkv.split(64, dim=1)
+        out = mk.jagged_self_attention(q, k, v, dispatch.theme_offsets, num_heads=2, backend=backend)
+        (out.float() * cotangent(out.shape, dtype, 4)).sum().backward()
+        results.append((out, qkv.grad))
+    for name, got, want in zip(("out", "qkv gradient"), *results):
+        error = relative_error(got, want)
+        assert error < RELATIVE_ERROR[dtype], f"{name}: relative error {error:.2e}"
 
 
 # ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------

@@ -5,7 +5,7 @@ Against the loop oracle (tests/oracles.py) in float64 on awkward lengths, and on
 time order in every segment), which need no oracle; every kernel backend against the reference,
 bit for bit, with the gate's gradient; and the operator registration (opcheck). Kernel outputs
 are poisoned before they run (tests/ops/conftest.py). Bad arguments and strided views: the
-tables at the end, run by test_contract.py; 4M tokens on the GPU: test_theme_dispatch_gpu.py.
+tables at the end, run by test_contract.py; 4M tokens on the GPU: the tests marked gpu.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
 from tests import oracles
+from tests.gpu_cases import needs_cuda, workload
 from tests.input_cases import NUM_THEMES, STRIDED_LENGTHS, strided_layout
 from tests.kernel_cases import (DISPATCH_CASES, LENGTH_IDS, LENGTHS, SESSION_LEN, SHAPES, assert_matches, backends,
                                 dispatch_inputs, grads_of, make_sessions, opcheck_inputs, random_themes,
@@ -279,6 +280,23 @@ def test_opcheck_theme_dispatch(max_theme_tokens, gate_dtype, device, kernel_bac
                           (themes, gate, sessions.session_offsets, sessions.session_example, eso, 19, 3,
                            max_theme_tokens),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ---- at GPU scale (marked gpu: the GPU check selects them with -m gpu; skipped without CUDA) ----
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("top_k,max_theme_tokens", [(1, None), (2, None), (2, 64)])
+def test_dispatch_large_is_identical(top_k, max_theme_tokens, kernel_backend):
+    offsets, sessions, _, _ = workload(4_000_000, 8, 8, top_k, torch.float32)
+    themes = random_themes(sessions.num_sessions, 8, top_k, "cuda")
+    gate = torch.rand(themes.shape, device="cuda")
+    args = (themes, gate, sessions.session_offsets, sessions.session_example)
+    kwargs = dict(num_examples=offsets.numel() - 1, num_themes=8, max_theme_tokens=max_theme_tokens)
+    ref = mk.theme_dispatch(*args, backend="reference", **kwargs)
+    out = mk.theme_dispatch(*args, backend=kernel_backend, **kwargs)
+    for name in ("gather_index", "row_gate", "inverse_index", "theme_offsets"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
 
 
 # ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------

@@ -7,7 +7,7 @@ whole chunks, and gather building the inverse index itself; the operator registr
 and FLOP formulas; the row-block rule, its compiled configurations and each block against the
 reference. Kernel outputs are poisoned before they run (tests/ops/conftest.py). Bad arguments,
 strided views, rows past 2^31 elements: the tables at the end, run by test_contract.py; 4M tokens
-and an output past 2^31 elements on the GPU: test_theme_gather_gpu.py.
+and an output past 2^31 elements on the GPU: the tests marked gpu.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import mos_kernels as mk
 from mos_kernels.backend import kernel_ops
 from mos_kernels.theme_gather import inverse_of, row_blocks
 from tests import oracles
+from tests.gpu_cases import GPU_DTYPES, needs_cuda, workload
 from tests.input_cases import DIM, strided_gather_args
 from tests.kernel_cases import (ALL_DTYPES, DTYPES, LENGTH_IDS, LENGTHS, SHAPES, assert_matches, backends,
                                 check_forward_backward, compare_in_dtype, is_compiled, make_sessions, opcheck_inputs,
@@ -270,6 +271,64 @@ def test_gather_scatter_blocks(dim, dtype, num_rows, device):
                                                    backend=backend)
     compare_in_dtype(gather("triton"), gather("reference"), inputs, dtype, "reduction")
     compare_in_dtype(scatter("triton"), scatter("reference"), rows, dtype, "reduction")
+
+
+# ---- at GPU scale (marked gpu: the GPU check selects them with -m gpu; skipped without CUDA) ----
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gather_scatter_large(dtype, kernel_backend):
+    offsets, sessions, values, _ = workload(4_000_000, 128, 8, 2, dtype)
+    themes = random_themes(sessions.num_sessions, 8, 2, "cuda")
+    dispatch = mk.theme_dispatch(themes, torch.rand(themes.shape, device="cuda") + 0.5, sessions.session_offsets,
+                                 sessions.session_example, num_examples=offsets.numel() - 1, num_themes=8)
+    gate = dispatch.row_gate.to(dtype)
+    rows = mk.theme_gather(values, dispatch.gather_index, gate, inverse_index=dispatch.inverse_index,
+                           backend=kernel_backend)
+    ref_rows = mk.theme_gather(values.float(), dispatch.gather_index, gate.float(), backend="reference")
+    assert_close(rows.float(), ref_rows, "reduction", dtype=dtype)
+    back = mk.theme_scatter(rows, dispatch.gather_index, gate, num_tokens=values.shape[0],
+                            inverse_index=dispatch.inverse_index, backend=kernel_backend)
+    ref_back = mk.theme_scatter(rows.float(), dispatch.gather_index, gate.float(), num_tokens=values.shape[0],
+                                backend="reference")
+    assert_close(back.float(), ref_back, "reduction", dtype=dtype)
+
+
+# The gather's output holds WIDE_ROWS x WIDE_DIM = 2^31 + 8,192 elements (4.3 GB in fp16): its
+# last rows lie past what 32-bit address arithmetic reaches. Every token is read twice.
+WIDE_ROWS, WIDE_DIM = 8_388_640, 256
+
+
+def check_gather_past(num_rows, dim, backend, device="cuda"):
+    """theme_gather into num_rows x dim rows, then its backward (the scatter into the tokens'
+    gradient and the gate's gradient, which read those rows back); checked on the last 64 rows
+    against the reference on those rows. Returns nothing; asserts."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    num_tokens = num_rows // 2
+    values = torch.randn(num_tokens, dim, device=device, generator=gen).half().requires_grad_()
+    gather_index = torch.randperm(num_rows, device=device, generator=gen) % num_tokens
+    # Gates exact in fp16: the reference rounds the gate to the rows' dtype, the kernels do not.
+    gate = (torch.randint(1, 8, (num_rows,), device=device, generator=gen) * 0.25).requires_grad_()
+    inverse = inverse_of(gather_index, num_tokens)
+    rows = mk.theme_gather(values, gather_index, gate, inverse_index=inverse, backend=backend)
+    tail = slice(num_rows - 64, num_rows)
+    index, tail_gate = gather_index[tail], gate.detach()[tail]
+    assert torch.equal(rows[tail], mk.theme_gather(values.detach(), index, tail_gate, backend="reference"))
+    cotangent = torch.randn(64, dim, device=device, generator=gen).half()
+    (rows[tail].float() * cotangent.float()).sum().backward()
+    rows_of = values.detach()[index].float()
+    assert_close(gate.grad[tail], (cotangent.float() * rows_of).sum(1), "reduction")
+    assert not gate.grad[:num_rows - 64].any()
+    expected = torch.zeros(num_tokens, dim, device=device).index_add_(0, index, cotangent.float() * tail_gate[:, None])
+    assert_close(values.grad.float(), expected, "reduction", dtype=torch.float16)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gather_scatter_past_2_to_31_elements(kernel_backend):
+    """Addresses past 2^31 elements, computed in 64 bits (on the CPU: ROWS_PAST_2_TO_31 below)."""
+    check_gather_past(WIDE_ROWS, WIDE_DIM, kernel_backend)
 
 
 # ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
