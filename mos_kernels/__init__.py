@@ -16,13 +16,13 @@ from .session_pool import session_pool, session_pool_route
 from .sessionize import Sessions, sessionize
 from .theme_dispatch import Dispatch, theme_dispatch
 from .theme_gather import theme_gather, theme_scatter
-from .theme_route import Routing, theme_route
+from .theme_route import Routing
 
 __all__ = [
     "data_checks", "Dispatch", "Routing", "Sessions", "expert_target_attention", "grouped_linear", "jagged_self_attention",
     "jagged_to_padded", "lengths_from_offsets", "offsets_from_lengths", "padded_to_jagged",
     "positions_in_segment", "segment_ids", "session_pool", "session_pool_route", "sessionize", "theme_dispatch", "theme_gather",
-    "theme_route", "theme_scatter",
+    "theme_scatter",
 ]
 
 

@@ -25,7 +25,6 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLEMENTED = {
     "session_pool": ("reference", "triton", "cuda"),
     "session_pool_route": ("reference", "triton", "cuda"),
-    "theme_route": ("reference",),
     "theme_dispatch": ("reference", "triton", "cuda"),
     "theme_gather": ("reference", "triton", "cuda"),
     "theme_scatter": ("reference", "triton", "cuda"),

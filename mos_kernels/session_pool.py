@@ -1,11 +1,11 @@
-"""Session pooling, alone or fused with theme routing (`theme_route`).
+"""Session pooling, alone or fused with theme routing (the routing's shared pieces: theme_route.py).
 
 `session_pool(values, session_offsets)`: the mean of every session's rows.
 `session_pool_route(values, session_offsets, prototypes, temperature, top_k)`: the means plus
 the routing of every session, in one pass over the token rows: the fused Triton kernel reads
 each row once and never writes the pooled rows twice.
 
-Reference: pure PyTorch (`_session_pool_reference` + `theme_route`'s reference).
+Reference: pure PyTorch (`_session_pool_reference`, then `_route_reference`).
 Triton: `session_pool_kernels` (one program per block of sessions, forward and backward),
 registered as the custom ops mos::session_pool_route and mos::session_pool_route_backward, with a
 FLOP formula.
@@ -27,8 +27,7 @@ from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
 from ._launch import cdiv, next_power_of_2
-from .theme_route import (NORM_EPS, Routing, check_routing_args, normalized, straight_through_gate,
-                          theme_route_reference)
+from .theme_route import NORM_EPS, Routing, check_routing_args, normalized, straight_through_gate
 
 
 def session_pool(values: torch.Tensor, session_offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -52,7 +51,7 @@ def session_pool_route(values: torch.Tensor, session_offsets: torch.Tensor, prot
     chosen = resolve_backend(backend, values, "session_pool_route")
     if chosen == "reference":
         pooled = _session_pool_reference(values, session_offsets)
-        return pooled, theme_route_reference(pooled, prototypes, temperature, top_k)
+        return pooled, _route_reference(pooled, prototypes, temperature, top_k)
     unit_prototypes = normalized(prototypes)   # autograd through the normalisation stays in PyTorch
     if chosen == "cuda":   # its operator keeps the earlier schema, without the gate
         pooled, scores, probs, themes = kernel_ops(chosen).session_pool_route(
@@ -72,6 +71,16 @@ def _session_pool_reference(values: torch.Tensor, session_offsets: torch.Tensor)
     sums.index_add_(0, segment_ids(session_offsets, values.shape[0]), values.to(acc_dtype))
     counts = lengths_from_offsets(session_offsets).clamp_min(1).to(acc_dtype)
     return (sums / counts[:, None]).to(values.dtype)
+
+
+def _route_reference(pooled: torch.Tensor, prototypes: torch.Tensor, temperature: float, top_k: int) -> Routing:
+    """The routing of the pooled rows, without checks or backend choice."""
+    scores = normalized(pooled) @ normalized(prototypes).t() / temperature
+    probs = torch.softmax(scores, dim=-1)
+    # A stable descending sort breaks ties towards the lower theme index, like the kernel.
+    themes = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    gate = straight_through_gate(probs, themes).to(pooled.dtype)
+    return Routing(themes=themes, gate=gate, probs=probs, scores=scores)
 
 
 # Launch parameters, chosen by the compiled numbers (ptxas, sm_90a): at bf16, d = 128, the forward

@@ -1,8 +1,11 @@
-"""`theme_route`: route every session to its top-k themes.
+"""Routing every session to its top-k themes: the pieces that `session_pool_route` (which pools
+the sessions and routes them in one op), its CUDA registration and the layer's VQ losses share.
 
 Scores are cosine similarities to K learnable prototypes over a temperature. The forward gate
 is hard (1 for each chosen theme) and the backward pass sees the softmax probabilities
 (straight-through: gate = hard + p - stopgrad(p)), so the router learns from the task loss.
+Routing is no op of its own: the layer only ever routes what it has just pooled, so the fused
+op is the one entry (its reference routes with `session_pool._route_reference`).
 """
 from __future__ import annotations
 
@@ -11,8 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import FLOAT_DTYPES, check_finite, check_positive, check_tensor, check_values
-from .backend import resolve_backend
+from .checks import FLOAT_DTYPES, check_finite, check_positive, check_tensor
 
 NORM_EPS = 1e-6
 
@@ -25,18 +27,9 @@ class Routing:
     scores: torch.Tensor   # [S, K] cos(h, c) / temperature (fp32)
 
 
-def theme_route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: float = 0.1,
-                top_k: int = 1, backend: str = "auto") -> Routing:
-    """pooled [S, d], prototypes [K, d] -> Routing. A zero session vector scores 0 everywhere."""
-    check_values("pooled", pooled)
-    check_routing_args("pooled", pooled, prototypes, temperature, top_k)
-    resolve_backend(backend, pooled, "theme_route")
-    return theme_route_reference(pooled, prototypes, temperature, top_k)
-
-
 def check_routing_args(rows_name: str, rows: torch.Tensor, prototypes: torch.Tensor, temperature: float,
                        top_k: int) -> None:
-    """The routing arguments of `theme_route` and `session_pool_route` (rows: what is routed)."""
+    """The routing arguments of `session_pool_route` (rows: what is routed)."""
     check_tensor("prototypes", prototypes, ndim=2, dtypes=FLOAT_DTYPES, device=rows.device)
     if prototypes.shape[1] != rows.shape[1]:
         raise ValueError(f"prototypes: expected {rows.shape[1]} columns (the width of {rows_name}), "
@@ -54,17 +47,6 @@ def check_routing_args(rows_name: str, rows: torch.Tensor, prototypes: torch.Ten
 def normalized(x: torch.Tensor) -> torch.Tensor:
     """Unit rows in fp32; shared with the layer's VQ losses so both see the same geometry."""
     return F.normalize(x.float(), dim=-1, eps=NORM_EPS)
-
-
-def theme_route_reference(pooled, prototypes, temperature, top_k) -> Routing:
-    """The routing itself, without checks or backend choice (session_pool_route's reference
-    routes with it too)."""
-    scores = normalized(pooled) @ normalized(prototypes).t() / temperature
-    probs = torch.softmax(scores, dim=-1)
-    # A stable descending sort breaks ties towards the lower theme index, like the kernel.
-    themes = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :top_k]
-    gate = straight_through_gate(probs, themes).to(pooled.dtype)
-    return Routing(themes=themes, gate=gate, probs=probs, scores=scores)
 
 
 def straight_through_gate(probs: torch.Tensor, themes: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,7 @@ def with_value_at(t, index, value):
     return t
 
 
-# ---- the routing ops on good small arguments, any of them replaced ---------------------------
-
-def call_theme_route(pooled=None, prototypes=None, **kw):
-    pooled = torch.randn(4, DIM) if pooled is None else pooled
-    prototypes = torch.randn(3, DIM) if prototypes is None else prototypes
-    return mk.theme_route(pooled, prototypes, **kw)
-
+# ---- the routing op on good small arguments, any of them replaced ----------------------------
 
 def call_session_pool_route(values=None, session_offsets=None, prototypes=None, **kw):
     values = torch.randn(5, DIM) if values is None else values

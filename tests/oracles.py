@@ -89,7 +89,7 @@ def _unit(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x / torch.clamp(norm, min=eps)
 
 
-def theme_route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: float, top_k: int):
+def route(pooled: torch.Tensor, prototypes: torch.Tensor, *, temperature: float, top_k: int):
     """-> (themes [S, top_k] best first, gate [S, top_k], probs [S, K], scores [S, K]).
 
     z_{s,k} = cos(h_s, c_k) / temperature; p_s = softmax(z_s); the gate is 1 in the forward

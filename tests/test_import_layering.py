@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "mos_kernels"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 # The modules that hold an op (its public function, reference, kernels, custom ops).
-OP_MODULES = {"session_pool", "sessionize", "theme_route", "theme_dispatch", "theme_gather", "grouped_linear",
+OP_MODULES = {"session_pool", "sessionize", "theme_dispatch", "theme_gather", "grouped_linear",
               "expert_target_attention", "jagged_self_attention"}
 # Private modules that belong to one op; the other private modules (_alloc, _layout) serve every op.
 PRIVATE_MODULE_OWNER = {"_padded_attention": "jagged_self_attention"}

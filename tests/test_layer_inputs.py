@@ -12,7 +12,7 @@ import torch
 from mos import MoSLayer
 from mos.config import MoSConfig
 from tests.conftest import require_cuda_ext
-from tests.input_cases import DIM, call_session_pool_route, call_theme_route, named, with_value_at
+from tests.input_cases import DIM, call_session_pool_route, named, with_value_at
 
 
 @pytest.fixture
@@ -179,9 +179,6 @@ def test_non_finite_prototypes_are_refused(backend, value):
     spoiled = with_value_at(torch.randn(3, DIM), (1, 2), value)
     with pytest.raises(ValueError, match=named("prototypes") + ": expected finite values, got NaN or inf"):
         call_session_pool_route(prototypes=spoiled, backend=backend)
-    if backend == "reference":   # theme_route has the reference alone
-        with pytest.raises(ValueError, match=named("prototypes")):
-            call_theme_route(prototypes=spoiled)
     torch.manual_seed(0)
     config = dict(dim=DIM, num_heads=2, num_themes=3, session_len=2, backend=backend)
     layer = MoSLayer(MoSConfig(**config))

@@ -2,7 +2,9 @@
 
 Against the loop oracle (tests/oracles.py) in float64 on awkward lengths, on every backend: the
 pooling, the fused op (pooling and routing: themes, gate, probabilities, scores), and the router's
-gradient through dispatch and gather. Kernel outputs are poisoned before they run
+gradient through dispatch and gather; the routing alone on one-token sessions (whose means are
+their tokens): temperatures, top-k up to 3 of 7 themes, no sessions, the forward gate exactly 1
+in every dtype, a zero session vector. Kernel outputs are poisoned before they run
 (tests/ops/conftest.py). Each kernel backend against the reference and the operator registration:
 test_session_pool_route_kernels.py. Bad arguments and strided views: the tables at the end, run by
 test_contract.py; 2M and 4M tokens on the GPU: the tests marked gpu.
@@ -17,10 +19,10 @@ import torch
 import mos_kernels as mk
 from tests import oracles
 from tests.gpu_cases import GPU_DTYPES, needs_cuda, pool_route_run, workload
-from tests.input_cases import (DIM, NUM_THEMES, STRIDED_DIM, TOP_K, call_session_pool_route, call_theme_route,
-                               strided_layout)
-from tests.kernel_cases import (LENGTH_IDS, LENGTHS, SESSION_LEN, assert_matches, backends, check_forward_backward,
-                                jagged, precision, random_values, run_dispatch)
+from tests.input_cases import DIM, NUM_THEMES, STRIDED_DIM, TOP_K, call_session_pool_route, strided_layout
+from tests.kernel_cases import (ALL_DTYPES, LENGTH_IDS, LENGTHS, SESSION_LEN, assert_matches, backends,
+                                check_forward_backward, jagged, precision, random_values, run_dispatch,
+                                skip_interpreted_bf16)
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
@@ -88,13 +90,13 @@ def test_session_pool_route_matches_oracle(case, num_themes, top_k, backend, dev
 
     def oracle(values, prototypes):
         pooled = oracles.session_pool(values, so)
-        return (pooled,) + oracles.theme_route(pooled, prototypes, temperature=0.3, top_k=top_k)[1:]
+        return (pooled,) + oracles.route(pooled, prototypes, temperature=0.3, top_k=top_k)[1:]
 
     check_forward_backward(fused, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)
     _, routing = mk.session_pool_route(values, so.to(device), inputs["prototypes"], temperature=0.3, top_k=top_k,
                                        backend=backend)
-    expected = oracles.theme_route(oracles.session_pool(values.double().cpu(), so),
-                                   inputs["prototypes"].double().cpu(), temperature=0.3, top_k=top_k)[0]
+    expected = oracles.route(oracles.session_pool(values.double().cpu(), so),
+                             inputs["prototypes"].double().cpu(), temperature=0.3, top_k=top_k)[0]
     assert torch.equal(routing.themes.cpu(), expected)
 
 
@@ -132,7 +134,7 @@ def test_router_gradient_through_gather(top_k, max_theme_tokens, backend, device
 
     def oracle(values, prototypes):
         pooled = oracles.session_pool(values, so)
-        themes, gate, _, _ = oracles.theme_route(pooled, prototypes, temperature=0.5, top_k=top_k)
+        themes, gate, _, _ = oracles.route(pooled, prototypes, temperature=0.5, top_k=top_k)
         index, row_gate, _, _ = oracles.theme_dispatch(themes, gate, so, se, num_examples=len(lengths),
                                                        num_themes=num_themes, max_theme_tokens=max_theme_tokens)
         return oracles.theme_gather(values, index, row_gate)
@@ -143,6 +145,75 @@ def test_router_gradient_through_gather(top_k, max_theme_tokens, backend, device
     rows = pipeline(values, leaf)
     rows.mul(randn(gen, *rows.shape, dtype=torch.float32, device=device)).sum().backward()
     assert leaf.grad.abs().sum() > 0, "no gradient reached the prototypes through the gate"
+
+
+# ---- the routing alone: one-token sessions, each pooled to its token exactly (a row over 1) ----
+
+ROUTE_CASES = [  # (sessions, K, top_k)
+    (0, 3, 1), (1, 1, 1), (13, 1, 1), (13, 3, 1), (7, 5, 2), (29, 2, 2), (11, 7, 3),
+]
+GATE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _route(values, prototypes, backend, **kw):
+    """The routing of every row of `values`: each row a session of its own."""
+    one_token_sessions = torch.arange(values.shape[0] + 1, device=values.device)
+    return mk.session_pool_route(values, one_token_sessions, prototypes, backend=backend, **kw)[1]
+
+
+@pytest.mark.parametrize("backend", backends("session_pool_route"))
+@pytest.mark.parametrize("num_sessions,num_themes,top_k", ROUTE_CASES)
+@pytest.mark.parametrize("temperature", [0.1, 0.7])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_routing_matches_oracle(num_sessions, num_themes, top_k, temperature, seed, backend, device):
+    """Chosen themes (best first), cosine scores / temperature, softmax probabilities and the
+    straight-through gate, forward and backward (fp32 by design: Routing says scores are fp32)."""
+    gen = generator(seed)
+    inputs = {"values": randn(gen, num_sessions, 6, dtype=torch.float32, device=device),
+              "prototypes": randn(gen, num_themes, 6, dtype=torch.float32, device=device)}
+    got = _route(inputs["values"], inputs["prototypes"], backend, temperature=temperature, top_k=top_k)
+    expected = oracles.route(inputs["values"].double().cpu(), inputs["prototypes"].double().cpu(),
+                             temperature=temperature, top_k=top_k)
+    assert torch.equal(got.themes.cpu(), expected[0])
+
+    def route(values, prototypes):
+        r = _route(values, prototypes, backend, temperature=temperature, top_k=top_k)
+        return r.gate, r.probs, r.scores
+
+    def oracle(values, prototypes):
+        return oracles.route(values, prototypes, temperature=temperature, top_k=top_k)[1:]
+
+    check_forward_backward(route, oracle, inputs, kind="attention", grad_kind="attention_grad", gen=gen)
+
+
+@pytest.mark.parametrize("backend,dtype", [(backend, dtype) for backend in backends("session_pool_route")
+                                           for dtype in GATE_DTYPES if backend == "reference" or dtype in ALL_DTYPES],
+                         ids=str)
+def test_routing_gate_is_exactly_one_forward(dtype, backend, device):
+    """The forward gate is hard: exactly 1 for every chosen theme (the router's straight-through gate), so gating a row
+    moves it without changing a bit."""
+    skip_interpreted_bf16(backend, dtype)
+    gen = generator(5)
+    values = randn(gen, 200, 8, dtype=dtype, device=device).requires_grad_()
+    prototypes = randn(gen, 6, 8, dtype=dtype, device=device).requires_grad_()
+    gate = _route(values, prototypes, backend, top_k=2).gate
+    off = gate != 1
+    assert not off.any(), (f"{int(off.sum())} of {gate.numel()} gates differ from 1, e.g. "
+                           f"1 - {(1 - gate[off][0].double()).item():.3g}")
+
+
+@pytest.mark.parametrize("backend", backends("session_pool_route"))
+def test_routing_zero_session_scores_zero(backend, device):
+    """A zero session vector scores 0 for every theme (uniform probabilities) and keeps finite
+    gradients."""
+    gen = generator(6)
+    values = torch.cat([torch.zeros(1, 4), randn(gen, 2, 4, dtype=torch.float32)]).to(device).requires_grad_()
+    prototypes = randn(gen, 3, 4, dtype=torch.float32, device=device).requires_grad_()
+    r = _route(values, prototypes, backend)
+    assert torch.equal(r.scores[0], torch.zeros(3, device=device))
+    assert_close(r.probs[0], torch.full((3,), 1 / 3, device=device), "reduction")
+    (r.gate.sum() + r.probs[:, 0].sum()).backward()
+    assert torch.isfinite(values.grad).all() and torch.isfinite(prototypes.grad).all()
 
 
 # ---- at GPU scale (marked gpu: the GPU check selects them with -m gpu; skipped without CUDA) ----
@@ -175,17 +246,17 @@ def test_pool_route_large(dtype, num_tokens, kernel_backend):
 
 BAD_INPUT = {
     # name: (call, exception, argument named)
-    "route_zero_prototypes": (lambda: call_theme_route(prototypes=torch.randn(0, DIM)), ValueError, "prototypes"),
-    "route_top_k_above_K": (lambda: call_theme_route(top_k=4), ValueError, "top_k"),
-    "route_top_k_0": (lambda: call_theme_route(top_k=0), ValueError, "top_k"),
-    "route_prototype_width": (lambda: call_theme_route(prototypes=torch.randn(3, DIM + 1)), ValueError, "prototypes"),
-    "route_nan_pooled": (lambda: call_theme_route(pooled=torch.full((2, DIM), math.nan)), ValueError, "pooled"),
-    "route_int_prototypes": (lambda: call_theme_route(prototypes=torch.ones(3, DIM, dtype=torch.int64)), TypeError,
-                             "prototypes"),
-    "route_temperature_0": (lambda: call_theme_route(temperature=0.0), ValueError, "temperature"),
     "pool_route_zero_prototypes": (lambda: call_session_pool_route(prototypes=torch.randn(0, DIM)), ValueError,
                                    "prototypes"),
     "pool_route_top_k_above_K": (lambda: call_session_pool_route(top_k=4), ValueError, "top_k"),
+    "pool_route_top_k_0": (lambda: call_session_pool_route(top_k=0), ValueError, "top_k"),
+    "pool_route_prototype_width": (lambda: call_session_pool_route(prototypes=torch.randn(3, DIM + 1)), ValueError,
+                                   "prototypes"),
+    "pool_route_nan_values": (lambda: call_session_pool_route(values=torch.full((5, DIM), math.nan)), ValueError,
+                              "values"),
+    "pool_route_int_prototypes": (lambda: call_session_pool_route(prototypes=torch.ones(3, DIM, dtype=torch.int64)),
+                                  TypeError, "prototypes"),
+    "pool_route_temperature_0": (lambda: call_session_pool_route(temperature=0.0), ValueError, "temperature"),
     "pool_route_offsets_short": (lambda: call_session_pool_route(session_offsets=torch.tensor([0, 2, 4])), ValueError,
                                  "session_offsets"),
     "pool_int_values": (lambda: mk.session_pool(torch.ones(3, DIM, dtype=torch.int64), torch.tensor([0, 3])),
@@ -226,12 +297,4 @@ def _pool_route_case(device):
                      prototypes=random_values(NUM_THEMES, STRIDED_DIM, torch.float32, device, seed=1))
 
 
-def _route_case(device):
-    def run(backend, pooled, prototypes):
-        r = mk.theme_route(pooled, prototypes, temperature=0.5, top_k=TOP_K, backend=backend)
-        return r.scores, r.probs, r.themes, r.gate
-    return run, dict(pooled=random_values(6, STRIDED_DIM, torch.float32, device),
-                     prototypes=random_values(NUM_THEMES, STRIDED_DIM, torch.float32, device, seed=1))
-
-
-STRIDED_CASES = {"session_pool": _pool_case, "session_pool_route": _pool_route_case, "theme_route": _route_case}
+STRIDED_CASES = {"session_pool": _pool_case, "session_pool_route": _pool_route_case}
