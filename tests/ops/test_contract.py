@@ -20,6 +20,9 @@ layout it meets in the layer, and one test per chain keeps the GPU time to one w
 """
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,20 +31,13 @@ from mos_kernels.backend import IMPLEMENTED
 from tests.gpu_cases import GPU_DTYPES, needs_cuda, pool_route_run, theme_layout, workload
 from tests.input_cases import check_rows_past_2_to_31, check_strided_views, named, strided_params
 from tests.kernel_cases import ON_GPU
-from tests.ops import test_expert_target_attention as expert_target_attention
-from tests.ops import test_grouped_linear as grouped_linear
-from tests.ops import test_jagged as jagged
-from tests.ops import test_jagged_self_attention as jagged_self_attention
-from tests.ops import test_session_pool_route as session_pool_route
-from tests.ops import test_sessionize as sessionize
-from tests.ops import test_theme_dispatch as theme_dispatch
-from tests.ops import test_theme_gather as theme_gather
 
-# The op test files, by the name a test id gives them. A file without one of the tables has no
-# case of that kind (the jagged helpers: bad arguments only).
-OPS = {module.__name__.rpartition(".test_")[2]: module for module in (
-    sessionize, session_pool_route, theme_dispatch, theme_gather, grouped_linear, expert_target_attention,
-    jagged_self_attention, jagged)}
+# Every test file of tests/ops, by the name a test id gives it: an op's new file (or table) is
+# read without being listed here. A file without one of the tables has no case of that kind
+# (the jagged helpers: bad arguments only; a second file of an op: none). pytest imports the same
+# files as ops.test_<op> (tests/ is no package); a second copy costs little, as they hold no state.
+OPS = {path.stem.removeprefix("test_"): importlib.import_module(f"tests.ops.{path.stem}")
+       for path in sorted(Path(__file__).parent.glob("test_*.py")) if path.stem != "test_contract"}
 
 
 def _table(name):
