@@ -24,7 +24,7 @@ import torch
 
 import mos_kernels as mk
 from mos_kernels.jagged import counts_of
-from mos_kernels.theme_route import normalized
+from mos_kernels.routing import normalized
 
 AUX_LOSSES = ("commitment", "codebook", "load_balance")
 RouterResult = Tuple[Optional[torch.Tensor], mk.Routing, Dict[str, torch.Tensor]]

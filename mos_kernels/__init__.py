@@ -16,7 +16,7 @@ from .session_pool import session_pool, session_pool_route
 from .sessionize import Sessions, sessionize
 from .theme_dispatch import Dispatch, theme_dispatch
 from .theme_gather import theme_gather, theme_scatter
-from .theme_route import Routing
+from .routing import Routing
 
 __all__ = [
     "data_checks", "Dispatch", "Routing", "Sessions", "expert_target_attention", "grouped_linear", "jagged_self_attention",

@@ -17,7 +17,7 @@ from .session_pool import pool_route_flops
 from .theme_dispatch import dispatch_backward, dispatch_fake, dispatch_setup_context
 from .theme_gather import (gate_flops, gather_backward_for, gather_fake, row_dot_fake, scatter_backward_for,
                            scatter_fake, setup_context)
-from .theme_route import normalized
+from .routing import normalized
 
 LIB = "mos_cuda"
 _registered = False

@@ -1,4 +1,4 @@
-"""Session pooling, alone or fused with theme routing (the routing's shared pieces: theme_route.py).
+"""Session pooling, alone or fused with theme routing (the routing's shared pieces: routing.py).
 
 `session_pool(values, session_offsets)`: the mean of every session's rows.
 `session_pool_route(values, session_offsets, prototypes, temperature, top_k)`: the means plus
@@ -27,7 +27,7 @@ from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import lengths_from_offsets, segment_ids
 from ._launch import cdiv, next_power_of_2
-from .theme_route import NORM_EPS, Routing, check_routing_args, normalized, straight_through_gate
+from .routing import NORM_EPS, Routing, check_routing_args, normalized, straight_through_gate
 
 
 def session_pool(values: torch.Tensor, session_offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

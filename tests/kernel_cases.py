@@ -13,7 +13,7 @@ import torch
 
 import mos_kernels as mk
 from mos_kernels.backend import IMPLEMENTED
-from mos_kernels.theme_route import normalized
+from mos_kernels.routing import normalized
 from tests import oracles
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close

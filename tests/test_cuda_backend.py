@@ -20,7 +20,7 @@ import torch
 
 import mos_kernels as mk
 from mos_kernels import backend, cuda_ops
-from mos_kernels.theme_route import NORM_EPS
+from mos_kernels.routing import NORM_EPS
 from tests.conftest import require_cuda_ext, skip_unless_required
 from tests.kernel_cases import make_sessions, random_values
 

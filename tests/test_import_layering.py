@@ -115,9 +115,9 @@ def test_no_module_imports_the_package_itself():
 def test_the_import_reader_sees_package_imports(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("import mos_kernels\nfrom mos_kernels import data_checks, jagged\n"
-                      "def f():\n    from mos_kernels.theme_route import _hidden\n")
+                      "def f():\n    from mos_kernels.routing import _hidden\n")
     found = sorted((target, tuple(names)) for target, names, _ in _imports(source, "mos_kernels"))
-    assert found == [("__init__", ()), ("__init__", ("data_checks",)), ("jagged", ()), ("theme_route", ("_hidden",))]
+    assert found == [("__init__", ()), ("__init__", ("data_checks",)), ("jagged", ()), ("routing", ("_hidden",))]
 
 
 def test_no_import_by_name_string():

@@ -13,7 +13,7 @@
 
 namespace mos {
 
-// Floor of |h| in the normalisation h / max(|h|, eps): NORM_EPS of mos_kernels/theme_route.py
+// Floor of |h| in the normalisation h / max(|h|, eps): NORM_EPS of mos_kernels/routing.py
 // (a test keeps the two equal).
 constexpr float kNormEps = 1e-6f;
 
