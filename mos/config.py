@@ -128,6 +128,9 @@ class MoSConfig:
             "reference" (pure PyTorch), "triton" or "cuda".
         validate_inputs: check the inputs' data (finite, monotone offsets, time order) on every
             forward, at the cost of one pass and a device sync (True).
+        attention_mass: every target attention (every expert's, and so the backbone's) adds
+            per head log(1 + sum of exp(scores)) over its segment, through a weight zero at
+            initialisation (`mos.encoders.attention_mass`) (False).
         theme_mass: the theme summary also sees how much of each history every theme holds,
             log(1 + tokens), as a logit term and as a value term per theme (both zero at
             initialisation) (False).
@@ -155,6 +158,9 @@ class MoSConfig:
     num_layers: int = 1              # transformer layers per expert
     global_scope: str = "tokens"     # global expert over "tokens" or over the "sessions" vectors
     short_sessions: int = 1          # short-term expert sees the last this-many sessions
+    # Every target attention (the backbone's, each expert's, the MoE baselines') also outputs how
+    # much of its segment matches the target, per head: the softmax alone cannot tell.
+    attention_mass: bool = False
     # The theme summary's softmax average cannot tell a theme of one session from one of twenty;
     # the label of a CTR model often depends on that share. True adds log(1 + tokens) per theme.
     theme_mass: bool = False

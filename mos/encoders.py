@@ -37,15 +37,23 @@ def _nonempty(segment_offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 class TargetAttentionEncoder(nn.Module):
-    """DIN/TWIN-style multi-head attention with the target as query, per expert."""
+    """DIN/TWIN-style multi-head attention with the target as query, per expert.
 
-    def __init__(self, dim: int, num_heads: int, num_experts: int = 1, backend: str = "auto"):
+    `attention_mass`: the softmax makes the attended vector an average, blind to how much of the
+    segment matches the target (DIN drops the softmax for that reason). With it, each head's
+    c = log(1 + sum_r exp(k_r . q / sqrt(d_h))) over the segment's rows r (0 for an empty
+    segment) enters the output through a per-expert [H, d] weight, zero at initialisation."""
+
+    def __init__(self, dim: int, num_heads: int, num_experts: int = 1, backend: str = "auto",
+                 attention_mass: bool = False):
         super().__init__()
         self.dim, self.num_heads, self.num_experts = dim, num_heads, num_experts
         self.backends = op_backends(backend)
         for name in ("query", "key", "value", "out"):
             setattr(self, f"w_{name}", _expert_weight(num_experts, dim, dim))
             setattr(self, f"b_{name}", _expert_bias(num_experts, dim, dim))
+        # torch.zeros draws nothing: the other weights are those of an encoder without it.
+        self.w_mass = nn.Parameter(torch.zeros(num_experts, num_heads, dim)) if attention_mass else None
 
     def forward(self, tokens: torch.Tensor, target: torch.Tensor, segment_offsets: torch.Tensor, *,
                 gather_index: Optional[torch.Tensor] = None, row_gate: Optional[torch.Tensor] = None,
@@ -60,7 +68,39 @@ class TargetAttentionEncoder(nn.Module):
             inverse_index=inverse_index, backend=self.backends["expert_target_attention"])
         out = torch.einsum("ebd,edf->ebf", attended.view(num_experts, -1, self.dim), self.w_out)
         out = out + self.b_out[:, None]
+        if self.w_mass is not None:
+            mass = attention_mass(tokens, query.reshape(-1, self.dim), self.w_key, self.b_key, segment_offsets,
+                                  self.num_heads, gather_index=gather_index, row_gate=row_gate,
+                                  backend=self.backends["grouped_linear"])
+            out = out + torch.einsum("ebh,ehf->ebf", mass.view(num_experts, -1, self.num_heads), self.w_mass)
         return out * _nonempty(segment_offsets, num_experts)
+
+
+def attention_mass(tokens: torch.Tensor, query: torch.Tensor, w_key: torch.Tensor, b_key: torch.Tensor,
+                   segment_offsets: torch.Tensor, num_heads: int, *, gather_index: Optional[torch.Tensor] = None,
+                   row_gate: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """[S, H] c_{s,h} = log(1 + sum over segment s's rows r of exp(k_{r,h} . q_{s,h} / sqrt(d_h))).
+
+    Rows are tokens[gather_index] * row_gate (or tokens); keys k_r = row_r W_key[e] + b_key[e]
+    with e the expert of the row's segment (segments expert-major, as the encoders take them);
+    query [S, d]. Zero for an empty segment; log-sum-exp with the 1 inside, so it never overflows."""
+    num_segments, dim = query.shape
+    num_experts = w_key.shape[0]
+    rows = tokens if gather_index is None else tokens[gather_index]
+    if row_gate is not None:
+        rows = rows * row_gate[:, None].to(rows.dtype)
+    keys = mk.grouped_linear(rows, w_key, b_key, jagged_expert_offsets(segment_offsets, num_experts),
+                             backend=backend)
+    segment = segment_ids(segment_offsets, rows.shape[0])
+    head_dim = dim // num_heads
+    scores = (keys.view(-1, num_heads, head_dim) * query[segment].view(-1, num_heads, head_dim)).sum(-1)
+    # At least float32: fp16/bf16 exponentials would round the sums a model reads.
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(head_dim)   # [N, H]
+    # max(0, max_r s_r) per segment: the 1 inside the sum is exp(0).
+    top = torch.zeros(num_segments, num_heads, dtype=scores.dtype, device=query.device).scatter_reduce_(
+        0, segment[:, None].expand(-1, num_heads), scores.detach(), "amax", include_self=True)
+    total = torch.exp(-top).index_add(0, segment, torch.exp(scores - top[segment]))
+    return (top + torch.log(total)).to(query.dtype)
 
 
 class TransformerEncoder(nn.Module):
@@ -69,13 +109,13 @@ class TransformerEncoder(nn.Module):
     in TransAct and BST)."""
 
     def __init__(self, dim: int, num_heads: int, num_experts: int = 1, num_layers: int = 1,
-                 dropout: float = 0.0, backend: str = "auto"):
+                 dropout: float = 0.0, backend: str = "auto", attention_mass: bool = False):
         super().__init__()
         self.dim, self.num_heads, self.num_experts = dim, num_heads, num_experts
         self.backends = op_backends(backend)
         self.dropout = dropout
         self.layers = nn.ModuleList(_ExpertBlock(dim, num_experts) for _ in range(num_layers))
-        self.target_readout = TargetAttentionEncoder(dim, num_heads, num_experts, backend)
+        self.target_readout = TargetAttentionEncoder(dim, num_heads, num_experts, backend, attention_mass)
 
     def forward(self, tokens, target, segment_offsets, *, gather_index=None, row_gate=None, inverse_index=None,
                 max_len=None):
@@ -123,11 +163,11 @@ class _ExpertBlock(nn.Module):
 
 
 def make_encoder(kind: str, dim: int, num_heads: int, num_experts: int = 1, *, num_layers: int = 1,
-                 dropout: float = 0.0, backend: str = "auto") -> nn.Module:
+                 dropout: float = 0.0, backend: str = "auto", attention_mass: bool = False) -> nn.Module:
     """An encoder of `kind` ("target_attention" or "transformer") with `num_experts` parameter
     sets. Raises ValueError naming `encoder` for another kind."""
     if kind == "target_attention":
-        return TargetAttentionEncoder(dim, num_heads, num_experts, backend)
+        return TargetAttentionEncoder(dim, num_heads, num_experts, backend, attention_mass)
     if kind == "transformer":
-        return TransformerEncoder(dim, num_heads, num_experts, num_layers, dropout, backend)
+        return TransformerEncoder(dim, num_heads, num_experts, num_layers, dropout, backend, attention_mass)
     raise ValueError(f"encoder: expected one of ['target_attention', 'transformer'], got {kind!r}")

@@ -118,7 +118,8 @@ class MoSLayer(nn.Module):
         self.routing_unit = routing_unit if routing_unit is not None else route_sessions
         self.backends = op_backends(cfg.backend)   # each op's backend, resolved once
         d = cfg.dim
-        encoder = dict(num_layers=cfg.num_layers, dropout=cfg.dropout, backend=cfg.backend)
+        encoder = dict(num_layers=cfg.num_layers, dropout=cfg.dropout, backend=cfg.backend,
+                       attention_mass=cfg.attention_mass)
         # Only the experts that run own parameters (DDP refuses parameters that get no gradient).
         # The global expert is built first: it then draws the same initial weights as a backbone
         # encoder built at the same point of the random stream (`CTRModel` relies on it).

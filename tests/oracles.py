@@ -306,4 +306,8 @@ def live_extras(layer, seed: int = 0):
         with torch.no_grad():
             layer.mass_value.copy_(randn(generator(seed + 1), *layer.mass_value.shape, dtype=layer.mass_value.dtype))
             layer.mass_logit.fill_(0.5)
+    for index, module in enumerate(layer.modules()):           # attention_mass: zero at initialisation too
+        if getattr(module, "w_mass", None) is not None:
+            with torch.no_grad():
+                module.w_mass.copy_(randn(generator(seed + 2 + index), *module.w_mass.shape, dtype=module.w_mass.dtype))
     return layer

@@ -52,6 +52,7 @@ def test_layer_all_empty_batch_is_finite(encoder, device):
 LAYER_OPTIONS = [
     dict(encoder="target_attention"),
     dict(encoder="target_attention", top_k=2, max_theme_tokens=3, global_scope="sessions", fusion="concat"),
+    dict(encoder="target_attention", attention_mass=True, theme_mass=True),
     dict(encoder="transformer"),
     dict(encoder="transformer", top_k=2, max_theme_tokens=3, fusion="concat", theme_mass=True),
     dict(encoder="transformer", num_layers=2, global_scope="sessions"),

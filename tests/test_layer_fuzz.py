@@ -46,6 +46,7 @@ def layer_options(draw) -> dict:
         fusion=draw(st.sampled_from(["residual", "concat"])),
         short_sessions=draw(st.integers(1, 3)),
         theme_mass=draw(st.booleans()),
+        attention_mass=draw(st.booleans()),
         gap_seconds=10.0,
     )
     return options

@@ -10,6 +10,7 @@ import oracles
 from mos import MoSLayer
 from mos.routing import LearnedRouter, RandomRouter, route_sessions, route_tokens
 from oracles import generator, randn
+from tolerances import assert_close
 
 DIM = 8
 LENGTHS = [0, 7, 1, 12]
@@ -138,3 +139,48 @@ def test_theme_mass_starts_as_the_layer_without_it_and_reads_theme_sizes():
     m = torch.log1p(lengths.float())
     assert torch.allclose(e2, e + m[:, :, None] * massed.mass_value[:, None, :])
     assert torch.allclose(l2, logits + 1.0 * m.t())
+
+
+def test_attention_mass_is_the_log_of_one_plus_the_summed_exponentials():
+    """attention_mass on gathered, gated rows of two experts, one segment empty: each head's
+    log(1 + sum exp(k . q / sqrt(d_h))) by a loop, and gradients that reach keys and queries."""
+    from mos.encoders import attention_mass
+    gen = generator(6)
+    tokens = randn(gen, 7, DIM, dtype=torch.float64)
+    gather = torch.tensor([3, 0, 6, 2, 2, 5])
+    gate = torch.tensor([1.0, 0.5, 1.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    offsets = torch.tensor([0, 2, 2, 5, 6])             # experts 0, 1 with B = 2: segment 1 empty
+    w_key = randn(gen, 2, DIM, DIM, dtype=torch.float64).requires_grad_()
+    b_key = randn(gen, 2, DIM, dtype=torch.float64)
+    query = randn(gen, 4, DIM, dtype=torch.float64).requires_grad_()
+    got = attention_mass(tokens, query, w_key, b_key, offsets, 2, gather_index=gather, row_gate=gate,
+                         backend="reference")
+    want = torch.zeros(4, 2, dtype=torch.float64)
+    for s in range(4):
+        expert = s // 2
+        for h in range(2):
+            total = torch.tensor(1.0, dtype=torch.float64)
+            for r in range(int(offsets[s]), int(offsets[s + 1])):
+                key = (tokens[gather[r]] * gate[r]) @ w_key[expert] + b_key[expert]
+                total = total + torch.exp(key[4 * h:4 * h + 4] @ query[s, 4 * h:4 * h + 4] / 2.0)
+            want[s, h] = torch.log(total)
+    assert_close(got.detach(), want, "float64")
+    assert float(got[1].detach().abs().sum()) == 0.0
+    got.sum().backward()
+    assert float(w_key.grad.abs().sum()) > 0 and float(query.grad[0].abs().sum()) > 0
+
+
+def test_attention_mass_starts_as_the_layer_without_it():
+    """Its weights start at zero and draw nothing from the random stream: the same weights and
+    output as the layer without it; once nonzero, the output reads it."""
+    values, target, offsets = _batch(7)
+    plain = oracles.live_extras(_layer())
+    massed = _layer(attention_mass=True)
+    missing, unexpected = massed.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["global_expert.w_mass", "short_expert.w_mass", "theme_experts.w_mass"]
+    fresh = _layer(attention_mass=True)
+    assert all(torch.equal(fresh.state_dict()[k], _layer().state_dict()[k]) for k in _layer().state_dict())
+    assert torch.equal(massed(values, target, offsets).output, plain(values, target, offsets).output)
+    with torch.no_grad():
+        massed.global_expert.w_mass.normal_()
+    assert not torch.allclose(massed(values, target, offsets).output, plain(values, target, offsets).output)

@@ -42,7 +42,7 @@ ADDED = {"model.recency": "none"}
 # a tree without them gets them at those values.
 ADDED_AT_DEFAULT = {"data.synthetic.category_group": 1, "data.synthetic.taste_drift": 0.0,
                     "data.synthetic.label_taste_from": "all", "data.synthetic.label_item": 0.0,
-                    "model.mos.theme_mass": False}
+                    "model.mos.theme_mass": False, "model.mos.attention_mass": False}
 
 # State-dict keys of an earlier model layout -> their names now (prefix renames).
 RENAMED_STATE = {"head.": "head.mlp.", "serve_extras": "serve_correction"}

@@ -35,7 +35,7 @@ class SampleMoE(nn.Module):
         self.backends = op_backends(mos_cfg.backend)
         self.experts = make_encoder(mos_cfg.encoder, mos_cfg.dim, mos_cfg.num_heads, self.moe.num_experts,
                                     num_layers=mos_cfg.num_layers, dropout=mos_cfg.dropout,
-                                    backend=mos_cfg.backend)
+                                    backend=mos_cfg.backend, attention_mass=mos_cfg.attention_mass)
         self.gate_input = nn.Linear(2 * mos_cfg.dim, mos_cfg.dim)
 
     def gate(self, features: torch.Tensor):

@@ -32,7 +32,7 @@ def backbone_encoder(config: ModelConfig, num_experts: int = 1) -> nn.Module:
     """The encoder every kind is built around (`model.mos.encoder`, its width and heads)."""
     cfg = config.mos
     return make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, num_experts, num_layers=cfg.num_layers,
-                        dropout=cfg.dropout, backend=cfg.backend)
+                        dropout=cfg.dropout, backend=cfg.backend, attention_mass=cfg.attention_mass)
 
 
 class PlainCorrection(nn.Module):

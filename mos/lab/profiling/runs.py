@@ -89,7 +89,7 @@ def fingerprint(cfg: RunConfig, name: str, seed: int) -> str:
 
 # The encoder options every model kind reads (the session options cut the sessions the recency
 # embedding counts); the other MoSConfig fields shape MoS alone.
-SHARED_ENCODER_FIELDS = ("dim", "num_heads", "encoder", "num_layers", "dropout", "backend",
+SHARED_ENCODER_FIELDS = ("dim", "num_heads", "encoder", "num_layers", "dropout", "backend", "attention_mass",
                          "session_mode", "session_len", "gap_seconds", "max_session_len", "validate_inputs")
 
 
