@@ -74,7 +74,14 @@ def boosted_loss(cands: Candidates, label: torch.Tensor, aux_loss: Optional[torc
 
 @dataclass(frozen=True)
 class Choice:
-    """Which candidate to serve, and the validation numbers it was decided on."""
+    """Which candidate to serve, and the validation numbers it was decided on.
+
+    Attributes:
+        serve_correction: serve the corrected candidate (gain > se).
+        backbone_auc, corrected_auc: the two candidates' validation AUC.
+        gain: corrected_auc - backbone_auc.
+        se: the DeLong standard error of the gain (user-clustered when groups were given).
+    """
 
     serve_correction: bool
     backbone_auc: float

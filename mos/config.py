@@ -54,6 +54,7 @@ def check_int_fields(obj, prefix: str, tuples: tuple = ()) -> None:
 
 
 def require_int(name: str, value) -> None:
+    """TypeError naming `name` unless `value` is an int (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
 

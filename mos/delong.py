@@ -30,7 +30,13 @@ import torch
 
 @dataclass(frozen=True)
 class AUCDifference:
-    """A paired comparison of two score vectors on the same examples."""
+    """A paired comparison of two score vectors on the same examples.
+
+    Attributes:
+        auc_a, auc_b: the AUC of each score vector.
+        difference: auc_a - auc_b.
+        se: the DeLong standard error of the difference (user-clustered with groups).
+    """
 
     auc_a: float
     auc_b: float
