@@ -71,6 +71,7 @@ MOVED_OUT = {
     "ablation": "the options it held are MoSLayer keywords (router, routing_unit, experts) and "
                 "MoSConfig.extras_detach_inputs",
 }
+REMOVED = {"readout": "the transformer encoder always reads out by target attention"}
 
 
 def _refuse_renamed(cls):
@@ -84,6 +85,8 @@ def _refuse_renamed(cls):
                 raise TypeError(f"{cls.__name__}.{name}: renamed {RENAMED[name]}")
             if name in MOVED_OUT:
                 raise TypeError(f"{cls.__name__}.{name}: moved out of the config; it is {MOVED_OUT[name]}")
+            if name in REMOVED:
+                raise TypeError(f"{cls.__name__}.{name}: removed; {REMOVED[name]}")
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__

@@ -109,13 +109,17 @@ class MoSLayer(nn.Module):
             config = MoSConfig(**overrides)
         elif overrides:
             raise ValueError(f"overrides: expected none when a config is given, got {sorted(overrides)}")
-        for name, part in (("router", router), ("routing_unit", routing_unit)):
-            if part is not None and not callable(part):
-                raise TypeError(f"{name}: expected a callable (see mos.routing), got {type(part).__name__}")
         self.config = cfg = config
         self.experts = _check_experts(experts)
-        self.router = router if router is not None else LearnedRouter()
-        self.routing_unit = routing_unit if routing_unit is not None else route_sessions
+        for name, part in (("router", router), ("routing_unit", routing_unit)):
+            if part is None:
+                continue
+            if isinstance(part, type) or not callable(part):
+                what = f"the class {part.__name__} (pass an instance)" if isinstance(part, type) else type(part).__name__
+                raise TypeError(f"{name}: expected a callable (see mos.routing), got {what}")
+            if "themes" not in self.experts:
+                raise ValueError(f"{name}: expected none when no theme experts run (experts={list(self.experts)}), "
+                                 f"got {type(part).__name__}: nothing would route")
         self.backends = op_backends(cfg.backend)   # each op's backend, resolved once
         d = cfg.dim
         encoder = dict(num_layers=cfg.num_layers, dropout=cfg.dropout, backend=cfg.backend,
@@ -136,6 +140,9 @@ class MoSLayer(nn.Module):
             nn.init.zeros_(self.extras_out.bias)
         paths = {**_PATHS, "global": _GLOBAL_PATHS[cfg.global_scope]}
         self._paths = tuple((kind, paths[kind]) for kind in _RUN_ORDER if kind in self.experts)
+        # Set after the experts, so that a router with parameters registers them last.
+        self.router = router if router is not None else LearnedRouter()
+        self.routing_unit = routing_unit if routing_unit is not None else route_sessions
         self._fuse = _fusion(cfg.fusion, self.experts)
         self._theme_mass = _with_theme_mass if cfg.theme_mass else _without_theme_mass
         # The router's parameters get the inputs' check: a NaN or inf prototype (after a diverged
@@ -245,11 +252,13 @@ class _Batch:
 
 
 def _check_experts(experts) -> tuple:
+    """The expert kinds in EXPERT_KINDS order, whatever order they were named in (the fusion's
+    weight columns follow it, so a state dict means one thing)."""
     kinds = tuple(experts) if isinstance(experts, (tuple, list)) else None
     if not kinds or len(set(kinds)) != len(kinds) or any(kind not in EXPERT_KINDS for kind in kinds):
         raise ValueError(f"experts: expected a non-empty list of distinct kinds from {list(EXPERT_KINDS)}, "
                          f"got {experts!r}")
-    return kinds
+    return tuple(kind for kind in EXPERT_KINDS if kind in kinds)
 
 
 def _as_given(tensor: torch.Tensor) -> torch.Tensor:

@@ -103,12 +103,15 @@ def test_the_default_parts_are_the_layer():
 
 
 @pytest.mark.parametrize("experts", [("themes", "global"), ("short", "global", "themes")])
-def test_expert_order_changes_nothing_but_the_concat_order(experts):
-    """Parameters are drawn in one fixed order whatever order the experts are named in: the same
-    seed gives the same weights and (residual fusion) the same output."""
+@pytest.mark.parametrize("fusion", ["residual", "concat"])
+def test_expert_order_changes_nothing(experts, fusion):
+    """The layer keeps its experts in one order whatever order they are named in: the same seed
+    gives the same weights, the fusion's columns mean the same experts, the output is the same."""
     values, target, offsets = _batch(4)
     canonical = tuple(kind for kind in ("global", "short", "themes") if kind in experts)
-    a, b = _layer(experts=experts), _layer(experts=canonical)
+    a, b = _layer(experts=experts, fusion=fusion), _layer(experts=canonical, fusion=fusion)
+    assert a.experts == canonical
+    a, b = oracles.live_extras(a), oracles.live_extras(b)
     assert a.state_dict().keys() == b.state_dict().keys()
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert torch.equal(a(values, target, offsets).output, b(values, target, offsets).output)
@@ -184,3 +187,26 @@ def test_attention_mass_starts_as_the_layer_without_it():
     with torch.no_grad():
         massed.global_expert.w_mass.normal_()
     assert not torch.allclose(massed(values, target, offsets).output, plain(values, target, offsets).output)
+
+
+def test_parts_that_cannot_be_used_are_refused_by_name():
+    """A router class instead of an instance, or a router or routing unit for a layer that runs
+    no theme experts (it would never route, and a router module's weights would get no gradient)."""
+    with pytest.raises(TypeError, match=r"router: expected a callable \(see mos\.routing\), got the class "
+                                        r"RandomRouter \(pass an instance\)"):
+        _layer(router=RandomRouter)
+    with pytest.raises(ValueError, match=r"router: expected none when no theme experts run "
+                                         r"\(experts=\['global', 'short'\]\)"):
+        _layer(router=RandomRouter(), experts=("global", "short"))
+    with pytest.raises(ValueError, match=r"routing_unit: expected none when no theme experts run"):
+        _layer(routing_unit=route_tokens, experts=("global",))
+    with pytest.raises(TypeError, match=r"MoSConfig\.readout: removed; the transformer encoder always reads out"):
+        _layer(readout="last")
+
+
+def test_a_router_module_registers_after_the_experts():
+    """The dtype check reads the layer's first parameter: an expert's, not a user router's."""
+    router = LastThemeRouter().double()
+    layer = _layer(router=router)
+    assert next(layer.parameters()).dtype == torch.float32
+    assert list(layer.named_parameters())[-1][0] == "router.scale"

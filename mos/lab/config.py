@@ -78,6 +78,8 @@ class MoSAblation:
 
     def layer_parts(self) -> dict:
         """The keywords of `MoSLayer` (router, routing_unit, experts) these options stand for."""
+        if "themes" not in self.experts:
+            return dict(experts=self.experts)     # nothing routes: the layer takes no router
         router = (LearnedRouter(vq_detach_tokens=self.vq_detach_tokens) if self.router == "learned"
                   else RandomRouter())
         routing_unit = route_sessions if self.routing_unit == "session" else route_tokens
