@@ -378,3 +378,29 @@ def test_options_added_at_their_default_are_the_defaults():
         for name in key.split("."):
             node = node[name]
         assert node == value, key
+
+
+def _tree_of_the_layout_before_the_layer_parts(readout="target"):
+    """A run's config tree as the code before the layer took its ablations as parts wrote it:
+    the ablation options and extras_detach_inputs under model.mos.ablation, a readout option,
+    none of the options added since."""
+    tree = config_to_dict(RunConfig())
+    model, mos = tree["model"], tree["model"]["mos"]
+    mos["ablation"] = {**model.pop("ablation"), "extras_detach_inputs": mos.pop("extras_detach_inputs")}
+    mos["readout"] = readout
+    for added in ("theme_mass", "attention_mass"):
+        del mos[added]
+    for added in ("category_group", "taste_drift", "label_taste_from", "label_item"):
+        del tree["data"]["synthetic"][added]
+    return tree
+
+
+def test_a_checkpoint_tree_of_the_layout_before_the_layer_parts_loads():
+    """Such a tree loads as today's defaults; one written with a readout that is gone is refused
+    naming it and why."""
+    assert load_run_config(None, [], base=_tree_of_the_layout_before_the_layer_parts()) == RunConfig()
+    with pytest.raises(ValueError, match=r"'model\.mos\.readout' was removed: the transformer encoder always reads "
+                                         r"out by target attention"):
+        load_run_config(None, [], base=_tree_of_the_layout_before_the_layer_parts(readout="last"))
+    with pytest.raises(ValueError, match=r"'model\.mos\.readout' was removed"):
+        load_run_config(None, ["model.mos.readout=target"])

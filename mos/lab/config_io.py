@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from mos.lab.config import RunConfig
-from mos.lab.moved_options import migrate, moved_key
+from mos.lab.moved_options import migrate, moved_key, removed_key
 
 _PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 _CHECKOUT_CONFIGS = Path(__file__).parents[2] / "configs"
@@ -135,6 +135,8 @@ def _unknown_key(key: str, cls, where: str) -> ValueError:
     new = moved_key(key)
     if new is not None:
         return ValueError(f"{where}: '{key}' moved to '{new}'")
+    if removed_key(key) is not None:
+        return ValueError(f"{where}: '{key}' was removed: {removed_key(key)}")
     level = key.rpartition(".")[0]
     scope = f"under '{level}'" if level else "at the top level"
     valid = ", ".join(_sections(cls))

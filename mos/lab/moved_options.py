@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from mos.config import RENAMED
+from mos.config import REMOVED, RENAMED
 
 _ABLATION = ("router", "routing_unit", "experts", "vq_detach_tokens")
 
@@ -34,6 +34,11 @@ MOVED = {
 }
 
 
+# Options that are gone, with why, and the one value of each that meant what the code does now
+# (a checkpoint written with it still loads; one written with another value cannot be rebuilt).
+REMOVED_KEYS = {f"model.mos.{name}": why for name, why in REMOVED.items()}
+REMOVED_AS_NOW = {"model.mos.readout": "target"}
+
 # Options added later, with the value that gives the behaviour of a tree written before they
 # existed (an earlier checkpoint's model had no recency embedding).
 ADDED = {"model.recency": "none"}
@@ -51,6 +56,11 @@ RENAMED_STATE = {"head.": "head.mlp.", "serve_extras": "serve_correction"}
 def moved_key(key: str):
     """The key `key` moved to, or None."""
     return MOVED.get(key)
+
+
+def removed_key(key: str):
+    """Why the option `key` is gone, or None."""
+    return REMOVED_KEYS.get(key)
 
 
 def refuse_moved(section: str):
@@ -104,6 +114,17 @@ def migrate(tree: dict) -> dict:
         for name in new_path:
             target = target.setdefault(name, {})
         target[new_leaf] = value
+    for key, value in REMOVED_AS_NOW.items():
+        *path, leaf = key.split(".")
+        node = _node(tree, path)
+        if isinstance(node, dict) and node.get(leaf) == value:
+            del node[leaf]
+    # A section whose keys all moved out (model.mos.ablation) goes with them.
+    for old in {key.rpartition(".")[0] for key in MOVED}:
+        *path, leaf = old.split(".")
+        node = _node(tree, path)
+        if isinstance(node, dict) and node.get(leaf) == {}:
+            del node[leaf]
     for key, value in ADDED_AT_DEFAULT.items():
         *path, leaf = key.split(".")
         node = tree
@@ -112,6 +133,13 @@ def migrate(tree: dict) -> dict:
         if isinstance(node, dict):
             node.setdefault(leaf, value)
     return tree
+
+
+def _node(tree: dict, path: list):
+    node = tree
+    for name in path:
+        node = node.get(name) if isinstance(node, dict) else None
+    return node
 
 
 def _written_before(model_section: dict) -> bool:
