@@ -14,14 +14,16 @@ def test_the_shipped_file_is_what_the_tool_writes():
 
 
 def test_data_sample_names_the_shipped_file():
-    assert DataConfig(source="sample").source == str(SAMPLE_LOG)
+    """By name in the config (a run's record does not depend on where the package lives), by path
+    where the log is read."""
     cfg = load_run_config(None, ["data.source=sample"])
-    assert Path(cfg.data.source) == SAMPLE_LOG
+    assert cfg.data.source == "sample" and Path(cfg.data.log_path) == SAMPLE_LOG
+    assert DataConfig(source="synthetic").log_path == "synthetic"
 
 
 def test_it_reads_as_events_with_sampled_negatives():
     cfg = DataConfig(source="sample")
-    log = logs.load_log(cfg.source, cfg)
+    log = logs.load_log(cfg.log_path, cfg)
     rows = SAMPLE_LOG.read_text().count("\n") - 1
     users = {line.split(",", 1)[0] for line in SAMPLE_LOG.read_text().splitlines()[1:]}
     assert len(users) == SAMPLE_USERS and rows > 10_000

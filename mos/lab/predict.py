@@ -53,7 +53,7 @@ def predict(checkpoint_path, source: str, out, overrides: list[str] = ()) -> int
     check_machine(run_cfg.train.device, run_cfg.model.mos.backend)
     vocabulary = logs.Vocabulary(**saved["vocabulary"])
     cfg = run_cfg.data
-    log = movielens.load(cfg, vocabulary) if cfg.source == "movielens" else logs.load_log(cfg.source, cfg, vocabulary)
+    log = movielens.load(cfg, vocabulary) if cfg.source == "movielens" else logs.load_log(cfg.log_path, cfg, vocabulary)
     print(log.report.format(), file=sys.stderr, flush=True)
     run_cfg = sessions_for(run_cfg, log.report.has_timestamps, lambda text: print(text, file=sys.stderr))
 

@@ -146,7 +146,7 @@ def load_data(run_cfg: RunConfig, group: Optional[distributed.Group] = None) -> 
         data = Data(dataset, split_by_user(dataset, cfg.valid_fraction, cfg.test_fraction, cfg.seed))
     else:
         with distributed.main_first(group):   # rank 0 fills the MovieLens cache, the others read it
-            log = movielens.load(cfg) if cfg.source == "movielens" else logs.load_log(cfg.source, cfg)
+            log = movielens.load(cfg) if cfg.source == "movielens" else logs.load_log(cfg.log_path, cfg)
         say(log.report.format())
         data = Data(log.dataset, log.splits, log.report.has_timestamps, asdict(log.vocabulary))
     if data.has_timestamps:

@@ -143,12 +143,10 @@ class DataConfig:
         self.synthetic = config_section("data.synthetic", self.synthetic, SyntheticConfig)
         self.logs = config_section("data.logs", self.logs, LogConfig)
         check_int_fields(self, "data")
-        if self.source == "sample":
-            self.source = str(SAMPLE_LOG)
         if self.source not in SOURCES and not any(self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
             raise ValueError(f"data.source: expected 'synthetic', 'movielens', 'sample' or a path to a log ending in "
                              f"{', '.join(LOG_FORMATS)}, got {self.source!r}")
-        if self.source not in ("synthetic", "movielens") and not os.path.isfile(self.source):
+        if self.source not in SOURCES and not os.path.isfile(self.source):
             raise ValueError(f"data.source: expected an existing log file, got {self.source!r} (no such file)")
         if self.max_history is not None:
             check_positive("data.max_history", self.max_history)
@@ -156,3 +154,9 @@ class DataConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"data.{name}: expected a number in [0, 1], got {value!r}")
+
+    @property
+    def log_path(self) -> str:
+        """The log file a log source reads: the shipped sample's path for "sample" (kept by name
+        in the config, so a run's record does not depend on where the package is installed)."""
+        return str(SAMPLE_LOG) if self.source == "sample" else self.source

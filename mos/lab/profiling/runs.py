@@ -29,6 +29,7 @@ import torch
 
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict, with_options
+from mos.lab.data.config import SOURCES
 from mos.lab.files import write_atomic
 from mos.lab.flops import count_flops
 from mos.lab.report import metric_text
@@ -79,7 +80,8 @@ def fingerprint(cfg: RunConfig, name: str, seed: int) -> str:
     train = replace(cfg.train, seeds=(seed,), out_dir="", progress="none", quiet=True, threads=0,
                     checkpoint_every=0, resume=False)
     source = cfg.data.source
-    log_file = None if source in ("synthetic", "movielens") else [os.path.getsize(source), os.path.getmtime(source)]
+    # The built-in sources (the shipped sample log included) change only with the code.
+    log_file = None if source in SOURCES else [os.path.getsize(source), os.path.getmtime(source)]
     key = {"data": config_to_dict(cfg.data), "log_file": log_file,
            "model": model_key(variant_config(cfg.model, name)), "train": config_to_dict(train),
            "flop_batch_size": cfg.profile.flop_batch_size, "lengths": list(cfg.profile.lengths),
