@@ -83,7 +83,12 @@ def attention_mass(tokens: torch.Tensor, query: torch.Tensor, w_key: torch.Tenso
 
     Rows are tokens[gather_index] * row_gate (or tokens); keys k_r = row_r W_key[e] + b_key[e]
     with e the expert of the row's segment (segments expert-major, as the encoders take them);
-    query [S, d]. Zero for an empty segment; log-sum-exp with the 1 inside, so it never overflows."""
+    query [S, d]. Zero for an empty segment; log-sum-exp with the 1 inside, so it never overflows.
+
+    Plain PyTorch beside the fused attention kernel (which keeps no key it could share): it
+    projects the keys again (one [N, d] x [d, d] product per row, kept for backward) and sums
+    per segment with index_add, whose CUDA backward is deterministic only under
+    torch.use_deterministic_algorithms(True)."""
     num_segments, dim = query.shape
     num_experts = w_key.shape[0]
     rows = tokens if gather_index is None else tokens[gather_index]

@@ -1,11 +1,12 @@
 """Which torch build `make venv` installs: the CPU build wherever the machine has no CUDA.
 
-On Linux and Windows, PyPI's `torch` wheel is the CUDA build (several GB of CUDA libraries a
-machine without a GPU never uses); PyTorch's own CPU index has the `+cpu` build of the same
-version. So, for the torch version pinned in requirements/ci.txt:
+On Linux, PyPI's `torch` wheel is the CUDA build (several GB of CUDA libraries a machine without
+a GPU never uses); PyTorch's own CPU index has the `+cpu` build of the same version. So, for the
+torch version pinned in requirements/ci.txt:
 
-- a machine with CUDA (an NVIDIA driver answers `nvidia-smi`): what pip resolves (PyPI's CUDA build);
-- macOS: what pip resolves (PyPI's macOS wheels are CPU builds);
+- macOS and Windows: what pip resolves (PyPI's wheels there are CPU builds; a Windows GPU build
+  comes from PyTorch's CUDA indexes, which this tool does not choose);
+- a Linux machine with CUDA (an NVIDIA driver answers `nvidia-smi`): what pip resolves (PyPI's CUDA build);
 - otherwise, if pip as configured already resolves a `+cpu` build (a local wheelhouse in its
   find-links, as on our CI machines): that, with no other index asked;
 - otherwise: the `+cpu` build from PyTorch's CPU index, PyPI kept for torch's dependencies.
@@ -40,10 +41,10 @@ def install_args(version: str, platform: str, has_cuda: bool, resolved: Optional
     """(pip arguments, the reason) for torch `version` on `platform` (sys.platform); `resolved`
     is the version pip resolves for torch==version as configured (None: it resolves none)."""
     plain = [f"torch=={version}"]
+    if platform in ("darwin", "win32"):
+        return plain, f"{platform}: PyPI's wheels are CPU builds"
     if has_cuda:
         return plain, "CUDA found: PyPI's CUDA build"
-    if platform == "darwin":
-        return plain, "macOS: PyPI's wheels are CPU builds"
     if resolved is not None and resolved.endswith("+cpu"):
         return plain, f"no CUDA; pip already resolves the CPU build {resolved} as configured"
     return (["--index-url", CPU_INDEX, "--extra-index-url", PYPI, f"torch=={version}+cpu"],
@@ -81,7 +82,7 @@ def main(argv: List[str]) -> int:
     version = pinned_version()
     cuda = has_cuda()
     # Ask pip only where its answer decides anything.
-    resolved = None if cuda or sys.platform == "darwin" else resolved_version(version)
+    resolved = None if cuda or sys.platform in ("darwin", "win32") else resolved_version(version)
     args, reason = install_args(version, sys.platform, cuda, resolved)
     if "--explain" in argv:
         print(f"torch {version}: {reason}", file=sys.stderr)
