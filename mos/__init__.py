@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # Public name -> the module of this package that defines it.
-_EXPORTS = {"MoSConfig": "config", "MoSLayer": "layer", "MoSOutput": "layer",
-            "RoutingInfo": "layer"}
+_EXPORTS = {"MoSConfig": "config", "MoSLayer": "layer", "MoSOutput": "outputs",
+            "RoutingInfo": "outputs"}
 __all__ = sorted(_EXPORTS)
 # Names this package exported before the CTR lab moved to mos.lab -> where they are now.
 _MOVED = {"CTRModel": "mos.lab.model", "CTROutput": "mos.lab.model", "DataConfig": "mos.lab.data.config",
@@ -31,7 +31,8 @@ _MOVED = {"CTRModel": "mos.lab.model", "CTROutput": "mos.lab.model", "DataConfig
 
 if TYPE_CHECKING:     # what type checkers and IDEs read; at run time __getattr__ below loads them
     from .config import MoSConfig
-    from .layer import MoSLayer, MoSOutput, RoutingInfo
+    from .layer import MoSLayer
+    from .outputs import MoSOutput, RoutingInfo
 
 
 def __getattr__(name: str):

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-LAYER_MODULES = ("mos.config", "mos.layer", "mos.routing", "mos.inputs", "mos.encoders", "mos.boosting",
+LAYER_MODULES = ("mos.config", "mos.layer", "mos.outputs", "mos.experts", "mos.routing", "mos.inputs", "mos.encoders", "mos.boosting",
                  "mos.delong")
 
 
