@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mos.lab.metrics import auc, gauc, logloss, routing_nmi, routing_purity, session_majority
+from mos.lab.metrics import auc, gauc, logloss, purity_cap, routing_nmi, routing_purity, session_majority
 
 
 def _pair_auc(labels, scores):
@@ -126,6 +126,19 @@ def test_purity_and_nmi_hand_cases():
     assert routing_nmi([1, 1], [4, 4]) == 1.0
     # Sessions whose truth is -1 do not count.
     assert routing_purity([0, 1, 1], [0, 1, -1]) == 1.0
+
+
+def test_purity_cap_is_the_best_purity_k_themes_reach():
+    """Interests with 3, 2 and 1 sessions: one theme can hold the largest (3/6), two themes the two
+    largest (5/6), three or more all of them; a brute force over every assignment agrees."""
+    import itertools
+    truth = [0, 0, 1, 1, 1, 2, -1]
+    assert purity_cap(truth, 1) == 3 / 6 and purity_cap(truth, 2) == 5 / 6
+    assert purity_cap(truth, 3) == 1.0 and purity_cap(truth, 8) == 1.0
+    for k in (1, 2, 3):
+        best = max(routing_purity(assigned + (0,), truth) for assigned in itertools.product(range(k), repeat=6))
+        assert math.isclose(best, purity_cap(truth, k))
+    assert purity_cap([-1, -1], 2) == 1.0
 
 
 def test_nmi_by_hand():

@@ -75,6 +75,7 @@ def split_metrics(pred: SplitPredictions, num_themes: int, model=None) -> dict:
         "gauc_users_skipped": int(users_skipped),
         "logloss": float(metrics.logloss(labels, logits)),
         "purity": None,
+        "purity_cap": None,
         "nmi": None,
         "theme_tokens": theme_tokens.tolist() if pred.session_theme else None,
         "candidate_auc": candidate_auc,
@@ -85,6 +86,7 @@ def split_metrics(pred: SplitPredictions, num_themes: int, model=None) -> dict:
         assigned = torch.cat(pred.session_theme)
         majority = torch.cat(pred.session_truth)
         result["purity"] = float(metrics.routing_purity(assigned, majority))
+        result["purity_cap"] = metrics.purity_cap(majority, num_themes)
         result["nmi"] = float(metrics.routing_nmi(assigned, majority))
     return result
 

@@ -89,6 +89,15 @@ def routing_purity(assigned, truth) -> float:
     return float(table.max(axis=1).sum() / table.sum())
 
 
+def purity_cap(truth, num_themes: int) -> float:
+    """The highest `routing_purity` K themes can reach on sessions of these true interests: each
+    theme holding one interest whole, the K most common ones (1.0 when K >= the interests
+    present). Sessions whose truth is -1 are left out, as in the purity."""
+    t = _as_array("truth", truth, int)
+    counts = np.sort(np.bincount(t[t >= 0]))[::-1] if (t >= 0).any() else np.zeros(0)
+    return float(counts[:num_themes].sum() / counts.sum()) if counts.sum() else 1.0
+
+
 def routing_nmi(assigned, truth) -> float:
     """Normalised mutual information I(theme; interest) / mean(H(theme), H(interest)) over the
     sessions whose truth is not -1. Both sides constant counts as a perfect match (1.0)."""

@@ -209,6 +209,8 @@ def summarize(records: List[dict], test: dict, probabilities=None) -> List[dict]
         row["serves_correction"] = None if None in served else sum(served)
         row["seconds_per_epoch"] = statistics.fmean(r["seconds_per_epoch"] for r in runs)
         row["theme_tokens"] = runs[0]["test"].get("theme_tokens")
+        caps = [r["test"].get("purity_cap") for r in runs]
+        row["purity_cap"] = None if None in caps else statistics.fmean(caps)
         row["mflops_by_module"] = {name: flops / FLOP_SCALE for name, flops in
                                    runs[0]["flops"]["forward_by_module"].items()}
         rows.append(row)

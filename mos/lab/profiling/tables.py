@@ -28,6 +28,12 @@ def _pm(row: dict, metric: str, digits: int = 4) -> str:
     return format_mean_std(row.get(f"{metric}_mean"), row.get(f"{metric}_std"), row["seeds"], digits)
 
 
+def _purity(row: dict) -> str:
+    """Router purity over the seeds, with the cap its number of themes allows where known."""
+    cap = row.get("purity_cap")
+    return _pm(row, "purity", 3) + ("" if cap is None else f" (cap {cap:.3f})")
+
+
 def _options(options: dict) -> str:
     return ", ".join(f"{key.split('.', 1)[1]}={value}" for key, value in sorted(options.items())) or "-"
 
@@ -42,7 +48,7 @@ def model_table(rows: Sequence[dict]) -> str:
         served = "-" if r["serves_correction"] is None else f"{r['serves_correction']} of {r['seeds']}"
         lines.append(f"| {r['model']} | {_options(r['options'])} | {r['params']:,} | {r['mflops']:.3f} "
                      f"| {r['train_mflops']:.3f} | {_pm(r, 'valid_auc')} | {_pm(r, 'auc')} "
-                     f"| {_pm(r, 'expected_auc')} | {_pm(r, 'gauc')} | {_pm(r, 'logloss')} | {_pm(r, 'purity', 3)} "
+                     f"| {_pm(r, 'expected_auc')} | {_pm(r, 'gauc')} | {_pm(r, 'logloss')} | {_purity(r)} "
                      f"| {r['best_epoch']:.1f} / {r['epochs']:.1f} | {served} | {r['seconds_per_epoch']:.2f} |")
     return "\n".join(lines + ["", WALL_TIME_NOTE])
 
