@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mos.lab.metrics import auc, gauc, logloss, purity_cap, routing_nmi, routing_purity, session_majority
+from mos.lab.metrics import (auc, gauc, logloss, purity_cap, routing_nmi, routing_purity, routing_table,
+                             session_majority)
 
 
 def _pair_auc(labels, scores):
@@ -139,6 +140,12 @@ def test_purity_cap_is_the_best_purity_k_themes_reach():
         best = max(routing_purity(assigned + (0,), truth) for assigned in itertools.product(range(k), repeat=6))
         assert math.isclose(best, purity_cap(truth, k))
     assert purity_cap([-1, -1], 2) == 1.0
+
+
+def test_routing_table_counts_sessions_by_theme_and_interest():
+    table = routing_table([0, 0, 2, 2, 2, 1, 3], [0, 0, 1, 1, 2, -1, 2], num_themes=4)
+    assert table.tolist() == [[2, 0, 0], [0, 0, 0], [0, 2, 1], [0, 0, 1]]
+    assert table.max(axis=1).sum() / table.sum() == routing_purity([0, 0, 2, 2, 2, 1, 3], [0, 0, 1, 1, 2, -1, 2])
 
 
 def test_nmi_by_hand():

@@ -83,3 +83,22 @@ def test_the_cost_plot_has_a_panel_per_family_present(tmp_path, recwarn, models,
     plots.flops_versus_length([10, 20], {model: [1e-6, 2e-6] for model in models}, tmp_path / "f.png")
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "f.png").stat().st_size > 0
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_the_routing_picture_shows_each_theme_s_share_of_each_interest(tmp_path):
+    """One panel per model, rows normalised (a pure router: one bright cell per row), the purity in
+    the title, a colour bar that says what the colour is, nothing cropped."""
+    pure = np.array([[9, 0, 0], [0, 5, 0], [0, 0, 7], [0, 0, 0]])
+    mixed = np.full((4, 3), 3)
+    fig = plots.routing_figure({"mos": pure, "mos_random_routing": mixed})
+    renderer = drawn(fig)
+    panels, bar = fig.axes[:2], fig.axes[2]
+    assert "share of the theme's sessions" in bar.get_ylabel()
+    assert panels[0].get_title() == "mos: test sessions by theme\n(purity 1.000)"
+    assert panels[1].get_title().endswith("(purity 0.333)")
+    shown = panels[0].get_images()[0].get_array()
+    assert np.allclose(shown[:3].max(axis=1), 1.0) and np.allclose(shown[3], 0.0)
+    for ax in panels:
+        label = ax.xaxis.label.get_window_extent(renderer)
+        assert fig.bbox.contains(label.x0, label.y0) and fig.bbox.contains(label.x1, label.y1)
+    assert plots.routing({"mos": pure}, tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -40,12 +40,20 @@ def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
     # Toy models cost well under a GFLOP: the table says MFLOPs; one seed shows no "± 0.0000".
     assert "| MFLOPs/ex (fwd) |" in out.out and "± 0.0000" not in out.out and "wall s/epoch" in out.out
     for name in ("profile.md", "profile.csv", "paired.csv", "profile.json", "auc_vs_flops.png", "flops_vs_length.png",
-                 "session_similarity.png"):
+                 "session_similarity.png", "routing.png"):
         path = tmp_path / name
         assert path.exists() and path.stat().st_size > 0, name
     assert (tmp_path / "auc_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "profile.json").read_text())
     assert len(saved["comparisons"]) == len(saved["valid_comparisons"]) > 0
+    # The routing picture's numbers: every MoS run's test sessions by theme and true interest.
+    for record in _records(tmp_path).values():
+        table = record["test"]["routing_table"]
+        if record["model"].startswith("mos"):
+            assert len(table) == record["config"]["model"]["mos"]["num_themes"] and sum(map(sum, table)) > 0
+            assert "(cap " in out.out
+        else:
+            assert table is None
     assert {r["model"] for r in saved["rows"]} == {"backbone", "stacked_backbone", "gshard", "mos"}
     assert all(r["mflops"] > 0 and r["train_mflops"] > r["mflops"] for r in saved["rows"])
     # One FLOP unit: the table's cells are the CSV's numbers (and the figures' axes say MFLOPs, test_plots).

@@ -76,6 +76,7 @@ def split_metrics(pred: SplitPredictions, num_themes: int, model=None) -> dict:
         "logloss": float(metrics.logloss(labels, logits)),
         "purity": None,
         "purity_cap": None,
+        "routing_table": None,
         "nmi": None,
         "theme_tokens": theme_tokens.tolist() if pred.session_theme else None,
         "candidate_auc": candidate_auc,
@@ -87,6 +88,7 @@ def split_metrics(pred: SplitPredictions, num_themes: int, model=None) -> dict:
         majority = torch.cat(pred.session_truth)
         result["purity"] = float(metrics.routing_purity(assigned, majority))
         result["purity_cap"] = metrics.purity_cap(majority, num_themes)
+        result["routing_table"] = metrics.routing_table(assigned, majority, num_themes).tolist()
         result["nmi"] = float(metrics.routing_nmi(assigned, majority))
     return result
 

@@ -98,6 +98,17 @@ def purity_cap(truth, num_themes: int) -> float:
     return float(counts[:num_themes].sum() / counts.sum()) if counts.sum() else 1.0
 
 
+def routing_table(assigned, truth, num_themes: int) -> np.ndarray:
+    """[num_themes, interests] int64 session counts by routed theme and true interest (interest
+    ids 0..max), sessions whose truth is -1 left out: the routing picture's numbers."""
+    a = _as_array("assigned", assigned, int)
+    t = _as_array("truth", truth, int, len(a), "assigned")
+    kept = t >= 0
+    table = np.zeros((num_themes, int(t[kept].max()) + 1 if kept.any() else 0), dtype=np.int64)
+    np.add.at(table, (a[kept], t[kept]), 1)
+    return table
+
+
 def routing_nmi(assigned, truth) -> float:
     """Normalised mutual information I(theme; interest) / mean(H(theme), H(interest)) over the
     sessions whose truth is not -1. Both sides constant counts as a perfect match (1.0)."""

@@ -168,3 +168,26 @@ def session_similarity_figure(matrices: Sequence[np.ndarray], labels: Sequence[S
 def session_similarity(matrices: Sequence[np.ndarray], labels: Sequence[Sequence[int]], users: Sequence[int],
                        path: Path) -> Path:
     return _save(session_similarity_figure(matrices, labels, users), path)
+
+
+def routing_figure(tables: Dict[str, np.ndarray]):
+    """One heatmap per model: the share of each routed theme's test sessions (rows) on each true
+    interest (columns). A pure router puts one bright cell per row; a random one spreads each row
+    evenly (the routing picture)."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.6 * len(tables) + 1, 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, (model, table) in zip(axes[0], tables.items()):
+        table = np.asarray(table, dtype=float)
+        shares = table / np.maximum(table.sum(axis=1, keepdims=True), 1.0)
+        image = ax.imshow(shares, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xlabel("true interest of the session", fontsize=8)
+        ax.set_ylabel("routed theme", fontsize=8)
+        purity = table.max(axis=1).sum() / max(table.sum(), 1.0)
+        ax.set_title(f"{model}: test sessions by theme\n(purity {purity:.3f})", fontsize=8)
+    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    bar.set_label("share of the theme's sessions", fontsize=8)
+    return fig
+
+
+def routing(tables: Dict[str, np.ndarray], path: Path) -> Path:
+    return _save(routing_figure(tables), path)

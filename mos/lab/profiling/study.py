@@ -313,6 +313,14 @@ def _figures(run_cfg: RunConfig, data, rows: List[dict], records: List[dict], ou
     by_length = {row["model"]: (np.mean([r["flops_by_length"] for r in records if r["model"] == row["model"]],
                                         axis=0) * 1e9 / FLOP_SCALE).tolist() for row in rows}
     plots.flops_versus_length(run_cfg.profile.lengths, by_length, out_dir / "flops_vs_length.png")
+    # The routing picture: each routing model's first seed, where the data knows true interests.
+    tables = {}
+    for record in sorted(records, key=lambda r: r["seed"]):
+        table = record["test"].get("routing_table")
+        if table and record["model"] not in tables:
+            tables[record["model"]] = table
+    if tables:
+        plots.routing(tables, out_dir / "routing.png")
     if not data.has_timestamps:
         print("no session_similarity.png: sessions are cut at time gaps, and the log has no timestamps")
         return
