@@ -11,6 +11,8 @@ from tools.make_sample_log import SAMPLE_USERS, sample_log_text
 def test_the_shipped_file_is_what_the_tool_writes():
     assert SAMPLE_LOG.read_text() == sample_log_text()
     assert SAMPLE_LOG.stat().st_size < 400_000, "a few hundred KB at most: it ships in every wheel"
+    lines = SAMPLE_LOG.read_text().splitlines()
+    assert all(a != b for a, b in zip(lines, lines[1:])), "a repeated row: the loader would warn a newcomer"
 
 
 def test_data_sample_names_the_shipped_file():
