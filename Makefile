@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make run     - the main job: MoS against its backbone, the stacking control and three MoE
 #                  baselines on the embedded synthetic data, five seeds, paired statistics
-#                  (22 minutes on 2 idle cores, measured from a fresh clone)
+#                  (22-24 minutes on 2 idle cores, measured twice from a fresh clone)
 #   make test    - the whole test suite (Triton kernels under the CPU interpreter)
 # Each creates .venv with the pinned versions (requirements/ci.txt) when it is missing.
 #   make profile - the full study: each model's options chosen on a validation grid, on the
