@@ -126,6 +126,8 @@ class MoSConfig:
             the layer starts as its backbone) or "concat" (output = W [global; short; themes]).
         commitment_weight, codebook_weight, load_balance_weight: weights of the auxiliary losses
             in `MoSOutput.aux_loss` (0.25, 1.0, 0.01).
+        consistency_weight: weight of the router's session-consistency loss, where the router
+            returns one (`LearnedRouter(session_consistency=True)`; 1.0).
         dropout: on the fused output ("residual": on the other experts' term) and in the
             transformer blocks (0.0).
         backend: kernels: "auto" (the measured-faster kernels on CUDA, the reference on a CPU),
@@ -177,6 +179,7 @@ class MoSConfig:
     commitment_weight: float = 0.25
     codebook_weight: float = 1.0
     load_balance_weight: float = 0.01
+    consistency_weight: float = 1.0  # a router's session-consistency loss (mos.routing), where it has one
     dropout: float = 0.0             # on the fused output ("residual": on the other experts' term) and transformer blocks
     backend: str = "auto"            # kernel backend: "auto" | "reference" | "triton" | "cuda"
     # Check the inputs' data (finite values, monotone offsets, time order) on every forward:
@@ -209,7 +212,7 @@ class MoSConfig:
         check_choice("MoSConfig.global_scope", self.global_scope, ("tokens", "sessions"))
         check_positive("MoSConfig.short_sessions", self.short_sessions)
         check_choice("MoSConfig.fusion", self.fusion, FUSIONS)
-        for name in ("commitment_weight", "codebook_weight", "load_balance_weight", "dropout"):
+        for name in ("commitment_weight", "codebook_weight", "load_balance_weight", "consistency_weight", "dropout"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"MoSConfig.{name}: expected a number >= 0, got {value!r}")

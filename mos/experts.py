@@ -30,8 +30,10 @@ class Batch:
 
     Attributes:
         values, target: [T, d] jagged tokens and [B, d] targets, as the global expert reads them.
-        extras_values, extras_target: the same as the other experts and the router read them
-            (detached under boosted training).
+        extras_values, extras_target: the same as the other experts read them (detached under
+            boosted training).
+        routing_values, routing_target: what the router and the theme summary's query read:
+            the caller's `routing_values`/`routing_target`, else extras_values/extras_target.
         offsets: [B+1] the examples' rows; sessions: `mos_kernels.Sessions` of the batch.
         max_len: the longest history in tokens.
         aux: the router's auxiliary losses (zeros until the theme path runs).
@@ -42,6 +44,8 @@ class Batch:
     target: torch.Tensor
     extras_values: torch.Tensor
     extras_target: torch.Tensor
+    routing_values: torch.Tensor
+    routing_target: torch.Tensor
     offsets: torch.Tensor
     sessions: mk.Sessions
     max_len: int
@@ -111,7 +115,7 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     values, target, offsets = batch.extras_values, batch.extras_target, batch.offsets
     num_examples, num_tokens = offsets.numel() - 1, values.shape[0]
     units = layer.routing_unit(offsets, batch.sessions, num_tokens)
-    _, routing, batch.aux = layer.router(values, units, layer.prototypes, temperature=cfg.temperature,
+    _, routing, batch.aux = layer.router(batch.routing_values, units, layer.prototypes, temperature=cfg.temperature,
                                          top_k=cfg.top_k, backends=layer.backends, training=layer.training)
     dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
                                  num_examples=num_examples, num_themes=cfg.num_themes,
@@ -126,7 +130,7 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     segment_lengths = dispatch.segment_lengths
     batch.routing = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
                                 routing.probs.detach(), segment_lengths)
-    return layer._theme_summary(e_theme, target, segment_lengths)
+    return layer._theme_summary(e_theme, batch.routing_target, segment_lengths)
 
 
 def without_theme_mass(layer: "MoSLayer", e_theme, logits, segment_lengths):

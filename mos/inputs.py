@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 import mos_kernels as mk
-from mos_kernels.checks import check_tensor
+from mos_kernels.checks import check_finite, check_tensor
 
 
 def as_jagged(values: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
@@ -36,3 +36,29 @@ def as_jagged(values: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Op
     if lengths is not None:
         raise ValueError("lengths: expected None with jagged values (offsets say the lengths), got a tensor")
     return values, offsets, timestamps
+
+
+def routing_inputs(routing_values: Optional[torch.Tensor], routing_target: Optional[torch.Tensor],
+                   values: torch.Tensor, target: torch.Tensor, lengths: Optional[torch.Tensor], *, routes: bool):
+    """`MoSLayer.forward`'s routing_values and routing_target, checked against values and target
+    as they were given (before values is made jagged) and made jagged like them: (None, None) or
+    ([T, d], [B, d]). Raises ValueError/TypeError naming the argument: only one of the two, a
+    layer without theme experts (nothing would read them), another shape, dtype or device than
+    values'/target's, NaN or inf (the data check)."""
+    if routing_values is None and routing_target is None:
+        return None, None
+    given, missing = ("routing_values", "routing_target") if routing_target is None else ("routing_target",
+                                                                                         "routing_values")
+    if routing_values is None or routing_target is None:
+        raise ValueError(f"{missing}: expected a tensor with {given} (both or neither), got None")
+    if not routes:
+        raise ValueError("routing_values: expected None in a layer without theme experts (nothing routes), got a tensor")
+    for name, tensor, like in (("routing_values", routing_values, values), ("routing_target", routing_target, target)):
+        check_tensor(name, tensor, dtypes=(like.dtype,), device=like.device)
+        if tensor.shape != like.shape:
+            what = "values" if like is values else "target"
+            raise ValueError(f"{name}: expected shape {tuple(like.shape)} (that of {what}), got {tuple(tensor.shape)}")
+        check_finite(name, tensor)
+    if routing_values.dim() == 3:
+        routing_values = mk.padded_to_jagged(routing_values, lengths)[0]
+    return routing_values, routing_target

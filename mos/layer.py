@@ -20,7 +20,7 @@ from mos_kernels.jagged import max_segment_length
 from .config import EXPERT_KINDS, MoSConfig
 from .experts import (BUILD, BUILD_ORDER, GLOBAL_PATHS, PATHS, RUN_ORDER, Batch, as_given, check_experts, fusion_for,
                       with_theme_mass, without_theme_mass)
-from .inputs import as_jagged
+from .inputs import as_jagged, routing_inputs
 from .outputs import MoSOutput, RoutingInfo  # noqa: F401  (RoutingInfo: re-exported, mos.RoutingInfo)
 from .routing import LearnedRouter, no_aux, route_sessions
 
@@ -99,7 +99,8 @@ class MoSLayer(nn.Module):
 
     def forward(self, values: torch.Tensor, target: torch.Tensor, offsets: Optional[torch.Tensor] = None, *,
                 lengths: Optional[torch.Tensor] = None, timestamps: Optional[torch.Tensor] = None,
-                max_len: Optional[int] = None) -> MoSOutput:
+                max_len: Optional[int] = None, routing_values: Optional[torch.Tensor] = None,
+                routing_target: Optional[torch.Tensor] = None) -> MoSOutput:
         """Encode a batch of histories against their targets.
 
         Args:
@@ -115,6 +116,11 @@ class MoSLayer(nn.Module):
                 non-decreasing inside each history and finite.
             max_len: the longest history in tokens, if the caller knows it: saves the device
                 sync of computing it (torch.compile traces through either).
+            routing_values, routing_target: what the router reads instead of the tokens, and the
+                theme summary's query instead of the target: a representation of their own (an
+                item embedding that only the router's losses and the gate train, say), in the
+                form and dtype of values [T, d] or [B, L, d] and of target [B, d]; both or
+                neither. The theme experts still read values. Default: values and target.
 
         Returns:
             `MoSOutput` (output [B, d], aux_loss, aux, routing, ...).
@@ -129,10 +135,13 @@ class MoSLayer(nn.Module):
         """
         cfg = self.config
         with mk.data_checks(cfg.validate_inputs):
+            given = values
             values, offsets, timestamps = as_jagged(values, offsets, lengths, timestamps)
             check_values("values", values, dim=cfg.dim)
             check_values("target", target, dim=cfg.dim)
             self._check_dtypes(values, target)
+            routing_values, routing_target = routing_inputs(routing_values, routing_target, given, target, lengths,
+                                                            routes="themes" in self.experts)
             for name in self._checked_parameters:
                 check_finite(name, getattr(self, name))
             check_offsets("offsets", offsets, total=values.shape[0], device=values.device)
@@ -146,12 +155,16 @@ class MoSLayer(nn.Module):
             max_len = max_segment_length(offsets)
         # Everything below is built by this layer from checked inputs: no second data check.
         with mk.data_checks(False):
-            batch = Batch(values, target, self._extras_inputs(values), self._extras_inputs(target), offsets,
-                           sessions, max_len, aux=no_aux(values))
+            extras_values, extras_target = self._extras_inputs(values), self._extras_inputs(target)
+            batch = Batch(values, target, extras_values, extras_target,
+                          extras_values if routing_values is None else routing_values,
+                          extras_target if routing_target is None else routing_target,
+                          offsets, sessions, max_len, aux=no_aux(values))
             outputs = {kind: path(self, batch) for kind, path in self._paths}
-            aux = batch.aux
+            aux = {**no_aux(values), **batch.aux}     # a router that returns fewer losses: the rest are zero
             aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
-                        + cfg.load_balance_weight * aux["load_balance"])
+                        + cfg.load_balance_weight * aux["load_balance"]
+                        + cfg.consistency_weight * aux["consistency"])
             aux = {k: v.detach() for k, v in aux.items()}
             return self._fuse(self, outputs, aux_loss, aux, batch.routing)
 

@@ -11,22 +11,23 @@ training) -> (pooled, routing, aux)`:
     units: `mos_kernels.Sessions`, the routing units (rows of `values` per unit);
     prototypes: [K, d] the layer's theme prototypes (a router may ignore them);
     returns pooled [S, d] (the units' mean vectors, or None), a `mos_kernels.Routing` over the
-    S units, and the auxiliary losses {"commitment", "codebook", "load_balance"} as float32
-    scalars (zeros where the router has none).
+    S units, and the auxiliary losses {"commitment", "codebook", "load_balance", "consistency"}
+    as float32 scalars (zeros where the router has none; a missing one counts as zero).
 A routing unit is any callable `routing_unit(offsets, sessions, num_tokens) -> Sessions`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 
 import mos_kernels as mk
-from mos_kernels.jagged import counts_of
+from mos_kernels.jagged import counts_of, segment_ids
 from mos_kernels.routing import normalized
 
-AUX_LOSSES = ("commitment", "codebook", "load_balance")
+AUX_LOSSES = ("commitment", "codebook", "load_balance", "consistency")
 RouterResult = Tuple[Optional[torch.Tensor], mk.Routing, Dict[str, torch.Tensor]]
 
 
@@ -46,15 +47,25 @@ class LearnedRouter:
         vq_detach_tokens: the auxiliary losses see the pooled units detached, so they move the
             prototypes and never the item embeddings the target, the global expert and the head
             share (True). The task loss still reaches the embeddings through the gate.
+        session_consistency: in training, also return `session_consistency_loss` ("consistency"):
+            the tokens of one unit should fall in one theme, the themes be used evenly. It reaches
+            the tokens the router reads whatever `vq_detach_tokens` says: its job is to shape a
+            representation (give the layer `routing_values` of their own, so that it is not the
+            one the backbone reads) (False).
     """
 
     vq_detach_tokens: bool = True
+    session_consistency: bool = False
 
     def __call__(self, values, units, prototypes, *, temperature, top_k, backends, training) -> RouterResult:
         pooled, routing = mk.session_pool_route(values, units.session_offsets, prototypes, temperature=temperature,
                                                 top_k=top_k, backend=backends["session_pool_route"])
         # The auxiliary losses only train: an evaluating layer does not spend work on them.
-        aux = aux_losses(pooled, prototypes, routing, temperature, self.vq_detach_tokens) if training else no_aux(values)
+        if not training:
+            return pooled, routing, no_aux(values)
+        aux = aux_losses(pooled, prototypes, routing, temperature, self.vq_detach_tokens)
+        if self.session_consistency:
+            aux["consistency"] = session_consistency_loss(values, units.session_offsets, prototypes, temperature)
         return pooled, routing, aux
 
 
@@ -102,4 +113,36 @@ def aux_losses(pooled, prototypes, routing, temperature: float, detach_tokens: b
     fraction = chosen / max(routing.themes.numel(), 1)
     probs = torch.softmax((h @ units.t()).float() / temperature, dim=1) if detach_tokens else routing.probs
     load_balance = num_themes * (fraction * probs.sum(0) / denom).sum()
-    return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance}
+    return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance,
+            "consistency": commitment.new_zeros(())}
+
+
+def session_consistency_loss(values: torch.Tensor, unit_offsets: torch.Tensor, prototypes: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """log K - I(z; z'): how far the theme of a token and the theme of the other tokens of its
+    unit (session) are from sharing log K nats of information. A float32 scalar in [0, log K].
+
+    The mutual-information objective of Invariant Information Clustering (Ji et al., ICCV 2019),
+    with a token and its session-mates as the two views [ours: the pairing]: sessions hold one
+    interest, so co-occurrence in a session is the evidence of a theme that item IDs alone do not
+    give. I = H(z) - H(z | z') rewards themes used evenly (no collapse to one theme) and tokens of
+    one session agreeing; it reaches `values` and `prototypes`.
+
+    values [T, d] (any float dtype), unit_offsets [U+1] int64 over values' rows, prototypes [K, d].
+    p_t = softmax(cos(values_t, prototypes) / temperature) [T, K]; q_t is the mean p of the other
+    tokens of t's unit; P = sym(mean_t p_t q_t^T) over tokens whose unit has >= 2 tokens (0 if none).
+    """
+    num_tokens, num_themes = values.shape[0], prototypes.shape[0]
+    p = torch.softmax(normalized(values) @ normalized(prototypes).t() / temperature, dim=1)      # [T, K]
+    unit = segment_ids(unit_offsets, num_tokens)
+    size = (unit_offsets[1:] - unit_offsets[:-1])[unit]                                          # [T]
+    sums = p.new_zeros(unit_offsets.numel() - 1, num_themes).index_add_(0, unit, p)
+    paired = size >= 2
+    p, q = p[paired], (sums[unit][paired] - p[paired]) / (size[paired, None] - 1).float()
+    if p.shape[0] == 0:
+        return (p.sum() + q.sum()) * 0.0      # a zero that keeps the graph (reaches the prototypes)
+    joint = p.t() @ q / p.shape[0]
+    joint = ((joint + joint.t()) / 2).clamp_min(1e-12)
+    marginal = joint.sum(dim=1)
+    information = (joint * (joint.log() - marginal.log()[:, None] - marginal.log()[None, :])).sum()
+    return math.log(num_themes) - information

@@ -59,6 +59,7 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     for added in ("category_group", "taste_drift", "label_taste_from", "label_item"):   # newer than that layout
         del data[added]
     data["num_users"], data["user_column"] = 40, "uid"
+    _drop_later_options(old)
     old["model"]["mos"].update(old["model"].pop("ablation"), router="random")
     old["model"]["mos"]["capacity"] = 5
     del old["model"]["mos"]["max_theme_tokens"]
@@ -84,11 +85,24 @@ def test_options_added_at_their_default_are_the_defaults():
         assert node == value, key
 
 
+def _drop_later_options(tree: dict) -> None:
+    """Remove from today's tree the options added after the routing-setting studies began (newer
+    than either earlier layout)."""
+    from mos.lab.moved_options import LATER_AT_DEFAULT
+    for key in LATER_AT_DEFAULT:
+        *path, leaf = key.split(".")
+        node = tree
+        for name in path:
+            node = node[name]
+        del node[leaf]
+
+
 def _tree_of_the_layout_before_the_layer_parts(readout="target"):
     """A run's config tree as the code before the layer took its ablations as parts wrote it:
     the ablation options and extras_detach_inputs under model.mos.ablation, a readout option,
     none of the options added since."""
     tree = config_to_dict(RunConfig())
+    _drop_later_options(tree)
     model, mos = tree["model"], tree["model"]["mos"]
     mos["ablation"] = {**model.pop("ablation"), "extras_detach_inputs": mos.pop("extras_detach_inputs")}
     mos["readout"] = readout

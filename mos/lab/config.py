@@ -59,12 +59,15 @@ class MoSAblation:
         experts: which expert kinds run, a list of "global", "short", "themes".
         vq_detach_tokens: the learned router's VQ and load-balance losses see the session
             vectors detached, so they train the prototypes and never the item embeddings (True).
+        session_consistency: the learned router also trains on its session-consistency loss
+            (`mos.routing.session_consistency_loss`), an addition rather than an ablation (False).
     """
 
     router: str = "learned"
     routing_unit: str = "session"
     experts: tuple = EXPERT_KINDS
     vq_detach_tokens: bool = True
+    session_consistency: bool = False
 
     def __post_init__(self):
         check_choice("model.ablation.router", self.router, ("learned", "random"))
@@ -75,13 +78,16 @@ class MoSAblation:
         if not self.experts or len(set(self.experts)) != len(self.experts):
             raise ValueError(f"model.ablation.experts: expected a non-empty list of distinct kinds from "
                              f"{list(EXPERT_KINDS)}, got {list(self.experts)}")
+        if self.session_consistency and self.router != "learned":
+            raise ValueError(f"model.ablation.session_consistency: expected False with router {self.router!r} "
+                             f"(only the learned router has the loss), got True")
 
     def layer_parts(self) -> dict:
         """The keywords of `MoSLayer` (router, routing_unit, experts) these options stand for."""
         if "themes" not in self.experts:
             return dict(experts=self.experts)     # nothing routes: the layer takes no router
-        router = (LearnedRouter(vq_detach_tokens=self.vq_detach_tokens) if self.router == "learned"
-                  else RandomRouter())
+        router = (LearnedRouter(vq_detach_tokens=self.vq_detach_tokens, session_consistency=self.session_consistency)
+                  if self.router == "learned" else RandomRouter())
         routing_unit = route_sessions if self.routing_unit == "session" else route_tokens
         return dict(router=router, routing_unit=routing_unit, experts=self.experts)
 
@@ -118,6 +124,11 @@ class ModelConfig:
     # buckets), sessions cut as `mos.session_mode` cuts them; "none" leaves the events unordered.
     recency: str = "sessions"
     mlp_hidden: tuple = (64, 32)     # hidden widths of the MLP head on [t ; u ; t*u]
+    # Kind "mos": the router and the theme summary's query read an item-ID embedding of their own
+    # (width mos.dim; `MoSLayer`'s routing_values/routing_target), trained by the router's losses
+    # and the task loss through the gate, never by the backbone's loss: where categories do not
+    # name the themes, the router can learn them without changing what the backbone reads.
+    routing_embedding: bool = False
     # How a stacked kind is trained. "boosted" (`mos.boosting`): the backbone part (embeddings,
     # backbone encoder, head) is trained by the backbone's own loss, so it follows the backbone
     # model step for step; the correction fits on top of it, reading the embeddings detached, by
@@ -141,6 +152,9 @@ class ModelConfig:
             raise ValueError(f"model.training: expected 'joint' when the MoS layer has no residual fusion over a "
                              f"global expert and another (mos.fusion={self.mos.fusion!r}, ablation.experts="
                              f"{list(self.ablation.experts)}), got 'boosted'")
+        if self.routing_embedding and (self.kind != "mos" or "themes" not in self.ablation.experts):
+            raise ValueError(f"model.routing_embedding: expected False without theme experts to route (kind="
+                             f"{self.kind!r}, ablation.experts={list(self.ablation.experts)}), got True")
         self.mlp_hidden = tuple(self.mlp_hidden)
         for width in self.mlp_hidden:
             check_positive("model.mlp_hidden[]", width)

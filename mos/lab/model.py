@@ -90,6 +90,10 @@ class CTRModel(nn.Module):
             self.encoder = backbone_encoder(config)
         else:
             self.encoder = StackedEncoder(config)
+        # Built after the encoder, so every other parameter starts as in the model without it.
+        self.routing_embedding = nn.Embedding(num_items, dim, padding_idx=0) if config.routing_embedding else None
+        if self.routing_embedding is not None:
+            nn.init.normal_(self.routing_embedding.weight, std=0.1)
         if config.boosted:
             # Which candidate the model serves, set once at the end of training; saved with the weights.
             self.register_buffer("serve_correction", torch.tensor(False))
@@ -130,7 +134,12 @@ class CTRModel(nn.Module):
             user = self.encoder(tokens, target, batch.offsets, max_len=batch.max_len)[0]
             return CTROutput(self.head(target, user), tokens.new_zeros(()))
         if isinstance(self.encoder, MoSLayer):
-            out = self.encoder(tokens, target, batch.offsets, timestamps=batch.timestamps, max_len=batch.max_len)
+            routing = {}
+            if self.routing_embedding is not None:
+                routing = dict(routing_values=self.routing_embedding(batch.item_ids),
+                               routing_target=self.routing_embedding(batch.target_item))
+            out = self.encoder(tokens, target, batch.offsets, timestamps=batch.timestamps, max_len=batch.max_len,
+                               **routing)
         else:
             out = self.encoder(tokens, target, batch.offsets, max_len=batch.max_len)
         if not self.config.boosted:

@@ -42,12 +42,18 @@ REMOVED_AS_NOW = {"model.mos.readout": "target"}
 # Options added later, with the value that gives the behaviour of a tree written before they
 # existed (an earlier checkpoint's model had no recency embedding).
 ADDED = {"model.recency": "none"}
+# Options added after the first routing-setting studies had finished runs: at these values a run
+# computes what it computed before they existed, so they stay out of its fingerprint
+# (`mos.lab.profiling.runs.fingerprint`) and a finished run still counts.
+LATER_AT_DEFAULT = {"model.routing_embedding": False, "model.ablation.session_consistency": False,
+                    "model.mos.consistency_weight": 1.0}
 # Options added later whose defaults are the behaviour of before (the generator's routing-setting
 # options draw the old data at their defaults; the layer without theme mass is the old layer):
 # a tree without them gets them at those values.
 ADDED_AT_DEFAULT = {"data.synthetic.category_group": 1, "data.synthetic.taste_drift": 0.0,
                     "data.synthetic.label_taste_from": "all", "data.synthetic.label_item": 0.0,
-                    "model.mos.theme_mass": False, "model.mos.attention_mass": False}
+                    "model.mos.theme_mass": False, "model.mos.attention_mass": False,
+                    **LATER_AT_DEFAULT}
 
 # State-dict keys of an earlier model layout -> their names now (prefix renames).
 RENAMED_STATE = {"head.": "head.mlp.", "serve_extras": "serve_correction"}

@@ -29,6 +29,9 @@ VARIANTS: Dict[str, dict] = {
     "mos_global_sessions": {"kind": "mos", "mos": {"global_scope": "sessions"}},
     # The theme summary sees how much of the history each theme holds (MoSConfig.theme_mass).
     "mos_theme_mass": {"kind": "mos", "mos": {"theme_mass": True}},
+    # The router learns its themes on an item embedding of its own, from which items share
+    # sessions (model.routing_embedding, MoSAblation.session_consistency).
+    "mos_session_router": {"kind": "mos", "routing_embedding": True, "ablation": {"session_consistency": True}},
     # The design choices that keep MoS at least as good as its backbone, each undone alone.
     "mos_joint": {"kind": "mos", "training": "joint"},
     "mos_concat_fusion": {"kind": "mos", "training": "joint", "mos": {"fusion": "concat"}},
