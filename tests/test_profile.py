@@ -205,6 +205,49 @@ def test_verdict_rules():
     assert "NOT EVALUATED" in few and "not evaluated (3 seeds, 5 needed)" in few
 
 
+def test_the_verdict_holds_each_headline_model_to_the_targets():
+    """profile.headline: every MoS model named there gets the verdict's lines (against its
+    backbone, each rival, random routing) and the FLOPs line against each MoE baseline; a model
+    not named gets none."""
+    references = [{"name": "constant", "logloss": 0.60, "auc": None}]
+    rows = [{**_row(name, 0.7, 0.5), "mflops": flops} for name, flops in
+            (("backbone", 1.0), ("mos", 3.0), ("mos_session_router", 3.0), ("gshard", 5.0), ("dselect_k", 2.5))]
+    pairs = [_comparison("mos_session_router", "backbone", 0.01, 0.003),
+             _comparison("mos_session_router", "mos_random_routing", 0.008, 0.003),
+             _comparison("mos_session_router", "gshard", 0.006, 0.003), _comparison("mos", "backbone", 0.0, 0.003)]
+    text = verdict(rows, references, pairs, headline=("mos", "mos_session_router"))
+    assert "mos_session_router never worse than its backbone: HOLDS" in text
+    assert "mos_session_router against mos_random_routing: better (+0.0080" in text
+    assert "mos_session_router against gshard: better" in text
+    assert ("mos_session_router at fewer forward FLOPs than each MoE baseline (3 MFLOPs per example): "
+            "DOES NOT HOLD against dselect_k 2.5") in text
+    assert "MoS never worse than its backbone: HOLDS" in text
+    assert "mos_session_router" not in verdict(rows, references, pairs)        # not a headline model
+
+
+def test_headline_comparisons_and_names():
+    """Each headline model other than mos is compared with every rival and random routing; a
+    headline name must be a MoS variant."""
+    import numpy as np
+    from mos.lab.config import ProfileConfig
+    from mos.lab.profiling.study import _comparisons
+
+    rng = np.random.default_rng(0)
+    labels, users = rng.integers(0, 2, 60), np.arange(60) // 3
+    names = ("backbone", "mos", "mos_session_router", "mos_random_routing", "gshard", "stacked_backbone")
+    records = [{"model": name, "seed": seed, "run_id": f"{name}-{seed}"} for name in names for seed in (0, 1)]
+    split = {"labels": labels, "users": users, **{r["run_id"]: rng.normal(size=60) for r in records}}
+    pairs = {(c.model, c.baseline) for c in _comparisons(records, split, {}, None, ("mos", "mos_session_router"))}
+    want = {("mos_session_router", rival) for rival in ("gshard", "stacked_backbone", "mos_random_routing")}
+    assert want <= pairs and ("mos_session_router", "mos") in pairs and ("mos", "gshard") in pairs
+    assert not any(model == "mos_session_router" for model, _ in
+                   {(c.model, c.baseline) for c in _comparisons(records, split, {}, None)} - {
+                       ("mos_session_router", "backbone"), ("mos_session_router", "mos")})
+    with pytest.raises(ValueError, match=r"profile.headline\[\]: expected one of .*got 'gshard'"):
+        ProfileConfig(headline=["gshard"])
+    assert ProfileConfig(headline="mos_session_router").headline == ("mos_session_router",)
+
+
 @pytest.mark.slow
 def test_quick_profile_on_the_long_setting(tmp_path, capsys):
     """The long-history configuration runs end to end at toy size, and its title names it."""

@@ -227,6 +227,10 @@ class ProfileConfig:
     # with the best mean validation AUC is used for that model's runs on `train.seeds`.
     grid: dict = field(default_factory=dict)
     tuning_seeds: tuple = ()
+    # The MoS models the verdict holds to the targets: each against its backbone, the stacking
+    # control and each MoE baseline, a learned router against random routing, and its forward
+    # FLOPs against each MoE baseline's.
+    headline: tuple = ("mos",)
 
     def __post_init__(self):
         self.lengths = tuple(self.lengths)
@@ -237,6 +241,10 @@ class ProfileConfig:
         check_positive("profile.length_examples", self.length_examples)
         check_positive("profile.heatmap_users", self.heatmap_users)
         self.tuning_seeds = tuple(self.tuning_seeds)
+        self.headline = (self.headline,) if isinstance(self.headline, str) else tuple(self.headline)
+        mos_variants = tuple(name for name, overrides in VARIANTS.items() if overrides.get("kind") == "mos")
+        for name in self.headline:
+            check_choice("profile.headline[]", name, mos_variants)
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.tuning_seeds):
             raise ValueError(f"profile.tuning_seeds: expected a list of ints, got {list(self.tuning_seeds)}")
         if self.grid and not self.tuning_seeds:

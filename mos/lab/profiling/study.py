@@ -48,6 +48,7 @@ from .runs import Context, Job, RunStore, make_job, run_jobs
 MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
 # MoS is compared with each of these besides its backbone.
 MOS_RIVALS = ("stacked_backbone", *MOE_BASELINES)
+RANDOM_ROUTING = "mos_random_routing"      # the control of a learned router
 
 
 def quick_overrides() -> List[str]:
@@ -96,13 +97,14 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False, jobs: int = 1, tun
                       None if truth is None else truth["logits"])
     rows = summarize(ordered, test, true_p)
     reference_rows = _reference_rows(refs, data.splits, true_p)
-    comparisons = _comparisons(ordered, test, {name: ref.test for name, ref in refs.items()}, true_p)
-    valid_comparisons = _comparisons(ordered, valid, {name: ref.valid for name, ref in refs.items()}, None)
+    headline = run_cfg.profile.headline
+    comparisons = _comparisons(ordered, test, {name: ref.test for name, ref in refs.items()}, true_p, headline)
+    valid_comparisons = _comparisons(ordered, valid, {name: ref.valid for name, ref in refs.items()}, None, headline)
 
     origin = provenance(run_cfg, jobs, command)
     parts = [f"## {run_cfg.profile.setting}", _provenance_text(origin), "### Models", tables.model_table(rows),
              "### References", tables.reference_table(reference_rows), "### Paired comparisons (test AUC)",
-             tables.paired_table(comparisons), "### Verdict", tables.verdict(rows, reference_rows, comparisons),
+             tables.paired_table(comparisons), "### Verdict", tables.verdict(rows, reference_rows, comparisons, headline),
              "### Paired comparisons on the validation split (where options and candidates were chosen)",
              tables.paired_table(valid_comparisons),
              "### Options chosen on validation", tables.tuning_table(tuning_rows), tables.TARGET_RULES]
@@ -238,10 +240,12 @@ def _reference_rows(refs, splits, probabilities) -> List[dict]:
     return rows
 
 
-def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], probabilities) -> List[Comparison]:
+def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], probabilities,
+                 headline=("mos",)) -> List[Comparison]:
     """On one split's predictions (`_split_predictions`; `refs`: each reference's logits on it):
     MoS against its backbone and each rival, every other model against the backbone (an ablation
-    against MoS too), every model against the share-of-category regression."""
+    against MoS too), every model against the share-of-category regression; each other headline
+    MoS model (`profile.headline`) against each rival and the random-routing control."""
     scores: Dict[str, Dict[int, np.ndarray]] = {}
     for record in records:
         scores.setdefault(record["model"], {})[record["seed"]] = split[record["run_id"]]
@@ -254,6 +258,9 @@ def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], 
     if "mos" in scores:
         pairs += [("mos", rival) for rival in MOS_RIVALS if rival in scores]
         pairs += [(name, "mos") for name in scores if name.startswith("mos_")]
+    for name in headline:
+        if name != "mos" and name in scores:
+            pairs += [(name, rival) for rival in (*MOS_RIVALS, RANDOM_ROUTING) if rival in scores and rival != name]
     if "share LR" in scores:
         pairs += [(name, "share LR") for name in scores if name != "share LR"]
     labels, users = split["labels"], split["users"]

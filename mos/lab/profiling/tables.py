@@ -7,6 +7,7 @@ from mos.lab.report import FLOP_UNIT, WALL_TIME_NOTE, format_mean_std
 
 from .paired import MIN_SEEDS, Comparison
 
+MOE_NAMES = ("gshard", "dselect_k", "expert_choice")     # the sample-level MoE baselines
 # Every neural model should come within this AUC of the share-of-category regression or above it.
 REGRESSION_MARGIN = 0.01
 
@@ -86,19 +87,30 @@ def tuning_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: Sequence[dict], references: Sequence[dict], comparisons: Sequence[Comparison]) -> str:
-    """The targets, each with its numbers: MoS against its backbone and each other model, the
-    LogLoss of a constant prediction, the share-of-category regression."""
+def verdict(rows: Sequence[dict], references: Sequence[dict], comparisons: Sequence[Comparison],
+            headline: Sequence[str] = ("mos",)) -> str:
+    """The targets, each with its numbers: each headline MoS model (`profile.headline`; "mos" is
+    written MoS) against its backbone and each other model, and its forward FLOPs against each
+    MoE baseline's; the LogLoss of a constant prediction, the share-of-category regression."""
     lines = []
     by_pair = {(c.model, c.baseline): c for c in comparisons}
-    mos_vs_backbone = by_pair.get(("mos", "backbone"))
-    if mos_vs_backbone is not None:
-        rule = mos_vs_backbone.verdict
-        holds = "NOT EVALUATED" if rule.startswith("not evaluated") else "DOES NOT HOLD" if rule == "worse" else "HOLDS"
-        lines.append(f"- MoS never worse than its backbone: {holds} ({_interval(mos_vs_backbone)}: {rule})")
-    for (model, baseline), c in by_pair.items():
-        if model == "mos" and baseline != "backbone" and not baseline.endswith("LR"):
-            lines.append(f"- MoS against {baseline}: {c.verdict} ({_interval(c)})")
+    flops = {r["model"]: r["mflops"] for r in rows if r.get("mflops") is not None}
+    for name in headline:
+        title = "MoS" if name == "mos" else name
+        vs_backbone = by_pair.get((name, "backbone"))
+        if vs_backbone is not None:
+            rule = vs_backbone.verdict
+            holds = ("NOT EVALUATED" if rule.startswith("not evaluated") else "DOES NOT HOLD" if rule == "worse"
+                     else "HOLDS")
+            lines.append(f"- {title} never worse than its backbone: {holds} ({_interval(vs_backbone)}: {rule})")
+        for (model, baseline), c in by_pair.items():
+            if model == name and baseline != "backbone" and not baseline.endswith("LR"):
+                lines.append(f"- {title} against {baseline}: {c.verdict} ({_interval(c)})")
+        moe = [m for m in MOE_NAMES if m in flops]
+        if name in flops and moe:
+            heavier = [f"{m} {flops[m]:.3g}" for m in moe if flops[m] <= flops[name]]
+            lines.append(f"- {title} at fewer forward FLOPs than each MoE baseline ({flops[name]:.3g} {FLOP_UNIT}"
+                         f" per example): " + ("HOLDS" if not heavier else "DOES NOT HOLD against " + ", ".join(heavier)))
     by_reference = {r["name"]: r for r in references}
     constant = by_reference.get("constant")
     if constant is not None:
