@@ -1,5 +1,6 @@
 """The whole layer on a kernel backend against the same layer on the reference: shared by the
-fixed cases (tests/test_layer_backends.py) and the randomised ones (tests/test_layer_fuzz.py)."""
+fixed cases (tests/test_layer_backends.py) and the randomised ones (tests/test_layer_fuzz.py);
+and the small batch and layer the tests of the layer's parts share."""
 from __future__ import annotations
 
 import torch
@@ -56,3 +57,24 @@ def _same_gradient(got, want, name: str) -> None:
         assert got is None and want is None, f"{name}: a gradient on one backend only"
         return
     assert_close(got, want, "layer", msg=name)
+
+
+# Four histories, one empty and one of a single event; d = 8.
+SMALL_DIM = 8
+SMALL_LENGTHS = [0, 7, 1, 12]
+
+
+def small_batch(seed: int = 0):
+    """(values [20, 8], target [4, 8], offsets [5]) of SMALL_LENGTHS, float32."""
+    from tests.oracles import generator, offsets_of, randn
+    gen = generator(seed)
+    values = randn(gen, sum(SMALL_LENGTHS), SMALL_DIM, dtype=torch.float32)
+    target = randn(gen, len(SMALL_LENGTHS), SMALL_DIM, dtype=torch.float32)
+    return values, target, offsets_of(SMALL_LENGTHS)
+
+
+def small_layer(**parts):
+    """MoSLayer(dim=8, num_heads=2, num_themes=3, session_len=3, **parts), seeded."""
+    from mos import MoSLayer
+    torch.manual_seed(0)
+    return MoSLayer(dim=SMALL_DIM, num_heads=2, num_themes=3, session_len=3, **parts)

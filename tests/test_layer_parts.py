@@ -10,22 +10,11 @@ import oracles
 from mos import MoSLayer
 from mos.routing import LearnedRouter, RandomRouter, route_sessions, route_tokens
 from oracles import generator, randn
+from layer_cases import SMALL_DIM, SMALL_LENGTHS, small_batch, small_layer
 from tolerances import assert_close
 
-DIM = 8
-LENGTHS = [0, 7, 1, 12]
-
-
-def _batch(seed=0):
-    gen = generator(seed)
-    values = randn(gen, sum(LENGTHS), DIM, dtype=torch.float32)
-    target = randn(gen, len(LENGTHS), DIM, dtype=torch.float32)
-    return values, target, oracles.offsets_of(LENGTHS)
-
-
-def _layer(**parts):
-    torch.manual_seed(0)
-    return MoSLayer(dim=DIM, num_heads=2, num_themes=3, session_len=3, **parts)
+DIM, LENGTHS = SMALL_DIM, SMALL_LENGTHS
+_batch, _layer = small_batch, small_layer
 
 
 class LastThemeRouter(torch.nn.Module):

@@ -12,15 +12,15 @@ import torch
 
 import mos_kernels as mk
 import oracles
-from mos import MoSLayer
 from mos.config import MoSConfig
 from mos.routing import LearnedRouter, session_consistency_loss
 from mos_kernels.checks import NonFiniteError
 from oracles import generator, randn
+from layer_cases import SMALL_DIM, SMALL_LENGTHS, small_batch, small_layer
 from tolerances import assert_close
 
-DIM = 8
-LENGTHS = [0, 7, 1, 12]
+DIM, LENGTHS = SMALL_DIM, SMALL_LENGTHS
+_batch, _layer = small_batch, small_layer
 
 
 def _loop_consistency(values, unit_offsets, prototypes, temperature):
@@ -82,18 +82,6 @@ def test_session_consistency_without_pairs_is_a_finite_zero():
     assert float(loss.detach()) == 0.0
     loss.backward()
     assert values.grad is None or torch.isfinite(values.grad).all()
-
-
-def _batch(seed=0):
-    gen = generator(seed)
-    values = randn(gen, sum(LENGTHS), DIM, dtype=torch.float32)
-    target = randn(gen, len(LENGTHS), DIM, dtype=torch.float32)
-    return values, target, oracles.offsets_of(LENGTHS)
-
-
-def _layer(**parts):
-    torch.manual_seed(0)
-    return MoSLayer(dim=DIM, num_heads=2, num_themes=3, session_len=3, **parts)
 
 
 def test_the_learned_router_with_consistency_trains_what_it_reads():
