@@ -53,10 +53,13 @@ def routing_inputs(routing_values: Optional[torch.Tensor], routing_target: Optio
         raise ValueError(f"{missing}: expected a tensor with {given} (both or neither), got None")
     if not routes:
         raise ValueError("routing_values: expected None in a layer without theme experts (nothing routes), got a tensor")
-    for name, tensor, like in (("routing_values", routing_values, values), ("routing_target", routing_target, target)):
-        check_tensor(name, tensor, dtypes=(like.dtype,), device=like.device)
+    for name, tensor, like, what in (("routing_values", routing_values, values, "values"),
+                                     ("routing_target", routing_target, target, "target")):
+        check_tensor(name, tensor, device=like.device)
+        if tensor.dtype != like.dtype:
+            raise TypeError(f"{name}: expected dtype {str(like.dtype).replace('torch.', '')} (that of {what}), "
+                            f"got {str(tensor.dtype).replace('torch.', '')}")
         if tensor.shape != like.shape:
-            what = "values" if like is values else "target"
             raise ValueError(f"{name}: expected shape {tuple(like.shape)} (that of {what}), got {tuple(tensor.shape)}")
         check_finite(name, tensor)
     if routing_values.dim() == 3:

@@ -163,8 +163,9 @@ class MoSLayer(nn.Module):
             outputs = {kind: path(self, batch) for kind, path in self._paths}
             aux = {**no_aux(values), **batch.aux}     # a router that returns fewer losses: the rest are zero
             aux_loss = (cfg.commitment_weight * aux["commitment"] + cfg.codebook_weight * aux["codebook"]
-                        + cfg.load_balance_weight * aux["load_balance"]
-                        + cfg.consistency_weight * aux["consistency"])
+                        + cfg.load_balance_weight * aux["load_balance"])
+            if "consistency" in aux:      # only a router with the loss reports it (logs stay as they were)
+                aux_loss = aux_loss + cfg.consistency_weight * aux["consistency"]
             aux = {k: v.detach() for k, v in aux.items()}
             return self._fuse(self, outputs, aux_loss, aux, batch.routing)
 

@@ -44,7 +44,8 @@ class MoSOutput:
     Attributes:
         output: [B, d] the fused user-interest vector: feed it to the CTR head.
         aux_loss: scalar, the weighted sum of `aux`; add it to the training loss.
-        aux: the unweighted auxiliary losses by name (commitment, codebook, load_balance), scalars.
+        aux: the unweighted auxiliary losses by name (commitment, codebook, load_balance; and
+            consistency from a router with a session-consistency loss), scalars.
         routing: `RoutingInfo`, or None when the layer runs no theme experts.
         global_output, extras_output: [B, d] with `fusion="residual"` (else None): the global
             expert's vector and the other experts' term, output = global_output + extras_output,
@@ -53,7 +54,7 @@ class MoSOutput:
 
     output: torch.Tensor             # [B, d] fused user-interest vector
     aux_loss: torch.Tensor           # scalar, the weighted sum of `aux`
-    aux: Dict[str, torch.Tensor]     # unweighted auxiliary losses: commitment, codebook, load_balance
+    aux: Dict[str, torch.Tensor]     # unweighted auxiliary losses: commitment, codebook, load_balance(, consistency)
     routing: Optional[RoutingInfo]   # None when the layer runs no theme experts
     # fusion="residual": output = global_output + extras_output (the global expert's vector and the
     # other experts' term), for a model that trains the two parts with different losses.

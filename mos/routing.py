@@ -11,8 +11,9 @@ training) -> (pooled, routing, aux)`:
     units: `mos_kernels.Sessions`, the routing units (rows of `values` per unit);
     prototypes: [K, d] the layer's theme prototypes (a router may ignore them);
     returns pooled [S, d] (the units' mean vectors, or None), a `mos_kernels.Routing` over the
-    S units, and the auxiliary losses {"commitment", "codebook", "load_balance", "consistency"}
-    as float32 scalars (zeros where the router has none; a missing one counts as zero).
+    S units, and the auxiliary losses {"commitment", "codebook", "load_balance"} as float32
+    scalars (zeros where the router has none; a missing one counts as zero), plus
+    "consistency" from a router that has a session-consistency loss.
 A routing unit is any callable `routing_unit(offsets, sessions, num_tokens) -> Sessions`.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import mos_kernels as mk
 from mos_kernels.jagged import counts_of, segment_ids
 from mos_kernels.routing import normalized
 
-AUX_LOSSES = ("commitment", "codebook", "load_balance", "consistency")
+AUX_LOSSES = ("commitment", "codebook", "load_balance")
 RouterResult = Tuple[Optional[torch.Tensor], mk.Routing, Dict[str, torch.Tensor]]
 
 
@@ -113,8 +114,7 @@ def aux_losses(pooled, prototypes, routing, temperature: float, detach_tokens: b
     fraction = chosen / max(routing.themes.numel(), 1)
     probs = torch.softmax((h @ units.t()).float() / temperature, dim=1) if detach_tokens else routing.probs
     load_balance = num_themes * (fraction * probs.sum(0) / denom).sum()
-    return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance,
-            "consistency": commitment.new_zeros(())}
+    return {"commitment": commitment, "codebook": codebook, "load_balance": load_balance}
 
 
 def session_consistency_loss(values: torch.Tensor, unit_offsets: torch.Tensor, prototypes: torch.Tensor,
@@ -132,8 +132,14 @@ def session_consistency_loss(values: torch.Tensor, unit_offsets: torch.Tensor, p
     p_t = softmax(cos(values_t, prototypes) / temperature) [T, K]; q_t is the mean p of the other
     tokens of t's unit; P = sym(mean_t p_t q_t^T) over tokens whose unit has >= 2 tokens (0 if none).
     """
+    # In fp32 whatever autocast says: in fp16 the clamp below rounds to 0 and 0 * log 0 is NaN.
+    with torch.autocast(values.device.type, enabled=False):
+        return _session_consistency(values, unit_offsets, prototypes, temperature)
+
+
+def _session_consistency(values, unit_offsets, prototypes, temperature) -> torch.Tensor:
     num_tokens, num_themes = values.shape[0], prototypes.shape[0]
-    p = torch.softmax(normalized(values) @ normalized(prototypes).t() / temperature, dim=1)      # [T, K]
+    p = torch.softmax(normalized(values) @ normalized(prototypes).t() / temperature, dim=1)      # [T, K] fp32
     unit = segment_ids(unit_offsets, num_tokens)
     size = (unit_offsets[1:] - unit_offsets[:-1])[unit]                                          # [T]
     sums = p.new_zeros(unit_offsets.numel() - 1, num_themes).index_add_(0, unit, p)

@@ -223,10 +223,11 @@ def test_the_verdict_holds_each_headline_model_to_the_targets():
             "DOES NOT HOLD against dselect_k 2.5") in text
     assert "MoS never worse than its backbone: HOLDS" in text
     assert "mos_session_router" not in verdict(rows, references, pairs)        # not a headline model
+    assert "- mos_theme_mass: not run" in verdict(rows, references, pairs, headline=("mos", "mos_theme_mass"))
 
 
 def test_headline_comparisons_and_names():
-    """Each headline model other than mos is compared with every rival and random routing; a
+    """Each headline model is compared with every rival and its matched random-routing control; a
     headline name must be a MoS variant."""
     import numpy as np
     from mos.lab.config import ProfileConfig
@@ -234,12 +235,16 @@ def test_headline_comparisons_and_names():
 
     rng = np.random.default_rng(0)
     labels, users = rng.integers(0, 2, 60), np.arange(60) // 3
-    names = ("backbone", "mos", "mos_session_router", "mos_random_routing", "gshard", "stacked_backbone")
+    names = ("backbone", "mos", "mos_session_router", "mos_random_routing", "mos_random_routing_embedding", "gshard",
+             "stacked_backbone")
     records = [{"model": name, "seed": seed, "run_id": f"{name}-{seed}"} for name in names for seed in (0, 1)]
     split = {"labels": labels, "users": users, **{r["run_id"]: rng.normal(size=60) for r in records}}
     pairs = {(c.model, c.baseline) for c in _comparisons(records, split, {}, None, ("mos", "mos_session_router"))}
-    want = {("mos_session_router", rival) for rival in ("gshard", "stacked_backbone", "mos_random_routing")}
+    want = {("mos_session_router", rival) for rival in ("gshard", "stacked_backbone", "mos_random_routing_embedding")}
     assert want <= pairs and ("mos_session_router", "mos") in pairs and ("mos", "gshard") in pairs
+    # Each learned router against its own matched control, once and in that direction.
+    assert ("mos", "mos_random_routing") in pairs and ("mos_random_routing", "mos") not in pairs
+    assert ("mos_session_router", "mos_random_routing") not in pairs
     assert not any(model == "mos_session_router" for model, _ in
                    {(c.model, c.baseline) for c in _comparisons(records, split, {}, None)} - {
                        ("mos_session_router", "backbone"), ("mos_session_router", "mos")})

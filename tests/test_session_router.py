@@ -81,7 +81,25 @@ def test_session_consistency_without_pairs_is_a_finite_zero():
     loss = session_consistency_loss(values, torch.tensor([0, 1, 1, 2, 3]), prototypes, 0.1)
     assert float(loss.detach()) == 0.0
     loss.backward()
-    assert values.grad is None or torch.isfinite(values.grad).all()
+    for leaf in (values, prototypes):        # the zero keeps the graph: zero gradients, not None
+        assert leaf.grad is not None and float(leaf.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_session_consistency_is_float32_under_autocast(dtype):
+    """Under autocast the loss is still computed in float32 (in fp16 a confident routing would
+    give 0 * log 0 = NaN): the same value as outside it, and a finite gradient."""
+    num_themes = 4
+    prototypes = torch.eye(num_themes, DIM)
+    values = prototypes[torch.arange(24).div(3, rounding_mode="floor").remainder(num_themes)].requires_grad_()
+    unit_offsets = torch.arange(0, 25, 3)
+    want = session_consistency_loss(values, unit_offsets, prototypes, 0.01)
+    with torch.autocast("cpu", dtype=dtype):
+        got = session_consistency_loss(values, unit_offsets, prototypes, 0.01)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert_close(got, want, "reduction")
+    got.backward()
+    assert torch.isfinite(values.grad).all()
 
 
 def test_the_learned_router_with_consistency_trains_what_it_reads():
@@ -89,18 +107,18 @@ def test_the_learned_router_with_consistency_trains_what_it_reads():
     the VQ losses detached from them (vq_detach_tokens=True); without it, it is zero."""
     values, target, offsets = _batch()
     routing_values = torch.randn(values.shape, requires_grad=True)
-    layer = _layer(router=LearnedRouter(session_consistency=True))
+    layer = _layer(router=LearnedRouter(session_consistency=True), consistency_weight=0.5)
     out = layer(values, target, offsets, routing_values=routing_values, routing_target=target)
     assert float(out.aux["consistency"]) > 0
     weighted = (0.25 * out.aux["commitment"] + out.aux["codebook"] + 0.01 * out.aux["load_balance"]
-                + out.aux["consistency"])
+                + 0.5 * out.aux["consistency"])
     assert_close(out.aux_loss.detach(), weighted, "reduction")
     out.aux_loss.backward()
     assert float(routing_values.grad.abs().sum()) > 0 and float(layer.prototypes.grad.abs().sum()) > 0
-    plain = _layer()(values, target, offsets)
-    assert float(plain.aux["consistency"]) == 0.0
+    # A router without the loss reports none: its aux (and so every log and record) is as before.
+    assert set(_layer()(values, target, offsets).aux) == {"commitment", "codebook", "load_balance"}
     layer.eval()
-    assert float(layer(values, target, offsets).aux["consistency"]) == 0.0      # not computed to evaluate
+    assert "consistency" not in layer(values, target, offsets).aux      # not computed to evaluate
 
 
 class RecordingRouter(torch.nn.Module):
@@ -231,6 +249,26 @@ def test_the_routing_options_are_refused_where_nothing_reads_them():
         ModelConfig(routing_embedding=True, ablation=MoSAblation(experts=("global", "short")))
     with pytest.raises(ValueError, match=r"model.ablation.session_consistency: expected False with router 'random'"):
         MoSAblation(router="random", session_consistency=True)
+    with pytest.raises(ValueError, match=r"model.ablation.session_consistency: expected False with routing_unit "
+                                         r"'token' \(a unit of one token has no session-mates\)"):
+        MoSAblation(routing_unit="token", session_consistency=True)
+
+
+def test_a_learned_router_s_matched_control_is_found():
+    """The random-routing control of a variant: the variant with random themes and nothing else
+    changed (its learned router's own options dropped); None where no such variant exists."""
+    from mos.lab.variants import random_routing_control
+
+    assert random_routing_control("mos") == "mos_random_routing"
+    assert random_routing_control("mos_session_router") == "mos_random_routing_embedding"
+    assert random_routing_control("mos_routing_embedding") == "mos_random_routing_embedding"
+    for name in ("backbone", "gshard", "mos_random_routing", "mos_no_themes", "mos_theme_mass"):
+        assert random_routing_control(name) is None, name
+
+
+# RunConfig()'s fingerprints (first 12 hex digits, seed 0) at 60aa309, before the options of
+# LATER_AT_DEFAULT existed. A change here invalidates every finished run: make it on purpose.
+PINNED_FINGERPRINTS = {"mos": "49a96b6e20a5", "backbone": "809c2486a5f9"}
 
 
 def test_options_added_at_their_defaults_keep_a_run_s_fingerprint():
@@ -252,6 +290,9 @@ def test_options_added_at_their_defaults_keep_a_run_s_fingerprint():
     key = model_key(variant_config(base.model, "mos"))
     assert "routing_embedding" not in key and "session_consistency" not in key["ablation"]
     assert "consistency_weight" not in key["mos"]
+    # Pinned: the default configuration's fingerprints as the code before these options wrote them.
+    assert fingerprint(base, "mos", 0)[:12] == PINNED_FINGERPRINTS["mos"]
+    assert fingerprint(base, "backbone", 0)[:12] == PINNED_FINGERPRINTS["backbone"]
     weighted = replace(base, model=replace(base.model, mos=replace(base.model.mos, consistency_weight=0.5)))
     assert fingerprint(weighted, "mos", 0) != fingerprint(base, "mos", 0)
     assert fingerprint(base, "mos_session_router", 0) != fingerprint(base, "mos", 0)

@@ -81,6 +81,9 @@ class MoSAblation:
         if self.session_consistency and self.router != "learned":
             raise ValueError(f"model.ablation.session_consistency: expected False with router {self.router!r} "
                              f"(only the learned router has the loss), got True")
+        if self.session_consistency and self.routing_unit != "session":
+            raise ValueError(f"model.ablation.session_consistency: expected False with routing_unit "
+                             f"{self.routing_unit!r} (a unit of one token has no session-mates), got True")
 
     def layer_parts(self) -> dict:
         """The keywords of `MoSLayer` (router, routing_unit, experts) these options stand for."""
@@ -228,8 +231,8 @@ class ProfileConfig:
     grid: dict = field(default_factory=dict)
     tuning_seeds: tuple = ()
     # The MoS models the verdict holds to the targets: each against its backbone, the stacking
-    # control and each MoE baseline, a learned router against random routing, and its forward
-    # FLOPs against each MoE baseline's.
+    # control, each MoE baseline and its matched random-routing control
+    # (`mos.lab.variants.random_routing_control`), and its forward FLOPs against each MoE's.
     headline: tuple = ("mos",)
 
     def __post_init__(self):

@@ -90,7 +90,8 @@ class CTRModel(nn.Module):
             self.encoder = backbone_encoder(config)
         else:
             self.encoder = StackedEncoder(config)
-        # Built after the encoder, so every other parameter starts as in the model without it.
+        # Built after the encoder, so every other parameter starts as in the model without it (its
+        # draws come after theirs; training draws nothing from torch's generator with dropout 0).
         self.routing_embedding = nn.Embedding(num_items, dim, padding_idx=0) if config.routing_embedding else None
         if self.routing_embedding is not None:
             nn.init.normal_(self.routing_embedding.weight, std=0.1)

@@ -8,7 +8,7 @@ so runs differ only in what the name says. (`mos.lab.config` imports this table 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Dict
+from typing import TYPE_CHECKING, Dict, Optional
 
 if TYPE_CHECKING:    # for type checkers only: at run time mos.lab.config imports this module
     from mos.lab.config import ModelConfig
@@ -32,6 +32,11 @@ VARIANTS: Dict[str, dict] = {
     # The router learns its themes on an item embedding of its own, from which items share
     # sessions (model.routing_embedding, MoSAblation.session_consistency).
     "mos_session_router": {"kind": "mos", "routing_embedding": True, "ablation": {"session_consistency": True}},
+    # Its controls: the same routing embedding with random themes (the matched random-routing
+    # control: the embedding's capacity without learned routing), and learned routing on it
+    # without the session-consistency loss (what the loss adds).
+    "mos_random_routing_embedding": {"kind": "mos", "routing_embedding": True, "ablation": {"router": "random"}},
+    "mos_routing_embedding": {"kind": "mos", "routing_embedding": True},
     # The design choices that keep MoS at least as good as its backbone, each undone alone.
     "mos_joint": {"kind": "mos", "training": "joint"},
     "mos_concat_fusion": {"kind": "mos", "training": "joint", "mos": {"fusion": "concat"}},
@@ -44,6 +49,22 @@ VARIANTS: Dict[str, dict] = {
     "mos_concat_vq_to_embeddings": {"kind": "mos", "training": "joint",
                                     "mos": {"fusion": "concat"}, "ablation": {"vq_detach_tokens": False}},
 }
+
+
+def random_routing_control(name: str) -> Optional[str]:
+    """The variant that differs from `name` only in routing at random (so without the learned
+    router's own options), or None: the matched control of a learned router."""
+    overrides = VARIANTS[name]
+    ablation = dict(overrides.get("ablation", {}))
+    if ablation.get("router") == "random" or "themes" not in ablation.get("experts", ("themes",)):
+        return None
+    ablation = {key: value for key, value in ablation.items() if key not in LEARNED_ROUTER_OPTIONS}
+    want = {**overrides, "ablation": {**ablation, "router": "random"}}
+    return next((other for other, candidate in VARIANTS.items() if candidate == want), None)
+
+
+# Options of the learned router alone, which a random router does without.
+LEARNED_ROUTER_OPTIONS = ("session_consistency", "vq_detach_tokens")
 
 
 def variant_config(base: "ModelConfig", name: str) -> "ModelConfig":

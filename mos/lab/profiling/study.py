@@ -38,6 +38,7 @@ from mos.lab.files import write_atomic
 from mos.lab.metrics import auc, logloss
 from mos.lab.report import FLOP_SCALE
 from mos.lab.train import load_data
+from mos.lab.variants import random_routing_control
 
 from . import tables
 from .measures import session_heatmaps
@@ -48,7 +49,6 @@ from .runs import Context, Job, RunStore, make_job, run_jobs
 MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
 # MoS is compared with each of these besides its backbone.
 MOS_RIVALS = ("stacked_backbone", *MOE_BASELINES)
-RANDOM_ROUTING = "mos_random_routing"      # the control of a learned router
 
 
 def quick_overrides() -> List[str]:
@@ -243,9 +243,9 @@ def _reference_rows(refs, splits, probabilities) -> List[dict]:
 def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], probabilities,
                  headline=("mos",)) -> List[Comparison]:
     """On one split's predictions (`_split_predictions`; `refs`: each reference's logits on it):
-    MoS against its backbone and each rival, every other model against the backbone (an ablation
-    against MoS too), every model against the share-of-category regression; each other headline
-    MoS model (`profile.headline`) against each rival and the random-routing control."""
+    every model against the backbone; MoS and each headline MoS model (`profile.headline`) against
+    each rival and its random-routing control (`random_routing_control`); every other MoS variant
+    against MoS; every model against the share-of-category regression."""
     scores: Dict[str, Dict[int, np.ndarray]] = {}
     for record in records:
         scores.setdefault(record["model"], {})[record["seed"]] = split[record["run_id"]]
@@ -255,12 +255,12 @@ def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], 
     pairs = []
     if "backbone" in scores:
         pairs += [(name, "backbone") for name in scores if name not in ("backbone", "share LR")]
+    for name in dict.fromkeys(("mos", *headline)):
+        if name in scores:
+            rivals = (*MOS_RIVALS, random_routing_control(name))
+            pairs += [(name, rival) for rival in rivals if rival in scores and rival != name]
     if "mos" in scores:
-        pairs += [("mos", rival) for rival in MOS_RIVALS if rival in scores]
-        pairs += [(name, "mos") for name in scores if name.startswith("mos_")]
-    for name in headline:
-        if name != "mos" and name in scores:
-            pairs += [(name, rival) for rival in (*MOS_RIVALS, RANDOM_ROUTING) if rival in scores and rival != name]
+        pairs += [(name, "mos") for name in scores if name.startswith("mos_") and ("mos", name) not in pairs]
     if "share LR" in scores:
         pairs += [(name, "share LR") for name in scores if name != "share LR"]
     labels, users = split["labels"], split["users"]

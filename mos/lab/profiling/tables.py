@@ -108,9 +108,12 @@ def verdict(rows: Sequence[dict], references: Sequence[dict], comparisons: Seque
                 lines.append(f"- {title} against {baseline}: {c.verdict} ({_interval(c)})")
         moe = [m for m in MOE_NAMES if m in flops]
         if name in flops and moe:
-            heavier = [f"{m} {flops[m]:.3g}" for m in moe if flops[m] <= flops[name]]
+            not_lighter = [f"{m} {flops[m]:.3g}" for m in moe if flops[m] <= flops[name]]
+            holds = "HOLDS" if not not_lighter else "DOES NOT HOLD against " + ", ".join(not_lighter)
             lines.append(f"- {title} at fewer forward FLOPs than each MoE baseline ({flops[name]:.3g} {FLOP_UNIT}"
-                         f" per example): " + ("HOLDS" if not heavier else "DOES NOT HOLD against " + ", ".join(heavier)))
+                         f" per example): {holds}")
+        if name not in flops and rows and "mflops" in rows[0]:
+            lines.append(f"- {title}: not run")
     by_reference = {r["name"]: r for r in references}
     constant = by_reference.get("constant")
     if constant is not None:
