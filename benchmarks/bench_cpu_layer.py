@@ -15,6 +15,12 @@ the MoS/backbone wall-time ratio, the MoS/backbone FLOP ratio (torch's FlopCount
 same step; the ops' formulas count jagged work, so it is what the algorithm costs), and their
 quotient: how far the CPU path is from costing what its FLOPs say (1.0 = in proportion).
 Rows go to DIR/bench_cpu_layer.csv. Timings are only comparable within one run.
+
+A second table puts the transformer's attention beside what the machine can do: forward + backward
+of `jagged_self_attention`'s reference (the causal self-attention every transformer expert runs)
+over the same B histories, on its CPU path (torch's flash attention per length bucket) and on the
+dense path it takes elsewhere, in GFLOP/s of the op's jagged FLOP formula, beside a 1024^3 fp32
+matmul's GFLOP/s in the same process (DIR/bench_cpu_attention.csv).
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mos import MoSConfig, MoSLayer
+from mos_kernels._padded_attention import padded_attention_backward, padded_attention_forward
+from mos_kernels.jagged_self_attention import attention_pairs
 
 EXAMPLES, DIM, HEADS, THEMES, SESSION_LEN = 64, 32, 2, 8, 8
 CONFIGS = {   # name: MoSConfig options beyond the shared ones
@@ -40,6 +48,9 @@ CONFIGS = {   # name: MoSConfig options beyond the shared ones
 }
 COLUMNS = ("config", "L", "tokens", "backbone_ms", "mos_ms", "wall_ratio", "flop_ratio", "wall_per_flop_ratio",
            "threads")
+ATTENTION_COLUMNS = ("L", "tokens", "flash_ms", "dense_ms", "speedup", "flash_gflops", "dense_gflops",
+                     "matmul_gflops", "threads")
+MATMUL_SIZE = 1024
 
 
 @dataclass
@@ -110,15 +121,56 @@ def measure(config: str, length: int, reps: int) -> Dict[str, object]:
             "wall_per_flop_ratio": round(wall_ratio / flop_ratio, 3), "threads": torch.get_num_threads()}
 
 
-def print_table(rows: List[Dict[str, object]], out=None) -> None:
+def attention_steps(inputs: Inputs) -> Dict[str, Callable[[], None]]:
+    """Forward + backward of the causal self-attention over the inputs' histories (q, k, v
+    projections of d = 32, H = 2), on the CPU flash path and on the dense path."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, g_out = (torch.randn(inputs.values.shape, generator=gen) for _ in range(4))
+
+    def step(flash: bool) -> Callable[[], None]:
+        def run():
+            padded_attention_forward(q, k, v, inputs.offsets, HEADS, None, True, one_bucket=False, flash=flash)
+            padded_attention_backward(g_out, q, k, v, inputs.offsets, HEADS, None, True, one_bucket=False, flash=flash)
+        return run
+
+    return {"flash": step(True), "dense": step(False)}
+
+
+def matmul_gflops(reps: int) -> float:
+    """GFLOP/s of a MATMUL_SIZE^3 fp32 matmul (median of reps, after a warm-up)."""
+    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    seconds = median_seconds({"mm": lambda: a @ b}, reps)["mm"]
+    return 2 * MATMUL_SIZE ** 3 / seconds / 1e9
+
+
+def measure_attention(length: int, reps: int, matmul: float) -> Dict[str, object]:
+    inputs = make_inputs(length)
+    # The op's FLOP formula: QK^T and PV forward (2 * 2 * pairs * d), twice that backward.
+    flops = 3 * 4 * attention_pairs(inputs.offsets, True) * DIM
+    seconds = median_seconds(attention_steps(inputs), reps)
+    return {"L": length, "tokens": inputs.values.shape[0], "flash_ms": round(1e3 * seconds["flash"], 1),
+            "dense_ms": round(1e3 * seconds["dense"], 1), "speedup": round(seconds["dense"] / seconds["flash"], 2),
+            "flash_gflops": round(flops / seconds["flash"] / 1e9, 2),
+            "dense_gflops": round(flops / seconds["dense"] / 1e9, 2), "matmul_gflops": round(matmul, 1),
+            "threads": torch.get_num_threads()}
+
+
+def print_table(rows: List[Dict[str, object]], out=None, columns=COLUMNS) -> None:
     out = sys.stdout if out is None else out
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
-    print("  ".join(c.ljust(widths[c]) for c in COLUMNS), file=out)
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns), file=out)
     for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS), file=out)
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in columns), file=out)
 
 
-def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
+def write_csv(path: Path, rows: List[Dict[str, object]], columns) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, List[Dict[str, object]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_cpu_layer.csv")
     parser.add_argument("--lengths", default="100,1000", help="mean history lengths L, comma-separated")
@@ -146,13 +198,17 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"B = {EXAMPLES}, d = {DIM}, K = {THEMES}, sessions of {SESSION_LEN}; forward + backward, reference path")
     print_table(rows)
+    print("attention ...", file=sys.stderr, flush=True)
+    matmul = matmul_gflops(args.reps)
+    attention = [measure_attention(length, args.reps, matmul) for length in lengths]
+    print(f"\ncausal self-attention, forward + backward, reference: CPU flash path vs dense path; "
+          f"{MATMUL_SIZE}^3 fp32 matmul for scale")
+    print_table(attention, columns=ATTENTION_COLUMNS)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "bench_cpu_layer.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    return rows
+        write_csv(args.out / "bench_cpu_layer.csv", rows, COLUMNS)
+        write_csv(args.out / "bench_cpu_attention.csv", attention, ATTENTION_COLUMNS)
+    return {"layer": rows, "attention": attention}
 
 
 if __name__ == "__main__":

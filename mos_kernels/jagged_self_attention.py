@@ -3,9 +3,10 @@
 q, k, v [N, d] share segment_offsets [G+1]; row i of segment g attends to the rows j of g with
 j <= i (causal) or to all of them, per head, softmax(q k^T / sqrt(dh)) v. No padding.
 
-Reference: masked dense attention over the segments padded to the length of their bucket
-(`_padded_attention`: lengths rounded up to three significant bits on the CPU; one bucket
-padded to max_len elsewhere), a custom op whose FLOP formula counts the jagged pairs.
+Reference: attention over the segments padded to the length of their bucket
+(`_padded_attention`: lengths rounded up to three significant bits, and torch's fused CPU flash
+attention per bucket, on the CPU; masked dense attention over one bucket padded to max_len
+elsewhere), a custom op whose FLOP formula counts the jagged pairs.
 Triton: flash attention over jagged segments, one program per (tile of rows, head)
 (`jagged_self_attention_kernels`); every sum in a fixed order, deterministic. q, k, v may be column
 slices of one [N, 3d] projection (row strides). Custom ops mos::jagged_self_attention and

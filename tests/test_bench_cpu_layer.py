@@ -8,11 +8,18 @@ from benchmarks import bench_cpu_layer
 
 
 def test_rows_for_every_config_and_length(tmp_path, capsys):
-    rows = bench_cpu_layer.main(["--lengths", "6,12", "--reps", "1", "--out", str(tmp_path)])
+    tables = bench_cpu_layer.main(["--lengths", "6,12", "--reps", "1", "--out", str(tmp_path)])
+    rows, attention = tables["layer"], tables["attention"]
     assert [(r["config"], r["L"]) for r in rows] == [(c, n) for c in bench_cpu_layer.CONFIGS for n in (6, 12)]
     with open(tmp_path / "bench_cpu_layer.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
-    assert "wall_per_flop_ratio" in capsys.readouterr().out
+    with open(tmp_path / "bench_cpu_attention.csv") as f:
+        assert [int(r["L"]) for r in csv.DictReader(f)] == [6, 12]
+    out = capsys.readouterr().out
+    assert "wall_per_flop_ratio" in out and "matmul_gflops" in out
+    for r in attention:
+        assert r["flash_ms"] > 0 and r["dense_ms"] > 0 and r["matmul_gflops"] > 0 and r["speedup"] > 0
+        assert r["tokens"] == next(row["tokens"] for row in rows if row["L"] == r["L"])   # the same histories
     by_config = {(r["config"], r["L"]): r for r in rows}
     # MoS contains its backbone, so it costs more FLOPs than it; over session vectors the global
     # expert's quadratic attention shrinks, and at L = 12 the layer's other experts still dominate.

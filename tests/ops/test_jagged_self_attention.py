@@ -57,25 +57,51 @@ def test_jagged_self_attention_max_len_bound(backend, device):
                  mk.jagged_self_attention(q, k, v, offsets, num_heads=2, backend=backend), "attention")
 
 
+@pytest.mark.parametrize("path", ["cpu_flash", "dense"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("one_bucket", [False, True], ids=["length_buckets", "one_bucket"])
-def test_padded_attention_matches_oracle_on_long_uneven_segments(causal, one_bucket):
+def test_padded_attention_matches_oracle_on_long_uneven_segments(causal, one_bucket, path):
     """The reference's two paddings (length buckets on the CPU, one bucket padded to max_len
-    elsewhere) against the float64 oracle, forward and the written-out backward, on segments
-    that share buckets (9 and 10 pad to 10, 33 and 40 to 40), empty ones and a single row."""
-    from mos_kernels._padded_attention import padded_attention_backward, padded_attention_forward
+    elsewhere) on both its paths (torch's CPU flash attention, the dense one it takes elsewhere)
+    against the float64 oracle, forward and backward, on segments that share buckets (9 and 10
+    pad to 10, 33 and 40 to 40), empty ones and a single row."""
+    from mos_kernels._padded_attention import _cpu_flash, padded_attention_backward, padded_attention_forward
+    assert _cpu_flash(*(torch.zeros(1, 8) for _ in range(3)))       # the default on the CPU
+    flash = path == "cpu_flash"
     lengths = [0, 9, 10, 17, 33, 1, 40, 0, 3]
     gen = generator(44)
     q, k, v, g_out = (randn(gen, sum(lengths), 8, dtype=torch.float32) for _ in range(4))
     offsets = oracles.offsets_of(lengths)
-    got = padded_attention_forward(q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket)
-    got_grads = padded_attention_backward(g_out, q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket)
+    got = padded_attention_forward(q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket, flash=flash)
+    got_grads = padded_attention_backward(g_out, q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket, flash=flash)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     expected = oracles.jagged_self_attention(*leaves, offsets, num_heads=2, causal=causal)
     expected_grads = torch.autograd.grad(expected, leaves, g_out.double())
     assert_matches(got, expected, "attention")
     for name, g, e in zip("qkv", got_grads, expected_grads):
         assert_matches(g, e, "attention_grad", msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_flash_path_matches_the_dense_path_in_half_precision(dtype):
+    """In bf16 / fp16 the CPU flash path (fp32 accumulation inside) and the dense path (fp32
+    probabilities rounded to the input dtype for the product) agree to the dtype's attention
+    tolerance, forward and backward."""
+    from mos_kernels import _padded_attention as pa
+    lengths = [0, 9, 1, 33, 12]
+    gen = generator(45)
+    q, k, v, g_out = (randn(gen, sum(lengths), 8, dtype=torch.float32).to(dtype) for _ in range(4))
+    offsets = oracles.offsets_of(lengths)
+    for causal in (True, False):
+        flash = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False)
+        flash_grads = pa.padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False)
+        dense = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=False)
+        dense_grads = pa.padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False,
+                                                   flash=False)
+        assert flash.dtype == dtype
+        assert_close(flash.float(), dense.float(), "attention", dtype=dtype)
+        for name, a, b in zip("qkv", flash_grads, dense_grads):
+            assert_close(a.float(), b.float(), "attention", dtype=dtype, msg=name)
 
 
 def test_bucket_lengths_pad_by_less_than_a_quarter():
