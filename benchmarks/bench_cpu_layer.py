@@ -18,9 +18,10 @@ Rows go to DIR/bench_cpu_layer.csv. Timings are only comparable within one run.
 
 A second table puts the transformer's attention beside what the machine can do: forward + backward
 of `jagged_self_attention`'s reference (the causal self-attention every transformer expert runs)
-over the same B histories, on its CPU path (torch's flash attention per length bucket) and on the
-dense path it takes elsewhere, in GFLOP/s of the op's jagged FLOP formula, beside a 1024^3 fp32
-matmul's GFLOP/s in the same process (DIR/bench_cpu_attention.csv).
+over the same B histories and the same length buckets, on its CPU path (torch's flash attention)
+and on the dense masked path (the CPU's path before it; other devices pad to max_len instead), in
+GFLOP/s of the op's registered FLOP formulas, beside a 1024^3 fp32 matmul's GFLOP/s in the same
+process (DIR/bench_cpu_attention.csv).
 """
 from __future__ import annotations
 
@@ -136,6 +137,13 @@ def attention_steps(inputs: Inputs) -> Dict[str, Callable[[], None]]:
     return {"flash": step(True), "dense": step(False)}
 
 
+def attention_flops(offsets: torch.Tensor) -> int:
+    """Forward + backward FLOPs of the causal self-attention over `offsets`, by the op's registered
+    formulas (mos_kernels.jagged_self_attention): 4 d per (query, key) pair forward (q.k, p.v),
+    10 d backward (q.k recomputed, dV, dP, dK, dQ)."""
+    return (4 + 10) * DIM * attention_pairs(offsets, True)
+
+
 def matmul_gflops(reps: int) -> float:
     """GFLOP/s of a MATMUL_SIZE^3 fp32 matmul (median of reps, after a warm-up)."""
     a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
@@ -145,8 +153,7 @@ def matmul_gflops(reps: int) -> float:
 
 def measure_attention(length: int, reps: int, matmul: float) -> Dict[str, object]:
     inputs = make_inputs(length)
-    # The op's FLOP formula: QK^T and PV forward (2 * 2 * pairs * d), twice that backward.
-    flops = 3 * 4 * attention_pairs(inputs.offsets, True) * DIM
+    flops = attention_flops(inputs.offsets)
     seconds = median_seconds(attention_steps(inputs), reps)
     return {"L": length, "tokens": inputs.values.shape[0], "flash_ms": round(1e3 * seconds["flash"], 1),
             "dense_ms": round(1e3 * seconds["dense"], 1), "speedup": round(seconds["dense"] / seconds["flash"], 2),

@@ -3,6 +3,7 @@ No timing is asserted (speed is read from the benchmark's output, never from a t
 import csv
 
 import pytest
+import torch
 
 from benchmarks import bench_cpu_layer
 
@@ -28,6 +29,19 @@ def test_rows_for_every_config_and_length(tmp_path, capsys):
     for r in rows:
         assert r["backbone_ms"] > 0 and r["mos_ms"] > 0
         assert r["wall_per_flop_ratio"] == pytest.approx(r["wall_ratio"] / r["flop_ratio"], rel=0.01)
+
+
+def test_the_attention_table_counts_flops_as_the_op_s_formulas_do():
+    """The GFLOP/s of the attention table divide by what FlopCounterMode counts for the reference
+    custom op's forward + backward over the same histories."""
+    import mos_kernels as mk
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = bench_cpu_layer.make_inputs(20)
+    q, k, v = (torch.randn(inputs.values.shape, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as counter:
+        mk.jagged_self_attention(q, k, v, inputs.offsets, num_heads=2, backend="reference").sum().backward()
+    assert bench_cpu_layer.attention_flops(inputs.offsets) == counter.get_total_flops()
 
 
 def test_global_over_sessions_costs_fewer_flops_than_the_backbone_on_long_histories():

@@ -84,17 +84,18 @@ def test_padded_attention_matches_oracle_on_long_uneven_segments(causal, one_buc
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_flash_path_matches_the_dense_path_in_half_precision(dtype):
-    """In bf16 / fp16 the CPU flash path (fp32 accumulation inside) and the dense path (fp32
-    probabilities rounded to the input dtype for the product) agree to the dtype's attention
-    tolerance, forward and backward."""
+    """In bf16 / fp16 the CPU flash path (run in fp32) and the dense path (fp32 probabilities
+    rounded to the input dtype for the product) agree to the dtype's attention tolerance,
+    forward and backward."""
     from mos_kernels import _padded_attention as pa
     lengths = [0, 9, 1, 33, 12]
     gen = generator(45)
     q, k, v, g_out = (randn(gen, sum(lengths), 8, dtype=torch.float32).to(dtype) for _ in range(4))
     offsets = oracles.offsets_of(lengths)
     for causal in (True, False):
-        flash = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False)
-        flash_grads = pa.padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False)
+        flash = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=True)
+        flash_grads = pa.padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False,
+                                                   flash=True)
         dense = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=False)
         dense_grads = pa.padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False,
                                                    flash=False)
@@ -102,6 +103,41 @@ def test_cpu_flash_path_matches_the_dense_path_in_half_precision(dtype):
         assert_close(flash.float(), dense.float(), "attention", dtype=dtype)
         for name, a, b in zip("qkv", flash_grads, dense_grads):
             assert_close(a.float(), b.float(), "attention", dtype=dtype, msg=name)
+
+
+def test_the_reference_runs_cpu_flash_where_it_can(monkeypatch):
+    """Through the custom op on the CPU the buckets go to torch's CPU flash attention (forward and
+    backward); mixed dtypes or another device take the dense path. The private aten ops keep the
+    schemas the calls rely on (a torch update that changes them fails here, not in training)."""
+    from mos_kernels import _padded_attention as pa
+    for op, words in (("_scaled_dot_product_flash_attention_for_cpu", "bool is_causal=False, *, Tensor? attn_mask"),
+                      ("_scaled_dot_product_flash_attention_for_cpu_backward", "Tensor logsumexp, float dropout_p, "
+                                                                              "bool is_causal, *, Tensor? attn_mask")):
+        assert words in str(getattr(torch.ops.aten, op).default._schema), op
+    calls = []
+    flash = pa._flash
+    monkeypatch.setattr(pa, "_flash", lambda *args: calls.append(1) or flash(*args))
+    q, k, v = (torch.randn(12, 8, requires_grad=True) for _ in range(3))
+    mk.jagged_self_attention(q, k, v, torch.tensor([0, 5, 12]), num_heads=2, backend="reference").sum().backward()
+    assert len(calls) >= 2          # the forward and the backward's recomputation
+    assert not pa._cpu_flash(q, k.double(), v)
+
+
+def test_an_extreme_row_stays_in_its_segment():
+    """Padded positions are zeros: a huge or infinite row of one segment (row 0, which the padding
+    used to read) leaves every other segment's outputs and gradients finite, on both paths."""
+    from mos_kernels._padded_attention import padded_attention_backward, padded_attention_forward
+    offsets = torch.tensor([0, 3, 12, 21])
+    for flash in (True, False):
+        for causal in (True, False):
+            q, k, v, g_out = (torch.randn(21, 8) for _ in range(4))
+            q[0], k[0] = 1e30, float("nan")
+            g_out[0] = float("inf")
+            others = slice(3, 21)
+            out = padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=flash)
+            grads = padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False, flash=flash)
+            for name, t in (("out", out), *zip("qkv", grads)):
+                assert torch.isfinite(t[others]).all(), (flash, causal, name)
 
 
 def test_bucket_lengths_pad_by_less_than_a_quarter():
