@@ -132,9 +132,13 @@ def test_full_run_order_failures_and_test_selection(tmp_path):
 def test_interrupted_run_still_summarizes(tmp_path):
     process, out = _run(tmp_path, slow="bench_attention", popen=True)
     deadline = time.monotonic() + 60
-    while "=== attention" not in (out / "run.log").read_text() if (out / "run.log").exists() else True:
+    calls = tmp_path / "calls.log"
+    # Interrupt the phase once its command runs (the fake logs its call first), not while the
+    # script is still between the phase's header line and its `wait`.
+    while "bench_attention" not in (calls.read_text() if calls.exists() else ""):
         assert time.monotonic() < deadline and process.poll() is None, "the attention phase never started"
         time.sleep(0.2)
+    time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     printed, _ = process.communicate(timeout=60)
     phases = (out / "phases.log").read_text()
