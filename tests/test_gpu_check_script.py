@@ -61,10 +61,19 @@ def _run(tmp_path, *, deadline=480, slow="", fail="", min_phase=15, popen=False)
                TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     command = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)]
     if popen:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_interruptible), out
     start = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=deadline + 60)
     return done, out, time.monotonic() - start
+
+
+def _interruptible():
+    """In the child before exec: SIGINT as a user's shell gives it (default action, not blocked).
+    A test runner's worker may ignore or block it, and bash cannot trap a signal ignored on entry;
+    then the script never sees the test's SIGINT (seen in full-suite runs under pytest-xdist)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _calls(tmp_path):
