@@ -248,7 +248,7 @@ def test_resume_with_a_changed_option_is_one_error_line_from_the_command_line(tm
 def test_a_checkpoint_of_an_earlier_config_layout_resumes(tmp_path, monkeypatch, capsys):
     """A checkpoint keeps the configuration tree it was written with; keys that moved since are
     compared at their new place, so the same run resumes (here: is found finished)."""
-    from mos.lab.moved_options import LATER_AT_DEFAULT
+    from mos.lab.moved_options import drop_later_options
     cfg = tiny_config(tmp_path, max_epochs=1)
     monkeypatch.setattr(train, "CTRModel", _Tiny)
     train.run(replace(cfg, models=("backbone",)))
@@ -258,12 +258,7 @@ def test_a_checkpoint_of_an_earlier_config_layout_resumes(tmp_path, monkeypatch,
     data.update(data.pop("synthetic"), **data.pop("logs"))
     for added in ("category_group", "taste_drift", "label_taste_from", "label_item"):   # newer than that layout
         del data[added]
-    for added in LATER_AT_DEFAULT:                                                        # newer still
-        *keys, leaf = added.split(".")
-        node = saved["config"]
-        for name in keys:
-            node = node[name]
-        del node[leaf]
+    drop_later_options(saved["config"])                                                 # newer still
     # The earliest layout: the ablation options among the layer's (model.mos).
     model["mos"].update(model.pop("ablation"), extras_detach_inputs=model["mos"].pop("extras_detach_inputs"))
     checkpoint.save(path, saved)

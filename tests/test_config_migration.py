@@ -1,9 +1,12 @@
 """Options that moved, were added or were removed since a config or checkpoint was written: an
 old key is refused naming its new place, and an old checkpoint's tree loads as it meant."""
+import copy
+
 import pytest
 
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict, load_run_config
+from mos.lab.moved_options import drop_later_options
 
 
 def write(tmp_path, text: str) -> str:
@@ -59,7 +62,7 @@ def test_a_checkpoint_tree_of_an_earlier_layout_still_loads():
     for added in ("category_group", "taste_drift", "label_taste_from", "label_item"):   # newer than that layout
         del data[added]
     data["num_users"], data["user_column"] = 40, "uid"
-    _drop_later_options(old)
+    drop_later_options(old)
     old["model"]["mos"].update(old["model"].pop("ablation"), router="random")
     old["model"]["mos"]["capacity"] = 5
     del old["model"]["mos"]["max_theme_tokens"]
@@ -85,24 +88,12 @@ def test_options_added_at_their_default_are_the_defaults():
         assert node == value, key
 
 
-def _drop_later_options(tree: dict) -> None:
-    """Remove from today's tree the options added after the routing-setting studies began (newer
-    than either earlier layout)."""
-    from mos.lab.moved_options import LATER_AT_DEFAULT
-    for key in LATER_AT_DEFAULT:
-        *path, leaf = key.split(".")
-        node = tree
-        for name in path:
-            node = node[name]
-        del node[leaf]
-
-
 def _tree_of_the_layout_before_the_layer_parts(readout="target"):
     """A run's config tree as the code before the layer took its ablations as parts wrote it:
     the ablation options and extras_detach_inputs under model.mos.ablation, a readout option,
     none of the options added since."""
     tree = config_to_dict(RunConfig())
-    _drop_later_options(tree)
+    drop_later_options(tree)
     model, mos = tree["model"], tree["model"]["mos"]
     mos["ablation"] = {**model.pop("ablation"), "extras_detach_inputs": mos.pop("extras_detach_inputs")}
     mos["readout"] = readout
@@ -122,3 +113,25 @@ def test_a_checkpoint_tree_of_the_layout_before_the_layer_parts_loads():
         load_run_config(None, [], base=_tree_of_the_layout_before_the_layer_parts(readout="last"))
     with pytest.raises(ValueError, match=r"'model\.mos\.readout' was removed"):
         load_run_config(None, ["model.mos.readout=target"])
+
+
+def test_drop_later_options_removes_every_one_or_only_those_at_their_default():
+    from mos.lab.moved_options import LATER_AT_DEFAULT
+    tree = config_to_dict(RunConfig())
+    tree["model"]["mos"]["consistency_weight"] = 0.5            # one option away from its default
+    kept = drop_later_options(copy.deepcopy(tree), only_at_default=True)
+    assert kept["model"]["mos"]["consistency_weight"] == 0.5
+    assert "routing_embedding" not in kept["model"]
+    assert "session_consistency" not in kept["model"]["ablation"]
+    dropped = drop_later_options(tree)
+    assert "consistency_weight" not in dropped["model"]["mos"]
+    assert dropped is tree
+    assert all(_absent(tree, key) for key in LATER_AT_DEFAULT)
+    assert drop_later_options({"data": {}}) == {"data": {}}      # a tree without the options
+
+
+def _absent(tree: dict, key: str) -> bool:
+    *path, leaf = key.split(".")
+    for name in path:
+        tree = tree[name]
+    return leaf not in tree

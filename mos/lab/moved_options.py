@@ -141,6 +141,18 @@ def migrate(tree: dict) -> dict:
     return tree
 
 
+def drop_later_options(tree: dict, *, only_at_default: bool = False) -> dict:
+    """Remove the options of `LATER_AT_DEFAULT` from a run's config tree, in place (and return it):
+    every one (a tree as an earlier layout wrote it), or only those at their default value (what a
+    run's fingerprint leaves out). An option the tree lacks is skipped."""
+    for option, default in LATER_AT_DEFAULT.items():
+        *path, leaf = option.split(".")
+        node = _node(tree, path)
+        if isinstance(node, dict) and leaf in node and (not only_at_default or node[leaf] == default):
+            del node[leaf]
+    return tree
+
+
 def _node(tree: dict, path: list):
     node = tree
     for name in path:

@@ -30,7 +30,7 @@ import torch
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict, with_options
 from mos.lab.data.config import SOURCES
-from mos.lab.moved_options import LATER_AT_DEFAULT
+from mos.lab.moved_options import drop_later_options
 from mos.lab.files import write_atomic
 from mos.lab.flops import count_flops
 from mos.lab.report import metric_text
@@ -99,14 +99,7 @@ SHARED_ENCODER_FIELDS = ("dim", "num_heads", "encoder", "num_layers", "dropout",
 def model_key(model_cfg) -> dict:
     """The model options a run of this kind reads: a MoS option does not invalidate a finished
     backbone run, nor a MoE option a MoS run."""
-    key = config_to_dict(model_cfg)
-    for option, value in LATER_AT_DEFAULT.items():
-        *path, leaf = option.split(".")[1:]
-        node = key
-        for name in path:
-            node = node[name]
-        if node[leaf] == value:
-            del node[leaf]
+    key = drop_later_options({"model": config_to_dict(model_cfg)}, only_at_default=True)["model"]
     if model_cfg.kind != "mos":
         key["mos"] = {name: key["mos"][name] for name in SHARED_ENCODER_FIELDS}
         del key["ablation"]
