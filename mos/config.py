@@ -93,6 +93,8 @@ def _refuse_renamed(cls):
     return cls
 
 
+# `theme_recency`: ranks 0 .. 15 of a session among its theme's sessions, counted from the latest.
+THEME_RECENCY_BUCKETS = 16
 EXPERT_KINDS = ("global", "short", "themes")   # the kinds of experts MoSLayer can run
 FUSIONS = ("residual", "concat")
 
@@ -140,6 +142,10 @@ class MoSConfig:
         theme_mass: the theme summary also sees how much of each history every theme holds,
             log(1 + tokens), as a logit term and as a value term per theme (both zero at
             initialisation) (False).
+        theme_recency: every token a theme expert reads also carries an embedding of how many
+            of its example's later sessions went to the same theme (0: that theme's latest
+            session; clipped at THEME_RECENCY_BUCKETS - 1), zero at initialisation; needs
+            top_k=1 (False).
         extras_detach_inputs: the short-term and theme experts and the router read the tokens
             and the target detached, so only the global expert's path trains the embeddings:
             boosted training (`mos.boosting`) sets it (False).
@@ -170,6 +176,10 @@ class MoSConfig:
     # The theme summary's softmax average cannot tell a theme of one session from one of twenty;
     # the label of a CTR model often depends on that share. True adds log(1 + tokens) per theme.
     theme_mass: bool = False
+    # A theme subsequence keeps time order, but a target attention over it is order-free: it cannot
+    # find the theme's latest session when other themes' sessions came after it. True adds each
+    # token's "sessions ago on this theme" embedding (the within-theme recency of docs/profile.md).
+    theme_recency: bool = False
     # Step 6, fusion.
     # "residual": u = e_global + W_x [e_short; e_theta] with W_x zero at initialisation, so the layer
     # starts as its backbone (the global expert) and the other experts add what they learn;
@@ -205,6 +215,9 @@ class MoSConfig:
         if self.top_k > self.num_themes:
             raise ValueError(
                 f"MoSConfig.top_k: expected at most num_themes={self.num_themes}, got {self.top_k}")
+        if self.theme_recency and self.top_k != 1:
+            raise ValueError(f"MoSConfig.theme_recency: expected top_k=1 (a session's rank among its theme's "
+                             f"sessions is one number only when it joins one theme), got top_k={self.top_k}")
         if self.max_theme_tokens is not None:
             check_positive("MoSConfig.max_theme_tokens", self.max_theme_tokens)
         check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer"))

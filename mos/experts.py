@@ -16,7 +16,7 @@ import mos_kernels as mk
 from mos_kernels.jagged import offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
 
-from .config import EXPERT_KINDS, MoSConfig
+from .config import EXPERT_KINDS, THEME_RECENCY_BUCKETS, MoSConfig
 from .encoders import make_encoder
 from .outputs import MoSOutput, RoutingInfo
 
@@ -82,6 +82,10 @@ def _build_themes(layer: "MoSLayer", cfg: MoSConfig, encoder: dict) -> None:
         # Zero at initialisation: the layer starts as the one without theme mass.
         layer.mass_logit = nn.Parameter(torch.zeros(()))
         layer.mass_value = nn.Parameter(torch.zeros(cfg.num_themes, cfg.dim))
+    if cfg.theme_recency:
+        # Zero at initialisation and drawn from no random stream: the layer starts as the one
+        # without, with the same initial weights everywhere else.
+        layer.theme_recency_embedding = nn.Parameter(torch.zeros(THEME_RECENCY_BUCKETS, cfg.dim))
 
 
 def _build_short(layer: "MoSLayer", cfg: MoSConfig, encoder: dict) -> None:
@@ -117,6 +121,7 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     units = layer.routing_unit(offsets, batch.sessions, num_tokens)
     _, routing, batch.aux = layer.router(batch.routing_values, units, layer.prototypes, temperature=cfg.temperature,
                                          top_k=cfg.top_k, backends=layer.backends, training=layer.training)
+    values = layer._theme_recency(layer, values, routing.themes[:, 0], units)
     dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
                                  num_examples=num_examples, num_themes=cfg.num_themes,
                                  max_theme_tokens=cfg.max_theme_tokens, num_tokens=num_tokens,
@@ -131,6 +136,37 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     batch.routing = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
                                 routing.probs.detach(), segment_lengths)
     return layer._theme_summary(e_theme, batch.routing_target, segment_lengths)
+
+
+def without_theme_recency(layer: "MoSLayer", values, themes, units):
+    """The theme experts' tokens unchanged (`theme_recency=False`)."""
+    return values
+
+
+def with_theme_recency(layer: "MoSLayer", values, themes, units):
+    """`theme_recency`: each token plus the embedding of its session's rank among the sessions
+    its example sent to the same theme, counted from the latest (clipped to the last bucket).
+    values [T, d]; themes [S] int64, each routing unit's theme (top_k = 1)."""
+    rank = sessions_after_on_theme(themes, units.session_example, layer.config.num_themes)
+    lengths = units.session_offsets[1:] - units.session_offsets[:-1]
+    per_token = torch.repeat_interleave(rank.clamp(max=THEME_RECENCY_BUCKETS - 1), lengths,
+                                        output_size=values.shape[0])
+    return values + layer.theme_recency_embedding[per_token].to(values.dtype)
+
+
+def sessions_after_on_theme(themes: torch.Tensor, session_example: torch.Tensor, num_themes: int) -> torch.Tensor:
+    """[S] int64: for each routing unit (sessions in example order, oldest first within an
+    example), how many later units of the same example went to the same theme. themes and
+    session_example: [S] int64."""
+    group = session_example * num_themes + themes
+    order = torch.argsort(group, stable=True)          # stable: time order within each group
+    counts = torch.bincount(group, minlength=1)
+    first = torch.cumsum(counts, 0) - counts           # where each group starts in `order`
+    sorted_group = group[order]
+    position = torch.arange(group.numel(), device=group.device) - first[sorted_group]
+    rank = torch.empty_like(group)
+    rank[order] = counts[sorted_group] - 1 - position
+    return rank
 
 
 def without_theme_mass(layer: "MoSLayer", e_theme, logits, segment_lengths):

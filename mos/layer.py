@@ -19,7 +19,7 @@ from mos_kernels.jagged import max_segment_length
 
 from .config import EXPERT_KINDS, MoSConfig
 from .experts import (BUILD, BUILD_ORDER, GLOBAL_PATHS, PATHS, RUN_ORDER, Batch, as_given, check_experts, fusion_for,
-                      with_theme_mass, without_theme_mass)
+                      with_theme_mass, with_theme_recency, without_theme_mass, without_theme_recency)
 from .inputs import as_jagged, routing_inputs
 from .outputs import MoSOutput, RoutingInfo  # noqa: F401  (RoutingInfo: re-exported, mos.RoutingInfo)
 from .routing import LearnedRouter, no_aux, route_sessions
@@ -90,6 +90,7 @@ class MoSLayer(nn.Module):
         self.routing_unit = routing_unit if routing_unit is not None else route_sessions
         self._fuse = fusion_for(cfg.fusion, self.experts)
         self._theme_mass = with_theme_mass if cfg.theme_mass else without_theme_mass
+        self._theme_recency = with_theme_recency if cfg.theme_recency else without_theme_recency
         # The router's parameters get the inputs' check: a NaN or inf prototype (after a diverged
         # step, say) makes every routing score and theme weight NaN.
         self._checked_parameters = ("prototypes",) if "themes" in self.experts else ()

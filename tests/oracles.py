@@ -306,6 +306,10 @@ def live_extras(layer, seed: int = 0):
         with torch.no_grad():
             layer.mass_value.copy_(randn(generator(seed + 1), *layer.mass_value.shape, dtype=layer.mass_value.dtype))
             layer.mass_logit.fill_(0.5)
+    if getattr(layer, "theme_recency_embedding", None) is not None:   # theme_recency: zero at initialisation too
+        with torch.no_grad():
+            table = layer.theme_recency_embedding
+            table.copy_(randn(generator(seed + 1000), *table.shape, dtype=table.dtype))
     for index, module in enumerate(layer.modules()):           # attention_mass: zero at initialisation too
         if getattr(module, "w_mass", None) is not None:
             with torch.no_grad():

@@ -53,6 +53,7 @@ LAYER_OPTIONS = [
     dict(encoder="target_attention"),
     dict(encoder="target_attention", top_k=2, max_theme_tokens=3, global_scope="sessions", fusion="concat"),
     dict(encoder="target_attention", attention_mass=True, theme_mass=True),
+    dict(encoder="target_attention", theme_recency=True, max_theme_tokens=3),
     dict(encoder="transformer"),
     dict(encoder="transformer", top_k=2, max_theme_tokens=3, fusion="concat", theme_mass=True),
     dict(encoder="transformer", num_layers=2, global_scope="sessions"),

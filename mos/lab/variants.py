@@ -29,6 +29,11 @@ VARIANTS: Dict[str, dict] = {
     "mos_global_sessions": {"kind": "mos", "mos": {"global_scope": "sessions"}},
     # The theme summary sees how much of the history each theme holds (MoSConfig.theme_mass).
     "mos_theme_mass": {"kind": "mos", "mos": {"theme_mass": True}},
+    # Each theme expert's tokens carry "sessions ago on this theme" (MoSConfig.theme_recency), and
+    # its matched random-routing control (the same embedding on random themes).
+    "mos_theme_recency": {"kind": "mos", "mos": {"theme_recency": True}},
+    "mos_random_routing_theme_recency": {"kind": "mos", "mos": {"theme_recency": True},
+                                         "ablation": {"router": "random"}},
     # The router learns its themes on an item embedding of its own, from which items share
     # sessions (model.routing_embedding, MoSAblation.session_consistency).
     "mos_session_router": {"kind": "mos", "routing_embedding": True, "ablation": {"session_consistency": True}},
