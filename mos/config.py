@@ -143,9 +143,10 @@ class MoSConfig:
             log(1 + tokens), as a logit term and as a value term per theme (both zero at
             initialisation) (False).
         theme_recency: every token a theme expert reads also carries an embedding of how many
-            of its example's later sessions went to the same theme (0: that theme's latest
-            session; clipped at THEME_RECENCY_BUCKETS - 1), zero at initialisation; needs
-            top_k=1 (False).
+            of its example's later sessions (routing units: tokens under `route_tokens`) went
+            to the same theme (0: that theme's latest session; clipped at
+            THEME_RECENCY_BUCKETS - 1), zero at initialisation; needs top_k=1; ignored without
+            theme experts (False).
         extras_detach_inputs: the short-term and theme experts and the router read the tokens
             and the target detached, so only the global expert's path trains the embeddings:
             boosted training (`mos.boosting`) sets it (False).

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels.jagged import offsets_from_lengths, positions_in_segment
+from mos_kernels.jagged import counts_of, offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
 
 from .config import EXPERT_KINDS, THEME_RECENCY_BUCKETS, MoSConfig
@@ -144,23 +144,30 @@ def without_theme_recency(layer: "MoSLayer", values, themes, units):
 
 
 def with_theme_recency(layer: "MoSLayer", values, themes, units):
-    """`theme_recency`: each token plus the embedding of its session's rank among the sessions
+    """`theme_recency`: each token plus the embedding of its routing unit's rank among the units
     its example sent to the same theme, counted from the latest (clipped to the last bucket).
-    values [T, d]; themes [S] int64, each routing unit's theme (top_k = 1)."""
-    rank = sessions_after_on_theme(themes, units.session_example, layer.config.num_themes)
+    A unit is a session (`route_sessions`), or a token under `route_tokens`. Every token gets
+    it, also one that `max_theme_tokens` later drops (which keeps the newest, so the ranks the
+    expert sees still start at 0).
+
+    values: [T, d]; themes: [S] int64, each unit's theme (top_k = 1); units: the
+    `mos_kernels.Sessions` that routed. Returns [T, d] in values' dtype."""
+    num_examples = units.example_session_offsets.numel() - 1
+    rank = sessions_after_on_theme(themes, units.session_example, layer.config.num_themes, num_examples)
     lengths = units.session_offsets[1:] - units.session_offsets[:-1]
     per_token = torch.repeat_interleave(rank.clamp(max=THEME_RECENCY_BUCKETS - 1), lengths,
                                         output_size=values.shape[0])
     return values + layer.theme_recency_embedding[per_token].to(values.dtype)
 
 
-def sessions_after_on_theme(themes: torch.Tensor, session_example: torch.Tensor, num_themes: int) -> torch.Tensor:
-    """[S] int64: for each routing unit (sessions in example order, oldest first within an
-    example), how many later units of the same example went to the same theme. themes and
-    session_example: [S] int64."""
+def sessions_after_on_theme(themes: torch.Tensor, session_example: torch.Tensor, num_themes: int,
+                            num_examples: int) -> torch.Tensor:
+    """[S] int64: for each routing unit (in example order, oldest first within an example, as
+    `mos_kernels.sessionize` lists them), how many later units of the same example went to the
+    same theme. themes and session_example: [S] int64, in [0, num_themes) and [0, num_examples)."""
     group = session_example * num_themes + themes
     order = torch.argsort(group, stable=True)          # stable: time order within each group
-    counts = torch.bincount(group, minlength=1)
+    counts = counts_of(group, num_examples * num_themes)   # no data-dependent size, no device sync
     first = torch.cumsum(counts, 0) - counts           # where each group starts in `order`
     sorted_group = group[order]
     position = torch.arange(group.numel(), device=group.device) - first[sorted_group]

@@ -30,6 +30,7 @@ BATCHES = ([0, 9, 2, 14, 0], [5, 30, 2, 7, 11, 3, 0])
 OPTIONS = [
     dict(encoder="target_attention", session_mode="gap", top_k=2, max_theme_tokens=3, global_scope="sessions"),
     dict(encoder="transformer"),
+    dict(encoder="target_attention", theme_recency=True),
 ]
 
 

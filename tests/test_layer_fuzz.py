@@ -49,6 +49,7 @@ def layer_options(draw) -> dict:
         attention_mass=draw(st.booleans()),
         gap_seconds=10.0,
     )
+    options["theme_recency"] = options["top_k"] == 1 and draw(st.booleans())   # one theme per session only
     return options
 
 

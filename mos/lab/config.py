@@ -85,6 +85,12 @@ class MoSAblation:
             raise ValueError(f"model.ablation.session_consistency: expected False with routing_unit "
                              f"{self.routing_unit!r} (a unit of one token has no session-mates), got True")
 
+    def check_with(self, mos) -> None:
+        """The options of this section that depend on the layer's (`model.mos`)."""
+        if mos.theme_recency and self.routing_unit != "session":
+            raise ValueError(f"model.mos.theme_recency: expected False with routing_unit {self.routing_unit!r} "
+                             f"(it ranks sessions on a theme; a unit of one token would rank tokens), got True")
+
     def layer_parts(self) -> dict:
         """The keywords of `MoSLayer` (router, routing_unit, experts) these options stand for."""
         if "themes" not in self.experts:
@@ -142,6 +148,7 @@ class ModelConfig:
 
     def __post_init__(self):
         self.ablation = config_section("model.ablation", self.ablation, MoSAblation)
+        self.mos = config_section("model.mos", self.mos, MoSConfig)
         self.mlp_hidden = tuple(self.mlp_hidden)
         check_int_fields(self, "model", ("mlp_hidden",))
         check_choice("model.kind", self.kind, MODEL_KINDS)
@@ -158,6 +165,8 @@ class ModelConfig:
         if self.routing_embedding and (self.kind != "mos" or "themes" not in self.ablation.experts):
             raise ValueError(f"model.routing_embedding: expected False without theme experts to route (kind="
                              f"{self.kind!r}, ablation.experts={list(self.ablation.experts)}), got True")
+        if self.kind == "mos":
+            self.ablation.check_with(self.mos)
         self.mlp_hidden = tuple(self.mlp_hidden)
         for width in self.mlp_hidden:
             check_positive("model.mlp_hidden[]", width)
