@@ -26,11 +26,10 @@ from tests.tolerances import assert_close
 BATCHES = ([0, 9, 2, 14, 0], [5, 30, 2, 7, 11, 3, 0])
 # Tracing the layer takes tens of seconds on a CPU: two configurations between them take every
 # data-dependent path (gap sessions, top-2 routing, max_theme_tokens, session-scope global expert; the
-# transformer's grouped projections and self-attention).
+# transformer's grouped projections and self-attention, and the theme-recency ranks).
 OPTIONS = [
     dict(encoder="target_attention", session_mode="gap", top_k=2, max_theme_tokens=3, global_scope="sessions"),
-    dict(encoder="transformer"),
-    dict(encoder="target_attention", theme_recency=True),
+    dict(encoder="transformer", theme_recency=True),
 ]
 
 
