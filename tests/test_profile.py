@@ -248,6 +248,13 @@ def test_headline_comparisons_and_names():
     assert not any(model == "mos_session_router" for model, _ in
                    {(c.model, c.baseline) for c in _comparisons(records, split, {}, None)} - {
                        ("mos_session_router", "backbone"), ("mos_session_router", "mos")})
+    # A jointly trained variant against its boosted twin, in that direction, even when not a headline.
+    joint = [{"model": name, "seed": seed, "run_id": f"{name}-{seed}"}
+             for name in ("backbone", "mos_session_router", "mos_session_router_joint") for seed in (0, 1)]
+    split |= {r["run_id"]: rng.normal(size=60) for r in joint}
+    pairs = {(c.model, c.baseline) for c in _comparisons(joint, split, {}, None)}
+    assert ("mos_session_router_joint", "mos_session_router") in pairs
+    assert ("mos_session_router", "mos_session_router_joint") not in pairs
     with pytest.raises(ValueError, match=r"profile.headline\[\]: expected one of .*got 'gshard'"):
         ProfileConfig(headline=["gshard"])
     assert ProfileConfig(headline="mos_session_router").headline == ("mos_session_router",)

@@ -264,6 +264,20 @@ def test_a_learned_router_s_matched_control_is_found():
     assert random_routing_control("mos_routing_embedding") == "mos_random_routing_embedding"
     for name in ("backbone", "gshard", "mos_random_routing", "mos_no_themes", "mos_theme_mass"):
         assert random_routing_control(name) is None, name
+    assert random_routing_control("mos_session_router_joint") == "mos_random_routing_embedding_joint"
+
+
+def test_a_jointly_trained_variant_s_boosted_twin_is_found():
+    """The boosted variant a joint one retests: the same overrides without `training: joint` and
+    without the extras dropout; None for boosted variants and for joint ones that change more."""
+    from mos.lab.variants import boosted_twin
+
+    assert boosted_twin("mos_joint") == "mos"
+    assert boosted_twin("mos_joint_extras_dropout") == "mos"
+    assert boosted_twin("mos_session_router_joint") == "mos_session_router"
+    assert boosted_twin("mos_random_routing_embedding_joint") == "mos_random_routing_embedding"
+    for name in ("mos", "mos_session_router", "backbone", "mos_concat_fusion", "mos_no_global", "mos_vq_to_embeddings"):
+        assert boosted_twin(name) is None, name
 
 
 # RunConfig()'s fingerprints (first 12 hex digits, seed 0) at 60aa309, before the options of

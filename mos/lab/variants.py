@@ -50,6 +50,12 @@ VARIANTS: Dict[str, dict] = {
     "mos_no_aux_losses": {"kind": "mos", "mos": {"commitment_weight": 0.0, "codebook_weight": 0.0,
                                                  "load_balance_weight": 0.0}},
     "mos_joint_extras_dropout": {"kind": "mos", "training": "joint", "mos": {"dropout": 0.2}},
+    # The session router and its matched control trained end to end the same way (one loss, the
+    # other experts' term dropped at rate 0.2), so the head can learn to read the theme path.
+    "mos_session_router_joint": {"kind": "mos", "training": "joint", "routing_embedding": True,
+                                 "mos": {"dropout": 0.2}, "ablation": {"session_consistency": True}},
+    "mos_random_routing_embedding_joint": {"kind": "mos", "training": "joint", "routing_embedding": True,
+                                           "mos": {"dropout": 0.2}, "ablation": {"router": "random"}},
     # All undone: the layer as it was first reconstructed.
     "mos_concat_vq_to_embeddings": {"kind": "mos", "training": "joint",
                                     "mos": {"fusion": "concat"}, "ablation": {"vq_detach_tokens": False}},
@@ -66,6 +72,20 @@ def random_routing_control(name: str) -> Optional[str]:
     ablation = {key: value for key, value in ablation.items() if key not in LEARNED_ROUTER_OPTIONS}
     want = {**overrides, "ablation": {**ablation, "router": "random"}}
     return next((other for other, candidate in VARIANTS.items() if candidate == want), None)
+
+
+def boosted_twin(name: str) -> Optional[str]:
+    """The boosted variant that jointly trained `name` retests, or None: the variant whose overrides
+    are `name`'s without `training: joint` and without the extras dropout (`mos.dropout`) that joint
+    training adds against overfitting. It is what `name` would replace if validation preferred it."""
+    overrides = VARIANTS[name]
+    if overrides.get("training") != "joint":
+        return None
+    want = {key: value for key, value in overrides.items() if key != "training"}
+    layer = {key: value for key, value in want.get("mos", {}).items() if key != "dropout"}
+    want = {key: value for key, value in want.items() if key != "mos"} | ({"mos": layer} if layer else {})
+    return next((other for other, candidate in VARIANTS.items()
+                 if candidate == want and candidate.get("training", "boosted") == "boosted"), None)
 
 
 # Options of the learned router alone, which a random router does without.

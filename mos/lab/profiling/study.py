@@ -38,7 +38,7 @@ from mos.lab.files import write_atomic
 from mos.lab.metrics import auc, logloss
 from mos.lab.report import FLOP_SCALE
 from mos.lab.train import load_data
-from mos.lab.variants import random_routing_control
+from mos.lab.variants import VARIANTS, boosted_twin, random_routing_control
 
 from . import tables
 from .measures import session_heatmaps
@@ -245,7 +245,8 @@ def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], 
     """On one split's predictions (`_split_predictions`; `refs`: each reference's logits on it):
     every model against the backbone; MoS and each headline MoS model (`profile.headline`) against
     each rival and its random-routing control (`random_routing_control`); every other MoS variant
-    against MoS; every model against the share-of-category regression."""
+    against MoS; every jointly trained variant against its boosted twin (`boosted_twin`); every
+    model against the share-of-category regression."""
     scores: Dict[str, Dict[int, np.ndarray]] = {}
     for record in records:
         scores.setdefault(record["model"], {})[record["seed"]] = split[record["run_id"]]
@@ -261,6 +262,8 @@ def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], 
             pairs += [(name, rival) for rival in rivals if rival in scores and rival != name]
     if "mos" in scores:
         pairs += [(name, "mos") for name in scores if name.startswith("mos_") and ("mos", name) not in pairs]
+    twins = {name: boosted_twin(name) for name in scores if name in VARIANTS}
+    pairs += [(name, twin) for name, twin in twins.items() if twin in scores and (name, twin) not in pairs]
     if "share LR" in scores:
         pairs += [(name, "share LR") for name in scores if name != "share LR"]
     labels, users = split["labels"], split["users"]
