@@ -66,6 +66,12 @@ def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
                               f"{float(csv_rows[row['model']]['train_mflops']):.3f}"]
     assert saved["provenance"]["command"].endswith(f"train.out_dir={tmp_path}")
     assert "Commit " in (tmp_path / "profile.md").read_text()
+    # Every run names the machine it trained on (CPU kernels decide the rounding); the report counts them.
+    from mos.lab.run_log import machine
+    assert all(record["machine"] == machine() for record in saved["records"])
+    assert saved["provenance"]["run_machines"] == {machine(): len(saved["records"])}
+    assert f"Runs trained on: {machine()} ({len(saved['records'])})." in (tmp_path / "profile.md").read_text()
+    assert "(CPU kernels " in machine()
     # Every run's predictions are beside its record, and reproduce its test AUC.
     for run_id, record in _records(tmp_path).items():
         with np.load(tmp_path / "runs" / f"{run_id}.npz") as npz:

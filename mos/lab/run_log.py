@@ -10,8 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import platform
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from mos.lab.config import RunConfig
 from mos.lab.config_io import dump_yaml
@@ -22,6 +26,21 @@ CONFIG_FILE = "config.yaml"
 # `bce` (the layer's weighted terms: load balance, commitment, ...), then the validation AUC
 # that early stopping watches and the epoch's wall-clock seconds.
 EPOCH_COLUMNS = ("epoch", "objective", "bce")
+
+
+def machine() -> str:
+    """The machine a run trains on, as far as it decides the numbers: the same code, seed and
+    configuration give bit-equal runs on one machine, but CPUs whose kernels torch dispatches
+    differently (`torch.backends.cpu.get_cpu_capability()`: AVX2, AVX512, ...) round differently,
+    and training drifts apart after a few epochs."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return (f"{platform.machine()}, {model}, {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__} "
+            f"(CPU kernels {torch.backends.cpu.get_cpu_capability()})")
 
 
 def echo_config(run_cfg: RunConfig, out_dir: Path) -> Path:

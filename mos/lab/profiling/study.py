@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -101,7 +102,7 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False, jobs: int = 1, tun
     comparisons = _comparisons(ordered, test, {name: ref.test for name, ref in refs.items()}, true_p, headline)
     valid_comparisons = _comparisons(ordered, valid, {name: ref.valid for name, ref in refs.items()}, None, headline)
 
-    origin = provenance(run_cfg, jobs, command)
+    origin = provenance(run_cfg, jobs, command, ordered)
     parts = [f"## {run_cfg.profile.setting}", _provenance_text(origin), "### Models", tables.model_table(rows),
              "### References", tables.reference_table(reference_rows), "### Paired comparisons (test AUC)",
              tables.paired_table(comparisons), "### Verdict", tables.verdict(rows, reference_rows, comparisons, headline),
@@ -277,9 +278,10 @@ def _comparison_row(c: Comparison) -> dict:
             "high": c.high, "won": c.won, "expected": c.expected, "expected_se": c.expected_se, "verdict": c.verdict}
 
 
-def provenance(run_cfg: RunConfig, jobs: int, command: str) -> dict:
+def provenance(run_cfg: RunConfig, jobs: int, command: str, records: List[dict] = ()) -> dict:
     """Where the numbers came from: the code's commit (and whether the tree had changes), the
-    command, the date, the machine."""
+    command, the date, the machine, and the machines the reported runs trained on (`records`;
+    runs read back may come from another machine, which rounds differently)."""
     root = Path(__file__).resolve().parents[3]
     commit = _git(root, "rev-parse", "HEAD")
     dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
@@ -287,15 +289,21 @@ def provenance(run_cfg: RunConfig, jobs: int, command: str) -> dict:
             "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "torch": torch.__version__, "jobs": jobs, "device": run_cfg.train.device}
+            "torch": torch.__version__, "jobs": jobs, "device": run_cfg.train.device,
+            "run_machines": dict(Counter(record.get("machine", UNRECORDED_MACHINE) for record in records))}
+
+
+# Records written before runs named their machine.
+UNRECORDED_MACHINE = "not recorded"
 
 
 def _provenance_text(p: dict) -> str:
     commit = p["commit"] or "unknown (not a git checkout)"
     if p["uncommitted_changes"]:
         commit += " with uncommitted changes"
+    machines = "; ".join(f"{name} ({count})" for name, count in p.get("run_machines", {}).items())
     return (f"Commit {commit}; command `{p['command']}`; {p['date']}; {p['machine']}, torch {p['torch']}, "
-            f"{p['jobs']} run(s) at a time on {p['device']}.")
+            f"{p['jobs']} run(s) at a time on {p['device']}." + (f" Runs trained on: {machines}." if machines else ""))
 
 
 def _git(root: Path, *args: str) -> str:
