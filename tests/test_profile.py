@@ -70,8 +70,8 @@ def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
     from mos.lab.run_log import machine
     assert all(record["machine"] == machine() for record in saved["records"])
     assert saved["provenance"]["run_machines"] == {machine(): len(saved["records"])}
-    assert f"Runs trained on: {machine()} ({len(saved['records'])})." in (tmp_path / "profile.md").read_text()
-    assert "(CPU kernels " in machine()
+    assert f"Final runs trained on: {machine()}: {len(saved['records'])} run(s)." in (tmp_path / "profile.md").read_text()
+    assert ", CPU kernels " in machine() and " thread(s)" in machine()
     # Every run's predictions are beside its record, and reproduce its test AUC.
     for run_id, record in _records(tmp_path).items():
         with np.load(tmp_path / "runs" / f"{run_id}.npz") as npz:
@@ -143,6 +143,18 @@ def test_the_grid_keeps_the_option_set_best_on_validation(tmp_path, capsys):
     assert "| gshard | moe.num_experts=2, moe.top_k=1 | 2 |" in (tmp_path / "profile.md").read_text()
     # The chosen set's seed-0 run is the tuning run: the final stage trains nothing new for it.
     assert "4 runs: 2 finished before, 2 to train" in capsys.readouterr().err
+
+
+def test_provenance_counts_the_machines_of_the_runs():
+    """Runs read back from elsewhere are named by their machine; records from before runs named
+    one are counted as such."""
+    from mos.lab.config import RunConfig
+    from mos.lab.profiling.study import UNRECORDED_MACHINE, _provenance_text, provenance
+
+    origin = provenance(RunConfig(), 2, "python -m mos profile", [{}, {"machine": "A"}, {"machine": "A"}])
+    assert origin["run_machines"] == {UNRECORDED_MACHINE: 1, "A": 2}
+    assert _provenance_text(origin).endswith(f" Final runs trained on: {UNRECORDED_MACHINE}: 1 run(s); A: 2 run(s).")
+    assert "Final runs" not in _provenance_text(provenance(RunConfig(), 1, "python -m mos profile"))
 
 
 def test_jobs_must_be_positive(tmp_path, capsys):

@@ -276,7 +276,8 @@ def test_a_jointly_trained_variant_s_boosted_twin_is_found():
     assert boosted_twin("mos_joint_extras_dropout") == "mos"
     assert boosted_twin("mos_session_router_joint") == "mos_session_router"
     assert boosted_twin("mos_random_routing_embedding_joint") == "mos_random_routing_embedding"
-    for name in ("mos", "mos_session_router", "backbone", "mos_concat_fusion", "mos_no_global", "mos_vq_to_embeddings"):
+    for name in ("mos", "mos_session_router", "backbone", "mos_concat_fusion", "mos_no_global", "mos_vq_to_embeddings",
+                 "not_a_variant"):
         assert boosted_twin(name) is None, name
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -28,19 +28,26 @@ CONFIG_FILE = "config.yaml"
 EPOCH_COLUMNS = ("epoch", "objective", "bce")
 
 
-def machine() -> str:
+def machine(device: Union[str, torch.device] = "cpu") -> str:
     """The machine a run trains on, as far as it decides the numbers: the same code, seed and
     configuration give bit-equal runs on one machine, but CPUs whose kernels torch dispatches
     differently (`torch.backends.cpu.get_cpu_capability()`: AVX2, AVX512, ...) round differently,
-    and training drifts apart after a few epochs."""
-    model = platform.processor() or "unknown CPU"
+    as do GPUs of other kinds, and training drifts apart after a few epochs. `device`: the run's
+    device (on CUDA the GPU and CUDA version are named too). A resumed run names the machine that
+    finished it."""
+    model = None
     try:
         with open("/proc/cpuinfo") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
     except OSError:
         pass
-    return (f"{platform.machine()}, {model}, {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__} "
-            f"(CPU kernels {torch.backends.cpu.get_cpu_capability()})")
+    model = model or platform.processor() or "unknown CPU"
+    text = (f"{platform.machine()}, {model}, {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__}, "
+            f"CPU kernels {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)")
+    device = torch.device(device)
+    if device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return text
 
 
 def echo_config(run_cfg: RunConfig, out_dir: Path) -> Path:

@@ -328,7 +328,7 @@ def _record(kind: str, seed: int, state: RunState, valid: dict, test: dict, sele
         "selection": selection,
         "params": sum(p.numel() for p in model.parameters()),
         "processes": group.world_size,
-        "machine": run_log.machine(),
+        "machine": run_log.machine(group.device),
         # One per rank, all equal: the tested weights, comparable across runs and resumes.
         "parameter_digests": distributed.parameter_digests(group, model),
     }

@@ -78,14 +78,19 @@ def boosted_twin(name: str) -> Optional[str]:
     """The boosted variant that jointly trained `name` retests, or None: the variant whose overrides
     are `name`'s without `training: joint` and without the extras dropout (`mos.dropout`) that joint
     training adds against overfitting. It is what `name` would replace if validation preferred it."""
-    overrides = VARIANTS[name]
+    overrides = VARIANTS.get(name, {})
     if overrides.get("training") != "joint":
         return None
-    want = {key: value for key, value in overrides.items() if key != "training"}
-    layer = {key: value for key, value in want.get("mos", {}).items() if key != "dropout"}
-    want = {key: value for key, value in want.items() if key != "mos"} | ({"mos": layer} if layer else {})
+    want = _plain_boosted(overrides)
     return next((other for other, candidate in VARIANTS.items()
-                 if candidate == want and candidate.get("training", "boosted") == "boosted"), None)
+                 if candidate.get("training", "boosted") == "boosted" and _plain_boosted(candidate) == want), None)
+
+
+def _plain_boosted(overrides: dict) -> dict:
+    """`overrides` without the training mode and the extras dropout (an empty `mos` dropped)."""
+    layer = {key: value for key, value in overrides.get("mos", {}).items() if key != "dropout"}
+    kept = {key: value for key, value in overrides.items() if key not in ("training", "mos")}
+    return kept | ({"mos": layer} if layer else {})
 
 
 # Options of the learned router alone, which a random router does without.

@@ -17,15 +17,13 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,13 +37,16 @@ from mos.lab.files import write_atomic
 from mos.lab.metrics import auc, logloss
 from mos.lab.report import FLOP_SCALE
 from mos.lab.train import load_data
-from mos.lab.variants import VARIANTS, boosted_twin, random_routing_control
+from mos.lab.variants import boosted_twin, random_routing_control
 
 from . import tables
 from .measures import session_heatmaps
 from .paired import Comparison, compare, expected_auc
 from .references import references
 from .runs import Context, Job, RunStore, make_job, run_jobs
+
+# Records written before runs named their machine.
+UNRECORDED_MACHINE = "not recorded"
 
 MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
 # MoS is compared with each of these besides its backbone.
@@ -263,7 +264,7 @@ def _comparisons(records: List[dict], split: dict, refs: Dict[str, np.ndarray], 
             pairs += [(name, rival) for rival in rivals if rival in scores and rival != name]
     if "mos" in scores:
         pairs += [(name, "mos") for name in scores if name.startswith("mos_") and ("mos", name) not in pairs]
-    twins = {name: boosted_twin(name) for name in scores if name in VARIANTS}
+    twins = {name: boosted_twin(name) for name in scores}
     pairs += [(name, twin) for name, twin in twins.items() if twin in scores and (name, twin) not in pairs]
     if "share LR" in scores:
         pairs += [(name, "share LR") for name in scores if name != "share LR"]
@@ -278,32 +279,28 @@ def _comparison_row(c: Comparison) -> dict:
             "high": c.high, "won": c.won, "expected": c.expected, "expected_se": c.expected_se, "verdict": c.verdict}
 
 
-def provenance(run_cfg: RunConfig, jobs: int, command: str, records: List[dict] = ()) -> dict:
+def provenance(run_cfg: RunConfig, jobs: int, command: str, records: Sequence[dict] = ()) -> dict:
     """Where the numbers came from: the code's commit (and whether the tree had changes), the
-    command, the date, the machine, and the machines the reported runs trained on (`records`;
-    runs read back may come from another machine, which rounds differently)."""
+    command, the date, the machine, and the machines the reported (final) runs trained on
+    (`records`; runs read back may come from another machine, which rounds differently)."""
     root = Path(__file__).resolve().parents[3]
     commit = _git(root, "rev-parse", "HEAD")
     dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "uncommitted_changes": bool(dirty) if commit else None,
             "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+            "machine": run_log.machine(run_cfg.train.device),
             "torch": torch.__version__, "jobs": jobs, "device": run_cfg.train.device,
             "run_machines": dict(Counter(record.get("machine", UNRECORDED_MACHINE) for record in records))}
-
-
-# Records written before runs named their machine.
-UNRECORDED_MACHINE = "not recorded"
 
 
 def _provenance_text(p: dict) -> str:
     commit = p["commit"] or "unknown (not a git checkout)"
     if p["uncommitted_changes"]:
         commit += " with uncommitted changes"
-    machines = "; ".join(f"{name} ({count})" for name, count in p.get("run_machines", {}).items())
-    return (f"Commit {commit}; command `{p['command']}`; {p['date']}; {p['machine']}, torch {p['torch']}, "
-            f"{p['jobs']} run(s) at a time on {p['device']}." + (f" Runs trained on: {machines}." if machines else ""))
+    machines = "; ".join(f"{name}: {count} run(s)" for name, count in p.get("run_machines", {}).items())
+    return (f"Commit {commit}; command `{p['command']}`; {p['date']}; {p['machine']}; "
+            f"{p['jobs']} run(s) at a time on {p['device']}." + (f" Final runs trained on: {machines}." if machines else ""))
 
 
 def _git(root: Path, *args: str) -> str:
