@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from mos.lab.cli import main
 from mos.lab.metrics import auc
@@ -155,6 +156,9 @@ def test_provenance_counts_the_machines_of_the_runs():
     assert origin["run_machines"] == {UNRECORDED_MACHINE: 1, "A": 2}
     assert _provenance_text(origin).endswith(f" Final runs trained on: {UNRECORDED_MACHINE}: 1 run(s); A: 2 run(s).")
     assert "Final runs" not in _provenance_text(provenance(RunConfig(), 1, "python -m mos profile"))
+    if not torch.cuda.is_available():     # a CUDA config's report on a machine without a GPU
+        from mos.lab.run_log import machine
+        assert machine("cuda") == machine("cpu")
 
 
 def test_jobs_must_be_positive(tmp_path, capsys):

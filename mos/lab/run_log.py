@@ -45,7 +45,8 @@ def machine(device: Union[str, torch.device] = "cpu") -> str:
     text = (f"{platform.machine()}, {model}, {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__}, "
             f"CPU kernels {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)")
     device = torch.device(device)
-    if device.type == "cuda":
+    # A report of CUDA runs may be written where no GPU is (`--report-only`): name none then.
+    if device.type == "cuda" and torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return text
 
