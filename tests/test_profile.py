@@ -73,6 +73,11 @@ def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
     assert saved["provenance"]["run_machines"] == {machine(): len(saved["records"])}
     assert f"Final runs trained on: {machine()}: {len(saved['records'])} run(s)." in (tmp_path / "profile.md").read_text()
     assert ", CPU kernels " in machine() and " thread(s)" in machine()
+    # ... and the code it trained with, which a run read back from an older profile keeps.
+    from mos.lab.run_log import code_version
+    assert all(record["code"] == code_version() for record in saved["records"])
+    assert saved["provenance"]["run_code"] == {code_version(): len(saved["records"])}
+    assert f"Final runs trained at: {code_version()}: {len(saved['records'])} run(s)." in (tmp_path / "profile.md").read_text()
     # Every run's predictions are beside its record, and reproduce its test AUC.
     for run_id, record in _records(tmp_path).items():
         with np.load(tmp_path / "runs" / f"{run_id}.npz") as npz:
@@ -146,15 +151,19 @@ def test_the_grid_keeps_the_option_set_best_on_validation(tmp_path, capsys):
     assert "4 runs: 2 finished before, 2 to train" in capsys.readouterr().err
 
 
-def test_provenance_counts_the_machines_of_the_runs():
-    """Runs read back from elsewhere are named by their machine; records from before runs named
-    one are counted as such."""
+def test_provenance_counts_the_machines_and_code_of_the_runs():
+    """Runs read back from elsewhere are named by their machine and commit; records from before
+    runs named them are counted as such."""
     from mos.lab.config import RunConfig
-    from mos.lab.profiling.study import UNRECORDED_MACHINE, _provenance_text, provenance
+    from mos.lab.profiling.study import UNRECORDED, _provenance_text, provenance
 
-    origin = provenance(RunConfig(), 2, "python -m mos profile", [{}, {"machine": "A"}, {"machine": "A"}])
-    assert origin["run_machines"] == {UNRECORDED_MACHINE: 1, "A": 2}
-    assert _provenance_text(origin).endswith(f" Final runs trained on: {UNRECORDED_MACHINE}: 1 run(s); A: 2 run(s).")
+    records = [{}, {"machine": "A", "code": "c1"}, {"machine": "A", "code": "c2 with uncommitted changes"}]
+    origin = provenance(RunConfig(), 2, "python -m mos profile", records)
+    assert origin["run_machines"] == {UNRECORDED: 1, "A": 2}
+    assert origin["run_code"] == {UNRECORDED: 1, "c1": 1, "c2 with uncommitted changes": 1}
+    assert _provenance_text(origin).endswith(
+        f" Final runs trained on: {UNRECORDED}: 1 run(s); A: 2 run(s). Final runs trained at: {UNRECORDED}: 1 run(s);"
+        " c1: 1 run(s); c2 with uncommitted changes: 1 run(s).")
     assert "Final runs" not in _provenance_text(provenance(RunConfig(), 1, "python -m mos profile"))
     if not torch.cuda.is_available():     # a CUDA config's report on a machine without a GPU
         from mos.lab.run_log import machine

@@ -12,6 +12,7 @@ import io
 import math
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Optional, Union
 
@@ -49,6 +50,31 @@ def machine(device: Union[str, torch.device] = "cpu") -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return text
+
+
+# The repository root when the package runs from a checkout (an installed copy has no .git).
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def code_version() -> str:
+    """The code a run trains with: the checkout's commit, with " with uncommitted changes" when
+    tracked files differ from it, or "unknown (not a git checkout)" for an installed copy. A run
+    read back from an earlier profile keeps the commit it trained at, which the profile's own
+    commit (the report's) does not tell."""
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def git(*args: str) -> str:
+    """`git <args>` in the package's checkout: its stdout stripped, or "" where git or the
+    checkout is missing or the command fails."""
+    try:
+        done = subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def echo_config(run_cfg: RunConfig, out_dir: Path) -> Path:

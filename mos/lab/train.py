@@ -329,6 +329,7 @@ def _record(kind: str, seed: int, state: RunState, valid: dict, test: dict, sele
         "params": sum(p.numel() for p in model.parameters()),
         "processes": group.world_size,
         "machine": run_log.machine(group.device),
+        "code": run_log.code_version(),
         # One per rank, all equal: the tested weights, comparable across runs and resumes.
         "parameter_digests": distributed.parameter_digests(group, model),
     }

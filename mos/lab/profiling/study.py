@@ -18,7 +18,6 @@ import csv
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -45,8 +44,8 @@ from .paired import Comparison, compare, expected_auc
 from .references import references
 from .runs import Context, Job, RunStore, make_job, run_jobs
 
-# Records written before runs named their machine.
-UNRECORDED_MACHINE = "not recorded"
+# What a record written before runs named their machine or code says instead.
+UNRECORDED = "not recorded"
 
 MOE_BASELINES = ("gshard", "dselect_k", "expert_choice")
 # MoS is compared with each of these besides its backbone.
@@ -281,34 +280,30 @@ def _comparison_row(c: Comparison) -> dict:
 
 def provenance(run_cfg: RunConfig, jobs: int, command: str, records: Sequence[dict] = ()) -> dict:
     """Where the numbers came from: the code's commit (and whether the tree had changes), the
-    command, the date, the machine, and the machines the reported (final) runs trained on
-    (`records`; runs read back may come from another machine, which rounds differently)."""
-    root = Path(__file__).resolve().parents[3]
-    commit = _git(root, "rev-parse", "HEAD")
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    command, the date, the machine, and the machines and commits the reported (final) runs
+    trained on and at (`records`; runs read back may come from another machine, which rounds
+    differently, or from older code with the same options)."""
+    commit = run_log.git("rev-parse", "HEAD")
+    dirty = run_log.git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "uncommitted_changes": bool(dirty) if commit else None,
             "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": run_log.machine(run_cfg.train.device),
             "torch": torch.__version__, "jobs": jobs, "device": run_cfg.train.device,
-            "run_machines": dict(Counter(record.get("machine", UNRECORDED_MACHINE) for record in records))}
+            "run_machines": dict(Counter(record.get("machine", UNRECORDED) for record in records)),
+            "run_code": dict(Counter(record.get("code", UNRECORDED) for record in records))}
 
 
 def _provenance_text(p: dict) -> str:
     commit = p["commit"] or "unknown (not a git checkout)"
     if p["uncommitted_changes"]:
         commit += " with uncommitted changes"
-    machines = "; ".join(f"{name}: {count} run(s)" for name, count in p.get("run_machines", {}).items())
-    return (f"Commit {commit}; command `{p['command']}`; {p['date']}; {p['machine']}; "
-            f"{p['jobs']} run(s) at a time on {p['device']}." + (f" Final runs trained on: {machines}." if machines else ""))
-
-
-def _git(root: Path, *args: str) -> str:
-    try:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+    text = (f"Commit {commit}; command `{p['command']}`; {p['date']}; {p['machine']}; "
+            f"{p['jobs']} run(s) at a time on {p['device']}.")
+    for key, verb in (("run_machines", "trained on"), ("run_code", "trained at")):
+        if p.get(key):
+            text += f" Final runs {verb}: " + "; ".join(f"{name}: {count} run(s)" for name, count in p[key].items()) + "."
+    return text
 
 
 def _write_csv(path: Path, rows: List[dict]) -> None:
