@@ -26,7 +26,7 @@
 #   compiled  the compiled_fused and compiled baselines of the layer, target attention and
 #             grouped linear, then of pooling+routing, dispatch, gather and scatter
 #   tests     the rest of the GPU test coverage (not marked `gpu`): layer, CUDA backend, compile,
-#             the other ops' tests
+#             the CTR lab training on the GPU (a quick profile), the other ops' tests
 # Rows are appended per provider, so a cut phase keeps what it timed. OUT_DIR gets 7 files:
 # environment.txt, build.log, run.log (every phase's output), phases.log (one line per phase,
 # with pytest's counts), the two CSVs and summary.txt, which an EXIT trap writes even when the
@@ -184,4 +184,4 @@ phase compiled_kernels "${MOS_COMPILED_KERNELS_BUDGET:-40}" $PY -m benchmarks.be
 
 # test_cuda_backend.py's nvcc check is CI's (the build above compiled the same files for this card).
 phase tests "${MOS_TESTS_BUDGET:-400}" "${pytest_gpu[@]}" -m "not gpu" "${attention_tests[@]/#/--ignore=}" \
-  tests/test_layer.py tests/test_cuda_backend.py tests/test_layer_compile.py tests/ops
+  tests/test_layer.py tests/test_cuda_backend.py tests/test_layer_compile.py tests/test_train_cuda.py tests/ops
