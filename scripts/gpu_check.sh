@@ -184,4 +184,4 @@ phase compiled_kernels "${MOS_COMPILED_KERNELS_BUDGET:-40}" $PY -m benchmarks.be
 
 # test_cuda_backend.py's nvcc check is CI's (the build above compiled the same files for this card).
 phase tests "${MOS_TESTS_BUDGET:-400}" "${pytest_gpu[@]}" -m "not gpu" "${attention_tests[@]/#/--ignore=}" \
-  tests/test_layer.py tests/test_cuda_backend.py tests/test_layer_compile.py tests/test_train_cuda.py tests/ops
+  tests/test_layer.py tests/test_cuda_backend.py tests/test_layer_compile.py tests/test_train_gpu.py tests/ops

@@ -133,7 +133,9 @@ def test_full_run_order_failures_and_test_selection(tmp_path):
     assert " -m not gpu " in tests[1] and " -m not gpu " in tests[2]
     assert "--ignore=tests/ops/test_expert_target_attention.py" in rest and rest[-1] == "tests/ops", "not twice"
     assert "tests/test_layer_backends.py" not in rest and "tests/ops" not in kernel_tests
-    assert "tests/test_train_cuda.py" in rest, "the lab's training on the GPU, before a study needs it"
+    # The lab's training on the GPU, which needs no extension: nothing in its path matches the
+    # `-k "not cuda"` that deselects the extension's tests here.
+    assert "tests/test_train_gpu.py" in rest and "not cuda" in tests[2] and "cuda" not in "tests/test_train_gpu.py"
     assert all("not cuda" in c and "install" not in c for c in tests), "no extension: its tests deselected"
     assert not any("pip" in c for c in calls), "the check installs nothing"
     _assert_summarized(done.stdout, out)

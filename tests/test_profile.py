@@ -75,9 +75,10 @@ def test_quick_profile_writes_everything_and_resumes(tmp_path, capsys):
     assert ", CPU kernels " in machine() and " thread(s)" in machine()
     # ... and the code it trained with, which a run read back from an older profile keeps.
     from mos.lab.run_log import code_version
-    assert all(record["code"] == code_version() for record in saved["records"])
-    assert saved["provenance"]["run_code"] == {code_version(): len(saved["records"])}
-    assert f"Final runs trained at: {code_version()}: {len(saved['records'])} run(s)." in (tmp_path / "profile.md").read_text()
+    code = code_version()
+    assert all(record["code"] == code for record in saved["records"])
+    assert saved["provenance"]["run_code"] == {code: len(saved["records"])}
+    assert f"Final runs trained at: {code}: {len(saved['records'])} run(s)." in (tmp_path / "profile.md").read_text()
     # Every run's predictions are beside its record, and reproduce its test AUC.
     for run_id, record in _records(tmp_path).items():
         with np.load(tmp_path / "runs" / f"{run_id}.npz") as npz:

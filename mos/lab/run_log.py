@@ -8,6 +8,7 @@ resume alike.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -52,16 +53,26 @@ def machine(device: Union[str, torch.device] = "cpu") -> str:
     return text
 
 
-# The repository root when the package runs from a checkout (an installed copy has no .git).
+# The checkout the package runs from; an installed copy (site-packages) has no .git beside it,
+# and must not report the commit of a repository it happens to sit in (a venv inside a checkout).
 _ROOT = Path(__file__).resolve().parents[2]
+# Where there is no checkout (a copy of the tree on a lent machine), whoever starts the job can
+# name the code: MOS_CODE_VERSION=<commit>.
+CODE_VERSION_VARIABLE = "MOS_CODE_VERSION"
 
 
+@functools.lru_cache(maxsize=None)
 def code_version() -> str:
-    """The code a run trains with: the checkout's commit, with " with uncommitted changes" when
-    tracked files differ from it, or "unknown (not a git checkout)" for an installed copy. A run
-    read back from an earlier profile keeps the commit it trained at, which the profile's own
-    commit (the report's) does not tell."""
-    commit = git("rev-parse", "HEAD")
+    """The code this process trains with: $MOS_CODE_VERSION if set, else the checkout's commit,
+    with " with uncommitted changes" when a tracked file (code, docs or results alike) differs
+    from it, else "unknown (not a git checkout)". Read once per process, on the first call
+    (`train_one` makes it before training), so a commit made while a run trains is not named;
+    a resumed run names the code that resumed it, as `machine()` names the machine. A run read
+    back from an earlier profile keeps the commit it trained at, which the profile's own commit
+    (the report's) does not tell."""
+    if os.environ.get(CODE_VERSION_VARIABLE):
+        return os.environ[CODE_VERSION_VARIABLE]
+    commit = git("rev-parse", "HEAD") if (_ROOT / ".git").exists() else ""
     if not commit:
         return "unknown (not a git checkout)"
     return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
@@ -69,9 +80,12 @@ def code_version() -> str:
 
 def git(*args: str) -> str:
     """`git <args>` in the package's checkout: its stdout stripped, or "" where git or the
-    checkout is missing or the command fails."""
+    checkout is missing or the command fails. Takes no optional lock (`git status` would
+    otherwise refresh the index, and a user's `git commit` meanwhile could find it locked)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
     try:
-        done = subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(["git", "--no-optional-locks", "-C", str(_ROOT), *args], capture_output=True,
+                              text=True, timeout=30, env=env)
     except (OSError, subprocess.SubprocessError):
         return ""
     return done.stdout.strip() if done.returncode == 0 else ""

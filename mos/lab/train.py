@@ -198,6 +198,7 @@ def train_one(run_cfg: RunConfig, kind: str, seed: int, splits, *, progress: str
     """
     train_set, valid_set, test_set = splits
     cfg = run_cfg.train
+    run_log.code_version()      # read now: the record names the code imported, not a later commit
     group = group or distributed.single(cfg.device)
     device = group.device
     _seed_everything(seed)

@@ -76,8 +76,10 @@ def job_config(run_cfg: RunConfig, job: Job) -> RunConfig:
 
 def fingerprint(cfg: RunConfig, name: str, seed: int) -> str:
     """What decides a run's record: the data (a log file's size and time too), the variant's model
-    options that its kind reads, training, the seed and the FLOP measurements (not where or how
-    loudly). The code is not in it: clear `<out_dir>/runs/` after changing the code."""
+    options that its kind reads, training (the device too: a GPU rounds differently), the seed and
+    the FLOP measurements; not where the record is written nor how loudly. The code is not in it:
+    clear `<out_dir>/runs/` after changing the code (each record names the commit it trained at,
+    `run_log.code_version`)."""
     train = replace(cfg.train, seeds=(seed,), out_dir="", progress="none", quiet=True, threads=0,
                     checkpoint_every=0, resume=False)
     source = cfg.data.source

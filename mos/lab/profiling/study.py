@@ -302,7 +302,8 @@ def _provenance_text(p: dict) -> str:
             f"{p['jobs']} run(s) at a time on {p['device']}.")
     for key, verb in (("run_machines", "trained on"), ("run_code", "trained at")):
         if p.get(key):
-            text += f" Final runs {verb}: " + "; ".join(f"{name}: {count} run(s)" for name, count in p[key].items()) + "."
+            counts = "; ".join(f"{name}: {count} run(s)" for name, count in p[key].items())
+            text += f" Final runs {verb}: {counts}."
     return text
 
 
