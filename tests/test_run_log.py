@@ -59,6 +59,7 @@ def test_a_copy_inside_another_repository_is_no_checkout(root, monkeypatch):
     (root / "site-packages").mkdir()
     monkeypatch.setattr(run_log, "_ROOT", root / "site-packages")
     assert _version() == "unknown (not a git checkout)"
+    assert run_log.git("rev-parse", "HEAD") == "", "the profile's provenance asks git() too"
 
 
 def test_the_starter_can_name_the_code(root, monkeypatch):

@@ -72,7 +72,7 @@ def code_version() -> str:
     (the report's) does not tell."""
     if os.environ.get(CODE_VERSION_VARIABLE):
         return os.environ[CODE_VERSION_VARIABLE]
-    commit = git("rev-parse", "HEAD") if (_ROOT / ".git").exists() else ""
+    commit = git("rev-parse", "HEAD")
     if not commit:
         return "unknown (not a git checkout)"
     return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
@@ -80,8 +80,11 @@ def code_version() -> str:
 
 def git(*args: str) -> str:
     """`git <args>` in the package's checkout: its stdout stripped, or "" where git or the
-    checkout is missing or the command fails. Takes no optional lock (`git status` would
-    otherwise refresh the index, and a user's `git commit` meanwhile could find it locked)."""
+    checkout (a .git beside the package) is missing or the command fails. Takes no optional
+    lock (`git status` would otherwise refresh the index, and a user's `git commit` meanwhile
+    could find it locked)."""
+    if not (_ROOT / ".git").exists():
+        return ""
     env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
     try:
         done = subprocess.run(["git", "--no-optional-locks", "-C", str(_ROOT), *args], capture_output=True,
