@@ -72,10 +72,24 @@ def code_version() -> str:
     (the report's) does not tell."""
     if os.environ.get(CODE_VERSION_VARIABLE):
         return os.environ[CODE_VERSION_VARIABLE]
+    return describe_checkout(*checkout())
+
+
+def checkout() -> tuple[str, Optional[bool]]:
+    """(the package checkout's commit, whether a tracked file differs from it); ("", None) where
+    there is no checkout."""
     commit = git("rev-parse", "HEAD")
     if not commit:
+        return "", None
+    return commit, bool(git("status", "--porcelain", "--untracked-files=no"))
+
+
+def describe_checkout(commit: str, uncommitted_changes: Optional[bool]) -> str:
+    """`checkout()` in words: the commit, "<commit> with uncommitted changes", or "unknown (not a
+    git checkout)"."""
+    if not commit:
         return "unknown (not a git checkout)"
-    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit + (" with uncommitted changes" if uncommitted_changes else "")
 
 
 def git(*args: str) -> str:

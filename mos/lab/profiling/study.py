@@ -283,9 +283,8 @@ def provenance(run_cfg: RunConfig, jobs: int, command: str, records: Sequence[di
     command, the date, the machine, and the machines and commits the reported (final) runs
     trained on and at (`records`; runs read back may come from another machine, which rounds
     differently, or from older code with the same options)."""
-    commit = run_log.git("rev-parse", "HEAD")
-    dirty = run_log.git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "uncommitted_changes": bool(dirty) if commit else None,
+    commit, dirty = run_log.checkout()
+    return {"commit": commit, "uncommitted_changes": dirty,
             "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": run_log.machine(run_cfg.train.device),
@@ -295,9 +294,7 @@ def provenance(run_cfg: RunConfig, jobs: int, command: str, records: Sequence[di
 
 
 def _provenance_text(p: dict) -> str:
-    commit = p["commit"] or "unknown (not a git checkout)"
-    if p["uncommitted_changes"]:
-        commit += " with uncommitted changes"
+    commit = run_log.describe_checkout(p["commit"], p["uncommitted_changes"])
     text = (f"Commit {commit}; command `{p['command']}`; {p['date']}; {p['machine']}; "
             f"{p['jobs']} run(s) at a time on {p['device']}.")
     for key, verb in (("run_machines", "trained on"), ("run_code", "trained at")):
