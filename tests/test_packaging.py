@@ -57,7 +57,7 @@ def test_the_metadata_installs_off_this_machine():
     table = project()["project"]
     assert table["name"] == "mixture-of-sequence"
     core = {Requirement(text).name: Requirement(text) for text in table["dependencies"]}
-    assert set(core) == {"torch", "numpy", "triton"}
+    assert set(core) == {"torch", "numpy", "triton", "filelock"}
     linux, mac, windows = ({"sys_platform": name} for name in ("linux", "darwin", "win32"))
     assert core["triton"].marker.evaluate(linux) and not core["triton"].marker.evaluate(mac)
     assert not core["triton"].marker.evaluate(windows)
