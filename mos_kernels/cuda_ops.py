@@ -4,14 +4,14 @@ The kernels live in `csrc/` at the top of the repository and register the operat
 `torch.ops.mos_cuda.*`, the same schemas as the Triton custom ops `torch.ops.mos.*` except
 session_pool_route(_backward), which keep an earlier one (no gate output; the prototypes' gradient is a GEMM
 there). Their Python side (fake tensors, autograd, FLOP formulas) is `cuda_registration`, run
-once `backend.cuda_ext_reason` has loaded them: this module imports nothing of the package, so
-the imports go one way.
+once `backend.cuda_ext_reason` has loaded them: this module imports nothing of the package but
+`_jit_build` (which imports none of it), so the imports go one way.
 
 Where the operators come from, first found wins:
   1. `mos_kernels._C`, built by `pip install --no-build-isolation -e .` where torch has CUDA;
   2. a JIT build with ninja (`torch.utils.cpp_extension.load`) of the sources in CSRC, cached on
-     disk in `build_directory` (under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions/
-     py<version>_<cpu|cuXYZ>/, where torch puts it), rebuilt when a source changes;
+     disk in `build_directory` (TORCH_EXTENSIONS_DIR/mos/, default ~/.cache/torch_extensions/
+     py<version>_<cpu|cuXYZ>/mos/), rebuilt when a source changes, one process at a time;
   3. with MOS_CUDA_EMULATE=1: the CPU emulation (csrc/emulated.cpp): the same work items run
      by a host loop on CPU tensors. It is how CI tests the kernel code without a GPU, as
      TRITON_INTERPRET=1 does for Triton; it says nothing about speed.
@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import filelock
 import torch
+
+from . import _jit_build
 
 # The sources: the copy a wheel carries (setup.py puts csrc/ into mos_kernels/csrc/ when it builds
 # one), else the checkout's csrc/ (a source tree or an editable install).
@@ -52,78 +53,48 @@ def nvcc_flags() -> list:
     return list(COMMON_NVCC_FLAGS) + BUILD_NVCC_FLAGS
 
 
-# How long a process waits for another one's build before giving up (a CUDA build takes minutes).
-BUILD_WAIT_SECONDS = 1800.0
-# After this long waiting, say what we are waiting for.
-BUILD_WAIT_NOTICE_SECONDS = 5.0
-
-
 def build_directory(name: str) -> Path:
-    """Where the JIT build of extension `name` lives: torch's own default (TORCH_EXTENSIONS_DIR/name
-    where that is set, else ~/.cache/torch_extensions/py<version>_<cpu|cuXYZ|rocmXYZ>/name), chosen
-    here so that the build's lock files have a known path."""
-    from torch.utils.cpp_extension import get_default_build_root
+    """Where the JIT build of extension `name` lives (`_jit_build.build_directory`)."""
+    return _jit_build.build_directory(name)
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        if torch.version.hip is not None:
-            accelerator = "rocm" + torch.version.hip.replace(".", "")
-        elif torch.version.cuda is not None:
-            accelerator = "cu" + torch.version.cuda.replace(".", "")
-        else:
-            accelerator = "cpu"
-        version = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-        root = os.path.join(get_default_build_root(), f"{version}_{accelerator}")
-    return Path(root) / name
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def _build(emulate: bool, verbose: bool) -> None:
-    """Builds (or finds built) and loads the extension, one process at a time.
-
-    torch guards a build with a lock file that a process creates and deletes (FileBaton); a build
-    that is killed leaves it behind, and every later load waits for it forever, silently. So the
-    build runs under our own lock as well, an flock (the filelock library) that the kernel drops
-    when its holder dies: whoever holds it is the only process of ours in `load`, so a torch lock
-    found then was left by an interrupted build and is removed. Raises RuntimeError, naming the
-    lock file, when another live process holds the build longer than BUILD_WAIT_SECONDS."""
+    """Builds (or finds built) and loads the extension, one process at a time
+    (`_jit_build.exclusive_build`: an interrupted build's lock never leaves us waiting forever)."""
     from torch.utils.cpp_extension import load
 
     name = "mos_cuda_emulated" if emulate else "mos_cuda"
     directory = build_directory(name)
-    directory.mkdir(parents=True, exist_ok=True)
-    guard = filelock.FileLock(str(directory / "mos_build.lock"))
-    try:
-        guard.acquire(timeout=BUILD_WAIT_NOTICE_SECONDS)
-    except filelock.Timeout:
-        print(f"mos: waiting for another process that is building or loading the extension (it holds "
-              f"{guard.lock_file}; up to {BUILD_WAIT_SECONDS:.0f} s)", file=sys.stderr)
-        try:
-            guard.acquire(timeout=BUILD_WAIT_SECONDS)
-        except filelock.Timeout:
-            raise RuntimeError(f"another process has held the build lock {guard.lock_file} for more than "
-                               f"{BUILD_WAIT_NOTICE_SECONDS + BUILD_WAIT_SECONDS:.0f} s; if its build hangs, stop "
-                               "that process") from None
-    try:
-        stale = directory / "lock"
-        if stale.exists():
-            print(f"mos: removing {stale}, torch's build lock left by an interrupted build (no other process "
-                  "is building)", file=sys.stderr)
-            stale.unlink(missing_ok=True)
+    with _jit_build.exclusive_build(directory, _say):
         # Building takes seconds (emulation) to minutes (CUDA) the first time; say so, once.
-        print(f"mos: loading the {'emulated ' if emulate else ''}CUDA extension (a first use or a changed source "
-              f"builds it with ninja{'' if emulate else ': minutes'})", file=sys.stderr)
+        _say(f"mos: loading the {'emulated ' if emulate else ''}CUDA extension (a first use or a changed source "
+             f"builds it with ninja{'' if emulate else ': minutes'})")
         sources = EMULATION_SOURCES if emulate else CUDA_SOURCES
         load(name=name, sources=[str(CSRC / s) for s in sources], extra_include_paths=[str(CSRC)],
              extra_cflags=["-O3"], extra_cuda_cflags=BUILD_NVCC_FLAGS, build_directory=str(directory),
              with_cuda=not emulate, is_python_module=False, verbose=verbose)
-    finally:
-        guard.release()
+
+
+class _Retry(str):
+    """A reason that may not hold later (another process's build was still running)."""
 
 
 @functools.lru_cache(maxsize=None)
-def _load() -> Optional[str]:
-    """Loads the operators once; returns None, or why they cannot be had here."""
+def _load_once() -> Optional[str]:
     return _load_library()
+
+
+def _load() -> Optional[str]:
+    """Loads the operators once; returns None, or why they cannot be had here (asked again next
+    time where the reason was a wait for another process's build)."""
+    reason = _load_once()
+    if isinstance(reason, _Retry):
+        _load_once.cache_clear()
+    return reason
 
 
 def _load_library() -> Optional[str]:
@@ -141,6 +112,8 @@ def _load_library() -> Optional[str]:
         return reason
     try:
         _build(emulating(), verbose=os.environ.get("MOS_CUDA_VERBOSE", "0") == "1")
+    except _jit_build.BuildWaitTimeout as error:
+        return _Retry(f"the extension is not loaded: {error}")
     except Exception as error:  # a compiler's message is long: keep its end, which names the problem
         return f"building the extension failed ({type(error).__name__}: {str(error)[-2000:]})"
     return None
