@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass
 from typing import Optional
 
 from mos_kernels.backend import BACKENDS
-from mos_kernels.checks import check_choice, check_positive
+from mos_kernels.checks import check_choice, check_flag, check_positive
+from mos_kernels.routing import MIN_TEMPERATURE
 
 
 def config_section(name: str, value, cls):
@@ -54,9 +56,21 @@ def check_int_fields(obj, prefix: str, tuples: tuple = ()) -> None:
 
 
 def require_int(name: str, value) -> None:
-    """TypeError naming `name` unless `value` is an int (a bool is not)."""
+    """TypeError naming `name` unless `value` is an int (a bool is not), ValueError unless it fits
+    in int64 (where every size ends up)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"{name}: expected an int that fits in int64, got {value!r}")
+
+
+def check_bool_fields(obj, prefix: str) -> None:
+    """Every field of the dataclass `obj` annotated `bool` holds a bool: "False" or 0 would be taken
+    for a truth value without a word (TypeError naming `prefix.field`)."""
+    hints = typing.get_type_hints(type(obj))
+    for item in dataclasses.fields(obj):
+        if hints[item.name] is bool:
+            check_flag(f"{prefix}.{item.name}", getattr(obj, item.name))
 
 
 # Keywords of an earlier layout of MoSConfig: renamed in place, or moved out of the config (the
@@ -201,6 +215,7 @@ class MoSConfig:
 
     def __post_init__(self):
         check_int_fields(self, "MoSConfig")
+        check_bool_fields(self, "MoSConfig")
         check_positive("MoSConfig.dim", self.dim)
         check_positive("MoSConfig.num_heads", self.num_heads)
         if self.dim % self.num_heads:
@@ -211,7 +226,9 @@ class MoSConfig:
         check_positive("MoSConfig.gap_seconds", self.gap_seconds)
         check_positive("MoSConfig.max_session_len", self.max_session_len)
         check_positive("MoSConfig.num_themes", self.num_themes)
-        check_positive("MoSConfig.temperature", self.temperature)
+        if not self.temperature >= MIN_TEMPERATURE:
+            raise ValueError(f"MoSConfig.temperature: expected at least {MIN_TEMPERATURE:g} (routing scores "
+                             f"cos / temperature must stay finite), got {self.temperature!r}")
         check_positive("MoSConfig.top_k", self.top_k)
         if self.top_k > self.num_themes:
             raise ValueError(
@@ -228,6 +245,8 @@ class MoSConfig:
         check_choice("MoSConfig.fusion", self.fusion, FUSIONS)
         for name in ("commitment_weight", "codebook_weight", "load_balance_weight", "consistency_weight", "dropout"):
             value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"MoSConfig.{name}: expected a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"MoSConfig.{name}: expected a finite number >= 0, got {value!r}")
+        if self.dropout > 1:
+            raise ValueError(f"MoSConfig.dropout: expected a probability in [0, 1], got {self.dropout!r}")
         check_choice("MoSConfig.backend", self.backend, BACKENDS)

@@ -22,7 +22,7 @@ def as_jagged(values: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Op
         if lengths is None:
             raise ValueError("lengths: expected a [B] tensor with padded values [B, L, d], got None")
         if timestamps is not None:
-            check_tensor("timestamps", timestamps, ndim=2)
+            check_tensor("timestamps", timestamps, ndim=2, device=values.device)
             if timestamps.shape != values.shape[:2]:
                 raise ValueError(f"timestamps: expected shape {tuple(values.shape[:2])} like padded values, "
                                  f"got {tuple(timestamps.shape)}")

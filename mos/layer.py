@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels.checks import check_finite, check_offsets, check_values
+from mos_kernels.checks import check_count, check_finite, check_offsets, check_tensor, check_values, reads_data
 from mos_kernels.backend import op_backends
 from mos_kernels.jagged import max_segment_length
 
@@ -52,6 +52,10 @@ class MoSLayer(nn.Module):
         super().__init__()
         if config is None:
             config = MoSConfig(**overrides)
+        elif not isinstance(config, MoSConfig):
+            hint = " (MoSLayer(**options) or MoSLayer(MoSConfig(**options)) takes a dict's options)" if isinstance(
+                config, dict) else ""
+            raise TypeError(f"config: expected a MoSConfig, got {type(config).__name__}{hint}")
         elif overrides:
             raise ValueError(f"overrides: expected none when a config is given, got {sorted(overrides)}")
         self.config = cfg = config
@@ -115,8 +119,10 @@ class MoSLayer(nn.Module):
             timestamps: event times, [T] (jagged) or [B, L] (padded), any real dtype that holds
                 them (seconds; int64 for epoch seconds): needed for `session_mode="gap"`,
                 non-decreasing inside each history and finite.
-            max_len: the longest history in tokens, if the caller knows it: saves the device
-                sync of computing it (torch.compile traces through either).
+            max_len: the longest history in tokens (an int, at least that long), if the caller
+                knows it: saves the device sync of computing it (torch.compile traces through
+                either). The data check compares it with the offsets: a bound too small would
+                cut histories where attention pads to it.
             routing_values, routing_target: what the router reads instead of the tokens, and the
                 theme summary's query instead of the target: a representation of their own (an
                 item embedding that only the router's losses and the gate train, say), in the
@@ -129,7 +135,9 @@ class MoSLayer(nn.Module):
         Raises:
             ValueError / TypeError naming the argument, what was expected and what came: a
             wrong rank, shape, dtype or device; offsets not starting at 0, not monotone or not
-            ending at T; timestamps going back in time, NaN or inf; NaN/inf values, target or
+            ending at T; timestamps going back in time, NaN or inf, or too coarse for gap_seconds
+            (bfloat16 epoch seconds) or too far apart for int64; a max_len that is no int or is
+            below the longest history; NaN/inf values, target or
             prototypes (`mos_kernels.checks.NonFiniteError`). `MoSConfig.validate_inputs=False`
             skips the data checks (each costs a pass and a sync). Empty histories are valid and
             give finite outputs.
@@ -139,6 +147,7 @@ class MoSLayer(nn.Module):
             given = values
             values, offsets, timestamps = as_jagged(values, offsets, lengths, timestamps)
             check_values("values", values, dim=cfg.dim)
+            check_tensor("target", target, device=values.device)
             check_values("target", target, dim=cfg.dim)
             self._check_dtypes(values, target)
             routing_values, routing_target = routing_inputs(routing_values, routing_target, given, target, lengths,
@@ -152,6 +161,11 @@ class MoSLayer(nn.Module):
             sessions = mk.sessionize(offsets, mode=cfg.session_mode, session_len=cfg.session_len,
                                      timestamps=timestamps, gap_seconds=cfg.gap_seconds,
                                      max_session_len=cfg.max_session_len, num_tokens=values.shape[0])
+            if max_len is not None:
+                check_count("max_len", max_len, minimum=0)
+                if reads_data() and max_len < max_segment_length(offsets):
+                    raise ValueError(f"max_len: expected at least the longest history "
+                                     f"({max_segment_length(offsets)} tokens), got {max_len}")
         if max_len is None:
             max_len = max_segment_length(offsets)
         # Everything below is built by this layer from checked inputs: no second data check.

@@ -45,6 +45,26 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name}: expected a positive number, got {value!r}")
 
 
+def check_count(name: str, value, *, minimum: int = 1) -> None:
+    """An int (a bool or a float such as 2.0 is not) in [minimum, 2^63): sizes, lengths, numbers of
+    heads or themes. A float would reach a tensor shape or an index as a bare torch error, or
+    silently cut differently (a session length of 2.5). A size being traced is let through: a
+    SymInt under torch.compile, a 0-dim tensor under torch.jit.trace (fvcore's FLOP count)."""
+    if (torch.compiler.is_compiling() or isinstance(value, torch.SymInt)
+            or (isinstance(value, torch.Tensor) and torch.jit.is_tracing())):
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if not minimum <= value < 2 ** 63:
+        raise ValueError(f"{name}: expected an int in [{minimum}, 2^63), got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    """A bool: a string such as "False" is truthy, so it would silently mean True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r} ({type(value).__name__})")
+
+
 def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable] = None,
                  device: Optional[torch.device] = None) -> None:
     if not isinstance(t, torch.Tensor):
@@ -113,6 +133,7 @@ def check_gather_index(gather_index, row_gate, inverse_index, device, num_tokens
         check_tensor("row_gate", row_gate, ndim=1, dtypes=FLOAT_DTYPES, device=device)
         if row_gate.numel() != num_rows:
             raise ValueError(f"row_gate: expected {num_rows} entries like gather_index, got {row_gate.numel()}")
+        check_finite("row_gate", row_gate)
     if inverse_index is not None:
         check_tensor("inverse_index", inverse_index, ndim=2, dtypes=(torch.int64,), device=device)
         if inverse_index.shape[0] != num_tokens:

@@ -22,7 +22,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from .checks import FLOAT_DTYPES, check_gather_index, check_offsets, check_positive, check_tensor, check_values
+from .checks import (FLOAT_DTYPES, check_count, check_finite, check_gather_index, check_offsets, check_tensor,
+                     check_values)
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .grouped_linear import grouped_linear_reference
@@ -78,7 +79,10 @@ def _check_args(tokens, query, w_key, b_key, w_value, b_value, segment_offsets, 
                            ("b_key", b_key, (num_experts, dim)), ("b_value", b_value, (num_experts, dim))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    check_positive("num_heads", num_heads)
+    for name, t in (("query", query), ("w_key", w_key), ("w_value", w_value), ("b_key", b_key), ("b_value", b_value)):
+        if t is not None:
+            check_finite(name, t)
+    check_count("num_heads", num_heads)
     if dim % num_heads:
         raise ValueError(f"num_heads: expected a divisor of d={dim}, got {num_heads}")
     if row_gate is not None and gather_index is None:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from .checks import FLOAT_DTYPES, check_offsets, check_tensor
+from .checks import FLOAT_DTYPES, check_count, check_finite, check_offsets, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .jagged import max_segment_length, positions_in_segment, segment_blocks, segment_ids
@@ -45,6 +45,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     check_offsets("expert_offsets", expert_offsets, total=x.shape[0], device=x.device)
     if expert_offsets.numel() != num_experts + 1:
         raise ValueError(f"expert_offsets: expected {num_experts + 1} entries (E+1), got {expert_offsets.numel()}")
+    if max_rows is not None:
+        check_count("max_rows", max_rows, minimum=0)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_finite(name, t)
     if resolve_backend(backend, x, "grouped_linear") == "triton":
         return torch.ops.mos.grouped_linear(x, weight, bias, expert_offsets)
     return grouped_linear_reference(x, weight, bias, expert_offsets, max_rows)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_offsets, check_tensor, reads_data
+from .checks import check_count, check_offsets, check_tensor, reads_data
 
 
 def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,7 @@ def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
     """[N, *rest] + offsets [G+1] -> [G, max_len, *rest]; rows past max_len are an error."""
     check_tensor("values", values)
     check_offsets("offsets", offsets, total=values.shape[0], device=values.device)
+    check_count("max_len", max_len, minimum=0)
     num = offsets.numel() - 1
     out = values.new_full((num, max_len) + tuple(values.shape[1:]), padding_value)
     pos = positions_in_segment(offsets, values.shape[0])

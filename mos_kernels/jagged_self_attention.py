@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor
+from .checks import FLOAT_DTYPES, check_count, check_finite, check_flag, check_offsets, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
 from ._padded_attention import padded_attention_backward, padded_attention_forward
@@ -43,7 +43,12 @@ def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
         check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
         if t.shape != q.shape:
             raise ValueError(f"{name}: expected shape {tuple(q.shape)} like q, got {tuple(t.shape)}")
-    check_positive("num_heads", num_heads)
+    check_count("num_heads", num_heads)
+    check_flag("causal", causal)
+    if max_len is not None:
+        check_count("max_len", max_len, minimum=0)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, t)      # a NaN would reach other rows on one backend and not on another
     if q.shape[1] % num_heads:
         raise ValueError(f"num_heads: expected a divisor of d={q.shape[1]}, got {num_heads}")
     check_offsets("segment_offsets", segment_offsets, total=q.shape[0], device=q.device)

@@ -27,6 +27,11 @@ class Routing:
     scores: torch.Tensor   # [S, K] cos(h, c) / temperature (fp32)
 
 
+# Scores cos / temperature are at most 1e6 in magnitude: finite in fp32, and exp of their
+# differences well defined; a temperature of 1e-40 made them inf and the routing NaN.
+MIN_TEMPERATURE = 1e-6
+
+
 def check_routing_args(rows_name: str, rows: torch.Tensor, prototypes: torch.Tensor, temperature: float,
                        top_k: int) -> None:
     """The routing arguments of `session_pool_route` (rows: what is routed)."""
@@ -40,6 +45,9 @@ def check_routing_args(rows_name: str, rows: torch.Tensor, prototypes: torch.Ten
     # A NaN or inf prototype makes every score NaN: themes would be arbitrary (and differ by backend).
     check_finite("prototypes", prototypes)
     check_positive("temperature", temperature)
+    if not temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"temperature: expected at least {MIN_TEMPERATURE:g} (the scores cos / temperature must "
+                         f"stay finite in fp32, and their softmax apart from a hard max), got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_themes:
         raise ValueError(f"top_k: expected an int in [1, K={num_themes}], got {top_k!r}")
 

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._alloc import new_output
-from .checks import FLOAT_DTYPES, check_offsets, check_positive, check_tensor, reads_data
+from .checks import FLOAT_DTYPES, check_count, check_offsets, check_tensor, reads_data
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import counts_of, expert_offsets, offsets_from_lengths, segment_ids
@@ -83,11 +83,12 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
     check_tensor("session_example", session_example, ndim=1, dtypes=(torch.int64,), device=themes.device)
     if session_example.numel() != num_sessions:
         raise ValueError(f"session_example: expected {num_sessions} entries, got {session_example.numel()}")
-    check_positive("num_themes", num_themes)
-    if num_examples < 0:
-        raise ValueError(f"num_examples: expected a count >= 0, got {num_examples}")
+    check_count("num_themes", num_themes)
+    check_count("num_examples", num_examples, minimum=0)
     if max_theme_tokens is not None:
-        check_positive("max_theme_tokens", max_theme_tokens)
+        check_count("max_theme_tokens", max_theme_tokens)
+    if num_tokens is not None:
+        check_count("num_tokens", num_tokens, minimum=0)
     if reads_data() and num_sessions:
         _check_routing_data(themes, session_example, num_examples, num_themes)
     if num_tokens is None:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ._alloc import new_output
-from .checks import check_gather_index, check_values
+from .checks import check_count, check_gather_index, check_values
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from ._launch import cdiv, next_power_of_2
@@ -85,6 +85,7 @@ def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Opti
                   backend: str = "auto") -> torch.Tensor:
     """rows [T', d] -> [num_tokens, d]: every row, scaled by its gate, added to its source token."""
     check_values("rows", rows)
+    check_count("num_tokens", num_tokens, minimum=0)
     check_gather_index(gather_index, row_gate, inverse_index, rows.device, num_tokens, rows.shape[0])
     chosen = resolve_backend(backend, rows, "theme_scatter")
     if chosen != "reference":

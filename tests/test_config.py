@@ -9,7 +9,7 @@ import pytest
 from mos.lab.cli import main
 from mos.lab.data.config import DataConfig
 from mos.config import MoSConfig
-from mos.lab.config import ModelConfig, RunConfig
+from mos.lab.config import ModelConfig, RunConfig, TrainConfig
 from mos.layer import MoSLayer
 from mos.lab.config_io import config_to_dict, dump_yaml, load_run_config
 from tests.input_cases import named
@@ -206,6 +206,11 @@ CONFIG_CASES = {
     "negative_aux_weight": (dict(codebook_weight=-0.5), "MoSConfig.codebook_weight"),
     "nan_aux_weight": (dict(load_balance_weight=math.nan), "MoSConfig.load_balance_weight"),
     "fusion_gate": (dict(fusion="gate"), "MoSConfig.fusion"),
+    "dropout_above_1": (dict(dropout=1.5), "MoSConfig.dropout"),
+    "inf_aux_weight": (dict(commitment_weight=math.inf), "MoSConfig.commitment_weight"),
+    # cos / 1e-40 is inf in fp32: the routing would be NaN.
+    "temperature_tiny": (dict(temperature=1e-40), "MoSConfig.temperature"),
+    "max_theme_tokens_past_int64": (dict(max_theme_tokens=10 ** 30), "MoSConfig.max_theme_tokens"),
 }
 
 
@@ -215,6 +220,32 @@ def test_config_rejects_bad_options(case):
     options, name = CONFIG_CASES[case]
     with pytest.raises(ValueError, match=named(name.replace(".", r"\."))):
         MoSConfig(**options)
+
+
+@pytest.mark.parametrize("options, name", [(dict(lr=math.inf), "train.lr"), (dict(seeds=(0, 1, 0)), "train.seeds")],
+                         ids=["lr_inf", "seeds_repeated"])
+def test_training_options_refuse_an_infinite_rate_and_a_repeated_seed(options, name):
+    """A repeated seed is one run counted twice by the paired statistics."""
+    with pytest.raises(ValueError, match=named(name.replace(".", r"\."))):
+        TrainConfig(**options)
+
+
+def _bool_fields():
+    import typing
+    return [name for name, hint in typing.get_type_hints(MoSConfig).items() if hint is bool]
+
+
+@pytest.mark.parametrize("name", _bool_fields())
+@pytest.mark.parametrize("value", ["False", 0, None], ids=["string", "int", "none"])
+def test_every_bool_option_refuses_what_is_not_a_bool(name, value):
+    """"False" is truthy: a flag given as a string (or 0, or None) would silently mean something else."""
+    with pytest.raises(TypeError, match=re.escape(f"MoSConfig.{name}: expected True or False, got {value!r}")):
+        MoSConfig(**{name: value})
+
+
+def test_the_layer_refuses_a_dict_for_its_config():
+    with pytest.raises(TypeError, match=named("config") + ": expected a MoSConfig, got dict"):
+        MoSLayer({"dim": 8})
 
 
 ABLATION_CASES = {

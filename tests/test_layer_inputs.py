@@ -89,6 +89,18 @@ LAYER_CASES = {
     "unsigned_back_in_time": (lambda b: b.update(timestamps=torch.tensor([0, 5, 4, 1, 2], dtype=torch.uint8)),
                               ValueError, "timestamps"),
     "bool_timestamps": (lambda b: b.update(timestamps=torch.ones(5, dtype=torch.bool)), TypeError, "timestamps"),
+    "bfloat16_epoch_seconds": (lambda b: b.update(timestamps=(torch.tensor([0, 50, 90, 0, 20]) + 1_700_000_000)
+                                                  .bfloat16()), ValueError, "timestamps"),
+    "times_past_2_to_62": (lambda b: b.update(timestamps=torch.tensor([-9 * 10 ** 18, 0, 9 * 10 ** 18, 1, 2])),
+                           ValueError, "timestamps"),
+    # The meta device stands in for a second device on a CPU-only machine.
+    "target_on_another_device": (lambda b: b.update(target=b["target"].to("meta")), ValueError, "target"),
+    "timestamps_on_another_device": (lambda b: b.update(timestamps=b["timestamps"].to("meta")), ValueError,
+                                     "timestamps"),
+    # A bound below the longest history would cut it where attention pads to max_len.
+    "max_len_below_the_longest": (lambda b: b.update(max_len=2), ValueError, "max_len"),
+    "max_len_float": (lambda b: b.update(max_len=3.0), TypeError, "max_len"),
+    "max_len_negative": (lambda b: b.update(max_len=-1), ValueError, "max_len"),
 }
 
 
@@ -114,6 +126,15 @@ def test_autocast_and_every_timestamp_type_that_holds_the_times_work(layer):
     want = call(layer, **{**batch, "timestamps": times}).output
     for dtype in (torch.int32, torch.uint8, torch.float16, torch.float64):
         torch.testing.assert_close(call(layer, **{**batch, "timestamps": times.to(dtype)}).output, want, rtol=0, atol=0)
+
+
+def test_a_max_len_at_or_above_the_longest_history_changes_nothing(layer):
+    """max_len only saves reading the longest length back: any bound that holds gives the output
+    of none (the CPU reference pads by length bucket whatever the bound)."""
+    batch = good_batch()
+    want = call(layer, **batch).output
+    for max_len in (3, 4, 100):
+        torch.testing.assert_close(call(layer, **batch, max_len=max_len).output, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("offsets", [[0, 3, 4], [0, 3, 6]], ids=["short_of_T", "past_T"])
@@ -145,6 +166,8 @@ PADDED_CASES = {
                                 ValueError, "timestamps"),
     "nan_in_a_sequence": (lambda b: b.update(values=with_value_at(b["values"], (1, 1, 2), math.nan)), ValueError,
                           "values"),
+    "timestamps_on_another_device": (lambda b: b.update(timestamps=b["timestamps"].to("meta")), ValueError,
+                                     "timestamps"),
 }
 
 

@@ -122,6 +122,15 @@ def test_bad_rows_are_counted_with_examples_and_the_rest_is_used(tmp_path):
     assert "14 rows, 8 used, 6 refused" in text and "line 14: 'five'" in text
 
 
+def test_times_too_large_for_int64_differences_are_refused_rows(tmp_path):
+    """A time past 2^62 seconds would overflow int64 (a traceback) or wrap a session gap: such rows
+    are refused like unparsable times, and the rest is used."""
+    rows = ROWS + [["a", "i1", value, "5", "drama"] for value in ("1e30", "9.3e18", "-1e300")]
+    report = load_log(write(tmp_path / "log.csv", rows), DataConfig()).report
+    assert report.refused["column 'timestamp' is not seconds or an ISO-8601 date"]["count"] == 3
+    assert report.used == 8
+
+
 def test_a_file_with_no_usable_row_stops_with_the_reasons(tmp_path):
     rows = [["", "i1", "1", "5", "x"], ["a", "i1", "soon", "5", "x"]]
     with pytest.raises(ValueError, match=r"no usable row in .*1 no value in column 'user_id'; "

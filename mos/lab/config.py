@@ -203,6 +203,8 @@ class TrainConfig:
         check_int_fields(self, "train")
         check_positive("train.batch_size", self.batch_size)
         check_positive("train.lr", self.lr)
+        if not self.lr < float("inf"):
+            raise ValueError(f"train.lr: expected a finite learning rate, got {self.lr!r}")
         check_positive("train.max_epochs", self.max_epochs)
         check_positive("train.patience", self.patience)
         for name in ("weight_decay", "threads", "checkpoint_every"):
@@ -212,6 +214,9 @@ class TrainConfig:
         self.seeds = tuple(self.seeds)
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ValueError(f"train.seeds: expected a non-empty list of ints, got {list(self.seeds)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            # A repeated seed is one run counted twice: the paired statistics would think it two.
+            raise ValueError(f"train.seeds: expected distinct seeds, got {list(self.seeds)}")
         check_choice("train.progress", self.progress, ("auto", "bar", "none"))
 
 

@@ -358,6 +358,10 @@ BAD_INPUT = {
     "attention_no_value_weight": (lambda: _attention(w_value=None), TypeError, "w_value"),
     "attention_int_value_bias": (lambda: _attention(b_value=torch.ones(2, DIM, dtype=torch.int64)), TypeError,
                                  "b_value"),
+    "attention_nan_query": (lambda: _attention(query=torch.full((2, DIM), math.nan)), ValueError, "query"),
+    "attention_inf_key_weight": (lambda: _attention(w_key=torch.full((2, DIM, DIM), math.inf)), ValueError, "w_key"),
+    "attention_nan_value_bias": (lambda: _attention(b_value=torch.full((2, DIM), math.nan)), ValueError, "b_value"),
+    "attention_float_heads": (lambda: _attention(num_heads=2.0), TypeError, "num_heads"),
 }
 
 

@@ -171,6 +171,16 @@ BAD_INPUT = {
                                   ValueError, "bias"),
     "grouped_linear_weight_2d": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.randn(DIM, 2), None,
                                                            torch.tensor([0, 3])), ValueError, "weight"),
+    "grouped_linear_nan_x": (lambda: mk.grouped_linear(torch.full((3, DIM), math.nan), torch.randn(2, DIM, 2), None,
+                                                       torch.tensor([0, 1, 3])), ValueError, "x"),
+    "grouped_linear_inf_weight": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.full((2, DIM, 2), math.inf),
+                                                            None, torch.tensor([0, 1, 3])), ValueError, "weight"),
+    "grouped_linear_nan_bias": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.randn(2, DIM, 2),
+                                                          torch.full((2, 2), math.nan), torch.tensor([0, 1, 3])),
+                                ValueError, "bias"),
+    "grouped_linear_negative_max_rows": (lambda: mk.grouped_linear(torch.randn(3, DIM), torch.randn(2, DIM, 2), None,
+                                                                   torch.tensor([0, 1, 3]), max_rows=-1),
+                                         ValueError, "max_rows"),
 }
 
 

@@ -82,4 +82,6 @@ BAD_INPUT = {
     "to_jagged_lengths_past_width": (lambda: mk.padded_to_jagged(torch.randn(2, 3, DIM), torch.tensor([4, 0])),
                                      ValueError, "lengths"),
     "to_jagged_1d": (lambda: mk.padded_to_jagged(torch.randn(3), torch.tensor([1, 1, 1])), ValueError, "padded"),
+    "to_padded_negative_max_len": (lambda: mk.jagged_to_padded(torch.randn(0, DIM), torch.tensor([0]), -1),
+                                   ValueError, "max_len"),
 }

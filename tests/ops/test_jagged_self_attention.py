@@ -9,6 +9,8 @@ run by test_contract.py; B = 64, L = 512 on the GPU: the tests marked gpu.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,7 +20,7 @@ from mos_kernels.jagged_self_attention_kernels import LONGEST_BUCKETS, attention
 from tests import oracles
 from tests.gpu_cases import (GPU_DTYPES, RELATIVE_ERROR, cotangent, needs_cuda, relative_error, rounded_leaves,
                              theme_layout)
-from tests.input_cases import DIM, STRIDED_DIM, strided_layout
+from tests.input_cases import DIM, STRIDED_DIM, strided_layout, with_value_at
 from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
                                 compare_in_dtype, compare_to_reference, float64_attention_inputs, is_compiled, jagged,
                                 precision, random_values)
@@ -329,6 +331,12 @@ def test_jagged_self_attention_large(dtype):
 
 # ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
 
+def _self_attention(q=None, k=None, v=None, **kw):
+    """jagged_self_attention on a good segment of 3 rows, any argument replaced."""
+    q, k, v = (torch.randn(3, DIM) if t is None else t for t in (q, k, v))
+    return mk.jagged_self_attention(q, k, v, torch.tensor([0, 3]), **{"num_heads": 2, **kw})
+
+
 BAD_INPUT = {
     # name: (call, exception, argument named)
     "self_attention_k_shape": (lambda: mk.jagged_self_attention(torch.randn(3, DIM), torch.randn(2, DIM),
@@ -337,6 +345,17 @@ BAD_INPUT = {
     "self_attention_offsets_short": (lambda: mk.jagged_self_attention(torch.randn(3, DIM), torch.randn(3, DIM),
                                                                       torch.randn(3, DIM), torch.tensor([0, 2]),
                                                                       num_heads=2), ValueError, "segment_offsets"),
+    # NaN or inf in q, k or v: refused (the CPU flash path dropped a NaN key where Triton spread it).
+    "self_attention_nan_q": (lambda: _self_attention(q=with_value_at(torch.randn(3, DIM), (1, 0), math.nan)),
+                             ValueError, "q"),
+    "self_attention_nan_k": (lambda: _self_attention(k=with_value_at(torch.randn(3, DIM), (2, 1), math.nan)),
+                             ValueError, "k"),
+    "self_attention_inf_v": (lambda: _self_attention(v=with_value_at(torch.randn(3, DIM), (0, 0), math.inf)),
+                             ValueError, "v"),
+    "self_attention_float_heads": (lambda: _self_attention(num_heads=2.0), TypeError, "num_heads"),
+    "self_attention_causal_string": (lambda: _self_attention(causal="no"), TypeError, "causal"),
+    "self_attention_negative_max_len": (lambda: _self_attention(max_len=-1), ValueError, "max_len"),
+    "self_attention_float_max_len": (lambda: _self_attention(max_len=2.5), TypeError, "max_len"),
 }
 
 

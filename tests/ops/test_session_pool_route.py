@@ -273,6 +273,8 @@ BAD_INPUT = {
                         "session_offsets"),
     "unknown_backend": (lambda: mk.session_pool(torch.randn(3, DIM), torch.tensor([0, 3]), backend="rocm"),
                         ValueError, "session_pool: backend"),
+    # cos / 1e-40 is inf in fp32: every score, and so the routing, would be NaN.
+    "pool_route_tiny_temperature": (lambda: call_session_pool_route(temperature=1e-40), ValueError, "temperature"),
 }
 
 

@@ -83,6 +83,24 @@ BAD_INPUT = {
     "sessionize_session_len_0": (lambda: mk.sessionize(torch.tensor([0, 3]), session_len=0), ValueError,
                                  "session_len"),
     "sessionize_float_offsets": (lambda: mk.sessionize(torch.tensor([0.0, 3.0])), TypeError, "offsets"),
+    "sessionize_float_session_len": (lambda: mk.sessionize(torch.tensor([0, 6]), session_len=2.5), TypeError,
+                                     "session_len"),
+    "sessionize_float_num_tokens": (lambda: mk.sessionize(torch.tensor([0, 3]), num_tokens=3.0), TypeError,
+                                    "num_tokens"),
+    # bfloat16 epoch seconds are millions of seconds apart: every gap would vanish.
+    "sessionize_bfloat16_epoch_seconds": (lambda: mk.sessionize(
+        torch.tensor([0, 3]), mode="gap", timestamps=(torch.tensor([0, 5000, 20000]) + 1_700_000_000).bfloat16()),
+        ValueError, "timestamps"),
+    # A span past 2^63 would wrap its int64 step to a negative gap: one session.
+    "sessionize_times_past_2_to_62": (lambda: mk.sessionize(torch.tensor([0, 2]), mode="gap",
+                                                            timestamps=torch.tensor([-9 * 10 ** 18, 9 * 10 ** 18])),
+                                      ValueError, "timestamps"),
+    "sessionize_int64_min_time": (lambda: mk.sessionize(torch.tensor([0, 2]), mode="gap",
+                                                        timestamps=torch.tensor([-2 ** 63, 0])), ValueError,
+                                  "timestamps"),
+    "sessionize_uint64_timestamps": (lambda: mk.sessionize(torch.tensor([0, 2]), mode="gap",
+                                                           timestamps=torch.tensor([1, 2], dtype=torch.uint64)),
+                                     TypeError, "timestamps"),
 }
 
 

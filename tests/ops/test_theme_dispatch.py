@@ -335,6 +335,8 @@ BAD_INPUT = {
         lambda: _dispatch(example_session_offsets=torch.tensor([0.0, 2.0, 3.0])), TypeError,
         "example_session_offsets"),
     "dispatch_int_gate": (lambda: _dispatch(gate=torch.ones(3, 1, dtype=torch.int64)), TypeError, "gate"),
+    "dispatch_float_num_themes": (lambda: _dispatch(num_themes=3.0), TypeError, "num_themes"),
+    "dispatch_float_max_theme_tokens": (lambda: _dispatch(max_theme_tokens=2.5), TypeError, "max_theme_tokens"),
 }
 
 

@@ -347,6 +347,10 @@ BAD_INPUT = {
                           ValueError, "gather_index"),
     "scatter_index_past_tokens": (lambda: mk.theme_scatter(torch.randn(2, DIM), torch.tensor([0, 2]), num_tokens=2),
                                   ValueError, "gather_index"),
+    "gather_nan_gate": (lambda: mk.theme_gather(torch.randn(3, DIM), torch.tensor([0, 1]),
+                                                torch.tensor([1.0, math.nan])), ValueError, "row_gate"),
+    "scatter_float_num_tokens": (lambda: mk.theme_scatter(torch.randn(2, DIM), torch.tensor([0, 1]), num_tokens=2.0),
+                                 TypeError, "num_tokens"),
 }
 
 

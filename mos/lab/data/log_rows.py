@@ -138,13 +138,17 @@ def _as_number(value):
     return number if np.isfinite(number) else None
 
 
+MAX_SECONDS = 2 ** 62
+
+
 def _as_seconds(value):
     if isinstance(value, datetime.datetime):
         moment = value
     else:
         number = None if isinstance(value, bool) else _as_number(value)
         if number is not None:
-            return int(np.floor(number))
+            # Beyond 2^62 s (1.5e11 years) a time is garbage, and int64 differences of it could wrap.
+            return int(np.floor(number)) if abs(number) <= MAX_SECONDS else None
         try:
             moment = datetime.datetime.fromisoformat(str(value))
         except ValueError:
