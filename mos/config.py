@@ -36,11 +36,12 @@ def config_section(name: str, value, cls):
                     f"{value!r}")
 
 
-def check_int_fields(obj, prefix: str, tuples: tuple = ()) -> None:
+def check_field_types(obj, prefix: str, tuples: tuple = ()) -> None:
     """Every field of the dataclass `obj` annotated `int` (or `Optional[int]`, when not None)
     holds an int, and so does every element of the tuple fields named in `tuples`: a float such
     as 2.5 or a bool is refused (TypeError) naming `prefix.field`, where it is built, not deep in
-    a forward pass."""
+    a forward pass. Every field annotated `bool` holds a bool: "False" or 0 would be taken for a
+    truth value without a word."""
     hints = typing.get_type_hints(type(obj))
     for item in dataclasses.fields(obj):
         hint = hints[item.name]
@@ -50,6 +51,8 @@ def check_int_fields(obj, prefix: str, tuples: tuple = ()) -> None:
         value = getattr(obj, item.name)
         if base is int and not (optional and value is None):
             require_int(f"{prefix}.{item.name}", value)
+        elif hint is bool:
+            check_flag(f"{prefix}.{item.name}", value)
     for name in tuples:
         for value in getattr(obj, name):
             require_int(f"{prefix}.{name}[]", value)
@@ -62,15 +65,6 @@ def require_int(name: str, value) -> None:
         raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
     if not -2 ** 63 <= value < 2 ** 63:
         raise ValueError(f"{name}: expected an int that fits in int64, got {value!r}")
-
-
-def check_bool_fields(obj, prefix: str) -> None:
-    """Every field of the dataclass `obj` annotated `bool` holds a bool: "False" or 0 would be taken
-    for a truth value without a word (TypeError naming `prefix.field`)."""
-    hints = typing.get_type_hints(type(obj))
-    for item in dataclasses.fields(obj):
-        if hints[item.name] is bool:
-            check_flag(f"{prefix}.{item.name}", getattr(obj, item.name))
 
 
 # Keywords of an earlier layout of MoSConfig: renamed in place, or moved out of the config (the
@@ -214,8 +208,7 @@ class MoSConfig:
     extras_detach_inputs: bool = False
 
     def __post_init__(self):
-        check_int_fields(self, "MoSConfig")
-        check_bool_fields(self, "MoSConfig")
+        check_field_types(self, "MoSConfig")
         check_positive("MoSConfig.dim", self.dim)
         check_positive("MoSConfig.num_heads", self.num_heads)
         if self.dim % self.num_heads:

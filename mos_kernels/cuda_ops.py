@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from . import _jit_build
+from ._jit_build import build_directory  # noqa: F401  (where the JIT build lives; public here)
 
 # The sources: the copy a wheel carries (setup.py puts csrc/ into mos_kernels/csrc/ when it builds
 # one), else the checkout's csrc/ (a source tree or an editable install).
@@ -51,11 +52,6 @@ def nvcc_flags() -> list:
     and ours. The CI compile check uses exactly these."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
     return list(COMMON_NVCC_FLAGS) + BUILD_NVCC_FLAGS
-
-
-def build_directory(name: str) -> Path:
-    """Where the JIT build of extension `name` lives (`_jit_build.build_directory`)."""
-    return _jit_build.build_directory(name)
 
 
 def _say(text: str) -> None:

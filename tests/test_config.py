@@ -231,16 +231,24 @@ def test_training_options_refuse_an_infinite_rate_and_a_repeated_seed(options, n
 
 
 def _bool_fields():
+    """(class, field, the name its errors use) of every bool option of every config dataclass."""
     import typing
-    return [name for name, hint in typing.get_type_hints(MoSConfig).items() if hint is bool]
+
+    from mos.lab.config import MoEConfig, ProfileConfig
+    from mos.lab.data.config import LogConfig, SyntheticConfig
+
+    prefixes = {MoSConfig: "MoSConfig", MoEConfig: "model.moe", ModelConfig: "model", TrainConfig: "train",
+                ProfileConfig: "profile", DataConfig: "data", SyntheticConfig: "data.synthetic", LogConfig: "data.logs"}
+    return [(cls, name, f"{prefix}.{name}") for cls, prefix in prefixes.items()
+            for name, hint in typing.get_type_hints(cls).items() if hint is bool]
 
 
-@pytest.mark.parametrize("name", _bool_fields())
+@pytest.mark.parametrize("cls, name, key", _bool_fields(), ids=lambda x: getattr(x, "__name__", str(x)))
 @pytest.mark.parametrize("value", ["False", 0, None], ids=["string", "int", "none"])
-def test_every_bool_option_refuses_what_is_not_a_bool(name, value):
+def test_every_bool_option_refuses_what_is_not_a_bool(cls, name, key, value):
     """"False" is truthy: a flag given as a string (or 0, or None) would silently mean something else."""
-    with pytest.raises(TypeError, match=re.escape(f"MoSConfig.{name}: expected True or False, got {value!r}")):
-        MoSConfig(**{name: value})
+    with pytest.raises(TypeError, match=re.escape(f"{key}: expected True or False, got {value!r}")):
+        cls(**{name: value})
 
 
 def test_the_layer_refuses_a_dict_for_its_config():

@@ -13,7 +13,7 @@ from typing import Optional
 
 from mos_kernels.checks import check_choice, check_positive
 
-from mos.config import EXPERT_KINDS, MoSConfig, check_int_fields, config_section
+from mos.config import EXPERT_KINDS, MoSConfig, check_field_types, config_section
 from mos.routing import LearnedRouter, RandomRouter, route_sessions, route_tokens
 from mos.lab.data.config import DataConfig
 from mos.lab.moved_options import refuse_moved
@@ -35,7 +35,7 @@ class MoEConfig:
     entropy_weight: float = 1e-3     # dselect_k: pushes each selector towards one expert
 
     def __post_init__(self):
-        check_int_fields(self, "model.moe")
+        check_field_types(self, "model.moe")
         check_positive("model.moe.num_experts", self.num_experts)
         check_positive("model.moe.top_k", self.top_k)
         if self.top_k > self.num_experts:
@@ -150,7 +150,7 @@ class ModelConfig:
         self.ablation = config_section("model.ablation", self.ablation, MoSAblation)
         self.mos = config_section("model.mos", self.mos, MoSConfig)
         self.mlp_hidden = tuple(self.mlp_hidden)
-        check_int_fields(self, "model", ("mlp_hidden",))
+        check_field_types(self, "model", ("mlp_hidden",))
         check_choice("model.kind", self.kind, MODEL_KINDS)
         check_choice("model.training", self.training, TRAININGS)
         check_choice("model.recency", self.recency, RECENCIES)
@@ -200,7 +200,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.seeds = tuple(self.seeds)
-        check_int_fields(self, "train")
+        check_field_types(self, "train")
         check_positive("train.batch_size", self.batch_size)
         check_positive("train.lr", self.lr)
         if not self.lr < float("inf"):
@@ -251,7 +251,7 @@ class ProfileConfig:
 
     def __post_init__(self):
         self.lengths = tuple(self.lengths)
-        check_int_fields(self, "profile", ("lengths",))
+        check_field_types(self, "profile", ("lengths",))
         check_positive("profile.flop_batch_size", self.flop_batch_size)
         for length in self.lengths:
             check_positive("profile.lengths[]", length)

@@ -13,7 +13,7 @@ from typing import Optional
 
 from mos_kernels.checks import check_choice, check_positive
 
-from mos.config import check_int_fields, config_section
+from mos.config import check_field_types, config_section
 from mos.lab.moved_options import refuse_moved
 
 
@@ -59,7 +59,7 @@ class SyntheticConfig:
         self.interests_per_user = tuple(self.interests_per_user)
         self.sessions_per_user = tuple(self.sessions_per_user)
         self.session_length = tuple(self.session_length)
-        check_int_fields(self, "data.synthetic", ("interests_per_user", "sessions_per_user", "session_length"))
+        check_field_types(self, "data.synthetic", ("interests_per_user", "sessions_per_user", "session_length"))
         for name in ("num_users", "num_items", "num_interests", "targets_per_user", "taste_dim",
                      "event_gap_mean", "session_gap_mean"):
             check_positive(f"data.synthetic.{name}", getattr(self, name))
@@ -111,7 +111,7 @@ class LogConfig:
     drop_duplicates: bool = False        # drop rows repeating an earlier row in every column read (else: a warning)
 
     def __post_init__(self):
-        check_int_fields(self, "data.logs")
+        check_field_types(self, "data.logs")
         check_choice("data.logs.label_source", self.label_source, LABEL_SOURCES)
         check_choice("data.logs.history", self.history, ("all", "positive"))
         check_positive("data.logs.negatives", self.negatives)
@@ -142,7 +142,7 @@ class DataConfig:
     def __post_init__(self):
         self.synthetic = config_section("data.synthetic", self.synthetic, SyntheticConfig)
         self.logs = config_section("data.logs", self.logs, LogConfig)
-        check_int_fields(self, "data")
+        check_field_types(self, "data")
         if self.source not in SOURCES and not any(self.source.lower().endswith(suffix) for suffix in LOG_FORMATS):
             raise ValueError(f"data.source: expected 'synthetic', 'movielens', 'sample' or a path to a log ending in "
                              f"{', '.join(LOG_FORMATS)}, got {self.source!r}")
