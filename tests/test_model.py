@@ -100,3 +100,36 @@ def test_an_earlier_state_dict_loads_under_its_new_names():
     fresh = CTRModel(ModelConfig(recency="none", mos=MoSConfig(dim=8)), 10, 3)
     fresh.load_state_dict(migrate_state_dict(old))
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def _batch_of_two():
+    return Batch(item_ids=torch.tensor([1, 2, 3, 4, 5]), category_ids=torch.tensor([1, 1, 2, 2, 3]),
+                 timestamps=torch.tensor([0, 10, 20, 5000, 5010]), offsets=torch.tensor([0, 3, 5]), max_len=3,
+                 target_item=torch.tensor([6, 7]), target_category=torch.tensor([1, 3]),
+                 label=torch.tensor([1.0, 0.0]), user=torch.arange(2))
+
+
+@pytest.mark.parametrize("kind", ["backbone", "gshard", "stacked_backbone", "mos"])
+def test_the_model_checks_its_values_once_and_its_encoder_runs_without_data_checks(kind):
+    """The encoder's ops do not scan their inputs again (a pass each, 7 % of a transformer step on
+    the CPU): the model checks the embedded tokens and target itself, naming them."""
+    from mos_kernels.checks import NonFiniteError, reads_data
+
+    config = ModelConfig(kind=kind, mos=MoSConfig(dim=8, num_heads=2, encoder="transformer", backend="reference"))
+    model = CTRModel(config, num_items=10, num_categories=5)
+    seen = []
+    inner = {"backbone": model.encoder, "mos": getattr(model.encoder, "global_expert", None)}.get(
+        kind, getattr(model.encoder, "global_encoder", None))
+    inner.register_forward_pre_hook(lambda module, args: seen.append(reads_data()))
+    assert torch.isfinite(model(_batch_of_two()).logits).all()
+    assert seen == [False], f"{kind}: data checks inside the encoder: {seen}"
+    assert reads_data(), "the data checks were not switched back on after the forward"
+    with torch.no_grad():
+        model.item_embedding.weight[4] = float("nan")
+    with pytest.raises(NonFiniteError, match="tokens: expected finite values"):
+        model(_batch_of_two())
+    with torch.no_grad():
+        model.item_embedding.weight[4] = 0.0
+        model.item_embedding.weight[7] = float("inf")
+    with pytest.raises(NonFiniteError, match="target: expected finite values"):
+        model(_batch_of_two())
