@@ -21,7 +21,9 @@ of `jagged_self_attention`'s reference (the causal self-attention every transfor
 over the same B histories and the same length buckets, on its CPU path (torch's flash attention)
 and on the dense masked path (the CPU's path before it; other devices pad to max_len instead), in
 GFLOP/s of the op's registered FLOP formulas, beside a 1024^3 fp32 matmul's GFLOP/s in the same
-process (DIR/bench_cpu_attention.csv).
+process (DIR/bench_cpu_attention.csv). `refwd_ms` times the flash path with its forward run twice,
+as when the backward had to run it again for the log-sum-exp it now receives: `saved_lse_speedup`
+is what saving it gains.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ CONFIGS = {   # name: MoSConfig options beyond the shared ones
 }
 COLUMNS = ("config", "L", "tokens", "backbone_ms", "mos_ms", "wall_ratio", "flop_ratio", "wall_per_flop_ratio",
            "threads")
-ATTENTION_COLUMNS = ("L", "tokens", "flash_ms", "dense_ms", "speedup", "flash_gflops", "dense_gflops",
-                     "matmul_gflops", "threads")
+ATTENTION_COLUMNS = ("L", "tokens", "flash_ms", "refwd_ms", "saved_lse_speedup", "dense_ms", "speedup",
+                     "flash_gflops", "dense_gflops", "matmul_gflops", "threads")
 MATMUL_SIZE = 1024
 
 
@@ -124,17 +126,22 @@ def measure(config: str, length: int, reps: int) -> Dict[str, object]:
 
 def attention_steps(inputs: Inputs) -> Dict[str, Callable[[], None]]:
     """Forward + backward of the causal self-attention over the inputs' histories (q, k, v
-    projections of d = 32, H = 2), on the CPU flash path and on the dense path."""
+    projections of d = 32, H = 2), on the CPU flash path, on it with the forward run again before
+    the backward (what the backward did before the forward returned its log-sum-exp), and on the
+    dense path."""
     gen = torch.Generator().manual_seed(1)
     q, k, v, g_out = (torch.randn(inputs.values.shape, generator=gen) for _ in range(4))
 
-    def step(flash: bool) -> Callable[[], None]:
+    def step(flash: bool, forward_again: bool = False) -> Callable[[], None]:
         def run():
-            padded_attention_forward(q, k, v, inputs.offsets, HEADS, None, True, one_bucket=False, flash=flash)
-            padded_attention_backward(g_out, q, k, v, inputs.offsets, HEADS, None, True, one_bucket=False, flash=flash)
+            for _ in range(2 if forward_again else 1):
+                out, lse = padded_attention_forward(q, k, v, inputs.offsets, HEADS, None, True, one_bucket=False,
+                                                    flash=flash)
+            padded_attention_backward(g_out, q, k, v, out, lse, inputs.offsets, HEADS, None, True, one_bucket=False,
+                                      flash=flash)
         return run
 
-    return {"flash": step(True), "dense": step(False)}
+    return {"flash": step(True), "refwd": step(True, forward_again=True), "dense": step(False)}
 
 
 def attention_flops(offsets: torch.Tensor) -> int:
@@ -156,6 +163,8 @@ def measure_attention(length: int, reps: int, matmul: float) -> Dict[str, object
     flops = attention_flops(inputs.offsets)
     seconds = median_seconds(attention_steps(inputs), reps)
     return {"L": length, "tokens": inputs.values.shape[0], "flash_ms": round(1e3 * seconds["flash"], 1),
+            "refwd_ms": round(1e3 * seconds["refwd"], 1),
+            "saved_lse_speedup": round(seconds["refwd"] / seconds["flash"], 2),
             "dense_ms": round(1e3 * seconds["dense"], 1), "speedup": round(seconds["dense"] / seconds["flash"], 2),
             "flash_gflops": round(flops / seconds["flash"] / 1e9, 2),
             "dense_gflops": round(flops / seconds["dense"] / 1e9, 2), "matmul_gflops": round(matmul, 1),

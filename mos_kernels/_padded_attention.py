@@ -25,9 +25,12 @@ without these ops) the dense path below computes the same thing.
 Padded positions are zeros, whatever row they were gathered from, so an extreme value in one
 row cannot reach another segment through them.
 
-The dense backward is written out (the flash-attention algebra on the padded tiles: dV = P^T dO,
+The forward returns each row's log-sum-exp beside its output, as the kernels do, so that the
+CPU flash backward rebuilds the probabilities from them (P = exp(S - lse)) instead of running the
+forward again (which cost about a tenth of a transformer training step on the CPU). The dense
+backward is written out (the flash-attention algebra on the padded tiles: dV = P^T dO,
 dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T Q * scale), because the
-reference is a custom op whose implementation runs below autograd.
+reference is a custom op whose implementation runs below autograd; it recomputes P exactly.
 """
 from __future__ import annotations
 
@@ -87,22 +90,39 @@ def _heads(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, num_heads:
     return rows.view(g, p, num_heads, -1).transpose(1, 2).to(dtype)
 
 
-def _probs(qh, kh, valid, causal, scale):
-    """Softmax over allowed keys [G, H, P, P]. Every non-empty segment's key 0 is allowed for
-    every query row, padded rows included; rows of empty segments (the one-bucket layout) are
-    all -inf and become zeros."""
+def _scores(qh, kh, valid, causal, scale):
+    """Scores [G, H, P, P], -inf at keys a row may not attend. Every non-empty segment's key 0 is
+    allowed for every query row, padded rows included; rows of empty segments (the one-bucket
+    layout) are all -inf."""
     scores = qh @ kh.transpose(-1, -2) * scale
     allowed = valid[:, None, None, :]
     if causal:
         pos = torch.arange(valid.shape[1], device=valid.device)
         allowed = allowed & (pos[None, :] <= pos[:, None])
-    return torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)
+    return scores.masked_fill(~allowed, -math.inf)
+
+
+def _probs(qh, kh, valid, causal, scale):
+    """Softmax over allowed keys [G, H, P, P]; the all -inf rows of empty segments become zeros."""
+    return torch.softmax(_scores(qh, kh, valid, causal, scale), dim=-1).nan_to_num(0.0)
 
 
 def _rows(padded: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[G, H, P, dh] -> the valid positions' rows [n, d] (row-major over (segment, position))."""
     g, h, p, dh = padded.shape
     return padded.transpose(1, 2).reshape(g, p, h * dh)[valid]
+
+
+def _lse_rows(lse: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[G, H, P] -> the valid positions' rows [n, H]."""
+    return lse.transpose(1, 2)[valid]
+
+
+def _lse_heads(lse: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """lse [N, H] read at index [G, P] -> [G, H, P]; +inf at the padded positions, so that their
+    probabilities exp(S - lse) are 0 (their output gradient is 0 too: 0 and not inf * 0)."""
+    rows = torch.where(valid[..., None], lse[index], math.inf)
+    return rows.transpose(1, 2).contiguous()
 
 
 _FLASH_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
@@ -124,42 +144,50 @@ def _key_mask(valid: torch.Tensor, causal: bool, dtype: torch.dtype) -> Optional
 
 
 def _flash(qh, kh, vh, valid, causal: bool, scale: float):
-    """(output [G, H, P, dh], logsumexp [G, H, P]) of torch's CPU flash attention, and its mask."""
-    mask = _key_mask(valid, causal, qh.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, attn_mask=mask,
-                                                                          scale=scale)
-    return out, lse, mask
+    """(output [G, H, P, dh], logsumexp [G, H, P]) of torch's CPU flash attention."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qh, kh, vh, 0.0, causal, attn_mask=_key_mask(valid, causal, qh.dtype), scale=scale)
 
 
 def padded_attention_forward(q, k, v, segment_offsets, num_heads: int, max_len: Optional[int],
                              causal: bool, one_bucket: Optional[bool] = None,
-                             flash: Optional[bool] = None) -> torch.Tensor:
-    """[N, d] in v's dtype: per head softmax(q k^T / sqrt(dh)) v inside each segment; the
-    probabilities are computed in fp32 at least (the dense path rounds them to v's dtype for the
-    product; the CPU flash path accumulates in fp32). one_bucket: pad every segment to max_len
-    (default: `one_bucket_here`). flash: torch's CPU flash attention (True) or the dense path
-    (False); default: flash where it runs (`_cpu_flash`)."""
+                             flash: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [N, d] in v's dtype, lse [N, H] in fp32 at least): per head softmax(q k^T / sqrt(dh)) v
+    inside each segment, and each row's log-sum-exp of its scores over the keys it attends (what
+    the backward rebuilds the probabilities from). The probabilities are computed in fp32 at
+    least (the dense path rounds them to v's dtype for the product; the CPU flash path
+    accumulates in fp32). one_bucket: pad every segment to max_len (default: `one_bucket_here`).
+    flash: torch's CPU flash attention (True) or the dense path (False); default: flash where it
+    runs (`_cpu_flash`)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = 1.0 / math.sqrt(q.shape[1] // num_heads)
     out = v.new_zeros(q.shape)
+    lse = q.new_zeros((q.shape[0], num_heads), dtype=acc)
     flash = _cpu_flash(q, k, v) if flash is None else flash
     for segments, length in _buckets(segment_offsets, max_len, one_bucket):
         index, valid = _tile(segment_offsets, segments, length)
         if flash:
-            heads = _flash(*(_heads(x, index, valid, num_heads, acc) for x in (q, k, v)), valid, causal, scale)[0]
+            heads, lse_heads = _flash(*(_heads(x, index, valid, num_heads, acc) for x in (q, k, v)), valid,
+                                         causal, scale)
         else:
-            probs = _probs(_heads(q, index, valid, num_heads, acc), _heads(k, index, valid, num_heads, acc), valid,
-                           causal, scale)
+            scores = _scores(_heads(q, index, valid, num_heads, acc), _heads(k, index, valid, num_heads, acc), valid,
+                             causal, scale)
+            lse_heads = torch.logsumexp(scores, dim=-1)
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
             heads = probs.to(v.dtype) @ _heads(v, index, valid, num_heads, v.dtype)
-        out[index[valid]] = _rows(heads, valid).to(v.dtype)
-    return out
+        rows = index[valid]
+        out[rows] = _rows(heads, valid).to(v.dtype)
+        lse[rows] = _lse_rows(lse_heads, valid).to(acc)
+    return out, lse
 
 
-def padded_attention_backward(g_out, q, k, v, segment_offsets, num_heads: int, max_len: Optional[int],
+def padded_attention_backward(g_out, q, k, v, out, lse, segment_offsets, num_heads: int, max_len: Optional[int],
                               causal: bool, one_bucket: Optional[bool] = None, flash: Optional[bool] = None
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `padded_attention_forward` for q, k, v (their dtypes), computed in fp32 at
-    least; one_bucket and flash as there."""
+    least from its out and lse (the CPU flash path; the dense path recomputes the probabilities);
+    one_bucket and flash as there. In fp16/bf16 the flash path's row term rowsum(dO * O) reads the
+    output as rounded to v's dtype, as the kernels' does."""
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = 1.0 / math.sqrt(q.shape[1] // num_heads)
     g_q, g_k, g_v = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
@@ -167,20 +195,16 @@ def padded_attention_backward(g_out, q, k, v, segment_offsets, num_heads: int, m
     for segments, length in _buckets(segment_offsets, max_len, one_bucket):
         index, valid = _tile(segment_offsets, segments, length)
         rows = index[valid]
+        qh, kh, vh = (_heads(x, index, valid, num_heads, acc) for x in (q, k, v))
+        # Padded query rows get a zero output gradient, so they add nothing.
+        g_oh = _heads(g_out, index, valid, num_heads, acc)
         if flash:
-            qh, kh, vh = (_heads(x, index, valid, num_heads, acc) for x in (q, k, v))
-            # The forward again, for its output and logsumexp (the op saves neither).
-            out, lse, mask = _flash(qh, kh, vh, valid, causal, scale)
-            # Padded query rows get a zero output gradient, so they add nothing.
-            g_oh = _heads(g_out, index, valid, num_heads, acc)
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                g_oh, qh, kh, vh, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+                g_oh, qh, kh, vh, _heads(out, index, valid, num_heads, acc), _lse_heads(lse.to(acc), index, valid),
+                0.0, causal, attn_mask=_key_mask(valid, causal, acc), scale=scale)
             for grad, heads in zip((g_q, g_k, g_v), grads):
                 grad[rows] = _rows(heads, valid).to(grad.dtype)
             continue
-        qh, kh, vh = (_heads(x, index, valid, num_heads, acc) for x in (q, k, v))
-        # Padded query rows get a zero output gradient, so they add nothing below.
-        g_oh = _heads(g_out, index, valid, num_heads, acc)
         probs = _probs(qh, kh, valid, causal, scale)
         g_probs = g_oh @ vh.transpose(-1, -2)
         g_scores = probs * (g_probs - (g_probs * probs).sum(-1, keepdim=True))

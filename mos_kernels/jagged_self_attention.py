@@ -58,7 +58,7 @@ def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
         return torch.ops.mos.jagged_self_attention(q, k, v, segment_offsets, num_heads, causal, max_len)[0]
     if max_len is None and segment_offsets.device.type != "cpu":
         max_len = max_segment_length(segment_offsets)
-    return _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal)
+    return _jagged_self_attention_reference(q, k, v, segment_offsets, num_heads, max_len, causal)[0]
 
 
 # The reference is a custom op too, only so that FLOP counters see the algorithm's jagged pairs
@@ -68,38 +68,41 @@ def jagged_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg
 @torch.library.custom_op("mos::jagged_self_attention_reference", mutates_args=())
 def _jagged_self_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      segment_offsets: torch.Tensor, num_heads: int, max_len: Optional[int],
-                                     causal: bool) -> torch.Tensor:
+                                     causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [N, d], log-sum-exp [N, H] in fp32 at least), like the kernel's op."""
     return padded_attention_forward(q, k, v, segment_offsets, num_heads, max_len, causal)
 
 
 @_jagged_self_attention_reference.register_fake
 def _(q, k, v, segment_offsets, num_heads, max_len, causal):
-    return v.new_empty(q.shape)
+    return v.new_empty(q.shape), q.new_empty((q.shape[0], num_heads), dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 @torch.library.custom_op("mos::jagged_self_attention_reference_backward", mutates_args=())
 def _jagged_self_attention_reference_backward(g_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                                              v: torch.Tensor, segment_offsets: torch.Tensor, num_heads: int,
+                                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                              segment_offsets: torch.Tensor, num_heads: int,
                                               max_len: Optional[int], causal: bool
                                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return padded_attention_backward(g_out, q, k, v, segment_offsets, num_heads, max_len, causal)
+    return padded_attention_backward(g_out, q, k, v, out, lse, segment_offsets, num_heads, max_len, causal)
 
 
 @_jagged_self_attention_reference_backward.register_fake
-def _(g_out, q, k, v, segment_offsets, num_heads, max_len, causal):
+def _(g_out, q, k, v, out, lse, segment_offsets, num_heads, max_len, causal):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _reference_setup_context(ctx, inputs, output):
     q, k, v, segment_offsets, num_heads, max_len, causal = inputs
-    ctx.save_for_backward(q, k, v, segment_offsets)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, segment_offsets)
     ctx.num_heads, ctx.max_len, ctx.causal = num_heads, max_len, causal
 
 
-def _reference_backward(ctx, g_out):
-    q, k, v, segment_offsets = ctx.saved_tensors
+def _reference_backward(ctx, g_out, _g_lse):
+    q, k, v, out, lse, segment_offsets = ctx.saved_tensors
     g_q, g_k, g_v = torch.ops.mos.jagged_self_attention_reference_backward(
-        g_out.contiguous(), q, k, v, segment_offsets, ctx.num_heads, ctx.max_len, ctx.causal)
+        g_out.contiguous(), q, k, v, out, lse, segment_offsets, ctx.num_heads, ctx.max_len, ctx.causal)
     return g_q, g_k, g_v, None, None, None, None
 
 
@@ -217,6 +220,6 @@ def _reference_flops(q, k, v, segment_offsets, num_heads, max_len, causal, *args
 
 
 @register_flop_formula(torch.ops.mos.jagged_self_attention_reference_backward, get_raw=True)
-def _reference_backward_flops(g_out, q, k, v, segment_offsets, num_heads, max_len, causal, *args, out_val=None,
-                              **kwargs):
+def _reference_backward_flops(g_out, q, k, v, out, lse, segment_offsets, num_heads, max_len, causal, *args,
+                              out_val=None, **kwargs):
     return _jagged_self_attention_backward_flops(g_out, q, k, v, None, None, segment_offsets, num_heads, causal)

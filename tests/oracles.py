@@ -231,6 +231,20 @@ def jagged_self_attention(q, k, v, segment_offsets, *, num_heads: int, causal: b
     return torch.stack(out) if out else q.new_zeros((0, dim))
 
 
+def jagged_attention_logsumexp(q, k, segment_offsets, *, num_heads: int, causal: bool = True) -> torch.Tensor:
+    """[N, H]: per row and head, log sum_j exp(q_i . k_j / sqrt(dh)) over the keys the row attends."""
+    head_dim = q.shape[1] // num_heads
+    o = [int(x) for x in segment_offsets]
+    out = q.new_zeros((q.shape[0], num_heads))
+    for g in range(len(o) - 1):
+        for i in range(o[g], o[g + 1]):
+            last = i + 1 if causal else o[g + 1]
+            for h in range(num_heads):
+                cols = slice(h * head_dim, (h + 1) * head_dim)
+                out[i, h] = torch.logsumexp(k[o[g]:last, cols] @ q[i, cols] / math.sqrt(head_dim), dim=0)
+    return out
+
+
 # ---- Jagged helpers ---------------------------------------------------------------------------
 
 def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0):

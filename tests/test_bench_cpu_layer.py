@@ -20,6 +20,7 @@ def test_rows_for_every_config_and_length(tmp_path, capsys):
     assert "wall_per_flop_ratio" in out and "matmul_gflops" in out
     for r in attention:
         assert r["flash_ms"] > 0 and r["dense_ms"] > 0 and r["matmul_gflops"] > 0 and r["speedup"] > 0
+        assert r["refwd_ms"] > 0 and r["saved_lse_speedup"] > 0
         assert r["tokens"] == next(row["tokens"] for row in rows if row["L"] == r["L"])   # the same histories
     by_config = {(r["config"], r["L"]): r for r in rows}
     # MoS contains its backbone, so it costs more FLOPs than it; over session vectors the global

@@ -74,12 +74,16 @@ def test_padded_attention_matches_oracle_on_long_uneven_segments(causal, one_buc
     gen = generator(44)
     q, k, v, g_out = (randn(gen, sum(lengths), 8, dtype=torch.float32) for _ in range(4))
     offsets = oracles.offsets_of(lengths)
-    got = padded_attention_forward(q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket, flash=flash)
-    got_grads = padded_attention_backward(g_out, q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket, flash=flash)
+    got, lse = padded_attention_forward(q, k, v, offsets, 2, 40, causal, one_bucket=one_bucket, flash=flash)
+    got_grads = padded_attention_backward(g_out, q, k, v, got, lse, offsets, 2, 40, causal, one_bucket=one_bucket,
+                                          flash=flash)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     expected = oracles.jagged_self_attention(*leaves, offsets, num_heads=2, causal=causal)
     expected_grads = torch.autograd.grad(expected, leaves, g_out.double())
     assert_matches(got, expected, "attention")
+    assert lse.dtype == torch.float32
+    assert_matches(lse, oracles.jagged_attention_logsumexp(q.double(), k.double(), offsets, num_heads=2,
+                                                           causal=causal), "attention", msg="log-sum-exp")
     for name, g, e in zip("qkv", got_grads, expected_grads):
         assert_matches(g, e, "attention_grad", msg=name)
 
@@ -95,34 +99,59 @@ def test_cpu_flash_path_matches_the_dense_path_in_half_precision(dtype):
     q, k, v, g_out = (randn(gen, sum(lengths), 8, dtype=torch.float32).to(dtype) for _ in range(4))
     offsets = oracles.offsets_of(lengths)
     for causal in (True, False):
-        flash = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=True)
-        flash_grads = pa.padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False,
-                                                   flash=True)
-        dense = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=False)
-        dense_grads = pa.padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False,
-                                                   flash=False)
-        assert flash.dtype == dtype
+        flash, flash_lse = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=True)
+        flash_grads = pa.padded_attention_backward(g_out, q, k, v, flash, flash_lse, offsets, 2, None, causal,
+                                                   one_bucket=False, flash=True)
+        dense, dense_lse = pa.padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=False)
+        dense_grads = pa.padded_attention_backward(g_out, q, k, v, dense, dense_lse, offsets, 2, None, causal,
+                                                   one_bucket=False, flash=False)
+        assert flash.dtype == dtype and flash_lse.dtype == torch.float32
         assert_close(flash.float(), dense.float(), "attention", dtype=dtype)
+        assert_close(flash_lse, dense_lse, "attention", dtype=torch.float32, msg="log-sum-exp")
         for name, a, b in zip("qkv", flash_grads, dense_grads):
             assert_close(a.float(), b.float(), "attention", dtype=dtype, msg=name)
 
 
 def test_the_reference_runs_cpu_flash_where_it_can(monkeypatch):
     """Through the custom op on the CPU the buckets go to torch's CPU flash attention (forward and
-    backward); mixed dtypes or another device take the dense path. The private aten ops keep the
-    schemas the calls rely on (a torch update that changes them fails here, not in training)."""
+    backward, the backward from the forward's saved output and log-sum-exp: no forward again);
+    mixed dtypes or another device take the dense path. The private aten ops keep the schemas the
+    calls rely on (a torch update that changes them fails here, not in training)."""
     from mos_kernels import _padded_attention as pa
     for op, words in (("_scaled_dot_product_flash_attention_for_cpu", "bool is_causal=False, *, Tensor? attn_mask"),
                       ("_scaled_dot_product_flash_attention_for_cpu_backward", "Tensor logsumexp, float dropout_p, "
                                                                               "bool is_causal, *, Tensor? attn_mask")):
         assert words in str(getattr(torch.ops.aten, op).default._schema), op
     calls = []
-    flash = pa._flash
-    monkeypatch.setattr(pa, "_flash", lambda *args: calls.append(1) or flash(*args))
+    flash, lse_heads = pa._flash, pa._lse_heads
+    monkeypatch.setattr(pa, "_flash", lambda *args: calls.append("forward") or flash(*args))
+    monkeypatch.setattr(pa, "_lse_heads", lambda *args: calls.append("backward") or lse_heads(*args))
     q, k, v = (torch.randn(12, 8, requires_grad=True) for _ in range(3))
-    mk.jagged_self_attention(q, k, v, torch.tensor([0, 5, 12]), num_heads=2, backend="reference").sum().backward()
-    assert len(calls) >= 2          # the forward and the backward's recomputation
+    out = mk.jagged_self_attention(q, k, v, torch.tensor([0, 5, 12]), num_heads=2, backend="reference")
+    assert calls == ["forward"] * 2                       # two length buckets (5 and 7)
+    out.sum().backward()
+    assert calls == ["forward"] * 2 + ["backward"] * 2
     assert not pa._cpu_flash(q, k.double(), v)
+
+
+@pytest.mark.parametrize("op", ["reference", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_ops_log_sum_exp_matches_the_oracle(op, causal):
+    """Both ops return each row's log-sum-exp [N, H] in fp32 beside the output (what their
+    backwards rebuild the probabilities from), on segments that are empty, of one row or prime."""
+    gen = generator(47)
+    lengths = [0, 5, 0, 7, 1, 0, 13]
+    q, k, v = (randn(gen, sum(lengths), 6, dtype=torch.float32) for _ in range(3))
+    offsets = oracles.offsets_of(lengths)
+    if op == "reference":
+        out, lse = torch.ops.mos.jagged_self_attention_reference(q, k, v, offsets, 3, None, causal)
+    else:
+        out, lse = torch.ops.mos.jagged_self_attention(q, k, v, offsets, 3, causal, None)
+    assert lse.shape == (sum(lengths), 3) and lse.dtype == torch.float32
+    assert_matches(lse, oracles.jagged_attention_logsumexp(q.double(), k.double(), offsets, num_heads=3,
+                                                           causal=causal), "attention", msg="log-sum-exp")
+    assert_matches(out, oracles.jagged_self_attention(q.double(), k.double(), v.double(), offsets, num_heads=3,
+                                                      causal=causal), "attention")
 
 
 def test_an_extreme_row_stays_in_its_segment():
@@ -136,9 +165,10 @@ def test_an_extreme_row_stays_in_its_segment():
             q[0], k[0] = 1e30, float("nan")
             g_out[0] = float("inf")
             others = slice(3, 21)
-            out = padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=flash)
-            grads = padded_attention_backward(g_out, q, k, v, offsets, 2, None, causal, one_bucket=False, flash=flash)
-            for name, t in (("out", out), *zip("qkv", grads)):
+            out, lse = padded_attention_forward(q, k, v, offsets, 2, None, causal, one_bucket=False, flash=flash)
+            grads = padded_attention_backward(g_out, q, k, v, out, lse, offsets, 2, None, causal, one_bucket=False,
+                                              flash=flash)
+            for name, t in (("out", out), ("lse", lse), *zip("qkv", grads)):
                 assert torch.isfinite(t[others]).all(), (flash, causal, name)
 
 
