@@ -1,4 +1,5 @@
-"""Sequence encoders ("backbones") over jagged segments, one parameter set per expert.
+"""Sequence encoders ("backbones") over jagged segments, one parameter set per expert: the
+built-in experts of `MoSLayer` (`mos.encoder_protocol` says what any expert must be).
 
 An encoder with E experts reads a layout of E*B segments (segment e*B + b is example b's
 sequence for expert e) and returns one vector per segment, [E, B, d]. The global and
@@ -43,6 +44,8 @@ class TargetAttentionEncoder(nn.Module):
     segment matches the target (DIN drops the softmax for that reason). With it, each head's
     c = log(1 + sum_r exp(k_r . q / sqrt(d_h))) over the segment's rows r (0 for an empty
     segment) enters the output through a per-expert [H, d] weight, zero at initialisation."""
+
+    reads_gather_index = True     # the fused kernels gather the rows (mos.encoder_protocol)
 
     def __init__(self, dim: int, num_heads: int, num_experts: int = 1, backend: str = "auto",
                  attention_mass: bool = False):
@@ -112,6 +115,8 @@ class TransformerEncoder(nn.Module):
     """TransAct/BST/SASRec-style causal pre-LN transformer layers per expert, then target
     attention over the encoded rows as the readout (so the vector depends on the candidate, as
     in TransAct and BST)."""
+
+    reads_gather_index = True     # the fused kernels gather the rows (mos.encoder_protocol)
 
     def __init__(self, dim: int, num_heads: int, num_experts: int = 1, num_layers: int = 1,
                  dropout: float = 0.0, backend: str = "auto", attention_mass: bool = False):

@@ -17,7 +17,7 @@ from mos_kernels.jagged import counts_of, offsets_from_lengths, positions_in_seg
 from mos_kernels.theme_gather import inverse_of_unique
 
 from .config import EXPERT_KINDS, THEME_RECENCY_BUCKETS, MoSConfig
-from .encoders import make_encoder
+from .encoder_protocol import build_encoder, run_encoder
 from .outputs import MoSOutput, RoutingInfo
 
 if TYPE_CHECKING:     # annotations only: the layer imports this module
@@ -70,13 +70,13 @@ def as_given(tensor: torch.Tensor) -> torch.Tensor:
 
 # ---- the experts: what each kind builds, and its path in the forward ---------------------------
 
-def _build_global(layer: "MoSLayer", cfg: MoSConfig, encoder: dict) -> None:
-    layer.global_expert = make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, 1, **encoder)
+def _build_global(layer: "MoSLayer", cfg: MoSConfig, encoder) -> None:
+    layer.global_expert = build_encoder(encoder, 1)
 
 
-def _build_themes(layer: "MoSLayer", cfg: MoSConfig, encoder: dict) -> None:
+def _build_themes(layer: "MoSLayer", cfg: MoSConfig, encoder) -> None:
     layer.prototypes = nn.Parameter(F.normalize(torch.randn(cfg.num_themes, cfg.dim), dim=-1))
-    layer.theme_experts = make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, cfg.num_themes, **encoder)
+    layer.theme_experts = build_encoder(encoder, cfg.num_themes)
     layer.theme_query = nn.Linear(cfg.dim, cfg.dim)
     if cfg.theme_mass:
         # Zero at initialisation: the layer starts as the one without theme mass.
@@ -88,28 +88,29 @@ def _build_themes(layer: "MoSLayer", cfg: MoSConfig, encoder: dict) -> None:
         layer.theme_recency_embedding = nn.Parameter(torch.zeros(THEME_RECENCY_BUCKETS, cfg.dim))
 
 
-def _build_short(layer: "MoSLayer", cfg: MoSConfig, encoder: dict) -> None:
-    layer.short_expert = make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, 1, **encoder)
+def _build_short(layer: "MoSLayer", cfg: MoSConfig, encoder) -> None:
+    layer.short_expert = build_encoder(encoder, 1)
 
 
 def _global_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     """The global expert over the whole history's tokens."""
-    return layer.global_expert(batch.values, batch.target, batch.offsets, max_len=batch.max_len)[0]
+    return run_encoder(layer.global_expert, batch.values, batch.target, batch.offsets, max_len=batch.max_len)[0]
 
 
 def _global_sessions_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     """`global_scope="sessions"`: the global expert over the history's session vectors."""
     sessions = batch.sessions
     pooled = mk.session_pool(batch.values, sessions.session_offsets, backend=layer.backends["session_pool"])
-    return layer.global_expert(pooled, batch.target, sessions.example_session_offsets)[0]
+    return run_encoder(layer.global_expert, pooled, batch.target, sessions.example_session_offsets)[0]
 
 
 def _short_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     """The short-term expert over the tokens of each example's last `short_sessions` sessions."""
     short_index, short_offsets = _recent_sessions(batch.offsets, batch.sessions, layer.config.short_sessions)
     num_tokens = batch.values.shape[0]
-    return layer.short_expert(batch.extras_values, batch.extras_target, short_offsets, gather_index=short_index,
-                              inverse_index=inverse_of_unique(short_index, num_tokens), max_len=batch.max_len)[0]
+    return run_encoder(layer.short_expert, batch.extras_values, batch.extras_target, short_offsets,
+                       gather_index=short_index, inverse_index=inverse_of_unique(short_index, num_tokens),
+                       max_len=batch.max_len, gather_backend=layer.backends["theme_gather"])[0]
 
 
 def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
@@ -129,9 +130,10 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
                                  backend=layer.backends["theme_dispatch"])
     # A theme subsequence is never longer than its example.
     theme_len = batch.max_len if cfg.max_theme_tokens is None else min(batch.max_len, cfg.max_theme_tokens)
-    e_theme = layer.theme_experts(values, target, dispatch.theme_offsets, gather_index=dispatch.gather_index,
-                                  row_gate=dispatch.row_gate, inverse_index=dispatch.inverse_index,
-                                  max_len=theme_len)
+    e_theme = run_encoder(layer.theme_experts, values, target, dispatch.theme_offsets,
+                          gather_index=dispatch.gather_index, row_gate=dispatch.row_gate,
+                          inverse_index=dispatch.inverse_index, max_len=theme_len,
+                          gather_backend=layer.backends["theme_gather"])
     segment_lengths = dispatch.segment_lengths
     batch.routing = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
                                 routing.probs.detach(), segment_lengths)

@@ -6,6 +6,7 @@ module owns the parameters and the wiring.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -18,6 +19,8 @@ from mos_kernels.backend import op_backends
 from mos_kernels.jagged import max_segment_length
 
 from .config import EXPERT_KINDS, MoSConfig
+from .encoder_protocol import as_factory
+from .encoders import make_encoder
 from .experts import (BUILD, BUILD_ORDER, GLOBAL_PATHS, PATHS, RUN_ORDER, Batch, as_given, check_experts, fusion_for,
                       with_theme_mass, with_theme_recency, without_theme_mass, without_theme_recency)
 from .inputs import as_jagged, routing_inputs
@@ -38,8 +41,14 @@ class MoSLayer(nn.Module):
     Build it from a `MoSConfig` or from its fields as keywords (`MoSLayer(dim=64,
     num_themes=8)`); a bad option raises ValueError/TypeError naming the field.
 
-    The keyword-only parts replace pieces of the layer to measure what each adds (the CTR lab's
-    ablations); the defaults are the layer:
+    `encoder`: the experts' sequence model. None (default): the built-in encoder that
+    `config.encoder` names (`mos.encoders`). Else a factory `num_experts -> nn.Module` or a
+    one-expert `nn.Module` (copied once per expert) of the protocol in `mos.encoder_protocol`,
+    used for the global, the short-term and every theme expert; `config.encoder` and the
+    built-in encoders' options (num_heads, num_layers, dropout, attention_mass) do not apply to it.
+
+    The other keyword-only parts replace pieces of the layer to measure what each adds (the CTR
+    lab's ablations); the defaults are the layer:
         router: `mos.routing.LearnedRouter()`; `RandomRouter()` routes at random; any callable
             of the router protocol in `mos.routing`.
         routing_unit: `mos.routing.route_sessions`; `route_tokens` routes every item alone.
@@ -47,7 +56,7 @@ class MoSLayer(nn.Module):
             EXPERT_KINDS ("global", "short", "themes"; all three).
     """
 
-    def __init__(self, config: Optional[MoSConfig] = None, *, router: Optional[Callable] = None,
+    def __init__(self, config: Optional[MoSConfig] = None, *, encoder=None, router: Optional[Callable] = None,
                  routing_unit: Optional[Callable] = None, experts: Sequence[str] = EXPERT_KINDS, **overrides):
         super().__init__()
         if config is None:
@@ -71,8 +80,11 @@ class MoSLayer(nn.Module):
                                  f"got {type(part).__name__}: nothing would route")
         self.backends = op_backends(cfg.backend)   # each op's backend, resolved once
         d = cfg.dim
-        encoder = dict(num_layers=cfg.num_layers, dropout=cfg.dropout, backend=cfg.backend,
-                       attention_mass=cfg.attention_mass)
+        if encoder is None:
+            encoder = functools.partial(make_encoder, cfg.encoder, d, cfg.num_heads, num_layers=cfg.num_layers,
+                                        dropout=cfg.dropout, backend=cfg.backend, attention_mass=cfg.attention_mass)
+        else:
+            encoder = as_factory(encoder)
         # Only the experts that run own parameters (DDP refuses parameters that get no gradient).
         # The global expert is built first: it then draws the same initial weights as a backbone
         # encoder built at the same point of the random stream (`CTRModel` relies on it).
