@@ -19,6 +19,8 @@ from mos_kernels.backend import BACKENDS
 from mos_kernels.checks import check_choice, check_flag, check_positive
 from mos_kernels.routing import MIN_TEMPERATURE
 
+from .sdim import MAX_BITS as MAX_SDIM_BITS
+
 
 def config_section(name: str, value, cls):
     """`value` as the nested section `name` of a config: a `cls` as it is, a dict of its fields
@@ -128,8 +130,12 @@ class MoSConfig:
         top_k: themes each session joins, <= num_themes (1).
         max_theme_tokens: keep at most this many newest tokens of each (example, theme)
             subsequence; None keeps all.
-        encoder: every expert's encoder: "target_attention" (DIN/TWIN style) or "transformer".
+        encoder: every expert's encoder: "target_attention" (DIN/TWIN style), "transformer"
+            (causal self-attention, then a target-attention readout: TransAct/BST style) or
+            "sdim" (target attention approximated by SimHash sampling, `mos.sdim`).
         num_layers: transformer layers per expert (1).
+        sdim_rounds, sdim_bits: SDIM's hashing rounds and signature bits per round (16, 3: the
+            paper's 48 hash functions in groups of 3).
         global_scope: the global expert reads the "tokens" or the "sessions" vectors.
         short_sessions: the short-term expert reads the last this-many sessions (1).
         fusion: "residual" (output = global + W [short; themes], W zero at initialisation, so
@@ -175,8 +181,10 @@ class MoSConfig:
     # Keep at most this many most recent tokens per (example, theme) subsequence; None: all.
     max_theme_tokens: Optional[int] = None
     # Step 5, experts.
-    encoder: str = "target_attention"  # "target_attention" | "transformer"
+    encoder: str = "target_attention"  # "target_attention" | "transformer" | "sdim"
     num_layers: int = 1              # transformer layers per expert
+    sdim_rounds: int = 16            # SDIM: hashing rounds (groups of hash functions)
+    sdim_bits: int = 3               # SDIM: bits per round's signature
     global_scope: str = "tokens"     # global expert over "tokens" or over the "sessions" vectors
     short_sessions: int = 1          # short-term expert sees the last this-many sessions
     # Every target attention (the backbone's, each expert's, the MoE baselines') also outputs how
@@ -231,7 +239,14 @@ class MoSConfig:
                              f"sessions is one number only when it joins one theme), got top_k={self.top_k}")
         if self.max_theme_tokens is not None:
             check_positive("MoSConfig.max_theme_tokens", self.max_theme_tokens)
-        check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer"))
+        check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer", "sdim"))
+        check_positive("MoSConfig.sdim_rounds", self.sdim_rounds)
+        if not 1 <= self.sdim_bits <= MAX_SDIM_BITS:
+            raise ValueError(f"MoSConfig.sdim_bits: expected an int in [1, {MAX_SDIM_BITS}] (one signature per "
+                             f"round in an int64), got {self.sdim_bits!r}")
+        if self.attention_mass and self.encoder == "sdim":
+            raise ValueError("MoSConfig.attention_mass: expected False with encoder='sdim' (it samples by hashing: "
+                             "no softmax whose mass to add), got True")
         check_positive("MoSConfig.num_layers", self.num_layers)
         check_choice("MoSConfig.global_scope", self.global_scope, ("tokens", "sessions"))
         check_positive("MoSConfig.short_sessions", self.short_sessions)

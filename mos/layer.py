@@ -20,7 +20,7 @@ from mos_kernels.jagged import max_segment_length
 
 from .config import EXPERT_KINDS, MoSConfig
 from .encoder_protocol import as_factory
-from .encoders import make_encoder
+from .encoders import encoder_options, make_encoder
 from .experts import (BUILD, BUILD_ORDER, GLOBAL_PATHS, PATHS, RUN_ORDER, Batch, as_given, check_experts, fusion_for,
                       with_theme_mass, with_theme_recency, without_theme_mass, without_theme_recency)
 from .inputs import as_jagged, routing_inputs
@@ -81,8 +81,7 @@ class MoSLayer(nn.Module):
         self.backends = op_backends(cfg.backend)   # each op's backend, resolved once
         d = cfg.dim
         if encoder is None:
-            encoder = functools.partial(make_encoder, cfg.encoder, d, cfg.num_heads, num_layers=cfg.num_layers,
-                                        dropout=cfg.dropout, backend=cfg.backend, attention_mass=cfg.attention_mass)
+            encoder = functools.partial(make_encoder, cfg.encoder, d, cfg.num_heads, **encoder_options(cfg))
         else:
             encoder = as_factory(encoder)
         # Only the experts that run own parameters (DDP refuses parameters that get no gradient).

@@ -245,6 +245,33 @@ def jagged_attention_logsumexp(q, k, segment_offsets, *, num_heads: int, causal:
     return out
 
 
+def sdim(rows, target, segment_offsets, hyperplanes, w_value, b_value, w_out, b_out, *, rounds: int, bits: int,
+         eps: float = 1e-12) -> torch.Tensor:
+    """SDIM by loops: per expert e and example b, per round r, the rows whose `bits` signs
+    [x . h_{e,r,i} > 0] all equal the target's; u_r = the sum of their values W_v x + b_v over
+    its norm (0 if none); out = mean_r u_r @ W_o + b_o, zeros for an empty segment. [E, B, d]."""
+    num_experts, dim = hyperplanes.shape[0], rows.shape[1]
+    num_examples = target.shape[0]
+    o = [int(x) for x in segment_offsets]
+    out = rows.new_zeros((num_experts, num_examples, dim))
+    for e in range(num_experts):
+        for b in range(num_examples):
+            first, last = o[e * num_examples + b], o[e * num_examples + b + 1]
+            if last == first:
+                continue
+            pooled = rows.new_zeros(dim)
+            for r in range(rounds):
+                planes = hyperplanes[e][:, r * bits:(r + 1) * bits]
+                target_signs = [bool(target[b] @ planes[:, i] > 0) for i in range(bits)]
+                total = rows.new_zeros(dim)
+                for j in range(first, last):
+                    if [bool(rows[j] @ planes[:, i] > 0) for i in range(bits)] == target_signs:
+                        total = total + rows[j] @ w_value[e] + b_value[e]
+                pooled = pooled + total / total.norm().clamp_min(eps)
+            out[e, b] = pooled / rounds @ w_out[e] + b_out[e]
+    return out
+
+
 # ---- Jagged helpers ---------------------------------------------------------------------------
 
 def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0):

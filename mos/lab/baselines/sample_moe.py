@@ -16,7 +16,8 @@ from torch import nn
 
 import mos_kernels as mk
 from mos.lab.config import ModelConfig
-from mos.encoders import make_encoder
+from mos.encoder_protocol import run_encoder
+from mos.encoders import encoder_options, make_encoder
 from mos_kernels.backend import op_backends
 from mos_kernels.jagged import positions_in_segment
 
@@ -34,8 +35,7 @@ class SampleMoE(nn.Module):
         mos_cfg, self.moe = config.mos, config.moe
         self.backends = op_backends(mos_cfg.backend)
         self.experts = make_encoder(mos_cfg.encoder, mos_cfg.dim, mos_cfg.num_heads, self.moe.num_experts,
-                                    num_layers=mos_cfg.num_layers, dropout=mos_cfg.dropout,
-                                    backend=mos_cfg.backend, attention_mass=mos_cfg.attention_mass)
+                                    **encoder_options(mos_cfg))
         self.gate_input = nn.Linear(2 * mos_cfg.dim, mos_cfg.dim)
 
     def gate(self, features: torch.Tensor):
@@ -49,8 +49,9 @@ class SampleMoE(nn.Module):
         weights, aux_loss, aux = self.gate(features)
         used = (weights > 0).t()                                          # [E, B]
         segment_offsets, gather_index, inverse_index = _expert_layout(used, offsets, tokens.shape[0])
-        out = self.experts(tokens, target, segment_offsets, gather_index=gather_index,
-                           inverse_index=inverse_index, max_len=max_len)  # [E, B, d]
+        out = run_encoder(self.experts, tokens, target, segment_offsets, gather_index=gather_index,
+                          inverse_index=inverse_index, max_len=max_len,
+                          gather_backend=self.backends["theme_gather"])  # [E, B, d]
         return EncoderOutput(torch.einsum("be,ebd->bd", weights.to(out.dtype), out), aux_loss, aux)
 
 

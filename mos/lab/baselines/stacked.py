@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mos.lab.config import ModelConfig
-from mos.encoders import make_encoder
+from mos.encoders import encoder_options, make_encoder
 from mos.layer import MoSOutput
 
 from .dselect_k import DSelectK
@@ -31,8 +31,7 @@ SAMPLE_MOE = {"gshard": GShard, "dselect_k": DSelectK, "expert_choice": ExpertCh
 def backbone_encoder(config: ModelConfig, num_experts: int = 1) -> nn.Module:
     """The encoder every kind is built around (`model.mos.encoder`, its width and heads)."""
     cfg = config.mos
-    return make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, num_experts, num_layers=cfg.num_layers,
-                        dropout=cfg.dropout, backend=cfg.backend, attention_mass=cfg.attention_mass)
+    return make_encoder(cfg.encoder, cfg.dim, cfg.num_heads, num_experts, **encoder_options(cfg))
 
 
 class PlainCorrection(nn.Module):
