@@ -1,8 +1,9 @@
 """The encoder protocol: what an expert of `MoSLayer` must be, so that any sequence model can serve
 as its global, short-term and theme experts (`MoSLayer(encoder=...)`).
 
-An encoder factory is a callable `factory(num_experts) -> nn.Module`. The layer calls it once per
-expert kind that runs, in the order global (num_experts = 1), themes (K: one parameter set per
+An encoder factory is a callable `factory(num_experts=E) -> nn.Module` (called with the keyword,
+so that a one-expert module's class passed by mistake fails there, naming `encoder`, and does not
+build a module of width E). The layer calls it once per expert kind that runs, in the order global (num_experts = 1), themes (K: one parameter set per
 theme), short-term (1), so that the built-in encoders draw their initial weights in a fixed order.
 The module it returns is called as
 
@@ -18,12 +19,15 @@ The module it returns is called as
                      `short_sessions` sessions)
     max_len          int, a bound on the longest segment, or None where the layer does not know
                      one without reading the offsets back
-    returns          [E, B, d] float (the rows' dtype, or what autocast makes it): one vector per
-                     segment
+    returns          [E, B, d] on the rows' device, in their dtype (or autocast's, under autocast):
+                     one vector per segment, finite
 
-Empty segments are normal (a theme an example never visits, an empty history, B = 0): whatever
-the module returns for one (a mean over no rows is NaN) the layer replaces by zeros, so no NaN
-reaches the output or the gradients. A module may hold any parameters; they train with the layer.
+Empty segments are normal (a theme an example never visits, an empty history, B = 0): the layer
+replaces what the module returns for one by zeros. That value must still be finite: a NaN made
+inside the module (a mean over no rows, 0 / 0) would reach its parameters' gradients through its
+own backward (0 * NaN), which no masking after it can stop. With the layer's `validate_inputs`
+on, a non-finite output is refused, naming `encoder` (one pass over [E, B, d]). A module may hold
+any parameters; they train with the layer.
 
 A module that reads its rows from the token table itself (a fused gather, as the built-in
 encoders' kernels do) sets the attribute `reads_gather_index = True` and is called instead as
@@ -32,7 +36,8 @@ its rows are tokens[gather_index] * row_gate[:, None] (see `mos_kernels.theme_ga
 and gather_index may be None). Every other module receives the rows gathered.
 
 `per_expert(make_one)` turns a one-expert encoder (`[N, d], [B, d], [B+1] -> [B, d]`: a GRU
-readout, say) into a factory: E independently built copies, each run on its expert's segments.
+readout, say) into a factory: E independently built copies, each run on its expert's non-empty
+segments only (so it never sees an empty one: packed sequences, say, refuse them).
 """
 from __future__ import annotations
 
@@ -43,14 +48,17 @@ import torch
 from torch import nn
 
 import mos_kernels as mk
+from mos_kernels.checks import NonFiniteError
 
 
 class PerExpert(nn.Module):
-    """E one-expert encoders side by side: expert e runs on segments e*B .. e*B + B - 1.
+    """E one-expert encoders side by side: expert e runs on the non-empty ones of segments e*B ..
+    e*B + B - 1; the empty ones get zeros without a call.
 
-    Each one-expert module is called as `module(rows [N_e, d], target [B, d], offsets [B+1], *,
-    max_len)` and returns [B, d]. One read-back of E+1 offsets per call (the slicing needs them
-    on the host): an E-expert module that runs all segments at once avoids it."""
+    Each one-expert module is called as `module(rows [N_e, d], target [B_e, d], offsets [B_e+1], *,
+    max_len)` over its B_e non-empty segments (their targets) and returns [B_e, d]. The segment
+    lengths are read back once per call (the slicing needs them on the host): an E-expert module
+    that runs all segments at once avoids it."""
 
     def __init__(self, experts):
         super().__init__()
@@ -58,21 +66,24 @@ class PerExpert(nn.Module):
 
     def forward(self, rows: torch.Tensor, target: torch.Tensor, segment_offsets: torch.Tensor, *,
                 max_len: Optional[int] = None) -> torch.Tensor:
-        num_experts, num_examples = len(self.experts), target.shape[0]
+        num_experts, num_examples, dim = len(self.experts), target.shape[0], rows.shape[1]
+        out = rows.new_zeros((num_experts, num_examples, dim))
         if num_examples == 0:
-            return rows.new_zeros((num_experts, 0, rows.shape[1]))
+            return out
+        lengths = (segment_offsets[1:] - segment_offsets[:-1]).view(num_experts, num_examples)
         bounds = segment_offsets[::num_examples].tolist()          # E + 1 expert boundaries
-        outputs = []
         for e, module in enumerate(self.experts):
-            first = e * num_examples
-            offsets = segment_offsets[first:first + num_examples + 1] - bounds[e]
-            out = module(rows[bounds[e]:bounds[e + 1]], target, offsets, max_len=max_len)
-            _check_output(out, (num_examples, rows.shape[1]), f"encoder (expert {e} of per_expert)")
-            outputs.append(out)
-        return torch.stack(outputs)
+            examples = torch.nonzero(lengths[e]).flatten()
+            if examples.numel() == 0:
+                continue
+            offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths[e, examples], 0)])
+            got = module(rows[bounds[e]:bounds[e + 1]], target[examples], offsets, max_len=max_len)
+            _check_output(got, (examples.numel(), dim), rows, f"encoder (expert {e} of per_expert)")
+            out = out.index_put((torch.full_like(examples, e), examples), got.to(out.dtype))
+        return out
 
 
-def per_expert(make_one: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
+def per_expert(make_one: Callable[[], nn.Module]) -> Callable[..., nn.Module]:
     """The encoder factory that builds `num_experts` one-expert encoders with `make_one()` (each
     call a new module with its own initial weights) and runs them as a `PerExpert`."""
     if not callable(make_one):
@@ -90,10 +101,11 @@ def per_expert(make_one: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
     return factory
 
 
-def as_factory(encoder) -> Callable[[int], nn.Module]:
+def as_factory(encoder) -> Callable[..., nn.Module]:
     """`MoSLayer(encoder=...)`: a factory as given; an nn.Module instance is a one-expert encoder
-    (`per_expert`) copied once per expert (each copy starts from its weights, as
-    nn.TransformerEncoder's layers start from theirs). Raises TypeError naming `encoder`."""
+    (`per_expert`) copied once per expert: every copy starts from its weights, as
+    nn.TransformerEncoder's layers start from theirs (so a pretrained module starts every expert
+    from what it learned; a factory draws each anew). Raises TypeError naming `encoder`."""
     if isinstance(encoder, nn.Module):
         return per_expert(lambda: copy.deepcopy(encoder))
     if not callable(encoder):
@@ -102,14 +114,16 @@ def as_factory(encoder) -> Callable[[int], nn.Module]:
     return encoder
 
 
-def build_encoder(factory: Callable[[int], nn.Module], num_experts: int) -> nn.Module:
-    """factory(num_experts), checked to be a module. A TypeError from the call (a class whose
-    constructor takes no num_experts, say) is raised again naming `encoder`, its message kept."""
+def build_encoder(factory: Callable[..., nn.Module], num_experts: int) -> nn.Module:
+    """factory(num_experts=num_experts), checked to be a module. A TypeError from the call (a
+    class whose constructor takes no num_experts, say) is raised again naming `encoder`, its
+    message kept."""
     try:
-        module = factory(num_experts)
+        module = factory(num_experts=num_experts)
     except TypeError as err:
-        raise TypeError(f"encoder: calling the factory as factory({num_experts}) (num_experts) failed: {err}; "
-                        f"per_expert(make_one) makes a factory of a one-expert module's constructor") from err
+        raise TypeError(f"encoder: factory(num_experts={num_experts}) raised TypeError: {err} (a factory is "
+                        f"called with the keyword num_experts; per_expert(make_one) makes one of a one-expert "
+                        f"module's constructor)") from err
     if not isinstance(module, nn.Module):
         raise TypeError(f"encoder: expected the factory to return an nn.Module for num_experts={num_experts}, "
                         f"got {type(module).__name__}")
@@ -119,10 +133,11 @@ def build_encoder(factory: Callable[[int], nn.Module], num_experts: int) -> nn.M
 def run_encoder(module: nn.Module, tokens: torch.Tensor, target: torch.Tensor, segment_offsets: torch.Tensor, *,
                 gather_index: Optional[torch.Tensor] = None, row_gate: Optional[torch.Tensor] = None,
                 inverse_index: Optional[torch.Tensor] = None, max_len: Optional[int] = None,
-                gather_backend: str = "auto") -> torch.Tensor:
+                gather_backend: str = "auto", validate: bool = False) -> torch.Tensor:
     """[E, B, d]: the module over its segments, by the protocol above; rows tokens[gather_index] *
     row_gate (or tokens without gather_index); zeros for empty segments. Raises ValueError /
-    TypeError naming `encoder` when the module returns another shape or no float tensor."""
+    TypeError naming `encoder` when the module returns another shape, dtype or device, and with
+    `validate` NonFiniteError (a ValueError) when it returns NaN or inf."""
     num_examples = target.shape[0]
     num_experts = (segment_offsets.numel() - 1) // num_examples if num_examples else 0
     if getattr(module, "reads_gather_index", False):
@@ -134,18 +149,26 @@ def run_encoder(module: nn.Module, tokens: torch.Tensor, target: torch.Tensor, s
         out = module(rows, target, segment_offsets, max_len=max_len)
     if num_examples == 0:
         num_experts = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() == 3 else 0
-    _check_output(out, (num_experts, num_examples, tokens.shape[1]), "encoder")
+    _check_output(out, (num_experts, num_examples, tokens.shape[1]), tokens, "encoder")
+    if validate and not bool(torch.isfinite(out).all()):
+        raise NonFiniteError("encoder: expected finite vectors (empty segments included: a NaN there reaches "
+                             "the gradients), got NaN or inf")
     lengths = segment_offsets[1:] - segment_offsets[:-1]
     return torch.where((lengths > 0).view(num_experts, num_examples, 1), out, torch.zeros((), dtype=out.dtype,
                                                                                          device=out.device))
 
 
-def _check_output(out, shape, name: str) -> None:
+def _check_output(out, shape, like: torch.Tensor, name: str) -> None:
+    """out: a tensor of `shape` on like's device, in like's dtype (outside autocast) or a float one."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: expected it to return a tensor of shape {list(shape)}, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name}: expected it to return shape {list(shape)} (one vector per segment), "
                          f"got {list(out.shape)}")
-    if not out.is_floating_point():
-        raise TypeError(f"{name}: expected it to return a float tensor (the rows' dtype, or autocast's), "
+    if out.device != like.device:
+        raise ValueError(f"{name}: expected it to return a tensor on {like.device}, got one on {out.device}")
+    autocast = torch.is_autocast_enabled(like.device.type)
+    if (out.dtype != like.dtype and not autocast) or not out.is_floating_point():
+        expected = "a float dtype (autocast is on)" if autocast else str(like.dtype).replace("torch.", "")
+        raise TypeError(f"{name}: expected it to return the rows' dtype, {expected}, "
                         f"got {str(out.dtype).replace('torch.', '')}")

@@ -94,14 +94,16 @@ def _build_short(layer: "MoSLayer", cfg: MoSConfig, encoder) -> None:
 
 def _global_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     """The global expert over the whole history's tokens."""
-    return run_encoder(layer.global_expert, batch.values, batch.target, batch.offsets, max_len=batch.max_len)[0]
+    return run_encoder(layer.global_expert, batch.values, batch.target, batch.offsets, max_len=batch.max_len,
+                       validate=layer.config.validate_inputs)[0]
 
 
 def _global_sessions_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     """`global_scope="sessions"`: the global expert over the history's session vectors."""
     sessions = batch.sessions
     pooled = mk.session_pool(batch.values, sessions.session_offsets, backend=layer.backends["session_pool"])
-    return run_encoder(layer.global_expert, pooled, batch.target, sessions.example_session_offsets)[0]
+    return run_encoder(layer.global_expert, pooled, batch.target, sessions.example_session_offsets,
+                       validate=layer.config.validate_inputs)[0]
 
 
 def _short_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
@@ -110,7 +112,8 @@ def _short_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     num_tokens = batch.values.shape[0]
     return run_encoder(layer.short_expert, batch.extras_values, batch.extras_target, short_offsets,
                        gather_index=short_index, inverse_index=inverse_of_unique(short_index, num_tokens),
-                       max_len=batch.max_len, gather_backend=layer.backends["theme_gather"])[0]
+                       max_len=batch.max_len, gather_backend=layer.backends["theme_gather"],
+                       validate=layer.config.validate_inputs)[0]
 
 
 def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
@@ -133,7 +136,7 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     e_theme = run_encoder(layer.theme_experts, values, target, dispatch.theme_offsets,
                           gather_index=dispatch.gather_index, row_gate=dispatch.row_gate,
                           inverse_index=dispatch.inverse_index, max_len=theme_len,
-                          gather_backend=layer.backends["theme_gather"])
+                          gather_backend=layer.backends["theme_gather"], validate=cfg.validate_inputs)
     segment_lengths = dispatch.segment_lengths
     batch.routing = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
                                 routing.probs.detach(), segment_lengths)

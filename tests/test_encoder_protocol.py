@@ -27,6 +27,8 @@ class GRUReadout(nn.Module):
 
     def forward(self, rows, target, segment_offsets, *, max_len=None):
         bounds = segment_offsets.tolist()
+        # per_expert hands a one-expert module its non-empty segments only.
+        assert all(b > a for a, b in zip(bounds[:-1], bounds[1:])), bounds
         states = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             states.append(self.gru(rows[a:b][None])[1][0, 0] if b > a else rows.new_zeros(rows.shape[1]))
@@ -198,14 +200,15 @@ class _WrongShape(nn.Module):
 
 class _WrongDtype(nn.Module):
     def forward(self, rows, target, segment_offsets, *, max_len=None):
-        return rows.new_zeros((1, target.shape[0], DIM), dtype=torch.int64)
+        return rows.new_zeros((1, target.shape[0], DIM), dtype=torch.float64)
 
 
 @pytest.mark.parametrize("encoder, error, words", [
     (42, TypeError, ["encoder", "factory", "int"]),
     (lambda num_experts: "gru", TypeError, ["encoder", "nn.Module", "str"]),
-    (_NoArguments, TypeError, ["encoder", "factory(1) (num_experts) failed", "_NoArguments.__init__()",
+    (_NoArguments, TypeError, ["encoder", "factory(num_experts=1) raised TypeError", "num_experts",
                                 "per_expert(make_one)"]),
+    (GRUReadout, TypeError, ["encoder", "factory(num_experts=1)", "unexpected keyword argument 'num_experts'"]),
 ])
 def test_bad_encoders_are_refused_at_construction(encoder, error, words):
     with pytest.raises(error) as info:
@@ -216,7 +219,7 @@ def test_bad_encoders_are_refused_at_construction(encoder, error, words):
 
 @pytest.mark.parametrize("module, error, words", [
     (_WrongShape(), ValueError, ["encoder", "shape [1, 5, 8]", "[5, 8]"]),
-    (_WrongDtype(), TypeError, ["encoder", "float tensor", "int64"]),
+    (_WrongDtype(), TypeError, ["encoder", "rows' dtype, float32", "float64"]),
 ])
 def test_an_encoder_returning_the_wrong_output_is_named(module, error, words):
     values, target, offsets = _batch()
@@ -231,3 +234,33 @@ def test_per_expert_refuses_what_is_not_a_module():
         per_expert(3)
     with pytest.raises(TypeError, match="make_one: expected it to return an nn.Module, got int"):
         per_expert(lambda: 3)(2)
+
+
+class _NaNForEmpty(nn.Module):
+    """A mean readout without the clamp: NaN (0 / 0) for every empty segment."""
+
+    def __init__(self, num_experts: int, one_expert: bool = False):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(num_experts))
+        self.one_expert = one_expert          # return [B, d], as per_expert asks
+
+    def forward(self, rows, target, segment_offsets, *, max_len=None):
+        lengths = segment_offsets[1:] - segment_offsets[:-1]
+        segment = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        sums = rows.new_zeros((lengths.numel(), rows.shape[1])).index_add(0, segment, rows)
+        means = (sums / lengths[:, None]).view(self.scale.numel(), -1, rows.shape[1]) * self.scale[:, None, None]
+        return means[0] if self.one_expert else means
+
+
+def test_a_non_finite_encoder_output_is_refused_naming_the_encoder():
+    """NaN for an empty segment would reach the gradients (0 * NaN in the module's backward): with
+    validate_inputs the layer refuses it, naming `encoder`; a one-expert module under per_expert
+    never sees an empty segment, so the same readout is fine there."""
+    from mos_kernels.checks import NonFiniteError
+    values, target, offsets = _batch()
+    with pytest.raises(NonFiniteError, match="encoder: expected finite vectors"):
+        _layer(_NaNForEmpty)(values, target, offsets)
+    layer = _layer(per_expert(lambda: _NaNForEmpty(1, one_expert=True)))
+    out = layer(values, target, offsets)
+    out.output.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
