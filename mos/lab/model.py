@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels.checks import check_finite
-from mos_kernels.jagged import segment_ids
+from mos_kernels.checks import check_finite, check_offsets, reads_data
+from mos_kernels.jagged import max_segment_length, segment_ids
 
 from mos import boosting
 from mos.layer import MoSLayer, RoutingInfo
@@ -132,11 +132,16 @@ class CTRModel(nn.Module):
     def forward(self, batch: Batch) -> CTROutput:
         tokens = self.embed_history(batch)
         target = self.embed(batch.target_item, batch.target_category)
-        # The model's own values are checked once here; each op of an encoder would scan its
-        # inputs again (21 passes over [T, d..3d] rows per transformer step: 7 % of its CPU time),
+        # The model's own values and the batch's layout are checked once here; each op of an
+        # encoder would scan its inputs again (21 passes over [T, d..3d] rows per transformer step: 7 % of its CPU time),
         # and the trainer checks the loss and every gradient anyway.
         check_finite("tokens", tokens)
         check_finite("target", target)
+        check_offsets("batch.offsets", batch.offsets, total=tokens.shape[0], device=tokens.device)
+        if reads_data() and batch.max_len < max_segment_length(batch.offsets):
+            # Off the CPU attention pads to max_len: a smaller bound would cut histories silently.
+            raise ValueError(f"batch.max_len: expected at least the longest history "
+                             f"({max_segment_length(batch.offsets)}), got {batch.max_len}")
         with mk.data_checks(False):
             return self._encode(batch, tokens, target)
 
