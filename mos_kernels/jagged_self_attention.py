@@ -95,6 +95,7 @@ def _(g_out, q, k, v, out, lse, segment_offsets, num_heads, max_len, causal):
 def _reference_setup_context(ctx, inputs, output):
     q, k, v, segment_offsets, num_heads, max_len, causal = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)      # saved for the backward only: no gradient flows through it
     ctx.save_for_backward(q, k, v, out, lse, segment_offsets)
     ctx.num_heads, ctx.max_len, ctx.causal = num_heads, max_len, causal
 
@@ -179,6 +180,7 @@ def _(g_out, q, k, v, out, lse, segment_offsets, num_heads, causal, max_len=None
 def _setup_context(ctx, inputs, output):
     q, k, v, segment_offsets, num_heads, causal, max_len = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)      # saved for the backward only: no gradient flows through it
     ctx.save_for_backward(q, k, v, out, lse, segment_offsets)
     ctx.num_heads, ctx.causal, ctx.max_len = num_heads, causal, max_len
 

@@ -148,6 +148,10 @@ def test_the_ops_log_sum_exp_matches_the_oracle(op, causal):
     else:
         out, lse = torch.ops.mos.jagged_self_attention(q, k, v, offsets, 3, causal, None)
     assert lse.shape == (sum(lengths), 3) and lse.dtype == torch.float32
+    q.requires_grad_()
+    again = (torch.ops.mos.jagged_self_attention_reference(q, k, v, offsets, 3, None, causal) if op == "reference"
+             else torch.ops.mos.jagged_self_attention(q, k, v, offsets, 3, causal, None))
+    assert again[0].requires_grad and not again[1].requires_grad     # lse: saved for the backward only
     assert_matches(lse, oracles.jagged_attention_logsumexp(q.double(), k.double(), offsets, num_heads=3,
                                                            causal=causal), "attention", msg="log-sum-exp")
     assert_matches(out, oracles.jagged_self_attention(q.double(), k.double(), v.double(), offsets, num_heads=3,
