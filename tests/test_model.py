@@ -133,3 +133,20 @@ def test_the_model_checks_its_values_once_and_its_encoder_runs_without_data_chec
         model.item_embedding.weight[7] = float("inf")
     with pytest.raises(NonFiniteError, match="target: expected finite values"):
         model(_batch_of_two())
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(max_len=2), ["batch.max_len", "longest history (3)", "got 2"]),
+    (dict(offsets=torch.tensor([0, 4, 3])), ["offsets", "non-decreasing"]),
+])
+def test_the_model_checks_the_batch_layout_its_encoder_no_longer_does(change, words):
+    """The encoder's ops run without data checks, so the model checks the batch's offsets and its
+    max_len (attention pads to it off the CPU: a smaller one would cut histories)."""
+    import dataclasses
+    config = ModelConfig(kind="backbone", mos=MoSConfig(dim=8, num_heads=2, encoder="transformer"))
+    model = CTRModel(config, num_items=10, num_categories=5)
+    batch = dataclasses.replace(_batch_of_two(), **change)
+    with pytest.raises(ValueError) as info:
+        model(batch)
+    for word in words:
+        assert word in str(info.value)
