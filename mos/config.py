@@ -132,8 +132,10 @@ class MoSConfig:
             subsequence; None keeps all.
         encoder: every expert's encoder: "target_attention" (DIN/TWIN style), "transformer"
             (causal self-attention, then a target-attention readout: TransAct/BST style) or
-            "sdim" (target attention approximated by SimHash sampling, `mos.sdim`).
-        num_layers: transformer layers per expert (1).
+            "sdim" (target attention approximated by SimHash sampling, `mos.sdim`) or "mamba4rec"
+            (selective state-space layers, then a target-attention readout: `mos.mamba4rec`).
+        num_layers: transformer or Mamba layers per expert (1).
+        mamba_state: "mamba4rec": the state size S per channel (16).
         sdim_rounds, sdim_bits: SDIM's hashing rounds and signature bits per round (16, 3: the
             paper's 48 hash functions in groups of 3).
         global_scope: the global expert reads the "tokens" or the "sessions" vectors.
@@ -181,8 +183,9 @@ class MoSConfig:
     # Keep at most this many most recent tokens per (example, theme) subsequence; None: all.
     max_theme_tokens: Optional[int] = None
     # Step 5, experts.
-    encoder: str = "target_attention"  # "target_attention" | "transformer" | "sdim"
-    num_layers: int = 1              # transformer layers per expert
+    encoder: str = "target_attention"  # "target_attention" | "transformer" | "sdim" | "mamba4rec"
+    num_layers: int = 1              # transformer or Mamba layers per expert
+    mamba_state: int = 16            # Mamba4Rec: state size per channel
     sdim_rounds: int = 16            # SDIM: hashing rounds (groups of hash functions)
     sdim_bits: int = 3               # SDIM: bits per round's signature
     global_scope: str = "tokens"     # global expert over "tokens" or over the "sessions" vectors
@@ -239,7 +242,8 @@ class MoSConfig:
                              f"sessions is one number only when it joins one theme), got top_k={self.top_k}")
         if self.max_theme_tokens is not None:
             check_positive("MoSConfig.max_theme_tokens", self.max_theme_tokens)
-        check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer", "sdim"))
+        check_choice("MoSConfig.encoder", self.encoder, ("target_attention", "transformer", "sdim", "mamba4rec"))
+        check_positive("MoSConfig.mamba_state", self.mamba_state)
         check_positive("MoSConfig.sdim_rounds", self.sdim_rounds)
         if not 1 <= self.sdim_bits <= MAX_SDIM_BITS:
             raise ValueError(f"MoSConfig.sdim_bits: expected an int in [1, {MAX_SDIM_BITS}] (one signature per "

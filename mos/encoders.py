@@ -172,12 +172,12 @@ class _ExpertBlock(nn.Module):
         return rows + F.dropout(mk.grouped_linear(h, self.w_ff2, self.b_ff2, expert_offsets, backend=linear), dropout)
 
 
-ENCODERS = ("target_attention", "transformer", "sdim")
+ENCODERS = ("target_attention", "transformer", "sdim", "mamba4rec")
 
 
 def make_encoder(kind: str, dim: int, num_heads: int, num_experts: int = 1, *, num_layers: int = 1,
                  dropout: float = 0.0, backend: str = "auto", attention_mass: bool = False,
-                 sdim_rounds: int = 16, sdim_bits: int = 3) -> nn.Module:
+                 sdim_rounds: int = 16, sdim_bits: int = 3, mamba_state: int = 16) -> nn.Module:
     """A built-in encoder of `kind` (one of ENCODERS) with `num_experts` parameter sets. Raises
     ValueError naming `encoder` for another kind, or `attention_mass` for an encoder without a
     softmax target attention (SDIM samples instead)."""
@@ -191,6 +191,11 @@ def make_encoder(kind: str, dim: int, num_heads: int, num_experts: int = 1, *, n
                              "softmax whose mass to add), got True")
         from .sdim import SDIMEncoder
         return SDIMEncoder(dim, num_experts, sdim_rounds, sdim_bits, backend)
+    if kind == "mamba4rec":
+        from .mamba4rec import Mamba4RecEncoder
+        return Mamba4RecEncoder(
+            dim, num_experts, lambda: TargetAttentionEncoder(dim, num_heads, num_experts, backend, attention_mass),
+            num_layers, mamba_state, dropout, backend)
     raise ValueError(f"encoder: expected one of {list(ENCODERS)}, got {kind!r}")
 
 
@@ -198,4 +203,5 @@ def encoder_options(config) -> dict:
     """The keyword options of `make_encoder` that a `MoSConfig` sets (after kind, dim, num_heads,
     num_experts)."""
     return dict(num_layers=config.num_layers, dropout=config.dropout, backend=config.backend,
-                attention_mass=config.attention_mass, sdim_rounds=config.sdim_rounds, sdim_bits=config.sdim_bits)
+                attention_mass=config.attention_mass, sdim_rounds=config.sdim_rounds, sdim_bits=config.sdim_bits,
+                mamba_state=config.mamba_state)

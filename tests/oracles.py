@@ -272,6 +272,55 @@ def sdim(rows, target, segment_offsets, hyperplanes, w_value, b_value, w_out, b_
     return out
 
 
+def linear_recurrence(a, b, segment_offsets):
+    """h_t = a_t * h_{t-1} + b_t row by row inside each segment, h = b at a segment's first row."""
+    o = [int(x) for x in segment_offsets]
+    out = []
+    for g in range(len(o) - 1):
+        h = None
+        for t in range(o[g], o[g + 1]):
+            h = b[t] if h is None else a[t] * h + b[t]
+            out.append(h)
+    return torch.stack(out) if out else b.new_zeros(b.shape)
+
+
+def mamba_block(block, rows, segment_offsets, num_experts: int):
+    """One Mamba4Rec block (mos/mamba4rec.py) by loops over segments and time, in rows' dtype,
+    reading the block's parameters (cast to it): the selective scan one step at a time."""
+    import torch.nn.functional as F
+    from mos.mamba4rec import CONV_WIDTH
+    p = {name: t.to(rows.dtype) for name, t in block.named_parameters()}
+    o = [int(x) for x in segment_offsets]
+    num_examples = (len(o) - 1) // num_experts
+    inner, rank, state = block.inner, block.rank, block.state
+    out = []
+    for g in range(len(o) - 1):
+        e, x = g // num_examples, rows[o[g]:o[g + 1]]
+        if x.shape[0] == 0:
+            continue
+        h = F.layer_norm(x, (x.shape[1],)) * p["ln1_weight"][e] + p["ln1_bias"][e]
+        u, z = (h @ p["w_in"][e]).split(inner, dim=1)
+        conv = []
+        for t in range(x.shape[0]):
+            c = p["conv_bias"][e]
+            for lag in range(CONV_WIDTH):
+                if t - lag >= 0:
+                    c = c + u[t - lag] * p["conv_weight"][e, :, CONV_WIDTH - 1 - lag]
+            conv.append(c)
+        u = F.silu(torch.stack(conv))
+        r, b_in, c_out = (u @ p["w_x"][e]).split([rank, state, state], dim=1)
+        delta = F.softplus(r @ p["w_dt"][e] + p["b_dt"][e])
+        a_diag = -torch.exp(p["a_log"][e])
+        s, ys = x.new_zeros((inner, state)), []
+        for t in range(x.shape[0]):
+            s = torch.exp(delta[t][:, None] * a_diag) * s + (delta[t] * u[t])[:, None] * b_in[t][None, :]
+            ys.append(s @ c_out[t] + p["d_skip"][e] * u[t])
+        x = x + (torch.stack(ys) * F.silu(z)) @ p["w_out"][e]
+        h = F.layer_norm(x, (x.shape[1],)) * p["ln2_weight"][e] + p["ln2_bias"][e]
+        out.append(x + F.gelu(h @ p["w_ff1"][e] + p["b_ff1"][e]) @ p["w_ff2"][e] + p["b_ff2"][e])
+    return torch.cat(out) if out else rows.new_zeros(rows.shape)
+
+
 # ---- Jagged helpers ---------------------------------------------------------------------------
 
 def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0):

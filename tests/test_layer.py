@@ -22,7 +22,7 @@ GAP = 100.0
 MIXED = [0, 7, 1, 0, 12, 5, 0]  # empty first, in the middle and last; a one-token sequence
 ALL_EMPTY = [0, 0, 0]
 
-ENCODERS = ["target_attention", "transformer", "sdim"]
+ENCODERS = ["target_attention", "transformer", "sdim", "mamba4rec"]
 
 
 def make_layer(device, *, live=True, parts=None, **options) -> MoSLayer:

@@ -21,7 +21,7 @@ def _empty_batch(device):
                  label=torch.zeros(0, device=device), user=none)
 
 
-@pytest.mark.parametrize("encoder", ["target_attention", "transformer", "sdim"])
+@pytest.mark.parametrize("encoder", ["target_attention", "transformer", "sdim", "mamba4rec"])
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 @pytest.mark.parametrize("kind", ["backbone", "gshard", "dselect_k", "expert_choice", "stacked_backbone", "mos"])
 def test_empty_batch_gives_finite_outputs_and_zero_loss(kind, backend, encoder, device):
