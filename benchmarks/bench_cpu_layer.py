@@ -7,8 +7,9 @@ step (the layer's output summed plus its auxiliary losses; every parameter's gra
   backbone  the layer's own global expert over the whole sequences (the model MoS contains)
   mos       the whole MoSLayer: global, short-term and K theme experts, router, fusion
 with B = 64 examples of L ± 50 % tokens, d = 32, H = 2, K = 8 themes (top-1), sessions of 8, for
-both encoders, and for the transformer also `global_scope="sessions"` (the global expert over the
-session vectors: the configuration whose FLOPs are below the backbone's).
+each built-in encoder (target attention, transformer, SDIM, Mamba4Rec: the backbone rows give
+each encoder's own CPU cost), and for the transformer also `global_scope="sessions"` (the global
+expert over the session vectors: the configuration whose FLOPs are below the backbone's).
 
 Columns: median wall time of `--reps` interleaved repetitions of each side (after one warm-up),
 the MoS/backbone wall-time ratio, the MoS/backbone FLOP ratio (torch's FlopCounterMode over the
@@ -48,6 +49,8 @@ CONFIGS = {   # name: MoSConfig options beyond the shared ones
     "target_attention": dict(encoder="target_attention"),
     "transformer": dict(encoder="transformer"),
     "transformer_global_sessions": dict(encoder="transformer", global_scope="sessions"),
+    "sdim": dict(encoder="sdim"),
+    "mamba4rec": dict(encoder="mamba4rec"),
 }
 COLUMNS = ("config", "L", "tokens", "backbone_ms", "mos_ms", "wall_ratio", "flop_ratio", "wall_per_flop_ratio",
            "threads")
