@@ -1,6 +1,6 @@
 """The CTR lab on a GPU: a quick profile with `train.device=cuda`, two runs at a time (spawned
 workers sharing the card), every model of the hidden-theme study (configs/profile_hidden.yaml's
-`models`) with both encoders, on the kernels `backend: auto` picks there. Every run must finish
+`models`) with every built-in encoder, on the kernels `backend: auto` picks there. Every run must finish
 with finite predictions and name the GPU it trained on, so that a study on a lent GPU finds
 nothing to fix before its numbers. The GPU check's last test phase runs it; skipped where torch
 sees no CUDA device. (No "cuda" in these names: the GPU check deselects `-k cuda` when the CUDA
@@ -26,7 +26,7 @@ def quick_profile_on(device: str, encoder: str, out_dir) -> dict:
     return {path.stem: json.loads(path.read_text())["record"] for path in sorted((out_dir / "runs").glob("*.json"))}
 
 
-@pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
+@pytest.mark.parametrize("encoder", ["target_attention", "transformer", "sdim", "mamba4rec"])
 def test_a_quick_profile_trains_on_the_gpu(tmp_path, encoder):
     records = quick_profile_on("cuda", encoder, tmp_path)
     assert sorted(record["model"] for record in records.values()) == sorted(load_run_config(CONFIG, []).models)
