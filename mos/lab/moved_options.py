@@ -46,7 +46,8 @@ ADDED = {"model.recency": "none"}
 # computes what it computed before they existed, so they stay out of its fingerprint
 # (`mos.lab.profiling.runs.fingerprint`) and a finished run still counts.
 LATER_AT_DEFAULT = {"model.routing_embedding": False, "model.ablation.session_consistency": False,
-                    "model.mos.consistency_weight": 1.0, "model.mos.theme_recency": False}
+                    "model.mos.consistency_weight": 1.0, "model.mos.theme_recency": False,
+                    "model.mos.sdim_rounds": 16, "model.mos.sdim_bits": 3, "model.mos.mamba_state": 16}
 # Options added later whose defaults are the behaviour of before (the generator's routing-setting
 # options draw the old data at their defaults; the layer without theme mass is the old layer):
 # a tree without them gets them at those values.
