@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from mos_kernels.checks import FLOAT_DTYPES, check_count, check_finite, check_offsets, check_tensor
+from mos_kernels.checks import FLOAT_DTYPES, check_count, check_finite, check_offsets, check_tensor, reads_data
 from mos_kernels.jagged import max_segment_length, positions_in_segment
 
 
@@ -35,13 +35,15 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor, segment_offsets: torch.T
     check_offsets("segment_offsets", segment_offsets, total=b.shape[0], device=b.device)
     check_finite("a", a)
     check_finite("b", b)
-    longest = max_segment_length(segment_offsets) if max_len is None else None
-    if max_len is not None:
+    if max_len is None:
+        max_len = max_segment_length(segment_offsets)
+    else:
         check_count("max_len", max_len, minimum=0)
-        if segment_offsets.device.type == "cpu" and max_len < max_segment_length(segment_offsets):
+        # A data check like the others: too few doubling steps would silently cut every longer segment.
+        if reads_data() and max_len < max_segment_length(segment_offsets):
             raise ValueError(f"max_len: expected at least the longest segment "
                              f"({max_segment_length(segment_offsets)}), got {max_len}")
-    return _linear_recurrence(a, b, segment_offsets, max_len if max_len is not None else longest)
+    return _linear_recurrence(a, b, segment_offsets, max_len)
 
 
 def shift_rows(x: torch.Tensor, step: int) -> torch.Tensor:
