@@ -8,6 +8,7 @@ layout; the theme experts use E = K over the theme-major dispatch. Empty segment
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -205,3 +206,18 @@ def encoder_options(config) -> dict:
     return dict(num_layers=config.num_layers, dropout=config.dropout, backend=config.backend,
                 attention_mass=config.attention_mass, sdim_rounds=config.sdim_rounds, sdim_bits=config.sdim_bits,
                 mamba_state=config.mamba_state)
+
+
+# The MoSConfig fields that configure only the built-in encoders: a user's encoder ignores them.
+BUILT_IN_ONLY = ("encoder", "num_heads", "num_layers", "attention_mass", "sdim_rounds", "sdim_bits", "mamba_state")
+
+
+def check_built_in_options_unset(config) -> None:
+    """With a user's encoder (`MoSLayer(encoder=...)`) the fields in BUILT_IN_ONLY would have no
+    effect: raise ValueError naming each one set away from its default, rather than ignore it."""
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}
+    changed = [f"config.{name}={getattr(config, name)!r} (default {defaults[name]!r})"
+               for name in BUILT_IN_ONLY if getattr(config, name) != defaults[name]]
+    if changed:
+        raise ValueError(f"encoder: a user's encoder ignores the built-in encoders' options, expected them at their "
+                         f"defaults, got {', '.join(changed)}: leave them unset or drop encoder=")

@@ -20,7 +20,7 @@ from mos_kernels.jagged import max_segment_length
 
 from .config import EXPERT_KINDS, MoSConfig
 from .encoder_protocol import as_factory
-from .encoders import encoder_options, make_encoder
+from .encoders import check_built_in_options_unset, encoder_options, make_encoder
 from .experts import (BUILD, BUILD_ORDER, GLOBAL_PATHS, PATHS, RUN_ORDER, Batch, as_given, check_experts, fusion_for,
                       with_theme_mass, with_theme_recency, without_theme_mass, without_theme_recency)
 from .inputs import as_jagged, routing_inputs
@@ -44,8 +44,10 @@ class MoSLayer(nn.Module):
     `encoder`: the experts' sequence model. None (default): the built-in encoder that
     `config.encoder` names (`mos.encoders`). Else a factory `num_experts -> nn.Module` or a
     one-expert `nn.Module` (copied once per expert) of the protocol in `mos.encoder_protocol`,
-    used for the global, the short-term and every theme expert; `config.encoder` and the
-    built-in encoders' options (num_heads, num_layers, dropout, attention_mass) do not apply to it.
+    used for the global, the short-term and every theme expert. `config.encoder` and the built-in
+    encoders' options (`mos.encoders.BUILT_IN_ONLY`: num_heads, num_layers, attention_mass, sdim_*,
+    mamba_state) do not apply to it: set away from their defaults they raise ValueError naming
+    `encoder` (`config.dropout` still applies to the fused output).
 
     The other keyword-only parts replace pieces of the layer to measure what each adds (the CTR
     lab's ablations); the defaults are the layer:
@@ -84,6 +86,7 @@ class MoSLayer(nn.Module):
             encoder = functools.partial(make_encoder, cfg.encoder, d, cfg.num_heads, **encoder_options(cfg))
         else:
             encoder = as_factory(encoder)
+            check_built_in_options_unset(cfg)
         # Only the experts that run own parameters (DDP refuses parameters that get no gradient).
         # The global expert is built first: it then draws the same initial weights as a backbone
         # encoder built at the same point of the random stream (`CTRModel` relies on it).

@@ -5,6 +5,8 @@ zeros whatever the encoder returns; factories, one-expert modules and built-ins 
 door; wrong outputs and arguments are refused naming `encoder`."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -174,10 +176,12 @@ def test_the_built_in_encoders_pass_through_the_same_door(kind):
     from mos.encoders import make_encoder
     values, target, offsets = _batch()
     config = MoSConfig(dim=DIM, num_heads=2, num_themes=3, session_len=2, short_sessions=2, encoder=kind)
+    # The given encoder's layer keeps config.encoder at its default: a user's encoder refuses it.
+    given_config = dataclasses.replace(config, encoder=MoSConfig().encoder)
     layers = []
-    for encoder in (None, functools.partial(make_encoder, kind, DIM, 2)):
+    for cfg, encoder in ((config, None), (given_config, functools.partial(make_encoder, kind, DIM, 2))):
         torch.manual_seed(0)
-        layers.append(MoSLayer(config, encoder=encoder))
+        layers.append(MoSLayer(cfg, encoder=encoder))
         with torch.no_grad():
             layers[-1].extras_out.weight.fill_(0.1)
     default, given = layers
@@ -215,6 +219,21 @@ def test_bad_encoders_are_refused_at_construction(encoder, error, words):
         _layer(encoder)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.parametrize("option, value", [("encoder", "transformer"), ("num_heads", 4), ("num_layers", 2),
+                                           ("attention_mass", True), ("sdim_rounds", 8), ("sdim_bits", 2),
+                                           ("mamba_state", 8)])
+def test_a_built_in_option_with_a_user_encoder_is_refused_not_ignored(option, value):
+    """Each option that only the built-in encoders read, set with a user's encoder, is refused
+    naming `encoder`, the option, its value and its default; at its default it is accepted."""
+    config = MoSConfig(**{**dict(dim=DIM, num_themes=3, session_len=2), option: value})
+    with pytest.raises(ValueError) as info:
+        MoSLayer(config, encoder=per_expert(GRUReadout))
+    default = getattr(MoSConfig(), option)
+    for word in ("encoder", f"config.{option}={value!r} (default {default!r})", "drop encoder="):
+        assert word in str(info.value)
+    MoSLayer(dataclasses.replace(config, **{option: default}), encoder=per_expert(GRUReadout))
 
 
 @pytest.mark.parametrize("module, error, words", [
