@@ -86,7 +86,7 @@ class _MambaBlock(nn.Module):
         self.w_ff2 = _uniform(num_experts, 2 * dim, dim, fan_in=2 * dim)
         self.b_ff2 = _uniform(num_experts, dim, fan_in=2 * dim)
 
-    def forward(self, rows, expert, expert_offsets, segment_offsets, position, max_len, dropout, linear):
+    def forward(self, rows, expert, expert_offsets, segment_offsets, position, dropout, linear):
         dim, inner, rank, state = rows.shape[1], self.inner, self.rank, self.state
         h = F.layer_norm(rows, (dim,)) * self.ln1_weight[expert] + self.ln1_bias[expert]
         u, z = mk.grouped_linear(h, self.w_in, None, expert_offsets, backend=linear).split(inner, dim=1)
@@ -98,9 +98,11 @@ class _MambaBlock(nn.Module):
         r, b_in, c_out = mk.grouped_linear(u, self.w_x, None, expert_offsets, backend=linear).split(
             [rank, state, state], dim=1)
         delta = F.softplus(mk.grouped_linear(r, self.w_dt, self.b_dt, expert_offsets, backend=linear))
-        decay = torch.exp(delta[:, :, None] * -torch.exp(self.a_log[expert].to(delta.dtype)))       # [N, D, S]
+        a = -torch.exp(self.a_log.to(delta.dtype))                       # [E, D, S]
+        # One expert broadcasts its A over the rows: no [N, D, S] gather, and a sum, not a scatter, back.
+        decay = torch.exp(delta[:, :, None] * (a[0] if a.shape[0] == 1 else a[expert]))                 # [N, D, S]
         drive = torch.einsum("nd,ns->nds", delta * u, b_in)
-        states = linear_recurrence(decay, drive, segment_offsets, max_len=max_len)
+        states = linear_recurrence(decay, drive, segment_offsets)
         y = torch.einsum("nds,ns->nd", states, c_out) + self.d_skip[expert].to(u.dtype) * u
         rows = rows + F.dropout(mk.grouped_linear(y * F.silu(z), self.w_out, None, expert_offsets, backend=linear),
                                 dropout)
@@ -136,6 +138,6 @@ class Mamba4RecEncoder(nn.Module):
         if max_len is None:
             max_len = max_segment_length(segment_offsets)
         for block in self.layers:
-            rows = block(rows, expert, expert_offsets, segment_offsets, position, max_len,
+            rows = block(rows, expert, expert_offsets, segment_offsets, position,
                          self.dropout if self.training else 0.0, self.backends["grouped_linear"])
         return self.target_readout(rows, target, segment_offsets, max_len=max_len)

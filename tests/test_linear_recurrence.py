@@ -1,7 +1,9 @@
 """linear_recurrence (mos/linear_recurrence.py), the selective scan of the Mamba4Rec encoder:
-against the row-by-row oracle on awkward segments (empty, one row, prime lengths, longer than
-several doubling steps), forward and both gradients; gradcheck and opcheck of the custom op;
-fp16/bf16; the FLOPs counters see; bad input named."""
+against the row-by-row oracle on awkward segments (empty, one row, prime lengths, segments that
+start and end on and off chunk boundaries, enough rows for three levels of chunks), forward and
+both gradients; gradcheck and opcheck of the custom op; fp16/bf16; the FLOPs counters see; bad
+input named; on a CUDA device (the GPU check), the long setting's shape in fp32/fp16/bf16 and
+bitwise repeatable."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mos.linear_recurrence import linear_recurrence
 from tests import oracles
+from tests.gpu_cases import GPU_DTYPES, RELATIVE_ERROR, cotangent, needs_cuda, relative_error, rounded_leaves
 from tests.kernel_cases import assert_matches
 from tests.tolerances import assert_close
 
@@ -24,7 +27,10 @@ def _inputs(lengths=LENGTHS, shape=(3, 2), dtype=torch.float32, seed=0):
     return a, b, oracles.offsets_of(lengths)
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, [5], [0, 0], [1, 1, 1], [64, 65]], ids=str)
+# CHUNK = 16: [16, 16, 32, 15, 17] puts boundaries on and beside chunk edges; 4,418 rows make 277
+# chunks, then 18, then 2 (three levels); [64, 65] two levels.
+@pytest.mark.parametrize("lengths", [LENGTHS, [5], [0, 0], [1, 1, 1], [64, 65], [16, 16, 32, 15, 17],
+                                     [0, 300, 1, 17, 4100]], ids=lambda lengths: str(lengths)[:30])
 def test_the_scan_matches_the_row_by_row_oracle(lengths):
     """Forward and the gradients of a and b equal the float64 loop's, segment boundaries kept."""
     a, b, offsets = _inputs(lengths)
@@ -41,18 +47,11 @@ def test_the_scan_matches_the_row_by_row_oracle(lengths):
             assert_matches(x, y, "reduction", msg=name)
 
 
-def test_a_larger_max_len_changes_nothing_and_a_smaller_one_is_refused():
-    a, b, offsets = _inputs()
-    assert torch.equal(linear_recurrence(a, b, offsets), linear_recurrence(a, b, offsets, max_len=100))
-    with pytest.raises(ValueError, match=r"max_len: expected at least the longest segment \(37\), got 36"):
-        linear_recurrence(a, b, offsets, max_len=36)
-
-
 def test_gradcheck_and_opcheck():
     a, b, offsets = _inputs([3, 0, 6, 1], shape=(2,), dtype=torch.float64)
     a, b = a.requires_grad_(), b.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: linear_recurrence(a, b, offsets), (a, b))
-    torch.library.opcheck(torch.ops.mos.linear_recurrence.default, (a.float(), b.float(), offsets, 6))
+    torch.library.opcheck(torch.ops.mos.linear_recurrence.default, (a.float(), b.float(), offsets))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -88,3 +87,29 @@ def test_bad_input_is_named(change, error, words):
         linear_recurrence(a, b, offsets)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_the_scan_at_scale_on_cuda_matches_float64_and_repeats_bitwise(dtype):
+    """The long setting's shape on the card (64 histories of 112-565 rows, Mamba4Rec's D * S = 1024
+    channels, four levels of chunks): h and both gradients in dtype against the float64 scan of
+    the same rounded inputs, and a second run bitwise equal to the first (no atomics)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = torch.randint(112, 566, (64,), device="cuda", generator=gen)
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    num_rows = int(offsets[-1])
+    a = torch.rand(num_rows, 64, 16, device="cuda", generator=gen).mul(0.98).add(0.01)
+    b = torch.randn(num_rows, 64, 16, device="cuda", generator=gen)
+    g = cotangent(b.shape, dtype, 1)
+    runs = []
+    for run_dtype in (dtype, dtype, torch.float64):
+        leaves = rounded_leaves([a, b], dtype, run_dtype)
+        h = linear_recurrence(*leaves, offsets)
+        h.backward(g.to(run_dtype))
+        runs.append([h, *(leaf.grad for leaf in leaves)])
+    for name, first, again, want in zip(("h", "grad a", "grad b"), *runs):
+        assert torch.equal(first, again), f"{name}: two runs differ"
+        error = relative_error(first, want)
+        assert error < RELATIVE_ERROR[dtype], f"{name}: relative error {error:.2e}"

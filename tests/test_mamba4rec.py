@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mos import MoSConfig, MoSLayer
 from mos.encoders import make_encoder
 from mos.mamba4rec import Mamba4RecEncoder, mamba_layer_flops
-from mos_kernels.jagged import expert_offsets, max_segment_length, positions_in_segment, segment_ids
+from mos_kernels.jagged import expert_offsets, positions_in_segment, segment_ids
 from tests import oracles
 from tests.kernel_cases import assert_matches
 
@@ -39,7 +39,7 @@ def test_a_mamba_block_matches_the_step_by_step_oracle(num_experts, lengths):
     block = encoder.layers[0]
     rows, offsets, experts, expert, position = _block_inputs(lengths, num_experts)
     rows.requires_grad_()
-    out = block(rows, expert, experts, offsets, position, max_segment_length(offsets), 0.0, "reference")
+    out = block(rows, expert, experts, offsets, position, 0.0, "reference")
     block_64 = copy.deepcopy(block).double()
     rows_64 = rows.detach().double().requires_grad_()
     expected = oracles.mamba_block(block_64, rows_64, offsets, num_experts)
@@ -74,7 +74,7 @@ def test_the_flop_formula_is_what_the_counter_sees():
     encoder = make_encoder("mamba4rec", 8, 2, 2, num_layers=2, mamba_state=4)
     rows, offsets, experts, expert, position = _block_inputs()
     with FlopCounterMode(display=False) as counter:
-        encoder.layers[0](rows, expert, experts, offsets, position, 17, 0.0, "reference")
+        encoder.layers[0](rows, expert, experts, offsets, position, 0.0, "reference")
     assert counter.get_total_flops() == mamba_layer_flops(rows.shape[0], 8, 4)
 
 
