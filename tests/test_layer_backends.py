@@ -2,10 +2,11 @@
 forward and backward; each op's own comparisons are in tests/ops/.
 
 test_layer_equals_reference is the one comparison of the whole layer with its reference, over
-three kinds of case: the small configurations (encoder, top-k, max_theme_tokens) on both kernel
-backends; every option of the layer (global scope, fusion, two layers) on Triton; and,
-on a CUDA device only, the layer at B = 64, L = 256 in fp32 / fp16 / bf16 on both kernel backends.
-test_layer_all_empty_batch_is_finite runs a batch without history. On the CPU Triton runs under
+three kinds of case: the small configurations (each built-in encoder, top-k, max_theme_tokens) on
+both kernel backends; every option of the layer (global scope, fusion, two layers) on Triton; and,
+on a CUDA device only, the layer at B = 64, L = 256 in fp32 / fp16 / bf16 with each built-in
+encoder on both kernel backends. test_layer_all_empty_batch_is_finite runs a batch without
+history with each encoder. On the CPU Triton runs under
 TRITON_INTERPRET=1 and the CUDA extension's kernel code under its emulation (MOS_CUDA_EMULATE=1);
 the GPU check script runs the same file with MOS_TEST_DEVICE=cuda. Outputs are poisoned with NaN /
 a sentinel before every kernel, so an element a kernel fails to write cannot pass.
@@ -25,13 +26,16 @@ from tests.oracles import live_extras
 from tests.tolerances import assert_close
 
 
+ENCODERS = ["target_attention", "transformer", "sdim", "mamba4rec"]
+
+
 @pytest.fixture(autouse=True)
 def _poison():
     with poisoned_outputs():
         yield
 
 
-@pytest.mark.parametrize("encoder", ["target_attention", "transformer"])
+@pytest.mark.parametrize("encoder", ENCODERS)
 def test_layer_all_empty_batch_is_finite(encoder, device):
     """No history at all: every segment of every expert is empty; zeros flow, no NaN, and every
     parameter the batch reaches gets a finite gradient."""
@@ -75,12 +79,16 @@ CASES = (
     [_small(dict(encoder=encoder, top_k=top_k, max_theme_tokens=max_theme_tokens), [0, 9, 1, 14, 0], backend)
      for encoder in ("target_attention", "transformer") for top_k, max_theme_tokens in ((1, None), (2, 3))
      for backend in ("triton", "cuda")]
+    # SDIM and Mamba4Rec call the kernels for their projections, and the layer's own steps
+    # (pooling, routing, dispatch, gather) run on the backend around them.
+    + [_small(dict(encoder=encoder, top_k=2, max_theme_tokens=3), [0, 9, 1, 14, 0], backend)
+       for encoder in ("sdim", "mamba4rec") for backend in ("triton", "cuda")]
     + [_small(options, [0, 9, 1, 14, 0, 30], "triton") for options in LAYER_OPTIONS]
     # Found by tests/test_layer_fuzz.py: one example without history (no gradient reaches the
     # values on either backend; the comparison once required one).
     + [_small(dict(encoder="transformer", num_themes=1, session_len=1), [0], "triton")]
     + [_gpu_scale(dtype, encoder, backend) for dtype in (torch.float32, torch.float16, torch.bfloat16)
-       for encoder in ("target_attention", "transformer") for backend in ("triton", "cuda")]
+       for encoder in ENCODERS for backend in ("triton", "cuda")]
 )
 
 
