@@ -13,6 +13,7 @@ from torch import nn
 
 from mos import MoSConfig, MoSLayer
 from mos.encoder_protocol import PerExpert, per_expert, run_encoder
+from tests.conftest import require_cuda_ext
 from tests.tolerances import assert_close
 
 DIM = 8
@@ -112,11 +113,16 @@ def _by_hand(layer, values, target, offsets, routing):
     return torch.stack(e_global) + extras, lengths
 
 
-def test_a_user_gru_runs_as_every_expert_as_by_hand():
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_a_user_gru_runs_as_every_expert_as_by_hand(backend):
     """MoSLayer(encoder=per_expert(GRUReadout)): the output and every expert's gradients equal
-    the GRU run on each example's history, last sessions and theme subsequences by hand."""
+    the GRU run on each example's history, last sessions and theme subsequences by hand, with the
+    layer's own steps (pooling, routing, dispatch, the gather of each expert's rows) on each
+    backend (Triton under the interpreter, CUDA under its emulation on the CPU)."""
+    if backend == "cuda":
+        require_cuda_ext()
     values, target, offsets = _batch()
-    layer = _layer(per_expert(GRUReadout))
+    layer = _layer(per_expert(GRUReadout), backend=backend)
     assert isinstance(layer.theme_experts, PerExpert) and len(layer.theme_experts.experts) == 3
     out = layer(values, target, offsets)
     expected, lengths = _by_hand(layer, values, target, offsets, out.routing)
