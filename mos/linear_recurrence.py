@@ -43,10 +43,9 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor, segment_offsets: torch.T
 
 
 def shift_rows(x: torch.Tensor, step: int) -> torch.Tensor:
-    """Row t of the result is row t - step of x (zeros for t < step)."""
-    if step >= x.shape[0]:
-        return torch.zeros_like(x)
-    return torch.cat([x.new_zeros((step, *x.shape[1:])), x[:-step]])
+    """Row t of the result is row t - step of x (zeros for t < step). No branch on the row count:
+    under torch.compile a theme's rows are a data-dependent size, which a comparison cannot guard."""
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (step, 0))[:x.shape[0]]
 
 
 def _own_padded(x: torch.Tensor, dtype: torch.dtype, num_rows: Optional[int] = None) -> torch.Tensor:
@@ -54,7 +53,7 @@ def _own_padded(x: torch.Tensor, dtype: torch.dtype, num_rows: Optional[int] = N
     first multiple of CHUNK at or above num_rows (default: x's rows)."""
     rows = x.shape[0] if num_rows is None else num_rows
     out = torch.empty((-(-rows // CHUNK) * CHUNK, math.prod(x.shape[1:])), dtype=dtype, device=x.device)
-    out[:x.shape[0]].copy_(x.reshape(x.shape[0], -1))
+    out[:x.shape[0]].copy_(x.reshape(x.shape[0], out.shape[1]))      # (not -1: x may have no rows)
     out[x.shape[0]:].zero_()
     return out
 

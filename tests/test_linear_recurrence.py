@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mos.linear_recurrence import linear_recurrence
+from mos.linear_recurrence import linear_recurrence, shift_rows
 from tests import oracles
 from tests.gpu_cases import GPU_DTYPES, RELATIVE_ERROR, cotangent, needs_cuda, relative_error, rounded_leaves
 from tests.kernel_cases import assert_matches
@@ -29,7 +29,7 @@ def _inputs(lengths=LENGTHS, shape=(3, 2), dtype=torch.float32, seed=0):
 
 # CHUNK = 16: [16, 16, 32, 15, 17] puts boundaries on and beside chunk edges; 4,418 rows make 277
 # chunks, then 18, then 2 (three levels); [64, 65] two levels.
-@pytest.mark.parametrize("lengths", [LENGTHS, [5], [0, 0], [1, 1, 1], [64, 65], [16, 16, 32, 15, 17],
+@pytest.mark.parametrize("lengths", [LENGTHS, [1], [5], [0, 0], [1, 1, 1], [64, 65], [16, 16, 32, 15, 17],
                                      [0, 300, 1, 17, 4100]], ids=lambda lengths: str(lengths)[:30])
 def test_the_scan_matches_the_row_by_row_oracle(lengths):
     """Forward and the gradients of a and b equal the float64 loop's, segment boundaries kept."""
@@ -72,6 +72,16 @@ def test_flop_counters_see_the_recurrence_not_the_scan():
         h.sum().backward()
     assert forward.get_total_flops() == 2 * b.numel()
     assert backward.get_total_flops() == 3 * b.numel()
+
+
+@pytest.mark.parametrize("num_rows", [0, 1, 5])
+def test_shift_rows_moves_rows_down_and_fills_zeros(num_rows):
+    """Mamba4Rec's causal convolution reads row t - step through it: every step, past the end too."""
+    x = torch.randn(num_rows, 2, 3)
+    for step in range(num_rows + 2):
+        expected = torch.zeros_like(x)
+        expected[step:] = x[:max(num_rows - step, 0)]
+        assert torch.equal(shift_rows(x, step), expected), step
 
 
 @pytest.mark.parametrize("change, error, words", [
