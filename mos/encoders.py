@@ -216,8 +216,11 @@ def check_built_in_options_unset(config) -> None:
     """With a user's encoder (`MoSLayer(encoder=...)`) the fields in BUILT_IN_ONLY would have no
     effect: raise ValueError naming each one set away from its default, rather than ignore it."""
     defaults = {field.name: field.default for field in dataclasses.fields(config)}
+    ignored = set(BUILT_IN_ONLY)
+    if config.dim % defaults["num_heads"]:
+        ignored.discard("num_heads")     # the config needs dim % num_heads == 0: a width the default does not divide
     changed = [f"config.{name}={getattr(config, name)!r} (default {defaults[name]!r})"
-               for name in BUILT_IN_ONLY if getattr(config, name) != defaults[name]]
+               for name in BUILT_IN_ONLY if name in ignored and getattr(config, name) != defaults[name]]
     if changed:
         raise ValueError(f"encoder: a user's encoder ignores the built-in encoders' options, expected them at their "
                          f"defaults, got {', '.join(changed)}: leave them unset or drop encoder=")

@@ -242,6 +242,15 @@ def test_a_built_in_option_with_a_user_encoder_is_refused_not_ignored(option, va
     MoSLayer(dataclasses.replace(config, **{option: default}), encoder=per_expert(GRUReadout))
 
 
+def test_a_width_the_default_heads_do_not_divide_may_set_num_heads():
+    """MoSConfig needs dim % num_heads == 0: at an odd width num_heads must leave its default, so
+    with a user's encoder it is accepted there (and still refused where the default would do)."""
+    odd = dict(dim=7, num_themes=3, session_len=2, num_heads=1)
+    MoSLayer(MoSConfig(**odd), encoder=per_expert(lambda: GRUReadout(7)))
+    with pytest.raises(ValueError, match=r"config.num_heads=1 \(default 2\)"):
+        MoSLayer(MoSConfig(**dict(odd, dim=8)), encoder=per_expert(GRUReadout))
+
+
 @pytest.mark.parametrize("module, error, words", [
     (_WrongShape(), ValueError, ["encoder", "shape [1, 5, 8]", "[5, 8]"]),
     (_WrongDtype(), TypeError, ["encoder", "rows' dtype, float32", "float64"]),
