@@ -81,8 +81,10 @@ class SDIMEncoder(nn.Module):
         expert_offsets = jagged_expert_offsets(segment_offsets, num_experts)
         with torch.no_grad():            # signatures are not differentiable: no graph for them
             planes = self.hyperplanes.to(acc)
+            # On the reference whatever the backend: a sign test is discontinuous, so a kernel's
+            # last-bit rounding would move a row near a hyperplane between buckets.
             row_sig = self._codes(mk.grouped_linear(rows.to(acc), planes, None, expert_offsets,
-                                                    backend=self.backends["grouped_linear"]))             # [N, R]
+                                                    backend="reference"))                                # [N, R]
             target_projected = torch.einsum("bd,edh->ebh", target.to(acc), planes)
             target_sig = self._codes(target_projected.reshape(num_segments, planes.shape[2]))  # [S, R]
             sampled = (row_sig == target_sig[segment]).to(acc)                  # [N, R]
