@@ -1,9 +1,11 @@
-"""Benchmarks of the pooling, dispatch and gather kernels: fused session pooling + routing
-(`session_pool_route`), `theme_dispatch` (with the gather it feeds), `theme_gather` and
-`theme_scatter`, each against the reference eager and the reference under torch.compile.
+"""Benchmarks of the pooling, dispatch, gather and scan kernels: fused session pooling + routing
+(`session_pool_route`), `theme_dispatch` (with the gather it feeds), `theme_gather`,
+`theme_scatter` and `linear_recurrence` (Mamba4Rec's scan, over d channels of the same jagged
+histories), each against the reference eager and the reference under torch.compile.
 
     python -m benchmarks.bench_kernels --out DIR [--quick]
-        [--ops session_pool_route,theme_dispatch,theme_gather,theme_scatter] [--dtype bf16,fp16,fp32] [--device cuda]
+        [--ops session_pool_route,theme_dispatch,theme_gather,theme_scatter,linear_recurrence]
+        [--dtype bf16,fp16,fp32] [--device cuda]
 
 Inputs are jagged histories of about L tokens per example (±50 %, every 64th one empty),
 B = 2^21 // L examples, cut into sessions of 8 by `sessionize(mode="fixed")`, routed by the
@@ -59,6 +61,7 @@ SWEEPS = {
     "theme_dispatch": ("K", "L", "top_k"),
     "theme_gather": ("d", "L", "top_k"),
     "theme_scatter": ("d", "L", "top_k"),
+    "linear_recurrence": ("d", "L"),
 }
 OPS = tuple(SWEEPS)
 
@@ -223,8 +226,29 @@ def theme_scatter_case(batch: Batch) -> Case:
         grad_inputs=(0,), grad_outputs=(0,))
 
 
+def linear_recurrence_case(batch: Batch) -> Case:
+    """The scan over every history's tokens, d channels each, decays a in (0.01, 0.99)."""
+    c = batch.columns
+    e = batch.values.element_size()
+    device_gen = torch.Generator(device=batch.values.device).manual_seed(2)
+    decay = torch.rand(batch.values.shape, generator=device_gen, device=batch.values.device).mul(0.98).add(0.01)
+
+    def run(backend, a, b, offsets):
+        return (mk.linear_recurrence(a, b, offsets, backend=backend),)
+
+    elements = c["T"] * c["d"]
+    return Case(
+        op="linear_recurrence", kernels=("linear_recurrence",), run=run,
+        inputs=(decay.to(batch.dtype), batch.values, batch.offsets), dtype=batch.dtype, shape=c,
+        # read a, b T·d·e each, write h; backward: read g, a, h, write grad a, grad b.
+        bytes={"fwd": 3 * elements * e, "bwd": 5 * elements * e},
+        flops={"fwd": 2 * elements, "bwd": 3 * elements},
+        grad_inputs=(0, 1), grad_outputs=(0,))
+
+
 CASE_BUILDERS = {"session_pool_route": session_pool_route_case, "theme_dispatch": theme_dispatch_case,
-                 "theme_gather": theme_gather_case, "theme_scatter": theme_scatter_case}
+                 "theme_gather": theme_gather_case, "theme_scatter": theme_scatter_case,
+                 "linear_recurrence": linear_recurrence_case}
 
 
 def build_case(op: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Case:

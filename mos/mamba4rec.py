@@ -14,7 +14,7 @@ Per expert and layer, over each segment's rows x_1..x_L in time order (pre-LN re
 
 then a target attention over the encoded rows reads out one vector per segment (as the
 transformer encoder does; Mamba4Rec reads the last position for next-item prediction, a CTR model
-scores a given candidate). The scan is `mos.linear_recurrence`: vectorised over all segments,
+scores a given candidate). The scan is `mos_kernels.linear_recurrence`: vectorised over all segments,
 exact on jagged ones; an empty segment gives zeros. Initialisation as Mamba's: A_log = log(1..S),
 delta's bias so that softplus gives steps log-uniform in [1e-3, 1e-1], D_skip = 1.
 """
@@ -33,11 +33,16 @@ from mos_kernels.checks import check_count
 from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, max_segment_length, positions_in_segment
 from mos_kernels.jagged import segment_ids
 
-from .linear_recurrence import linear_recurrence, shift_rows
 
 EXPAND = 2          # inner width D = EXPAND * d (Mamba's default)
 CONV_WIDTH = 4      # causal depthwise convolution over the last 4 rows (Mamba's default)
 DT_MIN, DT_MAX = 1e-3, 1e-1
+
+
+def shift_rows(x: torch.Tensor, step: int) -> torch.Tensor:
+    """Row t of the result is row t - step of x (zeros for t < step). No branch on the row count:
+    under torch.compile a theme's rows are a data-dependent size, which a comparison cannot guard."""
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (step, 0))[:x.shape[0]]
 
 
 def _uniform(*shape, fan_in: int) -> nn.Parameter:
@@ -86,7 +91,8 @@ class _MambaBlock(nn.Module):
         self.w_ff2 = _uniform(num_experts, 2 * dim, dim, fan_in=2 * dim)
         self.b_ff2 = _uniform(num_experts, dim, fan_in=2 * dim)
 
-    def forward(self, rows, expert, expert_offsets, segment_offsets, position, dropout, linear):
+    def forward(self, rows, expert, expert_offsets, segment_offsets, position, dropout, backends):
+        linear = backends["grouped_linear"]
         dim, inner, rank, state = rows.shape[1], self.inner, self.rank, self.state
         h = F.layer_norm(rows, (dim,)) * self.ln1_weight[expert] + self.ln1_bias[expert]
         u, z = mk.grouped_linear(h, self.w_in, None, expert_offsets, backend=linear).split(inner, dim=1)
@@ -102,7 +108,7 @@ class _MambaBlock(nn.Module):
         # One expert broadcasts its A over the rows: no [N, D, S] gather, and a sum, not a scatter, back.
         decay = torch.exp(delta[:, :, None] * (a[0] if a.shape[0] == 1 else a[expert]))                 # [N, D, S]
         drive = torch.einsum("nd,ns->nds", delta * u, b_in)
-        states = linear_recurrence(decay, drive, segment_offsets)
+        states = mk.linear_recurrence(decay, drive, segment_offsets, backend=backends["linear_recurrence"])
         y = torch.einsum("nds,ns->nd", states, c_out) + self.d_skip[expert].to(u.dtype) * u
         rows = rows + F.dropout(mk.grouped_linear(y * F.silu(z), self.w_out, None, expert_offsets, backend=linear),
                                 dropout)
@@ -139,5 +145,5 @@ class Mamba4RecEncoder(nn.Module):
             max_len = max_segment_length(segment_offsets)
         for block in self.layers:
             rows = block(rows, expert, expert_offsets, segment_offsets, position,
-                         self.dropout if self.training else 0.0, self.backends["grouped_linear"])
+                         self.dropout if self.training else 0.0, self.backends)
         return self.target_readout(rows, target, segment_offsets, max_len=max_len)

@@ -12,6 +12,7 @@ from .grouped_linear import grouped_linear
 from .jagged import (jagged_to_padded, lengths_from_offsets, offsets_from_lengths, padded_to_jagged,
                      positions_in_segment, segment_ids)
 from .jagged_self_attention import jagged_self_attention
+from .linear_recurrence import linear_recurrence
 from .session_pool import session_pool, session_pool_route
 from .sessionize import Sessions, sessionize
 from .theme_dispatch import Dispatch, theme_dispatch
@@ -20,7 +21,7 @@ from .routing import Routing
 
 __all__ = [
     "data_checks", "Dispatch", "Routing", "Sessions", "expert_target_attention", "grouped_linear", "jagged_self_attention",
-    "jagged_to_padded", "lengths_from_offsets", "offsets_from_lengths", "padded_to_jagged",
+    "jagged_to_padded", "lengths_from_offsets", "linear_recurrence", "offsets_from_lengths", "padded_to_jagged",
     "positions_in_segment", "segment_ids", "session_pool", "session_pool_route", "sessionize", "theme_dispatch", "theme_gather",
     "theme_scatter",
 ]

@@ -31,6 +31,7 @@ IMPLEMENTED = {
     "grouped_linear": ("reference", "triton"),
     "expert_target_attention": ("reference", "triton"),
     "jagged_self_attention": ("reference", "triton"),
+    "linear_recurrence": ("reference", "triton"),
 }
 
 

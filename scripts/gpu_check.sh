@@ -16,9 +16,8 @@
 #             target point, no torch.compile providers)
 #   kernels   pooling+routing, dispatch, gather, scatter at their target point (reference,
 #             triton, and cuda once built)
-#   tests_gpu the GPU-scale tests, marked `gpu` (-m gpu, in tests/ops, the layer's in
-#             tests/test_layer_backends.py, Mamba4Rec's scan's in tests/test_linear_recurrence.py):
-#             large shapes and bitwise determinism in fp32/fp16/bf16
+#   tests_gpu the GPU-scale tests, marked `gpu` (-m gpu, in tests/ops and the layer's in
+#             tests/test_layer_backends.py): large shapes and bitwise determinism in fp32/fp16/bf16
 #             on both kernel backends (MOS_REQUIRE_CUDA_EXT=1 once built; without the extension
 #             its tests are deselected, since each worker would try to build it)
 #   tests_attention  the attention and grouped-linear kernels' own tests and the layer on every
@@ -163,8 +162,7 @@ pytest_gpu=(env MOS_TEST_DEVICE=cuda MOS_REQUIRE_CUDA_EXT=$require_ext $PY -m py
 
 # By marker: the GPU-scale tests sit in their op's file. Collecting all of tests/ops takes a worker
 # one to two seconds (measured on the CPU), so selecting from it costs little.
-phase tests_gpu "${MOS_TESTS_GPU_BUDGET:-60}" "${pytest_gpu[@]}" -m gpu tests/ops tests/test_layer_backends.py \
-  tests/test_linear_recurrence.py
+phase tests_gpu "${MOS_TESTS_GPU_BUDGET:-60}" "${pytest_gpu[@]}" -m gpu tests/ops tests/test_layer_backends.py
 # The attention and grouped-linear kernels' own tests belong in the guaranteed part of the run too,
 # before the torch.compile phases; a phase of their own, since pytest ANDs -m with the paths.
 attention_tests=(tests/ops/test_grouped_linear.py tests/ops/test_expert_target_attention.py

@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mos import MoSConfig, MoSLayer
 from mos.encoders import make_encoder
-from mos.mamba4rec import Mamba4RecEncoder, mamba_layer_flops
+from mos.mamba4rec import Mamba4RecEncoder, mamba_layer_flops, shift_rows
+from mos_kernels.backend import op_backends
 from mos_kernels.jagged import expert_offsets, positions_in_segment, segment_ids
 from tests import oracles
 from tests.kernel_cases import assert_matches
@@ -39,7 +40,7 @@ def test_a_mamba_block_matches_the_step_by_step_oracle(num_experts, lengths):
     block = encoder.layers[0]
     rows, offsets, experts, expert, position = _block_inputs(lengths, num_experts)
     rows.requires_grad_()
-    out = block(rows, expert, experts, offsets, position, 0.0, "reference")
+    out = block(rows, expert, experts, offsets, position, 0.0, op_backends("reference"))
     block_64 = copy.deepcopy(block).double()
     rows_64 = rows.detach().double().requires_grad_()
     expected = oracles.mamba_block(block_64, rows_64, offsets, num_experts)
@@ -74,7 +75,7 @@ def test_the_flop_formula_is_what_the_counter_sees():
     encoder = make_encoder("mamba4rec", 8, 2, 2, num_layers=2, mamba_state=4)
     rows, offsets, experts, expert, position = _block_inputs()
     with FlopCounterMode(display=False) as counter:
-        encoder.layers[0](rows, expert, experts, offsets, position, 0.0, "reference")
+        encoder.layers[0](rows, expert, experts, offsets, position, 0.0, op_backends("reference"))
     assert counter.get_total_flops() == mamba_layer_flops(rows.shape[0], 8, 4)
 
 
@@ -119,3 +120,13 @@ def test_bad_encoder_options_are_named(options, error, words):
 def test_bad_config_option_is_named():
     with pytest.raises(ValueError, match="MoSConfig.mamba_state"):
         MoSConfig(dim=8, num_heads=2, encoder="mamba4rec", mamba_state=0)
+
+
+@pytest.mark.parametrize("num_rows", [0, 1, 5])
+def test_shift_rows_moves_rows_down_and_fills_zeros(num_rows):
+    """The causal convolution reads row t - step through it: every step, past the end too."""
+    x = torch.randn(num_rows, 2, 3)
+    for step in range(num_rows + 2):
+        expected = torch.zeros_like(x)
+        expected[step:] = x[:max(num_rows - step, 0)]
+        assert torch.equal(shift_rows(x, step), expected), step

@@ -2,7 +2,7 @@
 
 The block sizes, warps and pipeline depths come from each op's launch rules (the same
 functions its launch calls: `pool_route_blocks`, `count_blocks`, `fill_blocks`, `row_blocks`,
-`attention_blocks`, `attention_tiles`, grouped_linear's `_block`), evaluated over what the
+`recurrence_blocks`, `attention_blocks`, `attention_tiles`, grouped_linear's `_block`), evaluated over what the
 ops accept: every dtype, widths d <= 256, theme counts K <= 64, top_k <= 64 and every boolean
 switch. A configuration is (kernel name, signature, constexprs); `num_warps` / `num_stages`
 among the constexprs are launch options (`LAUNCH_OPTIONS`), not arguments.
@@ -18,7 +18,7 @@ POOL_THEME_BLOCKS = ((2, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # max(next_pow
 
 # The modules that define the @triton.jit kernels (and their MIN_WARPS_PER_SM / SPILLS_ALLOWED).
 KERNEL_MODULES = ("session_pool_kernels", "theme_dispatch_kernels", "theme_gather_kernels", "grouped_linear_kernels",
-                  "expert_target_attention_kernels", "jagged_self_attention_kernels")
+                  "expert_target_attention_kernels", "jagged_self_attention_kernels", "linear_recurrence_kernels")
 Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
 LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
 
@@ -216,10 +216,25 @@ def _self_attention_kernels(ptr: str, const: Dict[str, object]) -> List[Config]:
             ("_self_attention_bwd_q", {**qkv, **grads, "g_q_ptr": ptr, **tiles, "scale": "fp32"}, const)]
 
 
+def _recurrence_configs() -> List[Config]:
+    from mos_kernels.linear_recurrence import recurrence_blocks
+
+    out = []
+    # Every width maps to one of these blocks (next_power_of_2(width), at most 128).
+    for (dtype, ptr), block_c in itertools.product(DTYPES.items(), [2 ** i for i in range(8)]):
+        _, num_warps = recurrence_blocks(block_c)
+        const = {"BLOCK_C": block_c, "num_warps": num_warps}
+        out.append(("_recurrence_fwd", {"a_ptr": ptr, "b_ptr": ptr, "offsets_ptr": "*i64", "h_ptr": ptr,
+                                        "width": "i32"}, const))
+        out.append(("_recurrence_bwd", {"g_ptr": ptr, "a_ptr": ptr, "h_ptr": ptr, "offsets_ptr": "*i64",
+                                        "g_a_ptr": ptr, "g_b_ptr": ptr, "width": "i32"}, const))
+    return out
+
+
 def all_configs() -> List[Config]:
     """Every launchable configuration once (two rules can produce the same one), in listing order."""
     found = {}
     for config in (_pool_route_configs() + _dispatch_configs() + _gather_configs() + _grouped_mm_configs()
-                   + _target_attention_configs() + _self_attention_configs()):
+                   + _target_attention_configs() + _self_attention_configs() + _recurrence_configs()):
         found.setdefault(repr(config), config)
     return list(found.values())
