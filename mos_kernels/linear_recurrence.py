@@ -156,8 +156,8 @@ def _linear_recurrence_op(a: torch.Tensor, b: torch.Tensor, segment_offsets: tor
         from .linear_recurrence_kernels import _recurrence_fwd   # triton only where a kernel launches
 
         block_c, num_warps = recurrence_blocks(width)
-        _recurrence_fwd[(num_segments, cdiv(width, block_c))](a, b, segment_offsets, h, width, BLOCK_C=block_c,
-                                                               num_warps=num_warps)
+        _recurrence_fwd[(num_segments * cdiv(width, block_c),)](a, b, segment_offsets, h, width, BLOCK_C=block_c,
+                                                                 num_warps=num_warps)
     return h
 
 
@@ -176,8 +176,8 @@ def _linear_recurrence_backward_op(g_h: torch.Tensor, a: torch.Tensor, h: torch.
         from .linear_recurrence_kernels import _recurrence_bwd
 
         block_c, num_warps = recurrence_blocks(width)
-        _recurrence_bwd[(num_segments, cdiv(width, block_c))](g_h, a, h, segment_offsets, g_a, g_b, width,
-                                                               BLOCK_C=block_c, num_warps=num_warps)
+        _recurrence_bwd[(num_segments * cdiv(width, block_c),)](g_h, a, h, segment_offsets, g_a, g_b, width,
+                                                                 BLOCK_C=block_c, num_warps=num_warps)
     return g_a, g_b
 
 

@@ -11,8 +11,8 @@
 # (OUT_DIR/long_<encoder>/runs/): run the script again on a copy of OUT_DIR and they are read
 # back by fingerprint; a complete one writes its report there too (profile.md, paired.csv, ...).
 # MOS_CODE_VERSION names the commit in every run record where the tree came without its .git.
-# Installs nothing; prints one line per study last. Exit status 1 if a study failed (a cut one,
-# rc 124, is not a failure), else 0.
+# Installs nothing; prints one line per study last. Exit status 1 if a study failed (one cut at
+# the deadline is not a failure), else 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_study}}
@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET MOS_CUDA_EMULATE
 END=$(( $(date +%s) + ${MOS_STUDY_DEADLINE:-540} ))
 MIN_STUDY=${MOS_MIN_STUDY:-60}
-GRACE=15
+GRACE=${MOS_STUDY_GRACE:-15}            # timeout -k: a study still running this long after its SIGINT is killed
 status=0
 lines=()
 
@@ -42,11 +42,18 @@ for encoder in "${ENCODERS[@]}"; do
     "model.mos.encoder=$encoder" train.device=cuda train.progress=none "train.out_dir=$OUT_DIR/$study" \
     > "$OUT_DIR/$study.log" 2>&1
   rc=$?
+  took=$(( $(date +%s) - t0 ))
   finished=$(find "$OUT_DIR/$study/runs" -name '*.json' 2>/dev/null | wc -l)
   how="rc=$rc"
-  (( rc == 124 )) && how="cut at ${left}s (rc=124)"
-  lines+=("$study: $how, $(( $(date +%s) - t0 ))s, $finished of 10 runs finished$([ -f "$OUT_DIR/$study/profile.md" ] && echo ", report written")")
-  (( rc != 0 && rc != 124 )) && status=1
+  cut=0
+  # 124: stopped by the SIGINT; 137 once its budget is spent: killed GRACE s later (the profile's
+  # workers finish the run they hold first). A 137 before the budget is a kill of another kind.
+  if (( rc == 124 )) || { (( rc == 137 )) && (( took >= left )); }; then
+    cut=1
+    how="cut at ${left}s (rc=$rc)"
+  fi
+  lines+=("$study: $how, ${took}s, $finished of 10 runs finished$([ -f "$OUT_DIR/$study/profile.md" ] && echo ", report written")")
+  (( rc != 0 && cut == 0 )) && status=1
 done
 
 printf '%s\n' "${lines[@]}" | tee "$OUT_DIR/studies.txt"

@@ -43,10 +43,11 @@ def _batch(lengths, device, seed):
     return values, target, offsets, torch.cumsum(gaps, 0).to(device)
 
 
-# SDIM and Mamba4Rec add no kernel beyond the grouped projections the transformer's case compiles
-# on every backend; their own code (hashing, the causal convolution, the scan) is backend-free.
+# SDIM calls no kernel beyond the grouped projections the transformer's case compiles on every
+# backend (its hashing is backend-free); Mamba4Rec adds its scan, which has a Triton kernel.
 CASES = ([(backend, options) for options in OPTIONS for backend in ("reference", "triton", "cuda")]
-         + [("reference", dict(encoder=encoder)) for encoder in ("sdim", "mamba4rec")])
+         + [("reference", dict(encoder=encoder)) for encoder in ("sdim", "mamba4rec")]
+         + [("triton", dict(encoder="mamba4rec"))])
 
 
 @pytest.mark.parametrize("backend, options", CASES,

@@ -151,7 +151,7 @@ def _ptxas_path() -> str:
 # Integer arguments that are row widths or strides: a launch at the usual widths (multiples of 16)
 # specialises them as divisible by 16, as it does every pointer to a fresh 16-byte aligned tensor.
 WIDTH_ARGS = frozenset({"dim", "k_dim", "n_dim", "head_dim", "stride_a", "stride_g", "stride_out", "stride_q",
-                        "stride_k", "stride_v"})
+                        "stride_k", "stride_v", "width"})
 
 
 def _aligned(fn, signature: Dict[str, str]) -> Dict[Tuple[int, ...], list]:

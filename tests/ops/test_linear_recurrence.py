@@ -70,6 +70,19 @@ def test_triton_equals_the_reference_in_its_dtype(width, dtype, device):
     compare_to_reference(run("triton"), run("reference"), dict(a=a, b=b), dtype, "reduction", "reduction")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")   # the interpreter's inf * 0
+def test_a_first_row_reads_no_a_on_either_backend():
+    """h = b at a segment's first row whatever a holds there: with the data checks off, a non-finite
+    a at a first row must not reach h (a * 0 would be NaN)."""
+    a = torch.tensor([[float("inf")], [0.5], [float("nan")], [0.5]])
+    b = torch.ones(4, 1)
+    offsets = torch.tensor([0, 2, 4])
+    with mk.data_checks(False):
+        for backend in backends("linear_recurrence"):
+            assert torch.equal(mk.linear_recurrence(a, b, offsets, backend=backend),
+                               torch.tensor([[1.0], [1.5], [1.0], [1.5]])), backend
+
+
 def test_gradcheck_and_opcheck():
     a, b, offsets = _inputs([3, 0, 6, 1], shape=(2,), dtype=torch.float64)
     a, b = a.requires_grad_(), b.requires_grad_()
