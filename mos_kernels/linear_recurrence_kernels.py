@@ -1,7 +1,8 @@
 """The Triton kernels of `linear_recurrence`: `_recurrence_fwd` and `_recurrence_bwd`, one program
-per (segment, block of BLOCK_C channels) on one flat grid axis, walking the segment's rows in order (backward: in
-reverse) with the state in fp32 registers. Rows of [N, width] row-major tensors; every row index
-is int64 (loaded from the int64 offsets), so row * width cannot wrap past 2^31 elements."""
+per (segment, block of BLOCK_C channels) on one flat grid axis, walking the segment's rows in
+order (backward: in reverse) with the state in fp32 registers. Rows of [N, width] row-major
+tensors (width > 0: the op launches nothing without elements); every row index is int64 (loaded
+from the int64 offsets), so row * width cannot wrap past 2^31 elements."""
 from __future__ import annotations
 
 import triton
