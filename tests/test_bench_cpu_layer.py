@@ -52,6 +52,28 @@ def test_global_over_sessions_costs_fewer_flops_than_the_backbone_on_long_histor
     assert row["flop_ratio"] < 1
 
 
+@pytest.mark.parametrize("config", list(bench_cpu_layer.CONFIGS))
+def test_both_sides_skip_the_data_scans(config, monkeypatch):
+    """The layer runs its experts with the data-reading checks off; the backbone side must too, or
+    it alone pays a NaN scan per op and the wall ratio reads MoS cheaper than it is."""
+    from mos_kernels import checks
+
+    scans = {"n": 0}
+    real = checks.reads_data
+
+    def counting():
+        on = real()
+        scans["n"] += on
+        return on
+
+    monkeypatch.setattr(checks, "reads_data", counting)    # what every data check of the ops asks
+    steps = bench_cpu_layer.training_steps(bench_cpu_layer.CONFIGS[config], bench_cpu_layer.make_inputs(8))
+    for name, step in steps.items():
+        scans["n"] = 0
+        step()
+        assert scans["n"] == 0, f"{name}: {scans['n']} data scans"
+
+
 @pytest.mark.parametrize("argv, word", [(["--configs", "nope"], "--configs"), (["--lengths", "a"], "--lengths"),
                                         (["--reps", "0"], "--reps")])
 def test_bad_options_are_refused_by_name(argv, word, capsys):
