@@ -8,8 +8,9 @@
 # Env: MOS_STUDY_JOBS (4) runs at once; MOS_STUDY_DEADLINE (540) seconds for all the studies
 # together: each runs under `timeout -s INT`, clipped to what is left, and one with under
 # MOS_MIN_STUDY (60) seconds left is skipped and says so. A cut study keeps its finished runs
-# (OUT_DIR/long_<encoder>/runs/): run the script again on a copy of OUT_DIR and they are read
-# back by fingerprint; a complete one writes its report there too (profile.md, paired.csv, ...).
+# (OUT_DIR/long_<encoder>/runs/) and each unfinished run's last epoch (.../checkpoints/): run the
+# script again on a copy of OUT_DIR and the finished are read back by fingerprint, the others go
+# on from their epoch; a complete one writes its report there too (profile.md, paired.csv, ...).
 # MOS_CODE_VERSION names the commit in every run record where the tree came without its .git.
 # Installs nothing; prints one line per study last. Exit status 1 if a study failed (one cut at
 # the deadline is not a failure), else 0.

@@ -8,7 +8,10 @@ fingerprint hashes everything that decides its result; its files are
 test prediction) and `.epochs.csv` (the run's epochs, `mos.lab.run_log`). A finished run whose fingerprint matches is read back, never recomputed.
 Files are written whole (`mos.lab.files.write_atomic`), each by the one process that ran it, so runs
 that end together, or a job killed half-way, never lose or double a record: rerunning the
-command trains only what is missing.
+command trains only what is missing. A run under way is checkpointed after every epoch (and every
+`train.checkpoint_every` steps) to `<out_dir>/checkpoints/<name>-<fingerprint[:12]>.pt`; rerun, it
+continues from there to the record it would have written unstopped (`mos.lab.run_state`), and
+the checkpoint is deleted once the record is written.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from mos.lab import distributed, run_state
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict, with_options
 from mos.lab.data.config import SOURCES
@@ -124,6 +128,11 @@ class RunStore:
         stem = self.folder / f"{job.name}-{digest[:12]}"
         return stem.with_suffix(".json"), stem.with_suffix(".npz"), digest
 
+    def checkpoint(self, job: Job, digest: str) -> Path:
+        """Where `job`'s run under way is checkpointed: beside runs/, so that a results folder
+        holds finished runs only."""
+        return self.folder.parent / "checkpoints" / f"{job.name}-{digest[:12]}.pt"
+
     def read(self, cfg: RunConfig, job: Job) -> Optional[dict]:
         """The finished run's record, or None (no file, another fingerprint, or no predictions)."""
         record_path, predictions_path, digest = self.paths(cfg, job)
@@ -192,11 +201,20 @@ def _train(context: Context, cfg: RunConfig, job: Job, store: RunStore) -> dict:
         return {"flops": asdict(count_flops(model, context.flop_batch.to(next(model.parameters()).device))),
                 "flops_by_length": flops_by_length(model, cfg.profile, context.splits[0])}
 
+    checkpoint = store.checkpoint(job, digest)
+    # Named by the fingerprint, so only this run's own state is found; resume_point still refuses
+    # one whose configuration differs in what the fingerprint leaves out.
+    saved = run_state.resume_point(checkpoint, cfg, job.name, job.seed, distributed.single(cfg.train.device),
+                                   say=lambda _: None)
+    if saved is not None:
+        _say(f"{job.describe()}: resuming after epoch {len(saved['run']['train_loss'])} from {checkpoint}")
     record = train_one(cfg, job.name, job.seed, context.splits, progress=cfg.train.progress, inspect=inspect,
-                       predictions_path=predictions_path, epochs_path=record_path.with_suffix(".epochs.csv"))
+                       checkpoint_path=checkpoint, resume_from=saved, predictions_path=predictions_path,
+                       epochs_path=record_path.with_suffix(".epochs.csv"))
     record.update(run_id=record_path.stem, options=job.option_dict, stage=job.stage)
     # The predictions first: a record on disk always has its predictions beside it.
     write_atomic(record_path, json.dumps({"fingerprint": digest, "record": record}))
+    checkpoint.unlink(missing_ok=True)
     return record
 
 
