@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mos import boosting
-from mos.lab import distributed, run_log, run_state
+from mos.lab import distributed, host_memory, run_log, run_state
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict
 from mos.lab.data import checks, logs, movielens, stats, synthetic
@@ -60,6 +60,7 @@ def run(run_cfg: RunConfig) -> list[dict]:
     """Train every kind in `run_cfg.models` for every seed on one data set; returns the records."""
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
+    host_memory.keep_freed_memory()
     group = distributed.setup(run_cfg.train.device)
     try:
         return _run(run_cfg, group)

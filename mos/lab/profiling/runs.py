@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mos.lab import distributed, run_state
+from mos.lab import distributed, host_memory, run_state
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict, with_options
 from mos.lab.data.config import SOURCES
@@ -226,6 +226,7 @@ def _start_worker(run_cfg: RunConfig) -> None:
     its statistics not printed again."""
     global _WORKER
     torch.set_num_threads(1)
+    host_memory.keep_freed_memory()
     with contextlib.redirect_stdout(io.StringIO()):
         _WORKER = Context.of(run_cfg, load_data(run_cfg).splits)
 
