@@ -275,19 +275,21 @@ def test_a_one_class_split_has_undefined_auc_and_gauc(splits):
 
 def test_training_on_a_cpu_uses_the_deterministic_algorithms_and_gives_the_setting_back(splits, monkeypatch):
     """With more than one thread some default CPU backward kernels add in a varying order (the
-    measurement is in docs/profile.md); training and its evaluations run with the deterministic ones."""
+    measurement is in docs/profile.md); training and its evaluations run with the deterministic
+    ones, without their NaN fill of every new tensor (a pass per op output)."""
     seen = []
+    deterministic = torch.utils.deterministic
 
     class Spy(FakeModel):
         def forward(self, batch):
-            seen.append(torch.are_deterministic_algorithms_enabled())
+            seen.append((torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory))
             return super().forward(batch)
 
     monkeypatch.setattr(train, "CTRModel", Spy)
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled() and deterministic.fill_uninitialized_memory
     train.train_one(make_config(max_epochs=1, quiet=True), "backbone", 0, splits, progress="none")
-    assert seen and all(seen)
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert seen and all(s == (True, False) for s in seen)
+    assert not torch.are_deterministic_algorithms_enabled() and deterministic.fill_uninitialized_memory
 
 
 def test_a_diverging_run_stops_at_its_first_non_finite_step_and_keeps_its_last_good_checkpoint(tmp_path):

@@ -164,16 +164,22 @@ def _repeatable(train):
     some default CPU backward kernels accumulate in a varying order (the gradients of the item
     embeddings, the attention's query and key projections, the router's prototypes differed
     between repeats of one step): two runs of one seed drifted apart from epoch 5 and could pick
-    another best epoch. With these algorithms they repeat bitwise. The caller's setting is
-    restored after."""
+    another best epoch. With these algorithms they repeat bitwise. They also fill every new
+    tensor with NaN before its op writes it (an extra pass over each output: 7-8 % of a
+    transformer or Mamba4Rec step on the long setting); that fill is off, as torch's docs allow
+    where no uninitialized memory is read (the bitwise resume and parallel-run tests would see
+    such a read). The caller's settings are restored after."""
     @functools.wraps(train)
     def repeatable(run_cfg: RunConfig, *args, **kwargs):
         previous = torch.are_deterministic_algorithms_enabled()
+        previous_fill = torch.utils.deterministic.fill_uninitialized_memory
         torch.use_deterministic_algorithms(previous or torch.device(run_cfg.train.device).type == "cpu")
+        torch.utils.deterministic.fill_uninitialized_memory = False
         try:
             return train(run_cfg, *args, **kwargs)
         finally:
             torch.use_deterministic_algorithms(previous)
+            torch.utils.deterministic.fill_uninitialized_memory = previous_fill
     return repeatable
 
 
