@@ -82,8 +82,8 @@ def fingerprint(cfg: RunConfig, name: str, seed: int) -> str:
     """What decides a run's record: the data (a log file's size and time too), the variant's model
     options that its kind reads, training (the device too: a GPU rounds differently), the seed and
     the FLOP measurements; not where the record is written nor how loudly. The code is not in it:
-    clear `<out_dir>/runs/` after changing the code (each record names the commit it trained at,
-    `run_log.code_version`)."""
+    clear `<out_dir>/runs/` and `<out_dir>/checkpoints/` after changing the code (each record names
+    the commit it trained at, `run_log.code_version`)."""
     train = replace(cfg.train, seeds=(seed,), out_dir="", progress="none", quiet=True, threads=0,
                     checkpoint_every=0, resume=False)
     source = cfg.data.source
@@ -207,7 +207,9 @@ def _train(context: Context, cfg: RunConfig, job: Job, store: RunStore) -> dict:
     saved = run_state.resume_point(checkpoint, cfg, job.name, job.seed, distributed.single(cfg.train.device),
                                    say=lambda _: None)
     if saved is not None:
-        _say(f"{job.describe()}: resuming after epoch {len(saved['run']['train_loss'])} from {checkpoint}")
+        step = saved["run"]["step"]
+        _say(f"{job.describe()}: resuming after epoch {len(saved['run']['train_loss'])}"
+             + (f" and {step} steps of the next" if step else "") + f" from {checkpoint}")
     record = train_one(cfg, job.name, job.seed, context.splits, progress=cfg.train.progress, inspect=inspect,
                        checkpoint_path=checkpoint, resume_from=saved, predictions_path=predictions_path,
                        epochs_path=record_path.with_suffix(".epochs.csv"))
