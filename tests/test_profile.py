@@ -325,37 +325,3 @@ def test_report_only_reports_finished_runs_and_names_missing_ones(tmp_path, caps
     assert "| backbone |" in report and "| mos |" not in report and "Not run (reported without them): mos seed 0" in report
 
 
-
-@pytest.mark.slow
-def test_a_run_stopped_mid_way_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
-    """A profile stopped inside a run keeps that run's last finished epoch: rerun, it continues
-    from there to the record, predictions and weights of a run never stopped, and deletes the
-    checkpoint (a results folder holds finished runs only)."""
-    from mos.lab import train
-    from test_checkpoint import Stop, comparable, stop_at_step
-
-    def args(folder):
-        out = _quick(folder, "train.max_epochs=3", "train.patience=3")
-        out[out.index(MODELS)] = "models=[mos]"
-        return out + ["--no-tuning"]
-
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    real_step, taken = train._train_step, []
-    with monkeypatch.context() as patch:           # the run never stopped, counting its steps
-        patch.setattr(train, "_train_step", lambda *a: taken.append(1) or real_step(*a))
-        assert main(args(straight)) == 0
-    (run_id, expected), = _records(straight).items()
-    assert expected["epochs"] == 3 and len(taken) % 3 == 0
-    with monkeypatch.context() as patch:
-        stop_at_step(patch, 2 * len(taken) // 3 + 2)       # epoch 3, its second step
-        with pytest.raises(Stop):
-            main(args(stopped))
-    assert [p.name for p in (stopped / "checkpoints").iterdir()] == [f"{run_id}.pt"]
-    assert not (stopped / "runs").exists() or not list((stopped / "runs").glob("*.json"))
-    capsys.readouterr()
-    assert main(args(stopped)) == 0
-    assert "resuming after epoch 2 from" in capsys.readouterr().err
-    assert comparable(_records(stopped)[run_id]) == comparable(expected)
-    with np.load(straight / "runs" / f"{run_id}.npz") as x, np.load(stopped / "runs" / f"{run_id}.npz") as y:
-        assert x.files == y.files and all(np.array_equal(x[name], y[name]) for name in x.files)
-    assert not list((stopped / "checkpoints").iterdir()) and not list((straight / "checkpoints").iterdir())

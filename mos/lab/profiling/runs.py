@@ -10,8 +10,8 @@ Files are written whole (`mos.lab.files.write_atomic`), each by the one process 
 that end together, or a job killed half-way, never lose or double a record: rerunning the
 command trains only what is missing. A run under way is checkpointed after every epoch (and every
 `train.checkpoint_every` steps) to `<out_dir>/checkpoints/<name>-<fingerprint[:12]>.pt`; rerun, it
-continues from there to the record it would have written unstopped (`mos.lab.run_state`), and
-the checkpoint is deleted once the record is written.
+continues from there (`mos.lab.run_state`: on the same machine and thread count, to the record it
+would have written unstopped), and the checkpoint is deleted once the record is written.
 """
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mos.lab import distributed, host_memory, run_state
+from mos.lab import checkpoint as checkpoint_file, distributed, host_memory, run_state
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict, with_options
 from mos.lab.data.config import SOURCES
+from mos.lab.errors import InputError
 from mos.lab.moved_options import drop_later_options
 from mos.lab.files import write_atomic
 from mos.lab.flops import count_flops
@@ -157,6 +158,8 @@ def run_jobs(jobs: Sequence[Job], run_cfg: RunConfig, store: RunStore, context: 
         cached = store.read(configs[job], job)
         if cached is not None:
             records[job] = cached
+            # Left when a job was stopped between writing the record and deleting it.
+            store.checkpoint(job, fingerprint(configs[job], job.name, job.seed)).unlink(missing_ok=True)
         elif report_only:
             missing.append(job)
         else:
@@ -202,22 +205,38 @@ def _train(context: Context, cfg: RunConfig, job: Job, store: RunStore) -> dict:
                 "flops_by_length": flops_by_length(model, cfg.profile, context.splits[0])}
 
     checkpoint = store.checkpoint(job, digest)
-    # Named by the fingerprint, so only this run's own state is found; resume_point still refuses
-    # one whose configuration differs in what the fingerprint leaves out.
-    saved = run_state.resume_point(checkpoint, cfg, job.name, job.seed, distributed.single(cfg.train.device),
-                                   say=lambda _: None)
-    if saved is not None:
-        step = saved["run"]["step"]
-        _say(f"{job.describe()}: resuming after epoch {len(saved['run']['train_loss'])}"
-             + (f" and {step} steps of the next" if step else "") + f" from {checkpoint}")
-    record = train_one(cfg, job.name, job.seed, context.splits, progress=cfg.train.progress, inspect=inspect,
-                       checkpoint_path=checkpoint, resume_from=saved, predictions_path=predictions_path,
-                       epochs_path=record_path.with_suffix(".epochs.csv"))
+    saved = _resume_point(checkpoint, cfg, job)
+    if saved is not None and saved["record"] is not None and predictions_path.exists():
+        # Stopped after the run's last save, before its record was written: the saved record is
+        # the run's (evaluating again would draw a random router's themes anew).
+        record = saved["record"]
+    else:
+        record = train_one(cfg, job.name, job.seed, context.splits, progress=cfg.train.progress, inspect=inspect,
+                           checkpoint_path=checkpoint, resume_from=saved, predictions_path=predictions_path,
+                           epochs_path=record_path.with_suffix(".epochs.csv"))
     record.update(run_id=record_path.stem, options=job.option_dict, stage=job.stage)
     # The predictions first: a record on disk always has its predictions beside it.
     write_atomic(record_path, json.dumps({"fingerprint": digest, "record": record}))
     checkpoint.unlink(missing_ok=True)
     return record
+
+
+def _resume_point(checkpoint: Path, cfg: RunConfig, job: Job) -> Optional[dict]:
+    """The state saved for the run under way, or None. The file is named by the run's fingerprint,
+    which leaves out options its kind does not read; `run_state.resume_point` compares them all,
+    so a checkpoint written before such an option changed is refused there: the run starts over."""
+    try:
+        saved = run_state.resume_point(checkpoint, cfg, job.name, job.seed, distributed.single(cfg.train.device),
+                                       say=lambda _: None)
+    except (InputError, checkpoint_file.CheckpointError) as err:      # changed options; a damaged file
+        _say(f"{job.describe()}: not resuming ({err}); starting over")
+        checkpoint.unlink(missing_ok=True)
+        return None
+    if saved is not None:
+        step = saved["run"]["step"]
+        _say(f"{job.describe()}: resuming after epoch {len(saved['run']['train_loss'])}"
+             + (f" and {step} steps of the next" if step else "") + f" from {checkpoint}")
+    return saved
 
 
 _WORKER: Optional[Context] = None
@@ -228,9 +247,9 @@ def _start_worker(run_cfg: RunConfig) -> None:
     its statistics not printed again."""
     global _WORKER
     torch.set_num_threads(1)
-    host_memory.keep_freed_memory()
     with contextlib.redirect_stdout(io.StringIO()):
         _WORKER = Context.of(run_cfg, load_data(run_cfg).splits)
+    host_memory.keep_freed_memory()
 
 
 def _train_in_worker(cfg: RunConfig, job: Job, folder: Path) -> dict:

@@ -1,0 +1,96 @@
+"""A profile run stopped part-way (a killed job, a deadline, the end of a session) keeps its last
+epoch in `<out_dir>/checkpoints/` and continues from it when the profile is rerun, to the record of
+a run never stopped; what it must not resume, it says and starts over."""
+import csv
+
+import numpy as np
+import pytest
+
+from mos.lab.cli import main
+from test_profile import MODELS, _quick, _records
+
+
+def _one_model(folder, model="mos", *extra):
+    out = _quick(folder, "train.max_epochs=3", "train.patience=3", *extra)
+    out[out.index(MODELS)] = f"models=[{model}]"
+    return out + ["--no-tuning"]
+
+
+def _counting_steps(patch):
+    """Count the training steps taken from here on."""
+    from mos.lab import train
+    real_step, taken = train._train_step, []
+    patch.setattr(train, "_train_step", lambda *a: taken.append(1) or real_step(*a))
+    return taken
+
+
+@pytest.mark.slow
+def test_a_run_stopped_mid_way_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """A profile stopped inside a run keeps that run's last finished epoch: rerun, it continues
+    from there to the record, predictions and weights of a run never stopped, and deletes the
+    checkpoint (a results folder holds finished runs only)."""
+    from test_checkpoint import Stop, comparable, stop_at_step
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    with monkeypatch.context() as patch:           # the run never stopped, counting its steps
+        taken = _counting_steps(patch)
+        assert main(_one_model(straight)) == 0
+    (run_id, expected), = _records(straight).items()
+    assert expected["epochs"] == 3 and len(taken) % 3 == 0
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 2 * len(taken) // 3 + 2)       # epoch 3, its second step
+        with pytest.raises(Stop):
+            main(_one_model(stopped))
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == [f"{run_id}.pt"]
+    assert not (stopped / "runs").exists() or not list((stopped / "runs").glob("*.json"))
+    capsys.readouterr()
+    assert main(_one_model(stopped)) == 0
+    assert "resuming after epoch 2 from" in capsys.readouterr().err
+    assert comparable(_records(stopped)[run_id]) == comparable(expected)
+    with np.load(straight / "runs" / f"{run_id}.npz") as x, np.load(stopped / "runs" / f"{run_id}.npz") as y:
+        assert x.files == y.files and all(np.array_equal(x[name], y[name]) for name in x.files)
+    epochs = [list(csv.DictReader(open(folder / "runs" / f"{run_id}.epochs.csv"))) for folder in (straight, stopped)]
+    assert [[{k: v for k, v in row.items() if k != "seconds"} for row in rows] for rows in epochs] == \
+        [[{k: v for k, v in row.items() if k != "seconds"} for row in epochs[0]]] * 2 and len(epochs[0]) == 3
+    assert not list((stopped / "checkpoints").iterdir()) and not list((straight / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_not_resumed_across_an_option_change_nor_kept_after_its_record(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A backbone run's fingerprint leaves out MoS's options, its checkpoint's configuration does
+    not: after such a change the rerun says it starts over (not an error). Stopped after the
+    run's last save but before its record: the saved record is written, nothing retrained. A
+    checkpoint left beside a finished record is deleted."""
+    from mos.lab.profiling import runs
+    from test_checkpoint import Stop, comparable, stop_at_step
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        taken = _counting_steps(patch)
+        assert main(_one_model(straight, "backbone")) == 0
+    (run_id, expected), = _records(straight).items()
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, len(taken) // expected["epochs"] + 2)        # epoch 2, its second step
+        with pytest.raises(Stop):
+            main(_one_model(stopped, "backbone"))
+    capsys.readouterr()
+    assert main(_one_model(stopped, "backbone", "model.mos.num_themes=6")) == 0
+    assert "not resuming (train.resume:" in capsys.readouterr().err
+    assert comparable(_records(stopped)[run_id]) == comparable(expected)
+
+    (stopped / "runs" / f"{run_id}.json").unlink()          # as if stopped before writing it ...
+    checkpoint = stopped / "checkpoints" / f"{run_id}.pt"
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "write_atomic", lambda *a: (_ for _ in ()).throw(Stop()))
+        with pytest.raises(Stop):
+            main(_one_model(stopped, "backbone"))
+    assert checkpoint.exists()
+    with monkeypatch.context() as patch:
+        taken = _counting_steps(patch)
+        assert main(_one_model(stopped, "backbone")) == 0
+    assert not taken and not checkpoint.exists()
+    assert comparable(_records(stopped)[run_id]) == comparable(expected)
+
+    checkpoint.write_bytes(b"left by a job stopped before deleting it")
+    assert main(_one_model(stopped, "backbone")) == 0 and not checkpoint.exists()
