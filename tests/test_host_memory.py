@@ -23,10 +23,13 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str, env=None):
+def _faults(mode: str):
+    # Without the user's malloc tuning, and without torch's own huge-page advice (a huge page
+    # faults in once for 512 small ones).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
     out = subprocess.run([sys.executable, "-c", ROUNDS, mode], capture_output=True, text=True, check=True,
-                         env={**(env or {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}),
-                              "OMP_NUM_THREADS": "1"})
+                         env={**env, "OMP_NUM_THREADS": "1"})
     kept, faults = out.stdout.split()
     return kept == "True", int(faults)
 
@@ -35,12 +38,14 @@ def _faults(mode: str, env=None):
 def test_freed_blocks_are_reused_without_new_page_faults():
     kept, faults_kept = _faults("keep")
     _, faults_default = _faults("default")
-    block = (64 << 20) // 4096                 # pages of one block
     assert kept
-    assert faults_default > 5 * block          # each block comes fresh from mmap
-    assert faults_kept < block // 4            # ... or is an earlier round's, already mapped
+    # Each block comes fresh from mmap, or is an earlier round's, already mapped. (On a system
+    # whose transparent huge pages are always on, both counts shrink alike.)
+    assert faults_default > 0 and faults_kept * 20 < faults_default
 
 
-def test_the_user_s_malloc_tuning_is_kept(monkeypatch):
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+@pytest.mark.parametrize("name, value", [("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0"),
+                                         ("LD_PRELOAD", "libjemalloc.so.2")])
+def test_the_user_s_malloc_tuning_is_kept(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
     assert host_memory.keep_freed_memory() is False

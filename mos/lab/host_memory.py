@@ -11,12 +11,13 @@ unchanged.
 
 `keep_freed_memory` tells malloc to take every block from its heap and keep what is freed for the
 next step. The numbers a run computes do not change (only where its tensors live). A process
-whose environment sets any `MALLOC_*` tuning keeps it: those settings are the user's.
+whose environment tunes malloc (`MALLOC_*`, `GLIBC_TUNABLES`) or preloads another allocator
+(`LD_PRELOAD`: jemalloc, tcmalloc) keeps what it chose.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import sys
 
@@ -27,14 +28,24 @@ _TOP_PAD = 256 << 20        # grow the heap in steps of 256 MiB: fewer brk calls
 
 def keep_freed_memory() -> bool:
     """Serve every allocation from malloc's heap and never give freed memory back to the system
-    (trim above 2 GiB free only). Returns whether the setting was made: False off Linux/glibc, or
-    where the environment tunes malloc itself (MALLOC_* variables)."""
-    if not sys.platform.startswith("linux") or any(name.startswith("MALLOC_") for name in os.environ):
+    (trim above 2 GiB free only). Call it after loading the data, so that the loading's peak is
+    not kept. Returns whether the setting was made: False off glibc, where the environment tunes
+    malloc itself (MALLOC_* or GLIBC_TUNABLES), or where another allocator is preloaded."""
+    mallopt = _mallopt()
+    if mallopt is None or any(name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD")
+                              for name in os.environ):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):      # musl and other C libraries have no mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) and mallopt(_M_TOP_PAD, _TOP_PAD))
+
+
+@functools.lru_cache(maxsize=None)
+def _mallopt():
+    """glibc's mallopt, or None (another OS or C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):      # musl and other C libraries have no mallopt
+        return None
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt

@@ -60,7 +60,6 @@ def run(run_cfg: RunConfig) -> list[dict]:
     """Train every kind in `run_cfg.models` for every seed on one data set; returns the records."""
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
-    host_memory.keep_freed_memory()
     group = distributed.setup(run_cfg.train.device)
     try:
         return _run(run_cfg, group)
@@ -71,6 +70,7 @@ def run(run_cfg: RunConfig) -> list[dict]:
 def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
     say = _printer(group)
     data = load_data(run_cfg, group)
+    host_memory.keep_freed_memory()
     run_cfg = sessions_for(run_cfg, data.has_timestamps, say)
     out_dir = Path(run_cfg.train.out_dir)
     results = out_dir / "results.jsonl"
@@ -311,9 +311,9 @@ def _train_epoch(trained, optimizer, train_set, shuffle, state: RunState, run_cf
             if not bar.disable:
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                now = time.perf_counter()
-                state.seconds, start = state.seconds + now - start, now
+                state.seconds += time.perf_counter() - start
                 save()
+                start = time.perf_counter()      # writing the checkpoint is not training time
         state.seconds += time.perf_counter() - start
 
 

@@ -73,8 +73,8 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False, jobs: int = 1, tun
     out_dir.mkdir(parents=True, exist_ok=True)
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
-    host_memory.keep_freed_memory()
     data = load_data(run_cfg)          # prints the data's session statistics
+    host_memory.keep_freed_memory()
     if not report_only:     # a report of finished runs keeps the configuration they were run with
         run_log.echo_config(run_cfg, out_dir)
     store = RunStore(out_dir)
