@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mos import boosting
-from mos.lab import distributed, host_memory, run_log, run_state
+from mos.lab import distributed, run_log, run_state
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict
 from mos.lab.data import checks, logs, movielens, stats, synthetic
@@ -70,7 +70,6 @@ def run(run_cfg: RunConfig) -> list[dict]:
 def _run(run_cfg: RunConfig, group: distributed.Group) -> list[dict]:
     say = _printer(group)
     data = load_data(run_cfg, group)
-    host_memory.keep_freed_memory()
     run_cfg = sessions_for(run_cfg, data.has_timestamps, say)
     out_dir = Path(run_cfg.train.out_dir)
     results = out_dir / "results.jsonl"

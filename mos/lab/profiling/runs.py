@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mos.lab import checkpoint as checkpoint_file, distributed, host_memory, run_state
+from mos.lab import checkpoint as checkpoint_file, distributed, run_state
 from mos.lab.config import RunConfig
 from mos.lab.config_io import config_to_dict, with_options
 from mos.lab.data.config import SOURCES
@@ -249,7 +249,6 @@ def _start_worker(run_cfg: RunConfig) -> None:
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(io.StringIO()):
         _WORKER = Context.of(run_cfg, load_data(run_cfg).splits)
-    host_memory.keep_freed_memory()
 
 
 def _train_in_worker(cfg: RunConfig, job: Job, folder: Path) -> dict:

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from mos.lab import host_memory, plots, run_log
+from mos.lab import plots, run_log
 from mos.lab.config import RunConfig
 from mos.lab.data import synthetic
 from mos.lab.data.dataset import split_indices
@@ -74,7 +74,6 @@ def profile(run_cfg: RunConfig, *, report_only: bool = False, jobs: int = 1, tun
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
     data = load_data(run_cfg)          # prints the data's session statistics
-    host_memory.keep_freed_memory()
     if not report_only:     # a report of finished runs keeps the configuration they were run with
         run_log.echo_config(run_cfg, out_dir)
     store = RunStore(out_dir)
