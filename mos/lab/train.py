@@ -164,7 +164,7 @@ def _repeatable(train):
     embeddings, the attention's query and key projections, the router's prototypes differed
     between repeats of one step): two runs of one seed drifted apart from epoch 5 and could pick
     another best epoch. With these algorithms they repeat bitwise. They also fill every new
-    tensor with NaN before its op writes it (an extra pass over each output: 7-8 % of a
+    tensor with NaN before its op writes it (an extra pass over each output: 3 % of a
     transformer or Mamba4Rec step on the long setting); that fill is off, as torch's docs allow
     where no uninitialized memory is read (the bitwise resume and parallel-run tests would see
     such a read). The caller's settings are restored after."""
