@@ -18,6 +18,7 @@ import sys
 from typing import Optional
 
 from mos import __version__
+from mos.lab import host_memory
 
 _TRAIN_EPILOG = """\
 precedence: built-in defaults < --config file < --set overrides (left to right).
@@ -123,6 +124,7 @@ A row naming an item the model never saw is refused and counted in the report (s
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    host_memory.use_huge_pages()        # before torch makes its first tensor
     args = build_parser().parse_args(argv)
     args.command_line = "python -m mos " + shlex.join(argv)
     try:
