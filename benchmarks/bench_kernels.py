@@ -1,10 +1,11 @@
 """Benchmarks of the pooling, dispatch, gather and scan kernels: fused session pooling + routing
 (`session_pool_route`), `theme_dispatch` (with the gather it feeds), `theme_gather`,
-`theme_scatter` and `linear_recurrence` (Mamba4Rec's scan, over d channels of the same jagged
-histories), each against the reference eager and the reference under torch.compile.
+`theme_scatter`, `linear_recurrence` (a scan over d channels of the same jagged histories) and
+`selective_scan` (Mamba4Rec's scan and readout, d channels of S = 16 states), each against the
+reference eager and the reference under torch.compile.
 
     python -m benchmarks.bench_kernels --out DIR [--quick]
-        [--ops session_pool_route,theme_dispatch,theme_gather,theme_scatter,linear_recurrence]
+        [--ops session_pool_route,theme_dispatch,theme_gather,theme_scatter,linear_recurrence,selective_scan]
         [--dtype bf16,fp16,fp32] [--device cuda]
 
 Inputs are jagged histories of about L tokens per example (±50 %, every 64th one empty),
@@ -62,6 +63,7 @@ SWEEPS = {
     "theme_gather": ("d", "L", "top_k"),
     "theme_scatter": ("d", "L", "top_k"),
     "linear_recurrence": ("d", "L"),
+    "selective_scan": ("d", "L"),
 }
 OPS = tuple(SWEEPS)
 
@@ -246,9 +248,49 @@ def linear_recurrence_case(batch: Batch) -> Case:
         grad_inputs=(0, 1), grad_outputs=(0,))
 
 
+SCAN_STATE = 16           # Mamba's state size per channel
+# The reference materialises [T, d, S] fp32 tensors (about ten of them with the backward): at the
+# target point's 2M tokens one is 17 GB. The scan's case takes the first histories up to 2^18
+# tokens (2 GB each), where the reference fits a card's memory.
+SCAN_TOKENS = 2 ** 18
+
+
+def selective_scan_case(batch: Batch) -> Case:
+    """Mamba's scan and readout over the first histories of the batch (up to SCAN_TOKENS tokens)
+    as one expert: u the token values, steps delta in (1e-3, 0.101), A = -(1..S) per channel
+    (Mamba's initialisation), B and C random."""
+    examples = int(torch.searchsorted(batch.offsets, SCAN_TOKENS, right=True)) - 1
+    offsets = batch.offsets[:examples + 1]
+    num_rows = int(offsets[-1])
+    u = batch.values[:num_rows]
+    dim = u.shape[1]
+    c = dict(batch.columns, B=examples, T=num_rows, rows=num_rows)
+    e = u.element_size()
+    device = u.device
+    gen = torch.Generator(device=device).manual_seed(3)
+    delta = torch.rand(u.shape, generator=gen, device=device).mul(0.1).add(1e-3)
+    a = -torch.arange(1, SCAN_STATE + 1, device=device, dtype=torch.float32).repeat(1, dim, 1)
+    b, c_out = (torch.randn(num_rows, SCAN_STATE, generator=gen, device=device) for _ in range(2))
+
+    def run(backend, u, delta, a, b, c_out, offsets):
+        return (mk.selective_scan(u, delta, a, b, c_out, offsets, backend=backend),)
+
+    rows, states = num_rows * dim, num_rows * SCAN_STATE
+    return Case(
+        op="selective_scan", kernels=("selective_scan",), run=run,
+        inputs=(u, delta.to(batch.dtype), a.to(batch.dtype), b.to(batch.dtype), c_out.to(batch.dtype), offsets),
+        dtype=batch.dtype, shape=c,
+        # read u, delta (T·d·e each), B, C (T·S·e each), write y; backward: read the incoming
+        # gradient, u, delta, B, C, write grad u, grad delta, grad B, grad C. The [T, d, S]
+        # states never reach memory: they are not in the floor.
+        bytes={"fwd": (3 * rows + 2 * states) * e, "bwd": (5 * rows + 4 * states) * e},
+        flops={"fwd": 4 * rows * SCAN_STATE, "bwd": 7 * rows * SCAN_STATE},
+        grad_inputs=(0, 1, 2, 3, 4), grad_outputs=(0,))
+
+
 CASE_BUILDERS = {"session_pool_route": session_pool_route_case, "theme_dispatch": theme_dispatch_case,
                  "theme_gather": theme_gather_case, "theme_scatter": theme_scatter_case,
-                 "linear_recurrence": linear_recurrence_case}
+                 "linear_recurrence": linear_recurrence_case, "selective_scan": selective_scan_case}
 
 
 def build_case(op: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Case:

@@ -14,8 +14,9 @@ Per expert and layer, over each segment's rows x_1..x_L in time order (pre-LN re
 
 then a target attention over the encoded rows reads out one vector per segment (as the
 transformer encoder does; Mamba4Rec reads the last position for next-item prediction, a CTR model
-scores a given candidate). The scan is `mos_kernels.linear_recurrence`: vectorised over all segments,
-exact on jagged ones; an empty segment gives zeros. Initialisation as Mamba's: A_log = log(1..S),
+scores a given candidate). The scan and its readout through C are `mos_kernels.selective_scan`:
+vectorised over all segments, exact on jagged ones (an empty segment gives zeros); its Triton
+kernels keep the [D, S] states in registers, as Mamba's fused kernel does. Initialisation as Mamba's: A_log = log(1..S),
 delta's bias so that softplus gives steps log-uniform in [1e-3, 1e-1], D_skip = 1.
 """
 from __future__ import annotations
@@ -105,11 +106,8 @@ class _MambaBlock(nn.Module):
             [rank, state, state], dim=1)
         delta = F.softplus(mk.grouped_linear(r, self.w_dt, self.b_dt, expert_offsets, backend=linear))
         a = -torch.exp(self.a_log.to(delta.dtype))                       # [E, D, S]
-        # One expert broadcasts its A over the rows: no [N, D, S] gather, and a sum, not a scatter, back.
-        decay = torch.exp(delta[:, :, None] * (a[0] if a.shape[0] == 1 else a[expert]))                 # [N, D, S]
-        drive = torch.einsum("nd,ns->nds", delta * u, b_in)
-        states = mk.linear_recurrence(decay, drive, segment_offsets, backend=backends["linear_recurrence"])
-        y = torch.einsum("nds,ns->nd", states, c_out) + self.d_skip[expert].to(u.dtype) * u
+        y = mk.selective_scan(u, delta, a, b_in, c_out, segment_offsets, backend=backends["selective_scan"])
+        y = y + self.d_skip[expert].to(u.dtype) * u
         rows = rows + F.dropout(mk.grouped_linear(y * F.silu(z), self.w_out, None, expert_offsets, backend=linear),
                                 dropout)
         h = F.layer_norm(rows, (dim,)) * self.ln2_weight[expert] + self.ln2_bias[expert]

@@ -13,6 +13,7 @@ from .jagged import (jagged_to_padded, lengths_from_offsets, offsets_from_length
                      positions_in_segment, segment_ids)
 from .jagged_self_attention import jagged_self_attention
 from .linear_recurrence import linear_recurrence
+from .selective_scan import selective_scan
 from .session_pool import session_pool, session_pool_route
 from .sessionize import Sessions, sessionize
 from .theme_dispatch import Dispatch, theme_dispatch
@@ -22,7 +23,7 @@ from .routing import Routing
 __all__ = [
     "data_checks", "Dispatch", "Routing", "Sessions", "expert_target_attention", "grouped_linear", "jagged_self_attention",
     "jagged_to_padded", "lengths_from_offsets", "linear_recurrence", "offsets_from_lengths", "padded_to_jagged",
-    "positions_in_segment", "segment_ids", "session_pool", "session_pool_route", "sessionize", "theme_dispatch", "theme_gather",
+    "positions_in_segment", "segment_ids", "selective_scan", "session_pool", "session_pool_route", "sessionize", "theme_dispatch", "theme_gather",
     "theme_scatter",
 ]
 

@@ -32,6 +32,7 @@ IMPLEMENTED = {
     "expert_target_attention": ("reference", "triton"),
     "jagged_self_attention": ("reference", "triton"),
     "linear_recurrence": ("reference", "triton"),
+    "selective_scan": ("reference", "triton"),
 }
 
 

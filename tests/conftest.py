@@ -3,7 +3,8 @@
 TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here, before
 the test modules import mos_kernels (the Makefile sets it too). Tests run on CUDA when
 MOS_TEST_DEVICE=cuda (the GPU check script), on CPU otherwise; there the CUDA extension's
-kernel code runs under its CPU emulation (MOS_CUDA_EMULATE=1, built on first use).
+kernel code runs under its CPU emulation (MOS_CUDA_EMULATE=1, built on first use), and the
+interpreter's associative scans run slice by slice (tests/interpreter_scan.py).
 
 Backend "cuda" is skipped where the extension cannot be had (no compiler, no CUDA torch),
 unless MOS_REQUIRE_CUDA_EXT=1 (CI and the GPU check set it): then its absence fails.
@@ -16,6 +17,11 @@ if os.environ.get("MOS_TEST_DEVICE", "cpu") == "cpu":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests import interpreter_scan
+
+    interpreter_scan.install()         # scans by slices, not elements: the same bits, minutes sooner
 
 
 # xdist already runs one worker per core; torch's intra-op threads on top of that

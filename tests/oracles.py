@@ -284,6 +284,20 @@ def linear_recurrence(a, b, segment_offsets):
     return torch.stack(out) if out else b.new_zeros(b.shape)
 
 
+def selective_scan(u, delta, A, B, C, segment_offsets):
+    """y_t = h_t C_t with h_t = exp(delta_t A_e) h_{t-1} + (delta_t u_t) B_t^T row by row inside
+    each segment (h = 0 before it), segment g using A[g // (G / E)]: Mamba's recurrence as written."""
+    o = [int(x) for x in segment_offsets]
+    per_expert = max(1, (len(o) - 1) // A.shape[0])
+    out = []
+    for g in range(len(o) - 1):
+        h = u.new_zeros(A.shape[1:])
+        for t in range(o[g], o[g + 1]):
+            h = torch.exp(delta[t][:, None] * A[g // per_expert]) * h + (delta[t] * u[t])[:, None] * B[t][None, :]
+            out.append(h @ C[t])
+    return torch.stack(out) if out else u.new_zeros(u.shape)
+
+
 def mamba_block(block, rows, segment_offsets, num_experts: int):
     """One Mamba4Rec block (mos/mamba4rec.py) by loops over segments and time, in rows' dtype,
     reading the block's parameters (cast to it): the selective scan one step at a time."""

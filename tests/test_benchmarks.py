@@ -36,6 +36,8 @@ KINDS = {
     "theme_scatter": (("reduction",), ("exact",)),
     # h, then grad a and grad b: sums in another order than the reference's chunked scan
     "linear_recurrence": (("reduction",), ("reduction", "reduction")),
+    # y, then the gradients of u, delta, A, B, C: scans and sums in another order
+    "selective_scan": (("reduction",), ("reduction",) * 5),
 }
 
 

@@ -18,7 +18,8 @@ POOL_THEME_BLOCKS = ((2, 1), (8, 2), (16, 4), (32, 2), (64, 8))   # max(next_pow
 
 # The modules that define the @triton.jit kernels (and their MIN_WARPS_PER_SM / SPILLS_ALLOWED).
 KERNEL_MODULES = ("session_pool_kernels", "theme_dispatch_kernels", "theme_gather_kernels", "grouped_linear_kernels",
-                  "expert_target_attention_kernels", "jagged_self_attention_kernels", "linear_recurrence_kernels")
+                  "expert_target_attention_kernels", "jagged_self_attention_kernels", "linear_recurrence_kernels",
+                  "selective_scan_kernels")
 Config = Tuple[str, Dict[str, str], Dict[str, object]]   # kernel name, signature, constexprs
 LAUNCH_OPTIONS = ("num_warps", "num_stages")   # may appear among a configuration's constexprs
 
@@ -231,10 +232,32 @@ def _recurrence_configs() -> List[Config]:
     return out
 
 
+def _selective_scan_configs() -> List[Config]:
+    from mos_kernels.selective_scan import CHUNK, MAX_STATE, scan_blocks
+
+    out = []
+    # The blocks depend on the state size only: one configuration per power of two up to MAX_STATE.
+    for (dtype, ptr), block_s in itertools.product(DTYPES.items(), [2 ** i for i in range(MAX_STATE.bit_length())]):
+        rows = {"u_ptr": ptr, "delta_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "offsets_ptr": "*i64",
+                "first_chunk_ptr": "*i64"}
+        sizes = {"dim": "i32", "state": "i32", "segments_per_expert": "i32"}
+        for kernel, backward in (("_selective_scan_fwd", False), ("_selective_scan_bwd", True)):
+            block_d, _, num_warps = scan_blocks(block_s, backward)
+            const = {"CHUNK": CHUNK, "BLOCK_D": block_d, "BLOCK_S": block_s, "num_warps": num_warps}
+            if backward:
+                sig = {"g_y_ptr": ptr, **rows, "entering_ptr": "*fp32", "g_u_ptr": ptr, "g_delta_ptr": ptr,
+                       "g_a_ptr": "*fp32", "g_b_ptr": "*fp32", "g_c_ptr": "*fp32", "num_rows": "i32", **sizes}
+            else:
+                sig = {**rows, "y_ptr": ptr, "entering_ptr": "*fp32", **sizes}
+            out.append((kernel, sig, const))
+    return out
+
+
 def all_configs() -> List[Config]:
     """Every launchable configuration once (two rules can produce the same one), in listing order."""
     found = {}
     for config in (_pool_route_configs() + _dispatch_configs() + _gather_configs() + _grouped_mm_configs()
-                   + _target_attention_configs() + _self_attention_configs() + _recurrence_configs()):
+                   + _target_attention_configs() + _self_attention_configs() + _recurrence_configs()
+                   + _selective_scan_configs()):
         found.setdefault(repr(config), config)
     return list(found.values())
