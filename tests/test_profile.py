@@ -323,5 +323,3 @@ def test_report_only_reports_finished_runs_and_names_missing_ones(tmp_path, caps
     assert "1 finished before, 0 to train, 1 missing" in err
     report = (tmp_path / "profile.md").read_text()
     assert "| backbone |" in report and "| mos |" not in report and "Not run (reported without them): mos seed 0" in report
-
-
