@@ -33,6 +33,7 @@ from mos_kernels.backend import op_backends
 from mos_kernels.checks import check_count
 from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, max_segment_length, positions_in_segment
 from mos_kernels.jagged import segment_ids
+from mos_kernels.selective_scan import MAX_STATE
 
 
 EXPAND = 2          # inner width D = EXPAND * d (Mamba's default)
@@ -130,6 +131,9 @@ class Mamba4RecEncoder(nn.Module):
             check_count(name, value)
         self.dim, self.num_experts, self.dropout = dim, num_experts, dropout
         self.backends = op_backends(backend)
+        if self.backends["selective_scan"] == "triton" and state > MAX_STATE:
+            raise ValueError(f"state: expected at most {MAX_STATE} for backend {backend!r} (the Triton selective "
+                             f"scan holds a channel's states in one tile; 'auto' or 'reference' take more), got {state}")
         self.layers = nn.ModuleList(_MambaBlock(dim, num_experts, state) for _ in range(num_layers))
         self.target_readout = make_readout()
 

@@ -12,13 +12,15 @@ Reference: plain PyTorch, the decay and drive [N, D, S] materialised and scanned
 `linear_recurrence`'s reference (its chunked scan), then contracted with C; autograd
 differentiates it. Triton (`selective_scan_kernels`): one program per (segment, block of
 channels) walks its segment in chunks of CHUNK rows with the [D, S] state in fp32 registers, an
-associative scan inside each chunk; nothing of size N x D x S reaches memory. The forward keeps
-each chunk's entering state ([chunks, D, S], 1/CHUNK of the states), from which the backward
-recomputes the chunk's states and runs the adjoint scan back: lambda_t = y'_t C_t + exp(delta_{t+1}
-A) lambda_{t+1}; grad B_t = sum_d lambda_t delta_t u_t, grad C_t = sum_d h_t y'_t,
-X_t = lambda_t exp(delta_t A) h_{t-1}, grad delta_t = sum_s X_t A + (sum_s lambda_t B_t) u_t,
-grad A = sum_t X_t delta_t. Sums over channel blocks and over the segments of an expert are
-written per block and added on the host: no atomics, deterministic.
+associative scan inside each chunk: the forward writes no state but each chunk's entering one
+([chunks, D, S], 1/CHUNK of them), from which the backward recomputes the chunk's states and
+runs the adjoint scan back: lambda_t = y'_t C_t + exp(delta_{t+1} A) lambda_{t+1};
+grad u_t = (sum_s lambda_t B_t) delta_t, grad B_t = sum_d lambda_t delta_t u_t,
+grad C_t = sum_d h_t y'_t, X_t = lambda_t exp(delta_t A) h_{t-1},
+grad delta_t = sum_s X_t A + (sum_s lambda_t B_t) u_t, grad A = sum_t X_t delta_t. The sums
+over channels (grad B, grad C) are written per channel block ([D / BLOCK_D, N, S] fp32: the
+backward's one tensor that grows with D) and those over an expert's segments (grad A) per
+segment, then added on the host: no atomics, deterministic.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from ._launch import cdiv, next_power_of_2
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .checks import FLOAT_DTYPES, check_finite, check_offsets, check_tensor
-from .jagged import expert_offsets as jagged_expert_offsets, segment_ids
+from .jagged import expert_offsets as jagged_expert_offsets, positions_in_segment, segment_ids
 from .linear_recurrence import linear_recurrence
 
 CHUNK = 8           # rows per associative scan of the Triton kernels (a power of two)
@@ -44,7 +46,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     """y [N, D] in u's dtype (module docstring) from u, delta [N, D], A [E, D, S], B, C [N, S]
     (one floating dtype) and segment_offsets [G+1] int64 over the N rows, G a multiple of E;
     fp16/bf16 accumulate in fp32 (float64 stays float64 on the reference). An empty segment
-    gives no rows, a segment's first row starts from h = 0; backend "triton" takes S <= 64.
+    gives no rows, a segment's first row starts from h = 0 (its decay is not read); backend
+    "triton" takes S <= 64 ("auto" runs a larger S on the reference).
     Raises ValueError / TypeError naming the argument: shapes, dtypes, devices, offsets, the
     number of segments, NaN/inf (a data check)."""
     check_tensor("u", u, ndim=2, dtypes=FLOAT_DTYPES)
@@ -67,9 +70,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     for name, value in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         check_finite(name, value)
     chosen = resolve_backend(backend, u, "selective_scan")
-    if chosen == "triton":
-        if state > MAX_STATE:
+    if chosen == "triton" and state > MAX_STATE:
+        if backend != "auto":
             raise ValueError(f"A: expected at most {MAX_STATE} state elements for backend 'triton', got {state}")
+        chosen = "reference"            # "auto": the backend that can run it
+    if chosen == "triton":
         return torch.ops.mos.selective_scan(u, delta, A, B, C, segment_offsets)[0]
     return _reference(u, delta, A, B, C, segment_offsets)
 
@@ -85,7 +90,10 @@ def _reference(u, delta, A, B, C, segment_offsets):
         a = A[0]
     else:
         a = A[segment_ids(jagged_expert_offsets(segment_offsets, num_experts), u.shape[0])]
-    decay = torch.exp(delta[:, :, None] * a)                                        # [N, D, S]
+    # A segment's first row reads no decay (h = drive there): its step is zeroed first, so that
+    # an exp that overflows there sends no inf * 0 into the backward.
+    first = positions_in_segment(segment_offsets, u.shape[0]) == 0
+    decay = torch.exp(delta.masked_fill(first[:, None], 0)[:, :, None] * a)         # [N, D, S]
     drive = torch.einsum("nd,ns->nds", delta * u, B)
     states = linear_recurrence(decay, drive, segment_offsets, backend="reference")
     return torch.einsum("nds,ns->nd", states, C).to(dtype)
@@ -111,8 +119,10 @@ def _selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     num_rows, dim = u.shape
     num_segments, state = segment_offsets.numel() - 1, A.shape[2]
     y = new_output((num_rows, dim), dtype=u.dtype, device=u.device)
+    # A bound on the chunks known without reading the offsets (no sync): the kernel writes the
+    # first sum ceil(n_g / CHUNK) of them, the backward reads only those.
     chunks = (num_rows + num_segments * (CHUNK - 1)) // CHUNK
-    entering = new_output((chunks, dim, state), dtype=torch.float32, device=u.device)
+    entering = torch.empty((chunks, dim, state), dtype=torch.float32, device=u.device)
     if num_rows and num_segments:
         from .selective_scan_kernels import _selective_scan_fwd   # triton only where a kernel launches
 
@@ -151,10 +161,11 @@ def _selective_scan_backward_op(g_y: torch.Tensor, u: torch.Tensor, delta: torch
     g_delta = new_output((num_rows, dim), dtype=u.dtype, device=u.device)
     block_d, block_s, num_warps = scan_blocks(state, backward=True)
     blocks = cdiv(dim, block_d)
-    # Per channel block (B's and C's) and per segment (A's) partial sums, added here.
-    g_b = torch.zeros((blocks, num_rows, state), dtype=torch.float32, device=u.device)
-    g_c = torch.zeros((blocks, num_rows, state), dtype=torch.float32, device=u.device)
-    g_a = torch.zeros((num_segments, dim, state), dtype=torch.float32, device=u.device)
+    # Per channel block (B's and C's) and per segment (A's) partial sums, each element written by
+    # one program, added here in a fixed order.
+    g_b = new_output((blocks, num_rows, state), dtype=torch.float32, device=u.device)
+    g_c = new_output((blocks, num_rows, state), dtype=torch.float32, device=u.device)
+    g_a = new_output((num_segments, dim, state), dtype=torch.float32, device=u.device)
     if num_rows and num_segments:
         from .selective_scan_kernels import _selective_scan_bwd
 
@@ -162,6 +173,8 @@ def _selective_scan_backward_op(g_y: torch.Tensor, u: torch.Tensor, delta: torch
             g_y, u, delta, A, B, C, segment_offsets, _first_chunks(segment_offsets), entering,
             g_u, g_delta, g_a, g_b, g_c, num_rows, dim, state, num_segments // num_experts,
             CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=num_warps)
+    else:
+        g_a.zero_()                     # segments without rows: nothing launched, A still gets its zeros
     g_a = g_a.view(num_experts, -1, dim, state).sum(1) if num_segments else g_a.new_zeros(A.shape)
     return g_u, g_delta, g_a.to(A.dtype), g_b.sum(0).to(B.dtype), g_c.sum(0).to(C.dtype)
 

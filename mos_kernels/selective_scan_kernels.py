@@ -104,7 +104,9 @@ def _selective_scan_bwd(g_y_ptr, u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, offsets_
             _rows(b_ptr, rows - 1, before, s, s_ok, state)[:, None, :]
         entering = tl.load(entering_ptr + (first_chunk + c) * dim * state + state_at, mask=state_ok, other=0.0)
         drive_before = tl.where((idx == 0)[:, None, None], entering[None, :, :], drive_before)
-        _, h_prev = tl.associative_scan((tl.exp(dt_before[:, :, None] * a[None, :, :]), drive_before), 0, _combine)
+        # The segment's first row has no decay (h = drive there): 0, not an overflowed exp times h = 0.
+        decay_before = tl.where((rows - 1 > start)[:, None, None], tl.exp(dt_before[:, :, None] * a[None, :, :]), 0.0)
+        _, h_prev = tl.associative_scan((decay_before, drive_before), 0, _combine)
         first = (rows == start)[:, None, None]
         h = tl.where(first, drive, decay * h_prev + drive)
         # lambda_t = y'_t C_t + a_{t+1} lambda_{t+1}, a_{t+1} = 0 past the segment's last row.
@@ -135,7 +137,7 @@ def _selective_scan_bwd(g_y_ptr, u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, offsets_
 
 
 # The backward keeps about ten [CHUNK, BLOCK_D, BLOCK_S] tiles live (the decays of a row, the one
-# before and the one after, two scans' operands and results, the gradient terms): 90-140
-# registers a thread for any tile ptxas was given, so two programs of 8 warps an SM at best
-# where S > 16 (S <= 16: 16 warps).
+# before and the one after, two scans' operands and results, the gradient terms): 90-128
+# registers a thread where S <= 16 (two programs of 8 warps an SM), 138-142 where S is 32 or 64
+# (one program: 8 warps), for every tile size ptxas was given.
 MIN_WARPS_PER_SM = {"_selective_scan_fwd": 16, "_selective_scan_bwd": 8}

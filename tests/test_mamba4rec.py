@@ -109,12 +109,22 @@ def test_the_layer_with_mamba_experts_keeps_empty_themes_finite():
 @pytest.mark.parametrize("options, error, words", [
     (dict(state=0), ValueError, ["state", "[1, 2^63)"]),
     (dict(num_layers=1.5), TypeError, ["num_layers", "int"]),
+    (dict(state=65, backend="triton"), ValueError, ["state", "at most 64", "'triton'"]),
+    (dict(state=65, backend="cuda"), ValueError, ["state", "at most 64", "'cuda'"]),
 ])
 def test_bad_encoder_options_are_named(options, error, words):
     with pytest.raises(error) as info:
         Mamba4RecEncoder(8, 2, lambda: None, **options)
     for word in words:
         assert word in str(info.value)
+
+
+def test_auto_runs_a_state_too_large_for_the_kernels():
+    """'auto' takes S > 64 to the reference: built and run, no error."""
+    from mos.encoders import make_encoder
+    encoder = Mamba4RecEncoder(4, 1, lambda: make_encoder("target_attention", 4, 1), state=65, backend="auto")
+    out = encoder(torch.randn(5, 4), torch.randn(2, 4), torch.tensor([0, 2, 5]))
+    assert out.shape == (1, 2, 4) and torch.isfinite(out).all()
 
 
 def test_bad_config_option_is_named():

@@ -26,8 +26,9 @@ HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
 def use_huge_pages() -> bool:
     """Ask PyTorch to back large CPU tensors with transparent huge pages (module docstring). The
     allocator reads the setting once, at the process's first CPU tensor, so call this before
-    any tensor is made; processes started afterwards (the profile's spawned workers) inherit it.
-    A value the environment already gives, 0 included, is kept. Returns whether it was set."""
+    any tensor is made; processes started afterwards (the profile's spawned workers) inherit it
+    (in a process that has made a tensor already, only they do). A value the environment
+    already gives, 0 included, is kept. Returns whether it was set."""
     if HUGE_PAGES in os.environ:
         return False
     os.environ[HUGE_PAGES] = "1"

@@ -2,10 +2,11 @@
 against the row-by-row oracle on awkward segments (empty, one row, segments that start and end on
 and beside the Triton kernels' 8-row chunks, several chunks of carried state, one and several
 experts, channel and state counts off the kernels' blocks), forward and all five gradients; the
-Triton kernels against the reference in fp32/fp16 (bf16 on the GPU); gradcheck and opcheck of the
-custom ops; what the FLOP counters see; every launch configuration compiled; bad input named and
-strided views (the contract's tables); on a CUDA device (the GPU check), the long setting's shape
-in fp32/fp16/bf16 against float64 and bitwise repeatable."""
+Triton kernels against the reference in fp32/fp16 (bf16 on the GPU); gradcheck of the float64
+reference and opcheck of the Triton custom op; what the FLOP counters see; every launch
+configuration compiled; bad input named and strided views (the contract's tables); on a CUDA
+device (the GPU check), the long setting's shape in fp32/fp16/bf16 against float64 and bitwise
+repeatable, and the compiled kernels' every tile layout (S from 1 to 64, padded channels)."""
 from __future__ import annotations
 
 import pytest
@@ -75,17 +76,23 @@ def test_triton_equals_the_reference_in_its_dtype(dim, state, dtype, device):
 
 def test_a_first_row_reads_no_decay_on_either_backend():
     """h = delta u B at a segment's first row whatever exp(delta A) is there: with the data checks
-    off, a decay that overflows to inf at a first row must not reach y (inf * 0 would be NaN)."""
+    off, a decay that overflows to inf at a first row reaches neither y nor a gradient (inf * 0
+    would be NaN), and both backends agree."""
     (u, delta, A, B, C), offsets = _inputs([3, 2], experts=1, dim=2, state=2)
     A = A.abs()                          # growth: exp(100 * A) overflows at the two first rows
     delta[[0, 3]] = 100.0
+    runs = {}
     with mk.data_checks(False):
-        ys = {backend: mk.selective_scan(u, delta, A, B, C, offsets, backend=backend)
-              for backend in backends("selective_scan")}
-    for backend, y in ys.items():
-        assert torch.isfinite(y).all(), backend
-        assert_matches(y, ys["reference"], "reduction", msg=backend)
-    assert torch.equal(ys["reference"][0], (delta[0] * u[0])[:, None].mul(B[0]).matmul(C[0]))
+        for backend in backends("selective_scan"):
+            leaves = [v.clone().requires_grad_() for v in (u, delta, A, B, C)]
+            y = mk.selective_scan(*leaves, offsets, backend=backend)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+            runs[backend] = [y, *(leaf.grad for leaf in leaves)]
+    for backend, run in runs.items():
+        for name, got, want in zip(("y",) + NAMES, run, runs["reference"]):
+            assert torch.isfinite(got).all(), (backend, name)
+            assert_matches(got, want, "reduction", msg=f"{backend} {name}")
+    assert torch.equal(runs["reference"][0][0], (delta[0] * u[0])[:, None].mul(B[0]).matmul(C[0]))
 
 
 def test_gradcheck_and_opcheck():
@@ -138,8 +145,9 @@ def test_every_launch_configuration_is_compiled():
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_the_scan_at_scale_on_cuda_matches_float64_and_repeats_bitwise(dtype, backend):
     """The long setting's MoS shape on the card (9 experts x 64 histories of 0-565 rows, Mamba4Rec's
-    D = 64 channels, S = 16): y and every gradient in dtype against the float64 reference of the
-    same rounded inputs, and a second run bitwise equal to the first (no atomics)."""
+    D = 64 channels, S = 16, A random per expert and channel in Mamba's range): y and every
+    gradient in dtype against the float64 reference of the same rounded inputs, and a second run
+    bitwise equal to the first (no atomics)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     experts, dim, state = 9, 64, 16
     lengths = torch.randint(0, 566, (experts * 64,), device="cuda", generator=gen)
@@ -147,7 +155,7 @@ def test_the_scan_at_scale_on_cuda_matches_float64_and_repeats_bitwise(dtype, ba
     num_rows = int(offsets[-1])
     inputs = [torch.randn(num_rows, dim, device="cuda", generator=gen),
               torch.rand(num_rows, dim, device="cuda", generator=gen).mul(0.1).add(1e-3),
-              -torch.arange(1, state + 1, device="cuda", dtype=torch.float32).repeat(experts, dim, 1),
+              -torch.rand(experts, dim, state, device="cuda", generator=gen).mul(state).add(0.5),
               torch.randn(num_rows, state, device="cuda", generator=gen),
               torch.randn(num_rows, state, device="cuda", generator=gen)]
     g = cotangent((num_rows, dim), dtype, 1)
@@ -161,6 +169,27 @@ def test_the_scan_at_scale_on_cuda_matches_float64_and_repeats_bitwise(dtype, ba
         assert torch.equal(first, again), f"{name}: two runs differ"
         error = relative_error(first, want)
         assert error < RELATIVE_ERROR[dtype], f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dim", [5, 64])
+@pytest.mark.parametrize("state", [1, 3, 16, 17, 64])
+def test_every_compiled_tile_layout_matches_the_oracle_on_cuda(state, dim):
+    """The compiled scans lay a chunk out over registers, lanes and warps by its tile shape, which
+    the interpreter does not model: each state size's blocks (and padded channels and states)
+    against the float64 row-by-row oracle, 3 experts, fp32, forward and every gradient."""
+    lengths = [0, 1, 8, 9, 23, 0]
+    values, offsets = _inputs(lengths, 3, dim, state, seed=state)
+    leaves = [v.cuda().requires_grad_() for v in values]
+    y = mk.selective_scan(*leaves, offsets.cuda(), backend="triton")
+    exact = [v.double().requires_grad_() for v in values]
+    expected = oracles.selective_scan(*exact, offsets)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(y, leaves, g.cuda())
+    want = torch.autograd.grad(expected, exact, g.double())
+    for name, x, w in zip(("y",) + NAMES, (y, *got), (expected, *want)):
+        assert_matches(x, w, "reduction", msg=name)
 
 
 # ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
