@@ -94,3 +94,23 @@ def test_a_checkpoint_is_not_resumed_across_an_option_change_nor_kept_after_its_
 
     checkpoint.write_bytes(b"left by a job stopped before deleting it")
     assert main(_one_model(stopped, "backbone")) == 0 and not checkpoint.exists()
+
+
+def test_a_writer_s_debris_is_cleared_before_its_run_is_trained_again(tmp_path):
+    """A job killed while writing a run's files leaves hidden temporary files (mos.lab.files);
+    the rerun of that run deletes them, and leaves another run's alone."""
+    from mos.lab.config_io import load_run_config
+    from mos.lab.profiling.runs import Job, RunStore, job_config
+
+    cfg = load_run_config("configs/default.yaml", [])
+    store = RunStore(tmp_path)
+    store.folder.mkdir()
+    retrained, other = Job("mos", 0), Job("backbone", 0)
+    debris = []
+    for job in (retrained, other):
+        record, predictions, _ = store.paths(job_config(cfg, job), job)
+        debris += [store.folder / f".{predictions.name}.x1y2z3.tmp", store.folder / f".{record.name}.a4b5c6.tmp"]
+    for path in debris:
+        path.write_text("part of a file")
+    store.clear_debris(job_config(cfg, retrained), retrained)
+    assert [path.exists() for path in debris] == [False, False, True, True]

@@ -134,6 +134,14 @@ class RunStore:
         holds finished runs only."""
         return self.folder.parent / "checkpoints" / f"{job.name}-{digest[:12]}.pt"
 
+    def clear_debris(self, cfg: RunConfig, job: Job) -> None:
+        """Delete what a writer killed while writing `job`'s files left (mos.lab.files: hidden
+        temporary files no reader opens), before the run is trained again. Two processes never
+        train one run at once, so none of them is being written."""
+        for path in self.paths(cfg, job)[:2]:
+            for debris in self.folder.glob(f".{path.name}.*.tmp"):
+                debris.unlink(missing_ok=True)
+
     def read(self, cfg: RunConfig, job: Job) -> Optional[dict]:
         """The finished run's record, or None (no file, another fingerprint, or no predictions)."""
         record_path, predictions_path, digest = self.paths(cfg, job)
@@ -163,6 +171,7 @@ def run_jobs(jobs: Sequence[Job], run_cfg: RunConfig, store: RunStore, context: 
         elif report_only:
             missing.append(job)
         else:
+            store.clear_debris(configs[job], job)
             todo.append(job)
     _say(f"{len(jobs)} runs: {len(records)} finished before, {len(todo)} to train"
          + (f", {len(missing)} missing" if missing else "") + (f", {workers} at a time" if todo and workers > 1 else ""))
