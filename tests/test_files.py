@@ -78,3 +78,28 @@ def test_concurrent_appends_never_mix_lines(tmp_path):
         assert writer.exitcode == 0
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted((r["writer"], r["index"]) for r in records) == [(w, i) for w in range(3) for i in range(30)]
+
+
+def test_a_killed_writer_s_temporary_file_is_found_and_removed(tmp_path, monkeypatch):
+    """What a writer killed between writing and renaming leaves (its real temporary name, caught
+    here by failing the rename and skipping the cleanup) is what remove_leftovers deletes; the
+    target and a neighbour's temporary file stay."""
+    target, neighbour = tmp_path / "run.npz", tmp_path / "run.json"
+    target.write_text("old")
+    files.write_atomic(neighbour, "whole")
+    left = []
+
+    def killed(source, destination):
+        left.append(source)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files.os, "replace", killed)
+        patch.setattr(files.os, "unlink", lambda path: None)
+        for writer_path in (target, target, neighbour):
+            with pytest.raises(KeyboardInterrupt):
+                files.write_atomic(writer_path, "new")
+    assert all(os.path.exists(path) for path in left) and len(set(left)) == 3
+    assert files.remove_leftovers(target) == 2
+    assert [os.path.exists(path) for path in left] == [False, False, True]
+    assert target.read_text() == "old" and neighbour.read_text() == "whole"

@@ -12,6 +12,7 @@ around it leaves the line whole or absent.
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -23,13 +24,30 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def _temporary_prefix_suffix(path: Path) -> tuple[str, str]:
+    return f".{path.name}.", ".tmp"
+
+
+def remove_leftovers(path: Union[str, Path]) -> int:
+    """Delete the temporary files that writers of `path` killed mid-write left beside it (never
+    `path` itself); returns how many. Only safe while no process is writing `path`."""
+    path = Path(path)
+    prefix, suffix = _temporary_prefix_suffix(path)
+    removed = 0
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*{suffix}"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def write_atomic(path: Union[str, Path], write: Union[str, bytes, Callable[[IO], None]], *, binary: bool = False) -> None:
     """Write `write` (text, bytes, or a function writing into the open stream) to `path`
     atomically; `binary` opens the stream in binary mode for a function (bytes always are)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     binary = binary or isinstance(write, bytes)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temporary_prefix_suffix(path)
+    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
         os.fchmod(handle, 0o666 & ~_UMASK)
         with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as stream:

@@ -36,7 +36,7 @@ from mos.lab.config_io import config_to_dict, with_options
 from mos.lab.data.config import SOURCES
 from mos.lab.errors import InputError
 from mos.lab.moved_options import drop_later_options
-from mos.lab.files import write_atomic
+from mos.lab.files import remove_leftovers, write_atomic
 from mos.lab.flops import count_flops
 from mos.lab.report import metric_text
 from mos.lab.train import load_data, train_one
@@ -139,8 +139,7 @@ class RunStore:
         temporary files no reader opens), before the run is trained again. Two processes never
         train one run at once, so none of them is being written."""
         for path in self.paths(cfg, job)[:2]:
-            for debris in self.folder.glob(f".{path.name}.*.tmp"):
-                debris.unlink(missing_ok=True)
+            remove_leftovers(path)
 
     def read(self, cfg: RunConfig, job: Job) -> Optional[dict]:
         """The finished run's record, or None (no file, another fingerprint, or no predictions)."""
