@@ -119,10 +119,7 @@ def _selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     num_rows, dim = u.shape
     num_segments, state = segment_offsets.numel() - 1, A.shape[2]
     y = new_output((num_rows, dim), dtype=u.dtype, device=u.device)
-    # A bound on the chunks known without reading the offsets (no sync): the kernel writes the
-    # first sum ceil(n_g / CHUNK) of them, the backward reads only those.
-    chunks = (num_rows + num_segments * (CHUNK - 1)) // CHUNK
-    entering = torch.empty((chunks, dim, state), dtype=torch.float32, device=u.device)
+    entering = torch.empty((_chunk_bound(num_rows, num_segments), dim, state), dtype=torch.float32, device=u.device)
     if num_rows and num_segments:
         from .selective_scan_kernels import _selective_scan_fwd   # triton only where a kernel launches
 
@@ -132,6 +129,12 @@ def _selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
             u, delta, A, B, C, segment_offsets, chunk_offsets, y, entering, dim, state,
             num_segments // A.shape[0], CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=num_warps)
     return y, entering
+
+
+def _chunk_bound(num_rows, num_segments):
+    """At least sum_g ceil(n_g / CHUNK), known without reading the offsets (no sync): the forward
+    writes that many entering states, the backward reads only those. Ints or SymInts."""
+    return (num_rows + num_segments * (CHUNK - 1)) // CHUNK
 
 
 def _first_chunks(segment_offsets: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,7 @@ def _first_chunks(segment_offsets: torch.Tensor) -> torch.Tensor:
 @_selective_scan_op.register_fake
 def _(u, delta, A, B, C, segment_offsets):
     num_rows, dim = u.shape
-    chunks = (num_rows + (segment_offsets.shape[0] - 1) * (CHUNK - 1)) // CHUNK
+    chunks = _chunk_bound(num_rows, segment_offsets.shape[0] - 1)
     return u.new_empty((num_rows, dim)), u.new_empty((chunks, dim, A.shape[2]), dtype=torch.float32)
 
 
