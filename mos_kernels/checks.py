@@ -142,3 +142,31 @@ def check_gather_index(gather_index, row_gate, inverse_index, device, num_tokens
         lo, hi = int(gather_index.min()), int(gather_index.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f"gather_index: expected values in [0, {num_tokens - 1}], got min {lo}, max {hi}")
+    if inverse_index is not None and reads_data():
+        _check_inverse_index(gather_index, inverse_index, num_rows)
+
+
+def _check_inverse_index(gather_index: torch.Tensor, inverse_index: torch.Tensor, num_rows: int) -> None:
+    """inverse_index [T, m] must be gather_index's inverse: every row listed exactly once, under the
+    token it reads, -1 elsewhere. The Triton scatter and backward read rows through it alone, so a
+    row it misses or misplaces would be silently dropped or summed into the wrong token."""
+    flat = inverse_index.reshape(-1)
+    if flat.numel():
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < -1 or hi >= num_rows:
+            raise ValueError(f"inverse_index: expected row numbers in [0, {num_rows - 1}] or -1 (no row), "
+                             f"got min {lo}, max {hi}")
+    listed = flat >= 0
+    rows = flat[listed]
+    tokens = torch.div(torch.arange(flat.numel(), device=flat.device), max(inverse_index.shape[1], 1),
+                       rounding_mode="floor")[listed]
+    times = torch.zeros(num_rows, dtype=torch.int64, device=flat.device).index_add_(0, rows, torch.ones_like(rows))
+    if bool((times != 1).any()):
+        row = int((times != 1).nonzero()[0, 0])
+        raise ValueError(f"inverse_index: expected every row of gather_index listed exactly once, got row {row} "
+                         f"listed {int(times[row])} times")
+    wrong = gather_index[rows] != tokens
+    if bool(wrong.any()):
+        at = int(wrong.nonzero()[0, 0])
+        raise ValueError(f"inverse_index: expected row {int(rows[at])} under token {int(gather_index[rows[at]])} "
+                         f"(the token gather_index names), got it under token {int(tokens[at])}")

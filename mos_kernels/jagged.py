@@ -13,10 +13,20 @@ from .checks import check_count, check_offsets, check_tensor, reads_data
 
 
 def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """[G] int64 segment lengths from offsets [G+1] int64 (from 0, non-decreasing: a data check).
+    Raises ValueError / TypeError naming `offsets`."""
+    check_offsets("offsets", offsets)
     return offsets[1:] - offsets[:-1]
 
 
 def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """[G+1] int64 offsets (from 0) from lengths [G] of any integer dtype, each >= 0 (a data check).
+    Raises ValueError / TypeError naming `lengths`."""
+    check_tensor("lengths", lengths, ndim=1)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths: expected an integer tensor, got {str(lengths.dtype).replace('torch.', '')}")
+    if reads_data() and lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError(f"lengths: expected non-negative lengths, got {int(lengths.min())}")
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
     torch.cumsum(lengths.to(torch.int64), 0, out=out[1:])
     return out
@@ -30,8 +40,11 @@ def counts_of(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def segment_ids(offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
-    """The segment of every row: [N] int64. `total` (= offsets[-1]) avoids a device sync."""
-    lengths = lengths_from_offsets(offsets)
+    """The segment of every row: [N] int64, from offsets [G+1] int64 (checked as
+    `lengths_from_offsets`' and, given `total`, offsets[-1] == total). `total` (= offsets[-1])
+    avoids a device sync. Raises ValueError / TypeError naming `offsets`."""
+    check_offsets("offsets", offsets, total=total if isinstance(total, int) else None)
+    lengths = offsets[1:] - offsets[:-1]
     ids = torch.arange(lengths.numel(), device=offsets.device)
     return torch.repeat_interleave(ids, lengths, output_size=total)
 

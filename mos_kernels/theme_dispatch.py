@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._alloc import new_output
-from .checks import FLOAT_DTYPES, check_count, check_offsets, check_tensor, reads_data
+from .checks import FLOAT_DTYPES, check_count, check_finite, check_offsets, check_tensor, reads_data
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
 from .jagged import counts_of, expert_offsets, offsets_from_lengths, segment_ids
@@ -89,6 +89,13 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
         check_count("max_theme_tokens", max_theme_tokens)
     if num_tokens is not None:
         check_count("num_tokens", num_tokens, minimum=0)
+    if not torch.compiler.is_compiling() and num_sessions and num_examples == 0:
+        raise ValueError(f"num_examples: expected at least 1 (session_example names the example of each of the "
+                         f"{num_sessions} sessions), got 0")
+    if not torch.compiler.is_compiling() and num_examples * num_themes >= 2 ** 62:
+        raise ValueError(f"num_examples: expected num_examples * num_themes < 2^62 (one segment each), "
+                         f"got {num_examples} * {num_themes}")
+    check_finite("gate", gate)
     if reads_data() and num_sessions:
         _check_routing_data(themes, session_example, num_examples, num_themes)
     if num_tokens is None:

@@ -69,6 +69,9 @@ def theme_gather(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Opt
     """values [T, d] -> rows [T', d] in the order of gather_index, scaled by row_gate.
 
     inverse_index: see the module docstring; built here (one sync) when the Triton path needs it.
+    Raises ValueError / TypeError naming the argument: shapes, dtypes, devices; the data checks
+    (one sync each): gather_index in range, NaN/inf values or row_gate, an inverse_index that is
+    not gather_index's inverse (the kernels read rows through it alone).
     """
     check_values("values", values)
     check_gather_index(gather_index, row_gate, inverse_index, values.device, values.shape[0], gather_index.numel())
@@ -83,7 +86,8 @@ def theme_gather(values: torch.Tensor, gather_index: torch.Tensor, row_gate: Opt
 def theme_scatter(rows: torch.Tensor, gather_index: torch.Tensor, row_gate: Optional[torch.Tensor] = None, *,
                   num_tokens: int, inverse_index: Optional[torch.Tensor] = None,
                   backend: str = "auto") -> torch.Tensor:
-    """rows [T', d] -> [num_tokens, d]: every row, scaled by its gate, added to its source token."""
+    """rows [T', d] -> [num_tokens, d]: every row, scaled by its gate, added to its source token.
+    Raises as `theme_gather` (rows in place of values, and num_tokens)."""
     check_values("rows", rows)
     check_count("num_tokens", num_tokens, minimum=0)
     check_gather_index(gather_index, row_gate, inverse_index, rows.device, num_tokens, rows.shape[0])

@@ -9,6 +9,7 @@ tables at the end, run by test_contract.py; 4M tokens on the GPU: the tests mark
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -337,6 +338,9 @@ BAD_INPUT = {
     "dispatch_int_gate": (lambda: _dispatch(gate=torch.ones(3, 1, dtype=torch.int64)), TypeError, "gate"),
     "dispatch_float_num_themes": (lambda: _dispatch(num_themes=3.0), TypeError, "num_themes"),
     "dispatch_float_max_theme_tokens": (lambda: _dispatch(max_theme_tokens=2.5), TypeError, "max_theme_tokens"),
+    "dispatch_nan_gate": (lambda: _dispatch(gate=torch.tensor([[1.0], [math.nan], [1.0]])), ValueError, "gate"),
+    "dispatch_no_examples_for_sessions": (lambda: _dispatch(num_examples=0), ValueError, "num_examples"),
+    "dispatch_segments_past_int64": (lambda: _dispatch(num_examples=2 ** 62), ValueError, "num_examples"),
 }
 
 

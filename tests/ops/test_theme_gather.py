@@ -333,6 +333,12 @@ def test_gather_scatter_past_2_to_31_elements(kernel_backend):
 
 # ---- the contract's tables (test_contract.py; tests/input_cases.py says how) --------------------
 
+def _scatter_with_inverse(inverse):
+    """Three rows reading tokens 0, 1, 1 scattered back with a given inverse_index."""
+    return mk.theme_scatter(torch.randn(3, DIM), torch.tensor([0, 1, 1]), num_tokens=2,
+                            inverse_index=torch.tensor(inverse))
+
+
 BAD_INPUT = {
     # name: (call, exception, argument named)
     "gather_index_out_of_range": (lambda: mk.theme_gather(torch.randn(3, DIM), torch.tensor([0, 3])), ValueError,
@@ -351,6 +357,14 @@ BAD_INPUT = {
                                                 torch.tensor([1.0, math.nan])), ValueError, "row_gate"),
     "scatter_float_num_tokens": (lambda: mk.theme_scatter(torch.randn(2, DIM), torch.tensor([0, 1]), num_tokens=2.0),
                                  TypeError, "num_tokens"),
+    # inverse_index must be gather_index's inverse: the Triton scatter reads rows through it alone.
+    "scatter_inverse_misses_a_row": (lambda: _scatter_with_inverse([[1, -1], [0, -1]]), ValueError, "inverse_index"),
+    "scatter_inverse_past_rows": (lambda: _scatter_with_inverse([[7, -1], [1, 2]]), ValueError, "inverse_index"),
+    "scatter_inverse_row_twice": (lambda: _scatter_with_inverse([[0, -1], [1, 1]]), ValueError, "inverse_index"),
+    "scatter_inverse_wrong_token": (lambda: _scatter_with_inverse([[1, -1], [0, 2]]), ValueError, "inverse_index"),
+    "gather_inverse_wrong_token": (lambda: mk.theme_gather(torch.randn(2, DIM), torch.tensor([0, 1, 1]),
+                                                           inverse_index=torch.tensor([[1, -1], [0, 2]])),
+                                   ValueError, "inverse_index"),
 }
 
 
