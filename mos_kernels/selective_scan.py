@@ -24,6 +24,7 @@ segment, then added on the host: no atomics, deterministic.
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -33,9 +34,9 @@ from ._alloc import new_output
 from ._launch import cdiv, next_power_of_2
 from ._layout import kernel_op
 from .backend import resolve_backend
-from .checks import FLOAT_DTYPES, check_finite, check_offsets, check_tensor
+from .checks import FLOAT_DTYPES, check_finite, check_offsets, check_tensor, reads_data
 from .jagged import expert_offsets as jagged_expert_offsets, positions_in_segment, segment_ids
-from .linear_recurrence import linear_recurrence
+from . import linear_recurrence as _registers_linear_recurrence_reference  # noqa: F401
 
 CHUNK = 8           # rows per associative scan of the Triton kernels (a power of two)
 MAX_STATE = 64      # the Triton kernels hold all of a channel's S state elements in one tile
@@ -69,6 +70,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                          f"got {num_segments}")
     for name, value in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         check_finite(name, value)
+    if reads_data():
+        _check_decay(delta, A, segment_offsets)
     chosen = resolve_backend(backend, u, "selective_scan")
     if chosen == "triton" and state > MAX_STATE:
         if backend != "auto":
@@ -77,6 +80,31 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     if chosen == "triton":
         return torch.ops.mos.selective_scan(u, delta, A, B, C, segment_offsets)[0]
     return _reference(u, delta, A, B, C, segment_offsets)
+
+
+def _check_decay(delta: torch.Tensor, A: torch.Tensor, segment_offsets: torch.Tensor) -> None:
+    """exp(delta_t A) must be finite wherever it is read (not at a segment's first row): an inf
+    decay makes the states inf and the gradients NaN. Linear in delta, so per expert and channel
+    the largest exponent is at the rows' largest or smallest delta: [E, D] reductions, no
+    [N, D, S] tensor."""
+    num_rows, dim = delta.shape
+    if not num_rows:
+        return
+    acc = torch.promote_types(delta.dtype, torch.float32)
+    first = positions_in_segment(segment_offsets, num_rows) == 0
+    read = delta.to(acc).masked_fill(first[:, None], 0)          # 0: exp(0) = 1, no bound from first rows
+    expert = segment_ids(jagged_expert_offsets(segment_offsets, A.shape[0]), num_rows)[:, None].expand(-1, dim)
+    zeros = read.new_zeros(A.shape[:2])
+    largest = zeros.scatter_reduce(0, expert, read, "amax")
+    smallest = zeros.scatter_reduce(0, expert, read, "amin")
+    a = A.to(acc)
+    exponent = torch.maximum(largest[:, :, None] * a, smallest[:, :, None] * a)
+    limit = math.log(torch.finfo(acc).max)
+    if bool((exponent > limit).any()):
+        e, d, s = (int(i) for i in (exponent > limit).nonzero()[0])
+        raise ValueError(f"delta: expected exp(delta * A) finite (the state's decay; {limit:.4g} at most in "
+                         f"{str(acc).replace('torch.', '')}), got delta * A[{e}, {d}, {s}] up to "
+                         f"{float(exponent[e, d, s]):.4g}")
 
 
 def _reference(u, delta, A, B, C, segment_offsets):
@@ -95,7 +123,8 @@ def _reference(u, delta, A, B, C, segment_offsets):
     first = positions_in_segment(segment_offsets, u.shape[0]) == 0
     decay = torch.exp(delta.masked_fill(first[:, None], 0)[:, :, None] * a)         # [N, D, S]
     drive = torch.einsum("nd,ns->nds", delta * u, B)
-    states = linear_recurrence(decay, drive, segment_offsets, backend="reference")
+    # The recurrence's reference op itself: its public checks would scan [N, D, S] twice more.
+    states = torch.ops.mos.linear_recurrence_reference(decay, drive, segment_offsets)
     return torch.einsum("nds,ns->nd", states, C).to(dtype)
 
 

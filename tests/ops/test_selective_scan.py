@@ -228,6 +228,10 @@ BAD_INPUT = {
     "selective_scan_state_triton": (lambda: mk.selective_scan(*_inputs([2], 1, 3, MAX_STATE + 1)[0],
                                                               torch.tensor([0, 2]), backend="triton"),
                                     ValueError, "A"),
+    # exp(delta A) overflowing float32 at row 1 (A < 0; segment [0, 2): not its first row, which
+    # reads none)
+    "selective_scan_decay_overflows": (_with(1, lambda d: d.index_fill(0, torch.tensor([1]), -1e4)), ValueError,
+                                       "delta"),
 }
 
 
