@@ -22,6 +22,9 @@ The module it returns is called as
     returns          [E, B, d] on the rows' device, in their dtype (or autocast's, under autocast):
                      one vector per segment, finite
 
+The module's forward must take `max_len` by keyword (or **kwargs): one that does not is refused
+when the layer is built, naming `encoder`.
+
 Empty segments are normal (a theme an example never visits, an empty history, B = 0): the layer
 replaces what the module returns for one by zeros. That value must still be finite: a NaN made
 inside the module (a mean over no rows, 0 / 0) would reach its parameters' gradients through its
@@ -42,6 +45,7 @@ segments only (so it never sees an empty one: packed sequences, say, refuse them
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -95,6 +99,7 @@ def per_expert(make_one: Callable[[], nn.Module]) -> Callable[..., nn.Module]:
             module = make_one()
             if not isinstance(module, nn.Module):
                 raise TypeError(f"make_one: expected it to return an nn.Module, got {type(module).__name__}")
+            check_keywords(module, ("max_len",), "encoder (a one-expert module)")
             experts.append(module)
         return PerExpert(experts)
 
@@ -127,19 +132,44 @@ def build_encoder(factory: Callable[..., nn.Module], num_experts: int) -> nn.Mod
     if not isinstance(module, nn.Module):
         raise TypeError(f"encoder: expected the factory to return an nn.Module for num_experts={num_experts}, "
                         f"got {type(module).__name__}")
+    keywords = GATHER_KEYWORDS if getattr(module, "reads_gather_index", False) else ("max_len",)
+    check_keywords(module, keywords, "encoder")
     return module
+
+
+# What a module that sets reads_gather_index is called with, besides its three tensors.
+GATHER_KEYWORDS = ("gather_index", "row_gate", "inverse_index", "max_len")
+
+
+def check_keywords(module: nn.Module, keywords, name: str) -> None:
+    """module.forward must take `keywords` by name (the protocol's call): refused here, naming
+    `name` and the forward it has, rather than as a bare TypeError inside the layer's first
+    call. A forward whose signature cannot be read (a compiled one, say) is let through."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [k for k in keywords if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY]
+    if missing:
+        raise TypeError(f"{name}: expected {type(module).__name__}.forward to take the keyword(s) {missing} "
+                        f"(mos.encoder_protocol: module(rows, target, segment_offsets, *, max_len)), got "
+                        f"forward{inspect.signature(module.forward)}")
 
 
 def run_encoder(module: nn.Module, tokens: torch.Tensor, target: torch.Tensor, segment_offsets: torch.Tensor, *,
                 gather_index: Optional[torch.Tensor] = None, row_gate: Optional[torch.Tensor] = None,
                 inverse_index: Optional[torch.Tensor] = None, max_len: Optional[int] = None,
-                gather_backend: str = "auto", validate: bool = False) -> torch.Tensor:
+                gather_backend: str = "auto", validate: bool = False,
+                num_experts: Optional[int] = None) -> torch.Tensor:
     """[E, B, d]: the module over its segments, by the protocol above; rows tokens[gather_index] *
     row_gate (or tokens without gather_index); zeros for empty segments. Raises ValueError /
     TypeError naming `encoder` when the module returns another shape, dtype or device, and with
     `validate` NonFiniteError (a ValueError) when it returns NaN or inf."""
     num_examples = target.shape[0]
-    num_experts = (segment_offsets.numel() - 1) // num_examples if num_examples else 0
+    if num_experts is None:     # the layout's, or with no examples the module's (unchecked then)
+        num_experts = (segment_offsets.numel() - 1) // num_examples if num_examples else None
     if getattr(module, "reads_gather_index", False):
         out = module(tokens, target, segment_offsets, gather_index=gather_index, row_gate=row_gate,
                      inverse_index=inverse_index, max_len=max_len)
@@ -147,7 +177,7 @@ def run_encoder(module: nn.Module, tokens: torch.Tensor, target: torch.Tensor, s
         rows = tokens if gather_index is None else mk.theme_gather(
             tokens, gather_index, row_gate, inverse_index=inverse_index, backend=gather_backend)
         out = module(rows, target, segment_offsets, max_len=max_len)
-    if num_examples == 0:
+    if num_experts is None:
         num_experts = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() == 3 else 0
     _check_output(out, (num_experts, num_examples, tokens.shape[1]), tokens, "encoder")
     if validate and not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):

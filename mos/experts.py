@@ -19,6 +19,7 @@ from mos_kernels.theme_gather import inverse_of_unique
 from .config import EXPERT_KINDS, THEME_RECENCY_BUCKETS, MoSConfig
 from .encoder_protocol import build_encoder, run_encoder
 from .outputs import MoSOutput, RoutingInfo
+from .routing import check_router_result, check_units
 
 if TYPE_CHECKING:     # annotations only: the layer imports this module
     from .layer import MoSLayer
@@ -95,7 +96,7 @@ def _build_short(layer: "MoSLayer", cfg: MoSConfig, encoder) -> None:
 def _global_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     """The global expert over the whole history's tokens."""
     return run_encoder(layer.global_expert, batch.values, batch.target, batch.offsets, max_len=batch.max_len,
-                       validate=layer.config.validate_inputs)[0]
+                       validate=layer.config.validate_inputs, num_experts=1)[0]
 
 
 def _global_sessions_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
@@ -103,7 +104,7 @@ def _global_sessions_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     sessions = batch.sessions
     pooled = mk.session_pool(batch.values, sessions.session_offsets, backend=layer.backends["session_pool"])
     return run_encoder(layer.global_expert, pooled, batch.target, sessions.example_session_offsets,
-                       validate=layer.config.validate_inputs)[0]
+                       validate=layer.config.validate_inputs, num_experts=1)[0]
 
 
 def _short_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
@@ -113,7 +114,7 @@ def _short_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     return run_encoder(layer.short_expert, batch.extras_values, batch.extras_target, short_offsets,
                        gather_index=short_index, inverse_index=inverse_of_unique(short_index, num_tokens),
                        max_len=batch.max_len, gather_backend=layer.backends["theme_gather"],
-                       validate=layer.config.validate_inputs)[0]
+                       validate=layer.config.validate_inputs, num_experts=1)[0]
 
 
 def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
@@ -122,9 +123,15 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     cfg = layer.config
     values, target, offsets = batch.extras_values, batch.extras_target, batch.offsets
     num_examples, num_tokens = offsets.numel() - 1, values.shape[0]
-    units = layer.routing_unit(offsets, batch.sessions, num_tokens)
-    _, routing, batch.aux = layer.router(batch.routing_values, units, layer.prototypes, temperature=cfg.temperature,
-                                         top_k=cfg.top_k, backends=layer.backends, training=layer.training)
+    # A caller's router or routing unit gets its result's data checked too (the built-in ones
+    # make valid results by construction: no sync on their path).
+    check_data = cfg.validate_inputs and layer.custom_routing
+    units = check_units(layer.routing_unit(offsets, batch.sessions, num_tokens), num_tokens, num_examples,
+                        data=check_data)
+    _, routing, batch.aux = check_router_result(
+        layer.router(batch.routing_values, units, layer.prototypes, temperature=cfg.temperature, top_k=cfg.top_k,
+                     backends=layer.backends, training=layer.training),
+        units.session_offsets.numel() - 1, cfg.num_themes, cfg.top_k, data=check_data)
     values = layer._theme_recency(layer, values, routing.themes[:, 0], units)
     dispatch = mk.theme_dispatch(routing.themes, routing.gate, units.session_offsets, units.session_example,
                                  num_examples=num_examples, num_themes=cfg.num_themes,
@@ -136,7 +143,8 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     e_theme = run_encoder(layer.theme_experts, values, target, dispatch.theme_offsets,
                           gather_index=dispatch.gather_index, row_gate=dispatch.row_gate,
                           inverse_index=dispatch.inverse_index, max_len=theme_len,
-                          gather_backend=layer.backends["theme_gather"], validate=cfg.validate_inputs)
+                          gather_backend=layer.backends["theme_gather"], validate=cfg.validate_inputs,
+                          num_experts=cfg.num_themes)
     segment_lengths = dispatch.segment_lengths
     batch.routing = RoutingInfo(units.session_offsets, units.session_example, routing.themes[:, 0], routing.themes,
                                 routing.probs.detach(), segment_lengths)

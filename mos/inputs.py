@@ -35,6 +35,13 @@ def as_jagged(values: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Op
         raise ValueError("offsets: expected a [B+1] int64 tensor with jagged values [T, d], got None")
     if lengths is not None:
         raise ValueError("lengths: expected None with jagged values (offsets say the lengths), got a tensor")
+    if timestamps is not None:
+        # Checked in every session mode (the padded form's shape check is too): wrong timestamps
+        # are a caller's bug even where mode="fixed" reads none of them.
+        check_tensor("timestamps", timestamps, ndim=1, device=values.device)
+        if timestamps.shape[0] != values.shape[0]:
+            raise ValueError(f"timestamps: expected {values.shape[0]} entries (one per row of values), "
+                             f"got {timestamps.shape[0]}")
     return values, offsets, timestamps
 
 

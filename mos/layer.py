@@ -25,7 +25,7 @@ from .experts import (BUILD, BUILD_ORDER, GLOBAL_PATHS, PATHS, RUN_ORDER, Batch,
                       with_theme_mass, with_theme_recency, without_theme_mass, without_theme_recency)
 from .inputs import as_jagged, routing_inputs
 from .outputs import MoSOutput, RoutingInfo  # noqa: F401  (RoutingInfo: re-exported, mos.RoutingInfo)
-from .routing import LearnedRouter, no_aux, route_sessions
+from .routing import LearnedRouter, RandomRouter, no_aux, route_sessions, route_tokens
 
 
 class MoSLayer(nn.Module):
@@ -106,6 +106,8 @@ class MoSLayer(nn.Module):
         # Set after the experts, so that a router with parameters registers them last.
         self.router = router if router is not None else LearnedRouter()
         self.routing_unit = routing_unit if routing_unit is not None else route_sessions
+        self.custom_routing = not (type(self.router) in (LearnedRouter, RandomRouter)
+                                   and self.routing_unit in (route_sessions, route_tokens))
         self._fuse = fusion_for(cfg.fusion, self.experts)
         self._theme_mass = with_theme_mass if cfg.theme_mass else without_theme_mass
         self._theme_recency = with_theme_recency if cfg.theme_recency else without_theme_recency
@@ -152,7 +154,10 @@ class MoSLayer(nn.Module):
             ending at T; timestamps going back in time, NaN or inf, or too coarse for gap_seconds
             (bfloat16 epoch seconds) or too far apart for int64; a max_len that is no int or is
             below the longest history; NaN/inf values, target or
-            prototypes (`mos_kernels.checks.NonFiniteError`). `MoSConfig.validate_inputs=False`
+            prototypes (`mos_kernels.checks.NonFiniteError`); float64 inputs under autocast; a
+            caller's router or routing unit returning what the dispatch cannot use (themes out of
+            range or repeated, a NaN gate, wrong shapes, inconsistent units), named `router` or
+            `routing_unit` (mos.routing.check_router_result). `MoSConfig.validate_inputs=False`
             skips the data checks (each costs a pass and a sync). Empty histories are valid and
             give finite outputs.
         """
@@ -201,8 +206,13 @@ class MoSLayer(nn.Module):
     def _check_dtypes(self, values: torch.Tensor, target: torch.Tensor) -> None:
         """Outside torch.autocast (which casts per op, and is supported) the inputs must have the
         parameters' dtype: a float64 or bfloat16 batch into a float32 layer would otherwise fail
-        deep inside an einsum without naming anything."""
+        deep inside an einsum without naming anything. Under autocast, which casts float32 but
+        leaves float64 alone, float64 inputs fail alike: they are refused by name."""
         if torch.is_autocast_enabled(values.device.type):
+            for name, tensor in (("values", values), ("target", target)):
+                if tensor.dtype == torch.float64:
+                    raise TypeError(f"{name}: expected float32, float16 or bfloat16 under torch.autocast (it does "
+                                    f"not cast float64), got float64")
             return
         weights = next(self.parameters()).dtype
         if values.dtype != weights:

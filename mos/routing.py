@@ -15,6 +15,9 @@ training) -> (pooled, routing, aux)`:
     scalars (zeros where the router has none; a missing one counts as zero), plus
     "consistency" from a router that has a session-consistency loss.
 A routing unit is any callable `routing_unit(offsets, sessions, num_tokens) -> Sessions`.
+The layer checks what a caller's router or routing unit returns (`check_router_result`,
+`check_units`): shapes always, values too while `MoSConfig.validate_inputs` is on; the built-in
+ones make valid results by construction and pay no sync for the check.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 import mos_kernels as mk
+from mos_kernels.checks import FLOAT_DTYPES, NonFiniteError, check_offsets, check_tensor, reads_data
 from mos_kernels.jagged import counts_of, segment_ids
 from mos_kernels.routing import normalized
 
@@ -84,6 +88,79 @@ class RandomRouter:
         gate = torch.ones((num_units, top_k), dtype=values.dtype, device=device)
         routing = mk.Routing(themes=themes, gate=gate, probs=probs, scores=torch.zeros_like(probs))
         return None, routing, no_aux(values)
+
+
+def check_units(units, num_tokens: int, num_examples: int, *, data: bool) -> mk.Sessions:
+    """A routing unit's result, checked: `mos_kernels.Sessions` over the batch's num_tokens rows and
+    num_examples examples (units in example order). Shapes and dtypes always; with `data` the
+    values too (offsets from 0, monotone, ending at num_tokens; examples in range and ordered;
+    example_session_offsets matching session_example): a sync each. Raises TypeError /
+    ValueError naming `routing_unit` and the field."""
+    if not isinstance(units, mk.Sessions):
+        raise TypeError(f"routing_unit: expected it to return mos_kernels.Sessions, got {type(units).__name__}")
+    with mk.data_checks(data):
+        try:
+            check_offsets("session_offsets", units.session_offsets, total=num_tokens)
+            num_units = units.session_offsets.numel() - 1
+            check_tensor("session_example", units.session_example, ndim=1, dtypes=(torch.int64,),
+                                   device=units.session_offsets.device)
+            if units.session_example.numel() != num_units:
+                raise ValueError(f"session_example: expected {num_units} entries (one per unit), "
+                                 f"got {units.session_example.numel()}")
+            check_offsets("example_session_offsets", units.example_session_offsets, total=num_units,
+                                    device=units.session_offsets.device)
+            if units.example_session_offsets.numel() != num_examples + 1:
+                raise ValueError(f"example_session_offsets: expected {num_examples + 1} entries (B+1), "
+                                 f"got {units.example_session_offsets.numel()}")
+            if reads_data() and num_units:
+                expected = mk.offsets_from_lengths(counts_of(units.session_example.clamp(0, max(num_examples - 1, 0)),
+                                                             num_examples))
+                lo, hi = int(units.session_example.min()), int(units.session_example.max())
+                if lo < 0 or hi >= num_examples:
+                    raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], "
+                                     f"got min {lo}, max {hi}")
+                if bool((units.session_example[1:] < units.session_example[:-1]).any()):
+                    raise ValueError("session_example: expected units ordered by example, got a step back")
+                if not torch.equal(expected, units.example_session_offsets):
+                    raise ValueError("example_session_offsets: expected the units of each example as "
+                                     "session_example lists them, got other offsets")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"routing_unit: returned Sessions whose {err}") from err
+    return units
+
+
+def check_router_result(result, num_units: int, num_themes: int, top_k: int, *, data: bool) -> RouterResult:
+    """A router's result, checked: (pooled or None, `mos_kernels.Routing`, dict of losses) with
+    themes [S, top_k] int64 and gate [S, top_k] float for the S units. With `data` also themes in
+    [0, K) and distinct in each row, and a finite gate (a sync each). Raises TypeError /
+    ValueError naming `router` and the field."""
+    if not isinstance(result, tuple) or len(result) != 3:
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+        raise TypeError(f"router: expected it to return (pooled or None, mos_kernels.Routing, aux losses), got {got}")
+    _, routing, aux = result
+    if not isinstance(routing, mk.Routing):
+        raise TypeError(f"router: expected a mos_kernels.Routing second, got {type(routing).__name__}")
+    if not isinstance(aux, dict):
+        raise TypeError(f"router: expected a dict of auxiliary losses third, got {type(aux).__name__}")
+    themes, gate = routing.themes, routing.gate
+    check_tensor("router: themes", themes, ndim=2, dtypes=(torch.int64,))
+    check_tensor("router: gate", gate, ndim=2, dtypes=FLOAT_DTYPES, device=themes.device)
+    for name, tensor in (("themes", themes), ("gate", gate)):
+        if tuple(tensor.shape) != (num_units, top_k):
+            raise ValueError(f"router: {name}: expected shape {[num_units, top_k]} (one row per routing unit, "
+                             f"top_k choices), got {list(tensor.shape)}")
+    if data and num_units:
+        lo, hi = int(themes.min()), int(themes.max())
+        if lo < 0 or hi >= num_themes:
+            raise ValueError(f"router: themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
+        if top_k > 1:
+            ordered = themes.sort(dim=1).values
+            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+                raise ValueError("router: themes: expected distinct themes in each row (top-k choices), "
+                                 "got a repeated theme")
+        if not bool(torch.isfinite(gate).all()):
+            raise NonFiniteError("router: gate: expected finite values, got NaN or inf")
+    return result
 
 
 def route_sessions(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int) -> mk.Sessions:

@@ -159,6 +159,26 @@ def test_empty_segments_give_zeros_whatever_the_encoder_returns():
     assert none.output.shape == (0, DIM)
 
 
+class _TwoExperts(nn.Module):
+    """Always returns two experts' vectors, whatever it was built for."""
+
+    def __init__(self, num_experts):
+        super().__init__()
+
+    def forward(self, rows, target, segment_offsets, *, max_len=None):
+        return rows.new_zeros((2, target.shape[0], rows.shape[1]))
+
+
+def test_an_encoder_with_the_wrong_number_of_experts_is_named_also_on_an_empty_batch():
+    """The layer tells run_encoder how many experts each kind has, so a module returning another
+    number is refused on a batch of no examples too (its [E, 0, d] says nothing else)."""
+    values, target, offsets = _batch()
+    layer = _layer(_TwoExperts)
+    for batch in ((values, target, offsets), (values[:0], target[:0], torch.zeros(1, dtype=torch.int64))):
+        with pytest.raises(ValueError, match=r"^encoder: expected it to return shape \[[13], \d+, 8\] .*got \[2, \d+, 8\]"):
+            layer(*batch)
+
+
 def test_a_module_is_copied_once_per_expert_and_left_untouched():
     """A one-expert module instance serves as the template: each expert gets its own copy, with
     the template's weights, and training the layer leaves the template as it was."""
@@ -213,8 +233,25 @@ class _WrongDtype(nn.Module):
         return rows.new_zeros((1, target.shape[0], DIM), dtype=torch.float64)
 
 
+class _NoMaxLen(nn.Module):
+    """Leaves out the protocol's max_len keyword."""
+
+    def forward(self, rows, target, segment_offsets):
+        return target
+
+
+class _NoGatherKeywords(_NoArguments):
+    """Says it reads the gather index, but takes none of its keywords."""
+
+    reads_gather_index = True
+
+
 @pytest.mark.parametrize("encoder, error, words", [
     (42, TypeError, ["encoder", "factory", "int"]),
+    (_NoMaxLen(), TypeError, ["encoder (a one-expert module)", "_NoMaxLen.forward", "['max_len']",
+                              "forward(rows, target, segment_offsets)"]),
+    (lambda num_experts: _NoGatherKeywords(), TypeError, ["encoder", "['gather_index', 'row_gate', "
+                                                                     "'inverse_index']"]),
     (lambda num_experts: "gru", TypeError, ["encoder", "nn.Module", "str"]),
     (_NoArguments, TypeError, ["encoder", "factory(num_experts=1) raised TypeError", "num_experts",
                                 "per_expert(make_one)"]),

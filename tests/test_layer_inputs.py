@@ -97,6 +97,12 @@ LAYER_CASES = {
     "target_on_another_device": (lambda b: b.update(target=b["target"].to("meta")), ValueError, "target"),
     "timestamps_on_another_device": (lambda b: b.update(timestamps=b["timestamps"].to("meta")), ValueError,
                                      "timestamps"),
+    # Jagged timestamps are checked in fixed mode too, where the layer reads none of them (the
+    # padded form's shape is too): a caller passing the wrong ones has a bug to hear about.
+    "timestamps_wrong_length_fixed_mode": (lambda b: b.update(timestamps=torch.arange(3.0), fixed=True), ValueError,
+                                           "timestamps"),
+    "timestamps_2d_fixed_mode": (lambda b: b.update(timestamps=torch.arange(5.0).view(5, 1), fixed=True),
+                                 ValueError, "timestamps"),
     # A bound below the longest history would cut it where attention pads to max_len.
     "max_len_below_the_longest": (lambda b: b.update(max_len=2), ValueError, "max_len"),
     "max_len_float": (lambda b: b.update(max_len=3.0), TypeError, "max_len"),
@@ -110,7 +116,19 @@ def test_layer_rejects_bad_jagged_input(case, layer):
     spoil, error, name = LAYER_CASES[case]
     batch = good_batch()
     spoil(batch)
+    if batch.pop("fixed", False):
+        layer = MoSLayer(MoSConfig(dim=DIM, num_heads=2, num_themes=3, session_len=2, session_mode="fixed"))
     with pytest.raises(error, match=named(name)):
+        call(layer, **batch)
+
+
+@pytest.mark.parametrize("name", ["values", "target"])
+def test_float64_under_autocast_is_refused_by_name(layer, name):
+    """Autocast casts float32 and leaves float64 alone, which then fails inside an op: refused
+    first, naming the input (float32, float16 and bfloat16 inputs run under it)."""
+    batch = good_batch()
+    batch[name] = batch[name].double()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=named(name) + ".*float64"):
         call(layer, **batch)
 
 

@@ -2,6 +2,8 @@
 and the built-in alternatives do what they say."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -199,3 +201,82 @@ def test_a_router_module_registers_after_the_experts():
     layer = _layer(router=router)
     assert next(layer.parameters()).dtype == torch.float32
     assert list(layer.named_parameters())[-1][0] == "router.scale"
+
+
+class _FixedRouter:
+    """A user's router returning what `spoil` makes of a valid top-2 routing (themes 0 and 1)."""
+
+    def __init__(self, spoil):
+        self.spoil = spoil
+
+    def __call__(self, values, units, prototypes, *, temperature, top_k, backends, training):
+        num_units, num_themes = units.num_sessions, prototypes.shape[0]
+        themes = torch.tensor([[0, 1]]).expand(num_units, 2).contiguous()
+        probs = torch.full((num_units, num_themes), 1.0 / num_themes)
+        routing = dict(themes=themes, gate=torch.ones(num_units, 2), probs=probs, scores=probs)
+        return self.spoil(routing)
+
+
+def _as_result(routing):
+    return None, mk.Routing(**routing), {}
+
+
+def _with(**change):
+    return lambda routing: _as_result({**routing, **{k: f(routing[k]) for k, f in change.items()}})
+
+
+def _units_with(**change):
+    def unit(offsets, sessions, num_tokens):
+        fields = dict(session_offsets=sessions.session_offsets, session_example=sessions.session_example,
+                      example_session_offsets=sessions.example_session_offsets)
+        return mk.Sessions(**{**fields, **{k: f(fields[k]) for k, f in change.items()}})
+    return unit
+
+
+# A caller's router or routing unit that returns something the dispatch cannot use: refused,
+# naming the part and the field, where the layer used to index out of range, route a token to
+# one theme twice, or fail with a bare AttributeError.
+BAD_PARTS = {
+    "theme_past_k": (dict(router=_FixedRouter(_with(themes=lambda t: t + 2))), ValueError,
+                     r"^router: themes: expected values in \[0, 2\], got min 2, max 3"),
+    "negative_theme": (dict(router=_FixedRouter(_with(themes=lambda t: t - 1))), ValueError, r"^router: themes"),
+    "repeated_theme": (dict(router=_FixedRouter(_with(themes=lambda t: t[:, :1].expand(-1, 2)))), ValueError,
+                       r"^router: themes: expected distinct themes"),
+    "nan_gate": (dict(router=_FixedRouter(_with(gate=lambda g: g * math.nan))), ValueError, r"^router: gate"),
+    "one_choice_short": (dict(router=_FixedRouter(_with(themes=lambda t: t[:, :1], gate=lambda g: g[:, :1]))),
+                         ValueError, r"^router: themes: expected shape \[\d+, 2\]"),
+    "float_themes": (dict(router=_FixedRouter(_with(themes=lambda t: t.float()))), TypeError, r"^router: themes"),
+    "router_returns_none": (dict(router=_FixedRouter(lambda routing: None)), TypeError,
+                            r"^router: expected it to return \(pooled or None, mos_kernels.Routing, aux losses\), "
+                            r"got NoneType"),
+    "routing_not_a_routing": (dict(router=_FixedRouter(lambda routing: (None, routing, {}))), TypeError,
+                              r"^router: expected a mos_kernels.Routing second, got dict"),
+    "unit_returns_none": (dict(routing_unit=lambda offsets, sessions, num_tokens: None), TypeError,
+                          r"^routing_unit: expected it to return mos_kernels.Sessions, got NoneType"),
+    "unit_offsets_short": (dict(routing_unit=_units_with(session_offsets=lambda o: o - (o == o[-1]).long())),
+                           ValueError, r"^routing_unit: returned Sessions whose session_offsets: expected "
+                                       r"offsets\[-1\] == 20"),
+    "unit_examples_out_of_order": (dict(routing_unit=_units_with(session_example=lambda e: e.flip(0))), ValueError,
+                                   r"^routing_unit: returned Sessions whose session_example"),
+    # Monotone, but example 0 owns every unit where session_example spreads them over examples.
+    "unit_example_offsets_wrong": (dict(routing_unit=_units_with(example_session_offsets=lambda o: torch.cat(
+        [o[:1], o[-1:].expand(o.numel() - 1)]))), ValueError, r"^routing_unit: returned Sessions whose example_session_offsets"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PARTS)
+def test_a_caller_s_router_or_unit_returning_bad_routing_is_named(case):
+    parts, error, pattern = BAD_PARTS[case]
+    layer = small_layer(top_k=2, **parts)
+    values, target, offsets = _batch()
+    with pytest.raises(error, match=pattern):
+        layer(values, target, offsets)
+
+
+def test_a_valid_routing_from_a_caller_s_parts_runs():
+    """The same router and unit unspoiled run (so each case above fails on its spoiled field)."""
+    layer = small_layer(top_k=2, router=_FixedRouter(_as_result), routing_unit=_units_with())
+    values, target, offsets = _batch()
+    out = layer(values, target, offsets)
+    assert torch.isfinite(out.output).all() and layer.custom_routing
+    assert not small_layer().custom_routing and not small_layer(router=RandomRouter()).custom_routing
