@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels.jagged import counts_of, offsets_from_lengths, positions_in_segment
+from mos_kernels.jagged import counts_of, _offsets_from_lengths, _positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
 
 from .config import EXPERT_KINDS, THEME_RECENCY_BUCKETS, MoSConfig
@@ -126,8 +126,7 @@ def _theme_path(layer: "MoSLayer", batch: Batch) -> torch.Tensor:
     # A caller's router or routing unit gets its result's data checked too (the built-in ones
     # make valid results by construction: no sync on their path).
     check_data = cfg.validate_inputs and layer.custom_routing
-    units = check_units(layer.routing_unit(offsets, batch.sessions, num_tokens), num_tokens, num_examples,
-                        data=check_data)
+    units = check_units(layer.routing_unit(offsets, batch.sessions, num_tokens), offsets, num_tokens, data=check_data)
     _, routing, batch.aux = check_router_result(
         layer.router(batch.routing_values, units, layer.prototypes, temperature=cfg.temperature, top_k=cfg.top_k,
                      backends=layer.backends, training=layer.training),
@@ -258,7 +257,7 @@ def _recent_sessions(offsets: torch.Tensor, sessions: mk.Sessions, count: int):
     eso = sessions.example_session_offsets
     first = torch.maximum(eso[1:] - count, eso[:-1])
     start = sessions.session_offsets[first]
-    short_offsets = offsets_from_lengths(offsets[1:] - start)
-    pos = positions_in_segment(short_offsets)
+    short_offsets = _offsets_from_lengths(offsets[1:] - start)
+    pos = _positions_in_segment(short_offsets)
     index = torch.repeat_interleave(start, short_offsets[1:] - short_offsets[:-1], output_size=pos.numel()) + pos
     return index, short_offsets

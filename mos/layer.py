@@ -106,8 +106,6 @@ class MoSLayer(nn.Module):
         # Set after the experts, so that a router with parameters registers them last.
         self.router = router if router is not None else LearnedRouter()
         self.routing_unit = routing_unit if routing_unit is not None else route_sessions
-        self.custom_routing = not (type(self.router) in (LearnedRouter, RandomRouter)
-                                   and self.routing_unit in (route_sessions, route_tokens))
         self._fuse = fusion_for(cfg.fusion, self.experts)
         self._theme_mass = with_theme_mass if cfg.theme_mass else without_theme_mass
         self._theme_recency = with_theme_recency if cfg.theme_recency else without_theme_recency
@@ -203,18 +201,26 @@ class MoSLayer(nn.Module):
             aux = {k: v.detach() for k, v in aux.items()}
             return self._fuse(self, outputs, aux_loss, aux, batch.routing)
 
+    @property
+    def custom_routing(self) -> bool:
+        """Whether a caller's router or routing unit routes (its results get the data checks; the
+        built-in ones make valid results by construction). Read at every call: parts may be
+        swapped after construction."""
+        return not (type(self.router) in (LearnedRouter, RandomRouter)
+                    and self.routing_unit in (route_sessions, route_tokens))
+
     def _check_dtypes(self, values: torch.Tensor, target: torch.Tensor) -> None:
         """Outside torch.autocast (which casts per op, and is supported) the inputs must have the
         parameters' dtype: a float64 or bfloat16 batch into a float32 layer would otherwise fail
         deep inside an einsum without naming anything. Under autocast, which casts float32 but
         leaves float64 alone, float64 inputs fail alike: they are refused by name."""
+        weights = next(self.parameters()).dtype
         if torch.is_autocast_enabled(values.device.type):
             for name, tensor in (("values", values), ("target", target)):
-                if tensor.dtype == torch.float64:
+                if tensor.dtype == torch.float64 and weights != torch.float64:
                     raise TypeError(f"{name}: expected float32, float16 or bfloat16 under torch.autocast (it does "
                                     f"not cast float64), got float64")
             return
-        weights = next(self.parameters()).dtype
         if values.dtype != weights:
             raise TypeError(f"values: expected dtype {_dtype(weights)} (the layer's parameters'; cast the inputs, "
                             f"or the layer with .to(), or run under torch.autocast), got {_dtype(values.dtype)}")

@@ -29,7 +29,7 @@ import torch
 
 import mos_kernels as mk
 from mos_kernels.checks import FLOAT_DTYPES, NonFiniteError, check_offsets, check_tensor, reads_data
-from mos_kernels.jagged import counts_of, segment_ids
+from mos_kernels.jagged import _offsets_from_lengths, _segment_ids, counts_of
 from mos_kernels.routing import normalized
 
 AUX_LOSSES = ("commitment", "codebook", "load_balance")
@@ -90,43 +90,54 @@ class RandomRouter:
         return None, routing, no_aux(values)
 
 
-def check_units(units, num_tokens: int, num_examples: int, *, data: bool) -> mk.Sessions:
+def check_units(units, offsets: torch.Tensor, num_tokens: int, *, data: bool) -> mk.Sessions:
     """A routing unit's result, checked: `mos_kernels.Sessions` over the batch's num_tokens rows and
-    num_examples examples (units in example order). Shapes and dtypes always; with `data` the
-    values too (offsets from 0, monotone, ending at num_tokens; examples in range and ordered;
-    example_session_offsets matching session_example): a sync each. Raises TypeError /
-    ValueError naming `routing_unit` and the field."""
+    its examples (offsets [B+1]), in example order. Shapes and dtypes always; with `data` the
+    values too (a sync each): offsets from 0, monotone, ending at num_tokens; examples in range
+    and ordered; each unit's rows inside its example's; example_session_offsets matching
+    session_example. Raises TypeError / ValueError naming `routing_unit` and the field."""
     if not isinstance(units, mk.Sessions):
         raise TypeError(f"routing_unit: expected it to return mos_kernels.Sessions, got {type(units).__name__}")
+    num_examples = offsets.numel() - 1
     with mk.data_checks(data):
         try:
             check_offsets("session_offsets", units.session_offsets, total=num_tokens)
             num_units = units.session_offsets.numel() - 1
             check_tensor("session_example", units.session_example, ndim=1, dtypes=(torch.int64,),
-                                   device=units.session_offsets.device)
+                         device=units.session_offsets.device)
             if units.session_example.numel() != num_units:
                 raise ValueError(f"session_example: expected {num_units} entries (one per unit), "
                                  f"got {units.session_example.numel()}")
             check_offsets("example_session_offsets", units.example_session_offsets, total=num_units,
-                                    device=units.session_offsets.device)
+                          device=units.session_offsets.device)
             if units.example_session_offsets.numel() != num_examples + 1:
                 raise ValueError(f"example_session_offsets: expected {num_examples + 1} entries (B+1), "
                                  f"got {units.example_session_offsets.numel()}")
             if reads_data() and num_units:
-                expected = mk.offsets_from_lengths(counts_of(units.session_example.clamp(0, max(num_examples - 1, 0)),
-                                                             num_examples))
-                lo, hi = int(units.session_example.min()), int(units.session_example.max())
-                if lo < 0 or hi >= num_examples:
-                    raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], "
-                                     f"got min {lo}, max {hi}")
-                if bool((units.session_example[1:] < units.session_example[:-1]).any()):
-                    raise ValueError("session_example: expected units ordered by example, got a step back")
-                if not torch.equal(expected, units.example_session_offsets):
-                    raise ValueError("example_session_offsets: expected the units of each example as "
-                                     "session_example lists them, got other offsets")
+                _check_unit_values(units, offsets)
         except (TypeError, ValueError) as err:
             raise type(err)(f"routing_unit: returned Sessions whose {err}") from err
     return units
+
+
+def _check_unit_values(units: mk.Sessions, offsets: torch.Tensor) -> None:
+    num_examples, example = offsets.numel() - 1, units.session_example
+    lo, hi = int(example.min()), int(example.max())
+    if lo < 0 or hi >= num_examples:
+        raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
+    if bool((example[1:] < example[:-1]).any()):
+        raise ValueError("session_example: expected units ordered by example, got a step back")
+    # A unit spanning two examples would send one example's tokens into the other's segments.
+    starts, ends = units.session_offsets[:-1], units.session_offsets[1:]
+    outside = (starts < offsets[example]) | (ends > offsets[example + 1])
+    if bool(outside.any()):
+        unit = int(outside.nonzero()[0, 0])
+        raise ValueError(f"session_offsets: expected each unit's rows inside its example's, got unit {unit} "
+                         f"(rows {int(starts[unit])}:{int(ends[unit])}) outside example {int(example[unit])} "
+                         f"(rows {int(offsets[example[unit]])}:{int(offsets[example[unit] + 1])})")
+    if not torch.equal(_offsets_from_lengths(counts_of(example, num_examples)), units.example_session_offsets):
+        raise ValueError("example_session_offsets: expected the units of each example as session_example "
+                         "lists them, got other offsets")
 
 
 def check_router_result(result, num_units: int, num_themes: int, top_k: int, *, data: bool) -> RouterResult:
@@ -149,18 +160,23 @@ def check_router_result(result, num_units: int, num_themes: int, top_k: int, *, 
         if tuple(tensor.shape) != (num_units, top_k):
             raise ValueError(f"router: {name}: expected shape {[num_units, top_k]} (one row per routing unit, "
                              f"top_k choices), got {list(tensor.shape)}")
-    if data and num_units:
-        lo, hi = int(themes.min()), int(themes.max())
-        if lo < 0 or hi >= num_themes:
-            raise ValueError(f"router: themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
-        if top_k > 1:
-            ordered = themes.sort(dim=1).values
-            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-                raise ValueError("router: themes: expected distinct themes in each row (top-k choices), "
-                                 "got a repeated theme")
-        if not bool(torch.isfinite(gate).all()):
-            raise NonFiniteError("router: gate: expected finite values, got NaN or inf")
+    with mk.data_checks(data):
+        if reads_data() and num_units:
+            _check_routing_values(themes, gate, num_themes, top_k)
     return result
+
+
+def _check_routing_values(themes, gate, num_themes, top_k) -> None:
+    lo, hi = int(themes.min()), int(themes.max())
+    if lo < 0 or hi >= num_themes:
+        raise ValueError(f"router: themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
+    if top_k > 1:
+        ordered = themes.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("router: themes: expected distinct themes in each row (top-k choices), "
+                             "got a repeated theme")
+    if not bool(torch.isfinite(gate).all()):
+        raise NonFiniteError("router: gate: expected finite values, got NaN or inf")
 
 
 def route_sessions(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int) -> mk.Sessions:
@@ -170,7 +186,7 @@ def route_sessions(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int
 
 def route_tokens(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int) -> mk.Sessions:
     """Every token its own unit: what routing whole sessions adds over routing items."""
-    example = mk.segment_ids(offsets, num_tokens)
+    example = _segment_ids(offsets, num_tokens)
     return mk.Sessions(torch.arange(num_tokens + 1, device=offsets.device), example, offsets)
 
 
@@ -217,7 +233,7 @@ def session_consistency_loss(values: torch.Tensor, unit_offsets: torch.Tensor, p
 def _session_consistency(values, unit_offsets, prototypes, temperature) -> torch.Tensor:
     num_tokens, num_themes = values.shape[0], prototypes.shape[0]
     p = torch.softmax(normalized(values) @ normalized(prototypes).t() / temperature, dim=1)      # [T, K] fp32
-    unit = segment_ids(unit_offsets, num_tokens)
+    unit = _segment_ids(unit_offsets, num_tokens)
     size = (unit_offsets[1:] - unit_offsets[:-1])[unit]                                          # [T]
     sums = p.new_zeros(unit_offsets.numel() - 1, num_themes).index_add_(0, unit, p)
     paired = size >= 2

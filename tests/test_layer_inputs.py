@@ -132,6 +132,16 @@ def test_float64_under_autocast_is_refused_by_name(layer, name):
         call(layer, **batch)
 
 
+
+def test_a_float64_layer_takes_float64_inputs_under_autocast(layer):
+    """The refusal above is for float64 inputs into a layer that is not float64: a float64 layer
+    under autocast (which leaves float64 alone) runs them."""
+    batch = good_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(layer.double(), **{**batch, "values": batch["values"].double(), "target": batch["target"].double()})
+    assert out.output.dtype == torch.float64 and torch.isfinite(out.output).all()
+
+
 def test_autocast_and_every_timestamp_type_that_holds_the_times_work(layer):
     """Under torch.autocast the layer takes inputs unlike its parameters (the reference path casts
     per op); int32, uint8, float16 and float64 timestamps that hold the times are accepted, and

@@ -233,6 +233,14 @@ def _units_with(**change):
     return unit
 
 
+def _token_pairs(offsets, sessions, num_tokens):
+    """Units of two tokens each, whatever the examples: with lengths [0, 7, 1, 12] unit 3 (rows
+    6:8) holds example 1's last row and example 2's only one."""
+    starts = torch.arange(0, num_tokens + 1, 2)
+    example = mk.segment_ids(offsets, num_tokens)[starts[:-1]]
+    return mk.Sessions(starts, example, mk.offsets_from_lengths(torch.bincount(example, minlength=len(LENGTHS))))
+
+
 # A caller's router or routing unit that returns something the dispatch cannot use: refused,
 # naming the part and the field, where the layer used to index out of range, route a token to
 # one theme twice, or fail with a bare AttributeError.
@@ -256,6 +264,10 @@ BAD_PARTS = {
     "unit_offsets_short": (dict(routing_unit=_units_with(session_offsets=lambda o: o - (o == o[-1]).long())),
                            ValueError, r"^routing_unit: returned Sessions whose session_offsets: expected "
                                        r"offsets\[-1\] == 20"),
+    "unit_spans_two_examples": (dict(routing_unit=_token_pairs), ValueError,
+                                r"^routing_unit: returned Sessions whose session_offsets: expected each unit's "
+                                r"rows inside its example's, got unit 3 \(rows 6:8\) outside example 1 "
+                                r"\(rows 0:7\)"),
     "unit_examples_out_of_order": (dict(routing_unit=_units_with(session_example=lambda e: e.flip(0))), ValueError,
                                    r"^routing_unit: returned Sessions whose session_example"),
     # Monotone, but example 0 owns every unit where session_example spreads them over examples.
@@ -280,3 +292,13 @@ def test_a_valid_routing_from_a_caller_s_parts_runs():
     out = layer(values, target, offsets)
     assert torch.isfinite(out.output).all() and layer.custom_routing
     assert not small_layer().custom_routing and not small_layer(router=RandomRouter()).custom_routing
+
+
+def test_routing_parts_swapped_after_construction_are_checked():
+    """custom_routing is read at each call: a router assigned later gets the data checks."""
+    layer = small_layer(top_k=2)
+    assert not layer.custom_routing
+    layer.router = _FixedRouter(_with(themes=lambda t: t + 2))
+    assert layer.custom_routing
+    with pytest.raises(ValueError, match=r"^router: themes: expected values in \[0, 2\]"):
+        layer(*_batch())
