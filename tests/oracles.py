@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence
 
-import pytest
 import torch
 
 

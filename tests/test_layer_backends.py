@@ -40,7 +40,6 @@ def test_layer_all_empty_batch_is_finite(encoder, device):
     """No history at all: every segment of every expert is empty; zeros flow, no NaN, and every
     parameter the batch reaches gets a finite gradient."""
     from mos import MoSConfig, MoSLayer
-    from mos.routing import LearnedRouter, RandomRouter
 
     torch.manual_seed(0)
     layer = MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=4, encoder=encoder, backend="triton")).to(device)

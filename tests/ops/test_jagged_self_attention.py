@@ -22,8 +22,8 @@ from tests.gpu_cases import (GPU_DTYPES, RELATIVE_ERROR, cotangent, needs_cuda, 
                              theme_layout)
 from tests.input_cases import DIM, STRIDED_DIM, strided_layout, with_value_at
 from tests.kernel_cases import (ALL_DTYPES, DTYPES, assert_matches, attention_kinds, backends, check_forward_backward,
-                                compare_in_dtype, compare_to_reference, float64_attention_inputs, is_compiled, jagged,
-                                precision, random_values)
+                                compare_in_dtype, compare_to_reference, float64_attention_inputs, is_compiled,
+                                random_values)
 from tests.oracles import generator, randn
 from tests.tolerances import assert_close
 
