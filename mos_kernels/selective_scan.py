@@ -13,7 +13,8 @@ Reference: plain PyTorch, the decay and drive [N, D, S] materialised and scanned
 differentiates it. Triton (`selective_scan_kernels`): one program per (segment, block of
 channels) walks its segment in chunks of CHUNK rows with the [D, S] state in fp32 registers, an
 associative scan inside each chunk: the forward writes no state but each chunk's entering one
-([chunks, D, S], 1/CHUNK of them), from which the backward recomputes the chunk's states and
+([chunks, D, S], 1/CHUNK of them; none when autograd will not differentiate it: inference writes
+y only), from which the backward recomputes the chunk's states and
 runs the adjoint scan back: lambda_t = y'_t C_t + exp(delta_{t+1} A) lambda_{t+1};
 grad u_t = (sum_s lambda_t B_t) delta_t, grad B_t = sum_d lambda_t delta_t u_t,
 grad C_t = sum_d h_t y'_t, X_t = lambda_t exp(delta_t A) h_{t-1},
@@ -78,7 +79,10 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
             raise ValueError(f"A: expected at most {MAX_STATE} state elements for backend 'triton', got {state}")
         chosen = "reference"            # "auto": the backend that can run it
     if chosen == "triton":
-        return torch.ops.mos.selective_scan(u, delta, A, B, C, segment_offsets)[0]
+        # The chunks' entering states are for the backward alone: a forward that autograd will
+        # not differentiate (inference, evaluation) writes y only.
+        store_entering = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+        return torch.ops.mos.selective_scan(u, delta, A, B, C, segment_offsets, store_entering)[0]
     return _reference(u, delta, A, B, C, segment_offsets)
 
 
@@ -143,12 +147,14 @@ def scan_blocks(state: int, backward: bool) -> Tuple[int, int, int]:
 
 @kernel_op("mos::selective_scan")
 def _selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                       segment_offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y [N, D] in u's dtype, the state entering each chunk [chunks, D, S] fp32, for the backward)."""
+                       segment_offsets: torch.Tensor, store_entering: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [N, D] in u's dtype, the state entering each chunk [chunks, D, S] fp32 for the backward;
+    [0, D, S] without store_entering, and then no backward)."""
     num_rows, dim = u.shape
     num_segments, state = segment_offsets.numel() - 1, A.shape[2]
     y = new_output((num_rows, dim), dtype=u.dtype, device=u.device)
-    entering = torch.empty((_chunk_bound(num_rows, num_segments), dim, state), dtype=torch.float32, device=u.device)
+    chunks = _chunk_bound(num_rows, num_segments) if store_entering else 0
+    entering = torch.empty((chunks, dim, state), dtype=torch.float32, device=u.device)
     if num_rows and num_segments:
         from .selective_scan_kernels import _selective_scan_fwd   # triton only where a kernel launches
 
@@ -156,7 +162,8 @@ def _selective_scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
         block_d, block_s, num_warps = scan_blocks(state, backward=False)
         _selective_scan_fwd[(num_segments * cdiv(dim, block_d),)](
             u, delta, A, B, C, segment_offsets, chunk_offsets, y, entering, dim, state,
-            num_segments // A.shape[0], CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=num_warps)
+            num_segments // A.shape[0], CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_S=block_s, STORE_ENTERING=store_entering,
+            num_warps=num_warps)
     return y, entering
 
 
@@ -174,9 +181,9 @@ def _first_chunks(segment_offsets: torch.Tensor) -> torch.Tensor:
 
 
 @_selective_scan_op.register_fake
-def _(u, delta, A, B, C, segment_offsets):
+def _(u, delta, A, B, C, segment_offsets, store_entering):
     num_rows, dim = u.shape
-    chunks = _chunk_bound(num_rows, segment_offsets.shape[0] - 1)
+    chunks = _chunk_bound(num_rows, segment_offsets.shape[0] - 1) if store_entering else 0
     return u.new_empty((num_rows, dim)), u.new_empty((chunks, dim, A.shape[2]), dtype=torch.float32)
 
 
@@ -217,14 +224,18 @@ def _(g_y, u, delta, A, B, C, segment_offsets, entering):
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, segment_offsets = inputs
+    u, delta, A, B, C, segment_offsets, ctx.stored_entering = inputs
     ctx.save_for_backward(u, delta, A, B, C, segment_offsets, output[1])
 
 
 def _backward(ctx, g_y, _g_entering):
     u, delta, A, B, C, segment_offsets, entering = ctx.saved_tensors
+    if not ctx.stored_entering:
+        raise RuntimeError("mos::selective_scan: differentiated after a forward with store_entering=False, which "
+                           "kept no states to recompute from (mos_kernels.selective_scan sets it when autograd "
+                           "will need it)")
     grads = torch.ops.mos.selective_scan_backward(g_y.contiguous(), u, delta, A, B, C, segment_offsets, entering)
-    return (*grads, None)
+    return (*grads, None, None)
 
 
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)

@@ -47,7 +47,7 @@ def _program(pid, offsets_ptr, a_ptr, dim, state, segments_per_expert, BLOCK_D: 
 @triton.jit
 def _selective_scan_fwd(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, offsets_ptr, first_chunk_ptr, y_ptr, entering_ptr,
                         dim, state, segments_per_expert, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
+                        BLOCK_S: tl.constexpr, STORE_ENTERING: tl.constexpr):
     segment, block, start, end, cols, s, state_at, state_ok, a = _program(
         tl.program_id(0), offsets_ptr, a_ptr, dim, state, segments_per_expert, BLOCK_D, BLOCK_S)
     col_ok, s_ok = cols < dim, s < state
@@ -57,7 +57,8 @@ def _selective_scan_fwd(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, offsets_ptr, firs
     for c in range(0, tl.cdiv(end - start, CHUNK)):
         rows = start + c * CHUNK + idx
         ok = rows < end
-        tl.store(entering_ptr + (first_chunk + c) * dim * state + state_at, h, mask=state_ok)
+        if STORE_ENTERING:      # only for a backward: without one y is the only write
+            tl.store(entering_ptr + (first_chunk + c) * dim * state + state_at, h, mask=state_ok)
         dt = _rows(delta_ptr, rows, ok, cols, col_ok, dim)
         decay = tl.exp(dt[:, :, None] * a[None, :, :])
         drive = (dt * _rows(u_ptr, rows, ok, cols, col_ok, dim))[:, :, None] * _rows(b_ptr, rows, ok, s, s_ok,

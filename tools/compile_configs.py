@@ -247,9 +247,11 @@ def _selective_scan_configs() -> List[Config]:
             if backward:
                 sig = {"g_y_ptr": ptr, **rows, "entering_ptr": "*fp32", "g_u_ptr": ptr, "g_delta_ptr": ptr,
                        "g_a_ptr": "*fp32", "g_b_ptr": "*fp32", "g_c_ptr": "*fp32", "num_rows": "i32", **sizes}
+                out.append((kernel, sig, const))
             else:
                 sig = {**rows, "y_ptr": ptr, "entering_ptr": "*fp32", **sizes}
-            out.append((kernel, sig, const))
+                # Training stores the chunks' entering states, inference does not.
+                out += [(kernel, sig, {**const, "STORE_ENTERING": store}) for store in (True, False)]
     return out
 
 

@@ -100,8 +100,41 @@ def test_gradcheck_and_opcheck():
     leaves = [v.requires_grad_() for v in (u, delta, A, B, C)]
     assert torch.autograd.gradcheck(lambda *x: mk.selective_scan(*x, offsets), leaves)
     single = [v.detach().float().requires_grad_() for v in leaves]
-    torch.library.opcheck(torch.ops.mos.selective_scan.default, (*single, offsets),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for store_entering in (True, False):
+        torch.library.opcheck(torch.ops.mos.selective_scan.default, (*single, offsets, store_entering),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+class _StoreFlags(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the store_entering argument of every mos::selective_scan call."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.mos.selective_scan.default:
+            self.flags.append(args[6])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif("triton" not in backends("selective_scan"), reason="the Triton op stores the states")
+def test_a_forward_autograd_will_not_differentiate_stores_no_states():
+    """Under no_grad, or with no input requiring grad, the Triton forward writes y only (the chunks'
+    entering states are for the backward): the same y bit for bit, no states; a forward that
+    will be differentiated stores them, and an op call that stored none refuses a backward."""
+    values, offsets = _inputs([9, 0, 17, 3], experts=2, dim=5, state=3)
+    leaves = [v.clone().requires_grad_() for v in values]
+    runs = {}
+    for name, args, grad in (("train", leaves, True), ("no_grad", leaves, False), ("plain", values, True)):
+        with torch.set_grad_enabled(grad), _StoreFlags() as seen:
+            runs[name] = mk.selective_scan(*args, offsets, backend="triton")
+        assert seen.flags == [name == "train"], name
+    assert torch.equal(runs["no_grad"], runs["train"].detach()) and torch.equal(runs["plain"], runs["no_grad"])
+    y, entering = torch.ops.mos.selective_scan(*leaves, offsets, False)
+    assert entering.shape == (0, 5, 3) and torch.equal(y.detach(), runs["plain"])
+    with pytest.raises(RuntimeError, match="store_entering=False"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
