@@ -38,7 +38,7 @@ def warn_time_unit(seconds: np.ndarray, column: str, warnings: list) -> None:
 def duplicate_rows(events: dict, columns: list, cfg: LogConfig, report) -> dict:
     """Count the rows that repeat an earlier one in every column read (`columns` names them);
     warn about them, or refuse them when `cfg.drop_duplicates`. Returns the events kept."""
-    fields = [events[name] for name in ("user", "item", "time", "value", "category") if events[name] is not None]
+    fields = [events[name] for name in ("user", "item", "exact_time", "value", "category") if events[name] is not None]
     _, first, group = np.unique(np.rec.fromarrays(fields), return_index=True, return_inverse=True)
     repeat = np.ones(len(events["line"]), dtype=bool)
     repeat[first] = False

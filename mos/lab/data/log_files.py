@@ -13,6 +13,7 @@ trained on a CSV log scores the same events stored as Parquet, and the reverse.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,11 @@ def _present(header: list, wanted: dict, path: Path, delimiter: str = "") -> dic
         if wanted[role] not in header:
             raise InputError(f"data.logs.{role}_column: expected a column {wanted[role]!r} in {path}, got columns "
                              f"{header}{_delimiter_hint(header, delimiter)}")
+    for role, name in wanted.items():
+        at = [i + 1 for i, column in enumerate(header) if column == name]
+        if len(at) > 1:      # which one is meant cannot be told: reading the first would be a guess
+            raise InputError(f"data.logs.{role}_column: expected one column {name!r} in {path}, got it "
+                             f"{len(at)} times (fields {', '.join(map(str, at))})")
     return {role: header.index(name) for role, name in wanted.items() if name in header}
 
 
@@ -74,13 +80,16 @@ ID_ROLES = ("user", "item", "category")
 
 def canonical_id(value):
     """An id as the text a CSV holds: strings stripped (empty: None), integers and integral floats
-    in decimal ("17"), anything else by str(); None stays None."""
+    in decimal ("17"), anything else by str(); None, NaN and inf are no id (None)."""
     if value is None:
         return None
     if isinstance(value, str):
         return value.strip() or None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+    if isinstance(value, float):
+        if not math.isfinite(value):    # a Parquet null-like NaN: no id, as a blank CSV field
+            return None
+        if value.is_integer():
+            return str(int(value))
     return str(value)
 
 
@@ -97,9 +106,17 @@ def _read_text(path: Path, kind: str, wanted: dict):
             index = _present(header, wanted, path, delimiter)
             columns = {role: [] for role in index}
             fields, lines = [], []
+            last_line = reader.line_num
             for row in reader:
+                first_line, last_line = last_line + 1, reader.line_num
                 if not row:          # blank lines are layout, not rows
                     continue
+                if last_line > first_line:
+                    # Legal CSV (a quoted field holding line breaks), but no event log's id, time or
+                    # label holds one: it is an unclosed quote, which would swallow the lines after it.
+                    raise InputError(f"data.source: {path} line {first_line}: a quoted field runs over lines "
+                                     f"{first_line}-{last_line} (an unclosed quote?); an event's fields hold no "
+                                     f"line breaks")
                 lines.append(reader.line_num)
                 fields.append(len(row))
                 for role, at in index.items():
@@ -108,6 +125,9 @@ def _read_text(path: Path, kind: str, wanted: dict):
         except UnicodeDecodeError as err:
             raise InputError(f"data.source: {path} is not UTF-8 text (byte {err.object[err.start]:#04x} near line "
                              f"{reader.line_num + 1}); save it as UTF-8") from None
+        except csv.Error as err:     # a field past the csv module's limit (131,072 characters), a NUL byte
+            raise InputError(f"data.source: {path} line {reader.line_num}: not a readable "
+                             f"{kind.upper()} row ({err})") from None
     return header, columns, np.asarray(fields, dtype=np.int64), np.asarray(lines, dtype=np.int64)
 
 
@@ -117,11 +137,21 @@ def _read_parquet(path: Path, kind: str, wanted: dict):
     except ImportError:
         raise MissingPackage(f"data.source: reading the Parquet file {path} needs the package pyarrow, which "
                              f"is not installed (pip install pyarrow, or pip install 'mixture-of-sequence[parquet]')") from None
-    header = list(parquet.read_schema(path).names)
-    index = _present(header, wanted, path)
-    table = parquet.read_table(path, columns=[header[at] for at in index.values()])
+    import pyarrow
+
+    try:
+        schema = parquet.read_schema(path)
+        header = list(schema.names)
+        index = _present(header, wanted, path)
+        table = parquet.read_table(path, columns=[header[at] for at in index.values()])
+    except (pyarrow.ArrowException, OSError) as err:      # truncated, or not Parquet inside
+        raise InputError(f"data.source: {path} is not a readable Parquet file ({err})") from None
     columns = {}
     for role, at in index.items():
+        kind_of = table.schema.field(header[at]).type
+        if pyarrow.types.is_nested(kind_of):     # a list or struct cell is no id, time or label
+            raise InputError(f"data.logs.{role}_column: expected a column of plain values in {path}, got "
+                             f"{header[at]!r} of type {kind_of}")
         values = table.column(header[at]).to_pylist()
         convert = canonical_id if role in ID_ROLES else (lambda v: v.strip() or None if isinstance(v, str) else v)
         columns[role] = [convert(value) for value in values]

@@ -83,10 +83,14 @@ def parse_rows(columns: dict, fields: np.ndarray, width: int, line: np.ndarray, 
         refuse(f"no value in column {getattr(cfg, f'{role}_column')!r}",
                np.array([value is None for value in values], dtype=bool), values)
     if "time" in columns:
-        seconds, ok = _parse(columns["time"], refused, _as_seconds, np.int64)
+        # Exact times order the events and tell rows apart; whole seconds are what the dataset
+        # keeps (sessions cut at gaps of many seconds). Ordering by whole seconds would put an
+        # event at 165.9 s before one at 165.1 s that follows it in the file.
+        exact, ok = _parse(columns["time"], refused, _as_seconds, np.float64)
         refuse(f"column {cfg.time_column!r} is not seconds or an ISO-8601 date", ~ok, columns["time"])
     else:
-        seconds = np.arange(num_rows, dtype=np.int64)
+        exact = np.arange(num_rows, dtype=np.float64)
+    seconds = np.floor(exact).astype(np.int64)
     # Sampled negatives come later, so every event is a positive; unlabelled scoring data gets 0.
     label = np.full(num_rows, label_source == "sampled", dtype=np.float32)
     value = label.astype(np.float64)     # what tells two rows apart besides ids and time
@@ -111,7 +115,8 @@ def parse_rows(columns: dict, fields: np.ndarray, width: int, line: np.ndarray, 
         return np.array([str(value) for value, keep in zip(columns[role], used) if keep], dtype=str)
 
     return {"user": kept("user"), "item": kept("item"), "category": kept("category") if "category" in columns else None,
-            "time": seconds[used], "label": label[used], "value": value[used], "line": line[used]}
+            "time": seconds[used], "exact_time": exact[used], "label": label[used], "value": value[used],
+            "line": line[used]}
 
 
 def _parse(values: list, skip: np.ndarray, convert, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -148,14 +153,14 @@ def _as_seconds(value):
         number = None if isinstance(value, bool) else _as_number(value)
         if number is not None:
             # Beyond 2^62 s (1.5e11 years) a time is garbage, and int64 differences of it could wrap.
-            return int(np.floor(number)) if abs(number) <= MAX_SECONDS else None
+            return number if abs(number) <= MAX_SECONDS else None
         try:
             moment = datetime.datetime.fromisoformat(str(value))
         except ValueError:
             return None
     if moment.tzinfo is None:   # a date without a zone is read as UTC, the same on every machine
         moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return int(np.floor(moment.timestamp()))
+    return moment.timestamp()
 
 
 _LABELS = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "false": 0.0, "true": 1.0}

@@ -101,6 +101,7 @@ def load_log(path, cfg: DataConfig, vocabulary: Optional[Vocabulary] = None) -> 
     options = cfg.logs
     wanted = {role: getattr(options, f"{role}_column") for role in _ROLES}
     header, columns, fields, line = read_columns(path, kind, wanted)
+    _check_named_columns(options, header, path, scoring=vocabulary is not None)
     report = LogReport(path=str(path), rows=len(line))
     label_source = _label_source(options, header, scoring=vocabulary is not None)
     report.label_source = {"label": f"column {options.label_column!r}",
@@ -115,6 +116,18 @@ def load_log(path, cfg: DataConfig, vocabulary: Optional[Vocabulary] = None) -> 
         checks.warn_time_unit(events["time"], options.time_column, report.warnings)
     events = checks.duplicate_rows(events, [getattr(options, f"{role}_column") for role in columns], options, report)
     return _build(events, cfg, label_source, report, vocabulary)
+
+
+def _check_named_columns(options: LogConfig, header: list, path: Path, scoring: bool) -> None:
+    """An optional column (time, label, rating, category) the config names away from its default
+    must be in the file: a missing default one means the log has none, a missing named one is a
+    typo that would silently drop the column (row order as time, one category for all). Scoring
+    reads no labels, so a log to score may lack the label and rating columns."""
+    for role in ("time", "category") if scoring else _ROLES[2:]:
+        name, default = getattr(options, f"{role}_column"), getattr(LogConfig, f"{role}_column")
+        if name != default and name not in header:
+            raise InputError(f"data.logs.{role}_column: expected a column {name!r} in {path} (named in the "
+                             f"config; the default {default!r} would be optional), got columns {header}")
 
 
 # Each role's column name is the LogConfig field `<role>_column`.
@@ -152,7 +165,7 @@ def _number(events: dict, report: LogReport, vocabulary: Optional[Vocabulary]):
     if events["category"] is not None:
         names, category = np.unique(events["category"], return_inverse=True)
         # Each item's first event in time over all users (ties: file order).
-        by_time = np.argsort(events["time"], kind="stable")
+        by_time = np.argsort(events["exact_time"], kind="stable")
         _, first = np.unique(item[by_time], return_index=True)
         first = by_time[first]
         item_category[item[first]] = category[first] + 1
@@ -172,7 +185,7 @@ def _build(events: dict, cfg: DataConfig, label_source: str, report: LogReport,
     item_category = np.asarray(vocabulary.item_category, dtype=np.int64)
     report.users, report.items = len(users), len(vocabulary.items)
     # Chronological inside each user; lexsort is stable, so equal times keep the file's order.
-    order = np.lexsort((events["time"], user))
+    order = np.lexsort((events["exact_time"], user))
     user, item, time, label, line = (user[order], item[order], events["time"][order], events["label"][order],
                                      events["line"][order])
     options = cfg.logs
