@@ -345,3 +345,50 @@ def test_the_layer_refuses_non_integer_options_at_construction():
     for option in ("session_len", "max_theme_tokens", "num_themes"):
         with pytest.raises(TypeError, match=rf"MoSConfig\.{option}: expected an int, got 2\.5 \(float\)"):
             MoSLayer(**{option: 2.5})
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.weight_decay=.inf", r"^train\.weight_decay: expected a finite number, got inf"),
+    ("model.moe.capacity_factor=.inf", r"^model\.moe\.capacity_factor: expected a finite number, got inf"),
+    ("data.logs.rating_threshold=.nan", r"^data\.logs\.rating_threshold: expected a finite number, got nan"),
+    ("data.synthetic.label_taste=1e400", r"^data\.synthetic\.label_taste: expected a finite number, got inf"),
+    ("train.seeds=[0,-1]", r"^train\.seeds: expected ints in \[0, 2\^32\), got \[0, -1\]"),
+    ("data.seed=4294967296", r"^data\.seed: expected an int in \[0, 2\^32\), got 4294967296"),
+])
+def test_options_out_of_any_useful_range_are_named(override, expected):
+    """NaN and infinite options reached a loss or a size as NaN (the error then named another
+    key); seeds out of the generators' range failed inside numpy or torch."""
+    with pytest.raises(ValueError, match=expected):
+        load_run_config(None, [override])
+
+
+def test_split_fractions_must_leave_training_samples():
+    with pytest.raises(ValueError, match=r"^data\.test_fraction: expected valid_fraction \+ test_fraction < 1 "
+                                         r"\(training takes the rest\), got 0\.6 \+ 0\.4"):
+        load_run_config(None, ["data.valid_fraction=0.6", "data.test_fraction=0.4"])
+
+
+def test_a_key_repeated_in_a_config_file_is_refused(tmp_path):
+    """PyYAML keeps a repeated key's last value: a second `train:` section would drop the first's
+    options without a word."""
+    path = write(tmp_path, "train:\n  lr: 0.1\nmodel:\n  use_category: true\ntrain:\n  max_epochs: 3\n")
+    with pytest.raises(ValueError, match=r"not valid YAML \(key 'train' repeats the one on line 1 .* line 5"):
+        load_run_config(path, [])
+    nested = write(tmp_path, "train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ValueError, match=r"key 'lr' repeats the one on line 2"):
+        load_run_config(nested, [])
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  out_dir: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        load_run_config(str(path), [])
+
+
+def test_an_output_folder_that_cannot_be_made_stops_before_the_data_loads(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert main(["train", "--set", f"train.out_dir={tmp_path / 'a_file'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mos train: error: train.out_dir: expected a folder that can be created or exists, got ")
+    assert err.count("\n") == 1

@@ -15,6 +15,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 from typing import Optional
 
 from mos import __version__
@@ -175,17 +176,21 @@ def _train_or_profile(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(run_cfg), end="")
         return 0
+    if not (profiling and args.report_only):
+        # Before the data loads and a run trains: a file or an uncreatable place there would
+        # otherwise fail only when the first result is written.
+        out_dir = Path(run_cfg.train.out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"mos {args.command}: error: train.out_dir: expected a folder that can be created or exists, got "
+                  f"{str(out_dir)!r} ({err.strerror or err})", file=sys.stderr)
+            return 2
     if profiling:
         profile(run_cfg, report_only=args.report_only, jobs=args.jobs, tune=not args.no_tuning,
                 command=args.command_line)
     else:
         from mos.lab.train import run
 
-        run(run_cfg)
-    return 0
-    if args.command == "profile":
-        profile(run_cfg, report_only=args.report_only, jobs=args.jobs, tune=not args.no_tuning,
-                command=args.command_line)
-    else:
         run(run_cfg)
     return 0

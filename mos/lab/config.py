@@ -214,6 +214,8 @@ class TrainConfig:
         self.seeds = tuple(self.seeds)
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ValueError(f"train.seeds: expected a non-empty list of ints, got {list(self.seeds)}")
+        if not all(0 <= s < 2 ** 32 for s in self.seeds):      # numpy's and torch's generators take these
+            raise ValueError(f"train.seeds: expected ints in [0, 2^32), got {list(self.seeds)}")
         if len(set(self.seeds)) != len(self.seeds):
             # A repeated seed is one run counted twice: the paired statistics would think it two.
             raise ValueError(f"train.seeds: expected distinct seeds, got {list(self.seeds)}")

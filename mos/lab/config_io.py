@@ -6,8 +6,10 @@ checked against the dataclass fields at every level, and every error names the d
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -108,12 +110,31 @@ def dump_yaml(cfg) -> str:
     return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a key that repeats in one mapping: PyYAML keeps the last silently, so a
+    second `train:` section would drop the first's options without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, collections.abc.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} repeats the one on line {seen[key] + 1}", key_node.start_mark)
+            if isinstance(key, collections.abc.Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str) -> dict:
     with open(path, encoding="utf-8") as stream:
         try:
-            tree = yaml.safe_load(stream)
+            tree = yaml.load(stream, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise ValueError(f"config file {path}: not valid YAML ({_one_line(err)})") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config file {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                             f"{err.start}); save it as UTF-8") from None
     if tree is None:  # an empty file keeps every default
         return {}
     if not isinstance(tree, dict):
@@ -235,11 +256,12 @@ def _coerce(key: str, hint, value):
     if hint is float and isinstance(value, str):
         # PyYAML reads `3e-4` (no dot) as a string; for a float field that is plainly a number.
         try:
-            return float(value)
-        except ValueError:
-            pass
+            return _finite(key, float(value))
+        except ValueError as err:
+            if str(err).startswith(key):
+                raise
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(key, float(value))
     elif hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif hint is tuple and isinstance(value, (list, tuple)):
@@ -250,6 +272,14 @@ def _coerce(key: str, hint, value):
     if optional:
         expected += " or null"
     raise TypeError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _finite(key: str, value: float) -> float:
+    """No option is a NaN or an infinity: each would reach a loss, a weight or a size as NaN (an
+    infinite weight decay makes every weight NaN after one step, and the error names train.lr)."""
+    if not math.isfinite(value):
+        raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    return value
 
 
 def _plain(value):

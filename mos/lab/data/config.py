@@ -154,6 +154,11 @@ class DataConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"data.{name}: expected a number in [0, 1], got {value!r}")
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.test_fraction: expected valid_fraction + test_fraction < 1 (training takes the "
+                             f"rest), got {self.valid_fraction!r} + {self.test_fraction!r}")
+        if not 0 <= self.seed < 2 ** 32:      # numpy's and torch's generators take these
+            raise ValueError(f"data.seed: expected an int in [0, 2^32), got {self.seed!r}")
 
     @property
     def log_path(self) -> str:
