@@ -114,3 +114,42 @@ def test_a_writer_s_debris_is_cleared_before_its_run_is_trained_again(tmp_path):
         path.write_text("part of a file")
     store.clear_debris(job_config(cfg, retrained), retrained)
     assert [path.exists() for path in debris] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("content", [b"[]", b'{"fingerprint": "x"}', b'{"record": ', b"\xff\xfe{}"],
+                         ids=["a_list", "no_record", "truncated", "not_utf8"])
+def test_a_damaged_run_record_counts_as_not_finished_and_is_named(tmp_path, capsys, content):
+    """Records are written whole; one damaged by a copy or a disk is named and trained again,
+    not a traceback from inside the report."""
+    from mos.lab.config_io import load_run_config
+    from mos.lab.profiling.runs import Job, RunStore, job_config
+
+    cfg = load_run_config("configs/default.yaml", [])
+    store = RunStore(tmp_path)
+    store.folder.mkdir()
+    job = Job("mos", 0)
+    record, predictions, _ = store.paths(job_config(cfg, job), job)
+    record.write_bytes(content)
+    predictions.write_bytes(b"")
+    assert store.read(job_config(cfg, job), job) is None
+    assert f"{record}: unreadable (" in capsys.readouterr().err
+
+
+def test_damaged_saved_predictions_are_named(tmp_path):
+    """A truncated .npz, or one holding NaN logits, stops the report naming the file."""
+    import numpy as np
+
+    from mos.lab.errors import InputError
+    from mos.lab.profiling.runs import RunStore
+    from mos.lab.profiling.study import _split_predictions
+
+    store = RunStore(tmp_path)
+    store.folder.mkdir()
+    arrays = {"test_labels": np.ones(3), "test_users": np.arange(3), "test_logits": np.array([0.1, np.nan, 0.2])}
+    np.savez(store.folder / "nan.npz", **arrays)
+    with pytest.raises(InputError, match=r"nan.npz: expected finite test logits, got NaN or inf"):
+        _split_predictions([{"run_id": "nan"}], store, "test")
+    whole = (store.folder / "nan.npz").read_bytes()
+    (store.folder / "cut.npz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(InputError, match=r"cut.npz: expected the run's saved predictions, got an unreadable file"):
+        _split_predictions([{"run_id": "cut"}], store, "test")

@@ -142,13 +142,18 @@ class RunStore:
             remove_leftovers(path)
 
     def read(self, cfg: RunConfig, job: Job) -> Optional[dict]:
-        """The finished run's record, or None (no file, another fingerprint, or no predictions)."""
+        """The finished run's record, or None (no file, another fingerprint, or no predictions). A
+        record file that is not one (written whole by mos.lab.files, so damaged by a copy or a
+        disk) is named on stderr and counts as not finished: training writes it again."""
         record_path, predictions_path, digest = self.paths(cfg, job)
         if not record_path.exists() or not predictions_path.exists():
             return None
         try:
-            stored = json.loads(record_path.read_text())
-        except json.JSONDecodeError:
+            stored = json.loads(record_path.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict) or not isinstance(stored.get("record"), dict):
+                raise ValueError("no run record in it")
+        except (ValueError, UnicodeDecodeError) as err:      # JSONDecodeError is a ValueError
+            _say(f"{record_path}: unreadable ({err}); the run counts as not finished")
             return None
         return stored["record"] if stored.get("fingerprint") == digest else None
 

@@ -19,6 +19,7 @@ import datetime
 import json
 import statistics
 import sys
+import zipfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -167,14 +168,24 @@ def _split_predictions(records: List[dict], store: RunStore, split: str) -> dict
     predictions; every run must have scored the same examples."""
     out = {}
     for record in records:
-        with np.load(store.folder / f"{record['run_id']}.npz") as saved:
-            labels, users = saved[f"{split}_labels"], saved[f"{split}_users"]
-            if "labels" not in out:
-                out["labels"], out["users"] = labels, users
-            elif not (np.array_equal(out["labels"], labels) and np.array_equal(out["users"], users)):
-                raise InputError(f"{record['run_id']}.npz: expected the {split} examples of the other runs, got "
-                                 f"others (clear {store.folder} after changing the data)")
-            out[record["run_id"]] = saved[f"{split}_logits"].astype(np.float64)
+        path = store.folder / f"{record['run_id']}.npz"
+        try:
+            with np.load(path) as saved:
+                labels, users = saved[f"{split}_labels"], saved[f"{split}_users"]
+                logits = saved[f"{split}_logits"].astype(np.float64)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            # Written whole (mos.lab.files), so only a copy or a disk gone wrong damages one.
+            raise InputError(f"{path}: expected the run's saved predictions, got an unreadable file ({err!r}); "
+                             f"delete it and its .json to train the run again") from None
+        if not np.isfinite(logits).all():
+            raise InputError(f"{path}: expected finite {split} logits, got NaN or inf (a damaged file: delete it "
+                             f"and its .json to train the run again)")
+        if "labels" not in out:
+            out["labels"], out["users"] = labels, users
+        elif not (np.array_equal(out["labels"], labels) and np.array_equal(out["users"], users)):
+            raise InputError(f"{record['run_id']}.npz: expected the {split} examples of the other runs, got "
+                             f"others (clear {store.folder} after changing the data)")
+        out[record["run_id"]] = logits
     return out
 
 
