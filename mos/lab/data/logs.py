@@ -16,7 +16,12 @@ The report also warns about input that loads but is probably wrong (`mos.lab.dat
 timestamps in milliseconds or microseconds, and exact duplicate rows (`data.logs.drop_duplicates`
 drops them, counted like refused rows).
 
-Order and vocabularies. Events are sorted by user, then timestamp; ties keep the file's order.
+Refused whole, naming the file, line or option: a quoted field running over lines (an unclosed
+quote), a wanted column twice in the header, an optional column the config names that the file
+lacks, a Parquet column of lists or structs, a file that does not parse.
+
+Order and vocabularies. Events are sorted by user, then exact timestamp (fractions of a second
+included; the dataset keeps whole seconds); ties keep the file's order.
 Ids are strings; items and categories are numbered 1.. in sorted order (0 is padding), users
 0.. in sorted order. An item's category is the one on its chronologically first event (items
 seen with several are counted in the report). Without a category column every item shares one.
