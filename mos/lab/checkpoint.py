@@ -47,6 +47,9 @@ def load(path) -> Optional[dict]:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as err:        # a folder, a file without read permission
+        raise CheckpointError(f"checkpoint {path}: expected a checkpoint file, got one that cannot be read "
+                              f"({err.strerror or err})") from None
     start = len(MAGIC) + _HEADER.size
     if not data.startswith(MAGIC) or len(data) < start:
         raise CheckpointError(f"checkpoint {path}: expected a file written by mos.lab.checkpoint.save "

@@ -59,7 +59,12 @@ def predict(checkpoint_path, source: str, out, overrides: list[str] = ()) -> int
 
     device = torch.device(run_cfg.train.device)
     model = CTRModel(run_cfg.model, log.dataset.num_items, log.dataset.num_categories)
-    model.load_state_dict(migrate_state_dict(saved["run"]["best_state"] or saved["model"]))
+    try:
+        model.load_state_dict(migrate_state_dict(saved["run"]["best_state"] or saved["model"]))
+    except RuntimeError as err:      # a --set that changes the model's shape (model.mos.dim, say)
+        first = str(err).strip().splitlines()
+        raise InputError(f"--set: expected options that build the model the checkpoint holds, got a model whose "
+                         f"weights do not fit it ({first[1].strip() if len(first) > 1 else first[0]})") from None
     model.to(device)
     outputs = predictions(model, log.dataset, batch_size=run_cfg.train.batch_size, device=device,
                           max_history=cfg.max_history)
