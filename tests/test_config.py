@@ -392,3 +392,19 @@ def test_an_output_folder_that_cannot_be_made_stops_before_the_data_loads(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("mos train: error: train.out_dir: expected a folder that can be created or exists, got ")
     assert err.count("\n") == 1
+
+
+def test_per_model_and_grid_options_are_checked_when_the_config_loads():
+    """A misspelt or invalid per-model option failed only when the profile reached that model."""
+    with pytest.raises(ValueError, match=r"^profile\.per_model\.mos: model\.mos\.nmu_themes: unknown key"):
+        load_run_config("profile", ["profile.per_model={mos: {model.mos.nmu_themes: 4}}"])
+    with pytest.raises(ValueError, match=r"^profile\.grid\.backbone\[1\]: model\.item_id_dim: expected a positive"):
+        load_run_config("profile", ["profile.grid={backbone: [{model.item_id_dim: 8}, {model.item_id_dim: 0}]}"])
+
+
+def test_a_per_model_override_merges_its_dotted_option_keys_whole():
+    """`--set profile.per_model={backbone: {model.item_id_dim: 16}}` updates backbone's options:
+    the dotted option name is one key, not a path to split."""
+    cfg = load_run_config("profile", ["profile.per_model={backbone: {model.item_id_dim: 16}}"])
+    assert cfg.profile.per_model["backbone"] == {"model.item_id_dim": 16}
+    assert cfg.profile.per_model["mos"] == load_run_config("profile", []).profile.per_model["mos"]

@@ -41,7 +41,20 @@ def load_run_config(path: Optional[str], overrides: list[str], base: Optional[di
         if dataclasses.is_dataclass(section) and isinstance(value, dict):
             _check_keys(section, value, f"{key}.", f"--set {text}")
         _set_dotted(tree, key, value)
-    return _build(RunConfig, tree, "")
+    run_cfg = _build(RunConfig, tree, "")
+    _check_model_options(run_cfg)
+    return run_cfg
+
+
+def _check_model_options(run_cfg: RunConfig) -> None:
+    """profile.per_model's and profile.grid's option sets name real keys with valid values: found
+    now (and by --print-config), not when the profile reaches that model."""
+    for section in ("per_model", "grid"):
+        for name, options in getattr(run_cfg.profile, section).items():
+            sets = options if section == "grid" else [options]
+            for index, option_set in enumerate(sets):
+                where = f"profile.{section}.{name}" + (f"[{index}]" if section == "grid" else "")
+                with_options(run_cfg, option_set, where)
 
 
 def with_options(run_cfg: RunConfig, options: dict, where: str) -> RunConfig:
@@ -206,9 +219,13 @@ def _set_dotted(tree: dict, key: str, value) -> None:
             raise TypeError(f"{dotted}: expected a mapping of its fields, got {child!r}")
         node = child
     if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-        # `--set model.mos={top_k: 2}` updates the file's section instead of replacing it.
+        # `--set model.mos={top_k: 2}` updates the file's section instead of replacing it. A
+        # dotted name inside is one key (profile.per_model's options: `model.item_id_dim`).
         for name, item in value.items():
-            _set_dotted(node[leaf], name, item)
+            if "." in str(name):
+                node[leaf][name] = item
+            else:
+                _set_dotted(node[leaf], name, item)
     else:
         node[leaf] = value
 
