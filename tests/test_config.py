@@ -379,6 +379,14 @@ def test_a_key_repeated_in_a_config_file_is_refused(tmp_path):
         load_run_config(nested, [])
 
 
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    """The repeated-key check skips `<<:` (a merge, not a key)."""
+    path = write(tmp_path, "train: &train {lr: 0.01, max_epochs: 2}\ndata:\n  seed: 3\n"
+                           "model:\n  moe:\n    <<: {top_k: 1}\n    capacity_factor: 2.0\n")
+    cfg = load_run_config(path, [])
+    assert (cfg.train.lr, cfg.model.moe.top_k, cfg.model.moe.capacity_factor) == (0.01, 1, 2.0)
+
+
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("train:\n  out_dir: caf\u00e9\n".encode("latin-1"))
@@ -400,6 +408,14 @@ def test_per_model_and_grid_options_are_checked_when_the_config_loads():
         load_run_config("profile", ["profile.per_model={mos: {model.mos.nmu_themes: 4}}"])
     with pytest.raises(ValueError, match=r"^profile\.grid\.backbone\[1\]: model\.item_id_dim: expected a positive"):
         load_run_config("profile", ["profile.grid={backbone: [{model.item_id_dim: 8}, {model.item_id_dim: 0}]}"])
+
+
+def test_a_grid_set_is_checked_over_its_model_s_per_model_options():
+    """At run time a grid's set applies over the model's per_model options: a top_k above the
+    default 4 experts is valid where per_model gives 8."""
+    cfg = load_run_config("profile", ["profile.per_model={gshard: {model.moe.num_experts: 8}}",
+                                      "profile.grid={gshard: [{model.moe.top_k: 6}]}"])
+    assert cfg.profile.grid["gshard"] == [{"model.moe.top_k": 6}]
 
 
 def test_a_per_model_override_merges_its_dotted_option_keys_whole():

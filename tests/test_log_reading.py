@@ -26,6 +26,20 @@ def test_an_unclosed_quote_is_refused_not_read_as_one_long_field(tmp_path):
     _refused(path, r"^data.source: .*log.csv line 6: a quoted field runs over lines 6-37 \(an unclosed quote\?\)")
 
 
+def test_line_breaks_in_a_column_not_read_are_text_unless_they_hold_rows(tmp_path):
+    """A quoted review over two lines is legal CSV and loads; an unclosed quote in that column,
+    swallowing lines that look like the log's rows, is refused."""
+    header = HEADER + ["review"]
+    body = [row + ["ok"] for row in rows()]
+    body[2][4] = "great\nmovie"
+    assert load_log(write(tmp_path / "review.csv", body, header), DataConfig()).report.used == 18
+    lines = [",".join(header)] + [",".join(row) for row in body[:2]] + [",".join(body[2][:4]) + ',"never closed'] + \
+        [",".join(row) for row in body[3:]]
+    path = tmp_path / "open.csv"
+    path.write_text("\n".join(lines) + "\n")
+    _refused(path, r"line 4: a quoted field runs over lines 4-19 \(an unclosed quote\?\)")
+
+
 def test_a_field_past_the_csv_limit_names_its_line(tmp_path):
     body = rows()
     body[3][1] = "x" * 200_000
@@ -47,13 +61,16 @@ def test_an_optional_column_named_in_the_config_must_be_there(tmp_path, role, na
                                                    rf"\(named in the config; the default '\w+' would be optional\)", cfg)
 
 
-def test_a_log_to_score_may_lack_a_named_label_column(tmp_path):
-    """Scoring reads no labels: the training config's label column need not be in the new log."""
-    trained = load_log(write(tmp_path / "train.csv", [row[:3] + [row[3]] for row in rows()],
-                             HEADER[:3] + ["clicked"]), DataConfig(logs=LogConfig(label_column="clicked")))
-    scored = load_log(write(tmp_path / "score.csv", [row[:3] for row in rows()], HEADER[:3]),
-                      DataConfig(logs=LogConfig(label_column="clicked")), vocabulary=trained.vocabulary)
+def test_a_log_to_score_may_lack_named_label_and_category_columns(tmp_path):
+    """Scoring reads no labels and takes categories from the model's vocabulary: the training
+    config's label and category columns need not be in the new log."""
+    cfg = DataConfig(logs=LogConfig(label_column="clicked", category_column="genre"))
+    trained = load_log(write(tmp_path / "train.csv", [row + [f"g{row[1][-1]}"] for row in rows()],
+                             HEADER[:3] + ["clicked", "genre"]), cfg)
+    scored = load_log(write(tmp_path / "score.csv", [row[:3] for row in rows()], HEADER[:3]), cfg,
+                      vocabulary=trained.vocabulary)
     assert scored.report.used == 18 and not scored.report.has_labels
+    assert np.array_equal(scored.dataset.category_ids.numpy(), trained.dataset.category_ids.numpy())
 
 
 def test_sub_second_times_order_the_events(tmp_path):

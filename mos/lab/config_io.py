@@ -49,12 +49,13 @@ def load_run_config(path: Optional[str], overrides: list[str], base: Optional[di
 def _check_model_options(run_cfg: RunConfig) -> None:
     """profile.per_model's and profile.grid's option sets name real keys with valid values: found
     now (and by --print-config), not when the profile reaches that model."""
-    for section in ("per_model", "grid"):
-        for name, options in getattr(run_cfg.profile, section).items():
-            sets = options if section == "grid" else [options]
-            for index, option_set in enumerate(sets):
-                where = f"profile.{section}.{name}" + (f"[{index}]" if section == "grid" else "")
-                with_options(run_cfg, option_set, where)
+    per_model = run_cfg.profile.per_model
+    for name, options in per_model.items():
+        with_options(run_cfg, options, f"profile.per_model.{name}")
+    for name, option_sets in run_cfg.profile.grid.items():
+        for index, option_set in enumerate(option_sets):
+            # A grid's set runs over the model's per_model options (mos.lab.profiling.study).
+            with_options(run_cfg, {**per_model.get(name, {}), **option_set}, f"profile.grid.{name}[{index}]")
 
 
 def with_options(run_cfg: RunConfig, options: dict, where: str) -> RunConfig:
@@ -130,6 +131,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":       # `<<: *anchor`, flattened by the base class
+                continue
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, collections.abc.Hashable) and key in seen:
                 raise yaml.constructor.ConstructorError(

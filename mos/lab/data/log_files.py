@@ -112,11 +112,7 @@ def _read_text(path: Path, kind: str, wanted: dict):
                 if not row:          # blank lines are layout, not rows
                     continue
                 if last_line > first_line:
-                    # Legal CSV (a quoted field holding line breaks), but no event log's id, time or
-                    # label holds one: it is an unclosed quote, which would swallow the lines after it.
-                    raise InputError(f"data.source: {path} line {first_line}: a quoted field runs over lines "
-                                     f"{first_line}-{last_line} (an unclosed quote?); an event's fields hold no "
-                                     f"line breaks")
+                    _check_line_breaks(row, index, len(header), delimiter, path, first_line, last_line)
                 lines.append(reader.line_num)
                 fields.append(len(row))
                 for role, at in index.items():
@@ -129,6 +125,17 @@ def _read_text(path: Path, kind: str, wanted: dict):
             raise InputError(f"data.source: {path} line {reader.line_num}: not a readable "
                              f"{kind.upper()} row ({err})") from None
     return header, columns, np.asarray(fields, dtype=np.int64), np.asarray(lines, dtype=np.int64)
+
+
+def _check_line_breaks(row: list, index: dict, width: int, delimiter: str, path: Path, first: int,
+                       last: int) -> None:
+    """A row over several lines is legal CSV (a quoted review or title holding line breaks), but an
+    id, time or label never holds one, and a field holding lines that look like rows of the log is
+    an unclosed quote that swallowed them: both are refused, naming the lines."""
+    swallowed = any(text.count(delimiter) >= width - 1 for field in row for text in field.splitlines()[1:])
+    if swallowed or any(at < len(row) and ("\n" in row[at] or "\r" in row[at]) for at in index.values()):
+        raise InputError(f"data.source: {path} line {first}: a quoted field runs over lines {first}-{last} (an "
+                         f"unclosed quote?); ids, times and labels hold no line breaks")
 
 
 def _read_parquet(path: Path, kind: str, wanted: dict):

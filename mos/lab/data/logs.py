@@ -127,8 +127,9 @@ def _check_named_columns(options: LogConfig, header: list, path: Path, scoring: 
     """An optional column (time, label, rating, category) the config names away from its default
     must be in the file: a missing default one means the log has none, a missing named one is a
     typo that would silently drop the column (row order as time, one category for all). Scoring
-    reads no labels, so a log to score may lack the label and rating columns."""
-    for role in ("time", "category") if scoring else _ROLES[2:]:
+    reads no labels and takes the categories from the model's vocabulary: a log to score needs
+    only the time column it names."""
+    for role in ("time",) if scoring else _ROLES[2:]:
         name, default = getattr(options, f"{role}_column"), getattr(LogConfig, f"{role}_column")
         if name != default and name not in header:
             raise InputError(f"data.logs.{role}_column: expected a column {name!r} in {path} (named in the "
