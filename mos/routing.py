@@ -28,9 +28,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 import mos_kernels as mk
-from mos_kernels.checks import FLOAT_DTYPES, NonFiniteError, check_offsets, check_tensor, reads_data
-from mos_kernels.jagged import _offsets_from_lengths, _segment_ids, counts_of
+from mos_kernels.checks import FLOAT_DTYPES, check_finite, check_offsets, check_tensor, reads_data
+from mos_kernels.jagged import _segment_ids, counts_of
 from mos_kernels.routing import normalized
+from mos_kernels.theme_dispatch import check_example_session_offsets, check_session_examples, check_themes
 
 AUX_LOSSES = ("commitment", "codebook", "load_balance")
 RouterResult = Tuple[Optional[torch.Tensor], mk.Routing, Dict[str, torch.Tensor]]
@@ -93,9 +94,8 @@ class RandomRouter:
 def check_units(units, offsets: torch.Tensor, num_tokens: int, *, data: bool) -> mk.Sessions:
     """A routing unit's result, checked: `mos_kernels.Sessions` over the batch's num_tokens rows and
     its examples (offsets [B+1]), in example order. Shapes and dtypes always; with `data` the
-    values too (a sync each): offsets from 0, monotone, ending at num_tokens; examples in range
-    and ordered; each unit's rows inside its example's; example_session_offsets matching
-    session_example. Raises TypeError / ValueError naming `routing_unit` and the field."""
+    values too (a sync each), as `theme_dispatch` checks them, and each unit's rows inside its
+    example's. Raises TypeError / ValueError naming `routing_unit` and the field."""
     if not isinstance(units, mk.Sessions):
         raise TypeError(f"routing_unit: expected it to return mos_kernels.Sessions, got {type(units).__name__}")
     num_examples = offsets.numel() - 1
@@ -108,26 +108,18 @@ def check_units(units, offsets: torch.Tensor, num_tokens: int, *, data: bool) ->
             if units.session_example.numel() != num_units:
                 raise ValueError(f"session_example: expected {num_units} entries (one per unit), "
                                  f"got {units.session_example.numel()}")
-            check_offsets("example_session_offsets", units.example_session_offsets, total=num_units,
-                          device=units.session_offsets.device)
-            if units.example_session_offsets.numel() != num_examples + 1:
-                raise ValueError(f"example_session_offsets: expected {num_examples + 1} entries (B+1), "
-                                 f"got {units.example_session_offsets.numel()}")
             if reads_data() and num_units:
-                _check_unit_values(units, offsets)
+                check_session_examples(units.session_example, num_examples)
+                _check_units_inside_examples(units, offsets)
+            check_example_session_offsets(units.example_session_offsets, units.session_example, num_examples)
         except (TypeError, ValueError) as err:
             raise type(err)(f"routing_unit: returned Sessions whose {err}") from err
     return units
 
 
-def _check_unit_values(units: mk.Sessions, offsets: torch.Tensor) -> None:
-    num_examples, example = offsets.numel() - 1, units.session_example
-    lo, hi = int(example.min()), int(example.max())
-    if lo < 0 or hi >= num_examples:
-        raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
-    if bool((example[1:] < example[:-1]).any()):
-        raise ValueError("session_example: expected units ordered by example, got a step back")
-    # A unit spanning two examples would send one example's tokens into the other's segments.
+def _check_units_inside_examples(units: mk.Sessions, offsets: torch.Tensor) -> None:
+    """A unit spanning two examples would send one example's tokens into the other's segments."""
+    example = units.session_example
     starts, ends = units.session_offsets[:-1], units.session_offsets[1:]
     outside = (starts < offsets[example]) | (ends > offsets[example + 1])
     if bool(outside.any()):
@@ -135,15 +127,12 @@ def _check_unit_values(units: mk.Sessions, offsets: torch.Tensor) -> None:
         raise ValueError(f"session_offsets: expected each unit's rows inside its example's, got unit {unit} "
                          f"(rows {int(starts[unit])}:{int(ends[unit])}) outside example {int(example[unit])} "
                          f"(rows {int(offsets[example[unit]])}:{int(offsets[example[unit] + 1])})")
-    if not torch.equal(_offsets_from_lengths(counts_of(example, num_examples)), units.example_session_offsets):
-        raise ValueError("example_session_offsets: expected the units of each example as session_example "
-                         "lists them, got other offsets")
 
 
 def check_router_result(result, num_units: int, num_themes: int, top_k: int, *, data: bool) -> RouterResult:
     """A router's result, checked: (pooled or None, `mos_kernels.Routing`, dict of losses) with
-    themes [S, top_k] int64 and gate [S, top_k] float for the S units. With `data` also themes in
-    [0, K) and distinct in each row, and a finite gate (a sync each). Raises TypeError /
+    themes [S, top_k] int64 and gate [S, top_k] float for the S units. With `data` also the
+    themes as `theme_dispatch` checks them and a finite gate (a sync each). Raises TypeError /
     ValueError naming `router` and the field."""
     if not isinstance(result, tuple) or len(result) != 3:
         got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
@@ -162,21 +151,12 @@ def check_router_result(result, num_units: int, num_themes: int, top_k: int, *, 
                              f"top_k choices), got {list(tensor.shape)}")
     with mk.data_checks(data):
         if reads_data() and num_units:
-            _check_routing_values(themes, gate, num_themes, top_k)
+            try:
+                check_themes(themes, num_themes)
+            except ValueError as err:
+                raise ValueError(f"router: {err}") from err
+            check_finite("router: gate", gate)
     return result
-
-
-def _check_routing_values(themes, gate, num_themes, top_k) -> None:
-    lo, hi = int(themes.min()), int(themes.max())
-    if lo < 0 or hi >= num_themes:
-        raise ValueError(f"router: themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
-    if top_k > 1:
-        ordered = themes.sort(dim=1).values
-        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-            raise ValueError("router: themes: expected distinct themes in each row (top-k choices), "
-                             "got a repeated theme")
-    if not bool(torch.isfinite(gate).all()):
-        raise NonFiniteError("router: gate: expected finite values, got NaN or inf")
 
 
 def route_sessions(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int) -> mk.Sessions:

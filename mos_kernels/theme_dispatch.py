@@ -97,13 +97,14 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
                          f"got {num_examples} * {num_themes}")
     check_finite("gate", gate)
     if reads_data() and num_sessions:
-        _check_routing_data(themes, session_example, num_examples, num_themes)
+        check_themes(themes, num_themes)
+        check_session_examples(session_example, num_examples)
     if num_tokens is None:
         num_tokens = int(session_offsets[-1])
     elif reads_data() and int(session_offsets[-1]) != num_tokens:
         raise ValueError(f"num_tokens: expected session_offsets[-1] = {int(session_offsets[-1])}, got {num_tokens}")
     if example_session_offsets is not None:
-        _check_example_session_offsets(example_session_offsets, session_example, num_examples)
+        check_example_session_offsets(example_session_offsets, session_example, num_examples)
     chosen = resolve_backend(backend, themes, "theme_dispatch")
     if chosen == "reference":
         gather_index, row_gate, inverse_index, theme_offsets = _theme_dispatch_reference(
@@ -121,27 +122,30 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
                     theme_offsets=theme_offsets, num_examples=num_examples, num_themes=num_themes)
 
 
-def _check_routing_data(themes, session_example, num_examples, num_themes):
-    """The data preconditions of the kernels (they read and write out of bounds otherwise)."""
+def check_themes(themes: torch.Tensor, num_themes: int) -> None:
+    """Each row's top-k themes in [0, K) and distinct (a data check: syncs). The kernels index
+    segments by them, and their counting sort places choice j's rows before choice j+1's, which
+    equals the reference's (token, choice) order only when no two choices share a segment."""
     lo, hi = int(themes.min()), int(themes.max())
     if lo < 0 or hi >= num_themes:
         raise ValueError(f"themes: expected values in [0, {num_themes - 1}], got min {lo}, max {hi}")
-    lo, hi = int(session_example.min()), int(session_example.max())
-    if lo < 0 or hi >= num_examples:
-        raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
     if themes.shape[1] > 1:
-        # A session's choices are distinct themes (top-k): the kernels' counting sort places
-        # choice j's rows before choice j+1's, which equals the reference's (token, choice)
-        # order only when no two choices share a segment.
         sorted_themes = themes.sort(dim=1).values
         if bool((sorted_themes[:, 1:] == sorted_themes[:, :-1]).any()):
             raise ValueError("themes: expected distinct themes in each row (a session's top-k choices), "
                              "got a repeated theme")
-    if themes.shape[0] > 1 and bool((session_example[1:] < session_example[:-1]).any()):
+
+
+def check_session_examples(session_example: torch.Tensor, num_examples: int) -> None:
+    """Each session's example in [0, B), sessions ordered by example (a data check: syncs)."""
+    lo, hi = int(session_example.min()), int(session_example.max())
+    if lo < 0 or hi >= num_examples:
+        raise ValueError(f"session_example: expected values in [0, {num_examples - 1}], got min {lo}, max {hi}")
+    if session_example.shape[0] > 1 and bool((session_example[1:] < session_example[:-1]).any()):
         raise ValueError("session_example: expected sessions ordered by example (non-decreasing), got a step back")
 
 
-def _check_example_session_offsets(offsets, session_example, num_examples):
+def check_example_session_offsets(offsets, session_example, num_examples):
     """example_session_offsets must be what session_example says: the kernels trust it."""
     num_sessions = session_example.numel()
     check_offsets("example_session_offsets", offsets, total=num_sessions, device=session_example.device)
