@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels.jagged import _positions_in_segment, _segment_ids
+from mos_kernels.jagged import positions_in_segment, segment_ids
 
 
 def sdpa_padded(q, k, v, offsets, max_len: int, num_heads: int):
@@ -31,7 +31,7 @@ def sdpa_padded(q, k, v, offsets, max_len: int, num_heads: int):
 
     out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
     out = out.transpose(1, 2).reshape(num_segments, max_len, dim)
-    return out[_segment_ids(offsets, q.shape[0]), _positions_in_segment(offsets, q.shape[0])]
+    return out[segment_ids(offsets, q.shape[0], check=False), positions_in_segment(offsets, q.shape[0], check=False)]
 
 
 _compiled_flex = None
@@ -52,7 +52,7 @@ def flex(q, k, v, block_mask, num_heads: int):
 
 def document_mask(offsets, num_rows, device):
     from torch.nn.attention.flex_attention import create_block_mask
-    document = _segment_ids(offsets, num_rows)
+    document = segment_ids(offsets, num_rows, check=False)
 
     def causal_document(b, h, q_idx, kv_idx):
         return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)

@@ -26,7 +26,7 @@ from torch import nn
 
 from benchmarks.harness import Provider
 from mos.encoders import TargetAttentionEncoder, _nonempty
-from mos_kernels.jagged import _positions_in_segment, _segment_ids
+from mos_kernels.jagged import positions_in_segment, segment_ids
 
 # backend "fused" is this module's: the cases that have a fused form run it for this provider.
 COMPILED_FUSED = Provider("compiled_fused", "fused", compiled=True)
@@ -48,7 +48,7 @@ def fused_target_attention(tokens: torch.Tensor, query: torch.Tensor, w_key: tor
     num_segments, dim = query.shape
     num_experts, head_dim = w_key.shape[0], dim // num_heads
     rows = gathered(tokens, gather_index, row_gate)
-    seg = _segment_ids(segment_offsets, rows.shape[0])
+    seg = segment_ids(segment_offsets, rows.shape[0], check=False)
     wide = torch.promote_types(query.dtype, torch.float32)       # softmax and sums as the reference
     # Q_h = s W_k,h q_h: [E, B, H, d], one per segment and head.
     heads = query.to(wide).view(num_experts, -1, num_heads, head_dim)
@@ -88,7 +88,7 @@ def fused_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                          expert_offsets: torch.Tensor, *, max_rows: int) -> torch.Tensor:
     """[N, d_out]: what mk.grouped_linear returns, by one grouped GEMM. max_rows: the longest
     expert block (the padded path pads to it)."""
-    expert = _segment_ids(expert_offsets, x.shape[0])
+    expert = segment_ids(expert_offsets, x.shape[0], check=False)
     if grouped_gemm_path(x) == "grouped_mm":
         grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
         # offs: the end of every expert's block, int32.
@@ -96,7 +96,7 @@ def fused_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     else:
         # The reference's GPU algorithm (mos_kernels/grouped_linear.py), here as plain ops rather
         # than inside its custom op, so the compiler sees and fuses the copies around the GEMM.
-        pos = _positions_in_segment(expert_offsets, x.shape[0])
+        pos = positions_in_segment(expert_offsets, x.shape[0], check=False)
         padded = x.new_zeros((weight.shape[0], max_rows, x.shape[1])).index_put((expert, pos), x)
         y = torch.bmm(padded, weight.to(x.dtype))[expert, pos]
     return y if bias is None else y + bias.to(y.dtype)[expert]

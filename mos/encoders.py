@@ -18,7 +18,7 @@ from torch import nn
 
 import mos_kernels as mk
 from mos_kernels.backend import op_backends
-from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, _segment_ids
+from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, segment_ids
 
 
 def _expert_weight(num_experts: int, d_in: int, d_out: int) -> nn.Parameter:
@@ -100,7 +100,7 @@ def attention_mass(tokens: torch.Tensor, query: torch.Tensor, w_key: torch.Tenso
         rows = rows * row_gate[:, None].to(rows.dtype)
     keys = mk.grouped_linear(rows, w_key, b_key, jagged_expert_offsets(segment_offsets, num_experts),
                              backend=backend)
-    segment = _segment_ids(segment_offsets, rows.shape[0])
+    segment = segment_ids(segment_offsets, rows.shape[0], check=False)
     head_dim = dim // num_heads
     scores = (keys.view(-1, num_heads, head_dim) * query[segment].view(-1, num_heads, head_dim)).sum(-1)
     # At least float32: fp16/bf16 exponentials would round the sums a model reads.
@@ -136,7 +136,7 @@ class TransformerEncoder(nn.Module):
             tokens, gather_index, row_gate, inverse_index=inverse_index,
             backend=self.backends["theme_gather"])
         expert_offsets = jagged_expert_offsets(segment_offsets, self.num_experts)
-        expert = _segment_ids(expert_offsets, rows.shape[0])
+        expert = segment_ids(expert_offsets, rows.shape[0], check=False)
         for block in self.layers:
             rows = block(rows, expert, expert_offsets, segment_offsets, self.num_heads, max_len,
                          self.dropout if self.training else 0.0, self.backends)

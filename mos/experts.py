@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mos_kernels as mk
-from mos_kernels.jagged import counts_of, _offsets_from_lengths, _positions_in_segment
+from mos_kernels.jagged import counts_of, offsets_from_lengths, positions_in_segment
 from mos_kernels.theme_gather import inverse_of_unique
 
 from .config import EXPERT_KINDS, THEME_RECENCY_BUCKETS, MoSConfig
@@ -257,7 +257,7 @@ def _recent_sessions(offsets: torch.Tensor, sessions: mk.Sessions, count: int):
     eso = sessions.example_session_offsets
     first = torch.maximum(eso[1:] - count, eso[:-1])
     start = sessions.session_offsets[first]
-    short_offsets = _offsets_from_lengths(offsets[1:] - start)
-    pos = _positions_in_segment(short_offsets)
+    short_offsets = offsets_from_lengths(offsets[1:] - start, check=False)
+    pos = positions_in_segment(short_offsets, check=False)
     index = torch.repeat_interleave(start, short_offsets[1:] - short_offsets[:-1], output_size=pos.numel()) + pos
     return index, short_offsets

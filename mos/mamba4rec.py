@@ -31,8 +31,8 @@ from torch import nn
 import mos_kernels as mk
 from mos_kernels.backend import op_backends
 from mos_kernels.checks import check_count
-from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, max_segment_length, _positions_in_segment
-from mos_kernels.jagged import _segment_ids
+from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, max_segment_length, positions_in_segment
+from mos_kernels.jagged import segment_ids
 from mos_kernels.selective_scan import MAX_STATE
 
 
@@ -141,8 +141,8 @@ class Mamba4RecEncoder(nn.Module):
                 max_len: Optional[int] = None) -> torch.Tensor:
         num_rows = rows.shape[0]
         expert_offsets = jagged_expert_offsets(segment_offsets, self.num_experts)
-        expert = _segment_ids(expert_offsets, num_rows)
-        position = _positions_in_segment(segment_offsets, num_rows)
+        expert = segment_ids(expert_offsets, num_rows, check=False)
+        position = positions_in_segment(segment_offsets, num_rows, check=False)
         if max_len is None:
             max_len = max_segment_length(segment_offsets)
         for block in self.layers:

@@ -29,7 +29,7 @@ import torch
 
 import mos_kernels as mk
 from mos_kernels.checks import FLOAT_DTYPES, check_finite, check_offsets, check_tensor, reads_data
-from mos_kernels.jagged import _segment_ids, counts_of
+from mos_kernels.jagged import segment_ids, counts_of
 from mos_kernels.routing import normalized
 from mos_kernels.theme_dispatch import check_example_session_offsets, check_session_examples, check_themes
 
@@ -166,7 +166,7 @@ def route_sessions(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int
 
 def route_tokens(offsets: torch.Tensor, sessions: mk.Sessions, num_tokens: int) -> mk.Sessions:
     """Every token its own unit: what routing whole sessions adds over routing items."""
-    example = _segment_ids(offsets, num_tokens)
+    example = segment_ids(offsets, num_tokens, check=False)
     return mk.Sessions(torch.arange(num_tokens + 1, device=offsets.device), example, offsets)
 
 
@@ -213,7 +213,7 @@ def session_consistency_loss(values: torch.Tensor, unit_offsets: torch.Tensor, p
 def _session_consistency(values, unit_offsets, prototypes, temperature) -> torch.Tensor:
     num_tokens, num_themes = values.shape[0], prototypes.shape[0]
     p = torch.softmax(normalized(values) @ normalized(prototypes).t() / temperature, dim=1)      # [T, K] fp32
-    unit = _segment_ids(unit_offsets, num_tokens)
+    unit = segment_ids(unit_offsets, num_tokens, check=False)
     size = (unit_offsets[1:] - unit_offsets[:-1])[unit]                                          # [T]
     sums = p.new_zeros(unit_offsets.numel() - 1, num_themes).index_add_(0, unit, p)
     paired = size >= 2

@@ -29,7 +29,7 @@ from torch import nn
 import mos_kernels as mk
 from mos_kernels.backend import op_backends
 from mos_kernels.checks import check_count
-from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, _segment_ids
+from mos_kernels.jagged import expert_offsets as jagged_expert_offsets, segment_ids
 
 NORM_EPS = 1e-12    # a round whose sampled sum is (numerically) zero stays zero
 MAX_BITS = 62       # a round's signature is one int64
@@ -77,7 +77,7 @@ class SDIMEncoder(nn.Module):
         num_experts, num_examples, dim = self.num_experts, target.shape[0], self.dim
         num_segments = num_experts * num_examples
         acc = torch.promote_types(rows.dtype, torch.float32)
-        segment = _segment_ids(segment_offsets, rows.shape[0])                  # [N]
+        segment = segment_ids(segment_offsets, rows.shape[0], check=False)                  # [N]
         expert_offsets = jagged_expert_offsets(segment_offsets, num_experts)
         with torch.no_grad():            # signatures are not differentiable: no graph for them
             planes = self.hyperplanes.to(acc)

@@ -23,7 +23,7 @@ from ._alloc import new_output
 from .checks import FLOAT_DTYPES, check_count, check_finite, check_offsets, check_tensor
 from ._layout import kernel_op
 from .backend import resolve_backend
-from .jagged import max_segment_length, _positions_in_segment, segment_blocks, _segment_ids
+from .jagged import max_segment_length, positions_in_segment, segment_blocks, segment_ids
 from ._launch import cdiv, dot_precision, next_power_of_2
 
 
@@ -76,10 +76,10 @@ def _grouped_linear_reference(x, weight, bias, expert_offsets, max_rows):
         y = x.new_zeros((x.shape[0], weight.shape[2]))
         for e, a, b in _expert_blocks(expert_offsets):
             torch.mm(x[a:b], weight[e].to(x.dtype), out=y[a:b])
-        return y if bias is None else y + bias.to(x.dtype)[_segment_ids(expert_offsets, x.shape[0])]
+        return y if bias is None else y + bias.to(x.dtype)[segment_ids(expert_offsets, x.shape[0], check=False)]
     num_rows = x.shape[0]
-    expert = _segment_ids(expert_offsets, num_rows)
-    pos = _positions_in_segment(expert_offsets, num_rows)
+    expert = segment_ids(expert_offsets, num_rows, check=False)
+    pos = positions_in_segment(expert_offsets, num_rows, check=False)
     padded = x.new_zeros((weight.shape[0], max_rows, x.shape[1]))
     padded = padded.index_put((expert, pos), x)
     y = torch.bmm(padded, weight.to(x.dtype))[expert, pos]
@@ -116,8 +116,8 @@ def _grouped_linear_reference_backward_op(grad: torch.Tensor, x: torch.Tensor, w
             g_bias[e] = grad[a:b].sum(0)
         return g_x, g_weight, g_bias
     num_rows = x.shape[0]
-    expert = _segment_ids(expert_offsets, num_rows)
-    pos = _positions_in_segment(expert_offsets, num_rows)
+    expert = segment_ids(expert_offsets, num_rows, check=False)
+    pos = positions_in_segment(expert_offsets, num_rows, check=False)
     g_x = _grouped_linear_reference(grad, weight.transpose(1, 2).to(grad.dtype), None, expert_offsets, max_rows)
     padded_x = x.new_zeros((weight.shape[0], max_rows, x.shape[1])).index_put((expert, pos), x)
     padded_g = grad.new_zeros((weight.shape[0], max_rows, grad.shape[1])).index_put((expert, pos), grad)

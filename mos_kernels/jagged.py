@@ -12,61 +12,47 @@ import torch
 from .checks import check_count, check_offsets, check_tensor, reads_data
 
 
-def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
+# Each takes check=False where its offsets were checked where they came in (or built by the
+# caller): the ops and the layer call them in backwards and hot loops, where a data check would be
+# a device sync that `data_checks(False)` no longer covers (a backward runs after the layer returned).
+
+def lengths_from_offsets(offsets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """[G] int64 segment lengths from offsets [G+1] int64 (from 0, non-decreasing: a data check).
-    Raises ValueError / TypeError naming `offsets`."""
-    check_offsets("offsets", offsets)
-    return _lengths_from_offsets(offsets)
-
-
-def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    """[G+1] int64 offsets (from 0) from lengths [G] of any integer dtype, each >= 0 (a data check).
-    Raises ValueError / TypeError naming `lengths`."""
-    check_tensor("lengths", lengths, ndim=1)
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"lengths: expected an integer tensor, got {str(lengths.dtype).replace('torch.', '')}")
-    if reads_data() and lengths.numel() and int(lengths.min()) < 0:
-        raise ValueError(f"lengths: expected non-negative lengths, got {int(lengths.min())}")
-    return _offsets_from_lengths(lengths)
-
-
-def segment_ids(offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
-    """The segment of every row: [N] int64, from offsets [G+1] int64 (checked as
-    `lengths_from_offsets`' and, given `total`, offsets[-1] == total). `total` (= offsets[-1])
-    avoids a device sync. Raises ValueError / TypeError naming `offsets`."""
-    check_offsets("offsets", offsets, total=total if isinstance(total, int) else None)
-    return _segment_ids(offsets, total)
-
-
-def positions_in_segment(offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
-    """Index of every row inside its segment (0 for the first row of each): [N] int64; offsets
-    checked as `segment_ids`'."""
-    check_offsets("offsets", offsets, total=total if isinstance(total, int) else None)
-    return _positions_in_segment(offsets, total)
-
-
-# The same four unchecked, for the ops and the layer: their offsets are checked once where they
-# enter (or built here), and a check in a backward or a hot loop would be a device sync that
-# `data_checks(False)` no longer covers (a backward runs after the layer returned).
-
-def _lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    Raises ValueError / TypeError naming `offsets` (with check)."""
+    if check:
+        check_offsets("offsets", offsets)
     return offsets[1:] - offsets[:-1]
 
 
-def _offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+def offsets_from_lengths(lengths: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    """[G+1] int64 offsets (from 0) from lengths [G] of any integer dtype, each >= 0 (a data check).
+    Raises ValueError / TypeError naming `lengths` (with check)."""
+    if check:
+        check_tensor("lengths", lengths, ndim=1)
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths: expected an integer tensor, got {str(lengths.dtype).replace('torch.', '')}")
+        if reads_data() and lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"lengths: expected non-negative lengths, got {int(lengths.min())}")
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
     torch.cumsum(lengths.to(torch.int64), 0, out=out[1:])
     return out
 
 
-def _segment_ids(offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+def segment_ids(offsets: torch.Tensor, total: Optional[int] = None, *, check: bool = True) -> torch.Tensor:
+    """The segment of every row: [N] int64, from offsets [G+1] int64 (checked as
+    `lengths_from_offsets`' and, given `total`, offsets[-1] == total). `total` (= offsets[-1])
+    avoids a device sync. Raises ValueError / TypeError naming `offsets` (with check)."""
+    if check:
+        check_offsets("offsets", offsets, total=total if isinstance(total, int) else None)
     lengths = offsets[1:] - offsets[:-1]
     ids = torch.arange(lengths.numel(), device=offsets.device)
     return torch.repeat_interleave(ids, lengths, output_size=total)
 
 
-def _positions_in_segment(offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
-    seg = _segment_ids(offsets, total)
+def positions_in_segment(offsets: torch.Tensor, total: Optional[int] = None, *, check: bool = True) -> torch.Tensor:
+    """Index of every row inside its segment (0 for the first row of each): [N] int64; offsets
+    checked as `segment_ids`' (with check)."""
+    seg = segment_ids(offsets, total, check=check)
     return torch.arange(seg.numel(), device=offsets.device) - offsets[seg]
 
 
@@ -81,7 +67,7 @@ def max_segment_length(offsets: torch.Tensor) -> int:
     """The longest segment. Reads a number back from the device: pass a known bound where you can."""
     if offsets.numel() < 2:
         return 0
-    return int(_lengths_from_offsets(offsets).max())
+    return int(lengths_from_offsets(offsets, check=False).max())
 
 
 def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
@@ -92,10 +78,10 @@ def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
     check_count("max_len", max_len, minimum=0)
     num = offsets.numel() - 1
     out = values.new_full((num, max_len) + tuple(values.shape[1:]), padding_value)
-    pos = _positions_in_segment(offsets, values.shape[0])
+    pos = positions_in_segment(offsets, values.shape[0], check=False)
     if reads_data() and values.shape[0] and int(pos.max()) >= max_len:
         raise ValueError(f"max_len: expected at least the longest segment ({int(pos.max()) + 1}), got {max_len}")
-    out[_segment_ids(offsets, values.shape[0]), pos] = values
+    out[segment_ids(offsets, values.shape[0], check=False), pos] = values
     return out
 
 
@@ -114,7 +100,7 @@ def padded_to_jagged(padded: torch.Tensor, lengths: torch.Tensor):
         if lo < 0 or hi > padded.shape[1]:
             raise ValueError(f"lengths: expected values in [0, {padded.shape[1]}], got min {lo}, max {hi}")
     mask = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
-    return padded[mask], _offsets_from_lengths(lengths)
+    return padded[mask], offsets_from_lengths(lengths, check=False)
 
 
 def expert_offsets(segment_offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -140,7 +126,7 @@ def segment_blocks(offsets: torch.Tensor, block: int, num_rows: int):
     tiles = torch.arange(bound, device=offsets.device)
     if num_segments == 0:
         return tiles, tiles
-    tile_offsets = _offsets_from_lengths((_lengths_from_offsets(offsets) + block - 1) // block)
+    tile_offsets = offsets_from_lengths((lengths_from_offsets(offsets, check=False) + block - 1) // block, check=False)
     segment = torch.searchsorted(tile_offsets[1:], tiles, right=True)
     owner = segment.clamp_max(num_segments - 1)
     start = offsets[owner] + (tiles - tile_offsets[owner]) * block

@@ -32,7 +32,7 @@ from ._launch import cdiv, next_power_of_2
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .checks import FLOAT_DTYPES, check_finite, check_offsets, check_tensor
-from .jagged import _positions_in_segment
+from .jagged import positions_in_segment
 
 CHUNK = 16          # rows per chunk of the reference: 15 in-place steps per level, few levels
 _MAX_BLOCK_C = 128  # channels per Triton program: 4 fp32 a thread of one warp, many programs per segment
@@ -95,7 +95,7 @@ def _chunked_scan_(a: torch.Tensor, h: torch.Tensor, reverse: bool = False) -> t
 
 
 def _first_rows(segment_offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return _positions_in_segment(segment_offsets, num_rows) == 0
+    return positions_in_segment(segment_offsets, num_rows, check=False) == 0
 
 
 @torch.library.custom_op("mos::linear_recurrence_reference", mutates_args=())

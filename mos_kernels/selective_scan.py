@@ -36,7 +36,7 @@ from ._launch import cdiv, next_power_of_2
 from ._layout import kernel_op
 from .backend import resolve_backend
 from .checks import FLOAT_DTYPES, check_finite, check_offsets, check_tensor, reads_data
-from .jagged import expert_offsets as jagged_expert_offsets, _positions_in_segment, _segment_ids
+from .jagged import expert_offsets as jagged_expert_offsets, positions_in_segment, segment_ids
 from . import linear_recurrence as _registers_linear_recurrence_reference  # noqa: F401
 
 CHUNK = 8           # rows per associative scan of the Triton kernels (a power of two)
@@ -95,9 +95,9 @@ def _check_decay(delta: torch.Tensor, A: torch.Tensor, segment_offsets: torch.Te
     if not num_rows:
         return
     acc = torch.promote_types(delta.dtype, torch.float32)
-    first = _positions_in_segment(segment_offsets, num_rows) == 0
+    first = positions_in_segment(segment_offsets, num_rows, check=False) == 0
     read = delta.to(acc).masked_fill(first[:, None], 0)          # 0: exp(0) = 1, no bound from first rows
-    expert = _segment_ids(jagged_expert_offsets(segment_offsets, A.shape[0]), num_rows)[:, None].expand(-1, dim)
+    expert = segment_ids(jagged_expert_offsets(segment_offsets, A.shape[0]), num_rows, check=False)[:, None].expand(-1, dim)
     zeros = read.new_zeros(A.shape[:2])
     largest = zeros.scatter_reduce(0, expert, read, "amax")
     smallest = zeros.scatter_reduce(0, expert, read, "amin")
@@ -121,10 +121,10 @@ def _reference(u, delta, A, B, C, segment_offsets):
     if num_experts == 1:
         a = A[0]
     else:
-        a = A[_segment_ids(jagged_expert_offsets(segment_offsets, num_experts), u.shape[0])]
+        a = A[segment_ids(jagged_expert_offsets(segment_offsets, num_experts), u.shape[0], check=False)]
     # A segment's first row reads no decay (h = drive there): its step is zeroed first, so that
     # an exp that overflows there sends no inf * 0 into the backward.
-    first = _positions_in_segment(segment_offsets, u.shape[0]) == 0
+    first = positions_in_segment(segment_offsets, u.shape[0], check=False) == 0
     decay = torch.exp(delta.masked_fill(first[:, None], 0)[:, :, None] * a)         # [N, D, S]
     drive = torch.einsum("nd,ns->nds", delta * u, B)
     # The recurrence's reference op itself: its public checks would scan [N, D, S] twice more.

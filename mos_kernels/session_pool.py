@@ -25,7 +25,7 @@ from ._alloc import new_output
 from .checks import check_offsets, check_values
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
-from .jagged import _lengths_from_offsets, _segment_ids
+from .jagged import lengths_from_offsets, segment_ids
 from ._launch import cdiv, next_power_of_2
 from .routing import NORM_EPS, Routing, check_routing_args, normalized, straight_through_gate
 
@@ -68,8 +68,8 @@ def _session_pool_reference(values: torch.Tensor, session_offsets: torch.Tensor)
     # Accumulate in fp32 at least: half-precision sums of long sessions lose digits.
     acc_dtype = torch.promote_types(values.dtype, torch.float32)
     sums = values.new_zeros((num_sessions, values.shape[1]), dtype=acc_dtype)
-    sums.index_add_(0, _segment_ids(session_offsets, values.shape[0]), values.to(acc_dtype))
-    counts = _lengths_from_offsets(session_offsets).clamp_min(1).to(acc_dtype)
+    sums.index_add_(0, segment_ids(session_offsets, values.shape[0], check=False), values.to(acc_dtype))
+    counts = lengths_from_offsets(session_offsets, check=False).clamp_min(1).to(acc_dtype)
     return (sums / counts[:, None]).to(values.dtype)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .checks import check_choice, check_count, check_offsets, check_positive, check_tensor, reads_data
-from .jagged import counts_of, _lengths_from_offsets, _offsets_from_lengths, _segment_ids
+from .jagged import counts_of, lengths_from_offsets, offsets_from_lengths, segment_ids
 
 
 @dataclass
@@ -71,11 +71,11 @@ def sessionize(offsets: torch.Tensor, *, mode: str = "fixed", session_len: int =
     check_offsets("offsets", offsets, total=num_tokens)
     total = int(offsets[-1]) if num_tokens is None else num_tokens
     num_examples = offsets.numel() - 1
-    example = _segment_ids(offsets, total)
+    example = segment_ids(offsets, total, check=False)
     pos = torch.arange(total, device=offsets.device) - offsets[example]
     if mode == "fixed":
         check_count("session_len", session_len)
-        length = _lengths_from_offsets(offsets)[example]
+        length = lengths_from_offsets(offsets, check=False)[example]
         starts = (pos == 0) | ((length - pos) % session_len == 0)
     else:
         check_positive("gap_seconds", gap_seconds)
@@ -118,4 +118,4 @@ def sessionize(offsets: torch.Tensor, *, mode: str = "fixed", session_len: int =
     session_offsets = torch.cat([start_rows, offsets.new_tensor([total])])
     session_example = example[start_rows]
     per_example = counts_of(session_example, num_examples)
-    return Sessions(session_offsets, session_example, _offsets_from_lengths(per_example))
+    return Sessions(session_offsets, session_example, offsets_from_lengths(per_example, check=False))

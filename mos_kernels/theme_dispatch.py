@@ -30,7 +30,7 @@ from ._alloc import new_output
 from .checks import FLOAT_DTYPES, check_count, check_finite, check_offsets, check_tensor, reads_data
 from ._layout import kernel_op
 from .backend import kernel_ops, resolve_backend
-from .jagged import counts_of, expert_offsets, _offsets_from_lengths, _segment_ids
+from .jagged import counts_of, expert_offsets, offsets_from_lengths, segment_ids
 from ._launch import cdiv, next_power_of_2
 
 
@@ -114,7 +114,7 @@ def theme_dispatch(themes: torch.Tensor, gate: torch.Tensor, session_offsets: to
             raise ValueError(f"num_tokens: expected num_tokens * top_k < 2^31 theme rows (backend {chosen!r} "
                              f"indexes rows in 32 bits), got {num_tokens} * {top_k}")
         if example_session_offsets is None:
-            example_session_offsets = _offsets_from_lengths(counts_of(session_example, num_examples))
+            example_session_offsets = offsets_from_lengths(counts_of(session_example, num_examples), check=False)
         gather_index, row_gate, inverse_index, theme_offsets = kernel_ops(chosen).theme_dispatch(
             themes, gate, session_offsets, session_example, example_session_offsets, num_tokens, num_themes,
             max_theme_tokens or 0)
@@ -153,7 +153,7 @@ def check_example_session_offsets(offsets, session_example, num_examples):
         raise ValueError(f"example_session_offsets: expected {num_examples + 1} entries (B+1 for "
                          f"B={num_examples} examples), got {offsets.numel()}")
     if reads_data() and num_sessions:
-        built = _offsets_from_lengths(counts_of(session_example, num_examples))
+        built = offsets_from_lengths(counts_of(session_example, num_examples), check=False)
         wrong = torch.nonzero(built != offsets)
         if wrong.numel():
             b = int(wrong[0])
@@ -165,13 +165,13 @@ def check_example_session_offsets(offsets, session_example, num_examples):
 def _theme_dispatch_reference(themes, gate, session_offsets, session_example, num_examples, num_themes,
                               max_theme_tokens, num_tokens):
     top_k = themes.shape[1]
-    token_session = _segment_ids(session_offsets, num_tokens)
+    token_session = segment_ids(session_offsets, num_tokens, check=False)
     # Candidate rows in (token, choice) order: stable sorting by segment key keeps time order.
     key = (themes[token_session] * num_examples + session_example[token_session, None]).reshape(-1)
     order = torch.sort(key, stable=True).indices
     counts = counts_of(key, num_themes * num_examples)
     if max_theme_tokens is not None:
-        ends = _offsets_from_lengths(counts)[1:]
+        ends = offsets_from_lengths(counts, check=False)[1:]
         rank_from_end = ends[key[order]] - 1 - torch.arange(order.numel(), device=order.device)
         order = order[rank_from_end < max_theme_tokens]
         counts = counts.clamp_max(max_theme_tokens)
@@ -179,7 +179,7 @@ def _theme_dispatch_reference(themes, gate, session_offsets, session_example, nu
     inverse_index[order] = torch.arange(order.numel(), device=order.device)
     token = torch.div(order, top_k, rounding_mode="floor")
     row_gate = gate.reshape(-1)[token_session[token] * top_k + order % top_k]
-    return token, row_gate, inverse_index.view(num_tokens, top_k), _offsets_from_lengths(counts)
+    return token, row_gate, inverse_index.view(num_tokens, top_k), offsets_from_lengths(counts, check=False)
 
 
 _COUNT_CELLS = 1024   # (session, theme) cells per step of an example's scan

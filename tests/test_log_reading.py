@@ -1,6 +1,5 @@
 """What a log file can hold that would be read wrong without a word: each is refused naming the
 file, line or column, or read the way it means (sub-second times)."""
-import csv
 
 import numpy as np
 import pytest

@@ -18,7 +18,7 @@ from torch import nn
 
 import mos_kernels as mk
 from mos_kernels.checks import check_finite, check_offsets, reads_data
-from mos_kernels.jagged import max_segment_length, _segment_ids
+from mos_kernels.jagged import max_segment_length, segment_ids
 
 from mos import boosting
 from mos.layer import MoSLayer, RoutingInfo
@@ -123,7 +123,7 @@ class CTRModel(nn.Module):
         sessions = mk.sessionize(batch.offsets, mode=cfg.session_mode, session_len=cfg.session_len,
                                  timestamps=batch.timestamps, gap_seconds=cfg.gap_seconds,
                                  max_session_len=cfg.max_session_len, num_tokens=num_tokens)
-        session = _segment_ids(sessions.session_offsets, num_tokens)
+        session = segment_ids(sessions.session_offsets, num_tokens, check=False)
         last = sessions.example_session_offsets[1:][sessions.session_example] - 1      # [S]
         ago = (last[session] - session).clamp_min(0) if num_tokens else session
         bucket = torch.where(ago > 0, torch.floor(torch.log2(ago.clamp_min(1).double())).long() + 1, 0)

@@ -19,7 +19,7 @@ from mos.lab.config import ModelConfig
 from mos.encoder_protocol import run_encoder
 from mos.encoders import encoder_options, make_encoder
 from mos_kernels.backend import op_backends
-from mos_kernels.jagged import _offsets_from_lengths, _positions_in_segment, _segment_ids
+from mos_kernels.jagged import offsets_from_lengths, positions_in_segment, segment_ids
 
 
 @dataclass
@@ -70,11 +70,11 @@ def _expert_layout(used: torch.Tensor, offsets: torch.Tensor, num_tokens: int):
     each token in each expert, -1 where unused), built without reading sizes back."""
     num_experts, num_examples = used.shape
     lengths = (offsets[1:] - offsets[:-1])[None, :] * used                  # [E, B]
-    segment_offsets = _offsets_from_lengths(lengths.reshape(-1))
+    segment_offsets = offsets_from_lengths(lengths.reshape(-1), check=False)
     starts = offsets[:-1].expand_as(lengths).reshape(-1)
-    pos = _positions_in_segment(segment_offsets)
+    pos = positions_in_segment(segment_offsets, check=False)
     gather_index = torch.repeat_interleave(starts, lengths.reshape(-1), output_size=pos.numel()) + pos
-    example = _segment_ids(offsets, num_tokens)                            # [T]
+    example = segment_ids(offsets, num_tokens, check=False)                            # [T]
     in_example = torch.arange(num_tokens, device=offsets.device) - offsets[example]
     segment = torch.arange(num_experts, device=offsets.device)[None, :] * num_examples + example[:, None]
     row = segment_offsets[segment] + in_example[:, None]                     # [T, E]
