@@ -135,6 +135,39 @@ def test_a_damaged_run_record_counts_as_not_finished_and_is_named(tmp_path, caps
     assert f"{record}: unreadable (" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage, named", [
+    (lambda r: r.pop("best_epoch"), "no 'best_epoch' field"),
+    (lambda r: r["test"].pop("auc"), "no 'test.auc' field"),
+    (lambda r: r.update(seed="0"), "'seed': expected an integer, got str"),
+    (lambda r: r.update(valid=[0.7]), "'valid': expected an object, got list"),
+    (lambda r: r["config"]["train"].update(max_epochs=True), "'config.train.max_epochs': expected an integer, got bool"),
+], ids=["missing", "missing_nested", "wrong_type", "not_an_object", "bool_for_int"])
+def test_a_record_lacking_a_field_the_report_reads_is_named(tmp_path, capsys, damage, named):
+    """A record of this run (its fingerprint matches) cut or edited by hand is named with the field
+    and trained again, not a KeyError from inside the report; the undamaged one reads back."""
+    import json
+
+    from mos.lab.config_io import load_run_config
+    from mos.lab.profiling.runs import Job, RunStore, job_config
+
+    cfg = load_run_config("configs/default.yaml", [])
+    store = RunStore(tmp_path)
+    store.folder.mkdir()
+    job = Job("mos", 0)
+    record_path, predictions, digest = store.paths(job_config(cfg, job), job)
+    predictions.write_bytes(b"")
+    record = {"model": "mos", "seed": 0, "run_id": "mos-x", "epochs": 3, "best_epoch": 2, "seconds_per_epoch": 1.5,
+              "params": 10, "flops_by_length": [], "parameter_digests": [], "valid": {"auc": 0.7},
+              "test": {"auc": 0.7}, "flops": {"forward_per_example": 1, "training_per_example": 3.0,
+                                               "forward_by_module": {}}, "config": {"train": {"max_epochs": 3}}}
+    record_path.write_text(json.dumps({"fingerprint": digest, "record": record}))
+    assert store.read(job_config(cfg, job), job) == record
+    damage(record)
+    record_path.write_text(json.dumps({"fingerprint": digest, "record": record}))
+    assert store.read(job_config(cfg, job), job) is None
+    assert f"{record_path}: unreadable ({named}); the run counts as not finished" in capsys.readouterr().err
+
+
 def test_damaged_saved_predictions_are_named(tmp_path):
     """A truncated .npz, or one holding NaN logits, stops the report naming the file."""
     import numpy as np

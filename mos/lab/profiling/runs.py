@@ -144,7 +144,8 @@ class RunStore:
     def read(self, cfg: RunConfig, job: Job) -> Optional[dict]:
         """The finished run's record, or None (no file, another fingerprint, or no predictions). A
         record file that is not one (written whole by mos.lab.files, so damaged by a copy or a
-        disk) is named on stderr and counts as not finished: training writes it again."""
+        disk), or whose record lacks a field the report reads, is named on stderr and counts as
+        not finished: training writes it again."""
         record_path, predictions_path, digest = self.paths(cfg, job)
         if not record_path.exists() or not predictions_path.exists():
             return None
@@ -152,10 +153,41 @@ class RunStore:
             stored = json.loads(record_path.read_text(encoding="utf-8"))
             if not isinstance(stored, dict) or not isinstance(stored.get("record"), dict):
                 raise ValueError("no run record in it")
+            if stored.get("fingerprint") != digest:
+                return None
+            _check_record_fields(stored["record"])
         except (ValueError, UnicodeDecodeError) as err:      # JSONDecodeError is a ValueError
             _say(f"{record_path}: unreadable ({err}); the run counts as not finished")
             return None
-        return stored["record"] if stored.get("fingerprint") == digest else None
+        return stored["record"]
+
+
+# The fields of a record the report reads, with their JSON types: a record edited by hand or cut
+# by a tool is named here, not a KeyError from inside the report.
+_RECORD_FIELDS = {"model": str, "seed": int, "run_id": str, "epochs": int, "best_epoch": int,
+                  "seconds_per_epoch": (int, float), "params": int, "flops_by_length": list,
+                  "parameter_digests": list, "valid": {"auc": (int, float)}, "test": {"auc": (int, float)},
+                  "flops": {"forward_per_example": (int, float), "training_per_example": (int, float),
+                            "forward_by_module": dict},
+                  "config": {"train": {"max_epochs": int}}}
+
+
+def _check_record_fields(record: dict, fields: dict = _RECORD_FIELDS, where: str = "") -> None:
+    """Raises ValueError naming the first field of `fields` that `record` lacks or holds in another type."""
+    for key, kind in fields.items():
+        name = f"{where}{key}"
+        if key not in record:
+            raise ValueError(f"no {name!r} field")
+        if isinstance(kind, dict):
+            if not isinstance(record[key], dict):
+                raise ValueError(f"{name!r}: expected an object, got {type(record[key]).__name__}")
+            _check_record_fields(record[key], kind, f"{name}.")
+        elif isinstance(record[key], bool) or not isinstance(record[key], kind):
+            raise ValueError(f"{name!r}: expected {_json_type(kind)}, got {type(record[key]).__name__}")
+
+
+def _json_type(kind) -> str:
+    return {str: "a string", int: "an integer", list: "a list", dict: "an object"}.get(kind, "a number")
 
 
 def run_jobs(jobs: Sequence[Job], run_cfg: RunConfig, store: RunStore, context: "Context", *, workers: int = 1,
