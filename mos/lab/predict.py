@@ -52,24 +52,30 @@ def predict(checkpoint_path, source: str, out, overrides: list[str] = ()) -> int
         raise InputError("--data: expected a log to score (a .csv, .tsv or .parquet file, or movielens), got 'synthetic'")
     check_machine(run_cfg.train.device, run_cfg.model.mos.backend)
     vocabulary = logs.Vocabulary(**saved["vocabulary"])
+    _trained_model(run_cfg, vocabulary, saved)      # a --set the weights do not fit, before the log is read
     cfg = run_cfg.data
     log = movielens.load(cfg, vocabulary) if cfg.source == "movielens" else logs.load_log(cfg.log_path, cfg, vocabulary)
     print(log.report.format(), file=sys.stderr, flush=True)
     run_cfg = sessions_for(run_cfg, log.report.has_timestamps, lambda text: print(text, file=sys.stderr))
 
     device = torch.device(run_cfg.train.device)
-    model = CTRModel(run_cfg.model, log.dataset.num_items, log.dataset.num_categories)
+    model = _trained_model(run_cfg, vocabulary, saved).to(device)
+    outputs = predictions(model, log.dataset, batch_size=run_cfg.train.batch_size, device=device,
+                          max_history=cfg.max_history)
+    scores = torch.sigmoid(torch.cat([out["logits"] for out in outputs])).tolist()
+    return _write(out, log, scores, (cfg.logs.user_column, cfg.logs.item_column, cfg.logs.label_column))
+
+
+def _trained_model(run_cfg, vocabulary: logs.Vocabulary, saved: dict) -> CTRModel:
+    """The model run_cfg builds for the vocabulary's items, holding the checkpoint's best weights."""
+    model = CTRModel(run_cfg.model, len(vocabulary.items) + 1, vocabulary.num_categories)
     try:
         model.load_state_dict(migrate_state_dict(saved["run"]["best_state"] or saved["model"]))
     except RuntimeError as err:      # a --set that changes the model's shape (model.mos.dim, say)
         first = str(err).strip().splitlines()
         raise InputError(f"--set: expected options that build the model the checkpoint holds, got a model whose "
                          f"weights do not fit it ({first[1].strip() if len(first) > 1 else first[0]})") from None
-    model.to(device)
-    outputs = predictions(model, log.dataset, batch_size=run_cfg.train.batch_size, device=device,
-                          max_history=cfg.max_history)
-    scores = torch.sigmoid(torch.cat([out["logits"] for out in outputs])).tolist()
-    return _write(out, log, scores, (cfg.logs.user_column, cfg.logs.item_column, cfg.logs.label_column))
+    return model
 
 
 def _write(out, log: logs.LogData, scores: list, columns: tuple) -> int:
