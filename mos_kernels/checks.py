@@ -160,7 +160,7 @@ def _check_inverse_index(gather_index: torch.Tensor, inverse_index: torch.Tensor
     rows = flat[listed]
     tokens = torch.div(torch.arange(flat.numel(), device=flat.device), max(inverse_index.shape[1], 1),
                        rounding_mode="floor")[listed]
-    times = torch.zeros(num_rows, dtype=torch.int64, device=flat.device).index_add_(0, rows, torch.ones_like(rows))
+    times = torch.bincount(rows, minlength=num_rows)          # a data check, never traced: bincount is fine
     if bool((times != 1).any()):
         row = int((times != 1).nonzero()[0, 0])
         raise ValueError(f"inverse_index: expected every row of gather_index listed exactly once, got row {row} "
