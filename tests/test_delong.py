@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mos.delong import auc_difference, delong_covariance, midranks, placements
+from mos.delong import auc_difference, delong_covariance, midranks, paired_variances, placements
 from tolerances import STATISTICAL
 
 
@@ -138,7 +138,9 @@ def test_midranks_and_tensors():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: delong_covariance([1, 0, 1, 0], [0.1, 0.2, 0.3]), r"scores: expected \[K, 4\] or \[4\]"),
+    (lambda: delong_covariance([1, 0, 1, 0], [0.1, 0.2, 0.3]), r"scores: expected \[K, 4\] with K >= 1 or \[4\]"),
+    (lambda: delong_covariance([1, 0, 1, 0], np.empty((0, 4))), r"scores: expected \[K, 4\] with K >= 1 .* got shape \(0, 4\)"),
+    (lambda: delong_covariance([1, 0, 1, 0], ["a", "b", "c", "d"]), r"scores: expected numbers, got dtype <U1"),
     (lambda: delong_covariance([1, 0, 2, 0], [0.1, 0.2, 0.3, 0.4]), r"labels: expected values in \{0, 1\}, got 2"),
     (lambda: delong_covariance([1, 0, 0, 0], [0.1, 0.2, 0.3, 0.4]), r"labels: expected at least two examples of "
                                                                      r"each class, got 1 positives and 3 negatives"),
@@ -146,8 +148,24 @@ def test_midranks_and_tensors():
     (lambda: delong_covariance([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], groups=[1, 1, 1]), r"groups: expected \[4\]"),
     (lambda: delong_covariance([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], groups=[1, 1, 1, 1]),
      r"groups: expected at least two distinct groups, got 1"),
-    (lambda: auc_difference([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], [0.1, 0.2]), r"scores_b: expected the shape"),
+    (lambda: auc_difference([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], [0.1, 0.2]), r"scores_b: expected \[K, 4\]"),
+    (lambda: auc_difference([1, 0, 1, 0], [0.1, 0.2, 0.3, float("inf")], [0.1, 0.2, 0.3, 0.4]),
+     r"scores_a: expected finite values"),
+    (lambda: auc_difference([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, float("nan")]),
+     r"scores_b: expected finite values"),
+    (lambda: auc_difference([1, 0, 1, 0], [[0.1, 0.2, 0.3, 0.4]] * 2, [[0.1, 0.2, 0.3, 0.4]] * 2),
+     r"scores_a: expected one score per label \[N\], got shape \(2, 4\)"),
+    (lambda: paired_variances([1, 0, 1, 0], [[0.1, 0.2, 0.3, 0.4]] * 2, [[0.1, 0.2, 0.3, 0.4]]),
+     r"scores_b: expected the shape of scores_a \(2, 4\), got \(1, 4\)"),
+    # np.unique would count every NaN as one value: those examples would silently form one group.
+    (lambda: delong_covariance([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], groups=[1.0, float("nan"), 2.0, float("nan")]),
+     r"groups: expected finite group ids, got NaN or inf"),
+    (lambda: delong_covariance([1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], groups=np.array([1, None, 2, 3], dtype=object)),
+     r"groups: expected ids of one comparable kind"),
+    (lambda: placements(np.array([0, 2, 1, 0]), np.ones((1, 4))), r"labels: expected bool or values in \{0, 1\}"),
+    (lambda: placements(np.zeros(4, bool), np.ones((1, 4))), r"labels: expected examples of both classes, got 0"),
+    (lambda: midranks(np.array([1.0, float("nan"), float("nan"), 0.0])), r"x: expected values that can be ranked, got NaN"),
 ])
 def test_errors_name_the_argument(call, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):     # TypeError: not numbers, ids not comparable
         call()
