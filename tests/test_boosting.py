@@ -102,3 +102,72 @@ def test_a_layer_without_the_residual_parts_is_refused():
     with pytest.raises(ValueError, match=r"extras_output: expected the residual fusion's two parts"):
         candidates(nn.Identity(), torch.zeros(2, 4), torch.zeros(2, 4), None)
     assert isinstance(Candidates(torch.zeros(1), torch.zeros(1)), tuple)
+
+
+class NormedHead(nn.Module):
+    """A head with buffers updated in place in training (BatchNorm's running statistics)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, target, user):
+        return self.out(self.norm(target * user)).squeeze(1)
+
+
+def test_the_corrected_candidate_leaves_the_heads_buffers_to_the_backbone():
+    """The backbone part is the backbone: the corrected call (here with a large correction) must
+    not move a BatchNorm's running statistics, which the backbone candidate alone updates."""
+    torch.manual_seed(0)
+    target, user = torch.randn(8, 4), torch.randn(8, 4)
+    alone, head = NormedHead(4), NormedHead(4)
+    head.load_state_dict(alone.state_dict())
+    alone(target, user)                                           # the backbone trained alone
+    candidates(head, target, user, torch.full((8, 4), 100.0))
+    for name, buffer in alone.named_buffers():
+        assert torch.equal(head.get_buffer(name), buffer), name
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda h: candidates(h, torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(4)),
+     r"extras_output: expected a float tensor \[B, d\], got \(4,\)"),
+    (lambda h: candidates(h, torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 1)),
+     r"extras_output: expected global_output's shape and device \(\(3, 4\), 'cpu'\), got \(\(3, 1\), 'cpu'\)"),
+    (lambda h: candidates(h, torch.zeros(3, 4), None, torch.zeros(3, 4)), r"global_output: expected the residual"),
+    (lambda h: candidates(h, torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(3, 4)), r"target: expected \[B = 3"),
+    (lambda h: candidates(lambda t, u: u, torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 4)),
+     r"head: expected it to return float logits \[B = 3\], got \(3, 4\)"),
+    (lambda h: boosted_loss(Candidates(torch.zeros(3), torch.zeros(3)), torch.zeros(3, 1)), r"label: expected \[B\]"),
+    (lambda h: boosted_loss(Candidates(torch.zeros(3), torch.zeros(3)), torch.zeros(3, dtype=torch.long)),
+     r"label: expected a float tensor of 0s and 1s, got torch.int64"),
+    (lambda h: boosted_loss(Candidates(torch.zeros(3), torch.zeros(3)), torch.tensor([0.0, 2.0, 1.0])),
+     r"label: expected values in \{0, 1\}"),
+    (lambda h: boosted_loss(Candidates(torch.zeros(3), torch.zeros(3)), torch.tensor([0.0, float("nan"), 1.0])),
+     r"label: expected values in \{0, 1\}"),
+    (lambda h: boosted_loss(Candidates(torch.zeros(3), torch.zeros(3)), torch.zeros(3), torch.zeros(3)),
+     r"aux_loss: expected a scalar tensor, got \(3,\)"),
+    (lambda h: choose_correction([0, 1, 0, 1], [0.1, 0.2, 0.3, float("nan")], [0.1, 0.2, 0.3, 0.4]),
+     r"backbone_scores: expected finite values"),
+    (lambda h: choose_correction([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], [[0.1, 0.2, 0.3, 0.4]]),
+     r"corrected_scores: expected one score per label"),
+    (lambda h: choose_correction([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], z=-1.0),
+     r"z: expected a finite number >= 0"),
+], ids=["extras_1d", "extras_shape", "global_none", "target_batch", "head_shape", "label_shape", "label_int",
+        "label_2", "label_nan", "aux_vector", "backbone_nan", "corrected_2d", "negative_z"])
+def test_bad_arguments_are_named(call, error):
+    head = BilinearHead(4)
+    with pytest.raises(ValueError, match=error):
+        call(head)
+
+
+def test_z_sets_how_many_standard_errors_the_gain_must_clear():
+    """A gain of 1.43 standard errors: served at the default z = 1, not at z = 1.645 (5 % one-sided)."""
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=400)
+    labels = (signal + rng.normal(size=400) > 0).astype(int)
+    backbone, corrected = signal + 2 * rng.normal(size=400), signal + rng.normal(size=400)
+    d = auc_difference(labels, corrected, backbone)
+    assert 1.0 < d.difference / d.se < 1.645
+    assert [choose_correction(labels, backbone, corrected, **z).serve_correction
+            for z in ({}, dict(z=0.0), dict(z=1.645))] == [True, True, False]
