@@ -5,7 +5,8 @@
 
 `mos.routing` holds the router and routing unit the layer takes as parts (`MoSLayer(router=...)`).
 
-`mos.boosting` trains a model around the layer so that it is never worse than its backbone;
+`mos.boosting` trains a model around the layer with its backbone part exactly the backbone and
+serves the MoS correction only where it beats the backbone on validation;
 `mos.delong` compares two models' AUCs on the same examples. The CTR lab (models, baselines,
 data, training, the profile and the `python -m mos` command line) is `mos.lab`, which this
 package never imports.
