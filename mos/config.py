@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import typing
 from dataclasses import dataclass
 from typing import Optional
@@ -30,7 +31,7 @@ def config_section(name: str, value, cls):
         return value
     if isinstance(value, dict):
         known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(known))
+        unknown = sorted(set(value) - set(known), key=repr)     # keys of mixed types (1 and "x") do not sort
         if unknown:
             raise TypeError(f"{name}: unknown option(s) {unknown}; expected some of {known}")
         return cls(**value)
@@ -42,8 +43,10 @@ def check_field_types(obj, prefix: str, tuples: tuple = ()) -> None:
     """Every field of the dataclass `obj` annotated `int` (or `Optional[int]`, when not None)
     holds an int, and so does every element of the tuple fields named in `tuples`: a float such
     as 2.5 or a bool is refused (TypeError) naming `prefix.field`, where it is built, not deep in
-    a forward pass. Every field annotated `bool` holds a bool: "False" or 0 would be taken for a
-    truth value without a word."""
+    a forward pass. Every field annotated `float` (or `Optional[float]`, when not None) holds a
+    real number that is not a bool ("0.1" or True is refused; a numpy scalar such as
+    np.float32(0.1) is stored as the Python float it equals). Every field annotated `bool` holds
+    a bool: "False" or 0 would be taken for a truth value without a word."""
     hints = typing.get_type_hints(type(obj))
     for item in dataclasses.fields(obj):
         hint = hints[item.name]
@@ -53,6 +56,11 @@ def check_field_types(obj, prefix: str, tuples: tuple = ()) -> None:
         value = getattr(obj, item.name)
         if base is int and not (optional and value is None):
             require_int(f"{prefix}.{item.name}", value)
+        elif base is float and not (optional and value is None):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):     # np.bool_ is no Real
+                raise TypeError(f"{prefix}.{item.name}: expected a number, got {value!r} ({type(value).__name__})")
+            if not isinstance(value, (int, float)):         # numpy scalars: the rest of the checks read floats
+                object.__setattr__(obj, item.name, float(value))
         elif hint is bool:
             check_flag(f"{prefix}.{item.name}", value)
     for name in tuples:
@@ -110,12 +118,14 @@ FUSIONS = ("residual", "concat")
 
 
 @_refuse_renamed
-@dataclass
+@dataclass(frozen=True)
 class MoSConfig:
     """Options of `mos.MoSLayer`: sessions, routing, dispatch, the experts and their fusion.
 
     Every option is checked when the config is built: a bad one raises ValueError or TypeError
-    naming `MoSConfig.<field>`, what was expected and what came.
+    naming `MoSConfig.<field>`, what was expected and what came. Frozen, since a layer reads its
+    config on every forward: `dataclasses.replace(config, top_k=2)` makes a changed copy (checked
+    too).
 
     Attributes:
         dim: width d of the history embeddings and of the target (32).
@@ -230,9 +240,10 @@ class MoSConfig:
         check_positive("MoSConfig.gap_seconds", self.gap_seconds)
         check_positive("MoSConfig.max_session_len", self.max_session_len)
         check_positive("MoSConfig.num_themes", self.num_themes)
-        if not self.temperature >= MIN_TEMPERATURE:
-            raise ValueError(f"MoSConfig.temperature: expected at least {MIN_TEMPERATURE:g} (routing scores "
-                             f"cos / temperature must stay finite), got {self.temperature!r}")
+        if not MIN_TEMPERATURE <= self.temperature < math.inf:
+            raise ValueError(f"MoSConfig.temperature: expected a finite number of at least {MIN_TEMPERATURE:g} "
+                             f"(routing scores cos / temperature must stay finite, and an infinite one makes every "
+                             f"score 0), got {self.temperature!r}")
         check_positive("MoSConfig.top_k", self.top_k)
         if self.top_k > self.num_themes:
             raise ValueError(

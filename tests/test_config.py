@@ -210,6 +210,8 @@ CONFIG_CASES = {
     "inf_aux_weight": (dict(commitment_weight=math.inf), "MoSConfig.commitment_weight"),
     # cos / 1e-40 is inf in fp32: the routing would be NaN.
     "temperature_tiny": (dict(temperature=1e-40), "MoSConfig.temperature"),
+    # cos / inf is 0 for every theme: a uniform, degenerate routing.
+    "temperature_inf": (dict(temperature=math.inf), "MoSConfig.temperature"),
     "max_theme_tokens_past_int64": (dict(max_theme_tokens=10 ** 30), "MoSConfig.max_theme_tokens"),
 }
 
@@ -230,8 +232,7 @@ def test_training_options_refuse_an_infinite_rate_and_a_repeated_seed(options, n
         TrainConfig(**options)
 
 
-def _bool_fields():
-    """(class, field, the name its errors use) of every bool option of every config dataclass."""
+def _fields_of(kind):
     import typing
 
     from mos.lab.config import MoEConfig, ProfileConfig
@@ -240,7 +241,12 @@ def _bool_fields():
     prefixes = {MoSConfig: "MoSConfig", MoEConfig: "model.moe", ModelConfig: "model", TrainConfig: "train",
                 ProfileConfig: "profile", DataConfig: "data", SyntheticConfig: "data.synthetic", LogConfig: "data.logs"}
     return [(cls, name, f"{prefix}.{name}") for cls, prefix in prefixes.items()
-            for name, hint in typing.get_type_hints(cls).items() if hint is bool]
+            for name, hint in typing.get_type_hints(cls).items() if hint is kind]
+
+
+def _bool_fields():
+    """(class, field, the name its errors use) of every bool option of every config dataclass."""
+    return _fields_of(bool)
 
 
 @pytest.mark.parametrize("cls, name, key", _bool_fields(), ids=lambda x: getattr(x, "__name__", str(x)))
@@ -249,6 +255,38 @@ def test_every_bool_option_refuses_what_is_not_a_bool(cls, name, key, value):
     """"False" is truthy: a flag given as a string (or 0, or None) would silently mean something else."""
     with pytest.raises(TypeError, match=re.escape(f"{key}: expected True or False, got {value!r}")):
         cls(**{name: value})
+
+
+def _float_fields():
+    """(class, field, the name its errors use) of every float option (not Optional) of every config dataclass."""
+    return _fields_of(float)
+
+
+@pytest.mark.parametrize("cls, name, key", _float_fields(), ids=lambda x: getattr(x, "__name__", str(x)))
+@pytest.mark.parametrize("value", ["0.5", True, None], ids=["string", "bool", "none"])
+def test_every_float_option_refuses_what_is_not_a_number(cls, name, key, value):
+    """A string or None failed inside a comparison naming nothing; True passed as 1.0."""
+    with pytest.raises(TypeError, match=re.escape(f"{key}: expected a number, got {value!r}")):
+        cls(**{name: value})
+
+
+def test_a_numpy_scalar_option_is_stored_as_a_python_float():
+    import numpy as np
+
+    config = MoSConfig(gap_seconds=np.float32(5.0), temperature=np.float64(0.2))
+    assert type(config.gap_seconds) is float and config.gap_seconds == 5.0 and config.temperature == 0.2
+
+
+def test_the_layer_config_is_frozen_and_replace_checks_the_copy():
+    """A layer reads its config on every forward: an option changed on a live layer would bypass the checks."""
+    import dataclasses
+
+    config = MoSConfig(num_themes=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.top_k = 99
+    assert dataclasses.replace(config, top_k=2).top_k == 2
+    with pytest.raises(ValueError, match=named("MoSConfig.top_k")):
+        dataclasses.replace(config, top_k=5)
 
 
 def test_the_layer_refuses_a_dict_for_its_config():
