@@ -32,7 +32,7 @@ stacked this way its backbone part is the backbone, step for step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from torch.func import functional_call
 from mos_kernels.checks import reads_data
 
 from .delong import auc_difference
+from .outputs import MoSOutput
 
 
 class Candidates(NamedTuple):
@@ -49,16 +50,30 @@ class Candidates(NamedTuple):
     corrected: torch.Tensor     # [B] logits with the correction added
 
 
-def candidates(head: nn.Module, target: torch.Tensor, global_output: torch.Tensor,
-               extras_output: torch.Tensor) -> Candidates:
-    """Both candidate predictions. `head(target, user)` returns logits [B]; target [B, d_t],
-    global_output and extras_output [B, d] as `MoSOutput` gives them (float dtypes, on one
-    device; under autocast they differ). The corrected candidate reaches the head's parameters
+def candidates(head: nn.Module, target: torch.Tensor, global_output: Union[torch.Tensor, MoSOutput],
+               extras_output: Optional[torch.Tensor] = None) -> Candidates:
+    """Both candidate predictions. `head(target, user)` returns logits [B]; target [B, d_t];
+    `global_output` the layer's `MoSOutput` (`candidates(head, target, out)`: its two parts are
+    used, and the layer is checked to read the correction's inputs detached, without which the
+    correction's loss would train the embeddings too), or the parts themselves, global_output and
+    extras_output [B, d] as `MoSOutput` gives them (float dtypes, on one device; under autocast
+    they differ; unchecked: set `MoSConfig.extras_detach_inputs=True` yourself). The corrected candidate reaches the head's parameters
     detached and a copy of its buffers (a BatchNorm's running statistics move with the backbone
     candidate's call only), the target and the global output detached, so its gradient flows into
     `extras_output` only. Raises ValueError naming the argument when either part is None (a layer
     without the residual fusion over a global expert), when the parts' shapes or devices differ,
-    when target has another batch size, or when the head returns anything but logits [B]."""
+    when target has another batch size, or when the head returns anything but logits [B]; and
+    naming `MoSConfig.extras_detach_inputs` for a `MoSOutput` of a layer built without it."""
+    if isinstance(global_output, MoSOutput):
+        out = global_output
+        if extras_output is not None:
+            raise ValueError("extras_output: expected None when the layer's MoSOutput is given (its parts are "
+                             "used), got a tensor")
+        if not out.extras_detached:
+            raise ValueError("MoSConfig.extras_detach_inputs: expected True for boosted training (the correction's "
+                             "loss must not reach the embeddings and the target, or the backbone part no longer "
+                             "trains as the backbone alone), got False")
+        global_output, extras_output = out.global_output, out.extras_output
     for name, part in (("global_output", global_output), ("extras_output", extras_output)):
         if part is None:
             raise ValueError(f"{name}: expected the residual fusion's two parts (MoSConfig.fusion='residual' with "

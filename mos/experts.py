@@ -218,18 +218,19 @@ RUN_ORDER = ("themes", "global", "short")
 def _residual_fusion(layer: "MoSLayer", outputs, aux_loss, aux, routing) -> MoSOutput:
     """output = e_global + dropout(W_x [e_short; e_themes]), W_x zero at initialisation."""
     base, extras = outputs["global"], _extras_term(layer, outputs)
-    return MoSOutput(base + extras, aux_loss, aux, routing, base, extras)
+    return MoSOutput(base + extras, aux_loss, aux, routing, base, extras, layer.config.extras_detach_inputs)
 
 
 def _global_only_fusion(layer: "MoSLayer", outputs, aux_loss, aux, routing) -> MoSOutput:
     """The residual fusion with no other expert: the global expert's vector."""
-    return MoSOutput(outputs["global"], aux_loss, aux, routing, outputs["global"], None)
+    return MoSOutput(outputs["global"], aux_loss, aux, routing, outputs["global"], None,
+                     layer.config.extras_detach_inputs)
 
 
 def _extras_only_fusion(layer: "MoSLayer", outputs, aux_loss, aux, routing) -> MoSOutput:
     """The residual fusion without a global expert: the other experts' term alone."""
     extras = _extras_term(layer, outputs)
-    return MoSOutput(extras, aux_loss, aux, routing, None, extras)
+    return MoSOutput(extras, aux_loss, aux, routing, None, extras, layer.config.extras_detach_inputs)
 
 
 def _extras_term(layer: "MoSLayer", outputs) -> torch.Tensor:
@@ -240,7 +241,8 @@ def _extras_term(layer: "MoSLayer", outputs) -> torch.Tensor:
 def _concat_fusion(layer: "MoSLayer", outputs, aux_loss, aux, routing) -> MoSOutput:
     """output = dropout(W_o [e_global; e_short; e_themes])."""
     fused = layer.out(torch.cat([outputs[kind] for kind in layer.experts], dim=1))
-    return MoSOutput(F.dropout(fused, layer.config.dropout, layer.training), aux_loss, aux, routing)
+    return MoSOutput(F.dropout(fused, layer.config.dropout, layer.training), aux_loss, aux, routing,
+                     extras_detached=layer.config.extras_detach_inputs)
 
 
 def fusion_for(fusion: str, experts: tuple):

@@ -39,17 +39,21 @@ class RoutingInfo:
 @dataclass
 class MoSOutput:
     """What `MoSLayer.forward` returns. B examples, d = `MoSConfig.dim`; the vectors in the inputs'
-    dtype, the auxiliary losses in float32 (they are computed in float32 under any input dtype).
+    dtype (under autocast: `output` and `global_output` float32, `extras_output` the autocast
+    dtype), the auxiliary losses in float32 (they are computed in float32 under any input dtype).
 
     Attributes:
         output: [B, d] the fused user-interest vector: feed it to the CTR head.
         aux_loss: scalar, the weighted sum of `aux`; add it to the training loss.
         aux: the unweighted auxiliary losses by name (commitment, codebook, load_balance; and
-            consistency from a router with a session-consistency loss), scalars.
+            consistency from a router with a session-consistency loss), scalars. In eval mode
+            the router computes none of them: every one is 0 there (monitor them in training).
         routing: `RoutingInfo`, or None when the layer runs no theme experts.
         global_output, extras_output: [B, d] with `fusion="residual"` (else None): the global
             expert's vector and the other experts' term, output = global_output + extras_output,
             for a model that trains the two with different losses (`mos.boosting`).
+        extras_detached: the layer's other experts and router read the inputs detached
+            (`MoSConfig.extras_detach_inputs`), as `mos.boosting` needs.
     """
 
     output: torch.Tensor             # [B, d] fused user-interest vector
@@ -60,3 +64,4 @@ class MoSOutput:
     # other experts' term), for a model that trains the two parts with different losses.
     global_output: Optional[torch.Tensor] = None
     extras_output: Optional[torch.Tensor] = None
+    extras_detached: bool = False    # MoSConfig.extras_detach_inputs: what mos.boosting.candidates checks

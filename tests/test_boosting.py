@@ -171,3 +171,24 @@ def test_z_sets_how_many_standard_errors_the_gain_must_clear():
     assert 1.0 < d.difference / d.se < 1.645
     assert [choose_correction(labels, backbone, corrected, **z).serve_correction
             for z in ({}, dict(z=0.0), dict(z=1.645))] == [True, True, False]
+
+
+def test_the_layer_output_form_checks_the_correction_reads_its_inputs_detached():
+    """Built without extras_detach_inputs, the correction's loss would train the embeddings: the
+    output form of `candidates` refuses that layer; with it, it equals the parts form."""
+    torch.manual_seed(0)
+    items, offsets, targets, _ = _inputs()
+    embed, head = nn.Embedding(30, 16), BilinearHead(16)
+    for detach in (False, True):
+        layer = MoSLayer(MoSConfig(dim=16, num_heads=2, num_themes=3, session_len=3, extras_detach_inputs=detach))
+        out = layer(embed(items), embed(targets), offsets)
+        assert out.extras_detached is detach
+        if not detach:
+            with pytest.raises(ValueError, match=r"MoSConfig\.extras_detach_inputs: expected True for boosted "):
+                candidates(head, embed(targets), out)
+            continue
+        whole, parts = candidates(head, embed(targets), out), candidates(head, embed(targets), out.global_output,
+                                                                        out.extras_output)
+        assert torch.equal(whole.backbone, parts.backbone) and torch.equal(whole.corrected, parts.corrected)
+        with pytest.raises(ValueError, match=r"extras_output: expected None when the layer's MoSOutput is given"):
+            candidates(head, embed(targets), out, out.extras_output)
