@@ -6,15 +6,16 @@ from typing import Optional
 import torch
 
 import mos_kernels as mk
-from mos_kernels.checks import check_finite, check_tensor
+from mos_kernels.checks import check_finite, check_tensor, reads_data
 
 
 def as_jagged(values: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
               timestamps: Optional[torch.Tensor]):
-    """`MoSLayer.forward`'s two input forms as one: jagged values [T, d] with offsets [B+1], or
-    padded values [B, L, d] with lengths [B] (and timestamps [B, L]); returns (values [T, d],
-    offsets [B+1], timestamps [T] or None). Raises ValueError naming the argument that does not
-    fit the form values has."""
+    """`MoSLayer.forward`'s two input forms as one: jagged values [T, d] with offsets [B+1] (int64
+    or int32) or with lengths [B] (as torchrec's jagged tensors give them), or padded values
+    [B, L, d] with lengths [B] (and timestamps [B, L]); returns (values [T, d], offsets [B+1]
+    int64, timestamps [T] or None). Raises ValueError naming the argument that does not fit the
+    form values has."""
     check_tensor("values", values)
     if values.dim() == 3:
         if offsets is not None:
@@ -31,10 +32,19 @@ def as_jagged(values: torch.Tensor, offsets: Optional[torch.Tensor], lengths: Op
         return values, offsets, timestamps
     if values.dim() != 2:
         raise ValueError(f"values: expected jagged [T, d] or padded [B, L, d], got shape {tuple(values.shape)}")
-    if offsets is None:
-        raise ValueError("offsets: expected a [B+1] int64 tensor with jagged values [T, d], got None")
+    if offsets is None and lengths is None:
+        raise ValueError("offsets: expected a [B+1] int64 tensor (or lengths [B]) with jagged values [T, d], got None")
+    if offsets is not None and lengths is not None:
+        raise ValueError("lengths: expected None with jagged values and offsets (both say the lengths: pass one), "
+                         "got a tensor")
     if lengths is not None:
-        raise ValueError("lengths: expected None with jagged values (offsets say the lengths), got a tensor")
+        check_tensor("lengths", lengths, ndim=1, device=values.device)
+        offsets = mk.offsets_from_lengths(lengths)
+        if reads_data() and int(offsets[-1]) != values.shape[0]:
+            raise ValueError(f"lengths: expected them to sum to {values.shape[0]} (the rows of jagged values), "
+                             f"got {int(offsets[-1])}")
+    elif isinstance(offsets, torch.Tensor) and offsets.dtype == torch.int32:
+        offsets = offsets.long()           # the ops index in int64 (tensors may pass 2^31 rows)
     if timestamps is not None:
         # Checked in every session mode (the padded form's shape check is too): wrong timestamps
         # are a caller's bug even where mode="fixed" reads none of them.
@@ -68,7 +78,9 @@ def routing_inputs(routing_values: Optional[torch.Tensor], routing_target: Optio
                             f"got {str(tensor.dtype).replace('torch.', '')}")
         if tensor.shape != like.shape:
             raise ValueError(f"{name}: expected shape {tuple(like.shape)} (that of {what}), got {tuple(tensor.shape)}")
-        check_finite(name, tensor)
     if routing_values.dim() == 3:
         routing_values = mk.padded_to_jagged(routing_values, lengths)[0]
+    # After the padding is dropped: like values, padding rows are never read, NaN there included.
+    check_finite("routing_values", routing_values)
+    check_finite("routing_target", routing_target)
     return routing_values, routing_target

@@ -128,8 +128,10 @@ class MoSLayer(nn.Module):
                 b owns rows 0:lengths[b]: padding on the right, never read). float32, float16
                 or bfloat16, the dtype of the layer's parameters (outside torch.autocast).
             target: [B, d] the candidate item of each example, values' dtype.
-            offsets: [B+1] int64 with jagged values: starts at 0, non-decreasing, ends at T.
-            lengths: [B] int64 with padded values, 0 <= lengths[b] <= L.
+            offsets: [B+1] int64 (or int32) with jagged values: starts at 0, non-decreasing, ends
+                at T.
+            lengths: [B] int64 (or int32) with padded values, 0 <= lengths[b] <= L; or with
+                jagged values in place of offsets (what torchrec's jagged tensors carry).
             timestamps: event times, [T] (jagged) or [B, L] (padded), any real dtype that holds
                 them (seconds; int64 for epoch seconds): needed for `session_mode="gap"`,
                 non-decreasing inside each history and finite.

@@ -41,10 +41,19 @@ def test_good_batch_runs(layer):
     assert torch.isfinite(out.output).all()
 
 
+def test_jagged_values_take_int32_offsets_or_lengths(layer):
+    """torchrec's jagged tensors carry lengths (and int32 offsets): both give the int64 offsets' output."""
+    batch = good_batch()
+    want = call(layer, **batch).output
+    offsets = batch.pop("offsets")
+    assert torch.equal(call(layer, offsets=offsets.int(), **batch).output, want)
+    for dtype in (torch.int64, torch.int32):
+        assert torch.equal(call(layer, lengths=(offsets[1:] - offsets[:-1]).to(dtype), **batch).output, want)
+
+
 LAYER_CASES = {
     # name: (change to good_batch, exception, argument named)
     "float_offsets": (lambda b: b.update(offsets=b["offsets"].float()), TypeError, "offsets"),
-    "int32_offsets": (lambda b: b.update(offsets=b["offsets"].int()), TypeError, "offsets"),
     "int_values": (lambda b: b.update(values=b["values"].long()), TypeError, "values"),
     "int_target": (lambda b: b.update(target=b["target"].long()), TypeError, "target"),
     "values_1d": (lambda b: b.update(values=b["values"].reshape(-1)), ValueError, "values"),
@@ -61,7 +70,11 @@ LAYER_CASES = {
     "offsets_missing": (lambda b: b.update(offsets=None), ValueError, "offsets"),
     "offsets_empty": (lambda b: b.update(offsets=torch.zeros(0, dtype=torch.int64), target=torch.randn(0, DIM)),
                       ValueError, "offsets"),
-    "lengths_with_jagged": (lambda b: b.update(lengths=torch.tensor([3, 2])), ValueError, "lengths"),
+    "lengths_and_offsets_with_jagged": (lambda b: b.update(lengths=torch.tensor([3, 2])), ValueError, "lengths"),
+    "lengths_short_of_T": (lambda b: b.update(offsets=None, lengths=torch.tensor([3, 1])), ValueError, "lengths"),
+    "lengths_float": (lambda b: b.update(offsets=None, lengths=torch.tensor([3.0, 2.0])), TypeError, "lengths"),
+    "lengths_2d_with_jagged": (lambda b: b.update(offsets=None, lengths=torch.tensor([[3, 2]])), ValueError,
+                               "lengths"),
     "timestamps_back_in_time": (lambda b: b.update(timestamps=torch.tensor([0.0, 5.0, 4.0, 1.0, 2.0])),
                                 ValueError, "timestamps"),
     "timestamps_missing_for_gap": (lambda b: b.update(timestamps=None), ValueError, "timestamps"),

@@ -163,6 +163,10 @@ def test_padded_routing_values_give_the_jagged_result():
     layer = oracles.live_extras(_layer()).eval()
     lengths = torch.tensor(LENGTHS)
     padded, padded_routing = (mk.jagged_to_padded(x, offsets, max(LENGTHS)) for x in (values, routing_values))
+    # Padding rows are never read, NaN there included (as for values).
+    pad = torch.arange(max(LENGTHS))[None, :] >= lengths[:, None]
+    assert pad.any()
+    padded_routing = padded_routing.masked_fill(pad[..., None], float("nan"))
     jagged = layer(values, target, offsets, routing_values=routing_values, routing_target=target)
     from_padded = layer(padded, target, lengths=lengths, routing_values=padded_routing, routing_target=target)
     assert_close(from_padded.output, jagged.output, "layer")
