@@ -98,7 +98,8 @@ def per_expert(make_one: Callable[[], nn.Module]) -> Callable[..., nn.Module]:
         for _ in range(num_experts):
             module = make_one()
             if not isinstance(module, nn.Module):
-                raise TypeError(f"make_one: expected it to return an nn.Module, got {type(module).__name__}")
+                raise EncoderProtocolError(f"make_one: expected it to return an nn.Module, "
+                                           f"got {type(module).__name__}")
             check_keywords(module, ("max_len",), "encoder (a one-expert module)")
             experts.append(module)
         return PerExpert(experts)
@@ -125,6 +126,8 @@ def build_encoder(factory: Callable[..., nn.Module], num_experts: int) -> nn.Mod
     message kept."""
     try:
         module = factory(num_experts=num_experts)
+    except EncoderProtocolError:      # the protocol's own check of a module (per_expert's): its message says it all
+        raise
     except TypeError as err:
         raise TypeError(f"encoder: factory(num_experts={num_experts}) raised TypeError: {err} (a factory is "
                         f"called with the keyword num_experts; per_expert(make_one) makes one of a one-expert "
@@ -135,6 +138,11 @@ def build_encoder(factory: Callable[..., nn.Module], num_experts: int) -> nn.Mod
     keywords = GATHER_KEYWORDS if getattr(module, "reads_gather_index", False) else ("max_len",)
     check_keywords(module, keywords, "encoder")
     return module
+
+
+class EncoderProtocolError(TypeError):
+    """A module or factory that does not follow the protocol above (a TypeError: the wrong kind of
+    object was passed)."""
 
 
 # What a module that sets reads_gather_index is called with, besides its three tensors.
@@ -153,9 +161,9 @@ def check_keywords(module: nn.Module, keywords, name: str) -> None:
         return
     missing = [k for k in keywords if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY]
     if missing:
-        raise TypeError(f"{name}: expected {type(module).__name__}.forward to take the keyword(s) {missing} "
-                        f"(mos.encoder_protocol: module(rows, target, segment_offsets, *, max_len)), got "
-                        f"forward{inspect.signature(module.forward)}")
+        raise EncoderProtocolError(f"{name}: expected {type(module).__name__}.forward to take the keyword(s) "
+                                   f"{missing} (mos.encoder_protocol: module(rows, target, segment_offsets, *, "
+                                   f"max_len)), got forward{inspect.signature(module.forward)}")
 
 
 def run_encoder(module: nn.Module, tokens: torch.Tensor, target: torch.Tensor, segment_offsets: torch.Tensor, *,

@@ -264,6 +264,14 @@ def test_bad_encoders_are_refused_at_construction(encoder, error, words):
         assert word in str(info.value)
 
 
+def test_a_module_instance_lacking_max_len_is_named_without_the_factory_hint():
+    """The user passed a module, not a factory: the protocol's message alone, not one about factories."""
+    with pytest.raises(TypeError) as info:
+        _layer(_NoMaxLen())
+    assert str(info.value).startswith("encoder (a one-expert module): expected _NoMaxLen.forward to take")
+    assert "factory" not in str(info.value)
+
+
 @pytest.mark.parametrize("option, value", [("encoder", "transformer"), ("num_heads", 4), ("num_layers", 2),
                                            ("attention_mass", True), ("sdim_rounds", 8), ("sdim_bits", 2),
                                            ("mamba_state", 8)])
