@@ -15,7 +15,7 @@ from torch import nn
 
 import mos_kernels as mk
 from mos_kernels.checks import check_count, check_finite, check_offsets, check_tensor, check_values, reads_data
-from mos_kernels.backend import op_backends
+from mos_kernels.backend import cuda_emulating, interpreting, op_backends
 from mos_kernels.jagged import max_segment_length
 
 from .config import EXPERT_KINDS, MoSConfig
@@ -169,6 +169,7 @@ class MoSLayer(nn.Module):
             check_tensor("target", target, device=values.device)
             check_values("target", target, dim=cfg.dim)
             self._check_dtypes(values, target)
+            self._check_backend(values)
             routing_values, routing_target = routing_inputs(routing_values, routing_target, given, target, lengths,
                                                             routes="themes" in self.experts)
             for name in self._checked_parameters:
@@ -210,6 +211,19 @@ class MoSLayer(nn.Module):
         swapped after construction."""
         return not (type(self.router) in (LearnedRouter, RandomRouter)
                     and self.routing_unit in (route_sessions, route_tokens))
+
+    def _check_backend(self, values: torch.Tensor) -> None:
+        """A kernel backend the inputs' device cannot run, named as the layer's option (each op
+        would name itself, which a layer's user never called)."""
+        backend = self.config.backend
+        if backend == "triton" and not (values.is_cuda or interpreting()):
+            wanted = "CUDA tensors (or TRITON_INTERPRET=1)"
+        elif backend == "cuda" and values.is_cuda == cuda_emulating():
+            wanted = "CPU tensors under MOS_CUDA_EMULATE=1" if values.is_cuda else "CUDA tensors"
+        else:
+            return
+        raise ValueError(f"MoSConfig.backend: {backend!r} runs on {wanted}, got values on {values.device}; build "
+                         f"the layer with backend='auto' (the kernels on CUDA, the reference on a CPU) or 'reference'")
 
     def _check_dtypes(self, values: torch.Tensor, target: torch.Tensor) -> None:
         """Outside torch.autocast (which casts per op, and is supported) the inputs must have the

@@ -260,3 +260,16 @@ def test_layer_overrides_with_config():
     """MoSLayer(config, **overrides) is ambiguous and refused."""
     with pytest.raises(ValueError, match=named("overrides")):
         MoSLayer(MoSConfig(dim=DIM, num_heads=2), num_themes=2)
+
+
+@pytest.mark.parametrize("backend, variable, wanted", [
+    ("triton", "TRITON_INTERPRET", r"CUDA tensors \(or TRITON_INTERPRET=1\)"),
+    ("cuda", "MOS_CUDA_EMULATE", "CUDA tensors"),
+])
+def test_a_kernel_backend_on_cpu_tensors_is_named_as_the_layers_option(monkeypatch, backend, variable, wanted):
+    """Each op would name itself (session_pool_route, ...), which a layer's user never called."""
+    monkeypatch.delenv(variable, raising=False)
+    layer = MoSLayer(MoSConfig(dim=DIM, num_heads=2, num_themes=3, session_len=2, backend=backend))
+    with pytest.raises(ValueError, match=rf"^MoSConfig\.backend: '{backend}' runs on {wanted}, got values on cpu; "
+                                         r"build the layer with backend='auto'"):
+        call(layer, **{k: v for k, v in good_batch().items() if k != "timestamps"})
